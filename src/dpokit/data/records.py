@@ -1,0 +1,86 @@
+"""The normalised preference record every row layout is converted to, and data errors.
+
+A record is either *text* (prompt, chosen, rejected are strings, joined as
+prompt + completion + EOS) or *conversational* (prompt is a list of chat
+messages, chosen/rejected are lists of assistant messages, rendered through the
+tokenizer's chat template). Downstream code never sees the source layout.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+Message = dict[str, Any]  # {"role": str, "content": str}
+Text = str
+Conversation = list[Message]
+
+
+@dataclass
+class PreferenceExample:
+    prompt: Union[Text, Conversation]
+    chosen: Union[Text, Conversation]
+    rejected: Union[Text, Conversation]
+    source: str = ""  # "file:row" for error messages downstream (e.g. "data.jsonl:17")
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+class DataError(ValueError):
+    """A user-facing data problem; the message names the file, row and field."""
+
+    def __init__(self, message: str, path: str = "", row: int | None = None, field: str | None = None):
+        where = path
+        if row is not None:
+            where += f", row {row}"
+        if field is not None:
+            where += f", field {field!r}"
+        super().__init__(f"{where}: {message}" if where else message)
+        self.path, self.row, self.field = path, row, field
+
+
+@dataclass
+class SkipReport:
+    """Counts rows read/used and rows skipped by reason, with a few examples of each.
+
+    Nothing is ever dropped without being counted here; the training run prints
+    this at start and writes it to the run directory.
+    """
+
+    rows_read: int = 0
+    rows_used: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> ["file:row (field)"]
+    layouts: Counter = field(default_factory=Counter)  # detected layout name -> rows
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, [])
+        if len(self.examples[reason]) < 5:
+            self.examples[reason].append(where)
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def merge(self, other: "SkipReport") -> None:
+        self.rows_read += other.rows_read
+        self.rows_used += other.rows_used
+        self.layouts.update(other.layouts)
+        for reason, n in other.skipped.items():
+            self.skipped[reason] += n
+            self.examples.setdefault(reason, [])
+            self.examples[reason].extend(other.examples.get(reason, [])[: 5 - len(self.examples[reason])])
+
+    def to_dict(self) -> dict:
+        return {
+            "rows_read": self.rows_read,
+            "rows_used": self.rows_used,
+            "rows_skipped": self.rows_skipped,
+            "skipped_by_reason": dict(self.skipped),
+            "skipped_examples": self.examples,
+            "layouts": dict(self.layouts),
+        }
