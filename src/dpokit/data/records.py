@@ -52,12 +52,13 @@ class SkipReport:
 
     rows_read: int = 0
     rows_used: int = 0
+    held_out: int = 0  # rows moved to the eval split (data.eval_fraction)
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> ["file:row (field)"]
     layouts: Counter = field(default_factory=Counter)  # detected layout name -> rows
 
-    def skip(self, reason: str, where: str) -> None:
-        self.skipped[reason] += 1
+    def skip(self, reason: str, where: str, count: int = 1) -> None:
+        self.skipped[reason] += count
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < 5:
             self.examples[reason].append(where)
@@ -80,6 +81,7 @@ class SkipReport:
             "rows_read": self.rows_read,
             "rows_used": self.rows_used,
             "rows_skipped": self.rows_skipped,
+            "held_out": self.held_out,
             "skipped_by_reason": dict(self.skipped),
             "skipped_examples": self.examples,
             "layouts": dict(self.layouts),

@@ -1,0 +1,322 @@
+"""One typed config holds every default; YAML overrides it; `key=value` overrides the YAML.
+
+    cfg = load_config("my.yaml", ["loss.beta=0.05", "train.max_steps=200"])
+
+Unknown keys and wrong types are errors that name the key and suggest the
+closest valid one. Values given on the command line are parsed as YAML
+scalars, so `train.max_steps=200` is an int and `lora.enabled=true` a bool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from dpokit.losses import LossConfig, get_loss
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # local HF folder or hub id
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the checkpoint's own)
+    trust_remote_code: bool = False  # custom modelling code runs only if you say so
+    revision: Optional[str] = None
+    attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # the reference is then the same model with adapters disabled
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+    save: str = "adapter"  # adapter (PEFT folder) | merged (plain HF model)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # jsonl/json/parquet/csv (.gz), a save_to_disk folder, or a hub id
+    split: str = "train"
+    layout: str = "auto"  # auto | prompt_chosen_rejected | implicit_prompt | sharegpt | openai | alpaca | stack_exchange
+    columns: dict[str, str] = field(default_factory=dict)  # e.g. {prompt: question, chosen: good, rejected: bad}
+    eval_path: Optional[str] = None  # held-out pairs; if unset, eval_fraction of the training rows is held out
+    eval_split: str = "test"  # split of eval_path when it is a dataset with splits
+    eval_fraction: float = 0.0
+    max_length: int = 1024  # prompt + completion tokens; the completion is cut from the right to fit
+    max_prompt_length: int = 512  # prompt tokens; the prompt is cut from the left so the latest turns survive
+    max_rows: Optional[int] = None  # use only the first N rows (for quick trials)
+    strict: bool = False  # stop at the first bad row instead of skipping and reporting it
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6  # TRL's DPO default; LoRA usually wants ~5e-6 or more
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
+    scheduler: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # takes precedence over warmup_ratio when > 0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 8  # pairs per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0
+    max_steps: int = -1  # optimizer steps; -1 = derived from epochs
+    seed: int = 42
+    logging_steps: int = 10
+    eval_steps: int = 0  # 0 = evaluate only at the end (when there is eval data)
+    eval_batch_size: int = 0  # 0 = batch_size
+    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
+    gradient_checkpointing: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/dpo"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# Top-level keys that hold a section of settings (dict-valued settings such as data.columns are plain values).
+SECTIONS = ("model", "lora", "data", "loss", "optim", "train")
+
+
+def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: Union[list[str], dict, None] = None) -> Config:
+    """Build a Config from defaults, then a YAML file / dict / Config, then overrides.
+
+    overrides: ["a.b=value", ...] (command line) or {"a.b": value} (Python).
+    """
+    if isinstance(source, Config):
+        raw = source.to_dict()
+    elif isinstance(source, dict):
+        raw = source
+    elif source is None:
+        raw = {}
+    else:
+        raw = _read_yaml(Path(source))
+    merged = Config().to_dict()
+    _merge(merged, raw, prefix="")
+    for key, value in _parse_overrides(overrides):
+        _set_dotted(merged, key, value)
+    cfg = _build(Config, merged, prefix="")
+    _validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides) -> list[tuple[str, Any]]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.beta=0.05)")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        out.append((key.strip(), value))
+    return out
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _merge(base: dict, update: dict, prefix: str) -> None:
+    for key, value in update.items():
+        full = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key {full!r}" + _suggest(full, [f"{prefix}{k}" for k in base]))
+        if prefix == "" and key in SECTIONS and isinstance(value, dict):
+            _merge(base[key], value, prefix=f"{full}.")
+        else:
+            base[key] = value
+
+
+def _set_dotted(merged: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if key in SECTIONS:
+        raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {_all_keys({key: merged[key]})[0]}=...")
+    valid = _all_keys(merged)
+    if key not in valid:
+        # data.columns.prompt=question sets one entry of a dict-valued setting
+        head, _, last = key.rpartition(".")
+        if head in valid and isinstance(_get_dotted(merged, head), dict):
+            _get_dotted(merged, head)[last] = value
+            return
+        raise ConfigError(f"unknown config key {key!r}" + _suggest(key, valid))
+    node = merged
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _get_dotted(merged: dict, key: str):
+    node = merged
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _all_keys(merged: dict) -> list[str]:
+    keys = []
+    for k, v in merged.items():
+        if k in SECTIONS:
+            keys += [f"{k}.{sub}" for sub in v]
+        else:
+            keys.append(k)
+    return keys
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = raw[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {key!r} must be a mapping of {f.name} settings, got {value!r}")
+            kwargs[f.name] = _build(hints[f.name], value, prefix=f"{key}.")
+        else:
+            kwargs[f.name] = _coerce(value, hints[f.name], key)
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check `value` against the annotation `tp`; allow only lossless conversions (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key {key!r} must be {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key {key!r}: expected null, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"config key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {value!r}" + _suggest(value, list(choices)).replace("valid keys", "valid values"))
+
+
+def _validate(cfg: Config) -> None:
+    _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16", "auto"))
+    _check_choice("lora.save", cfg.lora.save, ("adapter", "merged"))
+    _check_choice("optim.scheduler", cfg.optim.scheduler, ("linear", "cosine", "constant"))
+    _check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
+    for name in [cfg.loss.type] if isinstance(cfg.loss.type, str) else cfg.loss.type:
+        try:
+            get_loss(name)
+        except ValueError as e:
+            raise ConfigError(f"config key 'loss.type': {e}") from None
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "data.max_prompt_length": cfg.data.max_prompt_length,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.logging_steps": cfg.train.logging_steps,
+        "loss.beta": cfg.loss.beta,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {value}")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be smaller than data.max_length "
+            f"({cfg.data.max_length}), or no completion token would fit"
+        )
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {cfg.data.eval_fraction}")
+    if not 0.0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError(f"config key 'loss.label_smoothing' must be in [0, 0.5), got {cfg.loss.label_smoothing}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
+        raise ConfigError(f"config key 'train.max_steps' must be -1 (use train.epochs) or > 0, got {cfg.train.max_steps}")

@@ -1,0 +1,30 @@
+"""Tokenised pairs -> one padded batch, ordered [chosen; rejected].
+
+Chosen and rejected sequences go through the model in one forward pass (the
+paper's `concatenated_inputs`): rows 0..B-1 are prompt + chosen, rows B..2B-1
+are prompt + rejected, right-padded to the longest row. Labels repeat the
+completion tokens and hold IGNORE_INDEX on the prompt and the padding, so only
+completion tokens reach the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpokit.data.tokenization import TokenizedPair
+from dpokit.logprobs import IGNORE_INDEX
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """returns input_ids, attention_mask, labels: (2B, T) long tensors."""
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(prompt) + len(completion) for prompt, completion in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prompt, completion) in enumerate(rows):
+        n_prompt, n = len(prompt), len(prompt) + len(completion)
+        input_ids[i, :n] = torch.tensor(prompt + completion, dtype=torch.long)
+        labels[i, n_prompt:n] = torch.tensor(completion, dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,271 @@
+"""The training loop: one readable file, on Accelerate.
+
+    for each optimizer step:
+        take grad_accum micro-batches of pairs, each (2B, T) ordered [chosen; rejected]
+        policy forward (+ reference forward, no grad) -> per-sequence log-probs
+        loss table -> per-example losses; backward on sum / examples in the step
+        clip, AdamW step, schedule step
+        every logging_steps: metrics averaged over all micro-batches and ranks -> metrics.jsonl
+        every eval_steps: the same metrics on held-out pairs, prefixed eval_
+    save the final model (full, LoRA adapter, or merged) with its tokenizer
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dpokit.config import Config, load_config
+from dpokit.data.collate import collate_pairs
+from dpokit.data.prepare import PreparedData, format_summary, prepare_data
+from dpokit.logprobs import IGNORE_INDEX, sequence_logps, token_kl
+from dpokit.losses import REFERENCE_FREE, PairLogps, compute_loss
+from dpokit.metrics import MetricSums, MetricsLog
+from dpokit.model import load_policy, load_tokenizer, make_reference, reference_mode
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict  # last logged training metrics, plus eval_* from the final evaluation
+    model_dir: Path
+
+
+def _loss_names(cfg: Config) -> list[str]:
+    return [cfg.loss.type] if isinstance(cfg.loss.type, str) else list(cfg.loss.type)
+
+
+def needs_reference(cfg: Config) -> bool:
+    return not all(name in REFERENCE_FREE for name in _loss_names(cfg))
+
+
+def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
+    """Policy (and reference) log-probs of one [chosen; rejected] batch -> loss output and metrics.
+
+    returns (LossOutput, metrics: dict name -> (B,) tensor of per-pair values)
+    """
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (2B, T)
+    n_pairs = input_ids.shape[0] // 2
+    logits = policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
+    logps, lengths = sequence_logps(logits, labels)  # (2B,), (2B,)
+    ref_logps = ref_logits = None
+    if with_reference:
+        with reference_mode(policy, reference) as ref_model:
+            ref_logits = ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            ref_logps, _ = sequence_logps(ref_logits, labels)
+    pair = PairLogps(
+        policy_chosen=logps[:n_pairs],
+        policy_rejected=logps[n_pairs:],
+        ref_chosen=None if ref_logps is None else ref_logps[:n_pairs],
+        ref_rejected=None if ref_logps is None else ref_logps[n_pairs:],
+        chosen_lengths=lengths[:n_pairs],
+        rejected_lengths=lengths[n_pairs:],
+    )
+    out = compute_loss(pair, cfg.loss)
+    with torch.no_grad():
+        completion = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # (2B, T-1, 1)
+        mean_logits = (logits[:, :-1].float() * completion).sum((1, 2)) / (completion.sum((1, 2)) * logits.shape[-1])
+        metrics = {
+            "loss": out.losses.detach(),
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "logps/chosen": pair.policy_chosen.detach(),
+            "logps/rejected": pair.policy_rejected.detach(),
+            "logits/chosen": mean_logits[:n_pairs],
+            "logits/rejected": mean_logits[n_pairs:],
+        }
+        if ref_logits is not None:
+            metrics["kl/chosen"] = token_kl(logits[:n_pairs].detach(), ref_logits[:n_pairs], labels[:n_pairs])
+    return out, metrics
+
+
+def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums) -> None:
+    """Backward over one optimizer step's micro-batches; per-pair metrics are added to `sums`.
+
+    The loss of each micro-batch is its per-pair loss sum divided by the pairs in the
+    whole step, so the accumulated gradient is that of the mean over the step's pairs:
+    batch 8 x accumulation 1 and batch 4 x accumulation 2 give the same gradient.
+    """
+    n_step = sum(b["input_ids"].shape[0] // 2 for b in micro_batches)  # pairs in this step on this rank
+    for i, batch in enumerate(micro_batches):
+        batch = _to_device(batch, accelerator.device)
+        # Gradients are all-reduced across processes only on the last micro-batch of the step.
+        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(policy)
+        with sync:
+            with accelerator.autocast():
+                out, metrics = forward_pairs(policy, reference, batch, cfg, with_reference)
+            accelerator.backward(out.losses.sum() / n_step)
+        for name, values in metrics.items():
+            sums.add(name, values)
+
+
+def _batches(pairs, batch_size: int, pad_token_id: int, seed: int, shuffle: bool):
+    """An endless stream of (epoch, micro-batch); a seeded reshuffle every epoch."""
+    epoch = 0
+    while True:
+        order = list(range(len(pairs)))
+        if shuffle:
+            generator = torch.Generator().manual_seed(seed + epoch)
+            order = torch.randperm(len(pairs), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield epoch, collate_pairs([pairs[i] for i in order[start : start + batch_size]], pad_token_id)
+        epoch += 1
+
+
+def _shard(pairs: list, accelerator) -> list:
+    # Each process trains on its own interleaved slice: no home-made collectives, just data sharding.
+    return pairs[accelerator.process_index :: accelerator.num_processes]
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference: bool) -> dict:
+    was_training = policy.training
+    policy.eval()
+    sums = MetricSums()
+    batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
+    shard = _shard(pairs, accelerator)
+    for start in range(0, len(shard), batch_size):
+        batch = _to_device(collate_pairs(shard[start : start + batch_size], _pad_id(policy)), accelerator.device)
+        with accelerator.autocast():
+            _, metrics = forward_pairs(policy, reference, batch, cfg, with_reference)
+        for name, values in metrics.items():
+            sums.add(name, values)
+    policy.train(was_training)
+    return {f"eval_{k}": v for k, v in sums.reduce(accelerator).items()}
+
+
+def _pad_id(model) -> int:
+    pad = getattr(model.config, "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def _schedule(cfg: Config, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * total_steps)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.optim.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _global_grad_norm(params) -> float:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(norms).norm().item() if norms else 0.0
+
+
+def train(config, overrides=None, data: PreparedData | None = None) -> TrainResult:
+    """Run one DPO job. `config`: a Config, a dict, or a YAML path; `overrides`: ["key=value"] or {key: value}."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    cfg = load_config(config, overrides)
+    from dpokit.demo.assets import resolve_demo_assets  # "demo:..." paths build the embedded demo's model/data
+
+    cfg = resolve_demo_assets(cfg)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(cfg.train.seed)
+    run_dir = Path(cfg.out_dir)
+    is_main = accelerator.is_main_process
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+
+    tokenizer = load_tokenizer(cfg)
+    data = data or prepare_data(cfg, tokenizer)
+    if is_main:
+        print(format_summary(data.summary), flush=True)
+        import json
+
+        (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=2))
+    if not data.train:
+        raise ValueError(f"no usable training pairs in {cfg.data.path}; see the data summary above")
+
+    policy = load_policy(cfg)
+    with_reference = needs_reference(cfg)
+    reference = make_reference(policy, cfg, with_reference)
+    policy.train()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+        eps=cfg.optim.adam_eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    shard = _shard(data.train, accelerator)
+    micro_per_epoch = math.ceil(len(shard) / cfg.train.batch_size)
+    if cfg.train.max_steps > 0:
+        total_steps = cfg.train.max_steps
+    else:
+        total_steps = max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
+    scheduler = _schedule(cfg, optimizer, total_steps)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    if reference is not None:
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    pad_id = tokenizer.pad_token_id
+
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
+    stream = _batches(shard, cfg.train.batch_size, pad_id, cfg.train.seed, shuffle=True)
+    window = MetricSums()  # every micro-batch since the last log
+    last_logged: dict = {}
+    micro_seen = 0
+    progress = tqdm(total=total_steps, disable=not (is_main and cfg.train.progress_bar), desc="dpo", dynamic_ncols=True)
+    started = time.time()
+    for step in range(1, total_steps + 1):
+        micro = [next(stream)[1] for _ in range(cfg.train.grad_accum)]
+        micro_seen += len(micro)
+        accumulate_gradients(policy, reference, micro, cfg, accelerator, with_reference, window)
+        if cfg.optim.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+            grad_norm = float(grad_norm)
+        else:
+            grad_norm = _global_grad_norm(trainable)
+        window.add_scalar("grad_norm", grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.update(1)
+
+        if step % cfg.train.logging_steps == 0 or step == total_steps:
+            record = window.reduce(accelerator)
+            window.clear()
+            record.update(step=step, epoch=round(micro_seen / micro_per_epoch, 4), learning_rate=learning_rate)
+            log.write(record)
+            last_logged = record
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+        if data.eval and cfg.train.eval_steps > 0 and step % cfg.train.eval_steps == 0 and step != total_steps:
+            log.write({"step": step, **evaluate(policy, reference, data.eval, cfg, accelerator, with_reference)})
+    progress.close()
+
+    final = dict(last_logged)
+    final["train_runtime"] = round(time.time() - started, 2)
+    if data.eval:
+        eval_record = evaluate(policy, reference, data.eval, cfg, accelerator, with_reference)
+        log.write({"step": total_steps, **eval_record})
+        final.update(eval_record)
+    model_dir = run_dir / "final"
+    accelerator.wait_for_everyone()
+    if is_main:
+        save_final(accelerator.unwrap_model(policy), tokenizer, cfg, model_dir)
+        print(f"[dpokit] done in {final['train_runtime']:.1f}s; model saved to {model_dir}", flush=True)
+    return TrainResult(run_dir=run_dir, metrics=final, model_dir=model_dir)
+
+
+def save_final(model, tokenizer, cfg: Config, model_dir: Path) -> None:
+    """HF format that `from_pretrained` loads: full weights, a PEFT adapter, or LoRA merged into the base."""
+    if cfg.lora.enabled and cfg.lora.save == "merged":
+        model = model.merge_and_unload()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)

@@ -1,0 +1,63 @@
+"""Small local tokenizers, models and preference files shared by the trainer tests.
+
+The word-level tokenizer makes expected token ids hand-checkable: every word and
+special token is one id, looked up in `vocab`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import tempfile
+from pathlib import Path
+
+from dpokit.tiny import build_tiny_llama, build_tokenizer, save_tiny
+
+WORDS = (
+    "the film was a movie it is and but very good bad great awful fine plot acting "
+    "user assistant system hi hello how are you i am thanks what colour sky blue green "
+    "tell me story once upon time yes no maybe"
+).split()
+
+
+@functools.lru_cache(maxsize=None)
+def word_tokenizer():
+    return build_tokenizer([" ".join(WORDS)], kind="word", vocab_size=1000)
+
+
+def vocab_ids(text: str) -> list[int]:
+    """Hand lookup: the id of each whitespace-separated word or special token."""
+    vocab = word_tokenizer().get_vocab()
+    return [vocab[w] for w in text.split()]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model_dir(hidden_size: int = 32, seed: int = 0) -> Path:
+    """A saved tiny Llama + word tokenizer folder, built once per test session."""
+    tokenizer = word_tokenizer()
+    model = build_tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=2, num_heads=4, seed=seed)
+    return save_tiny(model, tokenizer, Path(tempfile.mkdtemp(prefix="dpokit-tiny-")) / "model")
+
+
+PROMPT_WORDS = "the film was a movie it is and plot acting".split()
+
+
+def synthetic_pairs(n: int, seed: int) -> list[dict]:
+    """A learnable preference: after any prompt, 'good ...' is preferred over 'bad ...'.
+
+    Both completions have the same length and share every word but the first,
+    so only the learned preference (not length or content) separates them.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = " ".join(rng.choice(PROMPT_WORDS) for _ in range(rng.randint(2, 5)))
+        tail = " ".join(rng.choice(["fine", "plot", "acting", "very"]) for _ in range(rng.randint(0, 3)))
+        rows.append({"prompt": prompt, "chosen": f" good {tail}".rstrip(), "rejected": f" bad {tail}".rstrip()})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
