@@ -17,7 +17,7 @@ from dpokit.tiny import build_tiny_llama, build_tokenizer, save_tiny
 WORDS = (
     "the film was a movie it is and but very good bad great awful fine plot acting "
     "user assistant system hi hello how are you i am thanks what colour sky blue green "
-    "tell me story once upon time yes no maybe"
+    "tell me story once upon time yes no maybe Human: Assistant:"
 ).split()
 
 

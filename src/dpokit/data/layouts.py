@@ -1,0 +1,363 @@
+"""Recognise the layout of each preference row and convert it to a `PreferenceExample`.
+
+Preference data comes in many community layouts (TRL's prompt/chosen/rejected,
+Anthropic hh-rlhf transcripts, ShareGPT, OpenAI preference fine-tuning, Alpaca,
+stack-exchange-paired). Users should not have to convert files by hand, so the
+layout is detected per row, and an explicit column mapping covers renamed
+columns. A problem with one row raises `RowSkip`, which `load_preferences`
+counts in the `SkipReport` (or, with ``strict=True``, turns into a `DataError`):
+a few bad rows never sink a run, and none disappears uncounted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpokit.data.loading import read_rows
+from dpokit.data.records import Conversation, DataError, Message, PreferenceExample, SkipReport
+
+LAYOUTS = ("prompt_chosen_rejected", "implicit_prompt", "sharegpt", "openai", "alpaca", "stack_exchange")
+STANDARD_COLUMNS = ("prompt", "chosen", "rejected")
+EXPECTED_COLUMNS = (
+    "prompt+chosen+rejected, chosen+rejected, conversations+chosen+rejected (sharegpt), "
+    "input+preferred_output+non_preferred_output (openai), instruction+chosen+rejected (alpaca), "
+    "question+response_j+response_k (stack_exchange)"
+)
+HH_ASSISTANT_TURN = "\n\nAssistant:"
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+Field = str | Conversation
+
+
+class RowSkip(Exception):
+    """One row cannot be used; `reason` is a short category counted in the SkipReport."""
+
+    def __init__(self, reason: str, field: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+def detect_layout(row: dict) -> str | None:
+    """Name the layout of `row` from its distinctive columns, or None if none fits.
+
+    Detection looks only at which columns exist (plus the one TRL special case
+    below), so a row missing, say, `rejected` is still recognised and then
+    skipped with a precise reason instead of an "unknown layout".
+    """
+    if "preferred_output" in row or "non_preferred_output" in row:
+        return "openai"
+    if "conversations" in row:
+        return "sharegpt"
+    if "response_j" in row or "response_k" in row:
+        return "stack_exchange"
+    if "instruction" in row:
+        return "alpaca"
+    if "prompt" in row:
+        # Some datasets (e.g. ultrafeedback_binarized) keep a text `prompt` column although chosen and
+        # rejected are whole conversations that already contain it; TRL then extracts the prompt.
+        chosen = row.get("chosen")
+        if isinstance(row["prompt"], str) and _is_full_conversation(chosen):
+            return "implicit_prompt"
+        return "prompt_chosen_rejected"
+    if "chosen" in row or "rejected" in row:
+        return "implicit_prompt"
+    return None
+
+
+def _is_full_conversation(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and isinstance(value[0], dict)
+        and value[0].get("role", value[0].get("from")) not in ("assistant", "gpt")
+    )
+
+
+def to_example(row: dict, layout: str, columns: dict[str, str] | None = None, where: str = "") -> PreferenceExample:
+    """Convert one row; `columns` (standard name -> row column) overrides `layout` and detection."""
+    if columns:
+        row = rename_columns(row, columns)
+        layout = detect_layout(row) or "prompt_chosen_rejected"
+    converter = _CONVERTERS.get(layout)
+    if converter is None:
+        raise DataError(f"unknown layout {layout!r}; expected 'auto' or one of {', '.join(LAYOUTS)}")
+    prompt, chosen, rejected = converter(row)
+    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, source=where)
+
+
+def rename_columns(row: dict, columns: dict[str, str]) -> dict:
+    """Keep only the standard columns, read from the user's names (unmapped ones keep their name)."""
+    renamed = {}
+    for standard in STANDARD_COLUMNS:
+        column = columns.get(standard, standard)
+        if column in row:
+            renamed[standard] = row[column]
+        elif standard in columns:
+            raise RowSkip(f"column {column!r} (mapped to {standard}) is missing", column)
+    return renamed
+
+
+# --- field checks ---------------------------------------------------------------------------
+
+
+def _required(row: dict, field: str) -> Any:
+    if row.get(field) is None:
+        raise RowSkip(f"{field} is missing", field)
+    return row[field]
+
+
+def _required_text(row: dict, field: str) -> str:
+    value = _required(row, field)
+    if not isinstance(value, str):
+        raise RowSkip(f"{field} must be a string, got {type(value).__name__}", field)
+    return value
+
+
+def _text_or_messages(row: dict, field: str) -> Field:
+    value = _required(row, field)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, field)
+    raise RowSkip(f"{field} must be a string or a list of messages, got {type(value).__name__}", field)
+
+
+def _messages(value: Any, field: str, role_names: dict[str, str] | None = None) -> Conversation:
+    """Normalise to [{"role", "content"}]; `role_names` (if given) maps and restricts the roles."""
+    if value is None:
+        raise RowSkip(f"{field} is missing", field)
+    if not isinstance(value, list):
+        raise RowSkip(f"{field} must be a list of messages, got {type(value).__name__}", field)
+    if not value:
+        raise RowSkip(f"{field} is an empty conversation", field)
+    return [_message(item, field, role_names) for item in value]
+
+
+def _message(item: Any, field: str, role_names: dict[str, str] | None) -> Message:
+    if not isinstance(item, dict):
+        raise RowSkip(f"{field} has a message that is not an object", field)
+    role = item.get("role") if item.get("role") is not None else item.get("from")
+    content = item.get("content") if item.get("content") is not None else item.get("value")
+    if not isinstance(role, str) or not role:
+        raise RowSkip(f"{field} has a message without a role", field)
+    if not isinstance(content, str):
+        raise RowSkip(f"{field} has a message without text content", field)
+    if role_names is not None:
+        if role not in role_names:
+            raise RowSkip(f"{field} has a message with unsupported role {role!r}", field)
+        role = role_names[role]
+    return {"role": role, "content": content}
+
+
+def _check_same_kind(prompt: Field, chosen: Field, rejected: Field) -> None:
+    conversational = isinstance(chosen, list)
+    for field, value in (("rejected", rejected), ("prompt", prompt)):
+        if isinstance(value, list) != conversational:
+            raise RowSkip("prompt, chosen and rejected mix text and message lists", field)
+
+
+def _check_completion(value: Field, field: str) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowSkip(f"{field} is empty or whitespace-only", field)
+        return
+    if not value:
+        raise RowSkip(f"{field} is an empty conversation", field)
+    if value[0]["role"] != "assistant":
+        raise RowSkip(f"{field} does not start with an assistant message", field)
+    if not any(message["content"].strip() for message in value):
+        raise RowSkip(f"{field} is empty or whitespace-only", field)
+
+
+def _shared_prefix_length(first: str | list, second: str | list) -> int:
+    """Length of the longest common prefix; binary search keeps comparisons in C for long transcripts."""
+    low, high = 0, min(len(first), len(second))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if first[:middle] == second[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+# --- layout converters: row -> (prompt, chosen, rejected) -------------------------------------
+
+
+def _from_prompt_chosen_rejected(row: dict) -> tuple[Field, Field, Field]:
+    prompt = _text_or_messages(row, "prompt")
+    chosen = _text_or_messages(row, "chosen")
+    rejected = _text_or_messages(row, "rejected")
+    _check_same_kind(prompt, chosen, rejected)
+    _check_completion(chosen, "chosen")
+    _check_completion(rejected, "rejected")
+    return prompt, chosen, rejected
+
+
+def _from_implicit_prompt(row: dict) -> tuple[Field, Field, Field]:
+    """The prompt is the shared beginning of chosen and rejected."""
+    chosen = _text_or_messages(row, "chosen")
+    rejected = _text_or_messages(row, "rejected")
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise RowSkip("chosen and rejected mix text and message lists", "rejected")
+    if isinstance(chosen, str):  # message lists are checked after the shared prompt is removed
+        _check_completion(chosen, "chosen")
+        _check_completion(rejected, "rejected")
+    shared = _shared_prefix_length(chosen, rejected)
+    if isinstance(chosen, str):
+        # hh-rlhf: responses that start alike ("Sure, ...") must not lose their shared words to the
+        # prompt, so the prompt ends right after the last assistant tag inside the shared text.
+        last_turn = chosen.rfind(HH_ASSISTANT_TURN, 0, shared)
+        if last_turn != -1:
+            shared = last_turn + len(HH_ASSISTANT_TURN)
+    elif shared == 0:
+        raise RowSkip("chosen and rejected share no prompt messages", "prompt")
+    prompt, chosen_rest, rejected_rest = chosen[:shared], chosen[shared:], rejected[shared:]
+    for field, rest in (("chosen", chosen_rest), ("rejected", rejected_rest)):
+        if not rest or (isinstance(rest, str) and not rest.strip()):
+            raise RowSkip(f"{field} has nothing left after the prompt shared with the other response", field)
+        _check_completion(rest, field)
+    return prompt, chosen_rest, rejected_rest
+
+
+def _from_sharegpt(row: dict) -> tuple[Field, Field, Field]:
+    prompt = _messages(_required(row, "conversations"), "conversations", SHAREGPT_ROLES)
+    chosen = _sharegpt_response(row, "chosen")
+    rejected = _sharegpt_response(row, "rejected")
+    return prompt, chosen, rejected
+
+
+def _sharegpt_response(row: dict, field: str) -> Conversation:
+    value = _required(row, field)
+    if isinstance(value, str):
+        value = {"from": "gpt", "value": value}
+    messages = _messages([value] if isinstance(value, dict) else value, field, SHAREGPT_ROLES)
+    _check_completion(messages, field)
+    return messages
+
+
+def _from_openai(row: dict) -> tuple[Field, Field, Field]:
+    request = _required(row, "input")
+    if not isinstance(request, dict):
+        raise RowSkip("input must be an object with a messages list", "input")
+    prompt = _messages(request.get("messages"), "input.messages")
+    # OpenAI's "developer" role is its system role; chat templates only know "system".
+    prompt = [{**message, "role": "system"} if message["role"] == "developer" else message for message in prompt]
+    chosen = _messages(_required(row, "preferred_output"), "preferred_output")
+    rejected = _messages(_required(row, "non_preferred_output"), "non_preferred_output")
+    _check_completion(chosen, "preferred_output")
+    _check_completion(rejected, "non_preferred_output")
+    return prompt, chosen, rejected
+
+
+def _from_alpaca(row: dict) -> tuple[Field, Field, Field]:
+    instruction = _required_text(row, "instruction")
+    if not instruction.strip():
+        raise RowSkip("instruction is empty or whitespace-only", "instruction")
+    extra_input = row.get("input") or ""
+    if not isinstance(extra_input, str):
+        raise RowSkip(f"input must be a string, got {type(extra_input).__name__}", "input")
+    chosen = _required_text(row, "chosen")
+    rejected = _required_text(row, "rejected")
+    _check_completion(chosen, "chosen")
+    _check_completion(rejected, "rejected")
+    request = instruction + ("\n\n" + extra_input if extra_input.strip() else "")
+    return (
+        [{"role": "user", "content": request}],
+        [{"role": "assistant", "content": chosen}],
+        [{"role": "assistant", "content": rejected}],
+    )
+
+
+def _from_stack_exchange(row: dict) -> tuple[Field, Field, Field]:
+    question = _required_text(row, "question")
+    if not question.strip():
+        raise RowSkip("question is empty or whitespace-only", "question")
+    chosen = _required_text(row, "response_j")
+    rejected = _required_text(row, "response_k")
+    _check_completion(chosen, "response_j")
+    _check_completion(rejected, "response_k")
+    return question, chosen, rejected
+
+
+_CONVERTERS = {
+    "prompt_chosen_rejected": _from_prompt_chosen_rejected,
+    "implicit_prompt": _from_implicit_prompt,
+    "sharegpt": _from_sharegpt,
+    "openai": _from_openai,
+    "alpaca": _from_alpaca,
+    "stack_exchange": _from_stack_exchange,
+}
+
+
+# --- whole files ----------------------------------------------------------------------------
+
+
+def load_preferences(
+    path: str,
+    split: str = "train",
+    columns: dict[str, str] | None = None,
+    layout: str = "auto",
+    strict: bool = False,
+) -> tuple[list[PreferenceExample], SkipReport]:
+    """Read and convert every row of `path`; bad rows are skipped and counted, or raise if `strict`."""
+    _check_options(columns, layout)
+    examples: list[PreferenceExample] = []
+    report = SkipReport()
+    columns_found: set[str] = set()
+    for row_number, row in read_rows(path, split):
+        report.rows_read += 1
+        columns_found.update(map(str, row))
+        where = f"{path}:{row_number}"
+        try:
+            row_layout, source_row = _resolve_layout(row, layout, columns)
+            example = to_example(source_row, row_layout, None, where)
+        except RowSkip as skip:
+            if strict:
+                raise DataError(skip.reason, path, row=row_number, field=skip.field) from None
+            report.skip(skip.reason, f"{where} ({skip.field})" if skip.field else where)
+            continue
+        report.layouts[row_layout] += 1
+        report.rows_used += 1
+        examples.append(example)
+    if not examples:
+        raise DataError(_all_rows_skipped_message(report, columns_found), path)
+    return examples, report
+
+
+def _check_options(columns: dict[str, str] | None, layout: str) -> None:
+    if layout != "auto" and layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; expected 'auto' or one of {', '.join(LAYOUTS)}")
+    if not columns:
+        return
+    unknown = [name for name in columns if name not in STANDARD_COLUMNS]
+    if unknown or not all(isinstance(column, str) for column in columns.values()):
+        raise DataError(
+            f"columns must map {', '.join(STANDARD_COLUMNS)} to column names; got {columns!r}"
+        )
+    if layout not in ("auto", "prompt_chosen_rejected", "implicit_prompt"):
+        raise DataError(f"columns map prompt/chosen/rejected and cannot be combined with layout {layout!r}")
+
+
+def _resolve_layout(row: dict, layout: str, columns: dict[str, str] | None) -> tuple[str, dict]:
+    if columns:
+        row = rename_columns(row, columns)
+    if layout != "auto":
+        return layout, row
+    detected = detect_layout(row)
+    if detected is None:
+        found = ", ".join(sorted(map(str, row))) or "none"
+        raise RowSkip(f"unrecognised layout (columns: {found}; expected columns of one of: {EXPECTED_COLUMNS})")
+    return detected, row
+
+
+def _all_rows_skipped_message(report: SkipReport, columns_found: set[str]) -> str:
+    reasons = "; ".join(
+        f"{reason} ({count} rows, e.g. {', '.join(report.examples[reason][:2])})"
+        for reason, count in report.skipped.most_common()
+    )
+    return (
+        f"no usable rows: all {report.rows_read} rows were skipped. Reasons: {reasons}. "
+        f"Columns found: {', '.join(sorted(columns_found)) or 'none'}. Expected layouts: {', '.join(LAYOUTS)}."
+    )
