@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from dpokit.losses import LossConfig, get_loss
+from dpokit.losses import LossConfig, validate_loss_config
 
 
 class ConfigError(ValueError):
@@ -291,11 +291,10 @@ def _validate(cfg: Config) -> None:
     _check_choice("lora.save", cfg.lora.save, ("adapter", "merged"))
     _check_choice("optim.scheduler", cfg.optim.scheduler, ("linear", "cosine", "constant"))
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
-    for name in [cfg.loss.type] if isinstance(cfg.loss.type, str) else cfg.loss.type:
-        try:
-            get_loss(name)
-        except ValueError as e:
-            raise ConfigError(f"config key 'loss.type': {e}") from None
+    try:
+        validate_loss_config(cfg.loss)
+    except ValueError as e:
+        raise ConfigError(f"config key 'loss.type': {e}" if "unknown loss.type" in str(e) else str(e)) from None
     positive = {
         "data.max_length": cfg.data.max_length,
         "data.max_prompt_length": cfg.data.max_prompt_length,
@@ -314,8 +313,6 @@ def _validate(cfg: Config) -> None:
         )
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {cfg.data.eval_fraction}")
-    if not 0.0 <= cfg.loss.label_smoothing < 0.5:
-        raise ConfigError(f"config key 'loss.label_smoothing' must be in [0, 0.5), got {cfg.loss.label_smoothing}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:

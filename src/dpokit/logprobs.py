@@ -53,6 +53,14 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return logps.sum(-1), mask.sum(-1)
 
 
+def token_sq_prob_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_v p(v)^2 at each shifted position (WPO's normaliser). logits (N, T, V) -> (N, T-1)."""
+    out = torch.empty(logits.shape[0], logits.shape[1] - 1, dtype=torch.float32, device=logits.device)
+    for i in range(logits.shape[0]):
+        out[i] = torch.logsumexp(2 * F.log_softmax(logits[i, :-1].float(), dim=-1), dim=-1)
+    return out
+
+
 def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Exact next-token KL(policy || reference), summed over each sequence's completion positions.
 

@@ -23,8 +23,9 @@ import torch
 from dpokit.config import Config, load_config
 from dpokit.data.collate import collate_pairs
 from dpokit.data.prepare import PreparedData, format_summary, prepare_data
-from dpokit.logprobs import IGNORE_INDEX, sequence_logps, token_kl
-from dpokit.losses import REFERENCE_FREE, PairLogps, compute_loss
+from dpokit.logprobs import IGNORE_INDEX, token_kl, token_logps, token_sq_prob_logsumexp
+from dpokit.losses import PairLogps, compute_loss, shared_prefix_logps
+from dpokit.losses import needs_reference as loss_needs_reference
 from dpokit.metrics import MetricSums, MetricsLog
 from dpokit.model import load_policy, load_tokenizer, make_reference, reference_mode
 
@@ -36,14 +37,6 @@ class TrainResult:
     model_dir: Path
 
 
-def _loss_names(cfg: Config) -> list[str]:
-    return [cfg.loss.type] if isinstance(cfg.loss.type, str) else list(cfg.loss.type)
-
-
-def needs_reference(cfg: Config) -> bool:
-    return not all(name in REFERENCE_FREE for name in _loss_names(cfg))
-
-
 def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
     """Policy (and reference) log-probs of one [chosen; rejected] batch -> loss output and metrics.
 
@@ -52,12 +45,14 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (2B, T)
     n_pairs = input_ids.shape[0] // 2
     logits = policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
-    logps, lengths = sequence_logps(logits, labels)  # (2B,), (2B,)
-    ref_logps = ref_logits = None
+    tok_logps, mask = token_logps(logits, labels)  # (2B, T-1)
+    logps, lengths = tok_logps.sum(-1), mask.sum(-1)  # (2B,)
+    ref_logps = ref_logits = ref_tok_logps = None
     if with_reference:
         with reference_mode(policy, reference) as ref_model:
             ref_logits = ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            ref_logps, _ = sequence_logps(ref_logits, labels)
+            ref_tok_logps, _ = token_logps(ref_logits, labels)
+            ref_logps = ref_tok_logps.sum(-1)
     pair = PairLogps(
         policy_chosen=logps[:n_pairs],
         policy_rejected=logps[n_pairs:],
@@ -66,6 +61,16 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
         chosen_lengths=lengths[:n_pairs],
         rejected_lengths=lengths[n_pairs:],
     )
+    if cfg.loss.ld_alpha is not None:  # LD-DPO: log-probs over the length both completions share
+        shared = shared_prefix_logps(tok_logps, mask)
+        pair.policy_chosen_shared, pair.policy_rejected_shared = shared[:n_pairs], shared[n_pairs:]
+        if ref_tok_logps is not None:
+            ref_shared = shared_prefix_logps(ref_tok_logps, mask)
+            pair.ref_chosen_shared, pair.ref_rejected_shared = ref_shared[:n_pairs], ref_shared[n_pairs:]
+    if cfg.loss.use_weighting:  # WPO: sum_t [log pi(y_t) - log sum_v pi(v)^2], no gradient
+        with torch.no_grad():
+            wpo = (tok_logps - token_sq_prob_logsumexp(logits) * mask).sum(-1)
+        pair.policy_chosen_wpo, pair.policy_rejected_wpo = wpo[:n_pairs], wpo[n_pairs:]
     out = compute_loss(pair, cfg.loss)
     with torch.no_grad():
         completion = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # (2B, T-1, 1)
@@ -170,6 +175,9 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     from tqdm.auto import tqdm
 
     cfg = load_config(config, overrides)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # keep the console for our own summary and progress
     from dpokit.demo.assets import resolve_demo_assets  # "demo:..." paths build the embedded demo's model/data
 
     cfg = resolve_demo_assets(cfg)
@@ -192,7 +200,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
         raise ValueError(f"no usable training pairs in {cfg.data.path}; see the data summary above")
 
     policy = load_policy(cfg)
-    with_reference = needs_reference(cfg)
+    with_reference = loss_needs_reference(cfg.loss)  # reference-free losses build and run no reference
     reference = make_reference(policy, cfg, with_reference)
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]

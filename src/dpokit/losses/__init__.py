@@ -1,0 +1,50 @@
+"""Preference losses: pure functions of per-sequence log-probs, chosen by name from one table.
+
+Every paired loss takes a `PairLogps` (policy and reference log-probs of the chosen and
+rejected completions, summed over completion tokens, plus completion lengths) and the
+`LossConfig`, and returns a `LossOutput` of per-example losses and the implicit rewards
+reported as `rewards/chosen` and `rewards/rejected`. `loss.type` may be a list: the
+per-example losses are summed with `loss.weights`. KTO, which is unpaired, is `kto_loss`.
+
+    base.py            LossConfig, PairLogps, LossOutput; log-ratios, LD-DPO, NLL, WPO weights
+    fdiv.py            f-DPO divergences (f_divergence_type)
+    paired.py          reference-based paired losses
+    reference_free.py  simpo, cpo, orpo, sft
+    kto.py             kto_loss
+    table.py           LOSSES, REFERENCE_FREE, get_loss, validate_loss_config, compute_loss
+"""
+
+from dpokit.losses.base import LossConfig, LossFn, LossOutput, PairLogps, shared_prefix_logps, wpo_weights
+from dpokit.losses.fdiv import F_DIVERGENCES
+from dpokit.losses.kto import kto_loss
+from dpokit.losses.table import (
+    BATCH_SORTED,
+    F_DIVERGENCE_LOSSES,
+    LOSSES,
+    REFERENCE_FREE,
+    compute_loss,
+    get_loss,
+    loss_names,
+    needs_reference,
+    validate_loss_config,
+)
+
+__all__ = [
+    "BATCH_SORTED",
+    "F_DIVERGENCES",
+    "F_DIVERGENCE_LOSSES",
+    "LOSSES",
+    "REFERENCE_FREE",
+    "LossConfig",
+    "LossFn",
+    "LossOutput",
+    "PairLogps",
+    "compute_loss",
+    "get_loss",
+    "kto_loss",
+    "loss_names",
+    "needs_reference",
+    "shared_prefix_logps",
+    "validate_loss_config",
+    "wpo_weights",
+]
