@@ -43,6 +43,27 @@ reference, mean length, and sample generations.
 """
 
 
+DOCTOR_HELP = """\
+Check preference data (and optionally a model) for what makes DPO runs go wrong,
+before spending compute: rows that would be dropped, identical, duplicated or
+contradictory pairs, length bias, truncation at data.max_length, chat-template
+pitfalls (prompt not a token prefix, doubled BOS/EOS, no end-of-turn token), and,
+with a model, how likely the reference finds the data and which side it prefers.
+
+  dpokit doctor data.jsonl
+  dpokit doctor data.jsonl --model Qwen/Qwen2.5-0.5B-Instruct
+  dpokit doctor data.jsonl data.max_length=2048 --config my.yaml --json
+
+key=value overrides go right after DATA (before the --options).
+
+The tokenizer and reference come from --model, else the config's
+model.name_or_path; without either, only the text checks run. The config's
+data.* settings (layout, columns, max_length, max_prompt_length, eval_fraction)
+are applied as in training. Exit status: 1 if a check fails, else 0 (warnings
+do not fail). docs/diagnosis.md explains every check.
+"""
+
+
 def shipped_config(name: str) -> Path | None:
     candidate = resources.files("dpokit") / "configs" / f"{name}.yaml"
     return Path(str(candidate)) if candidate.is_file() else None
@@ -83,6 +104,15 @@ def _cmd_config(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from dpokit.doctor import format_report, run_doctor
+
+    config = resolve_config_path(args.config) if args.config else None
+    report = run_doctor(args.data, model=args.model, config_path=config, overrides=args.overrides, sample_size=args.sample)
+    print(report.to_json() if args.json else format_report(report))
+    return 1 if report.verdict == "fail" else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpokit",
@@ -104,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config", nargs="?", metavar="CONFIG", help="YAML file or shipped config name")
     config.add_argument("overrides", nargs="*", metavar="key=value")
     config.set_defaults(func=_cmd_config)
+
+    doctor = verbs.add_parser("doctor", help="check preference data (and a model) before training", description=DOCTOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    doctor.add_argument("data", metavar="DATA", help="preference file, saved dataset folder or hub id (anything data.path accepts)")
+    doctor.add_argument("--model", help="model folder or hub id for the token and reference checks (default: the config's model.name_or_path)")
+    doctor.add_argument("--config", help="YAML file or shipped config name whose data.* settings apply")
+    doctor.add_argument("--sample", type=int, default=256, metavar="N", help="pairs scored by the reference model (default: 256; 0: do not load it)")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    doctor.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=2048")
+    doctor.set_defaults(func=_cmd_doctor)
     return parser
 
 

@@ -99,8 +99,9 @@ def reference_mode(policy, reference):
             return
         was_training = policy.training
         policy.eval()
+        peft_model = getattr(policy, "module", policy)  # under DDP the PeftModel is wrapped
         try:
-            with policy.disable_adapter():
+            with peft_model.disable_adapter():
                 yield policy
         finally:
             policy.train(was_training)

@@ -13,21 +13,39 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from dpokit.config import Config, load_config
 from dpokit.data.collate import collate_pairs
 from dpokit.data.prepare import PreparedData, format_summary, prepare_data
+from dpokit.diagnostics import FailureDetectors
 from dpokit.logprobs import IGNORE_INDEX, token_kl, token_logps, token_sq_prob_logsumexp
 from dpokit.losses import PairLogps, compute_loss, shared_prefix_logps
+from dpokit.losses import loss_names
 from dpokit.losses import needs_reference as loss_needs_reference
 from dpokit.metrics import MetricSums, MetricsLog
 from dpokit.model import load_policy, load_tokenizer, make_reference, reference_mode
+
+
+@dataclass(frozen=True)
+class Task:
+    """How examples are prepared, batched, counted and scored.
+
+    Paired preferences (the DPO family) and unpaired good/bad completions (KTO)
+    share the whole loop and differ only here.
+    """
+
+    prepare: Callable  # (cfg, tokenizer) -> PreparedData
+    collate: Callable  # (examples, pad_token_id) -> dict of tensors
+    count: Callable  # batch -> number of examples in it
+    forward: Callable  # (policy, reference, batch, cfg, with_reference) -> (LossOutput, {metric: (n,) tensor})
 
 
 @dataclass
@@ -91,27 +109,38 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
     return out, metrics
 
 
-def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums) -> None:
+PAIRED = Task(prepare=prepare_data, collate=collate_pairs, count=lambda batch: batch["input_ids"].shape[0] // 2, forward=forward_pairs)
+
+
+def task_for(cfg: Config) -> Task:
+    if loss_names(cfg.loss) == ["kto"]:
+        from dpokit.kto_step import UNPAIRED
+
+        return UNPAIRED
+    return PAIRED
+
+
+def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums, task: Task = PAIRED) -> None:
     """Backward over one optimizer step's micro-batches; per-pair metrics are added to `sums`.
 
     The loss of each micro-batch is its per-pair loss sum divided by the pairs in the
     whole step, so the accumulated gradient is that of the mean over the step's pairs:
     batch 8 x accumulation 1 and batch 4 x accumulation 2 give the same gradient.
     """
-    n_step = sum(b["input_ids"].shape[0] // 2 for b in micro_batches)  # pairs in this step on this rank
+    n_step = sum(task.count(b) for b in micro_batches)  # examples in this step on this rank
     for i, batch in enumerate(micro_batches):
         batch = _to_device(batch, accelerator.device)
         # Gradients are all-reduced across processes only on the last micro-batch of the step.
         sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(policy)
         with sync:
             with accelerator.autocast():
-                out, metrics = forward_pairs(policy, reference, batch, cfg, with_reference)
+                out, metrics = task.forward(policy, reference, batch, cfg, with_reference)
             accelerator.backward(out.losses.sum() / n_step)
         for name, values in metrics.items():
             sums.add(name, values)
 
 
-def _batches(pairs, batch_size: int, pad_token_id: int, seed: int, shuffle: bool):
+def _batches(pairs, batch_size: int, pad_token_id: int, seed: int, shuffle: bool, collate=collate_pairs):
     """An endless stream of (epoch, micro-batch); a seeded reshuffle every epoch."""
     epoch = 0
     while True:
@@ -120,7 +149,7 @@ def _batches(pairs, batch_size: int, pad_token_id: int, seed: int, shuffle: bool
             generator = torch.Generator().manual_seed(seed + epoch)
             order = torch.randperm(len(pairs), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
-            yield epoch, collate_pairs([pairs[i] for i in order[start : start + batch_size]], pad_token_id)
+            yield epoch, collate([pairs[i] for i in order[start : start + batch_size]], pad_token_id)
         epoch += 1
 
 
@@ -134,16 +163,16 @@ def _to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference: bool) -> dict:
+def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference: bool, task: Task = PAIRED) -> dict:
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     shard = _shard(pairs, accelerator)
     for start in range(0, len(shard), batch_size):
-        batch = _to_device(collate_pairs(shard[start : start + batch_size], _pad_id(policy)), accelerator.device)
+        batch = _to_device(task.collate(shard[start : start + batch_size], _pad_id(policy)), accelerator.device)
         with accelerator.autocast():
-            _, metrics = forward_pairs(policy, reference, batch, cfg, with_reference)
+            _, metrics = task.forward(policy, reference, batch, cfg, with_reference)
         for name, values in metrics.items():
             sums.add(name, values)
     policy.train(was_training)
@@ -190,7 +219,8 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
         cfg.save(run_dir / "config.yaml")
 
     tokenizer = load_tokenizer(cfg)
-    data = data or prepare_data(cfg, tokenizer)
+    task = task_for(cfg)
+    data = data or task.prepare(cfg, tokenizer)
     if is_main:
         print(format_summary(data.summary), flush=True)
         import json
@@ -224,7 +254,16 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     pad_id = tokenizer.pad_token_id
 
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
-    stream = _batches(shard, cfg.train.batch_size, pad_id, cfg.train.seed, shuffle=True)
+    detectors = FailureDetectors()
+
+    def log_and_diagnose(record: dict) -> None:
+        # Every rank sees the same reduced record, so all ranks agree on should_stop.
+        log.write(record)
+        for diagnosis in detectors.update(record):
+            if is_main:
+                tqdm.write(str(diagnosis))
+                log.write({"step": diagnosis.step, "diagnosis": dataclasses.asdict(diagnosis)})
+    stream = _batches(shard, cfg.train.batch_size, pad_id, cfg.train.seed, shuffle=True, collate=task.collate)
     window = MetricSums()  # every micro-batch since the last log
     last_logged: dict = {}
     micro_seen = 0
@@ -233,7 +272,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     for step in range(1, total_steps + 1):
         micro = [next(stream)[1] for _ in range(cfg.train.grad_accum)]
         micro_seen += len(micro)
-        accumulate_gradients(policy, reference, micro, cfg, accelerator, with_reference, window)
+        accumulate_gradients(policy, reference, micro, cfg, accelerator, with_reference, window, task)
         if cfg.optim.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
             grad_norm = float(grad_norm)
@@ -250,22 +289,32 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
             record = window.reduce(accelerator)
             window.clear()
             record.update(step=step, epoch=round(micro_seen / micro_per_epoch, 4), learning_rate=learning_rate)
-            log.write(record)
+            log_and_diagnose(record)
             last_logged = record
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
         if data.eval and cfg.train.eval_steps > 0 and step % cfg.train.eval_steps == 0 and step != total_steps:
-            log.write({"step": step, **evaluate(policy, reference, data.eval, cfg, accelerator, with_reference)})
+            log_and_diagnose({"step": step, **evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, task)})
+        if detectors.should_stop:
+            stop = next(d for d in reversed(detectors.fired) if d.severity == "stop")
+            if is_main:
+                tqdm.write(f"[dpokit] stopping at step {step}: {stop.mode}")
+            break
     progress.close()
 
     final = dict(last_logged)
     final["train_runtime"] = round(time.time() - started, 2)
+    final["diagnoses"] = [d.mode for d in detectors.fired]
     if data.eval:
-        eval_record = evaluate(policy, reference, data.eval, cfg, accelerator, with_reference)
-        log.write({"step": total_steps, **eval_record})
+        eval_record = evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, task)
+        log_and_diagnose({"step": step, **eval_record})
         final.update(eval_record)
     model_dir = run_dir / "final"
     accelerator.wait_for_everyone()
-    if is_main:
+    if any(d.mode == "non_finite" for d in detectors.fired):
+        # The weights are most likely NaN by now; saving them would hand the user a broken model.
+        if is_main:
+            print(f"[dpokit] stopped on a non-finite loss or gradient; no final model saved to {model_dir}", flush=True)
+    elif is_main:
         save_final(accelerator.unwrap_model(policy), tokenizer, cfg, model_dir)
         print(f"[dpokit] done in {final['train_runtime']:.1f}s; model saved to {model_dir}", flush=True)
     return TrainResult(run_dir=run_dir, metrics=final, model_dir=model_dir)

@@ -1,0 +1,141 @@
+"""Checks that need only the rows: layouts, dropped rows, identical and duplicated pairs, length bias.
+
+They run without a model, so `dpokit doctor data.jsonl` is useful before a
+model is even chosen; with a tokenizer, lengths are counted in tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from dpokit.data.records import PreferenceExample, SkipReport
+from dpokit.diagnostics import MITIGATIONS
+from dpokit.doctor.report import CheckResult
+from dpokit.doctor.thresholds import DoctorThresholds
+
+
+def _field_key(value: str | list) -> str:
+    """A comparable form of a prompt or completion: whitespace-normalised text, or the messages as JSON."""
+    if isinstance(value, str):
+        return " ".join(value.split())
+    return json.dumps([[m.get("role"), " ".join(str(m.get("content", "")).split())] for m in value])
+
+
+def _word_count(value: str | list) -> int:
+    text = value if isinstance(value, str) else " ".join(str(m.get("content", "")) for m in value)
+    return len(text.split())
+
+
+def layouts_check(skips: SkipReport, examples: list[PreferenceExample]) -> CheckResult:
+    """Rows per detected layout; mixing text and conversational rows means two prompt formats in one run."""
+    per_layout = ", ".join(f"{name}: {count}" for name, count in skips.layouts.most_common())
+    conversational = sum(ex.conversational for ex in examples)
+    numbers = {"layouts": dict(skips.layouts), "conversational_rows": conversational,
+               "text_rows": len(examples) - conversational}
+    summary = f"{skips.rows_read} rows read, {skips.rows_used} usable; {per_layout}"
+    if 0 < conversational < len(examples):
+        return CheckResult("layouts", "warn", summary + f" ({conversational} conversational, "
+                           f"{len(examples) - conversational} plain text)",
+                           "Plain-text rows are not rendered with the chat template, conversational rows are: the model "
+                           "is trained on two prompt formats. Convert the rows to one kind.", numbers)
+    return CheckResult("layouts", "ok", summary, numbers=numbers)
+
+
+def dropped_rows_check(load_skips: SkipReport, token_skips: SkipReport | None, thresholds: DoctorThresholds) -> CheckResult:
+    """Rows lost at loading (bad or missing fields) and at tokenisation (empty after truncation), by reason."""
+    reasons = Counter(load_skips.skipped)
+    examples = {reason: list(where) for reason, where in load_skips.examples.items()}
+    if token_skips is not None:
+        reasons.update(token_skips.skipped)
+        for reason, where in token_skips.examples.items():
+            examples.setdefault(reason, []).extend(where)
+    dropped = sum(reasons.values())
+    share = dropped / load_skips.rows_read if load_skips.rows_read else 0.0
+    numbers = {"rows_read": load_skips.rows_read, "dropped": dropped, "share": share, "by_reason": dict(reasons)}
+    scope = "" if token_skips is not None else " (tokenisation not checked: no tokenizer)"
+    if not dropped:
+        return CheckResult("dropped_rows", "ok", f"0 of {load_skips.rows_read} rows would be dropped{scope}", numbers=numbers)
+    by_reason = "; ".join(f"{count}: {reason}" for reason, count in reasons.most_common())
+    verdict = "fail" if share > thresholds.dropped_fail_share else "warn"
+    return CheckResult(
+        "dropped_rows", verdict, f"{dropped} of {load_skips.rows_read} rows ({share:.1%}) would be dropped{scope}: {by_reason}",
+        "Training skips these rows. Fix the fields named in the reasons (see the example rows), or map renamed "
+        "columns with data.columns; rows empty after truncation need a larger data.max_length.",
+        numbers, [w for reason, _ in reasons.most_common() for w in examples.get(reason, [])[:2]],
+    )
+
+
+def identical_pairs_check(examples: list[PreferenceExample]) -> CheckResult:
+    """Pairs whose chosen and rejected are the same text: no preference to learn, and they drag accuracy down."""
+    identical = [ex.source for ex in examples if _field_key(ex.chosen) == _field_key(ex.rejected)]
+    numbers = {"identical": len(identical), "pairs": len(examples)}
+    if not identical:
+        return CheckResult("identical_pairs", "ok", f"0 of {len(examples)} pairs have chosen == rejected", numbers=numbers)
+    return CheckResult(
+        "identical_pairs", "warn",
+        f"{len(identical)} of {len(examples)} pairs ({len(identical) / len(examples):.1%}) have chosen == rejected "
+        "(ignoring whitespace)",
+        "These pairs carry no preference: their DPO gradient is zero and they count as wrong in rewards/accuracies. "
+        "Remove them.", numbers, identical[:5],
+    )
+
+
+def duplicates_check(examples: list[PreferenceExample], eval_fraction: float) -> CheckResult:
+    """Repeated prompts, repeated pairs, and contradictory pairs (the same two answers ranked both ways)."""
+    prompts = Counter(_field_key(ex.prompt) for ex in examples)
+    keys = [(_field_key(ex.prompt), _field_key(ex.chosen), _field_key(ex.rejected)) for ex in examples]
+    pair_counts = Counter(keys)
+    repeated_prompts = sum(count - 1 for count in prompts.values() if count > 1)
+    duplicate_pairs = sum(count - 1 for count in pair_counts.values() if count > 1)
+    contradictory = [ex.source for ex, (p, c, r) in zip(examples, keys) if c != r and (p, r, c) in pair_counts]
+    numbers = {"distinct_prompts": len(prompts), "repeated_prompts": repeated_prompts,
+               "duplicate_pairs": duplicate_pairs, "contradictory_pairs": len(contradictory)}
+    summary = (f"{len(prompts)} distinct prompts in {len(examples)} pairs ({repeated_prompts} repeats); exact duplicate "
+               f"pairs: {duplicate_pairs}; pairs ranked both ways: {len(contradictory)}")
+    problems = []
+    if contradictory:
+        problems.append("Pairs ranked both ways are label noise by construction: keep one ranking or drop both. "
+                        + MITIGATIONS["label_noise"])
+    if duplicate_pairs:
+        problems.append("Exact duplicate pairs weigh those pairs more than the rest: deduplicate.")
+    if repeated_prompts and eval_fraction > 0:
+        problems.append(f"data.eval_fraction={eval_fraction} holds out rows at random, so a prompt can land in both "
+                        "splits and inflate eval scores: give a separate data.eval_path split by prompt.")
+    if not problems:
+        return CheckResult("duplicates", "ok", summary, numbers=numbers)
+    duplicates = [ex.source for ex, key in zip(examples, keys) if pair_counts[key] > 1]
+    return CheckResult("duplicates", "warn", summary, " ".join(problems), numbers, (contradictory or duplicates)[:5])
+
+
+def length_bias_check(chosen_lengths: list[int], rejected_lengths: list[int], unit: str,
+                      thresholds: DoctorThresholds) -> CheckResult:
+    """How often, and by how much, chosen is longer than rejected: a length gap is a shortcut DPO can learn."""
+    pairs = [(c, r) for c, r in zip(chosen_lengths, rejected_lengths) if c > 0 and r > 0]
+    if not pairs:
+        return CheckResult("length_bias", "skip", "no pairs with non-empty completions to compare")
+    ratios = sorted(c / r for c, r in pairs)
+    mean_ratio = sum(ratios) / len(ratios)
+    share_longer = sum(c > r for c, r in pairs) / len(pairs)
+    share_shorter = sum(c < r for c, r in pairs) / len(pairs)
+    numbers = {"unit": unit, "mean_ratio": mean_ratio, "median_ratio": ratios[len(ratios) // 2],
+               "share_chosen_longer": share_longer, "share_chosen_shorter": share_shorter,
+               "mean_chosen": sum(c for c, _ in pairs) / len(pairs), "mean_rejected": sum(r for _, r in pairs) / len(pairs)}
+    summary = (f"chosen/rejected length ({unit}): mean ratio {mean_ratio:.2f}, median {numbers['median_ratio']:.2f}; "
+               f"chosen longer in {share_longer:.0%} of pairs, shorter in {share_shorter:.0%} "
+               f"(means {numbers['mean_chosen']:.1f} vs {numbers['mean_rejected']:.1f})")
+    longer_bias = share_longer > thresholds.length_share_longer or mean_ratio > thresholds.length_mean_ratio
+    shorter_bias = share_shorter > thresholds.length_share_longer or mean_ratio < 1 / thresholds.length_mean_ratio
+    if not (longer_bias or shorter_bias):
+        return CheckResult("length_bias", "ok", summary, numbers=numbers)
+    direction = "longer" if longer_bias else "shorter"
+    return CheckResult(
+        "length_bias", "warn", summary,
+        f"Chosen responses are systematically {direction}: DPO's sequence-level log-probabilities let the model learn "
+        f"length itself as the preferred feature (length hacking). " + MITIGATIONS["length_hacking"], numbers,
+    )
+
+
+def word_lengths(examples: list[PreferenceExample]) -> tuple[list[int], list[int]]:
+    """Completion lengths in whitespace-separated words, for when there is no tokenizer."""
+    return [_word_count(ex.chosen) for ex in examples], [_word_count(ex.rejected) for ex in examples]
