@@ -51,12 +51,26 @@ def load_policy(cfg: Config):
         model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load model.name_or_path={cfg.model.name_or_path!r}: {e}") from None
+    disable_dropout(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
     return model
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in the policy (before LoRA, so lora.dropout still applies), as TRL does.
+
+    The reference runs in eval mode; a policy with dropout would start from noisy,
+    non-zero implicit rewards and a loss that is not log 2.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style functional dropout
+            module.attention_dropout = 0.0
 
 
 def apply_lora(model, cfg: Config):

@@ -234,8 +234,13 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     reference = make_reference(policy, cfg, with_reference)
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
+    # As HF's Trainer: biases and norm weights are not decayed (decay would pull norms towards 0).
+    no_decay = {id(p) for n, p in policy.named_parameters() if p.requires_grad and ("bias" in n or "norm" in n)}
     optimizer = torch.optim.AdamW(
-        trainable,
+        [
+            {"params": [p for p in trainable if id(p) not in no_decay]},
+            {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
+        ],
         lr=cfg.optim.lr,
         betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
         eps=cfg.optim.adam_eps,

@@ -4,14 +4,15 @@ Every paired loss takes a `PairLogps` (policy and reference log-probs of the cho
 rejected completions, summed over completion tokens, plus completion lengths) and the
 `LossConfig`, and returns a `LossOutput` of per-example losses and the implicit rewards
 reported as `rewards/chosen` and `rewards/rejected`. `loss.type` may be a list: the
-per-example losses are summed with `loss.weights`. KTO, which is unpaired, is `kto_loss`.
+per-example losses are summed with `loss.weights`. KTO, which is unpaired, is `kto_loss`; it is
+`loss.type: kto` (UNPAIRED_LOSSES), trained through `dpokit.kto_step` rather than the table.
 
     base.py            LossConfig, PairLogps, LossOutput; log-ratios, LD-DPO, NLL, WPO weights
     fdiv.py            f-DPO divergences (f_divergence_type)
     paired.py          reference-based paired losses
     reference_free.py  simpo, cpo, orpo, sft
     kto.py             kto_loss
-    table.py           LOSSES, REFERENCE_FREE, get_loss, validate_loss_config, compute_loss
+    table.py           LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES, get_loss, validate_loss_config, compute_loss
 """
 
 from dpokit.losses.base import LossConfig, LossFn, LossOutput, PairLogps, shared_prefix_logps, wpo_weights
@@ -22,6 +23,7 @@ from dpokit.losses.table import (
     F_DIVERGENCE_LOSSES,
     LOSSES,
     REFERENCE_FREE,
+    UNPAIRED_LOSSES,
     compute_loss,
     get_loss,
     loss_names,
@@ -35,6 +37,7 @@ __all__ = [
     "F_DIVERGENCE_LOSSES",
     "LOSSES",
     "REFERENCE_FREE",
+    "UNPAIRED_LOSSES",
     "LossConfig",
     "LossFn",
     "LossOutput",

@@ -1,4 +1,8 @@
-"""The one table of paired losses, and `compute_loss`, which combines them and applies WPO weights."""
+"""The one table of paired losses, and `compute_loss`, which combines them and applies WPO weights.
+
+`kto` is also a valid `loss.type`, but not a table entry: its examples are single labelled
+completions, so the trainer runs it through its own step (`dpokit.kto_step`) with `kto_loss`.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ LOSSES: dict[str, LossFn] = {
     "sft": reference_free.sft_loss,
 }
 
+# Losses over unpaired (completion, desirable?) examples: valid names for loss.type, trained by dpokit.kto_step.
+UNPAIRED_LOSSES: frozenset[str] = frozenset({"kto"})
+
 # Losses that never read reference log-probs: no reference model is built or run for them.
 REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "cpo", "orpo", "sft"})
 
@@ -40,10 +47,13 @@ BATCH_SORTED: frozenset[str] = frozenset({"aot", "aot_unpaired"})
 
 
 def get_loss(name: str) -> LossFn:
+    if isinstance(name, str) and name in UNPAIRED_LOSSES:
+        raise ValueError(f"loss.type {name!r} is unpaired: it has no paired loss function; use dpokit.losses.kto_loss")
     try:
         return LOSSES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss.type {name!r}; valid: {', '.join(sorted(LOSSES))}") from None
+        valid = ", ".join(sorted(set(LOSSES) | UNPAIRED_LOSSES))
+        raise ValueError(f"unknown loss.type {name!r}; valid: {valid}") from None
 
 
 def loss_names(cfg: LossConfig) -> list[str]:
@@ -61,7 +71,8 @@ def validate_loss_config(cfg: LossConfig) -> tuple[list[str], list[float]]:
     if not names:
         raise ValueError(f"loss.type is an empty list; valid: {', '.join(sorted(LOSSES))}")
     for name in names:
-        get_loss(name)
+        if name not in UNPAIRED_LOSSES:
+            get_loss(name)
     weights = [1.0] * len(names) if cfg.weights is None else list(cfg.weights)
     if len(weights) != len(names):
         raise ValueError(f"loss.weights has {len(weights)} entries but loss.type has {len(names)} ({names})")
@@ -79,15 +90,31 @@ def validate_loss_config(cfg: LossConfig) -> tuple[list[str], list[float]]:
         (not (cfg.use_weighting and BATCH_SORTED & set(names)), f"loss.use_weighting (WPO) cannot weight {sorted(BATCH_SORTED)}: they sort the batch"),
         (cfg.discopop_tau > 0, f"loss.discopop_tau must be > 0, got {cfg.discopop_tau}"),
     ]
+    if UNPAIRED_LOSSES & set(names):
+        checks += _unpaired_checks(names, cfg)
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     return names, weights
 
 
+def _unpaired_checks(names: list[str], cfg: LossConfig) -> list[tuple[bool, str]]:
+    # KTO's batch is single completions with a KL baseline: no pair to add a paired loss to, no shared
+    # prefix for LD-DPO, no pair weight for WPO.
+    return [
+        (len(names) == 1, f"loss.type kto trains on unpaired examples and cannot be combined with other losses, got {names}"),
+        (cfg.desirable_weight > 0, f"loss.desirable_weight must be > 0, got {cfg.desirable_weight}"),
+        (cfg.undesirable_weight > 0, f"loss.undesirable_weight must be > 0, got {cfg.undesirable_weight}"),
+        (cfg.ld_alpha is None, "loss.ld_alpha (LD-DPO) needs paired completions; it does not apply to kto"),
+        (not cfg.use_weighting, "loss.use_weighting (WPO) weights pairs; it does not apply to kto"),
+    ]
+
+
 def compute_loss(x: PairLogps, cfg: LossConfig) -> LossOutput:
     """Per-example loss sum_k weight_k * loss_k (each WPO-weighted if `use_weighting`); rewards of the first loss."""
     names, weights = validate_loss_config(cfg)
+    if UNPAIRED_LOSSES & set(names):
+        raise ValueError("loss.type kto is unpaired: compute_loss takes pairs; the trainer runs kto through dpokit.kto_step")
     pair_weight = wpo_weights(x) if cfg.use_weighting else None  # (B,)
     outputs = [LOSSES[name](x, cfg) for name in names]
     losses = sum(w * (out.losses if pair_weight is None else out.losses * pair_weight) for w, out in zip(weights, outputs))
