@@ -11,7 +11,8 @@ from dpokit.data.records import PreferenceExample
 from dpokit.data.tokenization import tokenize_pairs
 from dpokit.metrics import MetricSums
 from dpokit.model import load_policy, make_reference, reference_mode
-from dpokit.trainer import accumulate_gradients, forward_pairs
+from dpokit.preference_step import forward_pairs
+from dpokit.trainer import accumulate_gradients
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer
 
 
