@@ -11,24 +11,17 @@ offline, on a fresh machine.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 PREFIX = "demo:"
 N_TRAIN_PAIRS = 2000
 N_EVAL_PAIRS = 200
 
 
-def cache_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit"))
-
-
 def demo_paths(seed: int = 0) -> dict[str, str]:
-    from dpokit.demo.sft import build_preference_data, build_sft_model
+    from dpokit.demo.sft import build_preference_data, build_sft_model, default_cache_dir
 
-    model = build_sft_model(cache_dir(), seed=seed)
-    train, held_out = build_preference_data(cache_dir(), N_TRAIN_PAIRS, N_EVAL_PAIRS, seed=seed)
+    model = build_sft_model(default_cache_dir(), seed=seed)
+    train, held_out = build_preference_data(default_cache_dir(), N_TRAIN_PAIRS, N_EVAL_PAIRS, seed=seed)
     return {"sentiment-sft": str(model), "sentiment-pairs": str(train), "sentiment-eval": str(held_out)}
 
 

@@ -28,6 +28,9 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] | None = None) -> 
     from dpokit.demo.evaluate import evaluate_policy, format_table
     from dpokit.trainer import train
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     started = time.time()
     print("[demo] building (or reusing) the SFT model of the review language and its preference pairs ...", flush=True)
     paths = demo_paths()
