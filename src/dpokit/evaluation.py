@@ -1,0 +1,335 @@
+"""`dpokit eval`: a policy on held-out prompts, against a baseline, as the DPO paper measures it.
+
+From the policy's own samples (temperature 1, top_p 1 by default, so they are draws from the policy):
+  mean_score            mean reward of the samples (any Scorer: rule, reward model, pointwise judge)
+  win_rate              share of (prompt, sample) slots where the policy's sample beats the baseline's
+                        (by the scorer, ties 1/2; or by a pairwise judge, position bias cancelled)
+  kl_to_reference       KL(policy || reference) in nats per completion, Monte-Carlo:
+                        mean over samples y ~ pi of log pi(y|x) - log ref(y|x), EOS included
+  kl_tokenwise          the same KL with lower variance: sum over the sampled positions of the exact
+                        next-token KL(pi(.|x,y<t) || ref(.|x,y<t)) (same expectation, Rao-Blackwellised)
+  mean_length           completion tokens (EOS excluded), with the baseline's and the change
+  finished_share        samples that ended with EOS within max_new_tokens
+  preference_accuracy   on held-out pairs: share whose chosen side gets the higher implicit reward
+                        log pi/ref (ties 1/2; a policy equal to its reference scores exactly 0.5)
+Each mean comes with its standard error (`*_sem`) where it is a sample mean.
+KL from samples at another temperature or top_p is not an unbiased estimate; it is still reported
+(with `kl_estimator_biased: true`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from dpokit.generation import Sample, sample
+from dpokit.logprobs import IGNORE_INDEX, token_kl, token_logps
+
+Prompt = Union[str, list]
+
+
+# --- log-ratios and KL ---------------------------------------------------------------------------
+
+
+def _padded(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int):
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, p) in enumerate(zip(seqs, prompt_ids)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        labels[i, len(p) : len(s)] = torch.tensor(s[len(p) :])
+        attention[i, : len(s)] = 1
+    return input_ids, attention, labels
+
+
+@torch.no_grad()
+def log_ratios(policy, reference, prompt_ids, completion_ids, pad_token_id: int, batch_size: int = 32,
+               tokenwise: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(y|x) - log ref(y|x) per sequence (N,), and optionally the tokenwise KL along each y (N,)."""
+    device = next(policy.parameters()).device
+    ratios, kls = [], []
+    for start in range(0, len(prompt_ids), batch_size):
+        ids, attention, labels = _padded(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size], pad_token_id)
+        ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
+        policy_logits = policy(input_ids=ids, attention_mask=attention).logits
+        ref_logits = reference(input_ids=ids, attention_mask=attention).logits
+        policy_logps, _ = token_logps(policy_logits, labels)
+        ref_logps, _ = token_logps(ref_logits, labels)
+        ratios.append((policy_logps.sum(-1) - ref_logps.sum(-1)).float().cpu())
+        if tokenwise:
+            kls.append(token_kl(policy_logits, ref_logits, labels).cpu())
+    if not ratios:
+        return torch.zeros(0), (torch.zeros(0) if tokenwise else None)
+    return torch.cat(ratios), (torch.cat(kls) if tokenwise else None)
+
+
+def kl_to_reference(policy, reference, samples: Sequence[Sample], pad_token_id: int) -> float:
+    """Monte-Carlo KL(policy || reference) in nats per completion, from the policy's own samples.
+
+    KL = E_{y ~ pi}[log pi(y|x) - log ref(y|x)]; the samples must come from the policy at
+    temperature 1 and top_p 1 for this to be unbiased. The EOS is part of y. It is exactly 0 when
+    the two models are the same.
+    """
+    if not samples:
+        return float("nan")
+    ratios, _ = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_token_id)
+    return ratios.mean().item()
+
+
+# --- held-out preference accuracy ---------------------------------------------------------------
+
+
+def _examples(pairs) -> list:
+    """Preference rows (dicts in any layout, PreferenceExamples) or a data file -> PreferenceExamples."""
+    from dpokit.data.layouts import detect_layout, load_preferences, to_example
+    from dpokit.data.records import PreferenceExample
+
+    if isinstance(pairs, (str, Path)):
+        return load_preferences(str(pairs))[0]
+    out = []
+    for i, row in enumerate(pairs):
+        if isinstance(row, PreferenceExample):
+            out.append(row)
+        else:
+            out.append(to_example(dict(row), detect_layout(row) or "prompt_chosen_rejected", None, f"pairs:{i + 1}"))
+    return out
+
+
+def preference_accuracy(policy, reference, tokenizer, pairs) -> float:
+    """Share of pairs whose chosen completion gets the higher implicit reward, ties counting 1/2.
+
+    DPO's implicit reward is beta * log(pi/ref); beta > 0 does not change the ordering, so it is
+    left out. Completions are tokenised exactly as for training (`tokenization.render_ids`:
+    prompt + completion + EOS, or the chat template). A policy equal to its reference ties on
+    every pair and scores exactly 0.5.
+    """
+    from dpokit.data.tokenization import render_ids
+
+    examples = _examples(pairs)
+    if not examples:
+        return float("nan")
+    prompts, chosen, rejected = zip(*(render_ids(ex, tokenizer) for ex in examples))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    margin = log_ratios(policy, reference, list(prompts), list(chosen), pad)[0] - log_ratios(policy, reference, list(prompts), list(rejected), pad)[0]
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+
+
+# --- the evaluation ------------------------------------------------------------------------------
+
+
+def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def completion_length(s: Sample) -> int:
+    """Generated tokens without the EOS."""
+    return len(s.completion_ids) - (1 if s.finished else 0)
+
+
+def draw(model, tokenizer, prompts: Sequence[Prompt], num_samples: int = 4, temperature: float = 1.0, top_p: float = 1.0,
+         max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64) -> list[Sample]:
+    """num_samples samples per prompt (prompt-major); conversational prompts through the chat template."""
+    from dpokit.sampling import render_prompt
+
+    texts = [render_prompt(p, tokenizer) for p in prompts]
+    return sample(model, tokenizer, texts, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                  max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+
+
+def evaluate(
+    policy,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    reference=None,
+    baseline: Any = "reference",
+    scorer=None,
+    judge=None,
+    pairs=None,
+    num_samples: int = 4,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    batch_size: int = 64,
+    samples_out: str | Path | None = None,
+) -> dict:
+    """Sample the policy on `prompts` and measure it (see the module docstring for each metric).
+
+    reference: the model KL and the implicit reward are measured against (usually the SFT model).
+    baseline: what the win rate and length change compare to: "reference" (default), another model,
+      a list of its `Sample`s (num_samples per prompt, prompt-major, e.g. from an earlier call), or None.
+    scorer: a `Scorer` for mean_score and (without a judge) the win rate; judge: a PairwiseJudge.
+    pairs: held-out preference rows or file for preference_accuracy (needs the reference).
+    samples_out: write the policy's samples (with scores) there as JSONL.
+    """
+    prompts = list(prompts)
+    samples = draw(policy, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed, batch_size)
+    sample_prompts = [p for p in prompts for _ in range(num_samples)]
+    out: dict[str, Any] = {"num_prompts": len(prompts), "num_samples": len(samples), "temperature": temperature, "top_p": top_p,
+                           "max_new_tokens": max_new_tokens}
+    lengths = [completion_length(s) for s in samples]
+    out["mean_length"], out["mean_length_sem"] = _mean_sem(lengths)
+    out["finished_share"] = sum(s.finished for s in samples) / max(1, len(samples))
+    scores = None
+    if scorer is not None:
+        scores = scorer.score(sample_prompts, [s.completion for s in samples])
+        out["mean_score"], out["mean_score_sem"] = _mean_sem(scores)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if reference is not None:
+        ratios, tokenwise = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples],
+                                       pad, tokenwise=True)
+        out["kl_to_reference"], out["kl_to_reference_sem"] = _mean_sem(ratios.tolist())
+        out["kl_tokenwise"], out["kl_tokenwise_sem"] = _mean_sem(tokenwise.tolist())
+        out["kl_estimator_biased"] = not (temperature == 1.0 and top_p == 1.0)
+        if pairs is not None:
+            out["preference_accuracy"] = preference_accuracy(policy, reference, tokenizer, pairs)
+    if isinstance(baseline, str) and baseline == "reference":
+        baseline = reference
+    if baseline is not None:
+        if isinstance(baseline, (list, tuple)):
+            base_samples = list(baseline)
+        elif baseline is policy:
+            base_samples = samples
+        else:
+            base_samples = draw(baseline, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed + 1, batch_size)
+        if len(base_samples) != len(samples):
+            raise ValueError(f"baseline has {len(base_samples)} samples, the policy {len(samples)}")
+        out["baseline_mean_length"], _ = _mean_sem([completion_length(s) for s in base_samples])
+        out["length_change"] = out["mean_length"] - out["baseline_mean_length"]
+        if judge is not None:
+            wins = judge.compare(sample_prompts, [s.completion for s in samples], [s.completion for s in base_samples])
+            out["win_rate_by"] = getattr(judge, "name", "pairwise judge")
+        elif scorer is not None:
+            base_scores = scorer.score(sample_prompts, [s.completion for s in base_samples])
+            out["baseline_mean_score"], out["baseline_mean_score_sem"] = _mean_sem(base_scores)
+            wins = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores, base_scores)
+                    if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+            out["win_rate_by"] = getattr(scorer, "name", "scorer")
+        else:
+            wins = None
+        if wins is not None:
+            out["win_rate"], out["win_rate_sem"] = _mean_sem(wins)
+    out["examples"] = [s.prompt + s.completion for s in samples[:: max(1, num_samples)][:2]]
+    if samples_out is not None:
+        path = Path(samples_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for i, s in enumerate(samples):
+                row = {"prompt": sample_prompts[i], "sample_index": i % num_samples, "completion": s.completion,
+                       "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(s.completion_ids), "finished": s.finished}
+                if scores is not None:
+                    row["score"] = scores[i]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return out
+
+
+_ROWS = [
+    ("mean_score", "mean score", "{:.3f}"),
+    ("baseline_mean_score", "baseline mean score", "{:.3f}"),
+    ("win_rate", "win rate vs baseline", "{:.1%}"),
+    ("kl_to_reference", "KL(policy || reference), nats", "{:.2f}"),
+    ("kl_tokenwise", "KL tokenwise estimate, nats", "{:.2f}"),
+    ("preference_accuracy", "held-out preference accuracy", "{:.1%}"),
+    ("mean_length", "mean length (tokens)", "{:.1f}"),
+    ("baseline_mean_length", "baseline mean length", "{:.1f}"),
+    ("length_change", "length change", "{:+.1f}"),
+    ("finished_share", "finished (EOS) share", "{:.1%}"),
+    ("num_samples", "samples", "{:d}"),
+]
+
+
+def format_report(metrics: Mapping) -> str:
+    rows = []
+    for key, label, fmt in _ROWS:
+        value = metrics.get(key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        text = fmt.format(value)
+        sem = metrics.get(f"{key}_sem")
+        if isinstance(sem, float) and math.isfinite(sem):
+            text += " ± " + (fmt.format(sem) if "%" in fmt else f"{sem:.3f}" if "3f" in fmt else f"{sem:.2f}")
+        rows.append((label, text))
+    width = max((len(r[0]) for r in rows), default=0)
+    return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+EVAL_HELP = """\
+Evaluate a policy on held-out prompts against a baseline: mean score of its samples, win rate,
+KL(policy || reference) in nats (from the policy's own samples), mean completion length and its
+change, and held-out preference accuracy of the implicit reward.
+
+  dpokit eval --policy runs/dpo/final --reference runs/sft/final --prompts heldout.jsonl \\
+              --scorer mypkg.rewards:exact_match --pairs heldout_pairs.jsonl
+  dpokit eval --policy runs/dpo/final --reference demo:sentiment-sft --prompts p.jsonl \\
+              --judge-url http://127.0.0.1:8000/v1 --judge-model judge
+
+The baseline defaults to the reference (--baseline names another model). With --judge-url the
+win rate is by a pairwise judge (both orders asked) and the mean score by --scorer if given.
+"""
+
+
+def add_cli(verbs) -> None:
+    import argparse
+
+    p = verbs.add_parser("eval", help="evaluate a policy against a baseline (score, win rate, KL, length)",
+                         description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", required=True, help="model folder, hub id or demo:sentiment-sft")
+    p.add_argument("--reference", help="reference model for KL and implicit rewards (usually the SFT model)")
+    p.add_argument("--baseline", help="model to compare with (default: the reference)")
+    p.add_argument("--prompts", required=True, help="held-out prompts (a data file)")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--scorer", help="module:function or rm:MODEL")
+    p.add_argument("--judge-url", help="OpenAI-compatible base URL for a pairwise judge")
+    p.add_argument("--judge-model")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--pairs", help="held-out preference pairs for preference accuracy")
+    p.add_argument("-n", "--num-samples", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the metrics as JSON here (and the samples beside it)")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    from dpokit.sampling import load_model, load_prompts
+    from dpokit.scoring import PairwiseJudge, ScoringError, build_scorer
+
+    prompts, _ = load_prompts(args.prompts, column=args.prompt_column, max_prompts=args.max_prompts)
+    policy, tokenizer = load_model(args.policy)
+    reference = load_model(args.reference)[0] if args.reference else None
+    baseline = load_model(args.baseline)[0] if args.baseline else "reference"
+    scorer = build_scorer(args.scorer) if args.scorer else None
+    judge = None
+    if args.judge_url:
+        if not args.judge_model:
+            raise ScoringError("--judge-url needs --judge-model")
+        judge = PairwiseJudge(args.judge_url, args.judge_model, api_key_env=args.api_key_env)
+    samples_out = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
+    metrics = evaluate(policy, tokenizer, prompts, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
+                       pairs=args.pairs, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed, samples_out=samples_out)
+    print(format_report(metrics))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"[eval] metrics written to {args.out}")
+    return 0
