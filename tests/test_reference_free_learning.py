@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import dpokit
 import dpokit.model
+import dpokit.preference_step
 import dpokit.trainer
 from dpokit.logprobs import completion_logps
 from dpokit.metrics import read_metrics
@@ -36,7 +37,7 @@ def watch_reference(monkeypatch) -> list:
         raise AssertionError("a reference forward ran for a reference-free loss")
 
     monkeypatch.setattr(dpokit.trainer, "make_reference", make_reference)
-    monkeypatch.setattr(dpokit.trainer, "reference_mode", reference_mode)
+    monkeypatch.setattr(dpokit.preference_step, "reference_mode", reference_mode)
     return built
 
 
