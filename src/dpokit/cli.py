@@ -1,4 +1,4 @@
-"""The `dpokit` command: train, demo, config.
+"""The `dpokit` command: train, demo, config, doctor, report.
 
 User errors (bad config, bad data, a model that cannot be loaded) print one
 clear message and exit with status 2; they never print a traceback.
@@ -28,7 +28,8 @@ train.grad_accum, train.max_steps, train.epochs, out_dir.
 
 The run directory (out_dir) gets config.yaml (the resolved config),
 data_summary.json, metrics.jsonl (one JSON object per logged step, TRL's
-metric names) and final/ (the model in HF format, with its tokenizer).
+metric names), final/ (the model in HF format, with its tokenizer) and
+report.html (curves, diagnoses, data summary and config; `dpokit report`).
 """
 
 DEMO_HELP = """\
@@ -64,6 +65,21 @@ do not fail). docs/diagnosis.md explains every check.
 """
 
 
+REPORT_HELP = """\
+Write one self-contained HTML page about a run: its verdict (healthy, warnings,
+stopped), the failure detectors' diagnoses with what to do, curves of loss,
+rewards, margins, accuracy, log-probs, KL, completion length, learning rate and
+gradient norm (train and eval), the data summary and the resolved config.
+
+  dpokit report runs/demo
+  dpokit report runs/demo --out demo-report.html
+
+The page has no scripts and loads nothing from the network: open it anywhere,
+attach it to an issue. It works on a run that is still going or was cut short;
+what is missing is listed in its notes. docs/report.md explains every chart.
+"""
+
+
 def shipped_config(name: str) -> Path | None:
     candidate = resources.files("dpokit") / "configs" / f"{name}.yaml"
     return Path(str(candidate)) if candidate.is_file() else None
@@ -84,6 +100,22 @@ def _cmd_train(args) -> int:
     shown = "  ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if isinstance(result.metrics.get(k), float))
     print(f"[dpokit] final: {shown}")
     print(f"[dpokit] run directory: {result.run_dir}")
+    try:  # the report is a convenience: a bug in it must not turn a finished run into a failed command
+        from dpokit.report import build_report
+
+        print(f"[dpokit] report: {build_report(result.run_dir)}")
+    except Exception as e:  # noqa: BLE001
+        print(f"[dpokit] could not write the report ({type(e).__name__}: {e}); try `dpokit report {result.run_dir}`")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from dpokit.report import build_report
+
+    if not Path(args.run_dir).is_dir():
+        print(f"dpokit: error: run directory not found: {args.run_dir}", file=sys.stderr)
+        return 2
+    print(f"[dpokit] report: {build_report(args.run_dir, out=args.out)}")
     return 0
 
 
@@ -143,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     doctor.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=2048")
     doctor.set_defaults(func=_cmd_doctor)
+
+    report = verbs.add_parser("report", help="write a run's HTML report (curves, diagnoses, data, config)", description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (out_dir of `dpokit train`)")
+    report.add_argument("--out", metavar="FILE", help="where to write the page (default: RUN_DIR/report.html)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 
