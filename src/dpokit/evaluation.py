@@ -311,6 +311,9 @@ def add_cli(verbs) -> None:
 
 
 def run_cli(args) -> int:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     from dpokit.sampling import load_model, load_prompts
     from dpokit.scoring import PairwiseJudge, ScoringError, build_scorer
 

@@ -1,0 +1,230 @@
+"""Preference pairs from scored samples: rejection sampling's last step.
+
+For each prompt, the scored completions (from `dpokit score`) become pairs (chosen, rejected)
+with score(chosen) > score(rejected):
+
+  strategy best_worst   one pair per prompt: the highest-scored vs the lowest-scored completion
+           all_pairs    every pair of completions whose scores differ by at least the margin,
+                        largest margin first (at most max_pairs_per_prompt)
+
+Rules, applied to every candidate pair (i, j):
+  - ties are never pairs: equal scores carry no preference. A prompt whose completions all score
+    the same gives no pair and is counted as `all_tied`; in all_pairs, each equal-score pair is
+    counted in `tied_pairs`.
+  - margin: score_i - score_j >= min_margin (pairs below it are counted, not kept).
+  - identical completions (same text) are never paired (a noisy judge may score them differently).
+  - max_length_ratio: a pair whose longer completion has more than this many times the tokens of
+    the shorter one is dropped (counted): it would teach length rather than quality.
+  - length_balance "closest" (best_worst only): among the candidates passing the rules above, take
+    the one with the smallest length difference (then the largest margin); "none" takes the largest
+    margin (then the smallest length difference). Remaining ties go to the lowest sample indices,
+    so the result is exact and reproducible.
+Completions with no score (NaN/None: e.g. an unreadable judge reply) are left out and counted;
+drop_unfinished leaves out completions cut off at max_new_tokens (no EOS).
+
+Output rows are `dpokit train` preference rows: {"prompt", "chosen", "rejected"} (text, or a
+conversational prompt with assistant-message completions), plus score_chosen, score_rejected,
+margin, chosen_tokens and rejected_tokens for inspection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class PairingConfig:
+    strategy: str = "best_worst"  # best_worst | all_pairs
+    min_margin: float = 0.0  # keep pairs with score(chosen) - score(rejected) >= min_margin (and > 0 always)
+    length_balance: str = "none"  # none | closest (best_worst: the passing pair with the smallest length difference)
+    max_length_ratio: Optional[float] = None  # drop pairs with longer/shorter token count above this
+    max_pairs_per_prompt: Optional[int] = None  # all_pairs: keep the largest-margin pairs only
+    drop_unfinished: bool = False  # leave out completions that hit max_new_tokens without EOS
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("best_worst", "all_pairs"):
+            raise ValueError(f"pairing strategy must be best_worst or all_pairs, got {self.strategy!r}")
+        if self.length_balance not in ("none", "closest"):
+            raise ValueError(f"length_balance must be none or closest, got {self.length_balance!r}")
+        if self.min_margin < 0:
+            raise ValueError(f"min_margin must be >= 0, got {self.min_margin}")
+        if self.max_length_ratio is not None and self.max_length_ratio < 1:
+            raise ValueError(f"max_length_ratio must be >= 1, got {self.max_length_ratio}")
+
+
+def _length(row: dict) -> int:
+    if row.get("completion_tokens") is not None:
+        return int(row["completion_tokens"])
+    return len(str(row["completion"]).split())
+
+
+def _score(row: dict) -> float:
+    value = row.get("score")
+    return math.nan if value is None else float(value)
+
+
+def _completion(prompt, text: str):
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def _pair_row(prompt, chosen: dict, rejected: dict) -> dict:
+    sc, sr = _score(chosen), _score(rejected)
+    return {"prompt": prompt, "chosen": _completion(prompt, chosen["completion"]), "rejected": _completion(prompt, rejected["completion"]),
+            "score_chosen": sc, "score_rejected": sr, "margin": sc - sr,
+            "chosen_tokens": _length(chosen), "rejected_tokens": _length(rejected)}
+
+
+def pairs_for_prompt(rows: list[dict], cfg: PairingConfig, counts: Counter) -> list[dict]:
+    """The pairs of one prompt's scored completions; every drop is counted in `counts`."""
+    kept = []
+    for row in sorted(rows, key=lambda r: r.get("sample_index", 0)):
+        if math.isnan(_score(row)):
+            counts["completions_unscored"] += 1
+        elif cfg.drop_unfinished and row.get("finished") is False:
+            counts["completions_unfinished"] += 1
+        else:
+            kept.append(row)
+    if len(kept) < 2:
+        counts["prompts_fewer_than_two"] += 1
+        return []
+    if len({_score(r) for r in kept}) == 1:
+        counts["prompts_all_tied"] += 1
+        counts["tied_pairs"] += len(kept) * (len(kept) - 1) // 2
+        return []
+    candidates = []  # (margin, length difference, i, j)
+    reasons: Counter = Counter()
+    for i, a in enumerate(kept):
+        for j, b in enumerate(kept):
+            if j <= i:
+                continue
+            sa, sb = _score(a), _score(b)
+            if sa == sb:
+                reasons["tied_pairs"] += 1
+                continue
+            hi, lo = (i, j) if sa > sb else (j, i)
+            margin = abs(sa - sb)
+            if kept[hi]["completion"] == kept[lo]["completion"]:
+                reasons["identical_pairs"] += 1
+                continue
+            if margin < cfg.min_margin:
+                reasons["pairs_below_margin"] += 1
+                continue
+            la, lb = _length(kept[hi]), _length(kept[lo])
+            if cfg.max_length_ratio is not None and max(la, lb) > cfg.max_length_ratio * max(1, min(la, lb)):
+                reasons["pairs_length_ratio"] += 1
+                continue
+            candidates.append((margin, abs(la - lb), hi, lo))
+    counts.update(reasons)
+    if not candidates:
+        # Say why this prompt gave nothing: the margin when no pair reached it, else the length ratio.
+        if reasons["pairs_length_ratio"]:
+            counts["prompts_length_ratio"] += 1
+        elif reasons["pairs_below_margin"]:
+            counts["prompts_below_margin"] += 1
+        else:
+            counts["prompts_identical"] += 1
+        return []
+    prompt = kept[0]["prompt"]
+    if cfg.strategy == "best_worst":
+        index = lambda c: (kept[c[2]].get("sample_index", c[2]), kept[c[3]].get("sample_index", c[3]))  # noqa: E731
+        if cfg.length_balance == "closest":
+            best = min(candidates, key=lambda c: (c[1], -c[0], index(c)))
+        else:
+            best = min(candidates, key=lambda c: (-c[0], c[1], index(c)))
+        return [_pair_row(prompt, kept[best[2]], kept[best[3]])]
+    ordered = sorted(candidates, key=lambda c: (-c[0], c[1], c[2], c[3]))
+    if cfg.max_pairs_per_prompt is not None:
+        counts["pairs_over_cap"] += max(0, len(ordered) - cfg.max_pairs_per_prompt)
+        ordered = ordered[: cfg.max_pairs_per_prompt]
+    return [_pair_row(prompt, kept[c[2]], kept[c[3]]) for c in ordered]
+
+
+def build_pairs(groups: list[list[dict]], cfg: PairingConfig = PairingConfig()) -> tuple[list[dict], dict]:
+    """Pairs from scored completions grouped per prompt -> (pair rows, summary of counts)."""
+    counts: Counter = Counter()
+    pairs: list[dict] = []
+    for rows in groups:
+        counts["prompts"] += 1
+        new = pairs_for_prompt(rows, cfg, counts)
+        counts["prompts_paired"] += bool(new)
+        pairs += new
+    summary = {"config": dataclasses.asdict(cfg), "pairs": len(pairs), **{k: counts[k] for k in (
+        "prompts", "prompts_paired", "prompts_all_tied", "prompts_below_margin", "prompts_length_ratio",
+        "prompts_identical", "prompts_fewer_than_two", "tied_pairs", "pairs_below_margin", "pairs_length_ratio",
+        "identical_pairs", "pairs_over_cap", "completions_unscored", "completions_unfinished")}}
+    if pairs:
+        summary["mean_margin"] = sum(p["margin"] for p in pairs) / len(pairs)
+        summary["mean_score_chosen"] = sum(p["score_chosen"] for p in pairs) / len(pairs)
+        summary["mean_score_rejected"] = sum(p["score_rejected"] for p in pairs) / len(pairs)
+        summary["mean_tokens_chosen"] = sum(p["chosen_tokens"] for p in pairs) / len(pairs)
+        summary["mean_tokens_rejected"] = sum(p["rejected_tokens"] for p in pairs) / len(pairs)
+    return pairs, summary
+
+
+def format_summary(summary: dict) -> str:
+    dropped = ", ".join(f"{summary[k]} {label}" for k, label in (
+        ("prompts_all_tied", "all tied"), ("prompts_below_margin", "below the margin"),
+        ("prompts_length_ratio", "over the length ratio"), ("prompts_identical", "identical completions"),
+        ("prompts_fewer_than_two", "fewer than 2 scored completions")) if summary.get(k))
+    line = f"[pair] {summary['pairs']} pairs from {summary['prompts_paired']}/{summary['prompts']} prompts"
+    if dropped:
+        line += f"; prompts without a pair: {dropped}"
+    if summary.get("tied_pairs") and summary["config"]["strategy"] == "all_pairs":
+        line += f"; {summary['tied_pairs']} tied pairs dropped"
+    if summary.get("pairs"):
+        line += (f"; mean score chosen {summary['mean_score_chosen']:.3f} vs rejected {summary['mean_score_rejected']:.3f}, "
+                 f"tokens {summary['mean_tokens_chosen']:.1f} vs {summary['mean_tokens_rejected']:.1f}")
+    return line
+
+
+def pair_file(scored_path: str | Path, out_path: str | Path, cfg: PairingConfig = PairingConfig()) -> dict:
+    """Scored samples JSONL -> pairs JSONL (+ `<out>.summary.json`); returns the summary."""
+    from dpokit.sampling import samples_by_prompt
+
+    pairs, summary = build_pairs(samples_by_prompt(scored_path), cfg)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    tmp.replace(out)
+    out.with_name(out.name + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+PAIR_HELP = """\
+Build preference pairs from scored samples (from `dpokit score`): best vs worst per prompt, or
+all pairs above a score margin. Ties, pairs below the margin and (optionally) pairs of very
+different lengths are dropped and counted. The output trains directly with `dpokit train`.
+
+  dpokit pair --in scored.jsonl --out pairs.jsonl
+  dpokit pair --in scored.jsonl --out pairs.jsonl --strategy all_pairs --min-margin 1 --max-length-ratio 1.5
+"""
+
+
+def add_cli(verbs) -> None:
+    import argparse
+
+    p = verbs.add_parser("pair", help="build preference pairs from scored samples", description=PAIR_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--in", dest="in_path", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--strategy", choices=("best_worst", "all_pairs"), default="best_worst")
+    p.add_argument("--min-margin", type=float, default=0.0)
+    p.add_argument("--length-balance", choices=("none", "closest"), default="none")
+    p.add_argument("--max-length-ratio", type=float, default=None)
+    p.add_argument("--max-pairs-per-prompt", type=int, default=None)
+    p.add_argument("--drop-unfinished", action="store_true")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args) -> int:
+    cfg = PairingConfig(args.strategy, args.min_margin, args.length_balance, args.max_length_ratio,
+                        args.max_pairs_per_prompt, args.drop_unfinished)
+    print(format_summary(pair_file(args.in_path, args.out, cfg)))
+    return 0

@@ -1,0 +1,239 @@
+"""Supervised fine-tuning as a trainer Task: completion-only NLL, the prompt masked out.
+
+`dpokit sft CONFIG` (or `train.task: sft`) runs the ordinary training loop with this Task,
+so SFT shares the config, data loading, run directory, metrics log, evaluation and saving of
+`dpokit train`. Row layouts (detected per file, or forced with `data.layout`):
+
+    prompt + completion      text, or conversational (prompt messages + assistant completion
+                             messages); a `label` column is allowed: rows labelled false
+                             (undesirable) are skipped and counted, never imitated
+    messages                 a whole conversation; the last message, an assistant turn, is the
+                             completion and everything before it the prompt
+    any paired layout        prompt/chosen/rejected, hh-rlhf, ShareGPT, OpenAI, ...: the chosen
+                             side (SFT on chosen = the DPO paper's "Preferred-FT" baseline)
+
+Tokenisation and truncation are the paired data's (`tokenization.render_ids`: prompt +
+completion + EOS, or the chat template; prompt cut from the left, completion from the right).
+
+Loss: the mean token NLL over the completion tokens of the optimizer step,
+
+    loss = sum_i sum_{t in completion_i} -log pi(y_t | x, y_<t)  /  sum_i |completion_i|
+
+`forward` returns each example's *summed* NLL, and `count` (a batch) and `weight` (an example) give
+completion tokens, so the trainer's division of the step's loss sum by its count is that token mean
+exactly, whatever the batch size, gradient accumulation and number of processes (TRL averages per
+micro-batch instead).
+
+Metrics (averaged over the logging window, like every dpokit metric):
+    loss                  mean NLL per completion token (the quantity minimised)
+    mean_token_accuracy   share of completion tokens that are the model's argmax prediction
+    num_tokens            completion tokens per example (TRL's `num_tokens` is a running total
+                          of all tokens; a window average is what dpokit's metric log keeps)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+from dpokit.config import Config
+from dpokit.data.layouts import LAYOUTS, RowSkip, load_preferences
+from dpokit.data.loading import read_rows
+from dpokit.data.records import DataError, SkipReport
+from dpokit.data.unpaired import (
+    TokenizedCompletion,
+    UnpairedExample,
+    _from_messages,
+    _from_prompt_completion,
+    detect_unpaired_layout,
+    parse_label,
+    tokenize_groups,
+)
+from dpokit.logprobs import IGNORE_INDEX, token_logps
+from dpokit.losses import LossOutput
+from dpokit.trainer import Task
+
+SFT_LAYOUTS = ("prompt_completion", "messages")
+# data.layout values that name the unpaired layouts (the KTO names are accepted too).
+_LAYOUT_ALIASES = {"prompt_completion": "prompt_completion", "prompt_completion_label": "prompt_completion",
+                   "messages": "messages", "messages_label": "messages"}
+_CONVERTERS = {"prompt_completion": _from_prompt_completion, "messages": _from_messages}
+SFT_COLUMNS = ("prompt", "completion", "messages", "label")
+
+
+# --- rows -> examples -----------------------------------------------------------------------
+
+
+def _rename(row: dict, columns: dict[str, str]) -> dict:
+    if not columns:
+        return row
+    renamed = {k: v for k, v in row.items() if k not in SFT_COLUMNS}
+    for standard in SFT_COLUMNS:
+        column = columns.get(standard, standard)
+        if column in row:
+            renamed[standard] = row[column]
+    return renamed
+
+
+def _is_paired_file(path: str, split: str, columns: dict[str, str], layout: str) -> bool:
+    if layout in LAYOUTS or {"chosen", "rejected"} & set(columns):
+        return True
+    if layout in _LAYOUT_ALIASES or {"completion", "messages"} & set(columns):
+        return False
+    if layout != "auto":
+        expected = ", ".join(("auto",) + SFT_LAYOUTS + LAYOUTS)
+        raise DataError(f"unknown layout {layout!r} for SFT data; expected one of {expected}", path)
+    for _, row in read_rows(path, split):
+        row = _rename(row, columns)
+        return "chosen" in row or "rejected" in row or detect_unpaired_layout(row) is None
+    return False
+
+
+def load_sft(
+    path: str, split: str = "train", columns: dict[str, str] | None = None, layout: str = "auto", strict: bool = False
+) -> tuple[list[UnpairedExample], SkipReport]:
+    """Read every row of `path` as one SFT example (prompt, completion); bad rows skipped and counted."""
+    columns = dict(columns or {})
+    if _is_paired_file(path, split, columns, layout):
+        pairs, report = load_preferences(path, split, columns or None, layout, strict)
+        report.layouts = type(report.layouts)({f"{name} (chosen side)": n for name, n in report.layouts.items()})
+        return [UnpairedExample(p.prompt, p.chosen, True, p.source) for p in pairs], report
+    unknown = set(columns) - set(SFT_COLUMNS)
+    if unknown:
+        raise DataError(f"columns for SFT data map {', '.join(SFT_COLUMNS)} to column names; got {columns!r}", path)
+    report = SkipReport()
+    examples: list[UnpairedExample] = []
+    for row_number, row in read_rows(path, split):
+        report.rows_read += 1
+        where = f"{path}:{row_number}"
+        try:
+            row = _rename(row, columns)
+            if layout in _LAYOUT_ALIASES:
+                row_layout = _LAYOUT_ALIASES[layout]
+            else:
+                detected = detect_unpaired_layout(row)
+                if detected is None:
+                    found = ", ".join(sorted(map(str, row))) or "none"
+                    raise RowSkip(f"unrecognised SFT layout (columns: {found}; expected prompt+completion or messages)")
+                row_layout = _LAYOUT_ALIASES[detected]
+            prompt, completion = _CONVERTERS[row_layout](row)
+            if "label" in row and row["label"] is not None and not parse_label(row["label"]):
+                raise RowSkip("label is false: an undesirable completion is not imitated", "label")
+        except RowSkip as skip:
+            if strict:
+                raise DataError(skip.reason, path, row=row_number, field=skip.field) from None
+            report.skip(skip.reason, f"{where} ({skip.field})" if skip.field else where)
+            continue
+        report.layouts[row_layout] += 1
+        report.rows_used += 1
+        examples.append(UnpairedExample(prompt, completion, True, where))
+    if not examples:
+        reasons = "; ".join(f"{reason} ({n} rows, e.g. {', '.join(report.examples[reason][:2])})" for reason, n in report.skipped.most_common())
+        raise DataError(f"no usable rows: all {report.rows_read} rows were skipped. Reasons: {reasons}", path)
+    return examples, report
+
+
+def _load(path: str, split: str, cfg: Config):
+    examples, report = load_sft(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict)
+    if cfg.data.max_rows is not None and len(examples) > cfg.data.max_rows:
+        n_extra = len(examples) - cfg.data.max_rows
+        report.skip(f"beyond data.max_rows={cfg.data.max_rows}", f"{path} (rows after {cfg.data.max_rows})", n_extra)
+        report.rows_used -= n_extra
+        examples = examples[: cfg.data.max_rows]
+    return examples, report
+
+
+def prepare_sft(cfg: Config, tokenizer):
+    """config.data -> PreparedData of TokenizedCompletion (train, eval) with the usual data summary.
+
+    The eval split (data.eval_path, else a seeded data.eval_fraction of the rows) is that of
+    `prepare_data`; the summary's token lengths name the completion `completion`.
+    """
+    from dpokit.data.prepare import PreparedData, _summary
+
+    train_examples, train_report = _load(cfg.data.path, cfg.data.split, cfg)
+    eval_examples, eval_report = [], SkipReport()
+    if cfg.data.eval_path:
+        eval_examples, eval_report = _load(cfg.data.eval_path, cfg.data.eval_split, cfg)
+    elif cfg.data.eval_fraction > 0:
+        order = list(range(len(train_examples)))
+        random.Random(cfg.train.seed).shuffle(order)
+        n_eval = max(1, int(len(order) * cfg.data.eval_fraction))
+        held = set(order[:n_eval])
+        eval_examples = [e for i, e in enumerate(train_examples) if i in held]
+        train_examples = [e for i, e in enumerate(train_examples) if i not in held]
+        train_report.rows_used -= n_eval
+        train_report.held_out = eval_report.rows_read = eval_report.rows_used = n_eval
+    summary, splits = {}, []
+    for name, examples, report in (("train", train_examples, train_report), ("eval", eval_examples, eval_report)):
+        tokenized, stats = tokenize_groups([[e] for e in examples], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
+        stats.lengths = {"prompt": stats.lengths["prompt"], "completion": stats.lengths["chosen"]}
+        summary[name] = _summary(report, stats, len(tokenized))  # "pairs" here counts examples
+        splits.append(tokenized)
+    return PreparedData(splits[0], splits[1], summary)
+
+
+# --- batches and the step ---------------------------------------------------------------------
+
+
+def collate_sft(examples: list[TokenizedCompletion], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels: (B, T), right-padded; labels hold only the completion tokens."""
+    width = max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n_prompt, n = len(e.prompt_ids), len(e.prompt_ids) + len(e.completion_ids)
+        input_ids[i, :n] = torch.tensor(e.prompt_ids + e.completion_ids, dtype=torch.long)
+        labels[i, n_prompt:n] = torch.tensor(e.completion_ids, dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def count_tokens(batch: dict) -> int:
+    """Completion (trained) tokens in the batch: the loss is a mean over these."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def example_tokens(example: TokenizedCompletion) -> int:
+    """Completion tokens of one example that get a loss (`count_tokens` of a batch is their sum).
+
+    A token is predicted from the ones before it, so with an empty prompt the first completion
+    token has no loss.
+    """
+    return len(example.completion_ids) - (0 if example.prompt_ids else 1)
+
+
+def forward_sft(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
+    """-> (LossOutput with each example's summed completion NLL, metrics: name -> tensor of values).
+
+    `reference` and `with_reference` are ignored: SFT has no reference model.
+    """
+    labels = batch["labels"]
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    tok_logps, mask = token_logps(logits, labels)  # (B, T-1), zero off the completion
+    nll = -tok_logps
+    out = LossOutput(nll.sum(-1), torch.zeros(0), torch.zeros(0))
+    with torch.no_grad():
+        correct = (logits[:, :-1].argmax(-1) == labels[:, 1:]) & mask
+        metrics = {
+            "loss": nll.detach()[mask],  # one value per completion token: the window average is the token mean
+            "mean_token_accuracy": correct[mask].float(),
+            "num_tokens": mask.sum(-1).float(),
+        }
+    return out, metrics
+
+
+def _no_reference(cfg: Config) -> bool:
+    return False
+
+
+# `needs_reference`: SFT builds no reference model; `weight`: a step's loss is divided by its completion
+# tokens (over all micro-batches and processes), not its examples; `name` labels the progress bar. They are
+# Task fields of the trainer with the SFT change (docs/pipeline.md); the check lets this module import
+# under a trainer without them (which cannot select this Task: it has no train.task).
+_TASK_FIELDS = {f.name for f in dataclasses.fields(Task)}
+_extra = {k: v for k, v in (("needs_reference", _no_reference), ("weight", example_tokens), ("name", "sft")) if k in _TASK_FIELDS}
+SFT = Task(prepare=prepare_sft, collate=collate_sft, count=count_tokens, forward=forward_sft, **_extra)

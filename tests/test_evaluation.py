@@ -1,0 +1,152 @@
+"""`dpokit eval`: score, win rate, KL from the policy's own samples, length, held-out preference accuracy."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from dpokit.demo import world
+from dpokit.evaluation import evaluate, format_report, kl_to_reference, log_ratios, preference_accuracy
+from dpokit.generation import sample
+from dpokit.scoring import FunctionScorer
+from dpokit.tiny import build_tiny_llama, build_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one torch thread is as fast, and far faster on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer([" ".join(world.vocabulary())], kind="word")
+
+
+@pytest.fixture()
+def model(tokenizer):
+    return build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+
+
+def fix_distribution(model, tokenizer, p_eos: float, boost: dict | None = None):
+    """Every step: EOS with probability p_eos, else a uniform ordinary word (logits += boost[word] if given)."""
+    vocab = len(tokenizer)
+    words = vocab - len(tokenizer.all_special_ids)
+    eos_logit = math.log(p_eos * words / (1 - p_eos))
+    ids = tokenizer.get_vocab()
+
+    def hook(module, inputs, logits):
+        logits = torch.zeros_like(logits)
+        logits[..., tokenizer.all_special_ids] = -1e4  # finite: log-probs at masked (pad) positions must stay 0 * finite
+        logits[..., tokenizer.eos_token_id] = eos_logit
+        for word, value in (boost or {}).items():
+            logits[..., ids[word]] += value
+        return logits
+
+    return model.lm_head.register_forward_hook(hook)
+
+
+PROMPTS = world.eval_prompts(16, seed=0)
+
+
+def test_a_policy_against_itself(model, tokenizer):
+    pairs = world.preference_pairs(8, seed=0, split="eval")
+    m = evaluate(model, tokenizer, PROMPTS[:4], reference=copy.deepcopy(model), baseline=model, scorer=FunctionScorer(world.sentiment),
+                 pairs=pairs, num_samples=3, max_new_tokens=6)
+    assert m["kl_to_reference"] == 0.0 and m["kl_tokenwise"] == pytest.approx(0.0, abs=1e-6)
+    assert m["preference_accuracy"] == 0.5 and m["win_rate"] == 0.5 and m["length_change"] == 0.0
+    assert m["num_samples"] == 12 and 0.0 <= m["mean_score"] <= 1.0 and not m["kl_estimator_biased"]
+    assert "KL(policy || reference)" in format_report(m) and "win rate" in format_report(m)
+
+
+def test_kl_estimates_match_the_exact_kl(model, tokenizer):
+    """Fixed next-token distributions: EOS with prob p (policy) or q (reference), else uniform words.
+
+    Every position has the same KL, k = p log(p/q) + (1-p) log((1-p)/(1-q)), and a completion of at
+    most T tokens has sum_{t<T} (1-p)^t positions on average, so KL(policy || reference) is their product.
+    """
+    p, q, T = 0.3, 0.6, 6
+    policy, reference = model, copy.deepcopy(model)
+    handles = [fix_distribution(policy, tokenizer, p), fix_distribution(reference, tokenizer, q)]
+    try:
+        m = evaluate(policy, tokenizer, PROMPTS[:8], reference=reference, baseline=None, num_samples=32, max_new_tokens=T, seed=0)
+    finally:
+        for h in handles:
+            h.remove()
+    per_position = p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    exact = per_position * sum((1 - p) ** t for t in range(T))
+    assert m["kl_tokenwise"] == pytest.approx(exact, rel=0.12)
+    assert abs(m["kl_to_reference"] - exact) < 4 * m["kl_to_reference_sem"]
+    assert m["kl_tokenwise_sem"] < m["kl_to_reference_sem"]  # the Rao-Blackwellised estimate is less noisy
+    assert m["finished_share"] == pytest.approx(1 - (1 - p) ** T, abs=0.05)
+
+
+def test_win_rate_length_change_and_preference_accuracy(model, tokenizer):
+    reference = copy.deepcopy(model)
+    handles = [fix_distribution(model, tokenizer, 0.2, boost={"great": 6.0}), fix_distribution(reference, tokenizer, 0.4)]
+    try:
+        pairs = [{"prompt": "the film was", "chosen": " great", "rejected": " dull"},
+                 {"prompt": "the film was", "chosen": " dull", "rejected": " great"},
+                 {"prompt": [{"role": "user", "content": "the film was"}], "chosen": [{"role": "assistant", "content": "great"}],
+                  "rejected": [{"role": "assistant", "content": "dull"}]}]
+        assert preference_accuracy(model, reference, tokenizer, pairs[:1]) == 1.0
+        assert preference_accuracy(model, reference, tokenizer, pairs) == pytest.approx(2 / 3)
+        m = evaluate(model, tokenizer, PROMPTS, reference=reference, scorer=FunctionScorer(world.sentiment), num_samples=4, max_new_tokens=8)
+    finally:
+        for h in handles:
+            h.remove()
+    assert m["mean_score"] > m["baseline_mean_score"] + 0.2 and m["win_rate"] > 0.6
+    assert m["length_change"] > 0 and m["mean_length"] > m["baseline_mean_length"]  # EOS is rarer in the policy
+    assert m["kl_to_reference"] > 0.5
+
+
+def test_pairwise_judge_win_rate(model, tokenizer):
+    class LongerWins:
+        name = "longer wins"
+
+        def compare(self, prompts, a, b):
+            return [1.0 if len(x) > len(y) else 0.0 if len(x) < len(y) else 0.5 for x, y in zip(a, b)]
+
+    reference = copy.deepcopy(model)
+    handles = [fix_distribution(model, tokenizer, 0.05), fix_distribution(reference, tokenizer, 0.6)]
+    try:
+        m = evaluate(model, tokenizer, PROMPTS[:8], reference=reference, judge=LongerWins(), num_samples=2, max_new_tokens=8)
+    finally:
+        for h in handles:
+            h.remove()
+    assert m["win_rate"] > 0.8 and m["win_rate_by"] == "longer wins"
+
+
+def test_kl_to_reference_is_the_demo_function(model, tokenizer):
+    from dpokit.demo import evaluate as demo_evaluate
+
+    assert demo_evaluate.kl_to_reference is kl_to_reference and demo_evaluate.preference_accuracy is preference_accuracy
+    samples = sample(model, tokenizer, PROMPTS[:2], num_samples=2, max_new_tokens=4)
+    assert kl_to_reference(model, model, samples, tokenizer.pad_token_id) == 0.0
+    ratios, tokenwise = log_ratios(model, model, [s.prompt_ids for s in samples], [s.completion_ids for s in samples], 0, tokenwise=True)
+    assert ratios.shape == tokenwise.shape == (4,)
+
+
+def test_cli_eval(tmp_path, capsys):
+    import json
+
+    from dpokit.cli import build_parser, main
+    from tiny_assets import tiny_model_dir, write_jsonl
+
+    if not any("eval" in (getattr(a, "choices", None) or {}) for a in build_parser()._actions):
+        pytest.skip("needs the cli.py change that adds the eval verb (docs/pipeline.md)")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the film was"}, {"prompt": "it is"}])
+    model = str(tiny_model_dir())
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--policy", model, "--reference", model, "--prompts", str(prompts), "--scorer", "dpokit.demo.world:sentiment",
+                 "-n", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["kl_to_reference"] == 0.0 and m["preference_accuracy" if "preference_accuracy" in m else "win_rate"] is not None
+    assert m["num_samples"] == 4 and (tmp_path / "eval.samples.jsonl").exists()
+    assert "KL(policy || reference)" in capsys.readouterr().out

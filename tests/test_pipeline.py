@@ -1,0 +1,148 @@
+"""`dpokit pipeline`: rounds of sample -> score -> pair -> DPO on the review world, resumable by round."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from dpokit.config import ConfigError, load_config
+from dpokit.pipeline import Pipeline, load_pipeline_config, resolve_prompts
+
+HAS_REF_KEY = "ref_name_or_path" in {f.name for f in dataclasses.fields(load_config().model)}
+
+
+def base_config(policy="some/model", **extra):
+    return {"policy": policy, "prompts": "demo:openings-train", "scorer": "dpokit.demo.world:sentiment", **extra}
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_config_sections_overrides_and_errors():
+    cfg = load_pipeline_config(base_config(sampling={"num_samples": 8, "temperature": 1}),
+                               ["rounds=3", "pairing.min_margin=0.5", "train.loss.beta=0.2", "reference=refresh"])
+    assert cfg.rounds == 3 and cfg.sampling.num_samples == 8 and cfg.sampling.temperature == 1.0
+    assert cfg.pairing.min_margin == 0.5 and cfg.train == {"loss": {"beta": 0.2}} and cfg.reference == "refresh"
+    with pytest.raises(ConfigError, match="did you mean 'rounds'"):
+        load_pipeline_config(base_config(round=2))
+    with pytest.raises(ConfigError, match="did you mean 'num_samples'"):
+        load_pipeline_config(base_config(sampling={"num_sample": 2}))
+    with pytest.raises(ConfigError, match="fixed or refresh"):
+        load_pipeline_config(base_config(reference="sometimes"))
+    with pytest.raises(ConfigError, match="pairing"):
+        load_pipeline_config(base_config(pairing={"strategy": "random"}))
+    with pytest.raises(ConfigError, match="'scorer' is required"):
+        load_pipeline_config({"policy": "m", "prompts": ["a"]})
+
+
+def test_shipped_demo_config_loads():
+    from dpokit.pipeline import resolve_pipeline_path
+
+    cfg = load_pipeline_config(resolve_pipeline_path("pipeline_demo"))
+    assert cfg.policy == "demo:sentiment-sft" and cfg.rounds >= 2 and cfg.eval_prompts == "demo:openings-eval"
+    load_config(cfg.train)  # its train section is a valid dpokit config
+
+
+def test_demo_prompt_sets():
+    train, held_out = resolve_prompts("demo:openings-train"), resolve_prompts("demo:openings-eval")
+    assert len(train) > 1000 and len(held_out) > 100 and not set(train) & set(held_out)
+    with pytest.raises(ConfigError):
+        resolve_prompts("demo:openings-test")
+
+
+# --- a 2-round run on a small SFT model ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is as fast, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_sft(one_thread):
+    from dpokit.demo.sft import SFTConfig, build_sft_model
+
+    config = SFTConfig(hidden_size=64, steps=200, n_sequences=2000, lr=5e-3)
+    return str(build_sft_model(seed=0, config=config))  # cached in $DPOKIT_CACHE like the demo: built once per machine
+
+
+def run_config(sft, out_dir, reference="refresh"):
+    return base_config(
+        policy=sft, rounds=2, reference=reference, prompts_per_round=128, eval_prompts="demo:openings-eval", out_dir=str(out_dir),
+        sampling={"num_samples": 4, "max_new_tokens": 20, "batch_size": 512},
+        eval={"num_samples": 4, "max_prompts": 64, "max_new_tokens": 20},
+        train={"data": {"max_length": 40, "max_prompt_length": 16}, "loss": {"beta": 0.1},
+               "optim": {"lr": 1e-3, "scheduler": "constant"},
+               "train": {"batch_size": 16, "max_steps": 16, "logging_steps": 8, "progress_bar": False}},
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_sft, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    records = Pipeline(load_pipeline_config(run_config(small_sft, out))).run()
+    return out, records
+
+
+@pytest.mark.slow
+def test_two_rounds_raise_the_held_out_reward(finished_run):
+    out, records = finished_run
+    assert [r["round"] for r in records] == [0, 1, 2]
+    scores = [r["eval"]["mean_score"] for r in records]
+    assert scores[2] > scores[0], scores
+    assert records[2]["eval"]["win_rate"] > 0.5
+    for k in (1, 2):
+        rdir = out / f"round_{k}"
+        for name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl", "pairs.jsonl.summary.json", "eval.json", "round.json",
+                     "dpo/final/config.json", "dpo/metrics.jsonl", "dpo/config.yaml"):
+            assert (rdir / name).exists(), name
+        assert records[k]["pairs"]["pairs"] > 50 and records[k]["sampling"]["rows"] == 128 * 4
+    # each round's policy samples the next; with reference: refresh it is also the reference
+    round2 = load_config(str(out / "round_2" / "dpo" / "config.yaml"))
+    assert round2.model.name_or_path == str(out / "round_1" / "dpo" / "final")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["round"] for row in summary] == [0, 1, 2] and "| round |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_finished_round_is_skipped_on_restart(finished_run, monkeypatch):
+    import dpokit.trainer
+
+    out, records = finished_run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished round was trained again")
+
+    monkeypatch.setattr(dpokit.trainer, "train", no_training)
+    again = Pipeline(load_pipeline_config(run_config(records[0]["policy"], out))).run()
+    assert [r["eval"]["mean_score"] for r in again] == [r["eval"]["mean_score"] for r in records]
+    # an interrupted round 2 (its eval and marker lost): samples, scores and the model are kept
+    (out / "round_2" / "round.json").unlink()
+    (out / "round_2" / "eval.json").unlink()
+    resumed = Pipeline(load_pipeline_config(run_config(records[0]["policy"], out))).run()
+    assert resumed[2]["sampling"]["generated"] == 0 and resumed[2]["sampling"]["already_done"] == 128
+    assert resumed[2]["scoring"]["scored"] == 0
+    assert resumed[2]["eval"]["mean_score"] == records[2]["eval"]["mean_score"]  # same seed, same model
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_REF_KEY, reason="needs the trainer/config change that adds model.ref_name_or_path (docs/pipeline.md)")
+def test_fixed_reference_keeps_the_sft_model(finished_run, small_sft, tmp_path):
+    out, _ = finished_run
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    for k in (0, 1):  # round 1 is the same in both modes (its reference is the SFT model either way)
+        shutil.copytree(out / f"round_{k}", fixed / f"round_{k}")
+    records = Pipeline(load_pipeline_config(run_config(small_sft, fixed, reference="fixed"))).run()
+    round2 = load_config(str(fixed / "round_2" / "dpo" / "config.yaml"))
+    assert round2.model.ref_name_or_path == small_sft
+    assert round2.model.name_or_path == str(fixed / "round_1" / "dpo" / "final")
+    assert records[2]["eval"]["mean_score"] > records[0]["eval"]["mean_score"]
