@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class ModelConfig:
     name_or_path: str = ""  # local HF folder or hub id
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the checkpoint's own)
     trust_remote_code: bool = False  # custom modelling code runs only if you say so
+    allow_pickle: bool = False  # load pickle-based weights (pytorch_model.bin) when no safetensors exist
     revision: Optional[str] = None
     attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2
 
@@ -86,6 +88,10 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     gradient_checkpointing: bool = False
     progress_bar: bool = True
+    save_steps: int = 500  # checkpoint every N optimizer steps, and at the end; 0 = no checkpoints
+    save_total_limit: int = 2  # keep the last K checkpoints; 0 = keep all
+    resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | never | path of a checkpoint folder
+    max_skipped_steps: int = 5  # optimizer steps skipped on a NaN/Inf loss or gradient before the run stops
 
 
 @dataclass
@@ -120,8 +126,10 @@ def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: 
         raw = source
     elif source is None:
         raw = {}
-    else:
+    elif isinstance(source, (str, Path)):
         raw = _read_yaml(Path(source))
+    else:
+        raise ConfigError(f"a config is a YAML path, a dict or a Config, got {type(source).__name__}")
     merged = Config().to_dict()
     _merge(merged, raw, prefix="")
     for key, value in _parse_overrides(overrides):
@@ -140,6 +148,8 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, RecursionError, ValueError) as e:  # a folder, no permission, absurd nesting
+        raise ConfigError(f"{path}: cannot read the config file: {type(e).__name__}: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -151,15 +161,22 @@ def _parse_overrides(overrides) -> list[tuple[str, Any]]:
     if overrides is None:
         return []
     if isinstance(overrides, dict):
+        for key in overrides:
+            if not isinstance(key, str):
+                raise ConfigError(f"override keys are dotted names such as 'loss.beta', got {key!r}")
         return list(overrides.items())
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides are a list of key=value strings, got the single string {overrides!r}")
     out = []
     for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"override {item!r} is not a key=value string (e.g. loss.beta=0.05)")
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.beta=0.05)")
         key, text = item.split("=", 1)
         try:
             value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):
             value = text
         out.append((key.strip(), value))
     return out
@@ -172,6 +189,8 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 def _merge(base: dict, update: dict, prefix: str) -> None:
     for key, value in update.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys are names, got {key!r} ({type(key).__name__}) in {prefix.rstrip('.') or 'the top level'}")
         full = f"{prefix}{key}"
         if key not in base:
             raise ConfigError(f"unknown config key {full!r}" + _suggest(full, [f"{prefix}{k}" for k in base]))
@@ -266,13 +285,21 @@ def _coerce(value: Any, tp, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                number = math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -317,3 +344,36 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
         raise ConfigError(f"config key 'train.max_steps' must be -1 (use train.epochs) or > 0, got {cfg.train.max_steps}")
+    if cfg.train.epochs <= 0:
+        raise ConfigError(f"config key 'train.epochs' must be > 0, got {cfg.train.epochs}")
+    at_least_zero = {
+        "train.eval_steps": cfg.train.eval_steps,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "train.save_steps": cfg.train.save_steps,
+        "train.save_total_limit": cfg.train.save_total_limit,
+        "train.max_skipped_steps": cfg.train.max_skipped_steps,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.max_grad_norm": cfg.optim.max_grad_norm,
+        "lora.dropout": cfg.lora.dropout,
+    }
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+    if cfg.data.max_rows is not None and cfg.data.max_rows <= 0:
+        raise ConfigError(f"config key 'data.max_rows' must be > 0 or null (all rows), got {cfg.data.max_rows}")
+    if not 0 <= cfg.train.seed < 2**32:
+        raise ConfigError(f"config key 'train.seed' must be in [0, 2**32), got {cfg.train.seed}")
+    if not 0.0 <= cfg.optim.warmup_ratio <= 1.0:
+        raise ConfigError(f"config key 'optim.warmup_ratio' must be in [0, 1], got {cfg.optim.warmup_ratio}")
+    for key, value in (("optim.adam_beta1", cfg.optim.adam_beta1), ("optim.adam_beta2", cfg.optim.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key {key!r} must be in [0, 1), got {value}")
+    if cfg.optim.adam_eps <= 0:
+        raise ConfigError(f"config key 'optim.adam_eps' must be > 0, got {cfg.optim.adam_eps}")
+    if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
+        raise ConfigError(f"config keys 'lora.r' and 'lora.alpha' must be > 0, got r={cfg.lora.r}, alpha={cfg.lora.alpha}")
+    if cfg.lora.dropout >= 1.0:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.train.resume.strip() == "":
+        raise ConfigError("config key 'train.resume' must be auto, never, or the path of a checkpoint folder; got ''")

@@ -101,3 +101,114 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
         logps, _ = sequence_logps(logits, labels.to(device))
         results.append(logps.float().cpu())
     return torch.cat(results) if results else torch.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs from hidden states, without a (tokens x vocab) logits tensor
+# ---------------------------------------------------------------------------------------------
+
+
+def auto_chunk_size(vocab_size: int, chunk_size: int = 0) -> int:
+    """Tokens per LM-head chunk: `chunk_size` if > 0, else about 4M logits (16 MiB in float32) per chunk."""
+    if chunk_size > 0:
+        return chunk_size
+    return int(max(32, min(4096, (1 << 22) // max(1, vocab_size))))
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+class ChunkedLMHeadLogps(torch.autograd.Function):
+    """log_softmax(hidden @ W^T + b)[target] per token, computed chunk by chunk of tokens.
+
+    Forward keeps only each token's log-prob and log-sum-exp (and, on request, two
+    statistics without gradient: the vocabulary mean of the logits and log sum_v p(v)^2);
+    backward recomputes each chunk's logits and turns them into the gradient in place:
+    d logp_t / d logits_t = onehot(target_t) - softmax(logits_t). Peak extra memory is one
+    chunk's logits, (chunk, V), instead of (tokens, V) kept for backward.
+
+    hidden (M, H), weight (V, H), bias (V,) or None, targets (M,) -> logp (M,) float32,
+    mean_logits (M,) or (0,), log_sum_sq_probs (M,) or (0,).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, want_mean: bool, want_sq: bool):
+        dtype = _compute_dtype(hidden, weight)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32  # log-softmax always in (at least) float32
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        mean = torch.empty(n if want_mean else 0, dtype=acc, device=hidden.device)
+        sq = torch.empty(n if want_sq else 0, dtype=acc, device=hidden.device)
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, n, chunk_size):
+                e = min(n, s + chunk_size)
+                logits = F.linear(hidden[s:e].to(dtype), w, b).to(acc)  # (c, V)
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                lse[s:e] = chunk_lse
+                logp[s:e] = logits.gather(-1, targets[s:e, None]).squeeze(-1) - chunk_lse
+                if want_mean:
+                    mean[s:e] = logits.mean(-1)
+                if want_sq:
+                    sq[s:e] = torch.logsumexp(2 * logits, dim=-1) - 2 * chunk_lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        ctx.mark_non_differentiable(mean, sq)
+        return logp, mean, sq
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_mean, _grad_sq):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype, chunk_size = ctx.dtype, ctx.chunk_size
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grad_logp = grad_logp.to(acc)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk_size):
+                e = min(hidden.shape[0], s + chunk_size)
+                h = hidden[s:e].to(dtype)
+                g = grad_logp[s:e]
+                logits = F.linear(h, w, b).to(acc)
+                d = torch.exp_(logits.sub_(lse[s:e, None])).mul_(-g[:, None])  # -g * softmax
+                d.scatter_add_(-1, targets[s:e, None], g[:, None])  # + g * onehot(target)
+                if need_h:
+                    grad_h[s:e] = (d.to(dtype) @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w.addmm_(d.t(), h.to(acc))
+                if need_b:
+                    grad_b += d.sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype),
+                None, None, None, None)
+
+
+def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                        chunk_size: int = 0, want_mean: bool = False, want_sq: bool = False):
+    """Per-token log-probs of `targets` under the LM head (weight, bias) applied to `hidden`.
+
+    hidden (M, H) are the final (normed) hidden states of the positions that predict each
+    target (M,). Differentiable in hidden, weight and bias (ChunkedLMHeadLogps).
+    returns (logp (M,) float32, mean_logits (M,) or None, log_sum_sq_probs (M,) or None)
+    """
+    chunk = auto_chunk_size(weight.shape[0], chunk_size)
+    logp, mean, sq = ChunkedLMHeadLogps.apply(hidden, weight, bias, targets, chunk, want_mean, want_sq)
+    return logp, (mean if want_mean else None), (sq if want_sq else None)
+
+
+def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, want_mean: bool = False, want_sq: bool = False):
+    """The same outputs as `chunked_token_logps`, from materialised logits (M, V) (the non-chunked path)."""
+    logp = selective_log_softmax(logits[None], targets[None])[0]
+    with torch.no_grad():
+        mean = logits.float().mean(-1) if want_mean else None
+        sq = torch.logsumexp(2 * F.log_softmax(logits.float(), dim=-1), dim=-1) if want_sq else None
+    return logp, mean, sq

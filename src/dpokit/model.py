@@ -6,12 +6,20 @@
 - LoRA (peft): the reference is the same model with its adapters disabled; no
   second copy of the weights exists.
 - Reference-free losses: no reference at all.
+
+Safe loading: a model folder that ships its own Python code (an `auto_map` in
+config.json or tokenizer_config.json) is refused before transformers sees it
+unless `model.trust_remote_code: true`, and pickle-based weights
+(`pytorch_model.bin`, whose loading can execute code) are refused unless
+`model.allow_pickle: true`; safetensors are required otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
 
 import torch
 
@@ -24,15 +32,86 @@ class ModelLoadError(RuntimeError):
     """The model or tokenizer could not be loaded; the message says which and why."""
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5", "flax_model.msgpack")
+CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def check_model_source(cfg: Config) -> None:
+    """Refuse, before any loading, a local model folder with custom code or only pickle weights (unless allowed)."""
+    path = os.path.expanduser(cfg.model.name_or_path)
+    if not path:
+        raise ModelLoadError("model.name_or_path is not set: give a local HF model folder or a hub id")
+    if not os.path.isdir(path):
+        return  # a hub id: transformers itself refuses remote code, and use_safetensors refuses pickle
+    if not cfg.model.trust_remote_code:
+        for name in CODE_FILES:
+            auto_map = _read_json(os.path.join(path, name)).get("auto_map")
+            if auto_map:
+                targets = ", ".join(sorted({str(v) for v in _flatten(auto_map)}))
+                raise ModelLoadError(
+                    f"model.name_or_path={cfg.model.name_or_path!r} ships its own Python code ({name} has an auto_map: "
+                    f"{targets}); dpokit does not run code that comes with a model unless you set "
+                    "model.trust_remote_code=true (only do so if you have read that code and trust its author)"
+                )
+    files = set(os.listdir(path))
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    pickled = sorted(f for f in files if f in PICKLE_WEIGHTS or (f.startswith("pytorch_model-") and f.endswith(".bin")))
+    if pickled and not has_safetensors and not cfg.model.allow_pickle:
+        raise ModelLoadError(
+            f"model.name_or_path={cfg.model.name_or_path!r} has only pickle-based weights ({', '.join(pickled)}); "
+            "loading a pickle can run arbitrary code. Convert them to safetensors, or set model.allow_pickle=true "
+            "if you trust where the file comes from"
+        )
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelLoadError(f"{path}: not a readable JSON file: {type(e).__name__}: {e}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _flatten(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _flatten(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flatten(v)
+    elif value is not None:
+        yield value
+
+
+def _load_error(what: str, cfg: Config, error: Exception) -> ModelLoadError:
+    text = str(error)
+    if "trust_remote_code" in text or "custom code" in text:
+        return ModelLoadError(
+            f"{what} at model.name_or_path={cfg.model.name_or_path!r} needs its own Python code to load; dpokit does not "
+            "run it unless model.trust_remote_code=true (only if you trust its author)"
+        )
+    if not cfg.model.allow_pickle and ("safetensors" in text or "use_safetensors" in text):
+        return ModelLoadError(
+            f"could not load {what} at model.name_or_path={cfg.model.name_or_path!r} from safetensors weights "
+            f"({type(error).__name__}: {text}); if it only has pickle-based weights (pytorch_model.bin) and you trust "
+            "them, set model.allow_pickle=true"
+        )
+    return ModelLoadError(f"could not load {what} at model.name_or_path={cfg.model.name_or_path!r}: {type(error).__name__}: {text}")
+
+
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
+    check_model_source(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
         )
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the tokenizer of model.name_or_path={cfg.model.name_or_path!r}: {e}") from None
+    except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
+        raise _load_error("the tokenizer", cfg, e) from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and labels, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -44,13 +123,16 @@ def load_tokenizer(cfg: Config):
 def load_policy(cfg: Config):
     from transformers import AutoModelForCausalLM
 
+    check_model_source(cfg)
     kwargs = {"dtype": DTYPES[cfg.model.dtype], "revision": cfg.model.revision, "trust_remote_code": cfg.model.trust_remote_code}
+    if not cfg.model.allow_pickle:
+        kwargs["use_safetensors"] = True  # transformers then never falls back to pytorch_model.bin
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load model.name_or_path={cfg.model.name_or_path!r}: {e}") from None
+    except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
+        raise _load_error("the model", cfg, e) from None
     disable_dropout(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -97,6 +179,45 @@ def make_reference(policy, cfg: Config, needs_reference: bool):
     reference.eval()
     reference.requires_grad_(False)
     return reference
+
+
+def prepare_reference(reference, accelerator):
+    """Place the frozen reference for the distributed setup; None stays None.
+
+    - one process / DDP: a plain replica on each device (no gradients, so no DDP wrapper);
+    - FSDP: wrapped in FSDP with the policy's plugin (full shard), so each GPU holds only its
+      shard of the reference too (`prepare_model` without `evaluation_mode`, which would replicate it);
+    - DeepSpeed: its own inference engine with the same ZeRO stage (ZeRO-3 shards it), as TRL does;
+      lower stages keep a replica.
+    """
+    if reference is None:
+        return None
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        reference = accelerator.prepare_model(reference)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        reference = _deepspeed_reference(reference, accelerator)
+    else:
+        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    reference.eval()
+    return reference
+
+
+def _deepspeed_reference(reference, accelerator):
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    zero = config.setdefault("zero_optimization", {})
+    hidden = getattr(reference.config, "hidden_size", None)
+    if zero.get("stage") == 3 and hidden:
+        zero.update(reduce_bucket_size=hidden * hidden, stage3_param_persistence_threshold=10 * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden))
+    elif zero.get("stage") != 3:
+        zero["stage"] = 0  # inference needs no optimizer-state partitioning
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=reference, config=config)
+    return engine
 
 
 @contextlib.contextmanager

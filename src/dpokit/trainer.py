@@ -1,12 +1,15 @@
 """The training loop: one readable file, on Accelerate.
 
+    resume (train.resume) from the latest complete checkpoint, or start fresh
     for each optimizer step:
-        take grad_accum micro-batches of pairs, each (2B, T) ordered [chosen; rejected]
+        take grad_accum global micro-batches; this process trains on its slice of each
         policy forward (+ reference forward, no grad) -> per-sequence log-probs
-        loss table -> per-example losses; backward on sum / examples in the step
+        loss table -> per-example losses; backward on sum / examples in the whole step
+        a NaN/Inf loss or gradient skips the update (counted; the run stops past train.max_skipped_steps)
         clip, AdamW step, schedule step
-        every logging_steps: metrics averaged over all micro-batches and ranks -> metrics.jsonl
+        every logging_steps: metrics averaged over all applied micro-batches and ranks -> metrics.jsonl
         every eval_steps: the same metrics on held-out pairs, prefixed eval_
+        every save_steps, on SIGTERM/SIGINT, and at the end: a checkpoint (checkpoint.py)
     save the final model (full, LoRA adapter, or merged) with its tokenizer
 """
 
@@ -14,23 +17,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
-from dpokit.config import Config, load_config
+from dpokit.checkpoint import (
+    StopSignals, TrainingInterrupted, is_sharded, resume_command, save_checkpoint, save_final, start_or_resume,
+)  # fmt: skip
+from dpokit.config import Config, ConfigError, load_config
 from dpokit.data.collate import collate_pairs
 from dpokit.data.prepare import PreparedData, format_summary, prepare_data
+from dpokit.data.records import DataError
 from dpokit.diagnostics import FailureDetectors
 from dpokit.losses import loss_names
 from dpokit.losses import needs_reference as loss_needs_reference
-from dpokit.metrics import MetricSums, MetricsLog
-from dpokit.model import load_policy, load_tokenizer, make_reference
+from dpokit.metrics import MetricSums
+from dpokit.model import load_policy, load_tokenizer, make_reference, prepare_reference
 from dpokit.preference_step import forward_pairs
+
+__all__ = ["Task", "TrainResult", "TrainingInterrupted", "accumulate_gradients", "evaluate", "save_final", "train"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,7 @@ class TrainResult:
     run_dir: Path
     metrics: dict  # last logged training metrics, plus eval_* from the final evaluation
     model_dir: Path
+    stop_reason: Optional[str] = None  # None: finished; else why the run stopped early (no final model then)
 
 
 PAIRED = Task(prepare=prepare_data, collate=collate_pairs, count=lambda batch: batch["input_ids"].shape[0] // 2, forward=forward_pairs)
@@ -65,67 +76,102 @@ def task_for(cfg: Config) -> Task:
     return PAIRED
 
 
-def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums, task: Task = PAIRED) -> None:
-    """Backward over one optimizer step's micro-batches; per-pair metrics are added to `sums`.
+def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums,
+                         task: Task = PAIRED, examples_in_step: Optional[int] = None, dummies: Optional[list[bool]] = None) -> None:
+    """Backward over one optimizer step's micro-batches; per-example metrics are added to `sums`.
 
-    The loss of each micro-batch is its per-pair loss sum divided by the pairs in the
-    whole step, so the accumulated gradient is that of the mean over the step's pairs:
+    The loss of each micro-batch is its per-example loss sum divided by the examples in the
+    whole step, so the accumulated gradient is that of the mean over the step's examples:
     batch 8 x accumulation 1 and batch 4 x accumulation 2 give the same gradient.
+    `examples_in_step` counts them over all processes (default: this one's); as DDP/FSDP average
+    the gradients of the processes, each one's loss is scaled by the number of processes.
+    A dummy micro-batch (a process with no example left at the end of an epoch) runs forward and
+    backward with weight 0, so every process takes part in every collective, and adds no metric.
     """
-    n_step = sum(task.count(b) for b in micro_batches)  # examples in this step on this rank
-    for i, batch in enumerate(micro_batches):
+    from accelerate.utils import DistributedType
+
+    dummies = dummies or [False] * len(micro_batches)
+    if examples_in_step is None:
+        scale = 1.0 / sum(task.count(b) for b, dummy in zip(micro_batches, dummies) if not dummy)
+    else:
+        scale = accelerator.num_processes / examples_in_step
+    scale *= accelerator.gradient_accumulation_steps  # undo Accelerate's (and DeepSpeed's) own division by it
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    for i, (batch, dummy) in enumerate(zip(micro_batches, dummies)):
         batch = _to_device(batch, accelerator.device)
+        last = i == len(micro_batches) - 1
+        if deepspeed:  # the engine reduces, clips and steps inside backward, at the step's last micro-batch
+            accelerator.sync_gradients = last
         # Gradients are all-reduced across processes only on the last micro-batch of the step.
-        sync = contextlib.nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(policy)
+        sync = contextlib.nullcontext() if last or deepspeed else accelerator.no_sync(policy)
         with sync:
             with accelerator.autocast():
                 out, metrics = task.forward(policy, reference, batch, cfg, with_reference)
-            accelerator.backward(out.losses.sum() / n_step)
+            accelerator.backward(out.losses.sum() * (0.0 if dummy else scale))
         for name, values in metrics.items():
-            sums.add(name, values)
+            sums.add(name, values[:0] if dummy else values)  # a dummy registers the names, with no values
 
 
-def _batches(pairs, batch_size: int, pad_token_id: int, seed: int, shuffle: bool, collate=collate_pairs):
-    """An endless stream of (epoch, micro-batch); a seeded reshuffle every epoch."""
-    epoch = 0
-    while True:
-        order = list(range(len(pairs)))
-        if shuffle:
-            generator = torch.Generator().manual_seed(seed + epoch)
-            order = torch.randperm(len(pairs), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield epoch, collate([pairs[i] for i in order[start : start + batch_size]], pad_token_id)
-        epoch += 1
+class BatchStream:
+    """Global micro-batches, whatever the number of processes.
 
+    Epoch e visits the examples in the order of a permutation seeded with seed + e; global micro-batch j of
+    the epoch is order[j*G : (j+1)*G] with G = batch_size x processes, and process r takes every
+    processes-th example of it from offset r. The processes' micro-batches of a step are therefore
+    together exactly the micro-batch of one process with batch size G (same losses, same gradient),
+    and `position` (global micro-batches consumed) is the whole data position: a resumed run
+    recreates the stream at it and feeds the very micro-batches an uninterrupted run would.
+    """
 
-def _shard(pairs: list, accelerator) -> list:
-    # Each process trains on its own interleaved slice: no home-made collectives, just data sharding.
-    return pairs[accelerator.process_index :: accelerator.num_processes]
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, position: int = 0):
+        self.n, self.global_batch, self.seed, self.shuffle, self.rank, self.world = n, batch_size * world, seed, shuffle, rank, world
+        self.per_epoch = math.ceil(n / self.global_batch)
+        self.position = position
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def next(self) -> tuple[list[int], int, list[int]]:
+        """(this process's example indices (may be empty), examples in the global micro-batch, the global ones)."""
+        epoch, j = divmod(self.position, self.per_epoch)
+        if self._order[0] != epoch:
+            order = list(range(self.n))
+            if self.shuffle:
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            self._order = (epoch, order)
+        chunk = self._order[1][j * self.global_batch : (j + 1) * self.global_batch]
+        self.position += 1
+        return chunk[self.rank :: self.world], len(chunk), chunk
 
 
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _micro_batch(examples: list, stream: BatchStream, collate, pad_id: int) -> tuple[dict, int, bool]:
+    local, n_global, chunk = stream.next()
+    dummy = not local
+    return collate([examples[i] for i in (chunk[:1] if dummy else local)], pad_id), n_global, dummy
+
+
 @torch.no_grad()
 def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference: bool, task: Task = PAIRED) -> dict:
+    """Metrics over every held-out example, each process scoring its slice of each global batch."""
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-    shard = _shard(pairs, accelerator)
-    for start in range(0, len(shard), batch_size):
-        batch = _to_device(task.collate(shard[start : start + batch_size], _pad_id(policy)), accelerator.device)
+    stream = BatchStream(len(pairs), batch_size, 0, shuffle=False, rank=accelerator.process_index, world=accelerator.num_processes)
+    for _ in range(stream.per_epoch):
+        batch, _, dummy = _micro_batch(pairs, stream, task.collate, _pad_id(policy))
         with accelerator.autocast():
-            _, metrics = task.forward(policy, reference, batch, cfg, with_reference)
+            _, metrics = task.forward(policy, reference, _to_device(batch, accelerator.device), cfg, with_reference)
         for name, values in metrics.items():
-            sums.add(name, values)
+            sums.add(name, values[:0] if dummy else values)
     policy.train(was_training)
     return {f"eval_{k}": v for k, v in sums.reduce(accelerator).items()}
 
 
 def _pad_id(model) -> int:
-    pad = getattr(model.config, "pad_token_id", None)
+    pad = getattr(getattr(model, "module", model).config, "pad_token_id", None)
     return 0 if pad is None else int(pad)
 
 
@@ -137,9 +183,47 @@ def _schedule(cfg: Config, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def _global_grad_norm(params) -> float:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(norms).norm().item() if norms else 0.0
+def _optimizer(cfg: Config, policy) -> torch.optim.Optimizer:
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    # As HF's Trainer: biases and norm weights are not decayed (decay would pull norms towards 0).
+    no_decay = {id(p) for n, p in policy.named_parameters() if p.requires_grad and ("bias" in n or "norm" in n)}
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in trainable if id(p) not in no_decay]},
+            {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
+        ],
+        lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay,
+    )
+
+
+def _agree(accelerator, *flags: bool) -> list[bool]:
+    """The same decision on every process: a flag holds if it holds on any process."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    packed = accelerator.reduce(torch.tensor([float(f) for f in flags], device=accelerator.device), reduction="sum")
+    return [bool(v > 0) for v in packed.tolist()]
+
+
+def _keep_step(window: MetricSums, step_sums: MetricSums, keep: bool) -> None:
+    # A skipped step registers its metric names (every process must reduce the same ones) but adds nothing.
+    for name in step_sums.sums:
+        window.sums[name] = window.sums.get(name, 0.0) + (step_sums.sums[name] if keep else 0.0)
+        window.counts[name] = window.counts.get(name, 0.0) + (step_sums.counts[name] if keep else 0.0)
+
+
+def likely_cause(cfg: Config, bad_loss: bool, applied_steps: int) -> str:
+    causes = []
+    if cfg.train.mixed_precision == "fp16" or cfg.model.dtype == "float16":
+        causes.append("float16 overflow: use train.mixed_precision=bf16 (or no) and model.dtype=bfloat16 or float32")
+    if bad_loss and applied_steps == 0:
+        causes.append("the loss is non-finite before any update: look for empty or fully truncated completions "
+                      "(`dpokit doctor` on the data) or a model that already outputs NaN in this dtype")
+    elif bad_loss:
+        causes.append(f"the weights diverged: the learning rate is probably too high (optim.lr={cfg.optim.lr:g}); lower it")
+    else:
+        causes.append(f"exploding gradients: lower optim.lr (now {cfg.optim.lr:g})"
+                      + ("" if cfg.optim.max_grad_norm > 0 else " and turn clipping on (optim.max_grad_norm=1.0)"))
+    return "; ".join(causes)
 
 
 def train(config, overrides=None, data: PreparedData | None = None) -> TrainResult:
@@ -155,56 +239,50 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     from dpokit.demo.assets import resolve_demo_assets  # "demo:..." paths build the embedded demo's model/data
 
     cfg = resolve_demo_assets(cfg)
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: give a preference file, a saved dataset folder or a hub id")
+    # The schedule advances once per optimizer step, whatever the number of processes (see BatchStream).
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     set_seed(cfg.train.seed)
     run_dir = Path(cfg.out_dir)
-    is_main = accelerator.is_main_process
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.yaml")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.yaml")
+        except OSError as e:
+            raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot write the run directory: {e}") from None
 
     tokenizer = load_tokenizer(cfg)
     task = task_for(cfg)
     data = data or task.prepare(cfg, tokenizer)
     if is_main:
         print(format_summary(data.summary), flush=True)
-        import json
-
         (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=2))
     if not data.train:
-        raise ValueError(f"no usable training pairs in {cfg.data.path}; see the data summary above")
+        raise DataError(f"no usable training examples in {cfg.data.path}; see the data summary above")
 
     policy = load_policy(cfg)
     with_reference = loss_needs_reference(cfg.loss)  # reference-free losses build and run no reference
     reference = make_reference(policy, cfg, with_reference)
     policy.train()
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    # As HF's Trainer: biases and norm weights are not decayed (decay would pull norms towards 0).
-    no_decay = {id(p) for n, p in policy.named_parameters() if p.requires_grad and ("bias" in n or "norm" in n)}
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in trainable if id(p) not in no_decay]},
-            {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
-        ],
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-        eps=cfg.optim.adam_eps,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    shard = _shard(data.train, accelerator)
-    micro_per_epoch = math.ceil(len(shard) / cfg.train.batch_size)
+    optimizer = _optimizer(cfg, policy)
+    micro_per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * world))
     if cfg.train.max_steps > 0:
         total_steps = cfg.train.max_steps
     else:
         total_steps = max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
     scheduler = _schedule(cfg, optimizer, total_steps)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    if reference is not None:
-        reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    reference = prepare_reference(reference, accelerator)
+    # Under FSDP, Accelerate clips through the wrapper, which it recognises by its whole parameter list.
+    params = list(policy.parameters()) if is_sharded(accelerator) else [p for p in policy.parameters() if p.requires_grad]
     pad_id = tokenizer.pad_token_id
 
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=is_main)
     detectors = FailureDetectors()
+    # window: sums of every applied micro-batch since the last log; log: metrics.jsonl (continued on resume)
+    state, window, log = start_or_resume(accelerator, cfg, run_dir, data.train, total_steps, policy, optimizer, scheduler, detectors)
+    last_logged = next((r for r in reversed(getattr(log, "kept", [])) if "loss" in r), {})
 
     def log_and_diagnose(record: dict) -> None:
         # Every rank sees the same reduced record, so all ranks agree on should_stop.
@@ -213,66 +291,105 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
             if is_main:
                 tqdm.write(str(diagnosis))
                 log.write({"step": diagnosis.step, "diagnosis": dataclasses.asdict(diagnosis)})
-    stream = _batches(shard, cfg.train.batch_size, pad_id, cfg.train.seed, shuffle=True, collate=task.collate)
-    window = MetricSums()  # every micro-batch since the last log
-    last_logged: dict = {}
-    micro_seen = 0
-    progress = tqdm(total=total_steps, disable=not (is_main and cfg.train.progress_bar), desc="dpo", dynamic_ncols=True)
-    started = time.time()
-    for step in range(1, total_steps + 1):
-        micro = [next(stream)[1] for _ in range(cfg.train.grad_accum)]
-        micro_seen += len(micro)
-        accumulate_gradients(policy, reference, micro, cfg, accelerator, with_reference, window, task)
-        if cfg.optim.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-            grad_norm = float(grad_norm)
-        else:
-            grad_norm = _global_grad_norm(trainable)
-        window.add_scalar("grad_norm", grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.update(1)
 
-        if step % cfg.train.logging_steps == 0 or step == total_steps:
-            record = window.reduce(accelerator)
-            window.clear()
-            record.update(step=step, epoch=round(micro_seen / micro_per_epoch, 4), learning_rate=learning_rate)
-            log_and_diagnose(record)
-            last_logged = record
-            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
-        if data.eval and cfg.train.eval_steps > 0 and step % cfg.train.eval_steps == 0 and step != total_steps:
-            log_and_diagnose({"step": step, **evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, task)})
-        if detectors.should_stop:
-            stop = next(d for d in reversed(detectors.fired) if d.severity == "stop")
-            if is_main:
-                tqdm.write(f"[dpokit] stopping at step {step}: {stop.mode}")
-            break
+    def checkpoint() -> Path:
+        return save_checkpoint(accelerator, run_dir, state, policy, optimizer, scheduler, window, cfg.train.save_total_limit)
+
+    stream = BatchStream(len(data.train), cfg.train.batch_size, cfg.train.seed, rank=accelerator.process_index, world=world, position=state.micro_seen)
+    progress = tqdm(total=total_steps, initial=state.step, disable=not (is_main and cfg.train.progress_bar), desc="dpo", dynamic_ncols=True)
+    started = time.time()
+    saved_at, step, signals = None, state.step, StopSignals()
+    with signals:
+        for step in range(state.step + 1, total_steps + 1):
+            micro = [_micro_batch(data.train, stream, task.collate, pad_id) for _ in range(cfg.train.grad_accum)]
+            step_sums = MetricSums()
+            accumulate_gradients(policy, reference, [m[0] for m in micro], cfg, accelerator, with_reference, step_sums, task,
+                                 examples_in_step=sum(m[1] for m in micro), dummies=[m[2] for m in micro])
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf)
+            grad_norm = math.nan if grad_norm is None else float(grad_norm)
+            local_loss = step_sums.sums.get("loss", 0.0) / max(step_sums.counts.get("loss", 0.0), 1.0)
+            bad_loss, stop_requested = _agree(accelerator, not math.isfinite(local_loss), signals.signum is not None)
+            learning_rate = scheduler.get_last_lr()[0]
+            bad = bad_loss or not math.isfinite(grad_norm)
+            if accelerator.scaler is not None or not bad:
+                optimizer.step()  # under fp16 the loss scaler itself skips a non-finite update and lowers its scale
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()  # a skipped update still uses its step of the schedule (and its data)
+            _keep_step(window, step_sums, keep=not bad)
+            window.add_scalar("grad_norm", grad_norm if not bad else 0.0, 0.0 if bad else 1.0)
+            state.step, state.micro_seen = step, stream.position
+            overflow = bad and accelerator.scaler is not None and not bad_loss  # the loss scaler's business, not a fault
+            state.overflow_steps += int(overflow)
+            if bad and not overflow:
+                state.skipped_steps += 1
+                reason = "non-finite loss" if bad_loss else "non-finite gradient"
+                log.write({"step": step, "skipped_step": {"reason": reason, "loss": local_loss, "grad_norm": grad_norm}, "skipped_steps": state.skipped_steps})
+                if is_main:
+                    tqdm.write(f"[dpokit] step {step}: {reason} (loss={local_loss:.4g}, grad_norm={grad_norm:.4g}); update skipped "
+                               f"({state.skipped_steps} of at most train.max_skipped_steps={cfg.train.max_skipped_steps})")
+            progress.update(1)
+
+            if step % cfg.train.logging_steps == 0 or step == total_steps:
+                record = {k: v for k, v in window.reduce(accelerator).items() if math.isfinite(v)}  # no applied step: no value
+                window.clear()
+                record.update(step=step, epoch=round(stream.position / micro_per_epoch, 4), learning_rate=learning_rate, skipped_steps=state.skipped_steps)
+                if state.overflow_steps:
+                    record["overflow_steps"] = state.overflow_steps
+                log_and_diagnose(record)
+                last_logged = record if "loss" in record else last_logged
+                if "loss" in record:
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', math.nan):.2f}")
+            too_many = state.skipped_steps > cfg.train.max_skipped_steps
+            if bad and not overflow and too_many:
+                # The detectors' non_finite stop, with the offending values; our own message follows the loop.
+                log_and_diagnose({"step": step, "loss": local_loss, "grad_norm": grad_norm, "skipped_steps": state.skipped_steps})
+                state.stop_reason = "non_finite"
+            if data.eval and cfg.train.eval_steps > 0 and step % cfg.train.eval_steps == 0 and step != total_steps and not state.stop_reason:
+                log_and_diagnose({"step": step, **evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, task)})
+            if detectors.should_stop and not state.stop_reason:
+                state.stop_reason = next(d for d in reversed(detectors.fired) if d.severity == "stop").mode
+            if stop_requested and not state.stop_reason:
+                state.stop_reason = "signal"
+            corrupted = state.stop_reason == "non_finite" and not too_many  # a NaN evaluation: the weights are suspect
+            periodic = cfg.train.save_steps > 0 and (step % cfg.train.save_steps == 0 or step == total_steps)
+            if (periodic or state.stop_reason) and not corrupted:
+                state.finished = step == total_steps and not state.stop_reason
+                saved_at = checkpoint()
+            if state.stop_reason:
+                break
     progress.close()
 
     final = dict(last_logged)
     final["train_runtime"] = round(time.time() - started, 2)
     final["diagnoses"] = [d.mode for d in detectors.fired]
+    final["skipped_steps"] = state.skipped_steps
+    model_dir = run_dir / "final"
+    if state.stop_reason == "signal":
+        command = resume_command(cfg, run_dir, world)
+        message = f"[dpokit] stopped at step {step} of {total_steps}; checkpoint saved to {saved_at}. Resume with:\n  {command}"
+        if is_main:
+            print(message, flush=True)
+        raise TrainingInterrupted(message, saved_at, command, signals.signum)
+    if state.stop_reason == "non_finite" and state.skipped_steps > cfg.train.max_skipped_steps:
+        if is_main:
+            print(f"[dpokit] stopped at step {step}: {state.skipped_steps} steps had a non-finite loss or gradient "
+                  f"(more than train.max_skipped_steps={cfg.train.max_skipped_steps}). Likely cause: "
+                  f"{likely_cause(cfg, bad_loss, step - state.skipped_steps)}. The last finite weights are in {saved_at}; "
+                  f"after changing the settings, resume with:\n  {resume_command(cfg, run_dir, world)}", flush=True)
+        return TrainResult(run_dir=run_dir, metrics=final, model_dir=model_dir, stop_reason=state.stop_reason)
     if data.eval:
         eval_record = evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, task)
         log_and_diagnose({"step": step, **eval_record})
         final.update(eval_record)
-    model_dir = run_dir / "final"
     accelerator.wait_for_everyone()
     if any(d.mode == "non_finite" for d in detectors.fired):
         # The weights are most likely NaN by now; saving them would hand the user a broken model.
         if is_main:
             print(f"[dpokit] stopped on a non-finite loss or gradient; no final model saved to {model_dir}", flush=True)
-    elif is_main:
-        save_final(accelerator.unwrap_model(policy), tokenizer, cfg, model_dir)
+        return TrainResult(run_dir=run_dir, metrics=final, model_dir=model_dir, stop_reason="non_finite")
+    full_state = accelerator.get_state_dict(policy) if is_sharded(accelerator) else None  # a collective: every process
+    if is_main:
+        save_final(accelerator.unwrap_model(policy), tokenizer, cfg, model_dir, full_state)
         print(f"[dpokit] done in {final['train_runtime']:.1f}s; model saved to {model_dir}", flush=True)
-    return TrainResult(run_dir=run_dir, metrics=final, model_dir=model_dir)
-
-
-def save_final(model, tokenizer, cfg: Config, model_dir: Path) -> None:
-    """HF format that `from_pretrained` loads: full weights, a PEFT adapter, or LoRA merged into the base."""
-    if cfg.lora.enabled and cfg.lora.save == "merged":
-        model = model.merge_and_unload()
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir=run_dir, metrics=final, model_dir=model_dir, stop_reason=state.stop_reason)

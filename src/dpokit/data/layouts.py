@@ -83,7 +83,19 @@ def to_example(row: dict, layout: str, columns: dict[str, str] | None = None, wh
     if converter is None:
         raise DataError(f"unknown layout {layout!r}; expected 'auto' or one of {', '.join(LAYOUTS)}")
     prompt, chosen, rejected = converter(row)
+    for field, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        check_unicode(value, field)
     return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, source=where)
+
+
+def check_unicode(value: Field, field: str) -> None:
+    """JSON can escape half of a surrogate pair ("\\ud800"): such text cannot be encoded or tokenised."""
+    texts = [value] if isinstance(value, str) else [t for m in value for t in (m["role"], m["content"])]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RowSkip(f"{field} holds text that is not valid Unicode (an unpaired surrogate such as \\ud800)", field) from None
 
 
 def rename_columns(row: dict, columns: dict[str, str]) -> dict:

@@ -106,6 +106,14 @@ def _decode_utf8(data: bytes, path: str, line_number: int | None = None, line_st
         ) from None
 
 
+def _unreadable(error: Exception) -> str:
+    if isinstance(error, RecursionError):
+        return "values nested too deeply (thousands of levels of [ or {)"
+    if "digits" in str(error):
+        return "a number has more digits than Python reads (over 4300); quote it as a string"
+    return str(error)
+
+
 def _as_row(value: Any, path: str, row_number: int) -> dict:
     if not isinstance(value, dict):
         raise DataError(f"row is not a JSON object (found {type(value).__name__})", path, row=row_number)
@@ -136,6 +144,8 @@ def _parse_json_lines(lines: Iterable[bytes], path: str) -> Iterator[Row]:
             raise DataError(
                 f"line {line_number} is not valid JSON ({error.msg} at column {error.colno})", path, row=line_number
             ) from None
+        except (ValueError, RecursionError) as error:  # absurd nesting, or an integer with thousands of digits
+            raise DataError(f"line {line_number} cannot be read: {_unreadable(error)}", path, row=line_number) from None
         found_row = True
         yield line_number, _as_row(value, path, line_number)
     if not found_row:
@@ -156,6 +166,8 @@ def _read_json(path: str) -> Iterator[Row]:
         if error.msg != "Extra data":
             raise DataError(f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}", path) from None
         is_json_lines = True
+    except (ValueError, RecursionError) as error:  # absurd nesting, or an integer with thousands of digits
+        raise DataError(f"cannot be read: {_unreadable(error)}", path) from None
     if is_json_lines:
         yield from _parse_json_lines(io.BytesIO(data), path)
         return

@@ -49,6 +49,12 @@ class TokenizationStats:
         return out
 
 
+class TemplateRefused(DataError):
+    """The chat template raised on one conversation (a row problem: tokenize_pairs skips and counts it)."""
+
+    cause = ""
+
+
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -72,9 +78,17 @@ def render_ids(example: PreferenceExample, tokenizer) -> tuple[list[int], list[i
                 "use a chat model's tokenizer or give text prompt/chosen/rejected columns",
                 path=example.source,
             )
-        prompt = _ids(tokenizer.apply_chat_template(example.prompt, tokenize=True, add_generation_prompt=True))
-        full_chosen = _ids(tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=True))
-        full_rejected = _ids(tokenizer.apply_chat_template(example.prompt + example.rejected, tokenize=True))
+        try:
+            prompt = _ids(tokenizer.apply_chat_template(example.prompt, tokenize=True, add_generation_prompt=True))
+            full_chosen = _ids(tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=True))
+            full_rejected = _ids(tokenizer.apply_chat_template(example.prompt + example.rejected, tokenize=True))
+        except Exception as error:  # e.g. a template's raise_exception("roles must alternate user/assistant")
+            refused = TemplateRefused(
+                f"the tokenizer's chat template cannot render this conversation ({type(error).__name__}: {error})",
+                path=example.source,
+            )
+            refused.cause = f"{type(error).__name__}: {error}"
+            raise refused from None
     else:
         eos = tokenizer.eos_token or ""
         chosen_text = example.chosen if example.chosen.endswith(eos) else example.chosen + eos
@@ -97,7 +111,14 @@ def tokenize_pairs(
     stats = TokenizationStats()
     out: list[TokenizedPair] = []
     for ex in examples:
-        prompt, chosen, rejected = render_ids(ex, tokenizer)
+        try:
+            prompt, chosen, rejected = render_ids(ex, tokenizer)
+        except TemplateRefused as error:
+            if report is None:
+                raise
+            report.skip("the chat template cannot render the conversation", f"{ex.source} ({error.cause[:80]})")
+            report.rows_used -= 1
+            continue
         if len(prompt) > max_prompt_length:
             prompt = prompt[len(prompt) - max_prompt_length :]
             stats.prompts_truncated += 1

@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Union
 
-from dpokit.data.layouts import LAYOUTS, RowSkip, _check_completion, _messages, _text_or_messages, load_preferences
+from dpokit.data.layouts import LAYOUTS, RowSkip, _check_completion, _messages, _text_or_messages, check_unicode, load_preferences
 from dpokit.data.loading import read_rows
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport, Text
 from dpokit.data.tokenization import TokenizationStats, render_ids
@@ -115,6 +115,8 @@ _CONVERTERS = {"prompt_completion_label": _from_prompt_completion, "messages_lab
 def to_unpaired(row: dict, layout: str, where: str = "") -> UnpairedExample:
     """One row -> one example; raises RowSkip with the reason and field when the row cannot be used."""
     prompt, completion = _CONVERTERS[layout](row)
+    check_unicode(prompt, "prompt")
+    check_unicode(completion, "completion")
     return UnpairedExample(prompt, completion, parse_label(row.get("label")), where)
 
 

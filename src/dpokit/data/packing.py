@@ -1,0 +1,188 @@
+"""Tokenised pairs -> padding-free rows: packed sequences and prompt-shared pairs.
+
+The plain batch (collate.py) is 2B rows [chosen; rejected], each prompt + completion,
+right-padded to the longest row. Two layouts remove most of that work:
+
+  prefix sharing  one *unit* per pair: [prompt, chosen, rejected] in one row. Position ids
+                  of the rejected tokens continue from the prompt end (as if the chosen
+                  tokens were not there); rejected tokens attend to the prompt and to
+                  themselves, never to the chosen tokens. The prompt is computed once
+                  for both completions (Wang & Hegde 2024, arXiv 2410.20305).
+  packing         several units per row, first-fit decreasing into rows of
+                  `pack_length` tokens (at least the longest unit, so no unit is split);
+                  position ids restart at every unit and attention never crosses units.
+
+Without prefix sharing a pair is two units, prompt + chosen and prompt + rejected, so
+the same code also produces the plain layout (packing off: one unit per row).
+
+What the model needs to attend correctly travels with the batch as small integer tensors
+(`units`, `segment_ids`, `branch`); `dpokit.packed_attention` turns them into segment-wise
+SDPA calls, a block-diagonal 4D mask, a FlexAttention BlockMask, or flash-attention varlen
+positions. What the loss needs is a list of *scored tokens*: for every completion token,
+the flat position (row * L + column) of the hidden state that predicts it, the token id,
+the sequence it belongs to (0..B-1 chosen, B..2B-1 rejected, as in collate.py) and its
+1-based index within that completion.
+
+Exactly the tokens the plain batch scores are scored here: labels are shifted, so a
+completion token is scored only when something precedes it (an empty prompt leaves the
+first completion token unscored, as in collate_pairs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from dataclasses import dataclass
+
+import torch
+
+from dpokit.data.tokenization import TokenizedPair
+
+PROMPT, FIRST, SECOND = 0, 1, 2  # `branch` values: shared prompt (or a whole plain sequence), chosen, rejected
+PAD_SEGMENT = -1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How pairs are laid out in rows. packing=False, prefix_sharing=False is the plain padded batch."""
+
+    packing: bool = True
+    prefix_sharing: bool = True
+    pack_length: int = 0  # tokens per packed row; 0 = the longest unit of the micro-batch (rows never grow past it)
+    single_row: bool = False  # everything in one row (flash-attention varlen wants batch size 1)
+
+
+def pair_hash(pair: TokenizedPair) -> int:
+    """A stable 63-bit hash of a pair's token ids (prompt, chosen, rejected): the example id's checksum."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+        h.update(len(part).to_bytes(4, "little"))
+        h.update(array("q", part).tobytes())
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def _units(pairs: list[TokenizedPair], prefix_sharing: bool) -> list[tuple]:
+    """(tokens, prompt_len, first_len, second_len, first_seq, second_seq); second_len 0 = one plain sequence."""
+    n = len(pairs)
+    if prefix_sharing:
+        return [
+            (p.prompt_ids + p.chosen_ids + p.rejected_ids, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids), i, n + i)
+            for i, p in enumerate(pairs)
+        ]
+    chosen = [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids), len(p.chosen_ids), 0, i, -1) for i, p in enumerate(pairs)]
+    rejected = [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids), len(p.rejected_ids), 0, n + i, -1) for i, p in enumerate(pairs)]
+    return chosen + rejected
+
+
+def _assign_rows(lengths: list[int], layout: Layout) -> tuple[list[list[int]], int]:
+    """Unit indices per row, and the row width. First-fit decreasing when packing."""
+    if layout.single_row:
+        return [list(range(len(lengths)))], sum(lengths)
+    if not layout.packing:
+        return [[i] for i in range(len(lengths))], max(lengths)
+    capacity = max(max(lengths), layout.pack_length)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    width = max(capacity - free for free in room)
+    return rows, width
+
+
+def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, layout: Layout = Layout()) -> dict[str, torch.Tensor]:
+    """B pairs -> one padding-free batch.
+
+    returns
+      input_ids, position_ids, segment_ids, branch: (R, L); segment_ids is the unit index, -1 on padding;
+        branch is 0 on a prompt (or a whole plain sequence), 1 on a shared unit's chosen, 2 on its rejected tokens
+      units: (U, 5) [row, start, prompt_len, first_len, second_len] (second_len 0: a plain sequence)
+      score_pos, score_target, score_seq, score_ordinal: (M,) one entry per scored completion token
+      seq_lengths: (2B,) scored tokens per sequence, [chosen; rejected]
+      pair_hash: (B,) `pair_hash` of each pair (the reference cache checks it)
+    """
+    units = _units(pairs, layout.prefix_sharing)
+    rows, width = _assign_rows([len(u[0]) for u in units], layout)
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segment_ids = torch.full((n_rows, width), PAD_SEGMENT, dtype=torch.long)
+    branch = torch.zeros((n_rows, width), dtype=torch.int8)
+    unit_table = []
+    pos_parts, tgt_parts, seq_parts, ord_parts = [], [], [], []
+    seq_lengths = [0] * (2 * len(pairs))
+
+    def score(seq: int, row: int, predictors: range, targets: list[int], offset: int = 0) -> None:
+        # offset: tokens of this completion already scored (1-based ordinals continue from there)
+        n = len(targets)
+        if n == 0:
+            return
+        base = row * width
+        pos_parts.append(torch.tensor(predictors, dtype=torch.long) + base)
+        tgt_parts.append(torch.tensor(targets, dtype=torch.long))
+        seq_parts.append(torch.full((n,), seq, dtype=torch.long))
+        ord_parts.append(torch.arange(offset + 1, offset + n + 1, dtype=torch.long))
+        seq_lengths[seq] += n
+
+    for r, members in enumerate(rows):
+        cursor = 0
+        for u in members:
+            tokens, p, a, b, first_seq, second_seq = units[u]
+            n = len(tokens)
+            s = cursor
+            input_ids[r, s : s + n] = torch.tensor(tokens, dtype=torch.long)
+            segment_ids[r, s : s + n] = u
+            position_ids[r, s : s + p + a] = torch.arange(p + a)
+            unit_table.append((r, s, p, a, b))
+            first = tokens[p : p + a]
+            if b == 0:
+                # plain sequence: completion token k is predicted by position s + p + k - 1
+                skip = 1 if p == 0 else 0
+                score(first_seq, r, range(s + p - 1 + skip, s + p + a - 1), first[skip:])
+            else:
+                branch[r, s + p : s + p + a] = FIRST
+                branch[r, s + p + a : s + n] = SECOND
+                position_ids[r, s + p + a : s + n] = torch.arange(p, p + b)
+                second = tokens[p + a :]
+                skip = 1 if p == 0 else 0
+                score(first_seq, r, range(s + p - 1 + skip, s + p + a - 1), first[skip:])
+                # the rejected's first token is predicted by the prompt's last token, the rest by the rejected's own
+                if p > 0:
+                    score(second_seq, r, range(s + p - 1, s + p), second[:1])
+                score(second_seq, r, range(s + p + a, s + n - 1), second[1:], offset=1 if p > 0 else 0)
+            cursor += n
+        if cursor < width:  # padding: its own run of positions, so varlen kernels see it as one more sequence
+            position_ids[r, cursor:] = torch.arange(width - cursor)
+    empty = torch.zeros(0, dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "branch": branch,
+        "units": torch.tensor(unit_table, dtype=torch.long).reshape(-1, 5),
+        "score_pos": torch.cat(pos_parts) if pos_parts else empty,
+        "score_target": torch.cat(tgt_parts) if tgt_parts else empty,
+        "score_seq": torch.cat(seq_parts) if seq_parts else empty,
+        "score_ordinal": torch.cat(ord_parts) if ord_parts else empty,
+        "seq_lengths": torch.tensor(seq_lengths, dtype=torch.long),
+        "pair_hash": torch.tensor([pair_hash(p) for p in pairs], dtype=torch.long),
+    }
+
+
+def count_pairs(batch: dict) -> int:
+    """Pairs in a batch from collate_packed or collate_pairs (the trainer's `Task.count`)."""
+    if "seq_lengths" in batch:
+        return batch["seq_lengths"].shape[0] // 2
+    return batch["input_ids"].shape[0] // 2
+
+
+def layout_stats(batch: dict) -> dict[str, int]:
+    """Tokens the model runs on (rows x width) and how many of them are real (not padding)."""
+    return {"rows": batch["input_ids"].shape[0], "width": batch["input_ids"].shape[1],
+            "tokens": batch["input_ids"].numel(), "real_tokens": int((batch["segment_ids"] >= 0).sum())}
