@@ -119,6 +119,29 @@ def _cmd_report(args) -> int:
     return 0
 
 
+SFT_HELP = """\
+Supervised fine-tuning with a completion-only loss (the prompt is masked): the same config,
+data loading, run directory and outputs as `dpokit train`, with train.task=sft.
+
+  dpokit sft my.yaml data.path=sft.jsonl model.name_or_path=Qwen/Qwen2.5-0.5B optim.lr=2e-5
+
+Rows: prompt + completion (text or conversational), messages (the last assistant turn is the
+completion), or preference pairs (their chosen side). Logged: loss (mean NLL per completion
+token), mean_token_accuracy, num_tokens (completion tokens per example). loss.* keys are ignored.
+"""
+
+
+def _cmd_sft(args) -> int:
+    from dpokit.trainer import train
+
+    result = train(resolve_config_path(args.config), list(args.overrides) + ["train.task=sft"])
+    keys = ["loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy"]
+    shown = "  ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if isinstance(result.metrics.get(k), float))
+    print(f"[dpokit] final: {shown}")
+    print(f"[dpokit] run directory: {result.run_dir}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from dpokit.demo.run import run_demo
 
@@ -157,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     train.set_defaults(func=_cmd_train)
 
+    sft = verbs.add_parser("sft", help="supervised fine-tuning (completion-only loss)", description=SFT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sft.add_argument("config", metavar="CONFIG", help="YAML file or shipped config name")
+    sft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    sft.set_defaults(func=_cmd_sft)
+
+    from dpokit import evaluation, pairing, pipeline, sampling, scoring
+
+    for module in (sampling, scoring, pairing, pipeline, evaluation):
+        module.add_cli(verbs)  # sample, score, pair, pipeline, eval
+
     demo = verbs.add_parser("demo", help="offline end-to-end demo with a before/after table", description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--out-dir", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config, e.g. loss.beta=0.2")
@@ -187,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpokit.config import ConfigError
     from dpokit.data.records import DataError
     from dpokit.model import ModelLoadError
+    from dpokit.scoring import ScoringError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -195,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError) as e:
+    except (ConfigError, DataError, ModelLoadError, ScoringError) as e:
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

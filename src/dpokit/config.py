@@ -30,6 +30,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = ""  # local HF folder or hub id
+    ref_name_or_path: Optional[str] = None  # reference model; None: a frozen copy of the policy as loaded (LoRA: adapters off)
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the checkpoint's own)
     trust_remote_code: bool = False  # custom modelling code runs only if you say so
     allow_pickle: bool = False  # load pickle-based weights (pytorch_model.bin) when no safetensors exist
@@ -77,6 +78,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    task: str = "preference"  # preference (the DPO family, KTO; by loss.type) | sft (completion-only NLL: dpokit sft)
     batch_size: int = 8  # pairs per micro-batch per process
     grad_accum: int = 1  # micro-batches per optimizer step
     epochs: float = 1.0
@@ -88,6 +90,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     gradient_checkpointing: bool = False
     progress_bar: bool = True
+    report_to: list[str] = field(default_factory=list)  # tensorboard | wandb | mlflow, through Accelerate's trackers
+    eval_generate: int = 0  # completions sampled at each evaluation to log eval_mean_length; 0 = off
     save_steps: int = 500  # checkpoint every N optimizer steps, and at the end; 0 = no checkpoints
     save_total_limit: int = 2  # keep the last K checkpoints; 0 = keep all
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | never | path of a checkpoint folder
@@ -318,6 +322,10 @@ def _validate(cfg: Config) -> None:
     _check_choice("lora.save", cfg.lora.save, ("adapter", "merged"))
     _check_choice("optim.scheduler", cfg.optim.scheduler, ("linear", "cosine", "constant"))
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
+    _check_choice("train.task", cfg.train.task, ("preference", "sft"))
+    if cfg.model.ref_name_or_path and cfg.lora.enabled:
+        raise ConfigError("model.ref_name_or_path cannot be combined with lora.enabled: with LoRA the reference is the "
+                          "policy's base model with its adapters disabled")
     try:
         validate_loss_config(cfg.loss)
     except ValueError as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 
@@ -172,8 +173,31 @@ def apply_lora(model, cfg: Config):
 
 
 def make_reference(policy, cfg: Config, needs_reference: bool):
-    """A frozen copy for full fine-tuning; None when LoRA (adapters off) or no reference is needed."""
-    if not needs_reference or cfg.lora.enabled:
+    """A frozen copy for full fine-tuning; None when LoRA (adapters off) or no reference is needed.
+
+    With model.ref_name_or_path the reference is that model instead, loaded with the policy's
+    settings (e.g. the SFT model while the policy starts from an earlier DPO round's weights).
+    """
+    if not needs_reference:
+        return None
+    if cfg.model.ref_name_or_path:
+        ref_model = dataclasses.replace(cfg.model, name_or_path=cfg.model.ref_name_or_path)
+        ref_cfg = dataclasses.replace(cfg, model=ref_model, lora=dataclasses.replace(cfg.lora, enabled=False),
+                                      train=dataclasses.replace(cfg.train, gradient_checkpointing=False))
+        try:
+            reference = load_policy(ref_cfg)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"the reference (model.ref_name_or_path): {e}") from None
+        if reference.get_input_embeddings().weight.shape[0] != policy.get_input_embeddings().weight.shape[0]:
+            raise ModelLoadError(
+                f"model.ref_name_or_path={cfg.model.ref_name_or_path!r} has a vocabulary of "
+                f"{reference.get_input_embeddings().weight.shape[0]} tokens and the policy "
+                f"{policy.get_input_embeddings().weight.shape[0]}: the reference must use the policy's tokenizer"
+            )
+        reference.eval()
+        reference.requires_grad_(False)
+        return reference
+    if cfg.lora.enabled:
         return None
     reference = copy.deepcopy(policy)
     reference.eval()

@@ -8,7 +8,9 @@
         a NaN/Inf loss or gradient skips the update (counted; the run stops past train.max_skipped_steps)
         clip, AdamW step, schedule step
         every logging_steps: metrics averaged over all applied micro-batches and ranks -> metrics.jsonl
-        every eval_steps: the same metrics on held-out pairs, prefixed eval_
+        every eval_steps: the same metrics on held-out pairs, prefixed eval_ (with train.eval_generate=N,
+            also eval_mean_length of N sampled completions, for the length detector)
+        every record also goes to the trackers of train.report_to (TensorBoard, W&B, MLflow)
         every save_steps, on SIGTERM/SIGINT, and at the end: a checkpoint (checkpoint.py)
     save the final model (full, LoRA adapter, or merged) with its tokenizer
 """
@@ -34,11 +36,13 @@ from dpokit.data.collate import collate_pairs
 from dpokit.data.prepare import PreparedData, format_summary, prepare_data
 from dpokit.data.records import DataError
 from dpokit.diagnostics import FailureDetectors
+from dpokit.eval_generation import eval_prompts, generation_metrics
 from dpokit.losses import loss_names
 from dpokit.losses import needs_reference as loss_needs_reference
 from dpokit.metrics import MetricSums
 from dpokit.model import load_policy, load_tokenizer, make_reference, prepare_reference
 from dpokit.preference_step import forward_pairs
+from dpokit.tracking import accelerator_kwargs, end_trackers, init_trackers, log_diagnosis, log_metrics
 
 __all__ = ["Task", "TrainResult", "TrainingInterrupted", "accumulate_gradients", "evaluate", "save_final", "train"]
 
@@ -55,6 +59,9 @@ class Task:
     collate: Callable  # (examples, pad_token_id) -> dict of tensors
     count: Callable  # batch -> number of examples in it
     forward: Callable  # (policy, reference, batch, cfg, with_reference) -> (LossOutput, {metric: (n,) tensor})
+    needs_reference: Optional[Callable] = None  # cfg -> bool; None: as the loss says (losses.needs_reference)
+    weight: Optional[Callable] = None  # example -> its share of a step's loss denominator; None: 1 (a mean over examples)
+    name: str = "dpo"  # the progress bar's label
 
 
 @dataclass
@@ -69,6 +76,10 @@ PAIRED = Task(prepare=prepare_data, collate=collate_pairs, count=lambda batch: b
 
 
 def task_for(cfg: Config) -> Task:
+    if cfg.train.task == "sft":
+        from dpokit.sft_step import SFT
+
+        return SFT
     if loss_names(cfg.loss) == ["kto"]:
         from dpokit.kto_step import UNPAIRED
 
@@ -146,8 +157,11 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _micro_batch(examples: list, stream: BatchStream, collate, pad_id: int) -> tuple[dict, int, bool]:
+def _micro_batch(examples: list, stream: BatchStream, collate, pad_id: int, weight: Optional[Callable] = None) -> tuple[dict, int, bool]:
+    """(this process's batch, the global micro-batch's share of the loss denominator, whether the batch is a dummy)."""
     local, n_global, chunk = stream.next()
+    if weight is not None:  # e.g. SFT: completion tokens, so a step's loss is its token mean
+        n_global = sum(weight(examples[i]) for i in chunk)
     dummy = not local
     return collate([examples[i] for i in (chunk[:1] if dummy else local)], pad_id), n_global, dummy
 
@@ -242,7 +256,8 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     if not cfg.data.path:
         raise ConfigError("data.path is not set: give a preference file, a saved dataset folder or a hub id")
     # The schedule advances once per optimizer step, whatever the number of processes (see BatchStream).
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False,
+                              **accelerator_kwargs(cfg))
     set_seed(cfg.train.seed)
     run_dir = Path(cfg.out_dir)
     is_main, world = accelerator.is_main_process, accelerator.num_processes
@@ -252,6 +267,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
             cfg.save(run_dir / "config.yaml")
         except OSError as e:
             raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot write the run directory: {e}") from None
+    init_trackers(accelerator, cfg)
 
     tokenizer = load_tokenizer(cfg)
     task = task_for(cfg)
@@ -263,7 +279,8 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
         raise DataError(f"no usable training examples in {cfg.data.path}; see the data summary above")
 
     policy = load_policy(cfg)
-    with_reference = loss_needs_reference(cfg.loss)  # reference-free losses build and run no reference
+    # reference-free losses (and SFT) build and run no reference
+    with_reference = task.needs_reference(cfg) if task.needs_reference is not None else loss_needs_reference(cfg.loss)
     reference = make_reference(policy, cfg, with_reference)
     policy.train()
     optimizer = _optimizer(cfg, policy)
@@ -287,21 +304,41 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     def log_and_diagnose(record: dict) -> None:
         # Every rank sees the same reduced record, so all ranks agree on should_stop.
         log.write(record)
+        log_metrics(accelerator, record, record["step"])
         for diagnosis in detectors.update(record):
             if is_main:
                 tqdm.write(str(diagnosis))
                 log.write({"step": diagnosis.step, "diagnosis": dataclasses.asdict(diagnosis)})
+            log_diagnosis(accelerator, diagnosis)
+
+    # The same eval prompts and seed at every evaluation, so eval_mean_length moves only when the policy does.
+    gen_prompts = eval_prompts(data.eval, tokenizer, cfg.train.eval_generate) if cfg.train.eval_generate > 0 else []
+    if cfg.train.eval_generate > 0 and not gen_prompts and is_main:
+        print("[dpokit] train.eval_generate is set but there is no eval data: no completions are sampled", flush=True)
+
+    def generate_on_eval() -> dict:
+        if not gen_prompts:
+            return {}
+        # Every rank samples (cheap, and sharded models need all ranks in generate); same seed, same numbers.
+        with accelerator.autocast():
+            return generation_metrics(accelerator.unwrap_model(policy), tokenizer, gen_prompts, cfg.train.eval_generate,
+                                      cfg.train.seed, max_new_tokens=cfg.data.max_length - cfg.data.max_prompt_length)
+
+    def eval_record(step: int) -> dict:
+        return {"step": step, **evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, task), **generate_on_eval()}
 
     def checkpoint() -> Path:
         return save_checkpoint(accelerator, run_dir, state, policy, optimizer, scheduler, window, cfg.train.save_total_limit)
 
+    if gen_prompts and state.step == 0:  # the reference's own lengths: the baseline length_drift compares against
+        log_and_diagnose({"step": 0, **generate_on_eval()})
     stream = BatchStream(len(data.train), cfg.train.batch_size, cfg.train.seed, rank=accelerator.process_index, world=world, position=state.micro_seen)
-    progress = tqdm(total=total_steps, initial=state.step, disable=not (is_main and cfg.train.progress_bar), desc="dpo", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=state.step, disable=not (is_main and cfg.train.progress_bar), desc=task.name, dynamic_ncols=True)
     started = time.time()
     saved_at, step, signals = None, state.step, StopSignals()
     with signals:
         for step in range(state.step + 1, total_steps + 1):
-            micro = [_micro_batch(data.train, stream, task.collate, pad_id) for _ in range(cfg.train.grad_accum)]
+            micro = [_micro_batch(data.train, stream, task.collate, pad_id, task.weight) for _ in range(cfg.train.grad_accum)]
             step_sums = MetricSums()
             accumulate_gradients(policy, reference, [m[0] for m in micro], cfg, accelerator, with_reference, step_sums, task,
                                  examples_in_step=sum(m[1] for m in micro), dummies=[m[2] for m in micro])
@@ -338,14 +375,14 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
                 log_and_diagnose(record)
                 last_logged = record if "loss" in record else last_logged
                 if "loss" in record:
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', math.nan):.2f}")
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('rewards/accuracies', record.get('mean_token_accuracy', math.nan)):.2f}")
             too_many = state.skipped_steps > cfg.train.max_skipped_steps
             if bad and not overflow and too_many:
                 # The detectors' non_finite stop, with the offending values; our own message follows the loop.
                 log_and_diagnose({"step": step, "loss": local_loss, "grad_norm": grad_norm, "skipped_steps": state.skipped_steps})
                 state.stop_reason = "non_finite"
             if data.eval and cfg.train.eval_steps > 0 and step % cfg.train.eval_steps == 0 and step != total_steps and not state.stop_reason:
-                log_and_diagnose({"step": step, **evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, task)})
+                log_and_diagnose(eval_record(step))
             if detectors.should_stop and not state.stop_reason:
                 state.stop_reason = next(d for d in reversed(detectors.fired) if d.severity == "stop").mode
             if stop_requested and not state.stop_reason:
@@ -378,9 +415,10 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
                   f"after changing the settings, resume with:\n  {resume_command(cfg, run_dir, world)}", flush=True)
         return TrainResult(run_dir=run_dir, metrics=final, model_dir=model_dir, stop_reason=state.stop_reason)
     if data.eval:
-        eval_record = evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, task)
-        log_and_diagnose({"step": step, **eval_record})
-        final.update(eval_record)
+        final_eval = eval_record(step)
+        log_and_diagnose(final_eval)
+        final.update({k: v for k, v in final_eval.items() if k != "step"})
+    end_trackers(accelerator)
     accelerator.wait_for_everyone()
     if any(d.mode == "non_finite" for d in detectors.fired):
         # The weights are most likely NaN by now; saving them would hand the user a broken model.
