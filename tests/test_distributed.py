@@ -47,16 +47,6 @@ dpokit.train(cfg)
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses (OMP_NUM_THREADS=1): the same float summation order, and no
-    oversubscription of shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(tmp_path: Path, name: str, batch_size: int, **extra) -> dict:
     data = tmp_path / "train.jsonl"
     if not data.exists():

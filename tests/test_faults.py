@@ -26,16 +26,6 @@ from dpokit.trainer import PAIRED, likely_cause
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses (OMP_NUM_THREADS=1): the same float summation order, and no
-    oversubscription of shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _NanGradient(torch.autograd.Function):
     """Identity forward, NaN backward: a finite loss with a non-finite gradient."""
 

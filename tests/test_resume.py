@@ -34,16 +34,6 @@ TESTS = Path(__file__).resolve().parent
 STEPS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocesses (OMP_NUM_THREADS=1): the same float summation order, and no
-    oversubscription of shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(tmp_path: Path, name: str, **extra) -> dict:
     data = tmp_path / "train.jsonl"
     if not data.exists():
@@ -161,7 +151,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_weights(tm
     result = dpokit.train(_config(tmp_path, "run", **{"train.resume": "auto"}))
     _assert_same_weights(_weights(result.run_dir), _weights(uninterrupted))
     _assert_same_metrics(result.run_dir, uninterrupted)
-    assert [p.name for p in list_checkpoints(run_dir)] == [f"checkpoint-9", f"checkpoint-{STEPS}"]  # the last K=2
+    assert [p.name for p in list_checkpoints(run_dir)] == ["checkpoint-9", f"checkpoint-{STEPS}"]  # the last K=2
 
 
 @pytest.mark.slow

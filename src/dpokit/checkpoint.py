@@ -41,7 +41,7 @@ STATE_FILE = "trainer_state.json"
 # Settings that fix what a step computes and which examples it sees: resuming across a change in
 # one of them would not continue the same run. Anything else (lr, beta, logging...) may change, with a notice.
 STRUCTURAL_KEYS = (
-    "model.name_or_path", "model.revision", "lora.enabled", "lora.r", "lora.target_modules", "data.path", "data.split",
+    "model.name_or_path", "model.ref_name_or_path", "model.revision", "train.task", "lora.enabled", "lora.r", "lora.target_modules", "data.path", "data.split",
     "data.layout", "data.columns", "data.max_length", "data.max_prompt_length", "data.max_rows", "data.eval_fraction",
     "train.grad_accum", "train.seed", "loss.type",
 )  # fmt: skip
