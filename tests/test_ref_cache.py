@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -204,3 +205,30 @@ def test_training_twice_builds_no_reference_the_second_time(tmp_path, monkeypatc
     for a, b, c in zip(live, first, second):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(b["loss"] - c["loss"]) < 1e-6
     assert "kl/chosen" in live[0] and "kl/chosen" not in second[0]
+
+
+def test_a_separate_reference_model_is_the_one_cached(tmp_path):
+    """model.ref_name_or_path: the cache holds that model's log-probs (and is keyed by its weights), not the policy's."""
+    from dpokit.config import Config
+
+    if not hasattr(Config().model, "ref_name_or_path"):
+        pytest.skip("config.py has no model.ref_name_or_path")
+    from transformers import AutoModelForCausalLM
+
+    ref_dir = tmp_path / "ref"
+    shutil.copytree(tiny_model_dir(), ref_dir)
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_dir)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref_model.save_pretrained(ref_dir)
+    cfg = _config(tmp_path, **{"model.ref_name_or_path": str(ref_dir)})
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    policy = load_policy(cfg)
+    cache, cached = ensure_reference_cache(cfg, tokenizer, data, model=policy)  # the policy must not be used
+    plain, _ = ensure_reference_cache(_config(tmp_path), tokenizer, data, model=policy)
+    assert cache.folder != plain.folder
+    reference = make_reference(policy, cfg, True)
+    _, m = forward_pairs(reference, copy.deepcopy(reference), collate_pairs(data.train[:4], 0), cfg, True)
+    torch.testing.assert_close(torch.tensor([p.reference[0] for p in cached.train[:4]]), m["logps/chosen"], rtol=0, atol=1e-5)

@@ -6,7 +6,8 @@ computed once (`dpokit precompute CONFIG`, or by `dpokit train` on first use), s
 and training then runs without a reference model in memory and without its forward.
 
 Cache key (the *fingerprint*), a hash over:
-  weights    every weight file (*.safetensors, *.bin, *.pt, *.pth) and config.json of the model folder
+  weights    every weight file (*.safetensors, *.bin, *.pt, *.pth) and config.json of the reference's
+             folder (model.ref_name_or_path if set, else model.name_or_path)
              (content hash and size; a hub id is resolved to its local snapshot), or, when no
              folder can be found, the loaded state dict's bytes; plus model.dtype, model.revision,
              model.attn_implementation and train.mixed_precision (they change the numbers)
@@ -104,6 +105,7 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     digest = h.hexdigest()
+    memo = {k: v for k, v in memo.items() if os.path.exists(k.rsplit("|", 2)[0])}  # forget files that are gone
     memo[key] = digest
     try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
@@ -201,8 +203,11 @@ def data_fingerprint(cfg) -> dict:
 
 
 def fingerprint(cfg, tokenizer, model=None) -> Optional[tuple[str, dict]]:
-    """(hex digest, its parts), or None when the weights can only be fingerprinted from a loaded model."""
-    weights = weights_fingerprint(cfg, model)
+    """(hex digest, its parts), or None when the weights can only be fingerprinted from a loaded model.
+
+    The weights are the reference's: model.ref_name_or_path when set, else model.name_or_path.
+    """
+    weights = weights_fingerprint(_reference_model_config(cfg), model)
     if weights is None:
         return None
     parts = {"format": FORMAT_VERSION, "weights": weights, "tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(cfg)}
@@ -305,8 +310,12 @@ class ReferenceCache:
 
 
 def _reference_model_config(cfg):
-    """The config to load the reference with: the policy's model settings, no LoRA, no checkpointing."""
-    return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, enabled=False),
+    """The config that loads the reference: model.ref_name_or_path if set (else the policy's model), no LoRA,
+    no checkpointing; its model.name_or_path is also what the weights fingerprint hashes."""
+    model = cfg.model
+    if getattr(model, "ref_name_or_path", None):
+        model = dataclasses.replace(model, name_or_path=model.ref_name_or_path)
+    return dataclasses.replace(cfg, model=model, lora=dataclasses.replace(cfg.lora, enabled=False),
                                train=dataclasses.replace(cfg.train, gradient_checkpointing=False))
 
 
@@ -314,10 +323,13 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
     """Read the cache for (cfg, tokenizer, data), or compute and write it; returns (cache, data with CachedPairs).
 
     model: the reference, or a policy that has not been trained yet (it is the reference: a
-    copy of the same weights, or a LoRA model whose adapters are disabled here). Without it a
-    reference is loaded from model.name_or_path only if the cache has to be built, then freed.
+    copy of the same weights, or a LoRA model whose adapters are disabled here); ignored when
+    model.ref_name_or_path names another reference. Without it a reference is loaded (from
+    model.ref_name_or_path, else model.name_or_path) only if the cache has to be built, then freed.
     """
     speed = speed_settings(cfg)
+    if getattr(cfg.model, "ref_name_or_path", None):
+        model = None  # the policy is not the reference
     found = fingerprint(cfg, tokenizer, model)
     loaded = None
     if found is None:  # weights not on disk where we can hash them: the loaded weights are the key
