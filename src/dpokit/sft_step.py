@@ -34,7 +34,6 @@ Metrics (averaged over the logging window, like every dpokit metric):
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import torch
 
@@ -151,21 +150,9 @@ def prepare_sft(cfg: Config, tokenizer):
     The eval split (data.eval_path, else a seeded data.eval_fraction of the rows) is that of
     `prepare_data`; the summary's token lengths name the completion `completion`.
     """
-    from dpokit.data.prepare import PreparedData, _summary
+    from dpokit.data.prepare import PreparedData, _summary, load_train_and_eval
 
-    train_examples, train_report = _load(cfg.data.path, cfg.data.split, cfg)
-    eval_examples, eval_report = [], SkipReport()
-    if cfg.data.eval_path:
-        eval_examples, eval_report = _load(cfg.data.eval_path, cfg.data.eval_split, cfg)
-    elif cfg.data.eval_fraction > 0:
-        order = list(range(len(train_examples)))
-        random.Random(cfg.train.seed).shuffle(order)
-        n_eval = max(1, int(len(order) * cfg.data.eval_fraction))
-        held = set(order[:n_eval])
-        eval_examples = [e for i, e in enumerate(train_examples) if i in held]
-        train_examples = [e for i, e in enumerate(train_examples) if i not in held]
-        train_report.rows_used -= n_eval
-        train_report.held_out = eval_report.rows_read = eval_report.rows_used = n_eval
+    train_examples, train_report, eval_examples, eval_report = load_train_and_eval(cfg, _load)
     summary, splits = {}, []
     for name, examples, report in (("train", train_examples, train_report), ("eval", eval_examples, eval_report)):
         tokenized, stats = tokenize_groups([[e] for e in examples], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)

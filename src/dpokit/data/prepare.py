@@ -35,22 +35,33 @@ def _load(path: str, split: str, cfg: Config):
     return examples, report
 
 
-def prepare_data(cfg: Config, tokenizer) -> PreparedData:
-    train_examples, train_report = _load(cfg.data.path, cfg.data.split, cfg)
+def load_train_and_eval(cfg: Config, load) -> tuple[list, SkipReport, list, SkipReport]:
+    """Training rows and held-out rows, each with its SkipReport: `load(path, split, cfg)` reads one source.
+
+    The eval rows come from data.eval_path, else a seeded data.eval_fraction of the training rows
+    (the same rows in every run with the same seed), counted as held out, never as dropped.
+    Shared by the paired, unpaired (KTO) and SFT preparations, whose `load` differ.
+    """
+    train, train_report = load(cfg.data.path, cfg.data.split, cfg)
     if cfg.data.eval_path:
-        eval_examples, eval_report = _load(cfg.data.eval_path, cfg.data.eval_split, cfg)
-    else:
-        eval_examples, eval_report = [], SkipReport()
-        if cfg.data.eval_fraction > 0:
-            # A seeded shuffle, so the held-out rows are the same in every run with the same seed.
-            order = list(range(len(train_examples)))
-            random.Random(cfg.train.seed).shuffle(order)
-            n_eval = max(1, int(len(order) * cfg.data.eval_fraction))
-            held = set(order[:n_eval])
-            eval_examples = [ex for i, ex in enumerate(train_examples) if i in held]
-            train_examples = [ex for i, ex in enumerate(train_examples) if i not in held]
-            train_report.rows_used -= n_eval
-            train_report.held_out = eval_report.rows_read = eval_report.rows_used = n_eval
+        evals, eval_report = load(cfg.data.eval_path, cfg.data.eval_split, cfg)
+        return train, train_report, evals, eval_report
+    eval_report = SkipReport()
+    if cfg.data.eval_fraction <= 0:
+        return train, train_report, [], eval_report
+    order = list(range(len(train)))
+    random.Random(cfg.train.seed).shuffle(order)
+    n_eval = max(1, int(len(order) * cfg.data.eval_fraction))
+    held = set(order[:n_eval])
+    evals = [item for i, item in enumerate(train) if i in held]
+    train = [item for i, item in enumerate(train) if i not in held]
+    train_report.rows_used -= n_eval
+    train_report.held_out = eval_report.rows_read = eval_report.rows_used = n_eval
+    return train, train_report, evals, eval_report
+
+
+def prepare_data(cfg: Config, tokenizer) -> PreparedData:
+    train_examples, train_report, eval_examples, eval_report = load_train_and_eval(cfg, _load)
     train, train_stats = tokenize_pairs(
         train_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, train_report
     )

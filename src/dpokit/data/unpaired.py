@@ -20,7 +20,6 @@ Tokenisation and truncation are those of the paired data (`tokenization.render_i
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -258,21 +257,9 @@ def prepare_unpaired(cfg, tokenizer):
 
     The eval split is by source row, seeded like `prepare_data`, so a split pair stays on one side.
     """
-    from dpokit.data.prepare import PreparedData, _summary
+    from dpokit.data.prepare import PreparedData, _summary, load_train_and_eval
 
-    train_groups, train_report = _load(cfg.data.path, cfg.data.split, cfg)
-    eval_groups, eval_report = [], SkipReport()
-    if cfg.data.eval_path:
-        eval_groups, eval_report = _load(cfg.data.eval_path, cfg.data.eval_split, cfg)
-    elif cfg.data.eval_fraction > 0:
-        order = list(range(len(train_groups)))
-        random.Random(cfg.train.seed).shuffle(order)
-        n_eval = max(1, int(len(order) * cfg.data.eval_fraction))
-        held = set(order[:n_eval])
-        eval_groups = [g for i, g in enumerate(train_groups) if i in held]
-        train_groups = [g for i, g in enumerate(train_groups) if i not in held]
-        train_report.rows_used -= n_eval
-        train_report.held_out = eval_report.rows_read = eval_report.rows_used = n_eval
+    train_groups, train_report, eval_groups, eval_report = load_train_and_eval(cfg, _load)
     summary, splits = {}, []
     for name, groups, report in (("train", train_groups, train_report), ("eval", eval_groups, eval_report)):
         examples, stats = tokenize_groups(groups, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
