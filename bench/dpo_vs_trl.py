@@ -252,13 +252,7 @@ def _dpokit_config(args, gc: bool, speed: dict):
                   "mixed_precision": "bf16" if args.gpu else "no", "max_steps": args.warmup + args.steps},
         "out_dir": tempfile.mkdtemp(prefix="dpokit-bench-"),
     }
-    try:
-        cfg = load_config({**raw, "speed": speed})  # config.py with the speed section
-    except Exception:  # noqa: BLE001 - not merged yet: the same settings ride on the object
-        from dpokit.preference_step import SpeedSettings
-
-        cfg = load_config(raw)
-        object.__setattr__(cfg, "speed", SpeedSettings(**speed))
+    cfg = load_config({**raw, "speed": speed})
     return cfg
 
 
@@ -287,43 +281,36 @@ def child_precompute(args) -> None:
 
 
 def child_dpokit(args) -> None:
-    import dataclasses
+    """dpokit's training step as `dpokit train` sets it up (trainer.task_for, fit_speed, reference_for), timed step by step."""
+    import contextlib
+    import io
 
     import torch
     from accelerate import Accelerator
 
     import dpokit.trainer as trainer  # the modules a training run imports
-    from dpokit.data.packing import count_pairs
     from dpokit.losses import needs_reference
     from dpokit.metrics import MetricSums
-    from dpokit.model import load_policy, load_tokenizer, make_reference
-    from dpokit.preference_step import forward_pairs_fast, make_collate, speed_settings
+    from dpokit.model import load_policy, load_tokenizer
 
     device = "cuda" if args.gpu else "cpu"
     peak = matmul_peak(device, "bfloat16" if args.gpu else "float32")
     cfg = _dpokit_config(args, gc=args.variant == "dpokit-gc", speed=_speed_for(args.variant))
-    speed = speed_settings(cfg)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not args.gpu)
     tokenizer = load_tokenizer(cfg)
-    data = trainer.task_for(cfg).prepare(cfg, tokenizer)
+    task = trainer.task_for(cfg)
+    data = task.prepare(cfg, tokenizer)
     total = args.warmup + args.steps
     data.train = data.train[: total * args.batch_size]
     data.eval = []
     policy = load_policy(cfg)
     with_reference = needs_reference(cfg.loss)
-    if speed.ref_cache:
-        from dpokit.ref_cache import ensure_reference_cache
-
-        cache, data = ensure_reference_cache(cfg, tokenizer, data, model=policy)
-        assert not cache.built, "run the precompute variant first"
-        reference = None
-    else:
-        reference = make_reference(policy, cfg, with_reference)
-    if speed.any_fast_path:
-        task = dataclasses.replace(trainer.PAIRED, collate=make_collate(speed, cfg.model.attn_implementation), count=count_pairs,
-                                   forward=forward_pairs_fast)
-    else:
-        task = trainer.PAIRED
+    cfg, task, _ = trainer.fit_speed(cfg, task, policy, sharded=False)
+    speed = cfg.speed
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        reference, data = trainer.reference_for(cfg, task, policy, tokenizer, data, accelerator, with_reference)
+    assert "computed" not in said.getvalue(), "run the precompute variant first"
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=0.0)

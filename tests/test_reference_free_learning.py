@@ -111,6 +111,7 @@ def test_no_reference_saves_one_copy_of_the_weights(tmp_path, monkeypatch):
         monkeypatch.setattr(dpokit.trainer, "make_reference", make_reference)
         dpokit.train({"model": {"name_or_path": str(model_dir)}, "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
                       "loss": {"type": loss_type, "beta": 2.0 if loss_type == "simpo" else 0.1},
+                      "speed": {"ref_cache": False},  # a live reference (the default cache holds none in memory either)
                       "train": {"batch_size": 8, "max_steps": 1, "logging_steps": 1, "progress_bar": False},
                       "out_dir": str(tmp_path / loss_type)})
         (policy_bytes, reference_bytes), = built

@@ -211,6 +211,7 @@ def tiny_run(tmp_path_factory) -> Path:
         "data": {"path": str(train), "eval_path": str(held_out), "max_length": 32, "max_prompt_length": 16},
         "loss": {"beta": 0.5}, "optim": {"lr": 3e-3, "scheduler": "constant"},
         "train": {"batch_size": 8, "max_steps": 12, "logging_steps": 2, "eval_steps": 4, "progress_bar": False},
+        "speed": {"ref_cache": False},  # a live reference, so kl/chosen is logged and charted
         "out_dir": str(tmp / "run"),
     })
     return result.run_dir

@@ -30,6 +30,7 @@ def _config(tmp_path, train, held_out, **extra):
         "loss": {"beta": 0.5},
         "optim": {"lr": 3e-3, "scheduler": "constant"},
         "train": {"batch_size": 16, "max_steps": 30, "logging_steps": 5, "eval_steps": 10, "progress_bar": False},
+        "speed": {"ref_cache": False},  # a live reference: kl/chosen is logged (the cached default: test_speed_wiring)
         "out_dir": str(tmp_path / "run"),
     }
     for key, value in extra.items():

@@ -1,4 +1,4 @@
-"""The `dpokit` command: train, demo, config, doctor, report.
+"""The `dpokit` command: train, sft, precompute, sample, score, pair, pipeline, eval, demo, config, doctor, report.
 
 User errors (bad config, bad data, a model that cannot be loaded) print one
 clear message and exit with status 2; they never print a traceback.
@@ -23,13 +23,19 @@ Any setting can be overridden as key=value, e.g.
 Common keys: model.name_or_path, model.dtype, lora.enabled, data.path,
 data.eval_path, data.max_length, data.max_prompt_length, loss.type, loss.beta,
 loss.label_smoothing, optim.lr, optim.scheduler, train.batch_size,
-train.grad_accum, train.max_steps, train.epochs, out_dir.
-`dpokit config` prints every key with its default.
+train.grad_accum, train.max_steps, train.epochs, train.gradient_checkpointing,
+out_dir. speed.* switches the fast paths (all on by default, same numbers as
+the plain step; docs/performance.md); the reference's log-probs are cached on
+disk, so the reference is not in memory (speed.ref_cache=false keeps it live
+and logs kl/chosen). `dpokit config` prints every key with its default.
 
 The run directory (out_dir) gets config.yaml (the resolved config),
 data_summary.json, metrics.jsonl (one JSON object per logged step, TRL's
-metric names), final/ (the model in HF format, with its tokenizer) and
-report.html (curves, diagnoses, data summary and config; `dpokit report`).
+metric names), checkpoints/ (every train.save_steps; a rerun with the same
+out_dir resumes, train.resume), final/ (the model in HF format, with its
+tokenizer) and report.html (curves, diagnoses, data summary and config;
+`dpokit report`). Exit status: 0 when a model was saved, 1 when the run
+stopped on non-finite losses, 2 on a configuration or data error.
 """
 
 DEMO_HELP = """\
@@ -92,20 +98,50 @@ def resolve_config_path(arg: str) -> str:
     return str(shipped) if shipped else arg
 
 
+def _finished(result, keys: list[str]) -> int:
+    """Print a run's final metrics; exit status 1 when it stopped on non-finite values (no final model), else 0."""
+    shown = "  ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if isinstance(result.metrics.get(k), float))
+    print(f"[dpokit] final: {shown}")
+    print(f"[dpokit] run directory: {result.run_dir}")
+    if result.stop_reason == "non_finite":
+        print("dpokit: error: the run stopped on non-finite losses or gradients; no final model was saved (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_train(args) -> int:
     from dpokit.trainer import train
 
     result = train(resolve_config_path(args.config), args.overrides)
-    keys = ["loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "eval_loss", "eval_rewards/accuracies"]
-    shown = "  ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if isinstance(result.metrics.get(k), float))
-    print(f"[dpokit] final: {shown}")
-    print(f"[dpokit] run directory: {result.run_dir}")
+    status = _finished(result, ["loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "eval_loss", "eval_rewards/accuracies"])
     try:  # the report is a convenience: a bug in it must not turn a finished run into a failed command
         from dpokit.report import build_report
 
         print(f"[dpokit] report: {build_report(result.run_dir)}")
     except Exception as e:  # noqa: BLE001
         print(f"[dpokit] could not write the report ({type(e).__name__}: {e}); try `dpokit report {result.run_dir}`")
+    return status
+
+
+PRECOMPUTE_HELP = """\
+Compute the reference model's log-probs of every training and eval pair once and store them
+on disk (speed.ref_cache), as a job of its own. `dpokit train` with the same CONFIG then finds
+them: it builds no reference model and runs no reference forward.
+
+  dpokit precompute my.yaml
+  dpokit precompute my.yaml speed.ref_cache_dir=/data/ref_cache   # and the same key when training
+
+The cache is keyed by the reference weights, tokenizer, data and tokenisation settings; any change
+makes a new one (docs/performance.md). `dpokit train` builds it itself on a miss, so this verb is
+only needed to do that work apart (another machine, a queue slot) or to check that it is up to date.
+Paired losses with a reference only (not KTO, not reference-free losses).
+"""
+
+
+def _cmd_precompute(args) -> int:
+    from dpokit.ref_cache import precompute_reference
+
+    precompute_reference(resolve_config_path(args.config), args.overrides)
     return 0
 
 
@@ -135,11 +171,7 @@ def _cmd_sft(args) -> int:
     from dpokit.trainer import train
 
     result = train(resolve_config_path(args.config), list(args.overrides) + ["train.task=sft"])
-    keys = ["loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy"]
-    shown = "  ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if isinstance(result.metrics.get(k), float))
-    print(f"[dpokit] final: {shown}")
-    print(f"[dpokit] run directory: {result.run_dir}")
-    return 0
+    return _finished(result, ["loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy"])
 
 
 def _cmd_demo(args) -> int:
@@ -184,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("config", metavar="CONFIG", help="YAML file or shipped config name")
     sft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     sft.set_defaults(func=_cmd_sft)
+
+    precompute = verbs.add_parser("precompute", help="cache the reference log-probs of a training config", description=PRECOMPUTE_HELP,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    precompute.add_argument("config", metavar="CONFIG", help="YAML file or shipped config name (the one you will train with)")
+    precompute.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+    precompute.set_defaults(func=_cmd_precompute)
 
     from dpokit import evaluation, pairing, pipeline, sampling, scoring
 

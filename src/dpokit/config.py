@@ -99,6 +99,23 @@ class TrainConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """The paired (DPO-family) step's fast paths; each gives the plain path's numbers (docs/performance.md)."""
+
+    packing: bool = True  # several pairs per row, no padding between them
+    prefix_sharing: bool = True  # the prompt computed once for chosen and rejected
+    chunked_logps: bool = True  # LM head + log-softmax over chunks of completion tokens, recomputed in backward
+    logps_chunk_size: int = 0  # tokens per LM-head chunk; 0 = auto (about 4M logits per chunk)
+    pack_length: int = 0  # tokens per packed row; 0 = auto (sdpa: the whole micro-batch in one row)
+    ref_cache: bool = True  # reference log-probs computed once, stored on disk, reused; no reference in memory
+    ref_cache_dir: str = ""  # "" = $DPOKIT_CACHE/ref_logps, else ~/.cache/dpokit/ref_logps
+
+    @property
+    def any_fast_path(self) -> bool:
+        return self.packing or self.prefix_sharing or self.chunked_logps or self.ref_cache
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -106,6 +123,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     out_dir: str = "runs/dpo"
 
     def to_dict(self) -> dict:
@@ -116,7 +134,7 @@ class Config:
 
 
 # Top-level keys that hold a section of settings (dict-valued settings such as data.columns are plain values).
-SECTIONS = ("model", "lora", "data", "loss", "optim", "train")
+SECTIONS = ("model", "lora", "data", "loss", "optim", "train", "speed")
 
 
 def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: Union[list[str], dict, None] = None) -> Config:
@@ -364,6 +382,8 @@ def _validate(cfg: Config) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.max_grad_norm": cfg.optim.max_grad_norm,
         "lora.dropout": cfg.lora.dropout,
+        "speed.logps_chunk_size": cfg.speed.logps_chunk_size,
+        "speed.pack_length": cfg.speed.pack_length,
     }
     for key, value in at_least_zero.items():
         if value < 0:

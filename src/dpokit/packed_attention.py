@@ -82,6 +82,11 @@ def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: flo
     returns ((R, L, Hq, D), None) like transformers' sdpa_attention_forward.
     """
     if dpokit_units is None:  # every call but dpokit's own (generation, evaluation helpers): plain sdpa
+        placeholder = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2:] == (1, 1)
+        if placeholder and query.shape[2] > 1:  # dpokit's placeholder mask arrived without its units
+            raise RuntimeError(f"{type(module).__name__} did not pass dpokit's packed-attention arguments to its attention "
+                               "function; run it on the plain step: speed.packing=false speed.prefix_sharing=false "
+                               "speed.chunked_logps=false speed.ref_cache=false")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -9,7 +9,7 @@ Two implementations of the same step:
                       chosen and rejected), the LM head applied chunk by chunk to the scored tokens only
                       (logprobs.ChunkedLMHeadLogps), reference log-probs from the batch when they are
                       cached on disk (ref_cache.py); same losses, gradients and metrics
-                      (tests/test_fast_paths.py). Settings: SpeedSettings (config `speed:`), docs/performance.md.
+                      (tests/test_fast_paths.py). Settings: config `speed:` (config.SpeedConfig), docs/performance.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpokit.config import Config
+from dpokit.config import Config, SpeedConfig
 from dpokit.data.packing import Layout, collate_packed
 from dpokit.logprobs import (
     IGNORE_INDEX,
@@ -97,33 +97,37 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SpeedSettings:
-    """Mirror of the proposed `speed:` config section (config.SpeedConfig); defaults = fastest exact setting."""
-
-    packing: bool = True  # several units per row, no padding between them
-    prefix_sharing: bool = True  # one [prompt, chosen, rejected] unit per pair
-    chunked_logps: bool = True  # LM head + log-softmax over chunks of scored tokens, recomputed in backward
-    logps_chunk_size: int = 0  # tokens per LM-head chunk; 0 = auto (~4M logits per chunk)
-    pack_length: int = 0  # tokens per packed row; 0 = auto (sdpa: one row per micro-batch; eager/flex: the longest unit)
-    ref_cache: bool = True  # reference log-probs computed once, stored on disk, reused (paired losses)
-    ref_cache_dir: str = ""  # "" = $DPOKIT_CACHE/ref_logps, else ~/.cache/dpokit/ref_logps
-
-    @property
-    def any_fast_path(self) -> bool:
-        return self.packing or self.prefix_sharing or self.chunked_logps or self.ref_cache
+SpeedSettings = SpeedConfig  # the `speed:` config section
 
 
-def speed_settings(cfg) -> SpeedSettings:
-    """cfg.speed (a dataclass or a dict) as SpeedSettings; defaults when the config has no speed section."""
+def speed_settings(cfg) -> SpeedConfig:
+    """cfg.speed as a SpeedConfig (also from a dict); the defaults when the object has no speed section."""
     speed = getattr(cfg, "speed", None)
     if speed is None:
-        return SpeedSettings()
-    if isinstance(speed, SpeedSettings):
+        return SpeedConfig()
+    if isinstance(speed, SpeedConfig):
         return speed
     values = speed if isinstance(speed, dict) else dataclasses.asdict(speed)
-    names = {f.name for f in dataclasses.fields(SpeedSettings)}
-    return SpeedSettings(**{k: v for k, v in values.items() if k in names})
+    names = {f.name for f in dataclasses.fields(SpeedConfig)}
+    return SpeedConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def fast_path_blocker(model) -> str | None:
+    """Why the fast step cannot run this model (None: it can).
+
+    Packed rows and prefix sharing reach attention through transformers' attention interface
+    (keyword arguments passed down to a registered attention function); models that do not use
+    it (older or remote-code architectures) would silently attend across pairs, so they take
+    the plain step instead.
+    """
+    lm = _causal_lm(model)
+    name = type(lm).__name__
+    compatible = getattr(type(lm), "is_backend_compatible", None)
+    if compatible is None or not compatible():
+        return f"{name} does not use transformers' attention interface"
+    if not isinstance(getattr(lm, getattr(lm, "base_model_prefix", ""), None), torch.nn.Module):
+        return f"{name} has no backbone module at `{getattr(lm, 'base_model_prefix', '')}`"
+    return None
 
 
 def layout_for(speed: SpeedSettings, attn_implementation: str | None = None) -> Layout:

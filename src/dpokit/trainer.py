@@ -31,8 +31,9 @@ import torch
 from dpokit.checkpoint import (
     StopSignals, TrainingInterrupted, is_sharded, resume_command, save_checkpoint, save_final, start_or_resume,
 )  # fmt: skip
-from dpokit.config import Config, ConfigError, load_config
+from dpokit.config import Config, ConfigError, SpeedConfig, load_config
 from dpokit.data.collate import collate_pairs
+from dpokit.data.packing import count_pairs
 from dpokit.data.prepare import PreparedData, format_summary, prepare_data
 from dpokit.data.records import DataError
 from dpokit.diagnostics import FailureDetectors
@@ -41,7 +42,7 @@ from dpokit.losses import loss_names
 from dpokit.losses import needs_reference as loss_needs_reference
 from dpokit.metrics import MetricSums
 from dpokit.model import load_policy, load_tokenizer, make_reference, prepare_reference
-from dpokit.preference_step import forward_pairs
+from dpokit.preference_step import fast_path_blocker, forward_pairs, forward_pairs_fast, make_collate
 from dpokit.tracking import accelerator_kwargs, end_trackers, init_trackers, log_diagnosis, log_metrics
 
 __all__ = ["Task", "TrainResult", "TrainingInterrupted", "accumulate_gradients", "evaluate", "save_final", "train"]
@@ -84,7 +85,40 @@ def task_for(cfg: Config) -> Task:
         from dpokit.kto_step import UNPAIRED
 
         return UNPAIRED
+    if cfg.speed.any_fast_path:  # padding-free rows, shared prompts, chunked LM head, cached reference (docs/performance.md)
+        return dataclasses.replace(PAIRED, collate=make_collate(cfg.speed, cfg.model.attn_implementation), count=count_pairs,
+                                   forward=forward_pairs_fast)
     return PAIRED
+
+
+def fit_speed(cfg: Config, task: Task, policy, sharded: bool) -> tuple[Config, Task, list[str]]:
+    """The fast paired step's settings for this model and setup -> (cfg, task, notes for the user)."""
+    if task.forward is not forward_pairs_fast:
+        return cfg, task, []
+    blocker = fast_path_blocker(policy)
+    if blocker:
+        plain = SpeedConfig(packing=False, prefix_sharing=False, chunked_logps=False, ref_cache=False)
+        return dataclasses.replace(cfg, speed=plain), PAIRED, [f"{blocker}: the plain paired step runs (speed.* off)"]
+    if sharded and cfg.speed.chunked_logps:  # a sharded LM head is gathered only when called as a module
+        speed = dataclasses.replace(cfg.speed, chunked_logps=False)
+        return dataclasses.replace(cfg, speed=speed), task, ["FSDP/DeepSpeed: speed.chunked_logps is off (the LM head is sharded)"]
+    return cfg, task, []
+
+
+def reference_for(cfg: Config, task: Task, policy, tokenizer, data: PreparedData, accelerator, with_reference: bool):
+    """(reference model or None, data): reference log-probs from the on-disk cache when the fast step can use them
+    (built on a miss with the untrained policy, which is the reference), else a live reference (model.make_reference)."""
+    if not (with_reference and cfg.speed.ref_cache and task.forward is forward_pairs_fast):
+        return make_reference(policy, cfg, with_reference), data
+    from dpokit.ref_cache import ensure_reference_cache
+
+    with accelerator.main_process_first():  # the main process builds a missing cache, the others then read it
+        cache, data = ensure_reference_cache(cfg, tokenizer, data, model=policy.to(accelerator.device), device=accelerator.device)
+    if accelerator.is_main_process:
+        how = f"computed in {cache.seconds:.1f}s" if cache.built else "read"
+        print(f"[dpokit] reference log-probs {how} from the cache {cache.folder}: no reference model in memory; "
+              "kl/chosen is not logged (speed.ref_cache=false logs it)", flush=True)
+    return None, data
 
 
 def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums,
@@ -281,7 +315,10 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     policy = load_policy(cfg)
     # reference-free losses (and SFT) build and run no reference
     with_reference = task.needs_reference(cfg) if task.needs_reference is not None else loss_needs_reference(cfg.loss)
-    reference = make_reference(policy, cfg, with_reference)
+    cfg, task, notes = fit_speed(cfg, task, policy, is_sharded(accelerator))
+    for note in notes if is_main else []:
+        print(f"[dpokit] {note}", flush=True)
+    reference, data = reference_for(cfg, task, policy, tokenizer, data, accelerator, with_reference)
     policy.train()
     optimizer = _optimizer(cfg, policy)
     micro_per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * world))
