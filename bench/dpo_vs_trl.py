@@ -18,11 +18,12 @@ Workloads (CPU: hidden 256, 4 layers, 4 heads, intermediate 704, fp32; batch 8 p
 Runs per workload (`--variants`):
   trl           TRL's DPOTrainer with its defaults (gradient checkpointing on), fp32
   trl-nogc      the same without gradient checkpointing
-  dpokit        dpokit's defaults: packing, prefix sharing, chunked LM head, reference log-probs
-                from the cache, which `precompute` (its own process, like `dpokit precompute`)
-                builds first and is reported on its own row
-  dpokit-gc     the same plus train.gradient_checkpointing (TRL's default)
-  dpokit-live   no reference cache: a live reference model in memory and its forward every step
+  dpokit        dpokit's defaults: packing, prefix sharing, chunked LM head, gradient checkpointing
+                (on by default, like TRL), reference log-probs from the cache, which `precompute`
+                (its own process, like `dpokit precompute`) builds first and is reported on its own row
+  dpokit-nogc   the same with train.gradient_checkpointing=false
+  dpokit-live   no reference cache (speed.ref_cache=false): a live reference model in memory and its
+                forward every step
   dpokit-plain  every speed option off (the padded [chosen; rejected] batch, full logits)
 
 Reported per run: pairs/s and tokens/s after `--warmup` steps (tokens = prompt + chosen +
@@ -66,7 +67,7 @@ WORKLOADS = {
 }
 CPU_MODEL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 704}
 GPU_MODEL = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 4096}
-VARIANTS = ["trl", "trl-nogc", "precompute", "dpokit", "dpokit-gc", "dpokit-live"]
+VARIANTS = ["trl", "trl-nogc", "precompute", "dpokit", "dpokit-nogc", "dpokit-live"]
 BETA, LR = 0.1, 1e-4
 
 
@@ -295,7 +296,7 @@ def child_dpokit(args) -> None:
 
     device = "cuda" if args.gpu else "cpu"
     peak = matmul_peak(device, "bfloat16" if args.gpu else "float32")
-    cfg = _dpokit_config(args, gc=args.variant == "dpokit-gc", speed=_speed_for(args.variant))
+    cfg = _dpokit_config(args, gc=args.variant != "dpokit-nogc", speed=_speed_for(args.variant))
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not args.gpu)
     tokenizer = load_tokenizer(cfg)
     task = trainer.task_for(cfg)

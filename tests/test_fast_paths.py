@@ -46,7 +46,7 @@ def _cfg(speed: SpeedSettings | None = None, **overrides):
     base.update(overrides)
     cfg = load_config(None, base)
     if speed is not None:
-        object.__setattr__(cfg, "speed", speed)  # the proposed config.speed section, until config.py has it
+        cfg.speed = speed
     return cfg
 
 

@@ -167,18 +167,12 @@ def test_lora_policy_builds_the_cache_with_adapters_off(tmp_path):
     torch.testing.assert_close(cached, m["logps/chosen"], rtol=0, atol=1e-5)
 
 
-def _has_speed_config() -> bool:
-    from dpokit.config import Config
-
-    return hasattr(Config(), "speed")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_speed_config(), reason="config.py has no speed section yet (trainer integration pending)")
 def test_training_twice_builds_no_reference_the_second_time(tmp_path, monkeypatch):
     """dpokit.train computes the cache on the first run; the second run reads it and never builds a reference."""
     import dpokit
     import dpokit.ref_cache
+    import dpokit.tasks
     import dpokit.trainer
     from dpokit.metrics import read_metrics
 
@@ -199,7 +193,7 @@ def test_training_twice_builds_no_reference_the_second_time(tmp_path, monkeypatc
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference model was built although the reference cache exists")
 
-    monkeypatch.setattr(dpokit.trainer, "make_reference", forbidden)
+    monkeypatch.setattr(dpokit.tasks, "make_reference", forbidden)
     monkeypatch.setattr(dpokit.ref_cache, "_load_reference", forbidden)
     second = run("second")
     for a, b, c in zip(live, first, second):
@@ -209,10 +203,6 @@ def test_training_twice_builds_no_reference_the_second_time(tmp_path, monkeypatc
 
 def test_a_separate_reference_model_is_the_one_cached(tmp_path):
     """model.ref_name_or_path: the cache holds that model's log-probs (and is keyed by its weights), not the policy's."""
-    from dpokit.config import Config
-
-    if not hasattr(Config().model, "ref_name_or_path"):
-        pytest.skip("config.py has no model.ref_name_or_path")
     from transformers import AutoModelForCausalLM
 
     ref_dir = tmp_path / "ref"

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 import dpokit
 import dpokit.model
 import dpokit.preference_step
+import dpokit.tasks
 import dpokit.trainer
 from dpokit.logprobs import completion_logps
 from dpokit.metrics import read_metrics
@@ -26,7 +27,7 @@ from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer, write_j
 def watch_reference(monkeypatch) -> list:
     """Record every reference the trainer builds; fail if it ever runs one."""
     built = []
-    original = dpokit.trainer.make_reference
+    original = dpokit.tasks.make_reference
 
     def make_reference(policy, cfg, needs_reference):
         reference = original(policy, cfg, needs_reference)
@@ -36,7 +37,7 @@ def watch_reference(monkeypatch) -> list:
     def reference_mode(policy, reference):
         raise AssertionError("a reference forward ran for a reference-free loss")
 
-    monkeypatch.setattr(dpokit.trainer, "make_reference", make_reference)
+    monkeypatch.setattr(dpokit.tasks, "make_reference", make_reference)
     monkeypatch.setattr(dpokit.preference_step, "reference_mode", reference_mode)
     return built
 
@@ -108,7 +109,7 @@ def test_no_reference_saves_one_copy_of_the_weights(tmp_path, monkeypatch):
             built.append((parameter_bytes(policy), parameter_bytes(reference)))
             return reference
 
-        monkeypatch.setattr(dpokit.trainer, "make_reference", make_reference)
+        monkeypatch.setattr(dpokit.tasks, "make_reference", make_reference)
         dpokit.train({"model": {"name_or_path": str(model_dir)}, "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
                       "loss": {"type": loss_type, "beta": 2.0 if loss_type == "simpo" else 0.1},
                       "speed": {"ref_cache": False},  # a live reference (the default cache holds none in memory either)

@@ -183,12 +183,13 @@ def test_a_local_loop_learns_the_completions_not_the_prompts(tmp_path):
 @needs_trainer_change
 @pytest.mark.slow
 def test_sft_through_the_trainer(tmp_path, monkeypatch):
+    import dpokit.tasks as tasks
     import dpokit.trainer as trainer
     from dpokit.metrics import read_metrics
 
     made = []
-    real = trainer.make_reference
-    monkeypatch.setattr(trainer, "make_reference", lambda policy, cfg, needed: made.append(needed) or real(policy, cfg, needed))
+    real = tasks.make_reference
+    monkeypatch.setattr(tasks, "make_reference", lambda policy, cfg, needed: made.append(needed) or real(policy, cfg, needed))
     rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in synthetic_pairs(64, seed=0)]
     path = write_jsonl(tmp_path / "sft.jsonl", rows)
     result = trainer.train({"model": {"name_or_path": str(tiny_model_dir())}, "data": {"path": str(path), "eval_fraction": 0.25},

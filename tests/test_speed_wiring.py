@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import dpokit
 import dpokit.ref_cache
+import dpokit.tasks
 import dpokit.trainer
 from dpokit.cli import main
 from dpokit.config import load_config
@@ -67,7 +68,7 @@ def test_default_training_gives_the_plain_steps_numbers(tmp_path, capsys):
     plain = dpokit.train(_raw(tmp_path, "plain", **PLAIN))
     fast = dpokit.train(_raw(tmp_path, "fast"))
     out = capsys.readouterr().out
-    assert "reference log-probs computed in" in out and "no reference model in memory" in out
+    assert "reference log-probs computed in" in out and "cached in" in out and "no reference model in memory" in out
     rows = {name: [r for r in read_metrics(run.run_dir / "metrics.jsonl") if "loss" in r] for name, run in (("plain", plain), ("fast", fast))}
     assert [r["step"] for r in rows["fast"]] == [1, 2, 3]
     for a, b in zip(rows["plain"], rows["fast"]):
@@ -121,7 +122,7 @@ def test_precompute_fills_the_cache_that_train_then_reads(tmp_path, monkeypatch,
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference model was built although `dpokit precompute` made the cache")
 
-    monkeypatch.setattr(dpokit.trainer, "make_reference", forbidden)
+    monkeypatch.setattr(dpokit.tasks, "make_reference", forbidden)
     monkeypatch.setattr(dpokit.ref_cache, "_load_reference", forbidden)
     assert main(["train", str(config)]) == 0
     assert "reference log-probs read from the cache" in capsys.readouterr().out

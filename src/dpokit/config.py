@@ -88,7 +88,7 @@ class TrainConfig:
     eval_steps: int = 0  # 0 = evaluate only at the end (when there is eval data)
     eval_batch_size: int = 0  # 0 = batch_size
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True  # as TRL: recompute activations in backward (~1/3 more compute, far less memory)
     progress_bar: bool = True
     report_to: list[str] = field(default_factory=list)  # tensorboard | wandb | mlflow, through Accelerate's trackers
     eval_generate: int = 0  # completions sampled at each evaluation to log eval_mean_length; 0 = off

@@ -27,7 +27,7 @@ from dpokit.data.unpaired import TokenizedCompletion, prepare_unpaired
 from dpokit.logprobs import IGNORE_INDEX, token_logps
 from dpokit.losses import LossOutput, kto_loss, validate_loss_config
 from dpokit.model import reference_mode
-from dpokit.trainer import Task
+from dpokit.tasks import Task
 
 
 def prepare(cfg: Config, tokenizer):

@@ -52,7 +52,7 @@ from dpokit.data.unpaired import (
 )
 from dpokit.logprobs import IGNORE_INDEX, token_logps
 from dpokit.losses import LossOutput
-from dpokit.trainer import Task
+from dpokit.tasks import Task
 
 SFT_LAYOUTS = ("prompt_completion", "messages")
 # data.layout values that name the unpaired layouts (the KTO names are accepted too).

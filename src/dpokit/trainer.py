@@ -24,45 +24,26 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from dpokit.batching import BatchStream, micro_batch, pad_id, to_device
 from dpokit.checkpoint import (
     StopSignals, TrainingInterrupted, is_sharded, resume_command, save_checkpoint, save_final, start_or_resume,
 )  # fmt: skip
-from dpokit.config import Config, ConfigError, SpeedConfig, load_config
-from dpokit.data.collate import collate_pairs
-from dpokit.data.packing import count_pairs
-from dpokit.data.prepare import PreparedData, format_summary, prepare_data
+from dpokit.config import Config, ConfigError, load_config
+from dpokit.data.prepare import PreparedData, format_summary
 from dpokit.data.records import DataError
 from dpokit.diagnostics import FailureDetectors
 from dpokit.eval_generation import eval_prompts, generation_metrics
-from dpokit.losses import loss_names
 from dpokit.losses import needs_reference as loss_needs_reference
 from dpokit.metrics import MetricSums
-from dpokit.model import load_policy, load_tokenizer, make_reference, prepare_reference
-from dpokit.preference_step import fast_path_blocker, forward_pairs, forward_pairs_fast, make_collate
+from dpokit.model import load_policy, load_tokenizer, prepare_reference
+from dpokit.tasks import PAIRED, Task, fit_speed, reference_for, task_for
 from dpokit.tracking import accelerator_kwargs, end_trackers, init_trackers, log_diagnosis, log_metrics
 
 __all__ = ["Task", "TrainResult", "TrainingInterrupted", "accumulate_gradients", "evaluate", "save_final", "train"]
-
-
-@dataclass(frozen=True)
-class Task:
-    """How examples are prepared, batched, counted and scored.
-
-    Paired preferences (the DPO family) and unpaired good/bad completions (KTO)
-    share the whole loop and differ only here.
-    """
-
-    prepare: Callable  # (cfg, tokenizer) -> PreparedData
-    collate: Callable  # (examples, pad_token_id) -> dict of tensors
-    count: Callable  # batch -> number of examples in it
-    forward: Callable  # (policy, reference, batch, cfg, with_reference) -> (LossOutput, {metric: (n,) tensor})
-    needs_reference: Optional[Callable] = None  # cfg -> bool; None: as the loss says (losses.needs_reference)
-    weight: Optional[Callable] = None  # example -> its share of a step's loss denominator; None: 1 (a mean over examples)
-    name: str = "dpo"  # the progress bar's label
 
 
 @dataclass
@@ -71,54 +52,6 @@ class TrainResult:
     metrics: dict  # last logged training metrics, plus eval_* from the final evaluation
     model_dir: Path
     stop_reason: Optional[str] = None  # None: finished; else why the run stopped early (no final model then)
-
-
-PAIRED = Task(prepare=prepare_data, collate=collate_pairs, count=lambda batch: batch["input_ids"].shape[0] // 2, forward=forward_pairs)
-
-
-def task_for(cfg: Config) -> Task:
-    if cfg.train.task == "sft":
-        from dpokit.sft_step import SFT
-
-        return SFT
-    if loss_names(cfg.loss) == ["kto"]:
-        from dpokit.kto_step import UNPAIRED
-
-        return UNPAIRED
-    if cfg.speed.any_fast_path:  # padding-free rows, shared prompts, chunked LM head, cached reference (docs/performance.md)
-        return dataclasses.replace(PAIRED, collate=make_collate(cfg.speed, cfg.model.attn_implementation), count=count_pairs,
-                                   forward=forward_pairs_fast)
-    return PAIRED
-
-
-def fit_speed(cfg: Config, task: Task, policy, sharded: bool) -> tuple[Config, Task, list[str]]:
-    """The fast paired step's settings for this model and setup -> (cfg, task, notes for the user)."""
-    if task.forward is not forward_pairs_fast:
-        return cfg, task, []
-    blocker = fast_path_blocker(policy)
-    if blocker:
-        plain = SpeedConfig(packing=False, prefix_sharing=False, chunked_logps=False, ref_cache=False)
-        return dataclasses.replace(cfg, speed=plain), PAIRED, [f"{blocker}: the plain paired step runs (speed.* off)"]
-    if sharded and cfg.speed.chunked_logps:  # a sharded LM head is gathered only when called as a module
-        speed = dataclasses.replace(cfg.speed, chunked_logps=False)
-        return dataclasses.replace(cfg, speed=speed), task, ["FSDP/DeepSpeed: speed.chunked_logps is off (the LM head is sharded)"]
-    return cfg, task, []
-
-
-def reference_for(cfg: Config, task: Task, policy, tokenizer, data: PreparedData, accelerator, with_reference: bool):
-    """(reference model or None, data): reference log-probs from the on-disk cache when the fast step can use them
-    (built on a miss with the untrained policy, which is the reference), else a live reference (model.make_reference)."""
-    if not (with_reference and cfg.speed.ref_cache and task.forward is forward_pairs_fast):
-        return make_reference(policy, cfg, with_reference), data
-    from dpokit.ref_cache import ensure_reference_cache
-
-    with accelerator.main_process_first():  # the main process builds a missing cache, the others then read it
-        cache, data = ensure_reference_cache(cfg, tokenizer, data, model=policy.to(accelerator.device), device=accelerator.device)
-    if accelerator.is_main_process:
-        how = f"computed in {cache.seconds:.1f}s" if cache.built else "read"
-        print(f"[dpokit] reference log-probs {how} from the cache {cache.folder}: no reference model in memory; "
-              "kl/chosen is not logged (speed.ref_cache=false logs it)", flush=True)
-    return None, data
 
 
 def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums,
@@ -143,7 +76,7 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
     scale *= accelerator.gradient_accumulation_steps  # undo Accelerate's (and DeepSpeed's) own division by it
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     for i, (batch, dummy) in enumerate(zip(micro_batches, dummies)):
-        batch = _to_device(batch, accelerator.device)
+        batch = to_device(batch, accelerator.device)
         last = i == len(micro_batches) - 1
         if deepspeed:  # the engine reduces, clips and steps inside backward, at the step's last micro-batch
             accelerator.sync_gradients = last
@@ -157,49 +90,6 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
             sums.add(name, values[:0] if dummy else values)  # a dummy registers the names, with no values
 
 
-class BatchStream:
-    """Global micro-batches, whatever the number of processes.
-
-    Epoch e visits the examples in the order of a permutation seeded with seed + e; global micro-batch j of
-    the epoch is order[j*G : (j+1)*G] with G = batch_size x processes, and process r takes every
-    processes-th example of it from offset r. The processes' micro-batches of a step are therefore
-    together exactly the micro-batch of one process with batch size G (same losses, same gradient),
-    and `position` (global micro-batches consumed) is the whole data position: a resumed run
-    recreates the stream at it and feeds the very micro-batches an uninterrupted run would.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, position: int = 0):
-        self.n, self.global_batch, self.seed, self.shuffle, self.rank, self.world = n, batch_size * world, seed, shuffle, rank, world
-        self.per_epoch = math.ceil(n / self.global_batch)
-        self.position = position
-        self._order: tuple[int, list[int]] = (-1, [])
-
-    def next(self) -> tuple[list[int], int, list[int]]:
-        """(this process's example indices (may be empty), examples in the global micro-batch, the global ones)."""
-        epoch, j = divmod(self.position, self.per_epoch)
-        if self._order[0] != epoch:
-            order = list(range(self.n))
-            if self.shuffle:
-                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            self._order = (epoch, order)
-        chunk = self._order[1][j * self.global_batch : (j + 1) * self.global_batch]
-        self.position += 1
-        return chunk[self.rank :: self.world], len(chunk), chunk
-
-
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def _micro_batch(examples: list, stream: BatchStream, collate, pad_id: int, weight: Optional[Callable] = None) -> tuple[dict, int, bool]:
-    """(this process's batch, the global micro-batch's share of the loss denominator, whether the batch is a dummy)."""
-    local, n_global, chunk = stream.next()
-    if weight is not None:  # e.g. SFT: completion tokens, so a step's loss is its token mean
-        n_global = sum(weight(examples[i]) for i in chunk)
-    dummy = not local
-    return collate([examples[i] for i in (chunk[:1] if dummy else local)], pad_id), n_global, dummy
-
-
 @torch.no_grad()
 def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference: bool, task: Task = PAIRED) -> dict:
     """Metrics over every held-out example, each process scoring its slice of each global batch."""
@@ -209,18 +99,13 @@ def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference:
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     stream = BatchStream(len(pairs), batch_size, 0, shuffle=False, rank=accelerator.process_index, world=accelerator.num_processes)
     for _ in range(stream.per_epoch):
-        batch, _, dummy = _micro_batch(pairs, stream, task.collate, _pad_id(policy))
+        batch, _, dummy = micro_batch(pairs, stream, task.collate, pad_id(policy))
         with accelerator.autocast():
-            _, metrics = task.forward(policy, reference, _to_device(batch, accelerator.device), cfg, with_reference)
+            _, metrics = task.forward(policy, reference, to_device(batch, accelerator.device), cfg, with_reference)
         for name, values in metrics.items():
             sums.add(name, values[:0] if dummy else values)
     policy.train(was_training)
     return {f"eval_{k}": v for k, v in sums.reduce(accelerator).items()}
-
-
-def _pad_id(model) -> int:
-    pad = getattr(getattr(model, "module", model).config, "pad_token_id", None)
-    return 0 if pad is None else int(pad)
 
 
 def _schedule(cfg: Config, optimizer, total_steps: int):
@@ -375,7 +260,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     saved_at, step, signals = None, state.step, StopSignals()
     with signals:
         for step in range(state.step + 1, total_steps + 1):
-            micro = [_micro_batch(data.train, stream, task.collate, pad_id, task.weight) for _ in range(cfg.train.grad_accum)]
+            micro = [micro_batch(data.train, stream, task.collate, pad_id, task.weight) for _ in range(cfg.train.grad_accum)]
             step_sums = MetricSums()
             accumulate_gradients(policy, reference, [m[0] for m in micro], cfg, accelerator, with_reference, step_sums, task,
                                  examples_in_step=sum(m[1] for m in micro), dummies=[m[2] for m in micro])
