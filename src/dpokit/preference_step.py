@@ -37,6 +37,39 @@ from dpokit.model import reference_mode
 from dpokit.packed_attention import ATTENTION_NAME, attention_inputs, is_flash, supports_prefix_sharing
 
 
+def _halves(x: torch.Tensor | None, n: int) -> tuple:
+    """(chosen, rejected) halves of a (2B,) [chosen; rejected] tensor; (None, None) for None."""
+    return (None, None) if x is None else (x[:n], x[n:])
+
+
+def _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg: Config) -> tuple:
+    """(2B,) [chosen; rejected] per-sequence sums -> (LossOutput, the TRL-named per-pair metrics).
+
+    shared / ref_shared: LD-DPO shared-prefix sums (None unless loss.ld_alpha); wpo: the WPO
+    weights' per-sequence sums (None unless loss.use_weighting); mean_logits: vocabulary-mean logit per
+    completion token, averaged per sequence.
+    """
+    n = logps.shape[0] // 2
+    pair = PairLogps(*_halves(logps, n), *_halves(ref_logps, n), *_halves(lengths, n))
+    pair.policy_chosen_shared, pair.policy_rejected_shared = _halves(shared, n)
+    pair.ref_chosen_shared, pair.ref_rejected_shared = _halves(ref_shared, n)
+    pair.policy_chosen_wpo, pair.policy_rejected_wpo = _halves(wpo, n)
+    out = compute_loss(pair, cfg.loss)
+    with torch.no_grad():
+        metrics = {
+            "loss": out.losses.detach(),
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "logps/chosen": pair.policy_chosen.detach(),
+            "logps/rejected": pair.policy_rejected.detach(),
+            "logits/chosen": mean_logits[:n],
+            "logits/rejected": mean_logits[n:],
+        }
+    return out, metrics
+
+
 def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
     """Policy (and reference) log-probs of one [chosen; rejected] batch -> loss output and metrics.
 
@@ -53,40 +86,18 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
             ref_logits = ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
             ref_tok_logps, _ = token_logps(ref_logits, labels)
             ref_logps = ref_tok_logps.sum(-1)
-    pair = PairLogps(
-        policy_chosen=logps[:n_pairs],
-        policy_rejected=logps[n_pairs:],
-        ref_chosen=None if ref_logps is None else ref_logps[:n_pairs],
-        ref_rejected=None if ref_logps is None else ref_logps[n_pairs:],
-        chosen_lengths=lengths[:n_pairs],
-        rejected_lengths=lengths[n_pairs:],
-    )
+    shared = ref_shared = wpo = None
     if cfg.loss.ld_alpha is not None:  # LD-DPO: log-probs over the length both completions share
         shared = shared_prefix_logps(tok_logps, mask)
-        pair.policy_chosen_shared, pair.policy_rejected_shared = shared[:n_pairs], shared[n_pairs:]
-        if ref_tok_logps is not None:
-            ref_shared = shared_prefix_logps(ref_tok_logps, mask)
-            pair.ref_chosen_shared, pair.ref_rejected_shared = ref_shared[:n_pairs], ref_shared[n_pairs:]
-    if cfg.loss.use_weighting:  # WPO: sum_t [log pi(y_t) - log sum_v pi(v)^2], no gradient
-        with torch.no_grad():
-            wpo = (tok_logps - token_sq_prob_logsumexp(logits) * mask).sum(-1)
-        pair.policy_chosen_wpo, pair.policy_rejected_wpo = wpo[:n_pairs], wpo[n_pairs:]
-    out = compute_loss(pair, cfg.loss)
+        ref_shared = None if ref_tok_logps is None else shared_prefix_logps(ref_tok_logps, mask)
     with torch.no_grad():
+        if cfg.loss.use_weighting:  # WPO: sum_t [log pi(y_t) - log sum_v pi(v)^2], no gradient
+            wpo = (tok_logps - token_sq_prob_logsumexp(logits) * mask).sum(-1)
         completion = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # (2B, T-1, 1)
         mean_logits = (logits[:, :-1].float() * completion).sum((1, 2)) / (completion.sum((1, 2)) * logits.shape[-1])
-        metrics = {
-            "loss": out.losses.detach(),
-            "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards,
-            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-            "logps/chosen": pair.policy_chosen.detach(),
-            "logps/rejected": pair.policy_rejected.detach(),
-            "logits/chosen": mean_logits[:n_pairs],
-            "logits/rejected": mean_logits[n_pairs:],
-        }
-        if ref_logits is not None:
+    out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg)
+    if ref_logits is not None:
+        with torch.no_grad():
             metrics["kl/chosen"] = token_kl(logits[:n_pairs].detach(), ref_logits[:n_pairs], labels[:n_pairs])
     return out, metrics
 
@@ -335,39 +346,17 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
                 ref_scores = score_tokens(ref_model, batch, speed)
             ref_logps = _per_sequence(ref_scores.logp, seq, n_seq)
             ref_shared = _per_sequence(ref_scores.logp * _shared_mask(batch), seq, n_seq)
-    pair = PairLogps(
-        policy_chosen=logps[:n_pairs],
-        policy_rejected=logps[n_pairs:],
-        ref_chosen=None if ref_logps is None else ref_logps[:n_pairs],
-        ref_rejected=None if ref_logps is None else ref_logps[n_pairs:],
-        chosen_lengths=lengths[:n_pairs],
-        rejected_lengths=lengths[n_pairs:],
-    )
+    shared = wpo = None
     if cfg.loss.ld_alpha is not None:
         shared = _per_sequence(scores.logp * _shared_mask(batch), seq, n_seq)
-        pair.policy_chosen_shared, pair.policy_rejected_shared = shared[:n_pairs], shared[n_pairs:]
-        if ref_shared is not None:
-            pair.ref_chosen_shared, pair.ref_rejected_shared = ref_shared[:n_pairs], ref_shared[n_pairs:]
-    if cfg.loss.use_weighting:
-        with torch.no_grad():
-            wpo = _per_sequence(scores.logp.detach() - scores.log_sum_sq_probs, seq, n_seq)
-        pair.policy_chosen_wpo, pair.policy_rejected_wpo = wpo[:n_pairs], wpo[n_pairs:]
-    out = compute_loss(pair, cfg.loss)
     with torch.no_grad():
+        if cfg.loss.use_weighting:
+            wpo = _per_sequence(scores.logp.detach() - scores.log_sum_sq_probs, seq, n_seq)
         mean_logits = _per_sequence(scores.mean_logits, seq, n_seq) / lengths
-        metrics = {
-            "loss": out.losses.detach(),
-            "rewards/chosen": out.chosen_rewards,
-            "rewards/rejected": out.rejected_rewards,
-            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
-            "logps/chosen": pair.policy_chosen.detach(),
-            "logps/rejected": pair.policy_rejected.detach(),
-            "logits/chosen": mean_logits[:n_pairs],
-            "logits/rejected": mean_logits[n_pairs:],
-        }
-        if ref_scores is not None and scores.logits_of is not None and ref_scores.logits_of is not None:
-            chosen_idx = torch.nonzero(seq < n_pairs).squeeze(-1)
-            kl = _chunked_kl(scores, ref_scores, chosen_idx, speed.logps_chunk_size)
-            metrics["kl/chosen"] = _per_sequence(kl, seq.index_select(0, chosen_idx), n_pairs)
+    out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared if cfg.loss.ld_alpha is not None else None, wpo,
+                                mean_logits, cfg)
+    if ref_scores is not None and scores.logits_of is not None and ref_scores.logits_of is not None:
+        chosen_idx = torch.nonzero(seq < n_pairs).squeeze(-1)
+        kl = _chunked_kl(scores, ref_scores, chosen_idx, speed.logps_chunk_size)
+        metrics["kl/chosen"] = _per_sequence(kl, seq.index_select(0, chosen_idx), n_pairs)
     return out, metrics

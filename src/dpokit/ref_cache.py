@@ -384,12 +384,14 @@ def precompute_reference(cfg, overrides=None) -> Path:
     from dpokit.config import load_config
     from dpokit.demo.assets import resolve_demo_assets
     from dpokit.model import load_tokenizer
-    from dpokit.trainer import task_for
-
     from dpokit.config import ConfigError
     from dpokit.losses import loss_names, needs_reference
+    from dpokit.tasks import task_for
 
     cfg = resolve_demo_assets(load_config(cfg, overrides))
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # as in training: our own one-line summary
     if loss_names(cfg.loss) == ["kto"] or not needs_reference(cfg.loss):
         raise ConfigError(f"loss.type={cfg.loss.type!r}: only paired losses that use a reference have reference "
                           "log-probs to precompute (KTO's KL baseline depends on the batch; reference-free losses need none)")
