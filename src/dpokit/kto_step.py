@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from dpokit.config import Config, ConfigError
+from dpokit.data.collate import pad_completions
 from dpokit.data.unpaired import TokenizedCompletion, prepare_unpaired
 from dpokit.logprobs import IGNORE_INDEX, token_logps
 from dpokit.losses import LossOutput, kto_loss, validate_loss_config
@@ -37,20 +38,6 @@ def prepare(cfg: Config, tokenizer):
             "prompt with another example's completion from the same batch"
         )
     return prepare_unpaired(cfg, tokenizer)
-
-
-def _pad(rows: list[tuple[list[int], list[int]]], pad_token_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Right-padded (N, T) input_ids, attention_mask, labels; labels hold only the completion tokens."""
-    width = max(len(prompt) + len(completion) for prompt, completion in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (prompt, completion) in enumerate(rows):
-        n_prompt, n = len(prompt), len(prompt) + len(completion)
-        input_ids[i, :n] = torch.tensor(prompt + completion, dtype=torch.long)
-        labels[i, n_prompt:n] = torch.tensor(completion, dtype=torch.long)
-        attention_mask[i, :n] = 1
-    return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention_mask, f"{prefix}labels": labels}
 
 
 def mismatch_shift(sources: list[str]) -> int:
@@ -74,12 +61,12 @@ def collate_unpaired(examples: list[TokenizedCompletion], pad_token_id: int) -> 
     (1 unless that would re-pair a split pair), cut to prompt i's completion budget so it respects
     data.max_length. Absent when B == 1.
     """
-    batch = _pad([(e.prompt_ids, e.completion_ids) for e in examples], pad_token_id)
+    batch = pad_completions([(e.prompt_ids, e.completion_ids) for e in examples], pad_token_id)
     n = len(examples)
     if n > 1:
         k = mismatch_shift([e.source for e in examples])
         mismatched = [(e.prompt_ids, examples[(i + k) % n].completion_ids[: e.completion_budget]) for i, e in enumerate(examples)]
-        batch.update(_pad(mismatched, pad_token_id, prefix="kl_"))
+        batch.update(pad_completions(mismatched, pad_token_id, prefix="kl_"))
     batch["label"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return batch
 

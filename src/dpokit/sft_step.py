@@ -38,14 +38,17 @@ import dataclasses
 import torch
 
 from dpokit.config import Config
-from dpokit.data.layouts import LAYOUTS, RowSkip, load_preferences
+from dpokit.data.collate import pad_completions
+from dpokit.data.layouts import LAYOUTS, load_preferences
 from dpokit.data.loading import read_rows
 from dpokit.data.records import DataError, SkipReport
+from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
 from dpokit.data.unpaired import (
     TokenizedCompletion,
     UnpairedExample,
     _from_messages,
     _from_prompt_completion,
+    _rename,
     detect_unpaired_layout,
     parse_label,
     tokenize_groups,
@@ -59,21 +62,10 @@ SFT_LAYOUTS = ("prompt_completion", "messages")
 _LAYOUT_ALIASES = {"prompt_completion": "prompt_completion", "prompt_completion_label": "prompt_completion",
                    "messages": "messages", "messages_label": "messages"}
 _CONVERTERS = {"prompt_completion": _from_prompt_completion, "messages": _from_messages}
-SFT_COLUMNS = ("prompt", "completion", "messages", "label")
+SFT_COLUMNS = ("prompt", "completion", "messages", "label")  # those of unpaired data: `_rename` maps them
 
 
 # --- rows -> examples -----------------------------------------------------------------------
-
-
-def _rename(row: dict, columns: dict[str, str]) -> dict:
-    if not columns:
-        return row
-    renamed = {k: v for k, v in row.items() if k not in SFT_COLUMNS}
-    for standard in SFT_COLUMNS:
-        column = columns.get(standard, standard)
-        if column in row:
-            renamed[standard] = row[column]
-    return renamed
 
 
 def _is_paired_file(path: str, split: str, columns: dict[str, str], layout: str) -> bool:
@@ -102,46 +94,31 @@ def load_sft(
     unknown = set(columns) - set(SFT_COLUMNS)
     if unknown:
         raise DataError(f"columns for SFT data map {', '.join(SFT_COLUMNS)} to column names; got {columns!r}", path)
-    report = SkipReport()
-    examples: list[UnpairedExample] = []
-    for row_number, row in read_rows(path, split):
-        report.rows_read += 1
-        where = f"{path}:{row_number}"
-        try:
-            row = _rename(row, columns)
-            if layout in _LAYOUT_ALIASES:
-                row_layout = _LAYOUT_ALIASES[layout]
-            else:
-                detected = detect_unpaired_layout(row)
-                if detected is None:
-                    found = ", ".join(sorted(map(str, row))) or "none"
-                    raise RowSkip(f"unrecognised SFT layout (columns: {found}; expected prompt+completion or messages)")
-                row_layout = _LAYOUT_ALIASES[detected]
-            prompt, completion = _CONVERTERS[row_layout](row)
-            if "label" in row and row["label"] is not None and not parse_label(row["label"]):
-                raise RowSkip("label is false: an undesirable completion is not imitated", "label")
-        except RowSkip as skip:
-            if strict:
-                raise DataError(skip.reason, path, row=row_number, field=skip.field) from None
-            report.skip(skip.reason, f"{where} ({skip.field})" if skip.field else where)
-            continue
-        report.layouts[row_layout] += 1
-        report.rows_used += 1
-        examples.append(UnpairedExample(prompt, completion, True, where))
+
+    def convert(row: dict, where: str) -> tuple[str, UnpairedExample]:
+        row = _rename(row, columns)
+        if layout in _LAYOUT_ALIASES:
+            row_layout = _LAYOUT_ALIASES[layout]
+        else:
+            detected = detect_unpaired_layout(row)
+            if detected is None:
+                found = ", ".join(sorted(map(str, row))) or "none"
+                raise RowSkip(f"unrecognised SFT layout (columns: {found}; expected prompt+completion or messages)")
+            row_layout = _LAYOUT_ALIASES[detected]
+        prompt, completion = _CONVERTERS[row_layout](row)
+        if "label" in row and row["label"] is not None and not parse_label(row["label"]):
+            raise RowSkip("label is false: an undesirable completion is not imitated", "label")
+        return row_layout, UnpairedExample(prompt, completion, True, where)
+
+    examples, report = convert_rows(path, split, convert, strict)
     if not examples:
-        reasons = "; ".join(f"{reason} ({n} rows, e.g. {', '.join(report.examples[reason][:2])})" for reason, n in report.skipped.most_common())
-        raise DataError(f"no usable rows: all {report.rows_read} rows were skipped. Reasons: {reasons}", path)
+        raise DataError(no_usable_rows_message(report), path)
     return examples, report
 
 
 def _load(path: str, split: str, cfg: Config):
     examples, report = load_sft(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict)
-    if cfg.data.max_rows is not None and len(examples) > cfg.data.max_rows:
-        n_extra = len(examples) - cfg.data.max_rows
-        report.skip(f"beyond data.max_rows={cfg.data.max_rows}", f"{path} (rows after {cfg.data.max_rows})", n_extra)
-        report.rows_used -= n_extra
-        examples = examples[: cfg.data.max_rows]
-    return examples, report
+    return cap_rows(examples, report, path, cfg.data.max_rows), report
 
 
 def prepare_sft(cfg: Config, tokenizer):
@@ -167,16 +144,7 @@ def prepare_sft(cfg: Config, tokenizer):
 
 def collate_sft(examples: list[TokenizedCompletion], pad_token_id: int) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, labels: (B, T), right-padded; labels hold only the completion tokens."""
-    width = max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n_prompt, n = len(e.prompt_ids), len(e.prompt_ids) + len(e.completion_ids)
-        input_ids[i, :n] = torch.tensor(e.prompt_ids + e.completion_ids, dtype=torch.long)
-        labels[i, n_prompt:n] = torch.tensor(e.completion_ids, dtype=torch.long)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return pad_completions([(e.prompt_ids, e.completion_ids) for e in examples], pad_token_id)
 
 
 def count_tokens(batch: dict) -> int:

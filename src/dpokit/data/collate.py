@@ -15,9 +15,13 @@ from dpokit.data.tokenization import TokenizedPair
 from dpokit.logprobs import IGNORE_INDEX
 
 
-def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """returns input_ids, attention_mask, labels: (2B, T) long tensors."""
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+def pad_completions(rows: list[tuple[list[int], list[int]]], pad_token_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) rows -> right-padded (N, T) long tensors, keys prefixed with `prefix`.
+
+    input_ids: prompt + completion, then pad_token_id; attention_mask: 1 on those tokens; labels:
+    the completion tokens only, IGNORE_INDEX on the prompt and the padding. Every batch (paired,
+    KTO, SFT) is padded here.
+    """
     width = max(len(prompt) + len(completion) for prompt, completion in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -27,4 +31,10 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, to
         input_ids[i, :n] = torch.tensor(prompt + completion, dtype=torch.long)
         labels[i, n_prompt:n] = torch.tensor(completion, dtype=torch.long)
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": attention_mask, f"{prefix}labels": labels}
+
+
+def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """returns input_ids, attention_mask, labels: (2B, T) long tensors."""
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return pad_completions(rows, pad_token_id)

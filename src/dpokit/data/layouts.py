@@ -5,16 +5,16 @@ Anthropic hh-rlhf transcripts, ShareGPT, OpenAI preference fine-tuning, Alpaca,
 stack-exchange-paired). Users should not have to convert files by hand, so the
 layout is detected per row, and an explicit column mapping covers renamed
 columns. A problem with one row raises `RowSkip`, which `load_preferences`
-counts in the `SkipReport` (or, with ``strict=True``, turns into a `DataError`):
-a few bad rows never sink a run, and none disappears uncounted.
+(through `rows.convert_rows`) counts in the `SkipReport` (or, with ``strict=True``,
+turns into a `DataError`): a few bad rows never sink a run, and none disappears uncounted.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dpokit.data.loading import read_rows
 from dpokit.data.records import Conversation, DataError, Message, PreferenceExample, SkipReport
+from dpokit.data.rows import RowSkip, convert_rows, no_usable_rows_message
 
 LAYOUTS = ("prompt_chosen_rejected", "implicit_prompt", "sharegpt", "openai", "alpaca", "stack_exchange")
 STANDARD_COLUMNS = ("prompt", "chosen", "rejected")
@@ -27,15 +27,6 @@ HH_ASSISTANT_TURN = "\n\nAssistant:"
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 Field = str | Conversation
-
-
-class RowSkip(Exception):
-    """One row cannot be used; `reason` is a short category counted in the SkipReport."""
-
-    def __init__(self, reason: str, field: str | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.field = field
 
 
 def detect_layout(row: dict) -> str | None:
@@ -315,24 +306,14 @@ def load_preferences(
 ) -> tuple[list[PreferenceExample], SkipReport]:
     """Read and convert every row of `path`; bad rows are skipped and counted, or raise if `strict`."""
     _check_options(columns, layout)
-    examples: list[PreferenceExample] = []
-    report = SkipReport()
     columns_found: set[str] = set()
-    for row_number, row in read_rows(path, split):
-        report.rows_read += 1
+
+    def convert(row: dict, where: str) -> tuple[str, PreferenceExample]:
         columns_found.update(map(str, row))
-        where = f"{path}:{row_number}"
-        try:
-            row_layout, source_row = _resolve_layout(row, layout, columns)
-            example = to_example(source_row, row_layout, None, where)
-        except RowSkip as skip:
-            if strict:
-                raise DataError(skip.reason, path, row=row_number, field=skip.field) from None
-            report.skip(skip.reason, f"{where} ({skip.field})" if skip.field else where)
-            continue
-        report.layouts[row_layout] += 1
-        report.rows_used += 1
-        examples.append(example)
+        row_layout, source_row = _resolve_layout(row, layout, columns)
+        return row_layout, to_example(source_row, row_layout, None, where)
+
+    examples, report = convert_rows(path, split, convert, strict)
     if not examples:
         raise DataError(_all_rows_skipped_message(report, columns_found), path)
     return examples, report
@@ -365,11 +346,7 @@ def _resolve_layout(row: dict, layout: str, columns: dict[str, str] | None) -> t
 
 
 def _all_rows_skipped_message(report: SkipReport, columns_found: set[str]) -> str:
-    reasons = "; ".join(
-        f"{reason} ({count} rows, e.g. {', '.join(report.examples[reason][:2])})"
-        for reason, count in report.skipped.most_common()
-    )
     return (
-        f"no usable rows: all {report.rows_read} rows were skipped. Reasons: {reasons}. "
+        f"{no_usable_rows_message(report)}. "
         f"Columns found: {', '.join(sorted(columns_found)) or 'none'}. Expected layouts: {', '.join(LAYOUTS)}."
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from dpokit.config import Config
 from dpokit.data.layouts import load_preferences
 from dpokit.data.records import SkipReport
+from dpokit.data.rows import cap_rows
 from dpokit.data.tokenization import TokenizationStats, TokenizedPair, tokenize_pairs
 
 
@@ -27,12 +28,7 @@ def _load(path: str, split: str, cfg: Config):
     examples, report = load_preferences(
         path, split=split, columns=cfg.data.columns or None, layout=cfg.data.layout, strict=cfg.data.strict
     )
-    if cfg.data.max_rows is not None and len(examples) > cfg.data.max_rows:
-        n_extra = len(examples) - cfg.data.max_rows
-        report.skip(f"beyond data.max_rows={cfg.data.max_rows}", f"{path} (rows after {cfg.data.max_rows})", n_extra)
-        report.rows_used -= n_extra
-        examples = examples[: cfg.data.max_rows]
-    return examples, report
+    return cap_rows(examples, report, path, cfg.data.max_rows), report
 
 
 def load_train_and_eval(cfg: Config, load) -> tuple[list, SkipReport, list, SkipReport]:

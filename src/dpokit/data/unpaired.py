@@ -23,9 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from dpokit.data.layouts import LAYOUTS, RowSkip, _check_completion, _messages, _text_or_messages, check_unicode, load_preferences
+from dpokit.data.layouts import LAYOUTS, _check_completion, _messages, _text_or_messages, check_unicode, load_preferences
 from dpokit.data.loading import read_rows
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport, Text
+from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
 from dpokit.data.tokenization import TokenizationStats, render_ids
 
 UNPAIRED_LAYOUTS = ("prompt_completion_label", "messages_label")
@@ -120,6 +121,7 @@ def to_unpaired(row: dict, layout: str, where: str = "") -> UnpairedExample:
 
 
 def _rename(row: dict, columns: dict[str, str]) -> dict:
+    """`row` with the standard unpaired (and SFT) columns read from the user's names in `columns`."""
     if not columns:
         return row
     renamed = {k: v for k, v in row.items() if k not in UNPAIRED_COLUMNS}
@@ -162,29 +164,18 @@ def load_unpaired(
     unknown = set(columns) - set(UNPAIRED_COLUMNS)
     if unknown:
         raise DataError(f"columns for unpaired data map {', '.join(UNPAIRED_COLUMNS)} to column names; got {columns!r}", path)
-    report = SkipReport()
-    groups: list[list[UnpairedExample]] = []
-    for row_number, row in read_rows(path, split):
-        report.rows_read += 1
-        where = f"{path}:{row_number}"
-        try:
-            row = _rename(row, columns)
-            row_layout = layout if layout in UNPAIRED_LAYOUTS else detect_unpaired_layout(row)
-            if row_layout is None:
-                found = ", ".join(sorted(map(str, row))) or "none"
-                raise RowSkip(f"unrecognised unpaired layout (columns: {found}; expected prompt+completion+label or messages+label)")
-            example = to_unpaired(row, row_layout, where)
-        except RowSkip as skip:
-            if strict:
-                raise DataError(skip.reason, path, row=row_number, field=skip.field) from None
-            report.skip(skip.reason, f"{where} ({skip.field})" if skip.field else where)
-            continue
-        report.layouts[row_layout] += 1
-        report.rows_used += 1
-        groups.append([example])
+
+    def convert(row: dict, where: str) -> tuple[str, list[UnpairedExample]]:
+        row = _rename(row, columns)
+        row_layout = layout if layout in UNPAIRED_LAYOUTS else detect_unpaired_layout(row)
+        if row_layout is None:
+            found = ", ".join(sorted(map(str, row))) or "none"
+            raise RowSkip(f"unrecognised unpaired layout (columns: {found}; expected prompt+completion+label or messages+label)")
+        return row_layout, [to_unpaired(row, row_layout, where)]
+
+    groups, report = convert_rows(path, split, convert, strict)
     if not groups:
-        reasons = "; ".join(f"{reason} ({n} rows, e.g. {', '.join(report.examples[reason][:2])})" for reason, n in report.skipped.most_common())
-        raise DataError(f"no usable rows: all {report.rows_read} rows were skipped. Reasons: {reasons}", path)
+        raise DataError(no_usable_rows_message(report), path)
     return groups, report
 
 
@@ -244,12 +235,7 @@ def tokenize_groups(
 
 def _load(path: str, split: str, cfg):
     groups, report = load_unpaired(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict)
-    if cfg.data.max_rows is not None and len(groups) > cfg.data.max_rows:
-        n_extra = len(groups) - cfg.data.max_rows
-        report.skip(f"beyond data.max_rows={cfg.data.max_rows}", f"{path} (rows after {cfg.data.max_rows})", n_extra)
-        report.rows_used -= n_extra
-        groups = groups[: cfg.data.max_rows]
-    return groups, report
+    return cap_rows(groups, report, path, cfg.data.max_rows), report
 
 
 def prepare_unpaired(cfg, tokenizer):
