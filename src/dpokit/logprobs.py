@@ -53,6 +53,28 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return logps.sum(-1), mask.sum(-1)
 
 
+@torch.no_grad()
+def token_entropy_top1(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy of the next-token distribution and whether its argmax is the label, at each shifted position.
+
+    logits (N, T, V), labels (N, T) -> (entropy (N, T-1) float32, top1 (N, T-1) float32 0/1), row by row
+    so that at most one row's probabilities exist at a time. TRL's `entropy` and `mean_token_accuracy`.
+    """
+    labels = labels[:, 1:]
+    entropy = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    top1 = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    for i in range(logits.shape[0]):
+        row = logits[i, :-1].float()  # (T-1, V)
+        entropy[i], top1[i] = _entropy_top1(row, torch.logsumexp(row, dim=-1), labels[i])
+    return entropy, top1
+
+
+def _entropy_top1(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy, argmax == target as 0/1) of rows of logits (n, V) with their log-sum-exp (n,)."""
+    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return entropy, (logits.argmax(-1) == targets).to(logits.dtype)
+
+
 def token_sq_prob_logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """log sum_v p(v)^2 at each shifted position (WPO's normaliser). logits (N, T, V) -> (N, T-1)."""
     out = torch.empty(logits.shape[0], logits.shape[1] - 1, dtype=torch.float32, device=logits.device)
@@ -125,24 +147,25 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 class ChunkedLMHeadLogps(torch.autograd.Function):
     """log_softmax(hidden @ W^T + b)[target] per token, computed chunk by chunk of tokens.
 
-    Forward keeps only each token's log-prob and log-sum-exp (and, on request, two
-    statistics without gradient: the vocabulary mean of the logits and log sum_v p(v)^2);
+    Forward keeps only each token's log-prob and log-sum-exp (and, on request, statistics
+    without gradient: the vocabulary mean of the logits, the entropy, whether the argmax is the
+    target, and log sum_v p(v)^2);
     backward recomputes each chunk's logits and turns them into the gradient in place:
     d logp_t / d logits_t = onehot(target_t) - softmax(logits_t). Peak extra memory is one
     chunk's logits, (chunk, V), instead of (tokens, V) kept for backward.
 
     hidden (M, H), weight (V, H), bias (V,) or None, targets (M,) -> logp (M,) float32,
-    mean_logits (M,) or (0,), log_sum_sq_probs (M,) or (0,).
+    stats (M, 3) or (0, 3): mean logit, entropy, top-1 hit (0/1); log_sum_sq_probs (M,) or (0,).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, want_mean: bool, want_sq: bool):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, want_stats: bool, want_sq: bool):
         dtype = _compute_dtype(hidden, weight)
         acc = torch.float64 if dtype == torch.float64 else torch.float32  # log-softmax always in (at least) float32
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
-        mean = torch.empty(n if want_mean else 0, dtype=acc, device=hidden.device)
+        stats = torch.empty((n if want_stats else 0, 3), dtype=acc, device=hidden.device)
         sq = torch.empty(n if want_sq else 0, dtype=acc, device=hidden.device)
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -153,17 +176,18 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
                 chunk_lse = torch.logsumexp(logits, dim=-1)
                 lse[s:e] = chunk_lse
                 logp[s:e] = logits.gather(-1, targets[s:e, None]).squeeze(-1) - chunk_lse
-                if want_mean:
-                    mean[s:e] = logits.mean(-1)
+                if want_stats:
+                    stats[s:e, 0] = logits.mean(-1)
+                    stats[s:e, 1], stats[s:e, 2] = _entropy_top1(logits, chunk_lse, targets[s:e])
                 if want_sq:
                     sq[s:e] = torch.logsumexp(2 * logits, dim=-1) - 2 * chunk_lse
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.dtype = chunk_size, dtype
-        ctx.mark_non_differentiable(mean, sq)
-        return logp, mean, sq
+        ctx.mark_non_differentiable(stats, sq)
+        return logp, stats, sq
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_mean, _grad_sq):
+    def backward(ctx, grad_logp, _grad_stats, _grad_sq):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         dtype, chunk_size = ctx.dtype, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
@@ -193,22 +217,27 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                        chunk_size: int = 0, want_mean: bool = False, want_sq: bool = False):
+                        chunk_size: int = 0, want_stats: bool = False, want_sq: bool = False):
     """Per-token log-probs of `targets` under the LM head (weight, bias) applied to `hidden`.
 
     hidden (M, H) are the final (normed) hidden states of the positions that predict each
     target (M,). Differentiable in hidden, weight and bias (ChunkedLMHeadLogps).
-    returns (logp (M,) float32, mean_logits (M,) or None, log_sum_sq_probs (M,) or None)
+    returns (logp (M,) float32, stats (M, 3) [mean logit, entropy, top-1 hit] or None, log_sum_sq_probs (M,) or None)
     """
     chunk = auto_chunk_size(weight.shape[0], chunk_size)
-    logp, mean, sq = ChunkedLMHeadLogps.apply(hidden, weight, bias, targets, chunk, want_mean, want_sq)
-    return logp, (mean if want_mean else None), (sq if want_sq else None)
+    logp, stats, sq = ChunkedLMHeadLogps.apply(hidden, weight, bias, targets, chunk, want_stats, want_sq)
+    return logp, (stats if want_stats else None), (sq if want_sq else None)
 
 
-def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, want_mean: bool = False, want_sq: bool = False):
+def gathered_token_logps(logits: torch.Tensor, targets: torch.Tensor, want_stats: bool = False, want_sq: bool = False):
     """The same outputs as `chunked_token_logps`, from materialised logits (M, V) (the non-chunked path)."""
     logp = selective_log_softmax(logits[None], targets[None])[0]
+    stats = sq = None
     with torch.no_grad():
-        mean = logits.float().mean(-1) if want_mean else None
-        sq = torch.logsumexp(2 * F.log_softmax(logits.float(), dim=-1), dim=-1) if want_sq else None
-    return logp, mean, sq
+        if want_stats:
+            full = logits.float()
+            entropy, top1 = _entropy_top1(full, torch.logsumexp(full, dim=-1), targets)
+            stats = torch.stack([full.mean(-1), entropy, top1], dim=-1)
+        if want_sq:
+            sq = torch.logsumexp(2 * F.log_softmax(logits.float(), dim=-1), dim=-1)
+    return logp, stats, sq

@@ -30,6 +30,7 @@ from dpokit.logprobs import (
     gathered_token_logps,
     token_kl,
     token_logps,
+    token_entropy_top1,
     token_sq_prob_logsumexp,
 )
 from dpokit.losses import PairLogps, compute_loss, shared_prefix_logps
@@ -95,7 +96,10 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
             wpo = (tok_logps - token_sq_prob_logsumexp(logits) * mask).sum(-1)
         completion = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # (2B, T-1, 1)
         mean_logits = (logits[:, :-1].float() * completion).sum((1, 2)) / (completion.sum((1, 2)) * logits.shape[-1])
+        entropy, top1 = token_entropy_top1(logits, labels)
     out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg)
+    # per completion token, [chosen; rejected] row by row: averaged over tokens, as TRL does
+    metrics.update(entropy=entropy[mask], mean_token_accuracy=top1[:n_pairs][mask[:n_pairs]])
     if ref_logits is not None:
         with torch.no_grad():
             metrics["kl/chosen"] = token_kl(logits[:n_pairs].detach(), ref_logits[:n_pairs], labels[:n_pairs])
@@ -233,13 +237,13 @@ class TokenScores:
     """Per scored token: log-prob (with grad when the model has it), statistics, and a way back to its logits."""
 
     logp: torch.Tensor  # (M,) float32
-    mean_logits: torch.Tensor | None  # (M,) vocabulary mean of the logits, no grad
+    stats: torch.Tensor | None  # (M, 3) vocabulary mean of the logits, entropy, top-1 hit (0/1); no grad
     log_sum_sq_probs: torch.Tensor | None  # (M,) log sum_v p(v)^2 (WPO), no grad
     logits_of: object  # index (k,) -> (k, V) logits, no grad (for the KL metric); None when not available
     vocab_size: int
 
 
-def score_tokens(model, batch: dict, speed: SpeedSettings, want_mean: bool = False, want_sq: bool = False) -> TokenScores:
+def score_tokens(model, batch: dict, speed: SpeedSettings, want_stats: bool = False, want_sq: bool = False) -> TokenScores:
     """Run `model` on a collate_packed batch -> log-probs of every scored completion token.
 
     chunked_logps: the hidden states of the scored tokens go through ChunkedLMHeadLogps;
@@ -255,9 +259,9 @@ def score_tokens(model, batch: dict, speed: SpeedSettings, want_mean: bool = Fal
     if head is None:
         logits = model(**inputs, use_cache=False).logits
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, pos)
-        logp, mean, sq = gathered_token_logps(logits, target, want_mean, want_sq)
+        logp, stats, sq = gathered_token_logps(logits, target, want_stats, want_sq)
         detached = logits.detach()
-        return TokenScores(logp, mean, sq, lambda idx: detached.index_select(0, idx).float(), logits.shape[-1])
+        return TokenScores(logp, stats, sq, lambda idx: detached.index_select(0, idx).float(), logits.shape[-1])
     kept = {}
 
     def score(hidden):
@@ -266,17 +270,17 @@ def score_tokens(model, batch: dict, speed: SpeedSettings, want_mean: bool = Fal
         if speed.chunked_logps:
             if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
                 weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
-            out = chunked_token_logps(hidden, weight, bias, target, speed.logps_chunk_size, want_mean, want_sq)
+            out = chunked_token_logps(hidden, weight, bias, target, speed.logps_chunk_size, want_stats, want_sq)
             kept["hidden"] = hidden.detach()
         else:
             logits = head(hidden)  # the module itself, so wrappers' hooks (ZeRO-3 gathering) run
-            out = gathered_token_logps(logits, target, want_mean, want_sq)
+            out = gathered_token_logps(logits, target, want_stats, want_sq)
             kept["logits"] = logits.detach()
         return tuple(x if x is not None else hidden.new_zeros(0) for x in out)
 
     with _scoring_forward(lm, score):
-        logp, mean, sq = model(**inputs, use_cache=False)
-    mean = mean if want_mean else None
+        logp, stats, sq = model(**inputs, use_cache=False)
+    stats = stats if want_stats else None
     sq = sq if want_sq else None
     if "logits" in kept:
         logits_of = lambda idx: kept["logits"].index_select(0, idx).float()  # noqa: E731
@@ -288,7 +292,7 @@ def score_tokens(model, batch: dict, speed: SpeedSettings, want_mean: bool = Fal
                 return F.linear(kept["hidden"].index_select(0, idx).to(weight.dtype), weight, bias).float()
     else:
         logits_of = None  # a sharded head outside its forward: no KL metric
-    return TokenScores(logp, mean, sq, logits_of, head.out_features)
+    return TokenScores(logp, stats, sq, logits_of, head.out_features)
 
 
 def _per_sequence(values: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
@@ -335,7 +339,7 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
     seq, lengths = batch["score_seq"], batch["seq_lengths"]
     n_seq = lengths.shape[0]
     n_pairs = n_seq // 2
-    scores = score_tokens(policy, batch, speed, want_mean=True, want_sq=cfg.loss.use_weighting)
+    scores = score_tokens(policy, batch, speed, want_stats=True, want_sq=cfg.loss.use_weighting)
     logps = _per_sequence(scores.logp, seq, n_seq)
     ref_logps = ref_shared = ref_scores = None
     if with_reference:
@@ -352,9 +356,12 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
     with torch.no_grad():
         if cfg.loss.use_weighting:
             wpo = _per_sequence(scores.logp.detach() - scores.log_sum_sq_probs, seq, n_seq)
-        mean_logits = _per_sequence(scores.mean_logits, seq, n_seq) / lengths
+        mean_logits = _per_sequence(scores.stats[:, 0], seq, n_seq) / lengths
+        canonical = torch.argsort(seq * (int(batch["score_ordinal"].max()) + 1) + batch["score_ordinal"])  # forward_pairs' order
+        entropy, top1 = scores.stats[canonical, 1], scores.stats[canonical, 2]
     out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared if cfg.loss.ld_alpha is not None else None, wpo,
                                 mean_logits, cfg)
+    metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(lengths[:n_pairs].sum())])
     if ref_scores is not None and scores.logits_of is not None and ref_scores.logits_of is not None:
         chosen_idx = torch.nonzero(seq < n_pairs).squeeze(-1)
         kl = _chunked_kl(scores, ref_scores, chosen_idx, speed.logps_chunk_size)
