@@ -186,3 +186,18 @@ def test_the_fast_step_matches_the_plain_step_on_other_architectures_or_is_not_u
     fast, _ = forward_pairs_fast(model, reference, task_for(cfg).collate(pairs, 0), cfg, True)
     torch.testing.assert_close(fast.losses, plain.losses, rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.chosen_rewards, plain.chosen_rewards, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_from_the_cache_still_evaluates_kl_with_the_adapters_off(tmp_path):
+    """LoRA's reference is free (adapters off): training reads the cache, evaluation runs it live for eval_kl/chosen."""
+    lora = {"enabled": True, "r": 4, "dropout": 0.0}
+    cached = dpokit.train({**_raw(tmp_path, "cached"), "lora": lora})
+    live = dpokit.train({**_raw(tmp_path, "live", ref_cache=False), "lora": lora})
+    rows = {name: read_metrics(run.run_dir / "metrics.jsonl") for name, run in (("cached", cached), ("live", live))}
+    train_cached = [r for r in rows["cached"] if "loss" in r]
+    assert train_cached and "kl/chosen" not in train_cached[0]  # training steps read the cache
+    assert "kl/chosen" in [r for r in rows["live"] if "loss" in r][0]
+    assert cached.metrics["eval_kl/chosen"] > 0
+    for key in ("eval_loss", "eval_kl/chosen", "eval_rewards/margins", "eval_entropy"):
+        assert cached.metrics[key] == pytest.approx(live.metrics[key], rel=1e-4, abs=1e-6), key

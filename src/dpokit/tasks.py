@@ -85,6 +85,7 @@ def reference_for(cfg: Config, task: Task, policy, tokenizer, data: PreparedData
         cache, data = ensure_reference_cache(cfg, tokenizer, data, model=policy.to(accelerator.device), device=accelerator.device)
     if accelerator.is_main_process:
         how = f"computed in {cache.seconds:.1f}s and cached in" if cache.built else "read from the cache"
-        print(f"[dpokit] reference log-probs {how} {cache.folder}: no reference model in memory; "
-              "kl/chosen is not logged (speed.ref_cache=false logs it)", flush=True)
+        kl = ("kl/chosen is logged at evaluation only (eval_kl/chosen, adapters off)" if cfg.lora.enabled
+              else "kl/chosen is not logged (speed.ref_cache=false logs it)")
+        print(f"[dpokit] reference log-probs {how} {cache.folder}: no reference model in memory; {kl}", flush=True)
     return None, data

@@ -98,8 +98,13 @@ def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference:
     sums = MetricSums()
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     stream = BatchStream(len(pairs), batch_size, 0, shuffle=False, rank=accelerator.process_index, world=accelerator.num_processes)
+    # LoRA training from the reference cache: the reference (adapters off) costs no memory, so evaluation runs it
+    # live instead of reading the cache, and eval records keep eval_kl/chosen, which a cache cannot give.
+    live_reference = with_reference and reference is None and cfg.lora.enabled
     for _ in range(stream.per_epoch):
         batch, _, dummy = micro_batch(pairs, stream, task.collate, pad_id(policy))
+        if live_reference:
+            batch = {k: v for k, v in batch.items() if k not in ("ref_logps", "ref_shared_logps")}
         with accelerator.autocast():
             _, metrics = task.forward(policy, reference, to_device(batch, accelerator.device), cfg, with_reference)
         for name, values in metrics.items():
