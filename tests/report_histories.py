@@ -36,6 +36,7 @@ def healthy_records(steps: int = 60, every: int = 2, eval_every: int = 10) -> li
             "rewards/accuracies": min(1.0, 0.5 + 0.45 * progress + _wiggle(step, 0.03)),
             "logps/chosen": -42.0 + 2 * progress, "logps/rejected": -44.0 - 10 * progress,
             "logits/chosen": -1.2, "logits/rejected": -1.3, "kl/chosen": 1.4 * progress,
+            "entropy": 1.9 - 0.2 * progress, "mean_token_accuracy": 0.42 + 0.05 * progress,
             "grad_norm": 2.5 * math.exp(-step / 25) + 0.4 + _wiggle(step, 0.1),
             "step": step, "epoch": round(step / steps, 4), "learning_rate": 5e-6 * (1 - (step - every) / steps),
         })
@@ -44,7 +45,8 @@ def healthy_records(steps: int = 60, every: int = 2, eval_every: int = 10) -> li
                             "eval_rewards/chosen": 0.35 * progress, "eval_rewards/rejected": -1.2 * progress,
                             "eval_rewards/margins": 1.55 * progress, "eval_rewards/accuracies": 0.5 + 0.42 * progress,
                             "eval_logps/chosen": -41.0 + 2 * progress, "eval_logps/rejected": -43.5 - 9 * progress,
-                            "eval_kl/chosen": 1.3 * progress, "eval_mean_length": 20.0 + 2 * progress})
+                            "eval_kl/chosen": 1.3 * progress, "eval_mean_length": 20.0 + 2 * progress,
+                            "eval_entropy": 1.9 - 0.2 * progress})
     return records
 
 

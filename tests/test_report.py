@@ -31,7 +31,7 @@ from report_histories import (
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 CHROMIUM = Path("/usr/bin/chromium")
-ALL_CHARTS = {"loss", "rewards", "margins", "accuracies", "logps", "kl", "lengths", "learning_rate", "grad_norm"}
+ALL_CHARTS = {"loss", "rewards", "margins", "accuracies", "logps", "kl", "entropy", "lengths", "learning_rate", "grad_norm"}
 
 
 def charts(html: str) -> set[str]:
@@ -133,7 +133,7 @@ def test_missing_files_and_keys_give_notes_not_a_crash(tmp_path):
     notes = load_run(run_dir).notes
     for expected in ("no config.yaml", "no data_summary.json", "not JSON objects (line 20)", "no eval records", "no final/"):
         assert any(expected in note for note in notes), expected
-    assert charts(html) == ALL_CHARTS - {"margins", "lengths"}
+    assert charts(html) == ALL_CHARTS - {"margins", "lengths", "entropy"}
     assert "no rewards/margins logged" in html and "set train.eval_generate=N" in html
     assert "kl" in series(html) and not any(k.startswith("eval_") for k in series(html))
     assert "No resolved config" in html and "No data summary" in html

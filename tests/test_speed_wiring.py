@@ -76,6 +76,10 @@ def test_default_training_gives_the_plain_steps_numbers(tmp_path, capsys):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
     assert rows["fast"][-1]["loss"] < rows["fast"][0]["loss"]  # it learned something in 3 steps of lr 1e-2
     assert "kl/chosen" in rows["plain"][0] and "kl/chosen" not in rows["fast"][0]  # a cache has no next-token distributions
+    from dpokit.report import build_report
+
+    html = build_report(fast.run_dir).read_text()  # the KL chart says why it is empty and how to fill it
+    assert "speed.ref_cache=false logs kl/chosen" in html and 'data-chart="entropy"' in html
     assert fast.metrics["eval_loss"] == pytest.approx(plain.metrics["eval_loss"], rel=1e-4)
     a, b = load_file(str(plain.model_dir / "model.safetensors")), load_file(str(fast.model_dir / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

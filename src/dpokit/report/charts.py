@@ -58,7 +58,13 @@ PLOTS = (
     Plot("kl", "KL to the reference", (Line("kl/chosen", "KL along chosen", AMBER), Line("kl", "KL baseline z0 (KTO)", PINK)),
          "Estimated KL(policy || reference) in nats per sequence. The guide's alarm is 5-10 nats: beyond it "
          "the policy has likely drifted too far (kl_drift).",
-         missing="no KL logged (reference-free losses run no reference)"),
+         missing="no KL logged: reference-free losses run no reference, and reference log-probs read from the "
+                 "cache (speed.ref_cache, the default) come without next-token distributions; speed.ref_cache=false "
+                 "logs kl/chosen (LoRA runs with eval data log eval_kl/chosen anyway)"),
+    Plot("entropy", "Policy entropy", (Line("entropy", "entropy (nats per token)", SLATE),),
+         "Mean entropy of the policy's next-token distribution over the completion tokens (TRL's `entropy`). "
+         "A slide towards 0 is the policy turning deterministic; a rise is probability spread onto tokens "
+         "that do not fit.", missing="not logged in this run (paired losses log it)"),
     Plot("lengths", "Completion length", (Line("mean_length", "mean length (tokens)", SLATE),),
          "Mean length of sampled completions. Growing past 1.5x its first value is length hacking; "
          "shrinking below 0.67x is a symptom of forgetting (length_drift).",
