@@ -73,7 +73,7 @@ def _assert_same_metrics(resumed: Path, reference: Path) -> None:
     got, want = _train_records(resumed), _train_records(reference)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # every step once
     for a, b in zip(got, want):
-        for key in ("loss", "rewards/margins", "grad_norm", "learning_rate", "epoch"):
+        for key in ("loss", "rewards/margins", "grad_norm", "learning_rate", "epoch", "num_tokens"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
 
 

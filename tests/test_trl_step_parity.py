@@ -17,7 +17,6 @@ TRL defaults that differ from dpokit's and are set here so both compute the same
 Differences that remain, each pinned by a test below:
   logits/chosen, logits/rejected: TRL averages over all completion tokens of the batch, dpokit over
     sequences (each sequence's token mean, then the mean over sequences).
-  num_tokens (TRL's running count of input tokens) is not logged by dpokit.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ ROWS = [  # lengths differ, so padding and masking matter
 ]
 BETA, LR, MAX_GRAD_NORM = 0.5, 1e-3, 1.0  # the gradient norm is ~2-6: clipping is active in both
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-           "entropy", "mean_token_accuracy"]  # the last two: token means over the batch's completions (chosen only for accuracy)
+           "entropy", "mean_token_accuracy", "num_tokens"]  # token means (chosen only for accuracy); running input-token count
 
 
 def data_settings(path: Path) -> dict:

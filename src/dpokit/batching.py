@@ -42,13 +42,16 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def micro_batch(examples: list, stream: BatchStream, collate, pad_id: int, weight: Optional[Callable] = None) -> tuple[dict, int, bool]:
-    """(this process's batch, the global micro-batch's share of the loss denominator, whether the batch is a dummy)."""
+def micro_batch(examples: list, stream: BatchStream, collate, pad_id: int, weight: Optional[Callable] = None,
+                tokens: Optional[Callable] = None) -> tuple[dict, int, bool, int]:
+    """(this process's batch, the global micro-batch's share of the loss denominator, whether the batch is a dummy,
+    the global micro-batch's input tokens as `tokens(example)` counts them (0 without it))."""
     local, n_global, chunk = stream.next()
     if weight is not None:  # e.g. SFT: completion tokens, so a step's loss is its token mean
         n_global = sum(weight(examples[i]) for i in chunk)
+    n_tokens = sum(tokens(examples[i]) for i in chunk) if tokens is not None else 0
     dummy = not local
-    return collate([examples[i] for i in (chunk[:1] if dummy else local)], pad_id), n_global, dummy
+    return collate([examples[i] for i in (chunk[:1] if dummy else local)], pad_id), n_global, dummy, n_tokens
 
 
 def pad_id(model) -> int:

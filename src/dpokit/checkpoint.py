@@ -67,6 +67,7 @@ class RunState:
     micro_seen: int = 0  # global micro-batches consumed: the data position
     skipped_steps: int = 0  # non-finite loss/gradient: update skipped
     overflow_steps: int = 0  # fp16 loss-scaler overflows (the scaler skips and lowers its scale)
+    tokens_seen: int = 0  # input tokens of the global micro-batches consumed (the logged num_tokens)
     total_steps: int = 0
     finished: bool = False
     stop_reason: Optional[str] = None

@@ -163,7 +163,7 @@ data loading, run directory and outputs as `dpokit train`, with train.task=sft.
 
 Rows: prompt + completion (text or conversational), messages (the last assistant turn is the
 completion), or preference pairs (their chosen side). Logged: loss (mean NLL per completion
-token), mean_token_accuracy, num_tokens (completion tokens per example). loss.* keys are ignored.
+token), mean_token_accuracy, num_tokens (running total of input tokens). loss.* keys are ignored.
 """
 
 

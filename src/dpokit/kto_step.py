@@ -122,4 +122,5 @@ def forward_unpaired(policy, reference, batch: dict, cfg: Config, with_reference
     return out, metrics
 
 
-UNPAIRED = Task(prepare=prepare, collate=collate_unpaired, count=lambda batch: batch["input_ids"].shape[0], forward=forward_unpaired)
+UNPAIRED = Task(prepare=prepare, collate=collate_unpaired, count=lambda batch: batch["input_ids"].shape[0], forward=forward_unpaired,
+                tokens=lambda example: len(example.prompt_ids) + len(example.completion_ids))  # the KL rows are not counted

@@ -2,7 +2,8 @@
 
 TRL's names: loss, rewards/chosen, rewards/rejected, rewards/margins,
 rewards/accuracies, logps/chosen, logps/rejected, logits/chosen,
-logits/rejected, entropy, mean_token_accuracy, grad_norm, learning_rate, epoch;
+logits/rejected, entropy, mean_token_accuracy, num_tokens (a running total kept
+by the trainer), grad_norm, learning_rate, epoch;
 plus kl/chosen (with a live reference), KL(policy || reference) along the chosen
 completions, in nats per sequence. A step returns per-example values, or per-token
 values for token means (entropy, mean_token_accuracy): MetricSums averages over

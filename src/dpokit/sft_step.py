@@ -27,8 +27,7 @@ micro-batch instead).
 Metrics (averaged over the logging window, like every dpokit metric):
     loss                  mean NLL per completion token (the quantity minimised)
     mean_token_accuracy   share of completion tokens that are the model's argmax prediction
-    num_tokens            completion tokens per example (TRL's `num_tokens` is a running total
-                          of all tokens; a window average is what dpokit's metric log keeps)
+    num_tokens            running total of the input tokens (prompt + completion) trained on, as TRL's
 """
 
 from __future__ import annotations
@@ -176,7 +175,6 @@ def forward_sft(policy, reference, batch: dict, cfg: Config, with_reference: boo
         metrics = {
             "loss": nll.detach()[mask],  # one value per completion token: the window average is the token mean
             "mean_token_accuracy": correct[mask].float(),
-            "num_tokens": mask.sum(-1).float(),
         }
     return out, metrics
 
@@ -190,5 +188,10 @@ def _no_reference(cfg: Config) -> bool:
 # Task fields of the trainer with the SFT change (docs/pipeline.md); the check lets this module import
 # under a trainer without them (which cannot select this Task: it has no train.task).
 _TASK_FIELDS = {f.name for f in dataclasses.fields(Task)}
-_extra = {k: v for k, v in (("needs_reference", _no_reference), ("weight", example_tokens), ("name", "sft")) if k in _TASK_FIELDS}
+def input_tokens(example) -> int:
+    return len(example.prompt_ids) + len(example.completion_ids)
+
+
+_extra = {k: v for k, v in (("needs_reference", _no_reference), ("weight", example_tokens), ("name", "sft"), ("tokens", input_tokens))
+          if k in _TASK_FIELDS}
 SFT = Task(prepare=prepare_sft, collate=collate_sft, count=count_tokens, forward=forward_sft, **_extra)

@@ -39,10 +39,17 @@ class Task:
     forward: Callable  # (policy, reference, batch, cfg, with_reference) -> (LossOutput, {metric: (n,) tensor})
     needs_reference: Optional[Callable] = None  # cfg -> bool; None: as the loss says (losses.needs_reference)
     weight: Optional[Callable] = None  # example -> its share of a step's loss denominator; None: 1 (a mean over examples)
+    tokens: Optional[Callable] = None  # example -> input tokens as TRL's running `num_tokens` counts them; None: not logged
     name: str = "dpo"  # the progress bar's label
 
 
-PAIRED = Task(prepare=prepare_data, collate=collate_pairs, count=lambda batch: batch["input_ids"].shape[0] // 2, forward=forward_pairs)
+def pair_tokens(pair) -> int:
+    """Tokens of a pair's two rows, prompt + chosen and prompt + rejected (TRL's DPO `num_tokens`: the prompt twice)."""
+    return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+PAIRED = Task(prepare=prepare_data, collate=collate_pairs, count=lambda batch: batch["input_ids"].shape[0] // 2, forward=forward_pairs,
+              tokens=pair_tokens)
 
 
 def task_for(cfg: Config) -> Task:

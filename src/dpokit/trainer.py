@@ -102,7 +102,7 @@ def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference:
     # live instead of reading the cache, and eval records keep eval_kl/chosen, which a cache cannot give.
     live_reference = with_reference and reference is None and cfg.lora.enabled
     for _ in range(stream.per_epoch):
-        batch, _, dummy = micro_batch(pairs, stream, task.collate, pad_id(policy))
+        batch, _, dummy, _ = micro_batch(pairs, stream, task.collate, pad_id(policy))
         if live_reference:
             batch = {k: v for k, v in batch.items() if k not in ("ref_logps", "ref_shared_logps")}
         with accelerator.autocast():
@@ -265,7 +265,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     saved_at, step, signals = None, state.step, StopSignals()
     with signals:
         for step in range(state.step + 1, total_steps + 1):
-            micro = [micro_batch(data.train, stream, task.collate, pad_id, task.weight) for _ in range(cfg.train.grad_accum)]
+            micro = [micro_batch(data.train, stream, task.collate, pad_id, task.weight, task.tokens) for _ in range(cfg.train.grad_accum)]
             step_sums = MetricSums()
             accumulate_gradients(policy, reference, [m[0] for m in micro], cfg, accelerator, with_reference, step_sums, task,
                                  examples_in_step=sum(m[1] for m in micro), dummies=[m[2] for m in micro])
@@ -282,6 +282,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
             _keep_step(window, step_sums, keep=not bad)
             window.add_scalar("grad_norm", grad_norm if not bad else 0.0, 0.0 if bad else 1.0)
             state.step, state.micro_seen = step, stream.position
+            state.tokens_seen += sum(m[3] for m in micro)
             overflow = bad and accelerator.scaler is not None and not bad_loss  # the loss scaler's business, not a fault
             state.overflow_steps += int(overflow)
             if bad and not overflow:
@@ -297,6 +298,8 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
                 record = {k: v for k, v in window.reduce(accelerator).items() if math.isfinite(v)}  # no applied step: no value
                 window.clear()
                 record.update(step=step, epoch=round(stream.position / micro_per_epoch, 4), learning_rate=learning_rate, skipped_steps=state.skipped_steps)
+                if task.tokens is not None:  # TRL's running count of the input tokens trained on
+                    record["num_tokens"] = state.tokens_seen
                 if state.overflow_steps:
                     record["overflow_steps"] = state.overflow_steps
                 log_and_diagnose(record)
