@@ -215,3 +215,66 @@ def test_cli_sft_verb(tmp_path, capsys):
     assert main(["sft", str(config), f"out_dir={tmp_path / 'run'}"]) == 0
     assert "mean_token_accuracy=" in capsys.readouterr().out
     assert load_config(str(tmp_path / "run" / "config.yaml")).train.task == "sft"
+
+
+@pytest.mark.parametrize("speed", [{}, {"packing": False}, {"chunked_logps": False}, {"pack_length": 12, "logps_chunk_size": 3}])
+def test_fast_sft_step_matches_the_padded_one(tmp_path, speed):
+    """Padding-free rows and the chunked LM head give forward_sft's per-example NLL, metrics and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.data.unpaired import TokenizedCompletion
+    from dpokit.sft_step import fast_sft, forward_sft_fast
+
+    ids = lambda text: vocab_ids(text)  # noqa: E731
+    examples = [TokenizedCompletion(ids("it is"), ids("fine"), True, 9),  # shortest first: packing reorders the units
+                TokenizedCompletion(ids("the film was"), ids("very good <|im_end|>"), True, 9),
+                TokenizedCompletion([], ids("bad and awful plot"), True, 9)]  # empty prompt: the first token has no loss
+    cfg = load_config(None, {f"speed.{k}": v for k, v in speed.items()})
+    task = fast_sft(cfg)
+    if speed.get("pack_length"):
+        assert task.collate(examples, 0)["score_seq"].tolist()[0] != 0  # rows are not in example order here
+    assert task.forward is forward_sft_fast and task.count(task.collate(examples, 0)) == sum(example_tokens(e) for e in examples)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
+    results = []
+    for forward, batch in ((forward_sft, collate_sft(examples, 0)), (forward_sft_fast, task.collate(examples, 0))):
+        model.zero_grad(set_to_none=True)
+        out, metrics = forward(model, None, batch, cfg, False)
+        out.losses.sum().backward()
+        results.append((out.losses.detach(), metrics, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, m0, g0), (fast, m1, g1) = results
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    for name in ("loss", "mean_token_accuracy"):
+        torch.testing.assert_close(m1[name], m0[name], rtol=0, atol=1e-5, msg=name)  # both in (example, token) order
+    for name, g in g0.items():
+        torch.testing.assert_close(g1[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sft_takes_the_fast_step_by_default():
+    from dpokit.sft_step import forward_sft_fast
+    from dpokit.trainer import task_for
+
+    assert task_for(load_config(None, {"train.task": "sft"})).forward is forward_sft_fast
+    plain = {"train.task": "sft", "speed.packing": False, "speed.chunked_logps": False}
+    assert task_for(load_config(None, plain)) is SFT
+
+
+@pytest.mark.slow
+def test_sft_run_on_the_fast_step_equals_the_padded_run(tmp_path):
+    import dpokit
+    from dpokit.metrics import read_metrics
+
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in synthetic_pairs(24, seed=3)]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+
+    def run(name, **speed):
+        result = dpokit.train({"model": {"name_or_path": str(tiny_model_dir())}, "data": {"path": str(path)}, "speed": speed,
+                               "optim": {"lr": 3e-3, "scheduler": "constant"},
+                               "train": {"task": "sft", "batch_size": 8, "max_steps": 3, "logging_steps": 1, "progress_bar": False,
+                                         "save_steps": 0}, "out_dir": str(tmp_path / name)})
+        return [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
+
+    fast, plain = run("fast"), run("plain", packing=False, chunked_logps=False)
+    for a, b in zip(fast, plain):
+        for key in ("loss", "mean_token_accuracy", "grad_norm", "num_tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert fast[-1]["loss"] < fast[0]["loss"]

@@ -295,7 +295,8 @@ def score_tokens(model, batch: dict, speed: SpeedSettings, want_stats: bool = Fa
     return TokenScores(logp, stats, sq, logits_of, head.out_features)
 
 
-def _per_sequence(values: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
+def per_sequence(values: torch.Tensor, seq: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Sums of per-token `values` (M,) per sequence `seq` (M,) -> (n_seq,)."""
     return torch.zeros(n_seq, dtype=values.dtype, device=values.device).index_add(0, seq, values)
 
 
@@ -326,7 +327,7 @@ def reference_sequence_logps(model, batch: dict, speed: SpeedSettings) -> tuple[
     n_seq = batch["seq_lengths"].shape[0]
     scores = score_tokens(model, batch, speed)
     seq = batch["score_seq"]
-    return _per_sequence(scores.logp, seq, n_seq), _per_sequence(scores.logp * _shared_mask(batch), seq, n_seq)
+    return per_sequence(scores.logp, seq, n_seq), per_sequence(scores.logp * _shared_mask(batch), seq, n_seq)
 
 
 def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
@@ -340,7 +341,7 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
     n_seq = lengths.shape[0]
     n_pairs = n_seq // 2
     scores = score_tokens(policy, batch, speed, want_stats=True, want_sq=cfg.loss.use_weighting)
-    logps = _per_sequence(scores.logp, seq, n_seq)
+    logps = per_sequence(scores.logp, seq, n_seq)
     ref_logps = ref_shared = ref_scores = None
     if with_reference:
         if "ref_logps" in batch:
@@ -348,15 +349,15 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
         else:
             with reference_mode(policy, reference) as ref_model:
                 ref_scores = score_tokens(ref_model, batch, speed)
-            ref_logps = _per_sequence(ref_scores.logp, seq, n_seq)
-            ref_shared = _per_sequence(ref_scores.logp * _shared_mask(batch), seq, n_seq)
+            ref_logps = per_sequence(ref_scores.logp, seq, n_seq)
+            ref_shared = per_sequence(ref_scores.logp * _shared_mask(batch), seq, n_seq)
     shared = wpo = None
     if cfg.loss.ld_alpha is not None:
-        shared = _per_sequence(scores.logp * _shared_mask(batch), seq, n_seq)
+        shared = per_sequence(scores.logp * _shared_mask(batch), seq, n_seq)
     with torch.no_grad():
         if cfg.loss.use_weighting:
-            wpo = _per_sequence(scores.logp.detach() - scores.log_sum_sq_probs, seq, n_seq)
-        mean_logits = _per_sequence(scores.stats[:, 0], seq, n_seq) / lengths
+            wpo = per_sequence(scores.logp.detach() - scores.log_sum_sq_probs, seq, n_seq)
+        mean_logits = per_sequence(scores.stats[:, 0], seq, n_seq) / lengths
         canonical = torch.argsort(seq * (int(batch["score_ordinal"].max()) + 1) + batch["score_ordinal"])  # forward_pairs' order
         entropy, top1 = scores.stats[canonical, 1], scores.stats[canonical, 2]
     out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared if cfg.loss.ld_alpha is not None else None, wpo,
@@ -365,5 +366,5 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
     if ref_scores is not None and scores.logits_of is not None and ref_scores.logits_of is not None:
         chosen_idx = torch.nonzero(seq < n_pairs).squeeze(-1)
         kl = _chunked_kl(scores, ref_scores, chosen_idx, speed.logps_chunk_size)
-        metrics["kl/chosen"] = _per_sequence(kl, seq.index_select(0, chosen_idx), n_pairs)
+        metrics["kl/chosen"] = per_sequence(kl, seq.index_select(0, chosen_idx), n_pairs)
     return out, metrics

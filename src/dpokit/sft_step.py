@@ -38,6 +38,7 @@ import torch
 
 from dpokit.config import Config
 from dpokit.data.collate import pad_completions
+from dpokit.data.packing import collate_packed_sequences
 from dpokit.data.layouts import LAYOUTS, load_preferences
 from dpokit.data.loading import read_rows
 from dpokit.data.records import DataError, SkipReport
@@ -54,6 +55,7 @@ from dpokit.data.unpaired import (
 )
 from dpokit.logprobs import IGNORE_INDEX, token_logps
 from dpokit.losses import LossOutput
+from dpokit.preference_step import layout_for, per_sequence, score_tokens, speed_settings
 from dpokit.tasks import Task
 
 SFT_LAYOUTS = ("prompt_completion", "messages")
@@ -147,8 +149,20 @@ def collate_sft(examples: list[TokenizedCompletion], pad_token_id: int) -> dict[
 
 
 def count_tokens(batch: dict) -> int:
-    """Completion (trained) tokens in the batch: the loss is a mean over these."""
+    """Completion (trained) tokens in the batch (collate_sft's or a packed one): the loss is a mean over these."""
+    if "score_pos" in batch:
+        return int(batch["score_pos"].numel())
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def make_sft_collate(speed, attn_implementation=None):
+    """(examples, pad_token_id) -> a padding-free batch (data/packing.py) for forward_sft_fast."""
+    layout = layout_for(speed, attn_implementation)
+
+    def collate(examples: list[TokenizedCompletion], pad_token_id: int) -> dict[str, torch.Tensor]:
+        return collate_packed_sequences([(e.prompt_ids, e.completion_ids) for e in examples], pad_token_id, layout)
+
+    return collate
 
 
 def example_tokens(example: TokenizedCompletion) -> int:
@@ -179,19 +193,32 @@ def forward_sft(policy, reference, batch: dict, cfg: Config, with_reference: boo
     return out, metrics
 
 
+def forward_sft_fast(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
+    """forward_sft on a make_sft_collate batch: padding-free rows, the LM head on completion tokens only, by chunks
+    with `speed.chunked_logps` (preference_step.score_tokens). Same losses, metrics and gradients (tests/test_sft.py)."""
+    scores = score_tokens(policy, batch, speed_settings(cfg), want_stats=True)
+    nll = -scores.logp
+    seq, ordinal = batch["score_seq"], batch["score_ordinal"]
+    out = LossOutput(per_sequence(nll, seq, batch["seq_lengths"].shape[0]), torch.zeros(0), torch.zeros(0))
+    order = torch.argsort(seq * (int(ordinal.max()) + 1 if ordinal.numel() else 1) + ordinal)  # forward_sft's (example, token) order
+    return out, {"loss": nll.detach()[order], "mean_token_accuracy": scores.stats[order, 2]}
+
+
 def _no_reference(cfg: Config) -> bool:
     return False
 
 
-# `needs_reference`: SFT builds no reference model; `weight`: a step's loss is divided by its completion
-# tokens (over all micro-batches and processes), not its examples; `name` labels the progress bar. They are
-# Task fields of the trainer with the SFT change (docs/pipeline.md); the check lets this module import
-# under a trainer without them (which cannot select this Task: it has no train.task).
-_TASK_FIELDS = {f.name for f in dataclasses.fields(Task)}
-def input_tokens(example) -> int:
+def input_tokens(example: TokenizedCompletion) -> int:
+    """Prompt + completion tokens: what TRL's running `num_tokens` counts for SFT."""
     return len(example.prompt_ids) + len(example.completion_ids)
 
 
-_extra = {k: v for k, v in (("needs_reference", _no_reference), ("weight", example_tokens), ("name", "sft"), ("tokens", input_tokens))
-          if k in _TASK_FIELDS}
-SFT = Task(prepare=prepare_sft, collate=collate_sft, count=count_tokens, forward=forward_sft, **_extra)
+# `needs_reference`: SFT builds no reference model; `weight`: a step's loss is divided by its completion
+# tokens (over all micro-batches and processes), not its examples; `name` labels the progress bar.
+SFT = Task(prepare=prepare_sft, collate=collate_sft, count=count_tokens, forward=forward_sft, needs_reference=_no_reference,
+           weight=example_tokens, tokens=input_tokens, name="sft")
+
+
+def fast_sft(cfg: Config) -> Task:
+    """SFT on padding-free rows (speed.packing) and/or with the chunked LM head (speed.chunked_logps)."""
+    return dataclasses.replace(SFT, collate=make_sft_collate(cfg.speed, cfg.model.attn_implementation), forward=forward_sft_fast)

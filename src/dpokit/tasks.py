@@ -29,7 +29,7 @@ from dpokit.preference_step import fast_path_blocker, forward_pairs, forward_pai
 class Task:
     """How examples are prepared, batched, counted and scored.
 
-    Paired preferences (the DPO family) and unpaired good/bad completions (KTO)
+    Paired preferences (the DPO family), unpaired good/bad completions (KTO) and SFT
     share the whole loop and differ only here.
     """
 
@@ -54,9 +54,9 @@ PAIRED = Task(prepare=prepare_data, collate=collate_pairs, count=lambda batch: b
 
 def task_for(cfg: Config) -> Task:
     if cfg.train.task == "sft":
-        from dpokit.sft_step import SFT
+        from dpokit.sft_step import SFT, fast_sft
 
-        return SFT
+        return fast_sft(cfg) if cfg.speed.packing or cfg.speed.chunked_logps else SFT
     if loss_names(cfg.loss) == ["kto"]:
         from dpokit.kto_step import UNPAIRED
 
@@ -68,13 +68,16 @@ def task_for(cfg: Config) -> Task:
 
 
 def fit_speed(cfg: Config, task: Task, policy, sharded: bool) -> tuple[Config, Task, list[str]]:
-    """The fast paired step's settings for this model and setup -> (cfg, task, notes for the user)."""
-    if task.forward is not forward_pairs_fast:
+    """The fast step's settings (paired or SFT) for this model and setup -> (cfg, task, notes for the user)."""
+    from dpokit.sft_step import SFT, forward_sft_fast
+
+    plain_task = {forward_pairs_fast: PAIRED, forward_sft_fast: SFT}.get(task.forward)
+    if plain_task is None:
         return cfg, task, []
     blocker = fast_path_blocker(policy)
     if blocker:
         plain = SpeedConfig(packing=False, prefix_sharing=False, chunked_logps=False, ref_cache=False)
-        return dataclasses.replace(cfg, speed=plain), PAIRED, [f"{blocker}: the plain paired step runs (speed.* off)"]
+        return dataclasses.replace(cfg, speed=plain), plain_task, [f"{blocker}: the plain {plain_task.name} step runs (speed.* off)"]
     if sharded and cfg.speed.chunked_logps:  # a sharded LM head is gathered only when called as a module
         speed = dataclasses.replace(cfg.speed, chunked_logps=False)
         return dataclasses.replace(cfg, speed=speed), task, ["FSDP/DeepSpeed: speed.chunked_logps is off (the LM head is sharded)"]

@@ -107,7 +107,22 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, layout: Layout
       seq_lengths: (2B,) scored tokens per sequence, [chosen; rejected]
       pair_hash: (B,) `pair_hash` of each pair (the reference cache checks it)
     """
-    units = _units(pairs, layout.prefix_sharing)
+    batch = _pack(_units(pairs, layout.prefix_sharing), 2 * len(pairs), pad_token_id, layout)
+    batch["pair_hash"] = torch.tensor([pair_hash(p) for p in pairs], dtype=torch.long)
+    return batch
+
+
+def collate_packed_sequences(sequences: list[tuple[list[int], list[int]]], pad_token_id: int, layout: Layout = Layout()) -> dict[str, torch.Tensor]:
+    """(prompt ids, completion ids) sequences -> collate_packed's padding-free batch, one plain unit per sequence.
+
+    Sequence i is `score_seq` i; its completion tokens are scored (SFT); `seq_lengths` is (N,).
+    """
+    units = [(prompt + completion, len(prompt), len(completion), 0, i, -1) for i, (prompt, completion) in enumerate(sequences)]
+    return _pack(units, len(sequences), pad_token_id, layout)
+
+
+def _pack(units: list[tuple], n_seq: int, pad_token_id: int, layout: Layout) -> dict[str, torch.Tensor]:
+    """Units (see `_units`) into rows: the tensors collate_packed documents, but pair_hash."""
     rows, width = _assign_rows([len(u[0]) for u in units], layout)
     n_rows = len(rows)
     input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
@@ -116,7 +131,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, layout: Layout
     branch = torch.zeros((n_rows, width), dtype=torch.int8)
     unit_table = []
     pos_parts, tgt_parts, seq_parts, ord_parts = [], [], [], []
-    seq_lengths = [0] * (2 * len(pairs))
+    seq_lengths = [0] * n_seq
 
     def score(seq: int, row: int, predictors: range, targets: list[int], offset: int = 0) -> None:
         # offset: tokens of this completion already scored (1-based ordinals continue from there)
@@ -171,7 +186,6 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, layout: Layout
         "score_seq": torch.cat(seq_parts) if seq_parts else empty,
         "score_ordinal": torch.cat(ord_parts) if ord_parts else empty,
         "seq_lengths": torch.tensor(seq_lengths, dtype=torch.long),
-        "pair_hash": torch.tensor([pair_hash(p) for p in pairs], dtype=torch.long),
     }
 
 
