@@ -113,7 +113,8 @@ def _cmd_train(args) -> int:
     from dpokit.trainer import train
 
     result = train(resolve_config_path(args.config), args.overrides)
-    status = _finished(result, ["loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "eval_loss", "eval_rewards/accuracies"])
+    status = _finished(result, ["loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "eval_loss", "eval_rewards/accuracies",
+                                "eval_kl/chosen"])
     try:  # the report is a convenience: a bug in it must not turn a finished run into a failed command
         from dpokit.report import build_report
 
