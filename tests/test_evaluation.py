@@ -15,15 +15,6 @@ from dpokit.scoring import FunctionScorer
 from dpokit.tiny import build_tiny_llama, build_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one torch thread is as fast, and far faster on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer([" ".join(world.vocabulary())], kind="word")

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from dpokit.config import ConfigError, load_config
 from dpokit.pipeline import Pipeline, load_pipeline_config, resolve_prompts
@@ -57,17 +56,8 @@ def test_demo_prompt_sets():
 # --- a 2-round run on a small SFT model ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def small_sft(one_thread):
+def small_sft():
     from dpokit.demo.sft import SFTConfig, build_sft_model
 
     config = SFTConfig(hidden_size=64, steps=200, n_sequences=2000, lr=5e-3)

@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dpokit.data.records import DataError
 from dpokit.sampling import HFBackend, SamplingConfig, complete_groups, load_prompts, read_samples, sample_to_file
 from dpokit.tiny import build_tiny_llama
 from tiny_assets import word_tokenizer, write_jsonl
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one torch thread is as fast, and far faster on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 PROMPTS = ["the film was", "the movie was", "it is", "the plot was", "the acting was", "a movie is", "the film is"]

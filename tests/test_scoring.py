@@ -28,15 +28,6 @@ from dpokit.scoring import (
 from tiny_assets import word_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one torch thread is as fast, and far faster on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 PROMPTS = ["the film was", "the movie was", "it is"]
 COMPLETIONS = [" wonderful and i loved it", " awful and dull", " long"]
 

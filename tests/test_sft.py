@@ -17,15 +17,6 @@ from dpokit.trainer import accumulate_gradients
 from tiny_assets import synthetic_pairs, tiny_model_dir, vocab_ids, word_tokenizer, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one torch thread is as fast, and far faster on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 HAS_TASK_KEY = "task" in {f.name for f in dataclasses.fields(load_config().train)}
 needs_trainer_change = pytest.mark.skipif(not HAS_TASK_KEY, reason="needs the trainer/config change that adds train.task (docs/pipeline.md)")
 
