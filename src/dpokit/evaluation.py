@@ -27,26 +27,14 @@ from typing import Any, Union
 
 import torch
 
+from dpokit.data.collate import pad_completions
 from dpokit.generation import Sample, sample
-from dpokit.logprobs import IGNORE_INDEX, token_kl, token_logps
+from dpokit.logprobs import token_kl, token_logps
 
 Prompt = Union[str, list]
 
 
 # --- log-ratios and KL ---------------------------------------------------------------------------
-
-
-def _padded(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int):
-    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, p) in enumerate(zip(seqs, prompt_ids)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        labels[i, len(p) : len(s)] = torch.tensor(s[len(p) :])
-        attention[i, : len(s)] = 1
-    return input_ids, attention, labels
 
 
 @torch.no_grad()
@@ -56,8 +44,9 @@ def log_ratios(policy, reference, prompt_ids, completion_ids, pad_token_id: int,
     device = next(policy.parameters()).device
     ratios, kls = [], []
     for start in range(0, len(prompt_ids), batch_size):
-        ids, attention, labels = _padded(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size], pad_token_id)
-        ids, attention, labels = ids.to(device), attention.to(device), labels.to(device)
+        rows = list(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size]))
+        batch = {k: v.to(device) for k, v in pad_completions(rows, pad_token_id).items()}
+        ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         policy_logits = policy(input_ids=ids, attention_mask=attention).logits
         ref_logits = reference(input_ids=ids, attention_mask=attention).logits
         policy_logps, _ = token_logps(policy_logits, labels)

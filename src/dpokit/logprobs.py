@@ -106,21 +106,15 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
 
     prompt_ids, completion_ids: token id lists of equal count. returns (N,) float32 on CPU.
     """
+    from dpokit.data.collate import pad_completions  # data.collate imports this module
+
     device = next(model.parameters()).device
     results = []
     for start in range(0, len(prompt_ids), batch_size):
-        seqs = [p + c for p, c in zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])]
-        plens = [len(p) for p in prompt_ids[start : start + batch_size]]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s, pl) in enumerate(zip(seqs, plens)):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            labels[i, pl : len(s)] = torch.tensor(s[pl:])
-            attention[i, : len(s)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        logps, _ = sequence_logps(logits, labels.to(device))
+        rows = list(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size]))
+        batch = {k: v.to(device) for k, v in pad_completions(rows, pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps, _ = sequence_logps(logits, batch["labels"])
         results.append(logps.float().cpu())
     return torch.cat(results) if results else torch.zeros(0)
 
