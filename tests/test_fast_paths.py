@@ -24,24 +24,25 @@ from dpokit.logprobs import IGNORE_INDEX, chunked_token_logps
 from dpokit.metrics import MetricSums
 from dpokit.model import load_policy, make_reference
 from dpokit.packed_attention import allowed
-from dpokit.preference_step import SpeedSettings, forward_pairs, forward_pairs_fast, make_collate
+from dpokit.config import SpeedConfig
+from dpokit.preference_step import forward_pairs, forward_pairs_fast, make_collate
 from dpokit.trainer import PAIRED, Task, accumulate_gradients
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer
 
 ATOL = 1e-5
 
 SETTINGS = {
-    "plain_layout_chunked": SpeedSettings(packing=False, prefix_sharing=False, chunked_logps=True),
-    "packing": SpeedSettings(packing=True, prefix_sharing=False, chunked_logps=False, pack_length=64),
-    "prefix_sharing": SpeedSettings(packing=False, prefix_sharing=True, chunked_logps=False),
-    "chunked": SpeedSettings(packing=False, prefix_sharing=False, chunked_logps=True, logps_chunk_size=7),
-    "packing+prefix": SpeedSettings(packing=True, prefix_sharing=True, chunked_logps=False, pack_length=64),
-    "all": SpeedSettings(packing=True, prefix_sharing=True, chunked_logps=True, pack_length=64, logps_chunk_size=5),
-    "all_defaults": SpeedSettings(),
+    "plain_layout_chunked": SpeedConfig(packing=False, prefix_sharing=False, chunked_logps=True),
+    "packing": SpeedConfig(packing=True, prefix_sharing=False, chunked_logps=False, pack_length=64),
+    "prefix_sharing": SpeedConfig(packing=False, prefix_sharing=True, chunked_logps=False),
+    "chunked": SpeedConfig(packing=False, prefix_sharing=False, chunked_logps=True, logps_chunk_size=7),
+    "packing+prefix": SpeedConfig(packing=True, prefix_sharing=True, chunked_logps=False, pack_length=64),
+    "all": SpeedConfig(packing=True, prefix_sharing=True, chunked_logps=True, pack_length=64, logps_chunk_size=5),
+    "all_defaults": SpeedConfig(),
 }
 
 
-def _cfg(speed: SpeedSettings | None = None, **overrides):
+def _cfg(speed: SpeedConfig | None = None, **overrides):
     base = {"model.name_or_path": str(tiny_model_dir()), "loss.beta": 0.5}
     base.update(overrides)
     cfg = load_config(None, base)
@@ -222,7 +223,7 @@ def test_single_varlen_row_and_grouped_query_attention():
     reference = _moved(copy.deepcopy(policy)).requires_grad_(False)
     cfg = _cfg()
     plain = _run(forward_pairs, policy, reference, collate_pairs(_pairs(), 0), cfg)
-    speed = SpeedSettings(prefix_sharing=False, logps_chunk_size=9)
+    speed = SpeedConfig(prefix_sharing=False, logps_chunk_size=9)
     batch = collate_packed(_pairs(), 0, Layout(prefix_sharing=False, single_row=True))
     assert batch["input_ids"].shape[0] == 1
     _compare(plain, _run(forward_pairs_fast, policy, reference, batch, _cfg(speed)))
@@ -253,7 +254,7 @@ def test_accumulated_step_through_the_trainer_matches(models):
 def test_generation_after_the_switch_to_dpokit_sdpa_is_unchanged(models):
     """The fast path switches sdpa to dpokit_sdpa, which is plain sdpa for calls without units."""
     policy, reference = models
-    forward_pairs_fast(policy, reference, make_collate(SpeedSettings())(_pairs(4), 0), _cfg(SpeedSettings()), True)
+    forward_pairs_fast(policy, reference, make_collate(SpeedConfig())(_pairs(4), 0), _cfg(SpeedConfig()), True)
     batch = collate_pairs(_pairs(4), 0)
     with torch.no_grad():
         before_cfg = policy.config._attn_implementation

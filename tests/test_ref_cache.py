@@ -13,7 +13,8 @@ from dpokit.config import load_config
 from dpokit.data.collate import collate_pairs
 from dpokit.data.prepare import prepare_data
 from dpokit.model import load_policy, load_tokenizer, make_reference
-from dpokit.preference_step import SpeedSettings, forward_pairs, forward_pairs_fast, make_collate
+from dpokit.config import SpeedConfig
+from dpokit.preference_step import forward_pairs, forward_pairs_fast, make_collate
 from dpokit.ref_cache import CacheMismatch, attach, ensure_reference_cache, precompute_reference, read_split
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
@@ -88,7 +89,7 @@ def test_cached_values_equal_a_live_reference_and_training_from_them_matches(tmp
     out_live.losses.sum().backward()
     g_live = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
-    speed = SpeedSettings()
+    speed = SpeedConfig()
     batch = make_collate(speed)(cached.train[:5], 0)
     assert "ref_logps" in batch
     out_cached, m_cached = forward_pairs_fast(policy, None, batch, cfg, True)  # no reference model at all

@@ -15,7 +15,6 @@ Two implementations of the same step:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -112,21 +111,6 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
 # ---------------------------------------------------------------------------------------------
 
 
-SpeedSettings = SpeedConfig  # the `speed:` config section
-
-
-def speed_settings(cfg) -> SpeedConfig:
-    """cfg.speed as a SpeedConfig (also from a dict); the defaults when the object has no speed section."""
-    speed = getattr(cfg, "speed", None)
-    if speed is None:
-        return SpeedConfig()
-    if isinstance(speed, SpeedConfig):
-        return speed
-    values = speed if isinstance(speed, dict) else dataclasses.asdict(speed)
-    names = {f.name for f in dataclasses.fields(SpeedConfig)}
-    return SpeedConfig(**{k: v for k, v in values.items() if k in names})
-
-
 def fast_path_blocker(model) -> str | None:
     """Why the fast step cannot run this model (None: it can).
 
@@ -145,7 +129,7 @@ def fast_path_blocker(model) -> str | None:
     return None
 
 
-def layout_for(speed: SpeedSettings, attn_implementation: str | None = None) -> Layout:
+def layout_for(speed: SpeedConfig, attn_implementation: str | None = None) -> Layout:
     """The row layout for these settings.
 
     sdpa (the default, attention per unit): pack_length 0 puts the whole micro-batch in one row, no
@@ -159,7 +143,7 @@ def layout_for(speed: SpeedSettings, attn_implementation: str | None = None) -> 
                   pack_length=speed.pack_length, single_row=speed.packing and speed.pack_length == 0 and segment_attention)
 
 
-def make_collate(speed: SpeedSettings, attn_implementation: str | None = None):
+def make_collate(speed: SpeedConfig, attn_implementation: str | None = None):
     """(pairs, pad_token_id) -> batch for forward_pairs_fast; cached reference log-probs ride along when pairs carry them."""
     layout = layout_for(speed, attn_implementation)
 
@@ -243,7 +227,7 @@ class TokenScores:
     vocab_size: int
 
 
-def score_tokens(model, batch: dict, speed: SpeedSettings, want_stats: bool = False, want_sq: bool = False) -> TokenScores:
+def score_tokens(model, batch: dict, speed: SpeedConfig, want_stats: bool = False, want_sq: bool = False) -> TokenScores:
     """Run `model` on a collate_packed batch -> log-probs of every scored completion token.
 
     chunked_logps: the hidden states of the scored tokens go through ChunkedLMHeadLogps;
@@ -322,7 +306,7 @@ def _chunked_kl(policy: TokenScores, ref: TokenScores, idx: torch.Tensor, chunk_
 
 
 @torch.no_grad()
-def reference_sequence_logps(model, batch: dict, speed: SpeedSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_sequence_logps(model, batch: dict, speed: SpeedConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion log-probs (2B,), LD-DPO shared-prefix sums (2B,)) of one batch, no gradient."""
     n_seq = batch["seq_lengths"].shape[0]
     scores = score_tokens(model, batch, speed)
@@ -336,7 +320,7 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
     returns (LossOutput, metrics: dict name -> (B,) tensor), the same names and values as forward_pairs;
     kl/chosen only when a live reference runs (a cached reference has no next-token distributions).
     """
-    speed = speed_settings(cfg)
+    speed = cfg.speed
     seq, lengths = batch["score_seq"], batch["seq_lengths"]
     n_seq = lengths.shape[0]
     n_pairs = n_seq // 2
@@ -358,8 +342,8 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
         if cfg.loss.use_weighting:
             wpo = per_sequence(scores.logp.detach() - scores.log_sum_sq_probs, seq, n_seq)
         mean_logits = per_sequence(scores.stats[:, 0], seq, n_seq) / lengths
-        canonical = torch.argsort(seq * (int(batch["score_ordinal"].max()) + 1) + batch["score_ordinal"])  # forward_pairs' order
-        entropy, top1 = scores.stats[canonical, 1], scores.stats[canonical, 2]
+        order = batch["score_order"]  # forward_pairs' token order
+        entropy, top1 = scores.stats[order, 1], scores.stats[order, 2]
     out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared if cfg.loss.ld_alpha is not None else None, wpo,
                                 mean_logits, cfg)
     metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(lengths[:n_pairs].sum())])

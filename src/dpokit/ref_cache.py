@@ -49,9 +49,10 @@ from typing import Optional
 
 import torch
 
+from dpokit.config import SpeedConfig
 from dpokit.data.packing import pair_hash
 from dpokit.data.tokenization import TokenizedPair
-from dpokit.preference_step import SpeedSettings, make_collate, reference_sequence_logps, speed_settings
+from dpokit.preference_step import make_collate, reference_sequence_logps
 
 FORMAT_VERSION = "1"
 SPLITS = ("train", "eval")
@@ -73,7 +74,7 @@ class CachedPair(TokenizedPair):
         return repr(TokenizedPair(self.prompt_ids, self.chosen_ids, self.rejected_ids, self.source))
 
 
-def cache_root(speed: SpeedSettings) -> Path:
+def cache_root(speed: SpeedConfig) -> Path:
     if speed.ref_cache_dir:
         return Path(speed.ref_cache_dir)
     base = os.environ.get("DPOKIT_CACHE") or Path.home() / ".cache" / "dpokit"
@@ -266,7 +267,7 @@ def attach(pairs: list[TokenizedPair], table: dict, split: str = "train") -> lis
 
 
 @torch.no_grad()
-def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedSettings, pad_token_id: int,
+def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfig, pad_token_id: int,
                             batch_size: int = 16, device=None, mixed_precision: str = "no") -> torch.Tensor:
     """(N, 4) reference log-probs (chosen, rejected, chosen_shared, rejected_shared) of every pair, no gradient.
 
@@ -327,7 +328,7 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
     model.ref_name_or_path names another reference. Without it a reference is loaded (from
     model.ref_name_or_path, else model.name_or_path) only if the cache has to be built, then freed.
     """
-    speed = speed_settings(cfg)
+    speed = cfg.speed
     if getattr(cfg.model, "ref_name_or_path", None):
         model = None  # the policy is not the reference
     found = fingerprint(cfg, tokenizer, model)

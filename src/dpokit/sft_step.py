@@ -55,7 +55,7 @@ from dpokit.data.unpaired import (
 )
 from dpokit.logprobs import IGNORE_INDEX, token_logps
 from dpokit.losses import LossOutput
-from dpokit.preference_step import layout_for, per_sequence, score_tokens, speed_settings
+from dpokit.preference_step import layout_for, per_sequence, score_tokens
 from dpokit.tasks import Task
 
 SFT_LAYOUTS = ("prompt_completion", "messages")
@@ -196,11 +196,10 @@ def forward_sft(policy, reference, batch: dict, cfg: Config, with_reference: boo
 def forward_sft_fast(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
     """forward_sft on a make_sft_collate batch: padding-free rows, the LM head on completion tokens only, by chunks
     with `speed.chunked_logps` (preference_step.score_tokens). Same losses, metrics and gradients (tests/test_sft.py)."""
-    scores = score_tokens(policy, batch, speed_settings(cfg), want_stats=True)
+    scores = score_tokens(policy, batch, cfg.speed, want_stats=True)
     nll = -scores.logp
-    seq, ordinal = batch["score_seq"], batch["score_ordinal"]
-    out = LossOutput(per_sequence(nll, seq, batch["seq_lengths"].shape[0]), torch.zeros(0), torch.zeros(0))
-    order = torch.argsort(seq * (int(ordinal.max()) + 1 if ordinal.numel() else 1) + ordinal)  # forward_sft's (example, token) order
+    out = LossOutput(per_sequence(nll, batch["score_seq"], batch["seq_lengths"].shape[0]), torch.zeros(0), torch.zeros(0))
+    order = batch["score_order"]  # forward_sft's (example, token) order
     return out, {"loss": nll.detach()[order], "mean_token_accuracy": scores.stats[order, 2]}
 
 

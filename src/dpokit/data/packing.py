@@ -104,6 +104,7 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, layout: Layout
         branch is 0 on a prompt (or a whole plain sequence), 1 on a shared unit's chosen, 2 on its rejected tokens
       units: (U, 5) [row, start, prompt_len, first_len, second_len] (second_len 0: a plain sequence)
       score_pos, score_target, score_seq, score_ordinal: (M,) one entry per scored completion token
+      score_order: (M,) the permutation that puts those entries in (sequence, token) order
       seq_lengths: (2B,) scored tokens per sequence, [chosen; rejected]
       pair_hash: (B,) `pair_hash` of each pair (the reference cache checks it)
     """
@@ -175,6 +176,11 @@ def _pack(units: list[tuple], n_seq: int, pad_token_id: int, layout: Layout) -> 
         if cursor < width:  # padding: its own run of positions, so varlen kernels see it as one more sequence
             position_ids[r, cursor:] = torch.arange(width - cursor)
     empty = torch.zeros(0, dtype=torch.long)
+    seq = torch.cat(seq_parts) if seq_parts else empty
+    ordinal = torch.cat(ord_parts) if ord_parts else empty
+    # rows hold units in packing order; this permutation puts the scored tokens in (sequence, token) order,
+    # the order of the plain padded batch, for the per-token metrics
+    order = torch.argsort(seq * (int(ordinal.max()) + 1 if ordinal.numel() else 1) + ordinal)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
@@ -183,8 +189,9 @@ def _pack(units: list[tuple], n_seq: int, pad_token_id: int, layout: Layout) -> 
         "units": torch.tensor(unit_table, dtype=torch.long).reshape(-1, 5),
         "score_pos": torch.cat(pos_parts) if pos_parts else empty,
         "score_target": torch.cat(tgt_parts) if tgt_parts else empty,
-        "score_seq": torch.cat(seq_parts) if seq_parts else empty,
-        "score_ordinal": torch.cat(ord_parts) if ord_parts else empty,
+        "score_seq": seq,
+        "score_ordinal": ordinal,
+        "score_order": order,
         "seq_lengths": torch.tensor(seq_lengths, dtype=torch.long),
     }
 
