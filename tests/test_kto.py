@@ -18,17 +18,9 @@ from dpokit.kto_step import UNPAIRED, collate_unpaired, forward_unpaired, mismat
 from dpokit.logprobs import completion_logps
 from dpokit.metrics import read_metrics
 from dpokit.trainer import task_for
-from tiny_assets import synthetic_pairs, tiny_model_dir, vocab_ids, word_tokenizer, write_jsonl
+from tiny_assets import assistant, synthetic_pairs, tiny_model_dir, user, vocab_ids, word_tokenizer, write_jsonl
 
 SHARED_KTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "kto_unpaired_messages_label" / "kto_en_demo.json"
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def load(tmp_path, rows, **options):

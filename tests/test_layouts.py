@@ -9,16 +9,11 @@ import pytest
 
 from dpokit.data.layouts import RowSkip, detect_layout, load_preferences, to_example
 from dpokit.data.records import DataError
+from tiny_assets import assistant, user
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def user(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def assistant(text: str) -> dict:
-    return {"role": "assistant", "content": text}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

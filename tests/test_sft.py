@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import pytest
@@ -14,19 +13,7 @@ from dpokit.data.records import DataError
 from dpokit.logprobs import IGNORE_INDEX
 from dpokit.sft_step import SFT, collate_sft, count_tokens, example_tokens, forward_sft, load_sft, prepare_sft
 from dpokit.trainer import accumulate_gradients
-from tiny_assets import synthetic_pairs, tiny_model_dir, vocab_ids, word_tokenizer, write_jsonl
-
-
-HAS_TASK_KEY = "task" in {f.name for f in dataclasses.fields(load_config().train)}
-needs_trainer_change = pytest.mark.skipif(not HAS_TASK_KEY, reason="needs the trainer/config change that adds train.task (docs/pipeline.md)")
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
+from tiny_assets import assistant, synthetic_pairs, tiny_model_dir, user, vocab_ids, word_tokenizer, write_jsonl
 
 
 def load(tmp_path, rows, **options):
@@ -171,7 +158,6 @@ def test_a_local_loop_learns_the_completions_not_the_prompts(tmp_path):
     assert logits.argmax().item() == good
 
 
-@needs_trainer_change
 @pytest.mark.slow
 def test_sft_through_the_trainer(tmp_path, monkeypatch):
     import dpokit.tasks as tasks
@@ -195,7 +181,6 @@ def test_sft_through_the_trainer(tmp_path, monkeypatch):
     assert (result.model_dir / "config.json").exists() and (result.run_dir / "data_summary.json").exists()
 
 
-@needs_trainer_change
 def test_cli_sft_verb(tmp_path, capsys):
     from dpokit.cli import main
 

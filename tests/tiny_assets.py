@@ -61,3 +61,13 @@ def synthetic_pairs(n: int, seed: int) -> list[dict]:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def user(text: str) -> dict:
+    """A chat message of the user (conversational rows)."""
+    return {"role": "user", "content": text}
+
+
+def assistant(text: str) -> dict:
+    """A chat message of the assistant (conversational rows)."""
+    return {"role": "assistant", "content": text}
