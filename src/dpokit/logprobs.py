@@ -55,18 +55,23 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 @torch.no_grad()
 def token_entropy_top1(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy of the next-token distribution and whether its argmax is the label, at each shifted position.
+    """Entropy of the next-token distribution and whether its argmax is the label, at the completion positions.
 
-    logits (N, T, V), labels (N, T) -> (entropy (N, T-1) float32, top1 (N, T-1) float32 0/1), row by row
-    so that at most one row's probabilities exist at a time. TRL's `entropy` and `mean_token_accuracy`.
+    logits (N, T, V), labels (N, T) -> (entropy (K,) float32, top1 (K,) float32 0/1) for the K labelled
+    positions, row-major (the order of `token_logps(...)[1]`'s True entries). Row by row and only at
+    labelled positions, so at most one row's completion probabilities exist at a time. TRL's
+    `entropy` and `mean_token_accuracy`.
     """
     labels = labels[:, 1:]
-    entropy = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
-    top1 = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+    mask = labels != IGNORE_INDEX
+    entropy, top1 = [], []
     for i in range(logits.shape[0]):
-        row = logits[i, :-1].float()  # (T-1, V)
-        entropy[i], top1[i] = _entropy_top1(row, torch.logsumexp(row, dim=-1), labels[i])
-    return entropy, top1
+        row = logits[i, :-1][mask[i]].float()  # (k_i, V)
+        e, t = _entropy_top1(row, torch.logsumexp(row, dim=-1), labels[i][mask[i]])
+        entropy.append(e)
+        top1.append(t)
+    empty = logits.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(entropy) if entropy else empty), (torch.cat(top1) if top1 else empty)
 
 
 def _entropy_top1(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,7 +98,7 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
         entropy, top1 = token_entropy_top1(logits, labels)
     out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg)
     # per completion token, [chosen; rejected] row by row: averaged over tokens, as TRL does
-    metrics.update(entropy=entropy[mask], mean_token_accuracy=top1[:n_pairs][mask[:n_pairs]])
+    metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(mask[:n_pairs].sum())])
     if ref_logits is not None:
         with torch.no_grad():
             metrics["kl/chosen"] = token_kl(logits[:n_pairs].detach(), ref_logits[:n_pairs], labels[:n_pairs])
