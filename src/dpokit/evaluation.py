@@ -27,6 +27,7 @@ from typing import Any, Union
 
 import torch
 
+from dpokit.batching import to_device
 from dpokit.data.collate import pad_completions
 from dpokit.generation import Sample, sample
 from dpokit.logprobs import token_kl, token_logps
@@ -45,7 +46,7 @@ def log_ratios(policy, reference, prompt_ids, completion_ids, pad_token_id: int,
     ratios, kls = [], []
     for start in range(0, len(prompt_ids), batch_size):
         rows = list(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size]))
-        batch = {k: v.to(device) for k, v in pad_completions(rows, pad_token_id).items()}
+        batch = to_device(pad_completions(rows, pad_token_id), device)
         ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         policy_logits = policy(input_ids=ids, attention_mask=attention).logits
         ref_logits = reference(input_ids=ids, attention_mask=attention).logits

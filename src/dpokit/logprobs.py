@@ -111,13 +111,14 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
 
     prompt_ids, completion_ids: token id lists of equal count. returns (N,) float32 on CPU.
     """
+    from dpokit.batching import to_device
     from dpokit.data.collate import pad_completions  # data.collate imports this module
 
     device = next(model.parameters()).device
     results = []
     for start in range(0, len(prompt_ids), batch_size):
         rows = list(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size]))
-        batch = {k: v.to(device) for k, v in pad_completions(rows, pad_token_id).items()}
+        batch = to_device(pad_completions(rows, pad_token_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps, _ = sequence_logps(logits, batch["labels"])
         results.append(logps.float().cpu())
