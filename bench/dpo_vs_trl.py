@@ -266,14 +266,14 @@ def _speed_for(variant: str) -> dict:
 
 
 def child_precompute(args) -> None:
-    from dpokit.model import load_tokenizer
-    from dpokit.ref_cache import ensure_reference_cache
-    from dpokit.trainer import task_for
+    from dpokit.models import load_tokenizer
+    from dpokit.ref_cache.build import ensure_reference_cache
+    from dpokit.steps import step_for
 
     cfg = _dpokit_config(args, gc=False, speed={})
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg)
-    data = task_for(cfg).prepare(cfg, tokenizer)
+    data = step_for(cfg).prepare(cfg, tokenizer)
     n = (args.warmup + args.steps) * args.batch_size
     data.train = data.train[:n]
     cache, _ = ensure_reference_cache(cfg, tokenizer, data)
@@ -282,35 +282,37 @@ def child_precompute(args) -> None:
 
 
 def child_dpokit(args) -> None:
-    """dpokit's training step as `dpokit train` sets it up (trainer.task_for, fit_speed, reference_for), timed step by step."""
+    """dpokit's training step as `dpokit train` sets it up (steps.step_for, training.setup.fit_speed and reference_for), timed step by step."""
     import contextlib
     import io
 
     import torch
     from accelerate import Accelerator
 
-    import dpokit.trainer as trainer  # the modules a training run imports
+    import dpokit.training.loop as trainer  # the modules a training run imports
+    from dpokit.steps import step_for
+    from dpokit.training.setup import fit_speed, reference_for
     from dpokit.losses import needs_reference
-    from dpokit.metrics import MetricSums
-    from dpokit.model import load_policy, load_tokenizer
+    from dpokit.training.metrics import MetricSums
+    from dpokit.models import load_policy, load_tokenizer
 
     device = "cuda" if args.gpu else "cpu"
     peak = matmul_peak(device, "bfloat16" if args.gpu else "float32")
     cfg = _dpokit_config(args, gc=args.variant != "dpokit-nogc", speed=_speed_for(args.variant))
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not args.gpu)
     tokenizer = load_tokenizer(cfg)
-    task = trainer.task_for(cfg)
+    task = step_for(cfg)
     data = task.prepare(cfg, tokenizer)
     total = args.warmup + args.steps
     data.train = data.train[: total * args.batch_size]
     data.eval = []
     policy = load_policy(cfg)
     with_reference = needs_reference(cfg.loss)
-    cfg, task, _ = trainer.fit_speed(cfg, task, policy, sharded=False)
+    cfg, task, _ = fit_speed(cfg, task, policy, sharded=False)
     speed = cfg.speed
     said = io.StringIO()
     with contextlib.redirect_stdout(said):
-        reference, data = trainer.reference_for(cfg, task, policy, tokenizer, data, accelerator, with_reference)
+        reference, data = reference_for(cfg, task, policy, tokenizer, data, accelerator, with_reference)
     assert "computed" not in said.getvalue(), "run the precompute variant first"
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]

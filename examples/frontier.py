@@ -117,9 +117,9 @@ def optimal_frontier(p: dict[float, float], kl_max: float, points: int = 200) ->
 
 def make_pairs(s: Settings, sft_path: str, out: Path) -> tuple[Path, dict]:
     from dpokit.demo import world
-    from dpokit.pairing import PairingConfig, pair_file
-    from dpokit.sampling import HFBackend, SamplingConfig, load_model, sample_to_file
-    from dpokit.scoring import FunctionScorer, score_file
+    from dpokit.online.pairing import PairingConfig, pair_file
+    from dpokit.online.sampling import HFBackend, SamplingConfig, load_model, sample_to_file
+    from dpokit.online.scoring import FunctionScorer, score_file
 
     prompts = random.Random(s.seed).sample(world.all_openings("train"), s.train_prompts)
     model, tokenizer = load_model(sft_path)
@@ -132,7 +132,7 @@ def make_pairs(s: Settings, sft_path: str, out: Path) -> tuple[Path, dict]:
 
 
 def train_run(s: Settings, sft_path: str, pairs: Path, run_dir: Path, task: str, steps: int, lr: float, beta: float = 0.1) -> Path:
-    from dpokit.trainer import train
+    from dpokit.training.loop import train
 
     final = run_dir / "final"
     if (final / "config.json").exists():
@@ -157,8 +157,8 @@ class Evaluator:
 
     def __init__(self, s: Settings, sft_path: str):
         from dpokit.demo import world
-        from dpokit.sampling import load_model
-        from dpokit.scoring import FunctionScorer
+        from dpokit.online.sampling import load_model
+        from dpokit.online.scoring import FunctionScorer
 
         self.s = s
         self.reference, self.tokenizer = load_model(sft_path)
@@ -167,8 +167,8 @@ class Evaluator:
 
     def __call__(self, model_dir: str, out_json: Path) -> dict:
         from dpokit.demo import world
-        from dpokit.evaluation import evaluate
-        from dpokit.sampling import load_model, read_samples
+        from dpokit.online.evaluation import evaluate
+        from dpokit.online.sampling import load_model, read_samples
 
         if out_json.exists():
             return json.loads(out_json.read_text())
@@ -186,7 +186,7 @@ class Evaluator:
 def best_of_n(s: Settings, ev: Evaluator, out: Path) -> list[dict]:
     """Best-of-N of the SFT model for each N: max N disjoint groups of the same max(N) samples per prompt."""
     from dpokit.demo import world
-    from dpokit.evaluation import draw
+    from dpokit.online.evaluation import draw
 
     path = out / "best_of_n.json"
     if path.exists():
@@ -450,7 +450,7 @@ experiment on dpokit's built-in review world, offline, on a CPU:
 
 Every policy is sampled at temperature 1 on {s.eval_prompts} held-out openings (never seen in SFT
 or DPO training), {s.eval_samples} samples each. Reward is their mean sentiment; KL(policy || SFT) is
-estimated from the same samples, in nats per completion (`dpokit.evaluation`: the mean of
+estimated from the same samples, in nats per completion (`dpokit.online.evaluation`: the mean of
 log pi(y|x) - log pi_SFT(y|x); "KL tokenwise" is the lower-variance estimate that sums the exact
 next-token KL along each sample). ± is one standard error over samples.
 

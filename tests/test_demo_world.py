@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from dpokit.demo import evaluate, sft, world
+from dpokit.demo import sft, world
+from dpokit.online import demo_eval as evaluate
 from dpokit.tiny import build_tiny_llama, build_tokenizer
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from dpokit.diagnostics import MITIGATIONS, Diagnosis, FailureDetectors, replay
-from dpokit.metrics import MetricsLog, read_metrics
+from dpokit.training.detectors import MITIGATIONS, Diagnosis, FailureDetectors, replay
+from dpokit.training.metrics import MetricsLog, read_metrics
 
 
 def healthy_history(n: int = 40, eval_every: int = 5) -> list[dict]:

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 import dpokit
-from dpokit.checkpoint import list_checkpoints
-from dpokit.metrics import read_metrics
-from dpokit.trainer import BatchStream
+from dpokit.training.checkpoint import list_checkpoints
+from dpokit.training.metrics import read_metrics
+from dpokit.training.loop import BatchStream
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 TESTS = Path(__file__).resolve().parent
@@ -34,14 +34,14 @@ sys.path.insert(0, {tests!r})
 cfg = json.loads(sys.argv[1])
 crash_at = int(sys.argv[2])
 if crash_at:
-    import dpokit.trainer
-    original, calls = dpokit.trainer.accumulate_gradients, []
+    import dpokit.training.loop
+    original, calls = dpokit.training.loop.accumulate_gradients, []
     def crashing(*args, **kwargs):
         calls.append(1)
         if len(calls) == crash_at:
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
-    dpokit.trainer.accumulate_gradients = crashing
+    dpokit.training.loop.accumulate_gradients = crashing
 import dpokit
 dpokit.train(cfg)
 """

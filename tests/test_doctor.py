@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpokit.doctor import DoctorThresholds, format_report, run_doctor
+from dpokit.doctor import DoctorConfig, format_report, run_doctor
 from dpokit.tiny import CHATML_TEMPLATE
 from tiny_assets import synthetic_pairs, tiny_model_dir, vocab_ids, word_tokenizer, write_jsonl
 
@@ -223,7 +223,7 @@ def test_completions_the_reference_finds_unlikely_warn_of_distribution_shift(tmp
 
 
 def test_thresholds_are_adjustable(tmp_path):
-    strict = DoctorThresholds(min_token_logp=-0.01)
+    strict = DoctorConfig(min_token_logp=-0.01)
     check = _doctor(tmp_path, synthetic_pairs(10, seed=1), word_tokenizer(), PLAUSIBLE, thresholds=strict).check("reference_logps")
     assert check.verdict == "warn"
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dpokit.demo import world
-from dpokit.evaluation import evaluate, format_report, kl_to_reference, log_ratios, preference_accuracy
+from dpokit.online.evaluation import evaluate, format_report, kl_to_reference, log_ratios, preference_accuracy
 from dpokit.generation import sample
-from dpokit.scoring import FunctionScorer
+from dpokit.online.scoring import FunctionScorer
 from dpokit.tiny import build_tiny_llama, build_tokenizer
 
 
@@ -115,7 +115,7 @@ def test_pairwise_judge_win_rate(model, tokenizer):
 
 
 def test_kl_to_reference_is_the_demo_function(model, tokenizer):
-    from dpokit.demo import evaluate as demo_evaluate
+    from dpokit.online import demo_eval as demo_evaluate
 
     assert demo_evaluate.kl_to_reference is kl_to_reference and demo_evaluate.preference_accuracy is preference_accuracy
     samples = sample(model, tokenizer, PROMPTS[:2], num_samples=2, max_new_tokens=4)

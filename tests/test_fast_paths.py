@@ -9,7 +9,6 @@ builds the logits of all tokens (chunked LM head with recomputation in backward)
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
@@ -21,12 +20,14 @@ from dpokit.data.packing import Layout, collate_packed, count_pairs
 from dpokit.data.records import PreferenceExample
 from dpokit.data.tokenization import TokenizedPair, tokenize_pairs
 from dpokit.logprobs import IGNORE_INDEX, chunked_token_logps
-from dpokit.metrics import MetricSums
-from dpokit.model import load_policy, make_reference
+from dpokit.training.metrics import MetricSums
+from dpokit.models import load_policy
+from dpokit.reference import make_reference
 from dpokit.packed_attention import allowed
 from dpokit.config import SpeedConfig
-from dpokit.preference_step import forward_pairs, forward_pairs_fast, make_collate
-from dpokit.trainer import PAIRED, Task, accumulate_gradients
+from dpokit.steps.paired import forward_pairs, forward_pairs_fast, make_collate
+from dpokit.steps import FastPairedStep, PairedStep, Step
+from dpokit.training.loop import accumulate_gradients
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer
 
 ATOL = 1e-5
@@ -234,11 +235,11 @@ def test_accumulated_step_through_the_trainer_matches(models):
     """accumulate_gradients with a fast Task (as the trainer builds it) = with the plain PAIRED task."""
     policy, reference = models
     speed = SETTINGS["all_defaults"]
-    fast_task = dataclasses.replace(PAIRED, collate=make_collate(speed), count=count_pairs, forward=forward_pairs_fast)
-    assert isinstance(fast_task, Task)
+    fast_task = FastPairedStep(speed)
+    assert isinstance(fast_task, Step)
     pairs = _pairs(8, seed=5)
     results = []
-    for task, cfg in ((PAIRED, _cfg()), (fast_task, _cfg(speed))):
+    for task, cfg in ((PairedStep(), _cfg()), (fast_task, _cfg(speed))):
         policy.zero_grad(set_to_none=True)
         sums = MetricSums()
         micro = [task.collate(pairs[:3], 0), task.collate(pairs[3:], 0)]

@@ -17,12 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 import dpokit
-import dpokit.trainer
-from dpokit.checkpoint import list_checkpoints
+import dpokit.training.loop
+from dpokit.training.checkpoint import list_checkpoints
 from dpokit.config import load_config
-from dpokit.metrics import read_metrics
-from dpokit.preference_step import forward_pairs
-from dpokit.trainer import PAIRED, likely_cause
+from dpokit.training.metrics import read_metrics
+from dpokit.steps.paired import forward_pairs
+from dpokit.steps import PairedStep
+from dpokit.training.loop import likely_cause
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 
@@ -53,8 +54,11 @@ def inject(monkeypatch, bad_steps: set[int], kind: str = "loss") -> None:
             metrics = {**metrics, "loss": losses.detach()}
         return out, metrics
 
-    task = dataclasses.replace(PAIRED, forward=forward)
-    monkeypatch.setattr(dpokit.trainer, "task_for", lambda cfg: task)
+    class FaultyStep(PairedStep):
+        def forward(self, *args):
+            return forward(*args)
+
+    monkeypatch.setattr(dpokit.training.loop, "step_for", lambda cfg: FaultyStep())
 
 
 def _config(tmp_path: Path, **train) -> dict:
@@ -108,7 +112,7 @@ def test_past_the_limit_the_run_stops_with_a_checkpoint_of_the_last_finite_weigh
     assert all(torch.equal(before[k], after[k]) for k in before)  # no update since step 2 reached the weights
 
     # Resume with a lower learning rate (and no more faults): the run finishes from the stop checkpoint.
-    monkeypatch.setattr(dpokit.trainer, "task_for", lambda cfg: PAIRED)
+    monkeypatch.setattr(dpokit.training.loop, "step_for", lambda cfg: PairedStep())
     cfg["optim"]["lr"] = 1e-3
     resumed = dpokit.train(cfg)
     out = capsys.readouterr().out

@@ -14,10 +14,10 @@ from dpokit.config import ConfigError, load_config
 from dpokit.data.prepare import format_summary
 from dpokit.data.records import DataError
 from dpokit.data.unpaired import TokenizedCompletion, UnpairedExample, load_unpaired, prepare_unpaired, tokenize_groups
-from dpokit.kto_step import UNPAIRED, collate_unpaired, forward_unpaired, mismatch_shift
+from dpokit.steps import UnpairedStep, step_for
+from dpokit.steps.unpaired import collate_unpaired, forward_unpaired, mismatch_shift
 from dpokit.logprobs import completion_logps
-from dpokit.metrics import read_metrics
-from dpokit.trainer import task_for
+from dpokit.training.metrics import read_metrics
 from tiny_assets import assistant, synthetic_pairs, tiny_model_dir, user, vocab_ids, word_tokenizer, write_jsonl
 
 SHARED_KTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "kto_unpaired_messages_label" / "kto_en_demo.json"
@@ -170,7 +170,7 @@ def test_collate_pairs_prompt_i_with_completion_i_plus_1():
     assert batch["kl_labels"].tolist() == [[-100, -100, 11, 12], [-100, 13, -100, -100], [-100, -100, -100, 10]]
     assert batch["kl_attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert batch["label"].dtype == torch.bool and batch["label"].tolist() == [True, False, True]
-    assert UNPAIRED.count(batch) == 3
+    assert UnpairedStep().count(batch) == 3
 
 
 def test_collate_kl_respects_the_budget_and_never_rematches_a_split_pair():
@@ -207,11 +207,11 @@ def test_step_at_initialisation_gives_half_loss_and_class_split_metrics():
 
 def test_config_accepts_kto_and_rejects_what_cannot_work(tmp_path):
     cfg = load_config({"loss": {"type": "kto"}})
-    assert task_for(cfg) is UNPAIRED
+    assert type(step_for(cfg)) is UnpairedStep
     with pytest.raises(ConfigError, match="cannot be combined"):
         load_config({"loss": {"type": ["kto", "sft"]}})
     with pytest.raises(ConfigError, match="batch_size >= 2"):
-        UNPAIRED.prepare(load_config({"loss": {"type": "kto"}, "train": {"batch_size": 1}}), word_tokenizer())
+        UnpairedStep().prepare(load_config({"loss": {"type": "kto"}, "train": {"batch_size": 1}}), word_tokenizer())
 
 
 # --- learning ------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def test_doctor_flags_the_planted_length_bias(tmp_path):
 @pytest.mark.slow
 def test_length_detector_fires_while_training_on_the_planted_bias(tmp_path):
     from dpokit.demo.assets import demo_paths
-    from dpokit.trainer import train
+    from dpokit.training.loop import train
 
     data = _length_biased_pairs(tmp_path / "biased.jsonl")
     result = train(

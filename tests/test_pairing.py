@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dpokit.data.layouts import load_preferences
-from dpokit.pairing import PairingConfig, build_pairs, format_summary, pair_file
+from dpokit.online.pairing import PairingConfig, build_pairs, format_summary, pair_file
 
 
 def group(prompt, scored):

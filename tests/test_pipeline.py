@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from dpokit.config import ConfigError, load_config
-from dpokit.pipeline import Pipeline, load_pipeline_config, resolve_prompts
+from dpokit.online.pipeline import Pipeline, load_pipeline_config, resolve_prompts
 
 HAS_REF_KEY = "ref_name_or_path" in {f.name for f in dataclasses.fields(load_config().model)}
 
@@ -39,9 +39,9 @@ def test_config_sections_overrides_and_errors():
 
 
 def test_shipped_demo_config_loads():
-    from dpokit.pipeline import resolve_pipeline_path
+    from dpokit.config import resolve_config_path
 
-    cfg = load_pipeline_config(resolve_pipeline_path("pipeline_demo"))
+    cfg = load_pipeline_config(resolve_config_path("pipeline_demo", "pipelines"))
     assert cfg.policy == "demo:sentiment-sft" and cfg.rounds >= 2 and cfg.eval_prompts == "demo:openings-eval"
     load_config(cfg.train)  # its train section is a valid dpokit config
 
@@ -104,14 +104,14 @@ def test_two_rounds_raise_the_held_out_reward(finished_run):
 
 @pytest.mark.slow
 def test_a_finished_round_is_skipped_on_restart(finished_run, monkeypatch):
-    import dpokit.trainer
+    import dpokit.training.loop
 
     out, records = finished_run
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished round was trained again")
 
-    monkeypatch.setattr(dpokit.trainer, "train", no_training)
+    monkeypatch.setattr(dpokit.training.loop, "train", no_training)
     again = Pipeline(load_pipeline_config(run_config(records[0]["policy"], out))).run()
     assert [r["eval"]["mean_score"] for r in again] == [r["eval"]["mean_score"] for r in records]
     # an interrupted round 2 (its eval and marker lost): samples, scores and the model are kept

@@ -8,14 +8,19 @@ import shutil
 import pytest
 import torch
 
-import dpokit.model
+import dpokit.models
+import dpokit.ref_cache.build
+import dpokit.reference
+import dpokit.training.setup
 from dpokit.config import load_config
 from dpokit.data.collate import collate_pairs
 from dpokit.data.prepare import prepare_data
-from dpokit.model import load_policy, load_tokenizer, make_reference
+from dpokit.models import load_policy, load_tokenizer
+from dpokit.reference import make_reference
 from dpokit.config import SpeedConfig
-from dpokit.preference_step import forward_pairs, forward_pairs_fast, make_collate
-from dpokit.ref_cache import CacheMismatch, attach, ensure_reference_cache, precompute_reference, read_split
+from dpokit.steps.paired import forward_pairs, forward_pairs_fast, make_collate
+from dpokit.ref_cache.build import ensure_reference_cache, precompute_reference
+from dpokit.ref_cache.store import CacheMismatch, attach, read_split
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 
@@ -34,11 +39,11 @@ def _config(tmp_path, model_dir=None, data=None, **overrides):
 
 
 class _Loads:
-    """Counts model loads (dpokit.model.load_policy, which every path to a reference goes through)."""
+    """Counts model loads (dpokit.models.load_policy, which every path to a reference goes through)."""
 
     def __init__(self, monkeypatch, forbid=False):
         self.n = 0
-        real = dpokit.model.load_policy
+        real = dpokit.models.load_policy
 
         def load(cfg):
             self.n += 1
@@ -46,12 +51,13 @@ class _Loads:
                 raise AssertionError("a model was loaded although the reference cache exists")
             return real(cfg)
 
-        monkeypatch.setattr(dpokit.model, "load_policy", load)
+        for module in (dpokit.models, dpokit.reference, dpokit.ref_cache.build):  # where it is called from
+            monkeypatch.setattr(module, "load_policy", load)
         if forbid:
             def no_reference(*args, **kwargs):
                 raise AssertionError("a reference model was built although the reference cache exists")
 
-            monkeypatch.setattr(dpokit.model, "make_reference", no_reference)
+            monkeypatch.setattr(dpokit.training.setup, "make_reference", no_reference)
             from transformers import AutoModelForCausalLM
 
             monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_reference)
@@ -172,10 +178,10 @@ def test_lora_policy_builds_the_cache_with_adapters_off(tmp_path):
 def test_training_twice_builds_no_reference_the_second_time(tmp_path, monkeypatch):
     """dpokit.train computes the cache on the first run; the second run reads it and never builds a reference."""
     import dpokit
-    import dpokit.ref_cache
-    import dpokit.tasks
-    import dpokit.trainer
-    from dpokit.metrics import read_metrics
+    import dpokit.ref_cache.build
+    import dpokit.training.setup
+    import dpokit.training.loop
+    from dpokit.training.metrics import read_metrics
 
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(24, seed=5))
 
@@ -194,8 +200,8 @@ def test_training_twice_builds_no_reference_the_second_time(tmp_path, monkeypatc
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference model was built although the reference cache exists")
 
-    monkeypatch.setattr(dpokit.tasks, "make_reference", forbidden)
-    monkeypatch.setattr(dpokit.ref_cache, "_load_reference", forbidden)
+    monkeypatch.setattr(dpokit.training.setup, "make_reference", forbidden)
+    monkeypatch.setattr(dpokit.ref_cache.build, "_load_reference", forbidden)
     second = run("second")
     for a, b, c in zip(live, first, second):
         assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(b["loss"] - c["loss"]) < 1e-6

@@ -14,12 +14,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dpokit
-import dpokit.model
-import dpokit.preference_step
-import dpokit.tasks
-import dpokit.trainer
+import dpokit.models
+import dpokit.steps.paired
+import dpokit.reference
+import dpokit.training.setup
+import dpokit.training.loop
 from dpokit.logprobs import completion_logps
-from dpokit.metrics import read_metrics
+from dpokit.training.metrics import read_metrics
 from dpokit.tiny import build_tiny_llama, save_tiny
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer, write_jsonl
 
@@ -27,7 +28,7 @@ from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer, write_j
 def watch_reference(monkeypatch) -> list:
     """Record every reference the trainer builds; fail if it ever runs one."""
     built = []
-    original = dpokit.tasks.make_reference
+    original = dpokit.training.setup.make_reference
 
     def make_reference(policy, cfg, needs_reference):
         reference = original(policy, cfg, needs_reference)
@@ -37,8 +38,8 @@ def watch_reference(monkeypatch) -> list:
     def reference_mode(policy, reference):
         raise AssertionError("a reference forward ran for a reference-free loss")
 
-    monkeypatch.setattr(dpokit.tasks, "make_reference", make_reference)
-    monkeypatch.setattr(dpokit.preference_step, "reference_mode", reference_mode)
+    monkeypatch.setattr(dpokit.training.setup, "make_reference", make_reference)
+    monkeypatch.setattr(dpokit.steps.paired, "reference_mode", reference_mode)
     return built
 
 
@@ -102,14 +103,14 @@ def test_no_reference_saves_one_copy_of_the_weights(tmp_path, monkeypatch):
     held: dict[str, int] = {}
     for loss_type in ("sigmoid", "simpo"):
         built = []
-        original = dpokit.model.make_reference
+        original = dpokit.reference.make_reference
 
         def make_reference(policy, cfg, needs_reference, built=built):
             reference = original(policy, cfg, needs_reference)
             built.append((parameter_bytes(policy), parameter_bytes(reference)))
             return reference
 
-        monkeypatch.setattr(dpokit.tasks, "make_reference", make_reference)
+        monkeypatch.setattr(dpokit.training.setup, "make_reference", make_reference)
         dpokit.train({"model": {"name_or_path": str(model_dir)}, "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
                       "loss": {"type": loss_type, "beta": 2.0 if loss_type == "simpo" else 0.1},
                       "speed": {"ref_cache": False},  # a live reference (the default cache holds none in memory either)

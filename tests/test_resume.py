@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 import dpokit
-import dpokit.checkpoint
-import dpokit.trainer
-from dpokit.checkpoint import CheckpointError, TrainingInterrupted, list_checkpoints
+import dpokit.training.checkpoint
+import dpokit.training.loop
+from dpokit.training.checkpoint import CheckpointError, TrainingInterrupted, list_checkpoints
 from dpokit.cli import main as cli_main
-from dpokit.metrics import read_metrics
+from dpokit.training.metrics import read_metrics
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 TESTS = Path(__file__).resolve().parent
@@ -99,12 +99,12 @@ def _fail_on_call(monkeypatch, module, name: str, call: int):
 _SLOW_RUN = """
 import sys, time, json
 sys.path.insert(0, {tests!r})
-import dpokit.trainer
-original = dpokit.trainer.accumulate_gradients
+import dpokit.training.loop
+original = dpokit.training.loop.accumulate_gradients
 def slow(*args, **kwargs):
     time.sleep({delay})
     return original(*args, **kwargs)
-dpokit.trainer.accumulate_gradients = slow
+dpokit.training.loop.accumulate_gradients = slow
 from dpokit.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -178,7 +178,7 @@ def test_sigterm_saves_at_the_end_of_the_step_and_prints_the_exact_resume_comman
 @pytest.mark.slow
 def test_a_crash_while_writing_a_checkpoint_leaves_none_that_loads(tmp_path, monkeypatch, uninterrupted):
     cfg = _config(tmp_path, "run")
-    _fail_on_call(monkeypatch, dpokit.checkpoint, "_write_optimizer", call=2)  # the second checkpoint (step 6) dies midway
+    _fail_on_call(monkeypatch, dpokit.training.checkpoint, "_write_optimizer", call=2)  # the second checkpoint (step 6) dies midway
     with pytest.raises(RuntimeError, match="simulated crash"):
         dpokit.train(cfg)
     run_dir = Path(cfg["out_dir"])
@@ -197,7 +197,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_none_that_loads(tmp_path, mon
 def test_lora_resume_restores_adapter_and_dropout_rng(tmp_path, monkeypatch):
     lora = {"lora.enabled": True, "lora.r": 4, "lora.dropout": 0.1}  # dropout draws random numbers every step
     reference = dpokit.train(_config(tmp_path, "uninterrupted", **lora)).run_dir
-    _fail_on_call(monkeypatch, dpokit.trainer, "accumulate_gradients", call=8)  # crash during step 8
+    _fail_on_call(monkeypatch, dpokit.training.loop, "accumulate_gradients", call=8)  # crash during step 8
     with pytest.raises(RuntimeError, match="simulated crash"):
         dpokit.train(_config(tmp_path, "run", **lora))
     monkeypatch.undo()
@@ -222,7 +222,7 @@ def test_resume_rules_for_finished_changed_and_never(tmp_path, monkeypatch, caps
     assert [r["step"] for r in _train_records(Path(cfg["out_dir"]))] == [1, 2, 3, 4, 5, 6]
 
     # An unfinished run cannot be continued with a different data order.
-    _fail_on_call(monkeypatch, dpokit.trainer, "accumulate_gradients", call=5)
+    _fail_on_call(monkeypatch, dpokit.training.loop, "accumulate_gradients", call=5)
     with pytest.raises(RuntimeError):
         dpokit.train(_config(tmp_path, "other", **{"train.max_steps": 8}))
     monkeypatch.undo()

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from dpokit.scoring import (
+from dpokit.online.scoring import (
     ChatClient,
     FunctionScorer,
     JudgeScorer,

@@ -1,4 +1,4 @@
-"""SFT as a trainer Task: row layouts, completion-only labels, the token-mean loss, and learning."""
+"""SFT as a Step: row layouts, completion-only labels, the token-mean loss, and learning."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ import torch
 from dpokit.config import load_config
 from dpokit.data.records import DataError
 from dpokit.logprobs import IGNORE_INDEX
-from dpokit.sft_step import SFT, collate_sft, count_tokens, example_tokens, forward_sft, load_sft, prepare_sft
-from dpokit.trainer import accumulate_gradients
+from dpokit.data.sft import load_sft, prepare_sft
+from dpokit.steps import FastSFTStep, SFTStep, step_for
+from dpokit.steps.sft import collate_sft, count_tokens, example_tokens, forward_sft
+
+SFT = SFTStep()
+from dpokit.training.loop import accumulate_gradients
 from tiny_assets import assistant, synthetic_pairs, tiny_model_dir, user, vocab_ids, word_tokenizer, write_jsonl
 
 
@@ -116,7 +120,7 @@ def test_gradient_is_independent_of_micro_batching(tmp_path):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from dpokit.metrics import MetricSums
+    from dpokit.training.metrics import MetricSums
 
     rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in synthetic_pairs(4, seed=3)]
     cfg = _cfg(write_jsonl(tmp_path / "d.jsonl", rows))
@@ -127,7 +131,7 @@ def test_gradient_is_independent_of_micro_batching(tmp_path):
     grads = []
     for micro in ([data.train], [[e] for e in data.train]):
         policy = copy.deepcopy(model)
-        accumulate_gradients(policy, None, [collate_sft(m, 0) for m in micro], cfg, accelerator, False, MetricSums(), task=SFT)
+        accumulate_gradients(policy, None, [collate_sft(m, 0) for m in micro], cfg, accelerator, False, MetricSums(), objective=SFT)
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -160,9 +164,9 @@ def test_a_local_loop_learns_the_completions_not_the_prompts(tmp_path):
 
 @pytest.mark.slow
 def test_sft_through_the_trainer(tmp_path, monkeypatch):
-    import dpokit.tasks as tasks
-    import dpokit.trainer as trainer
-    from dpokit.metrics import read_metrics
+    import dpokit.training.setup as tasks
+    import dpokit.training.loop as trainer
+    from dpokit.training.metrics import read_metrics
 
     made = []
     real = tasks.make_reference
@@ -199,17 +203,17 @@ def test_fast_sft_step_matches_the_padded_one(tmp_path, speed):
     from transformers import AutoModelForCausalLM
 
     from dpokit.data.unpaired import TokenizedCompletion
-    from dpokit.sft_step import fast_sft, forward_sft_fast
+    from dpokit.steps.sft import forward_sft_fast
 
     ids = lambda text: vocab_ids(text)  # noqa: E731
     examples = [TokenizedCompletion(ids("it is"), ids("fine"), True, 9),  # shortest first: packing reorders the units
                 TokenizedCompletion(ids("the film was"), ids("very good <|im_end|>"), True, 9),
                 TokenizedCompletion([], ids("bad and awful plot"), True, 9)]  # empty prompt: the first token has no loss
     cfg = load_config(None, {f"speed.{k}": v for k, v in speed.items()})
-    task = fast_sft(cfg)
+    task = FastSFTStep(cfg.speed, cfg.model.attn_implementation)
     if speed.get("pack_length"):
         assert task.collate(examples, 0)["score_seq"].tolist()[0] != 0  # rows are not in example order here
-    assert task.forward is forward_sft_fast and task.count(task.collate(examples, 0)) == sum(example_tokens(e) for e in examples)
+    assert type(task) is FastSFTStep and task.count(task.collate(examples, 0)) == sum(example_tokens(e) for e in examples)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
     results = []
     for forward, batch in ((forward_sft, collate_sft(examples, 0)), (forward_sft_fast, task.collate(examples, 0))):
@@ -226,18 +230,15 @@ def test_fast_sft_step_matches_the_padded_one(tmp_path, speed):
 
 
 def test_sft_takes_the_fast_step_by_default():
-    from dpokit.sft_step import forward_sft_fast
-    from dpokit.trainer import task_for
-
-    assert task_for(load_config(None, {"train.task": "sft"})).forward is forward_sft_fast
+    assert type(step_for(load_config(None, {"train.task": "sft"}))) is FastSFTStep
     plain = {"train.task": "sft", "speed.packing": False, "speed.chunked_logps": False}
-    assert task_for(load_config(None, plain)) is SFT
+    assert type(step_for(load_config(None, plain))) is SFTStep
 
 
 @pytest.mark.slow
 def test_sft_run_on_the_fast_step_equals_the_padded_run(tmp_path):
     import dpokit
-    from dpokit.metrics import read_metrics
+    from dpokit.training.metrics import read_metrics
 
     rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in synthetic_pairs(24, seed=3)]
     path = write_jsonl(tmp_path / "sft.jsonl", rows)

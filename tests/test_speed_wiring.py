@@ -9,17 +9,17 @@ import yaml
 from safetensors.torch import load_file
 
 import dpokit
-import dpokit.ref_cache
-import dpokit.tasks
-import dpokit.trainer
+import dpokit.ref_cache.build
+import dpokit.training.setup
+import dpokit.training.loop
 from dpokit.cli import main
 from dpokit.config import load_config
-from dpokit.kto_step import UNPAIRED
-from dpokit.metrics import read_metrics
-from dpokit.model import load_policy
+from dpokit.steps import FastPairedStep, PairedStep, UnpairedStep, step_for
+from dpokit.training.metrics import read_metrics
+from dpokit.models import load_policy
 from dpokit.packed_attention import segment_sdpa_forward
-from dpokit.preference_step import forward_pairs_fast
-from dpokit.trainer import PAIRED, fit_speed, task_for
+from dpokit.steps.paired import forward_pairs_fast
+from dpokit.training.setup import fit_speed
 from test_faults import inject
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
@@ -49,11 +49,11 @@ def _yaml(tmp_path, name: str, **speed):
 
 
 def test_the_fast_step_is_the_default_and_the_plain_one_when_every_path_is_off():
-    assert task_for(load_config(None, {})).forward is forward_pairs_fast
-    assert task_for(load_config(None, {f"speed.{k}": v for k, v in PLAIN.items()})) is PAIRED
+    assert type(step_for(load_config(None, {}))) is FastPairedStep
+    assert type(step_for(load_config(None, {f"speed.{k}": v for k, v in PLAIN.items()}))) is PairedStep
     for key in PLAIN:  # any one path on is the fast step
-        assert task_for(load_config(None, {**{f"speed.{k}": v for k, v in PLAIN.items()}, f"speed.{key}": True})).forward is forward_pairs_fast
-    assert task_for(load_config(None, {"loss.type": "kto"})) is UNPAIRED  # KTO has its own step
+        assert type(step_for(load_config(None, {**{f"speed.{k}": v for k, v in PLAIN.items()}, f"speed.{key}": True}))) is FastPairedStep
+    assert type(step_for(load_config(None, {"loss.type": "kto"}))) is UnpairedStep  # KTO has its own step
 
 
 def test_speed_keys_are_checked():
@@ -88,18 +88,18 @@ def test_default_training_gives_the_plain_steps_numbers(tmp_path, capsys):
 def test_a_model_outside_the_attention_interface_takes_the_plain_step(monkeypatch):
     cfg = load_config(None, {"model.name_or_path": str(tiny_model_dir())})
     policy = load_policy(cfg)
-    fitted, task, notes = fit_speed(cfg, task_for(cfg), policy, sharded=False)
-    assert task.forward is forward_pairs_fast and fitted.speed == cfg.speed and notes == []
+    fitted, task, notes = fit_speed(cfg, step_for(cfg), policy, sharded=False)
+    assert type(task) is FastPairedStep and fitted.speed == cfg.speed and notes == []
     monkeypatch.setattr(type(policy), "_supports_attention_backend", False)
-    fitted, task, notes = fit_speed(cfg, task_for(cfg), policy, sharded=False)
-    assert task is PAIRED and not fitted.speed.any_fast_path
+    fitted, task, notes = fit_speed(cfg, step_for(cfg), policy, sharded=False)
+    assert type(task) is PairedStep and not fitted.speed.any_fast_path
     assert "does not use transformers' attention interface" in notes[0]
 
 
 def test_sharded_training_keeps_the_fast_step_without_the_chunked_head():
     cfg = load_config(None, {"model.name_or_path": str(tiny_model_dir())})
-    fitted, task, notes = fit_speed(cfg, task_for(cfg), load_policy(cfg), sharded=True)
-    assert task.forward is forward_pairs_fast
+    fitted, task, notes = fit_speed(cfg, step_for(cfg), load_policy(cfg), sharded=True)
+    assert type(task) is FastPairedStep
     assert not fitted.speed.chunked_logps and fitted.speed.packing and fitted.speed.prefix_sharing and fitted.speed.ref_cache
     assert "chunked_logps is off" in notes[0]
 
@@ -126,8 +126,8 @@ def test_precompute_fills_the_cache_that_train_then_reads(tmp_path, monkeypatch,
     def forbidden(*args, **kwargs):
         raise AssertionError("a reference model was built although `dpokit precompute` made the cache")
 
-    monkeypatch.setattr(dpokit.tasks, "make_reference", forbidden)
-    monkeypatch.setattr(dpokit.ref_cache, "_load_reference", forbidden)
+    monkeypatch.setattr(dpokit.training.setup, "make_reference", forbidden)
+    monkeypatch.setattr(dpokit.ref_cache.build, "_load_reference", forbidden)
     assert main(["train", str(config)]) == 0
     assert "reference log-probs read from the cache" in capsys.readouterr().out
 
@@ -171,7 +171,8 @@ def test_the_fast_step_matches_the_plain_step_on_other_architectures_or_is_not_u
 
     from dpokit.data.collate import collate_pairs
     from dpokit.data.tokenization import TokenizedPair
-    from dpokit.preference_step import fast_path_blocker, forward_pairs
+    from dpokit.steps.paired import forward_pairs
+    from dpokit.steps.token_scores import fast_path_blocker
 
     model, impl = _tiny(arch)
     reference = copy.deepcopy(model)
@@ -187,7 +188,7 @@ def test_the_fast_step_matches_the_plain_step_on_other_architectures_or_is_not_u
         assert "does not use transformers' attention interface" in fast_path_blocker(model)
         return
     assert fast_path_blocker(model) is None
-    fast, _ = forward_pairs_fast(model, reference, task_for(cfg).collate(pairs, 0), cfg, True)
+    fast, _ = forward_pairs_fast(model, reference, step_for(cfg).collate(pairs, 0), cfg, True)
     torch.testing.assert_close(fast.losses, plain.losses, rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.chosen_rewards, plain.chosen_rewards, rtol=0, atol=1e-5)
 

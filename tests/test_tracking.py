@@ -3,7 +3,7 @@
 TensorBoard is exercised for real (event files are read back) when it is
 installed; W&B and MLflow are only checked for the error a user gets when they
 are requested but missing. The trainer-level test runs once config.py has
-`train.report_to` and `train.eval_generate` and trainer.py calls dpokit.tracking.
+`train.report_to` and `train.eval_generate` and trainer.py calls dpokit.training.tracking.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import pytest
 import torch
 
 import dpokit
-from dpokit import tracking
+from dpokit.training import tracking
 from dpokit.config import ConfigError, load_config
 from dpokit.data.tokenization import TokenizedPair
-from dpokit.diagnostics import Diagnosis
-from dpokit.eval_generation import eval_prompts, generation_metrics
+from dpokit.training.detectors import Diagnosis
+from dpokit.training.eval_generation import eval_prompts, generation_metrics
 from dpokit.generation import sample
-from dpokit.metrics import read_metrics
+from dpokit.training.metrics import read_metrics
 from dpokit.tiny import build_tiny_llama
 from report_histories import healthy_records
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer, write_jsonl

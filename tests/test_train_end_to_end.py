@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dpokit
 from dpokit.cli import main as cli_main
-from dpokit.metrics import read_metrics
+from dpokit.training.metrics import read_metrics
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 TRL_NAMES = {

@@ -9,10 +9,11 @@ from dpokit.config import load_config
 from dpokit.data.collate import collate_pairs
 from dpokit.data.records import PreferenceExample
 from dpokit.data.tokenization import tokenize_pairs
-from dpokit.metrics import MetricSums
-from dpokit.model import load_policy, make_reference, reference_mode
-from dpokit.preference_step import forward_pairs
-from dpokit.trainer import accumulate_gradients
+from dpokit.training.metrics import MetricSums
+from dpokit.models import load_policy
+from dpokit.reference import make_reference, reference_mode
+from dpokit.steps.paired import forward_pairs
+from dpokit.training.loop import accumulate_gradients
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer
 
 

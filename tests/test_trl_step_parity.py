@@ -33,7 +33,7 @@ from dpokit.config import load_config  # noqa: E402
 from dpokit.data.collate import collate_pairs  # noqa: E402
 from dpokit.data.prepare import prepare_data  # noqa: E402
 from dpokit.logprobs import IGNORE_INDEX  # noqa: E402
-from dpokit.metrics import read_metrics  # noqa: E402
+from dpokit.training.metrics import read_metrics  # noqa: E402
 from tiny_assets import tiny_model_dir, write_jsonl  # noqa: E402
 
 ROWS = [  # lengths differ, so padding and masking matter

@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def train(config, **overrides):
-    """Run one training job; see `dpokit.trainer.train`."""
-    from dpokit.trainer import train as _train
+    """Run one training job; see `dpokit.training.loop.train`."""
+    from dpokit.training.loop import train as _train
 
     return _train(config, **overrides)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
 from pathlib import Path
+
+from dpokit.config import resolve_config_path
 
 TRAIN_HELP = """\
 Train a policy with DPO (or another loss of the family) on preference pairs.
@@ -86,17 +87,6 @@ what is missing is listed in its notes. docs/report.md explains every chart.
 """
 
 
-def shipped_config(name: str) -> Path | None:
-    candidate = resources.files("dpokit") / "configs" / f"{name}.yaml"
-    return Path(str(candidate)) if candidate.is_file() else None
-
-
-def resolve_config_path(arg: str) -> str:
-    if Path(arg).exists() or arg.endswith((".yaml", ".yml")):
-        return arg
-    shipped = shipped_config(arg)
-    return str(shipped) if shipped else arg
-
 
 def _finished(result, keys: list[str]) -> int:
     """Print a run's final metrics; exit status 1 when it stopped on non-finite values (no final model), else 0."""
@@ -110,7 +100,7 @@ def _finished(result, keys: list[str]) -> int:
 
 
 def _cmd_train(args) -> int:
-    from dpokit.trainer import train
+    from dpokit.training.loop import train
 
     result = train(resolve_config_path(args.config), args.overrides)
     status = _finished(result, ["loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "eval_loss", "eval_rewards/accuracies",
@@ -140,7 +130,7 @@ Paired losses with a reference only (not KTO, not reference-free losses).
 
 
 def _cmd_precompute(args) -> int:
-    from dpokit.ref_cache import precompute_reference
+    from dpokit.ref_cache.build import precompute_reference
 
     precompute_reference(resolve_config_path(args.config), args.overrides)
     return 0
@@ -169,14 +159,14 @@ token), mean_token_accuracy, num_tokens (running total of input tokens). loss.* 
 
 
 def _cmd_sft(args) -> int:
-    from dpokit.trainer import train
+    from dpokit.training.loop import train
 
     result = train(resolve_config_path(args.config), list(args.overrides) + ["train.task=sft"])
     return _finished(result, ["loss", "mean_token_accuracy", "eval_loss", "eval_mean_token_accuracy"])
 
 
 def _cmd_demo(args) -> int:
-    from dpokit.demo.run import run_demo
+    from dpokit.online.demo import run_demo
 
     run_demo(out_dir=args.out_dir, overrides=args.overrides)
     return 0
@@ -224,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     precompute.set_defaults(func=_cmd_precompute)
 
-    from dpokit import evaluation, pairing, pipeline, sampling, scoring
+    from dpokit.online import evaluation, pairing, pipeline, sampling, scoring
 
     for module in (sampling, scoring, pairing, pipeline, evaluation):
         module.add_cli(verbs)  # sample, score, pair, pipeline, eval
@@ -258,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dpokit.config import ConfigError
     from dpokit.data.records import DataError
-    from dpokit.model import ModelLoadError
-    from dpokit.scoring import ScoringError
+    from dpokit.models import ModelLoadError
+    from dpokit.online.scoring import ScoringError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+from importlib import resources
 
 from dpokit.losses import LossConfig, validate_loss_config
 
@@ -116,6 +117,47 @@ class SpeedConfig:
 
 
 @dataclass
+class DetectorsConfig:
+    """Where the live failure detectors fire (training/detectors.py, docs/diagnosis.md); letters name the failure mode."""
+
+    chosen_logp_drop: float = 10.0  # (a) logps/chosen falls by more than this many nats per sequence...
+    chosen_logp_drop_fraction: float = 0.1  # (a) ...and more than this share of its start (long completions are noisier)...
+    margin_rise: float = 0.1  # (a) ...while rewards/margins rise by more than this
+    smoothing: int = 3  # (a) records averaged at the start and at the end, to ride out batch noise
+    length_growth: float = 1.5  # (b) mean length above this multiple of its first value
+    length_shrink: float = 0.67  # (b) mean length below this multiple of its first value
+    kl_warn: float = 5.0  # (c) nats per sequence: the guide's "5-10 nats" range
+    kl_high: float = 10.0
+    margin_window: int = 5  # (c) last K records in which margins must keep growing
+    plateau_ratio: float = 0.5  # (c) growth in the second half of the window vs the first half: >= this = no plateau
+    accuracy_after: int = 20  # (d) records before accuracy near 0.5 counts as stuck
+    accuracy_band: float = 0.05  # (d) |mean accuracy - 0.5| <= this, over the last `smoothing` records
+    oscillation_window: int = 20  # (d) last losses examined for oscillation
+    oscillation_sign_share: float = 0.6  # (d) share of consecutive loss differences that change sign (smooth: ~0)
+    oscillation_amplitude: float = 0.1  # (d) mean |loss difference| in nats
+    eval_rise_count: int = 2  # (e) consecutive rising eval losses that warn
+    early_stop_patience: Optional[int] = None  # (e) consecutive rises tolerated; more stops the run (None: never)
+
+
+@dataclass
+class DoctorConfig:
+    """Where each `dpokit doctor` check turns from ok to warn (or fail); documented in docs/diagnosis.md."""
+
+    # Dropped rows: any dropped row warns (it is data you thought you had); more than this share fails.
+    dropped_fail_share: float = 0.5
+    # Length bias: DPO's summed log-probs reward length, so a systematic length gap is a shortcut to learn.
+    length_share_longer: float = 0.65  # chosen longer (or shorter) than rejected in more than this share of pairs
+    length_mean_ratio: float = 1.3  # mean chosen/rejected length ratio above this (or below its inverse)
+    # Truncation at data.max_length / data.max_prompt_length: a cut completion loses its EOS.
+    truncation_warn_share: float = 0.05
+    truncation_fail_share: float = 0.5
+    # Reference log-probs, length-normalised (nats per completion token).
+    min_token_logp: float = -4.0  # below: the data is far from what the reference would write
+    wrong_way_margin: float = 0.5  # logp(rejected) - logp(chosen) per token above this = "strongly prefers rejected"
+    wrong_way_share: float = 0.2  # more than this share of such pairs hints at label noise
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -124,6 +166,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    detectors: DetectorsConfig = field(default_factory=DetectorsConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
     out_dir: str = "runs/dpo"
 
     def to_dict(self) -> dict:
@@ -133,8 +177,22 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+def shipped_config(name: str, folder: str = "") -> Path | None:
+    """A config shipped with dpokit: configs/[folder/]NAME.yaml (e.g. `demo`, or `pipeline_demo` in pipelines)."""
+    candidate = resources.files("dpokit").joinpath("configs", *([folder] if folder else []), f"{name}.yaml")
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def resolve_config_path(arg: str, folder: str = "") -> str:
+    """A YAML path as given, or the path of the shipped config of that name."""
+    if Path(arg).exists() or arg.endswith((".yaml", ".yml")):
+        return arg
+    shipped = shipped_config(arg, folder)
+    return str(shipped) if shipped else arg
+
+
 # Top-level keys that hold a section of settings (dict-valued settings such as data.columns are plain values).
-SECTIONS = ("model", "lora", "data", "loss", "optim", "train", "speed")
+SECTIONS = ("model", "lora", "data", "loss", "optim", "train", "speed", "detectors", "doctor")
 
 
 def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: Union[list[str], dict, None] = None) -> Config:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from dpokit.data.batching import to_device
+from dpokit.data.collate import IGNORE_INDEX, pad_completions
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -111,9 +112,6 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
 
     prompt_ids, completion_ids: token id lists of equal count. returns (N,) float32 on CPU.
     """
-    from dpokit.batching import to_device
-    from dpokit.data.collate import pad_completions  # data.collate imports this module
-
     device = next(model.parameters()).device
     results = []
     for start in range(0, len(prompt_ids), batch_size):

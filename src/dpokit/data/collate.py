@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from dpokit.data.tokenization import TokenizedPair
-from dpokit.logprobs import IGNORE_INDEX
+
+IGNORE_INDEX = -100  # the label of positions with no loss (prompt, padding): PyTorch's cross-entropy default
 
 
 def pad_completions(rows: list[tuple[list[int], list[int]]], pad_token_id: int, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -117,16 +117,16 @@ def _required_text(row: dict, field: str) -> str:
     return value
 
 
-def _text_or_messages(row: dict, field: str) -> Field:
+def text_or_messages(row: dict, field: str) -> Field:
     value = _required(row, field)
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _messages(value, field)
+        return messages_of(value, field)
     raise RowSkip(f"{field} must be a string or a list of messages, got {type(value).__name__}", field)
 
 
-def _messages(value: Any, field: str, role_names: dict[str, str] | None = None) -> Conversation:
+def messages_of(value: Any, field: str, role_names: dict[str, str] | None = None) -> Conversation:
     """Normalise to [{"role", "content"}]; `role_names` (if given) maps and restricts the roles."""
     if value is None:
         raise RowSkip(f"{field} is missing", field)
@@ -160,7 +160,7 @@ def _check_same_kind(prompt: Field, chosen: Field, rejected: Field) -> None:
             raise RowSkip("prompt, chosen and rejected mix text and message lists", field)
 
 
-def _check_completion(value: Field, field: str) -> None:
+def check_completion(value: Field, field: str) -> None:
     if isinstance(value, str):
         if not value.strip():
             raise RowSkip(f"{field} is empty or whitespace-only", field)
@@ -189,24 +189,24 @@ def _shared_prefix_length(first: str | list, second: str | list) -> int:
 
 
 def _from_prompt_chosen_rejected(row: dict) -> tuple[Field, Field, Field]:
-    prompt = _text_or_messages(row, "prompt")
-    chosen = _text_or_messages(row, "chosen")
-    rejected = _text_or_messages(row, "rejected")
+    prompt = text_or_messages(row, "prompt")
+    chosen = text_or_messages(row, "chosen")
+    rejected = text_or_messages(row, "rejected")
     _check_same_kind(prompt, chosen, rejected)
-    _check_completion(chosen, "chosen")
-    _check_completion(rejected, "rejected")
+    check_completion(chosen, "chosen")
+    check_completion(rejected, "rejected")
     return prompt, chosen, rejected
 
 
 def _from_implicit_prompt(row: dict) -> tuple[Field, Field, Field]:
     """The prompt is the shared beginning of chosen and rejected."""
-    chosen = _text_or_messages(row, "chosen")
-    rejected = _text_or_messages(row, "rejected")
+    chosen = text_or_messages(row, "chosen")
+    rejected = text_or_messages(row, "rejected")
     if isinstance(chosen, list) != isinstance(rejected, list):
         raise RowSkip("chosen and rejected mix text and message lists", "rejected")
     if isinstance(chosen, str):  # message lists are checked after the shared prompt is removed
-        _check_completion(chosen, "chosen")
-        _check_completion(rejected, "rejected")
+        check_completion(chosen, "chosen")
+        check_completion(rejected, "rejected")
     shared = _shared_prefix_length(chosen, rejected)
     if isinstance(chosen, str):
         # hh-rlhf: responses that start alike ("Sure, ...") must not lose their shared words to the
@@ -220,12 +220,12 @@ def _from_implicit_prompt(row: dict) -> tuple[Field, Field, Field]:
     for field, rest in (("chosen", chosen_rest), ("rejected", rejected_rest)):
         if not rest or (isinstance(rest, str) and not rest.strip()):
             raise RowSkip(f"{field} has nothing left after the prompt shared with the other response", field)
-        _check_completion(rest, field)
+        check_completion(rest, field)
     return prompt, chosen_rest, rejected_rest
 
 
 def _from_sharegpt(row: dict) -> tuple[Field, Field, Field]:
-    prompt = _messages(_required(row, "conversations"), "conversations", SHAREGPT_ROLES)
+    prompt = messages_of(_required(row, "conversations"), "conversations", SHAREGPT_ROLES)
     chosen = _sharegpt_response(row, "chosen")
     rejected = _sharegpt_response(row, "rejected")
     return prompt, chosen, rejected
@@ -235,8 +235,8 @@ def _sharegpt_response(row: dict, field: str) -> Conversation:
     value = _required(row, field)
     if isinstance(value, str):
         value = {"from": "gpt", "value": value}
-    messages = _messages([value] if isinstance(value, dict) else value, field, SHAREGPT_ROLES)
-    _check_completion(messages, field)
+    messages = messages_of([value] if isinstance(value, dict) else value, field, SHAREGPT_ROLES)
+    check_completion(messages, field)
     return messages
 
 
@@ -244,13 +244,13 @@ def _from_openai(row: dict) -> tuple[Field, Field, Field]:
     request = _required(row, "input")
     if not isinstance(request, dict):
         raise RowSkip("input must be an object with a messages list", "input")
-    prompt = _messages(request.get("messages"), "input.messages")
+    prompt = messages_of(request.get("messages"), "input.messages")
     # OpenAI's "developer" role is its system role; chat templates only know "system".
     prompt = [{**message, "role": "system"} if message["role"] == "developer" else message for message in prompt]
-    chosen = _messages(_required(row, "preferred_output"), "preferred_output")
-    rejected = _messages(_required(row, "non_preferred_output"), "non_preferred_output")
-    _check_completion(chosen, "preferred_output")
-    _check_completion(rejected, "non_preferred_output")
+    chosen = messages_of(_required(row, "preferred_output"), "preferred_output")
+    rejected = messages_of(_required(row, "non_preferred_output"), "non_preferred_output")
+    check_completion(chosen, "preferred_output")
+    check_completion(rejected, "non_preferred_output")
     return prompt, chosen, rejected
 
 
@@ -263,8 +263,8 @@ def _from_alpaca(row: dict) -> tuple[Field, Field, Field]:
         raise RowSkip(f"input must be a string, got {type(extra_input).__name__}", "input")
     chosen = _required_text(row, "chosen")
     rejected = _required_text(row, "rejected")
-    _check_completion(chosen, "chosen")
-    _check_completion(rejected, "rejected")
+    check_completion(chosen, "chosen")
+    check_completion(rejected, "rejected")
     request = instruction + ("\n\n" + extra_input if extra_input.strip() else "")
     return (
         [{"role": "user", "content": request}],
@@ -279,8 +279,8 @@ def _from_stack_exchange(row: dict) -> tuple[Field, Field, Field]:
         raise RowSkip("question is empty or whitespace-only", "question")
     chosen = _required_text(row, "response_j")
     rejected = _required_text(row, "response_k")
-    _check_completion(chosen, "response_j")
-    _check_completion(rejected, "response_k")
+    check_completion(chosen, "response_j")
+    check_completion(rejected, "response_k")
     return question, chosen, rejected
 
 

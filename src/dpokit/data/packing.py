@@ -197,13 +197,7 @@ def _pack(units: list[tuple], n_seq: int, pad_token_id: int, layout: Layout) -> 
 
 
 def count_pairs(batch: dict) -> int:
-    """Pairs in a batch from collate_packed or collate_pairs (the trainer's `Task.count`)."""
+    """Pairs in a batch from collate_packed or collate_pairs (the paired step's `count`)."""
     if "seq_lengths" in batch:
         return batch["seq_lengths"].shape[0] // 2
     return batch["input_ids"].shape[0] // 2
-
-
-def layout_stats(batch: dict) -> dict[str, int]:
-    """Tokens the model runs on (rows x width) and how many of them are real (not padding)."""
-    return {"rows": batch["input_ids"].shape[0], "width": batch["input_ids"].shape[1],
-            "tokens": batch["input_ids"].numel(), "real_tokens": int((batch["segment_ids"] >= 0).sum())}

@@ -64,11 +64,11 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     evals, eval_stats = tokenize_pairs(
         eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, eval_report
     )
-    summary = {"train": _summary(train_report, train_stats, len(train)), "eval": _summary(eval_report, eval_stats, len(evals))}
+    summary = {"train": split_summary(train_report, train_stats, len(train)), "eval": split_summary(eval_report, eval_stats, len(evals))}
     return PreparedData(train, evals, summary)
 
 
-def _summary(report: SkipReport, stats: TokenizationStats, n_pairs: int) -> dict:
+def split_summary(report: SkipReport, stats: TokenizationStats, n_pairs: int) -> dict:
     out = report.to_dict()
     out["pairs"] = n_pairs
     out["truncated"] = {

@@ -64,7 +64,7 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _ids(encoded) -> list[int]:
+def encoded_ids(encoded) -> list[int]:
     # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x a list
     return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
 
@@ -79,9 +79,9 @@ def render_ids(example: PreferenceExample, tokenizer) -> tuple[list[int], list[i
                 path=example.source,
             )
         try:
-            prompt = _ids(tokenizer.apply_chat_template(example.prompt, tokenize=True, add_generation_prompt=True))
-            full_chosen = _ids(tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=True))
-            full_rejected = _ids(tokenizer.apply_chat_template(example.prompt + example.rejected, tokenize=True))
+            prompt = encoded_ids(tokenizer.apply_chat_template(example.prompt, tokenize=True, add_generation_prompt=True))
+            full_chosen = encoded_ids(tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=True))
+            full_rejected = encoded_ids(tokenizer.apply_chat_template(example.prompt + example.rejected, tokenize=True))
         except Exception as error:  # e.g. a template's raise_exception("roles must alternate user/assistant")
             refused = TemplateRefused(
                 f"the tokenizer's chat template cannot render this conversation ({type(error).__name__}: {error})",

@@ -23,8 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from dpokit.data.layouts import LAYOUTS, _check_completion, _messages, _text_or_messages, check_unicode, load_preferences
+from dpokit.data.layouts import LAYOUTS, check_completion, messages_of, text_or_messages, check_unicode, load_preferences
 from dpokit.data.loading import read_rows
+from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport, Text
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
 from dpokit.data.tokenization import TokenizationStats, render_ids
@@ -88,28 +89,28 @@ def detect_unpaired_layout(row: dict) -> str | None:
     return None
 
 
-def _from_prompt_completion(row: dict) -> tuple:
-    prompt = _text_or_messages(row, "prompt")
-    completion = _text_or_messages(row, "completion")
+def from_prompt_completion(row: dict) -> tuple:
+    prompt = text_or_messages(row, "prompt")
+    completion = text_or_messages(row, "completion")
     if isinstance(prompt, list) != isinstance(completion, list):
         raise RowSkip("prompt and completion mix text and message lists", "completion")
-    _check_completion(completion, "completion")
+    check_completion(completion, "completion")
     return prompt, completion
 
 
-def _from_messages(row: dict) -> tuple:
+def from_messages(row: dict) -> tuple:
     field = "messages" if "messages" in row else "completion"
-    messages = _messages(row.get(field), field)
+    messages = messages_of(row.get(field), field)
     if messages[-1]["role"] != "assistant":
         raise RowSkip(f"{field} must end with the assistant message being judged", field)
     if len(messages) < 2:
         raise RowSkip(f"{field} has no prompt before the judged assistant message", field)
     completion = messages[-1:]
-    _check_completion(completion, field)
+    check_completion(completion, field)
     return messages[:-1], completion
 
 
-_CONVERTERS = {"prompt_completion_label": _from_prompt_completion, "messages_label": _from_messages}
+_CONVERTERS = {"prompt_completion_label": from_prompt_completion, "messages_label": from_messages}
 
 
 def to_unpaired(row: dict, layout: str, where: str = "") -> UnpairedExample:
@@ -120,7 +121,7 @@ def to_unpaired(row: dict, layout: str, where: str = "") -> UnpairedExample:
     return UnpairedExample(prompt, completion, parse_label(row.get("label")), where)
 
 
-def _rename(row: dict, columns: dict[str, str]) -> dict:
+def rename_columns(row: dict, columns: dict[str, str]) -> dict:
     """`row` with the standard unpaired (and SFT) columns read from the user's names in `columns`."""
     if not columns:
         return row
@@ -145,7 +146,7 @@ def _is_paired_source(path: str, split: str, columns: dict[str, str], layout: st
         expected = ", ".join(("auto",) + UNPAIRED_LAYOUTS + LAYOUTS)
         raise DataError(f"unknown layout {layout!r}; expected one of {expected}", path)
     for _, row in read_rows(path, split):
-        return detect_unpaired_layout(_rename(row, columns)) is None
+        return detect_unpaired_layout(rename_columns(row, columns)) is None
     return False
 
 
@@ -166,7 +167,7 @@ def load_unpaired(
         raise DataError(f"columns for unpaired data map {', '.join(UNPAIRED_COLUMNS)} to column names; got {columns!r}", path)
 
     def convert(row: dict, where: str) -> tuple[str, list[UnpairedExample]]:
-        row = _rename(row, columns)
+        row = rename_columns(row, columns)
         row_layout = layout if layout in UNPAIRED_LAYOUTS else detect_unpaired_layout(row)
         if row_layout is None:
             found = ", ".join(sorted(map(str, row))) or "none"
@@ -243,13 +244,11 @@ def prepare_unpaired(cfg, tokenizer):
 
     The eval split is by source row, seeded like `prepare_data`, so a split pair stays on one side.
     """
-    from dpokit.data.prepare import PreparedData, _summary, load_train_and_eval
-
     train_groups, train_report, eval_groups, eval_report = load_train_and_eval(cfg, _load)
     summary, splits = {}, []
     for name, groups, report in (("train", train_groups, train_report), ("eval", eval_groups, eval_report)):
         examples, stats = tokenize_groups(groups, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
-        summary[name] = _summary(report, stats, len(examples))  # "pairs" here counts examples
+        summary[name] = split_summary(report, stats, len(examples))  # "pairs" here counts examples
         summary[name]["labels"] = {"desirable": sum(e.label for e in examples), "undesirable": sum(not e.label for e in examples)}
         splits.append(examples)
     return PreparedData(splits[0], splits[1], summary)

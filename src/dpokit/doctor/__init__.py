@@ -6,12 +6,12 @@
     report.to_json()                  # the same, for machines
 
 Modules: text_checks (rows only), token_checks (tokenizer), reference_checks
-(reference model), report (results and the table), thresholds, run (the order).
+(reference model), report (results and the table), run (the order); thresholds: config.DoctorConfig (the `doctor:` section).
 docs/diagnosis.md describes every check.
 """
 
 from dpokit.doctor.report import CheckResult, DoctorReport, format_report
 from dpokit.doctor.run import DEFAULT_SAMPLE_SIZE, run_doctor
-from dpokit.doctor.thresholds import DoctorThresholds
+from dpokit.config import DoctorConfig
 
-__all__ = ["DEFAULT_SAMPLE_SIZE", "CheckResult", "DoctorReport", "DoctorThresholds", "format_report", "run_doctor"]
+__all__ = ["DEFAULT_SAMPLE_SIZE", "CheckResult", "DoctorReport", "DoctorConfig", "format_report", "run_doctor"]

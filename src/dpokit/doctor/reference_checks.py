@@ -13,9 +13,9 @@ import random
 from dataclasses import dataclass
 
 from dpokit.data.tokenization import TokenizedPair
-from dpokit.diagnostics import MITIGATIONS
+from dpokit.training.detectors import MITIGATIONS
 from dpokit.doctor.report import CheckResult
-from dpokit.doctor.thresholds import DoctorThresholds
+from dpokit.config import DoctorConfig
 from dpokit.logprobs import completion_logps
 
 
@@ -46,7 +46,7 @@ def score_pairs(model, pairs: list[TokenizedPair], pad_token_id: int, batch_size
     )
 
 
-def reference_logps_check(scores: ReferenceScores, thresholds: DoctorThresholds) -> CheckResult:
+def reference_logps_check(scores: ReferenceScores, thresholds: DoctorConfig) -> CheckResult:
     """Mean per-token log-prob of chosen and rejected: very low means off-policy data (distribution shift)."""
     n = len(scores.chosen)
     mean_chosen, mean_rejected = sum(scores.chosen) / n, sum(scores.rejected) / n
@@ -66,7 +66,7 @@ def reference_logps_check(scores: ReferenceScores, thresholds: DoctorThresholds)
     )
 
 
-def reference_preference_check(scores: ReferenceScores, thresholds: DoctorThresholds) -> CheckResult:
+def reference_preference_check(scores: ReferenceScores, thresholds: DoctorConfig) -> CheckResult:
     """Share of pairs the reference already strongly prefers the wrong way: a hint of flipped labels."""
     n = len(scores.chosen)
     gaps = [r - c for c, r in zip(scores.chosen, scores.rejected)]  # > 0: the reference prefers rejected

@@ -24,7 +24,7 @@ from dpokit.doctor.text_checks import (
     length_bias_check,
     word_lengths,
 )
-from dpokit.doctor.thresholds import DoctorThresholds
+from dpokit.config import DoctorConfig
 from dpokit.doctor.token_checks import (
     TokenScan,
     completion_end_check,
@@ -33,7 +33,7 @@ from dpokit.doctor.token_checks import (
     template_prefix_check,
     truncation_check,
 )
-from dpokit.model import load_policy, load_tokenizer
+from dpokit.models import load_policy, load_tokenizer
 
 TOKEN_CHECKS = ("truncation", "template_prefix", "special_tokens", "completion_end")
 REFERENCE_CHECKS = ("reference_logps", "reference_preference")
@@ -48,7 +48,7 @@ def run_doctor(
     *,
     sample_size: int = DEFAULT_SAMPLE_SIZE,
     seed: int = 0,
-    thresholds: DoctorThresholds | None = None,
+    thresholds: DoctorConfig | None = None,
     tokenizer=None,
     reference_model=None,
     batch_size: int = 8,
@@ -62,7 +62,7 @@ def run_doctor(
     tokenizer / reference_model: already-loaded objects, used instead of `model`.
     """
     cfg = load_config(config_path, overrides)
-    thresholds = thresholds or DoctorThresholds()
+    thresholds = thresholds or cfg.doctor
     model_name = model or cfg.model.name_or_path or None
     data_path, model_name = _resolve_demo_paths(cfg, data_path, model_name)
     report = DoctorReport(data_path=data_path, model=model_name)
@@ -124,7 +124,7 @@ def _skip(report: DoctorReport, names: tuple[str, ...], why: str) -> None:
 
 
 def _reference_checks(report: DoctorReport, scan: TokenScan | None, tokenizer, reference_model, model_name: str | None,
-                      cfg: Config, sample_size: int, seed: int, thresholds: DoctorThresholds, batch_size: int) -> None:
+                      cfg: Config, sample_size: int, seed: int, thresholds: DoctorConfig, batch_size: int) -> None:
     """Score a seeded sample of the tokenised pairs with the reference (the model before training)."""
     if scan is None or not scan.pairs:
         _skip(report, REFERENCE_CHECKS, "needs tokenised pairs")

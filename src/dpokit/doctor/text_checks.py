@@ -10,9 +10,9 @@ import json
 from collections import Counter
 
 from dpokit.data.records import PreferenceExample, SkipReport
-from dpokit.diagnostics import MITIGATIONS
+from dpokit.training.detectors import MITIGATIONS
 from dpokit.doctor.report import CheckResult
-from dpokit.doctor.thresholds import DoctorThresholds
+from dpokit.config import DoctorConfig
 
 
 def _field_key(value: str | list) -> str:
@@ -42,7 +42,7 @@ def layouts_check(skips: SkipReport, examples: list[PreferenceExample]) -> Check
     return CheckResult("layouts", "ok", summary, numbers=numbers)
 
 
-def dropped_rows_check(load_skips: SkipReport, token_skips: SkipReport | None, thresholds: DoctorThresholds) -> CheckResult:
+def dropped_rows_check(load_skips: SkipReport, token_skips: SkipReport | None, thresholds: DoctorConfig) -> CheckResult:
     """Rows lost at loading (bad or missing fields) and at tokenisation (empty after truncation), by reason."""
     reasons = Counter(load_skips.skipped)
     examples = {reason: list(where) for reason, where in load_skips.examples.items()}
@@ -109,7 +109,7 @@ def duplicates_check(examples: list[PreferenceExample], eval_fraction: float) ->
 
 
 def length_bias_check(chosen_lengths: list[int], rejected_lengths: list[int], unit: str,
-                      thresholds: DoctorThresholds) -> CheckResult:
+                      thresholds: DoctorConfig) -> CheckResult:
     """How often, and by how much, chosen is longer than rejected: a length gap is a shortcut DPO can learn."""
     pairs = [(c, r) for c, r in zip(chosen_lengths, rejected_lengths) if c > 0 and r > 0]
     if not pairs:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from dpokit.data.records import PreferenceExample, SkipReport
 from dpokit.data.tokenization import TokenizationStats, TokenizedPair, render_ids, tokenize_pairs
-from dpokit.data.tokenization import _ids as encoded_ids  # one place knows transformers 4 vs 5 return types
+from dpokit.data.tokenization import encoded_ids  # one place knows transformers 4 vs 5 return types
 from dpokit.doctor.report import CheckResult
-from dpokit.doctor.thresholds import DoctorThresholds
+from dpokit.config import DoctorConfig
 
 # End-of-turn tokens of common chat templates; those in a tokenizer's vocabulary count as "the completion ended".
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|end_of_text|>")
@@ -165,7 +165,7 @@ def _p99(values: list[int]) -> int:
     return ordered[min(len(ordered) - 1, int(0.99 * (len(ordered) - 1) + 0.5))] if ordered else 0
 
 
-def truncation_check(scan: TokenScan, max_length: int, max_prompt_length: int, thresholds: DoctorThresholds) -> CheckResult:
+def truncation_check(scan: TokenScan, max_length: int, max_prompt_length: int, thresholds: DoctorConfig) -> CheckResult:
     """How many prompts and completions training would cut, and limits that would keep 99% of rows whole."""
     n = max(scan.rows, 1)
     stats = scan.stats

@@ -5,7 +5,7 @@ rejected completions, summed over completion tokens, plus completion lengths) an
 `LossConfig`, and returns a `LossOutput` of per-example losses and the implicit rewards
 reported as `rewards/chosen` and `rewards/rejected`. `loss.type` may be a list: the
 per-example losses are summed with `loss.weights`. KTO, which is unpaired, is `kto_loss`; it is
-`loss.type: kto` (UNPAIRED_LOSSES), trained through `dpokit.kto_step` rather than the table.
+`loss.type: kto` (UNPAIRED_LOSSES), trained through `dpokit.steps.unpaired` rather than the table.
 
     base.py            LossConfig, PairLogps, LossOutput; log-ratios, LD-DPO, NLL, WPO weights
     fdiv.py            f-DPO divergences (f_divergence_type)
@@ -26,6 +26,7 @@ from dpokit.losses.table import (
     UNPAIRED_LOSSES,
     compute_loss,
     get_loss,
+    is_unpaired,
     loss_names,
     needs_reference,
     validate_loss_config,
@@ -44,6 +45,7 @@ __all__ = [
     "PairLogps",
     "compute_loss",
     "get_loss",
+    "is_unpaired",
     "kto_loss",
     "loss_names",
     "needs_reference",

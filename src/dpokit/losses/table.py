@@ -1,7 +1,7 @@
 """The one table of paired losses, and `compute_loss`, which combines them and applies WPO weights.
 
 `kto` is also a valid `loss.type`, but not a table entry: its examples are single labelled
-completions, so the trainer runs it through its own step (`dpokit.kto_step`) with `kto_loss`.
+completions, so the trainer runs it through its own step (`dpokit.steps.unpaired`) with `kto_loss`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ LOSSES: dict[str, LossFn] = {
     "sft": reference_free.sft_loss,
 }
 
-# Losses over unpaired (completion, desirable?) examples: valid names for loss.type, trained by dpokit.kto_step.
+# Losses over unpaired (completion, desirable?) examples: valid names for loss.type, trained by dpokit.steps.unpaired.
 UNPAIRED_LOSSES: frozenset[str] = frozenset({"kto"})
 
 # Losses that never read reference log-probs: no reference model is built or run for them.
@@ -58,6 +58,11 @@ def get_loss(name: str) -> LossFn:
 
 def loss_names(cfg: LossConfig) -> list[str]:
     return [cfg.type] if isinstance(cfg.type, str) else list(cfg.type)
+
+
+def is_unpaired(cfg: LossConfig) -> bool:
+    """The loss trains on unpaired (completion, desirable?) examples (KTO), not pairs."""
+    return any(name in UNPAIRED_LOSSES for name in loss_names(cfg))
 
 
 def needs_reference(cfg: LossConfig) -> bool:
@@ -114,7 +119,7 @@ def compute_loss(x: PairLogps, cfg: LossConfig) -> LossOutput:
     """Per-example loss sum_k weight_k * loss_k (each WPO-weighted if `use_weighting`); rewards of the first loss."""
     names, weights = validate_loss_config(cfg)
     if UNPAIRED_LOSSES & set(names):
-        raise ValueError("loss.type kto is unpaired: compute_loss takes pairs; the trainer runs kto through dpokit.kto_step")
+        raise ValueError("loss.type kto is unpaired: compute_loss takes pairs; the trainer runs kto through dpokit.steps.unpaired")
     pair_weight = wpo_weights(x) if cfg.use_weighting else None  # (B,)
     outputs = [LOSSES[name](x, cfg) for name in names]
     losses = sum(w * (out.losses if pair_weight is None else out.losses * pair_weight) for w, out in zip(weights, outputs))

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from dpokit.diagnostics import replay
+from dpokit.training.detectors import replay
 
 Verdict = Literal["healthy", "warnings", "stopped", "no metrics"]
 

@@ -41,9 +41,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from dpokit.config import ConfigError
-from dpokit.pairing import PairingConfig
-from dpokit.sampling import SamplingConfig
+from dpokit.config import ConfigError, resolve_config_path
+from dpokit.online.pairing import PairingConfig
+from dpokit.online.sampling import SamplingConfig
 
 
 @dataclass
@@ -62,7 +62,7 @@ class PipelineConfig:
     policy: str = ""  # the SFT model: folder, hub id, or demo:sentiment-sft
     prompts: Union[str, list] = ""  # training prompts: a data file, a list, or demo:openings-train
     eval_prompts: Union[str, list, None] = None  # held-out prompts (demo:openings-eval); None: no per-round eval
-    scorer: Any = None  # "module:function", "rm:MODEL", or a mapping (see dpokit.scoring.build_scorer)
+    scorer: Any = None  # "module:function", "rm:MODEL", or a mapping (see dpokit.online.scoring.build_scorer)
     rounds: int = 2
     reference: str = "fixed"  # fixed: the SFT model every round | refresh: the previous round's policy
     prompts_per_round: Optional[int] = None  # a fresh seeded subset of the prompts each round; None: all
@@ -168,14 +168,14 @@ def resolve_prompts(source: Union[str, list], column: str = "prompt") -> list:
         if split not in ("train", "eval", "all"):
             raise ConfigError(f"unknown demo prompt set {source!r}; use demo:openings-train or demo:openings-eval")
         return world.all_openings(split)
-    from dpokit.sampling import load_prompts
+    from dpokit.online.sampling import load_prompts
 
     return load_prompts(source, column=column)[0]
 
 
 def _resolve_pairs(path: Optional[str]) -> Optional[str]:
     if path and path.startswith("demo:"):
-        from dpokit.sampling import resolve_model_path
+        from dpokit.online.sampling import resolve_model_path
 
         return resolve_model_path(path)
     return path
@@ -191,8 +191,8 @@ class Pipeline:
     """Runs (or resumes) the rounds of a PipelineConfig; `run()` returns the per-round summary."""
 
     def __init__(self, cfg: PipelineConfig, log=print):
-        from dpokit.sampling import resolve_model_path
-        from dpokit.scoring import build_scorer
+        from dpokit.online.sampling import resolve_model_path
+        from dpokit.online.scoring import build_scorer
 
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out_dir)
@@ -209,7 +209,7 @@ class Pipeline:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _load(self, path: str):
-        from dpokit.sampling import load_model
+        from dpokit.online.sampling import load_model
 
         return load_model(path)
 
@@ -232,7 +232,7 @@ class Pipeline:
         return random.Random(self.cfg.seed * 1_000_003 + k).sample(self.prompts, n)
 
     def _eval(self, k: int, policy, tokenizer) -> dict:
-        from dpokit.evaluation import draw, evaluate
+        from dpokit.online.evaluation import draw, evaluate
 
         e = self.cfg.eval
         max_new = e.max_new_tokens or self.cfg.sampling.max_new_tokens
@@ -246,8 +246,6 @@ class Pipeline:
                         samples_out=self.round_dir(k) / "eval_samples.jsonl")
 
     def _train_config(self):
-        from dpokit.cli import resolve_config_path
-
         train = self.cfg.train
         return resolve_config_path(train) if isinstance(train, str) else dict(train or {})
 
@@ -270,10 +268,10 @@ class Pipeline:
         return record
 
     def run_round(self, k: int) -> dict:
-        from dpokit.pairing import format_summary, pair_file
-        from dpokit.sampling import make_backend, sample_to_file, vllm_available
-        from dpokit.scoring import score_file
-        from dpokit.trainer import train
+        from dpokit.online.pairing import format_summary, pair_file
+        from dpokit.online.sampling import make_backend, sample_to_file, vllm_available
+        from dpokit.online.scoring import score_file
+        from dpokit.training.loop import train
 
         rdir = self.round_dir(k)
         done = rdir / "round.json"
@@ -390,11 +388,6 @@ def format_summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(config, overrides=None, log=print) -> list[dict]:
-    """Run (or resume) the pipeline of a config (YAML path, mapping or PipelineConfig)."""
-    return Pipeline(load_pipeline_config(config, overrides), log=log).run()
-
-
 PIPELINE_HELP = """\
 Run K rounds of online (iterative) DPO: sample N completions per prompt from the current policy,
 score them, pair best vs worst, train DPO, evaluate on held-out prompts; the new policy samples
@@ -418,26 +411,12 @@ def add_cli(verbs) -> None:
     p.set_defaults(func=run_cli)
 
 
-def shipped_pipeline(name: str) -> Path | None:
-    """A pipeline config shipped with dpokit (configs/pipelines/NAME.yaml), e.g. pipeline_demo."""
-    from importlib import resources
-
-    candidate = resources.files("dpokit") / "configs" / "pipelines" / f"{name}.yaml"
-    return Path(str(candidate)) if candidate.is_file() else None
-
-
-def resolve_pipeline_path(arg: str) -> str:
-    if Path(arg).exists() or arg.endswith((".yaml", ".yml")):
-        return arg
-    shipped = shipped_pipeline(arg)
-    return str(shipped) if shipped else arg
-
 
 def run_cli(args) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # keep the console for the rounds' own lines
-    cfg = load_pipeline_config(resolve_pipeline_path(args.config), args.overrides)
+    cfg = load_pipeline_config(resolve_config_path(args.config, "pipelines"), args.overrides)
     records = Pipeline(cfg).run()
     print(f"[pipeline] done: {len(records) - 1} rounds; summary in {Path(cfg.out_dir) / 'summary.md'}")
     return 0

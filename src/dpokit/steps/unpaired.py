@@ -3,7 +3,7 @@
 KTO (Ethayarajh et al. 2024, arXiv 2402.01306) sees one completion per example with a
 desirable/undesirable label. Its reference point z0 estimates KL(pi || ref) on mismatched
 (prompt, completion) pairs from the same batch, so it cannot be gamed by the examples' own
-rewards. The trainer picks this Task when `loss.type` is `kto` (`trainer.task_for`):
+rewards. The trainer takes this step when `loss.type` is `kto` (`steps.step_for`):
 
     collate   B completions (B, T), plus B mismatched sequences prompt_i + completion_{(i+1) mod B}
               (a larger shift only where i+1 is the other half of the same split pair)
@@ -25,10 +25,11 @@ import torch
 from dpokit.config import Config, ConfigError
 from dpokit.data.collate import pad_completions
 from dpokit.data.unpaired import TokenizedCompletion, prepare_unpaired
-from dpokit.logprobs import IGNORE_INDEX, token_logps
+from dpokit.data.collate import IGNORE_INDEX
+from dpokit.logprobs import token_logps
 from dpokit.losses import LossOutput, kto_loss, validate_loss_config
-from dpokit.model import reference_mode
-from dpokit.tasks import Task
+from dpokit.reference import reference_mode
+from dpokit.steps.base import Step
 
 
 def prepare(cfg: Config, tokenizer):
@@ -122,5 +123,22 @@ def forward_unpaired(policy, reference, batch: dict, cfg: Config, with_reference
     return out, metrics
 
 
-UNPAIRED = Task(prepare=prepare, collate=collate_unpaired, count=lambda batch: batch["input_ids"].shape[0], forward=forward_unpaired,
-                tokens=lambda example: len(example.prompt_ids) + len(example.completion_ids))  # the KL rows are not counted
+class UnpairedStep(Step):
+    """KTO: unpaired completions; a step's loss is the mean over its examples, as TRL's `losses.nanmean()`."""
+
+    name = "kto"
+
+    def prepare(self, cfg: Config, tokenizer):
+        return prepare(cfg, tokenizer)
+
+    def collate(self, examples: list[TokenizedCompletion], pad_token_id: int) -> dict:
+        return collate_unpaired(examples, pad_token_id)
+
+    def count(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0]
+
+    def tokens(self, example: TokenizedCompletion) -> int:
+        return len(example.prompt_ids) + len(example.completion_ids)  # the KL rows are not counted
+
+    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
+        return forward_unpaired(policy, reference, batch, cfg, with_reference)

@@ -185,7 +185,7 @@ def format_summary(summary: dict) -> str:
 
 def pair_file(scored_path: str | Path, out_path: str | Path, cfg: PairingConfig = PairingConfig()) -> dict:
     """Scored samples JSONL -> pairs JSONL (+ `<out>.summary.json`); returns the summary."""
-    from dpokit.sampling import samples_by_prompt
+    from dpokit.online.sampling import samples_by_prompt
 
     pairs, summary = build_pairs(samples_by_prompt(scored_path), cfg)
     out = Path(out_path)

@@ -20,9 +20,12 @@ dpokit settings that apply it. Thresholds are constructor arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable, Literal, Optional
+
+from dpokit.config import DetectorsConfig
 
 Severity = Literal["warn", "stop"]
 
@@ -112,36 +115,18 @@ class FailureDetectors:
     alone, so interleaved eval records do not clear training conditions.
     """
 
-    def __init__(
-        self,
-        *,
-        chosen_logp_drop: float = 10.0,  # (a) logps/chosen falls by more than this many nats per sequence...
-        chosen_logp_drop_fraction: float = 0.1,  # (a) ...and more than this share of its start (long completions are noisier)...
-        margin_rise: float = 0.1,  # (a) ...while rewards/margins rise by more than this
-        smoothing: int = 3,  # (a) records averaged at the start and at the end, to ride out batch noise
-        length_growth: float = 1.5,  # (b) mean length above this multiple of its first value
-        length_shrink: float = 0.67,  # (b) mean length below this multiple of its first value
-        kl_warn: float = 5.0,  # (c) nats per sequence: the guide's "5-10 nats" range
-        kl_high: float = 10.0,
-        margin_window: int = 5,  # (c) last K records in which margins must keep growing
-        plateau_ratio: float = 0.5,  # (c) growth in the second half of the window vs the first half: >= this = no plateau
-        accuracy_after: int = 20,  # (d) records before accuracy near 0.5 counts as stuck
-        accuracy_band: float = 0.05,  # (d) |mean accuracy - 0.5| <= this, over the last `smoothing` records
-        oscillation_window: int = 20,  # (d) last losses examined for oscillation
-        oscillation_sign_share: float = 0.6,  # (d) share of consecutive loss differences that change sign (smooth: ~0)
-        oscillation_amplitude: float = 0.1,  # (d) mean |loss difference| in nats
-        eval_rise_count: int = 2,  # (e) consecutive rising eval losses that warn
-        early_stop_patience: Optional[int] = None,  # (e) consecutive rises tolerated; more sets should_stop (None: never)
-    ) -> None:
-        self.chosen_logp_drop, self.chosen_logp_drop_fraction = chosen_logp_drop, chosen_logp_drop_fraction
-        self.margin_rise, self.smoothing = margin_rise, max(1, smoothing)
-        self.length_growth, self.length_shrink = length_growth, length_shrink
-        self.kl_warn, self.kl_high = kl_warn, kl_high
-        self.margin_window, self.plateau_ratio = max(3, margin_window), plateau_ratio
-        self.accuracy_after, self.accuracy_band = accuracy_after, accuracy_band
-        self.oscillation_window = max(4, oscillation_window)
-        self.oscillation_sign_share, self.oscillation_amplitude = oscillation_sign_share, oscillation_amplitude
-        self.eval_rise_count, self.early_stop_patience = max(1, eval_rise_count), early_stop_patience
+    def __init__(self, thresholds: DetectorsConfig | None = None, **overrides) -> None:
+        """thresholds: config.DetectorsConfig (the run's `detectors:` section); overrides: some of its fields by name."""
+        c = dataclasses.replace(thresholds or DetectorsConfig(), **overrides)
+        self.chosen_logp_drop, self.chosen_logp_drop_fraction = c.chosen_logp_drop, c.chosen_logp_drop_fraction
+        self.margin_rise, self.smoothing = c.margin_rise, max(1, c.smoothing)
+        self.length_growth, self.length_shrink = c.length_growth, c.length_shrink
+        self.kl_warn, self.kl_high = c.kl_warn, c.kl_high
+        self.margin_window, self.plateau_ratio = max(3, c.margin_window), c.plateau_ratio
+        self.accuracy_after, self.accuracy_band = c.accuracy_after, c.accuracy_band
+        self.oscillation_window = max(4, c.oscillation_window)
+        self.oscillation_sign_share, self.oscillation_amplitude = c.oscillation_sign_share, c.oscillation_amplitude
+        self.eval_rise_count, self.early_stop_patience = max(1, c.eval_rise_count), c.early_stop_patience
         self.records_seen = 0
         self.fired: list[Diagnosis] = []  # every diagnosis returned so far, in order
         self._active: dict[str, int] = {}  # condition key -> level it last fired at

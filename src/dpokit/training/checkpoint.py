@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from dpokit.config import Config, ConfigError
-from dpokit.metrics import MetricsLog, MetricSums
+from dpokit.training.metrics import MetricsLog, MetricSums
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -505,7 +505,7 @@ def save_final(model, tokenizer, cfg: Config, model_dir: Path, state_dict: Optio
         shutil.rmtree(tmp)
     if cfg.lora.enabled and cfg.lora.save == "merged":
         if state_dict is not None:  # sharded: rebuild the model on CPU from the gathered weights, then merge
-            model = _rebuilt(model, cfg, state_dict)
+            model = _rebuilt(cfg, state_dict)
             state_dict = None
         model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
@@ -516,8 +516,8 @@ def save_final(model, tokenizer, cfg: Config, model_dir: Path, state_dict: Optio
     os.replace(tmp, model_dir)
 
 
-def _rebuilt(sharded_model, cfg: Config, state_dict: dict):
-    from dpokit.model import load_policy
+def _rebuilt(cfg: Config, state_dict: dict):
+    from dpokit.models import load_policy
 
     model = load_policy(cfg)
     model.load_state_dict(state_dict, strict=False)

@@ -27,7 +27,7 @@ from typing import Any, Union
 
 import torch
 
-from dpokit.batching import to_device
+from dpokit.data.batching import to_device
 from dpokit.data.collate import pad_completions
 from dpokit.generation import Sample, sample
 from dpokit.logprobs import token_kl, token_logps
@@ -133,7 +133,7 @@ def completion_length(s: Sample) -> int:
 def draw(model, tokenizer, prompts: Sequence[Prompt], num_samples: int = 4, temperature: float = 1.0, top_p: float = 1.0,
          max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64) -> list[Sample]:
     """num_samples samples per prompt (prompt-major); conversational prompts through the chat template."""
-    from dpokit.sampling import render_prompt
+    from dpokit.online.sampling import render_prompt
 
     texts = [render_prompt(p, tokenizer) for p in prompts]
     return sample(model, tokenizer, texts, num_samples=num_samples, temperature=temperature, top_p=top_p,
@@ -304,8 +304,8 @@ def run_cli(args) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from dpokit.sampling import load_model, load_prompts
-    from dpokit.scoring import PairwiseJudge, ScoringError, build_scorer
+    from dpokit.online.sampling import load_model, load_prompts
+    from dpokit.online.scoring import PairwiseJudge, ScoringError, build_scorer
 
     prompts, _ = load_prompts(args.prompts, column=args.prompt_column, max_prompts=args.max_prompts)
     policy, tokenizer = load_model(args.policy)

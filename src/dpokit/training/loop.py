@@ -28,22 +28,23 @@ from typing import Optional
 
 import torch
 
-from dpokit.batching import BatchStream, micro_batch, pad_id, to_device
-from dpokit.checkpoint import (
+from dpokit.data.batching import BatchStream, micro_batch, pad_id, to_device
+from dpokit.training.checkpoint import (
     StopSignals, TrainingInterrupted, is_sharded, resume_command, save_checkpoint, save_final, start_or_resume,
 )  # fmt: skip
 from dpokit.config import Config, ConfigError, load_config
 from dpokit.data.prepare import PreparedData, format_summary
 from dpokit.data.records import DataError
-from dpokit.diagnostics import FailureDetectors
-from dpokit.eval_generation import eval_prompts, generation_metrics
-from dpokit.losses import needs_reference as loss_needs_reference
-from dpokit.metrics import MetricSums
-from dpokit.model import load_policy, load_tokenizer, prepare_reference
-from dpokit.tasks import PAIRED, Task, fit_speed, reference_for, task_for
-from dpokit.tracking import accelerator_kwargs, end_trackers, init_trackers, log_diagnosis, log_metrics
+from dpokit.training.detectors import FailureDetectors
+from dpokit.training.eval_generation import eval_prompts, generation_metrics
+from dpokit.training.metrics import MetricSums
+from dpokit.models import load_policy, load_tokenizer
+from dpokit.reference import prepare_reference
+from dpokit.steps import PairedStep, Step, step_for
+from dpokit.training.setup import fit_speed, reference_for
+from dpokit.training.tracking import accelerator_kwargs, end_trackers, init_trackers, log_diagnosis, log_metrics
 
-__all__ = ["Task", "TrainResult", "TrainingInterrupted", "accumulate_gradients", "evaluate", "save_final", "train"]
+__all__ = ["Step", "TrainResult", "TrainingInterrupted", "accumulate_gradients", "evaluate", "save_final", "train"]
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TrainResult:
 
 
 def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums,
-                         task: Task = PAIRED, examples_in_step: Optional[int] = None, dummies: Optional[list[bool]] = None) -> None:
+                         objective: Step = PairedStep(), examples_in_step: Optional[int] = None, dummies: Optional[list[bool]] = None) -> None:
     """Backward over one optimizer step's micro-batches; per-example metrics are added to `sums`.
 
     The loss of each micro-batch is its per-example loss sum divided by the examples in the
@@ -70,7 +71,7 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
 
     dummies = dummies or [False] * len(micro_batches)
     if examples_in_step is None:
-        scale = 1.0 / sum(task.count(b) for b, dummy in zip(micro_batches, dummies) if not dummy)
+        scale = 1.0 / sum(objective.count(b) for b, dummy in zip(micro_batches, dummies) if not dummy)
     else:
         scale = accelerator.num_processes / examples_in_step
     scale *= accelerator.gradient_accumulation_steps  # undo Accelerate's (and DeepSpeed's) own division by it
@@ -84,14 +85,14 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
         sync = contextlib.nullcontext() if last or deepspeed else accelerator.no_sync(policy)
         with sync:
             with accelerator.autocast():
-                out, metrics = task.forward(policy, reference, batch, cfg, with_reference)
+                out, metrics = objective.forward(policy, reference, batch, cfg, with_reference)
             accelerator.backward(out.losses.sum() * (0.0 if dummy else scale))
         for name, values in metrics.items():
             sums.add(name, values[:0] if dummy else values)  # a dummy registers the names, with no values
 
 
 @torch.no_grad()
-def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference: bool, task: Task = PAIRED) -> dict:
+def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference: bool, objective: Step = PairedStep()) -> dict:
     """Metrics over every held-out example, each process scoring its slice of each global batch."""
     was_training = policy.training
     policy.eval()
@@ -102,11 +103,11 @@ def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference:
     # live instead of reading the cache, and eval records keep eval_kl/chosen, which a cache cannot give.
     live_reference = with_reference and reference is None and cfg.lora.enabled
     for _ in range(stream.per_epoch):
-        batch, _, dummy, _ = micro_batch(pairs, stream, task.collate, pad_id(policy))
+        batch, _, dummy, _ = micro_batch(pairs, stream, objective.collate, pad_id(policy))
         if live_reference:
             batch = {k: v for k, v in batch.items() if k not in ("ref_logps", "ref_shared_logps")}
         with accelerator.autocast():
-            _, metrics = task.forward(policy, reference, to_device(batch, accelerator.device), cfg, with_reference)
+            _, metrics = objective.forward(policy, reference, to_device(batch, accelerator.device), cfg, with_reference)
         for name, values in metrics.items():
             sums.add(name, values[:0] if dummy else values)
     policy.train(was_training)
@@ -194,8 +195,8 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     init_trackers(accelerator, cfg)
 
     tokenizer = load_tokenizer(cfg)
-    task = task_for(cfg)
-    data = data or task.prepare(cfg, tokenizer)
+    objective = step_for(cfg)
+    data = data or objective.prepare(cfg, tokenizer)
     if is_main:
         print(format_summary(data.summary), flush=True)
         (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=2))
@@ -204,11 +205,11 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
 
     policy = load_policy(cfg)
     # reference-free losses (and SFT) build and run no reference
-    with_reference = task.needs_reference(cfg) if task.needs_reference is not None else loss_needs_reference(cfg.loss)
-    cfg, task, notes = fit_speed(cfg, task, policy, is_sharded(accelerator))
+    with_reference = objective.needs_reference(cfg)
+    cfg, objective, notes = fit_speed(cfg, objective, policy, is_sharded(accelerator))
     for note in notes if is_main else []:
         print(f"[dpokit] {note}", flush=True)
-    reference, data = reference_for(cfg, task, policy, tokenizer, data, accelerator, with_reference)
+    reference, data = reference_for(cfg, objective, policy, tokenizer, data, accelerator, with_reference)
     policy.train()
     optimizer = _optimizer(cfg, policy)
     micro_per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * world))
@@ -223,7 +224,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     params = list(policy.parameters()) if is_sharded(accelerator) else [p for p in policy.parameters() if p.requires_grad]
     pad_id = tokenizer.pad_token_id
 
-    detectors = FailureDetectors()
+    detectors = FailureDetectors(cfg.detectors)
     # window: sums of every applied micro-batch since the last log; log: metrics.jsonl (continued on resume)
     state, window, log = start_or_resume(accelerator, cfg, run_dir, data.train, total_steps, policy, optimizer, scheduler, detectors)
     last_logged = next((r for r in reversed(getattr(log, "kept", [])) if "loss" in r), {})
@@ -252,7 +253,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
                                       cfg.train.seed, max_new_tokens=cfg.data.max_length - cfg.data.max_prompt_length)
 
     def eval_record(step: int) -> dict:
-        return {"step": step, **evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, task), **generate_on_eval()}
+        return {"step": step, **evaluate(policy, reference, data.eval, cfg, accelerator, with_reference, objective), **generate_on_eval()}
 
     def checkpoint() -> Path:
         return save_checkpoint(accelerator, run_dir, state, policy, optimizer, scheduler, window, cfg.train.save_total_limit)
@@ -260,14 +261,14 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
     if gen_prompts and state.step == 0:  # the reference's own lengths: the baseline length_drift compares against
         log_and_diagnose({"step": 0, **generate_on_eval()})
     stream = BatchStream(len(data.train), cfg.train.batch_size, cfg.train.seed, rank=accelerator.process_index, world=world, position=state.micro_seen)
-    progress = tqdm(total=total_steps, initial=state.step, disable=not (is_main and cfg.train.progress_bar), desc=task.name, dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=state.step, disable=not (is_main and cfg.train.progress_bar), desc=objective.name, dynamic_ncols=True)
     started = time.time()
     saved_at, step, signals = None, state.step, StopSignals()
     with signals:
         for step in range(state.step + 1, total_steps + 1):
-            micro = [micro_batch(data.train, stream, task.collate, pad_id, task.weight, task.tokens) for _ in range(cfg.train.grad_accum)]
+            micro = [micro_batch(data.train, stream, objective.collate, pad_id, objective.weight, objective.tokens) for _ in range(cfg.train.grad_accum)]
             step_sums = MetricSums()
-            accumulate_gradients(policy, reference, [m[0] for m in micro], cfg, accelerator, with_reference, step_sums, task,
+            accumulate_gradients(policy, reference, [m[0] for m in micro], cfg, accelerator, with_reference, step_sums, objective,
                                  examples_in_step=sum(m[1] for m in micro), dummies=[m[2] for m in micro])
             grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf)
             grad_norm = math.nan if grad_norm is None else float(grad_norm)
@@ -298,8 +299,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
                 record = {k: v for k, v in window.reduce(accelerator).items() if math.isfinite(v)}  # no applied step: no value
                 window.clear()
                 record.update(step=step, epoch=round(stream.position / micro_per_epoch, 4), learning_rate=learning_rate, skipped_steps=state.skipped_steps)
-                if task.tokens is not None:  # TRL's running count of the input tokens trained on
-                    record["num_tokens"] = state.tokens_seen
+                record["num_tokens"] = state.tokens_seen  # TRL's running count of the input tokens trained on
                 if state.overflow_steps:
                     record["overflow_steps"] = state.overflow_steps
                 log_and_diagnose(record)

@@ -132,7 +132,7 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from dpokit.model import DTYPES
+        from dpokit.models import DTYPES
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -414,7 +414,7 @@ def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: in
 
     Rows are matched by (prompt, sample_index). Returns counts: rows, already_scored, scored, unscored (NaN).
     """
-    from dpokit.sampling import append_rows, prompt_key, read_samples
+    from dpokit.online.sampling import append_rows, prompt_key, read_samples
 
     rows = read_samples(in_path)
     out = Path(out_path)

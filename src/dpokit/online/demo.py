@@ -22,11 +22,11 @@ def _read_pairs(path: str) -> list[dict]:
 def run_demo(out_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpokit.cli import shipped_config
+    from dpokit.config import shipped_config
     from dpokit.demo import world
     from dpokit.demo.assets import demo_paths
-    from dpokit.demo.evaluate import evaluate_policy, format_table
-    from dpokit.trainer import train
+    from dpokit.online.demo_eval import evaluate_policy, format_table
+    from dpokit.training.loop import train
 
     import transformers
 

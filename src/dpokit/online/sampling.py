@@ -98,7 +98,7 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpokit.model import DTYPES, ModelLoadError
+    from dpokit.models import DTYPES, ModelLoadError
 
     path = resolve_model_path(spec)
     try:

@@ -1,0 +1,194 @@
+"""The one place a model or tokenizer is loaded, with the safety checks; LoRA; dropout off.
+
+Every verb loads through here: the policy for training (`load_policy`), a model for sampling,
+scoring or evaluation (`load_model`), a reward model, the tokenizer. Where the reference comes
+from is reference.py.
+
+Safe loading: a model folder that ships its own Python code (an `auto_map` in
+config.json or tokenizer_config.json) is refused before transformers sees it
+unless `model.trust_remote_code: true`, and pickle-based weights
+(`pytorch_model.bin`, whose loading can execute code) are refused unless
+`model.allow_pickle: true`; safetensors are required otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from dpokit.config import Config, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says which and why."""
+
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5", "flax_model.msgpack")
+CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def model_settings(cfg: Config | ModelConfig) -> ModelConfig:
+    """The `model:` settings of a whole Config, or the ModelConfig itself (verbs that load one model by name)."""
+    return cfg.model if isinstance(cfg, Config) else cfg
+
+
+def check_model_source(cfg: Config | ModelConfig) -> None:
+    """Refuse, before any loading, a local model folder with custom code or only pickle weights (unless allowed)."""
+    model = model_settings(cfg)
+    path = os.path.expanduser(model.name_or_path)
+    if not path:
+        raise ModelLoadError("model.name_or_path is not set: give a local HF model folder or a hub id")
+    if not os.path.isdir(path):
+        return  # a hub id: transformers itself refuses remote code, and use_safetensors refuses pickle
+    if not model.trust_remote_code:
+        for name in CODE_FILES:
+            auto_map = _read_json(os.path.join(path, name)).get("auto_map")
+            if auto_map:
+                targets = ", ".join(sorted({str(v) for v in _flatten(auto_map)}))
+                raise ModelLoadError(
+                    f"model.name_or_path={model.name_or_path!r} ships its own Python code ({name} has an auto_map: "
+                    f"{targets}); dpokit does not run code that comes with a model unless you set "
+                    "model.trust_remote_code=true (only do so if you have read that code and trust its author)"
+                )
+    files = set(os.listdir(path))
+    has_safetensors = any(f.endswith(".safetensors") for f in files)
+    pickled = sorted(f for f in files if f in PICKLE_WEIGHTS or (f.startswith("pytorch_model-") and f.endswith(".bin")))
+    if pickled and not has_safetensors and not model.allow_pickle:
+        raise ModelLoadError(
+            f"model.name_or_path={model.name_or_path!r} has only pickle-based weights ({', '.join(pickled)}); "
+            "loading a pickle can run arbitrary code. Convert them to safetensors, or set model.allow_pickle=true "
+            "if you trust where the file comes from"
+        )
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelLoadError(f"{path}: not a readable JSON file: {type(e).__name__}: {e}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _flatten(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _flatten(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _flatten(v)
+    elif value is not None:
+        yield value
+
+
+def _load_error(what: str, cfg: Config | ModelConfig, error: Exception) -> ModelLoadError:
+    model = model_settings(cfg)
+    text = str(error)
+    if "trust_remote_code" in text or "custom code" in text:
+        return ModelLoadError(
+            f"{what} at model.name_or_path={model.name_or_path!r} needs its own Python code to load; dpokit does not "
+            "run it unless model.trust_remote_code=true (only if you trust its author)"
+        )
+    if not model.allow_pickle and ("safetensors" in text or "use_safetensors" in text):
+        return ModelLoadError(
+            f"could not load {what} at model.name_or_path={model.name_or_path!r} from safetensors weights "
+            f"({type(error).__name__}: {text}); if it only has pickle-based weights (pytorch_model.bin) and you trust "
+            "them, set model.allow_pickle=true"
+        )
+    return ModelLoadError(f"could not load {what} at model.name_or_path={model.name_or_path!r}: {type(error).__name__}: {text}")
+
+
+def load_tokenizer(cfg: Config | ModelConfig):
+    from transformers import AutoTokenizer
+
+    model = model_settings(cfg)
+    check_model_source(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
+        raise _load_error("the tokenizer", model, e) from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and labels, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(f"the tokenizer of {model.name_or_path!r} has no EOS token; completions could not end")
+    return tokenizer
+
+
+def load_weights(cfg: Config | ModelConfig, auto_class=None):
+    """`from_pretrained` after the safety checks: every model dpokit loads comes through here.
+
+    auto_class: a transformers Auto class (default AutoModelForCausalLM; a reward model passes
+    AutoModelForSequenceClassification).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = model_settings(cfg)
+    check_model_source(model)
+    kwargs = {"dtype": DTYPES[model.dtype], "revision": model.revision, "trust_remote_code": model.trust_remote_code}
+    if not model.allow_pickle:
+        kwargs["use_safetensors"] = True  # transformers then never falls back to pytorch_model.bin
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    try:
+        return (auto_class or AutoModelForCausalLM).from_pretrained(model.name_or_path, **kwargs)
+    except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
+        raise _load_error("the model", model, e) from None
+
+
+def load_policy(cfg: Config):
+    """The trainable policy: weights, dropout off (as TRL), gradient checkpointing, LoRA adapters."""
+    model = load_weights(cfg)
+    disable_dropout(model)
+    if cfg.train.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name (the old one warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    return model
+
+
+def load_model(cfg: Config | ModelConfig, auto_class=None, device: str | None = None):
+    """(model in eval mode on `device`, tokenizer) for sampling, scoring and evaluation; on the GPU when there is one."""
+    tokenizer = load_tokenizer(cfg)
+    model = load_weights(cfg, auto_class)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in the policy (before LoRA, so lora.dropout still applies), as TRL does.
+
+    The reference runs in eval mode; a policy with dropout would start from noisy,
+    non-zero implicit rewards and a loss that is not log 2.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style functional dropout
+            module.attention_dropout = 0.0
+
+
+def apply_lora(model, cfg: Config):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    if cfg.train.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
+    return get_peft_model(model, peft_config)

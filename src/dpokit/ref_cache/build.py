@@ -1,0 +1,159 @@
+"""Reference log-probs computed once, stored on disk, reused across epochs and runs.
+
+The reference model never changes during DPO, so its log-probs of every pair are a
+property of (reference weights, tokenizer, data, tokenisation settings). They are
+computed once (`dpokit precompute CONFIG`, or by `dpokit train` on first use), saved,
+and training then runs without a reference model in memory and without its forward.
+
+    fingerprint.py  the cache key: what the log-probs depend on (weights, tokenizer, data, settings)
+    store.py        the files: one safetensors table per split, checked against each pair's token hash
+    build.py        computing them with the reference model, finding or building a run's cache, `dpokit precompute`
+
+
+Numbers: the cached values are the reference log-probs in float32 from the same fast forward
+as training (packing, prefix sharing, chunked LM head), so they equal a live reference's up to
+float rounding (tests: <= 1e-5). What a cache cannot give: `kl/chosen`, which needs the
+reference's full next-token distributions; it is not logged when training from the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dpokit.config import ConfigError, SpeedConfig, load_config
+from dpokit.data.prepare import prepare_data
+from dpokit.data.tokenization import TokenizedPair
+from dpokit.demo.assets import resolve_demo_assets
+from dpokit.losses import is_unpaired, needs_reference
+from dpokit.models import load_policy, load_tokenizer
+from dpokit.ref_cache.fingerprint import fingerprint, reference_model_config
+from dpokit.ref_cache.store import SPLITS, attach, cache_root, read_split, write_split
+from dpokit.reference import reference_mode
+from dpokit.steps.paired import make_collate
+from dpokit.steps.token_scores import reference_sequence_logps
+
+@torch.no_grad()
+def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfig, pad_token_id: int,
+                            batch_size: int = 16, device=None, mixed_precision: str = "no") -> torch.Tensor:
+    """(N, 4) reference log-probs (chosen, rejected, chosen_shared, rejected_shared) of every pair, no gradient.
+
+    `model` is the reference: a plain model, or a PEFT policy whose adapters are disabled here.
+    mixed_precision (train.mixed_precision): the reference runs under the same autocast as in training.
+    """
+
+    speed = dataclasses.replace(speed, ref_cache=False)
+    device = device or next(model.parameters()).device
+    out = torch.zeros(len(pairs), 4, dtype=torch.float32)
+    is_peft = hasattr(getattr(model, "module", model), "disable_adapter")
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    try:
+        with reference_mode(model, None if is_peft else model) as ref, autocast:
+            attn = getattr(getattr(ref, "config", None), "_attn_implementation", None)
+            collate = make_collate(speed, attn)
+            # longest first, so batches group similar lengths and the first batch shows the peak memory
+            order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)))
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_token_id).items()}
+                logps, shared = reference_sequence_logps(ref, batch, speed)
+                n = len(idx)
+                out[idx] = torch.stack([logps[:n], logps[n:], shared[:n], shared[n:]], dim=1).float().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class ReferenceCache:
+    folder: Path
+    digest: str
+    built: bool  # computed now (False: read from disk)
+    seconds: float = 0.0
+
+
+def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_token_id: Optional[int] = None) -> tuple[ReferenceCache, object]:
+    """Read the cache for (cfg, tokenizer, data), or compute and write it; returns (cache, data with CachedPairs).
+
+    model: the reference, or a policy that has not been trained yet (it is the reference: a
+    copy of the same weights, or a LoRA model whose adapters are disabled here); ignored when
+    model.ref_name_or_path names another reference. Without it a reference is loaded (from
+    model.ref_name_or_path, else model.name_or_path) only if the cache has to be built, then freed.
+    """
+    speed = cfg.speed
+    if getattr(cfg.model, "ref_name_or_path", None):
+        model = None  # the policy is not the reference
+    found = fingerprint(cfg, tokenizer, model)
+    loaded = None
+    if found is None:  # weights not on disk where we can hash them: the loaded weights are the key
+        loaded = model or _load_reference(cfg, device)
+        found = fingerprint(cfg, tokenizer, loaded)
+    digest, parts = found
+    folder = cache_root(speed) / digest[:24]
+    splits = {"train": data.train, "eval": data.eval}
+    tables = {s: read_split(folder, s, digest) for s in SPLITS}
+    built = False
+    started = time.time()
+    if any(tables[s] is None and splits[s] for s in SPLITS):
+        ref_model = model or loaded or _load_reference(cfg, device)
+        pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        batch_size = max(cfg.train.eval_batch_size, cfg.train.batch_size)
+        for s in SPLITS:
+            if tables[s] is None and splits[s]:
+                logps = compute_reference_logps(ref_model, splits[s], speed, pad, batch_size, device, cfg.train.mixed_precision)
+                write_split(folder, s, digest, splits[s], logps)
+                tables[s] = read_split(folder, s, digest)
+        (folder / "meta.json").write_text(json.dumps({"fingerprint": digest, "parts": parts}, indent=1, default=str))
+        built = True
+        del ref_model
+    del loaded
+    attached = dataclasses.replace(
+        data,
+        train=attach(data.train, tables["train"], "train") if data.train else [],
+        eval=attach(data.eval, tables["eval"], "eval") if data.eval else [],
+    )
+    return ReferenceCache(folder, digest, built, time.time() - started), attached
+
+
+def _load_reference(cfg, device=None):
+    model = load_policy(reference_model_config(cfg))
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    elif torch.cuda.is_available():
+        model.to("cuda")
+    return model
+
+
+def precompute_reference(cfg, overrides=None) -> Path:
+    """`dpokit precompute CONFIG`: build (or find) the reference log-prob cache of a training config.
+
+    Loads the tokenizer and data as training does, computes the fingerprint (hashing files,
+    not loading the model), and loads the reference model only if the cache is missing.
+    returns the cache folder.
+    """
+
+    cfg = resolve_demo_assets(load_config(cfg, overrides))
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # as in training: our own one-line summary
+    if is_unpaired(cfg.loss) or not needs_reference(cfg.loss):
+        raise ConfigError(f"loss.type={cfg.loss.type!r}: only paired losses that use a reference have reference "
+                          "log-probs to precompute (KTO's KL baseline depends on the batch; reference-free losses need none)")
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    cache, _ = ensure_reference_cache(cfg, tokenizer, data)
+    n_train, n_eval = len(data.train), len(data.eval)
+    verb = f"built in {cache.seconds:.1f}s" if cache.built else "already up to date"
+    print(f"[dpokit] reference log-probs of {n_train} train / {n_eval} eval pairs {verb}: {cache.folder}", flush=True)
+    return cache.folder

@@ -1,0 +1,31 @@
+"""The objectives: one step per kind of data, each a batch -> (loss, metrics) behind one interface (steps/base.py).
+
+    train.task=sft                 -> sft.FastSFTStep (sft.SFTStep with speed.packing and speed.chunked_logps off)
+    loss.type=kto                  -> unpaired.UnpairedStep
+    a paired loss, any speed.* on  -> paired.FastPairedStep: padding-free rows, shared prompts, chunked LM head,
+                                      reference log-probs from the on-disk cache
+    every speed.* off              -> paired.PairedStep: the plain [chosen; rejected] step with a live reference
+"""
+
+from __future__ import annotations
+
+from dpokit.config import Config
+from dpokit.losses import is_unpaired
+from dpokit.steps.base import Step
+from dpokit.steps.paired import FastPairedStep, PairedStep
+from dpokit.steps.sft import FastSFTStep, SFTStep
+from dpokit.steps.unpaired import UnpairedStep
+
+__all__ = ["FastPairedStep", "FastSFTStep", "PairedStep", "SFTStep", "Step", "UnpairedStep", "step_for"]
+
+
+def step_for(cfg: Config) -> Step:
+    """The step this config trains with."""
+    speed, attn = cfg.speed, cfg.model.attn_implementation
+    if cfg.train.task == "sft":
+        return FastSFTStep(speed, attn) if speed.packing or speed.chunked_logps else SFTStep()
+    if is_unpaired(cfg.loss):
+        return UnpairedStep()
+    if speed.any_fast_path:  # padding-free rows, shared prompts, chunked LM head, cached reference (docs/performance.md)
+        return FastPairedStep(speed, attn)
+    return PairedStep()

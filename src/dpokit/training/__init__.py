@@ -1,0 +1,1 @@
+"""The training loop and what it needs around it: setup, optimiser, checkpoints, signals, export, metrics, detectors."""

@@ -1,0 +1,48 @@
+"""Fitting a run's step to the loaded model and setup, and choosing where its reference log-probs come from.
+
+    fit_speed      the fast step falls back to its plain step for a model outside transformers'
+                   attention interface, and drops the chunked LM head when the head is sharded
+    reference_for  reference log-probs from the on-disk cache when the step reads them (built on a
+                   miss with the untrained policy, which is the reference), else a live reference
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dpokit.config import Config, SpeedConfig
+from dpokit.data.prepare import PreparedData
+from dpokit.ref_cache.build import ensure_reference_cache
+from dpokit.reference import make_reference
+from dpokit.steps import Step
+from dpokit.steps.token_scores import fast_path_blocker
+
+
+def fit_speed(cfg: Config, step: Step, policy, sharded: bool) -> tuple[Config, Step, list[str]]:
+    """The fast step's settings (paired or SFT) for this model and setup -> (cfg, step, notes for the user)."""
+    if not step.is_fast:
+        return cfg, step, []
+    blocker = fast_path_blocker(policy)
+    if blocker:
+        plain = SpeedConfig(packing=False, prefix_sharing=False, chunked_logps=False, ref_cache=False)
+        plain_step = step.plain()
+        return dataclasses.replace(cfg, speed=plain), plain_step, [f"{blocker}: the plain {plain_step.name} step runs (speed.* off)"]
+    if sharded and cfg.speed.chunked_logps:  # a sharded LM head is gathered only when called as a module
+        speed = dataclasses.replace(cfg.speed, chunked_logps=False)
+        return dataclasses.replace(cfg, speed=speed), step, ["FSDP/DeepSpeed: speed.chunked_logps is off (the LM head is sharded)"]
+    return cfg, step, []
+
+
+def reference_for(cfg: Config, step: Step, policy, tokenizer, data: PreparedData, accelerator, with_reference: bool):
+    """(reference model or None, data): reference log-probs from the on-disk cache when the step can use them
+    (built on a miss with the untrained policy, which is the reference), else a live reference (reference.make_reference)."""
+    if not (with_reference and cfg.speed.ref_cache and step.reads_reference_cache):
+        return make_reference(policy, cfg, with_reference), data
+    with accelerator.main_process_first():  # the main process builds a missing cache, the others then read it
+        cache, data = ensure_reference_cache(cfg, tokenizer, data, model=policy.to(accelerator.device), device=accelerator.device)
+    if accelerator.is_main_process:
+        how = f"computed in {cache.seconds:.1f}s and cached in" if cache.built else "read from the cache"
+        kl = ("kl/chosen is logged at evaluation only (eval_kl/chosen, adapters off)" if cfg.lora.enabled
+              else "kl/chosen is not logged (speed.ref_cache=false logs it)")
+        print(f"[dpokit] reference log-probs {how} {cache.folder}: no reference model in memory; {kl}", flush=True)
+    return None, data
