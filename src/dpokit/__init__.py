@@ -3,8 +3,12 @@
 __version__ = "0.1.0"
 
 
-def train(config, **overrides):
-    """Run one training job; see `dpokit.training.loop.train`."""
-    from dpokit.training.loop import train as _train
+def train(config, overrides=None, data=None):
+    """Run one training job: `dpokit.train("my.yaml", ["loss.beta=0.05"])`; see `dpokit.training.loop.train`.
 
-    return _train(config, **overrides)
+    config: a Config, a dict, or a YAML path; overrides: ["key=value", ...] or {key: value}.
+    Imported on call, so `import dpokit` stays light (no torch until a job runs).
+    """
+    from dpokit.training.loop import train as run
+
+    return run(config, overrides, data)
