@@ -36,14 +36,48 @@ def model_settings(cfg: Config | ModelConfig) -> ModelConfig:
     return cfg.model if isinstance(cfg, Config) else cfg
 
 
-def check_model_source(cfg: Config | ModelConfig) -> None:
-    """Refuse, before any loading, a local model folder with custom code or only pickle weights (unless allowed)."""
+# What a Hugging Face model folder (save_pretrained) holds; a PEFT adapter folder has adapter_config.json instead.
+MODEL_CONFIGS = ("config.json", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A local path rather than a hub id ("org/name"): absolute, relative (./, ../, ~), or deeper than org/name."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or os.path.exists(spec)
+
+
+def _missing_parts(path: str, needs: tuple[str, ...]) -> list[str]:
+    files = set(os.listdir(path))
+    missing = []
+    if "model" in needs:
+        if not files & set(MODEL_CONFIGS):
+            missing.append("config.json")
+        if not any(f.endswith((".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")) for f in files):
+            missing.append("model weights (*.safetensors)")
+    if "tokenizer" in needs and not files & set(TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json or tokenizer_config.json)")
+    return missing
+
+
+def check_model_source(cfg: Config | ModelConfig, needs: tuple[str, ...] = ()) -> None:
+    """Refuse, before any loading, a missing or incomplete local model folder, and one with custom code or only
+    pickle weights (unless allowed). needs: what the caller will load from it ("model", "tokenizer")."""
     model = model_settings(cfg)
     path = os.path.expanduser(model.name_or_path)
     if not path:
         raise ModelLoadError("model.name_or_path is not set: give a local HF model folder or a hub id")
     if not os.path.isdir(path):
+        if _looks_like_path(model.name_or_path):
+            what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+            raise ModelLoadError(f"model.name_or_path={model.name_or_path!r} {what}: dpokit expected a Hugging Face "
+                                 "model folder (config.json, *.safetensors weights, tokenizer files, as save_pretrained "
+                                 "writes them) or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
         return  # a hub id: transformers itself refuses remote code, and use_safetensors refuses pickle
+    missing = _missing_parts(path, needs)
+    if missing:
+        raise ModelLoadError(f"model.name_or_path={model.name_or_path!r} is a folder without {', '.join(missing)}: dpokit "
+                             "expected a Hugging Face model folder as save_pretrained writes it (config.json, *.safetensors "
+                             "weights, tokenizer files)")
     if not model.trust_remote_code:
         for name in CODE_FILES:
             auto_map = _read_json(os.path.join(path, name)).get("auto_map")
@@ -108,7 +142,7 @@ def load_tokenizer(cfg: Config | ModelConfig):
     from transformers import AutoTokenizer
 
     model = model_settings(cfg)
-    check_model_source(model)
+    check_model_source(model, needs=("tokenizer",))
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
@@ -130,7 +164,7 @@ def load_weights(cfg: Config | ModelConfig, auto_class=None):
     from transformers import AutoModelForCausalLM
 
     model = model_settings(cfg)
-    check_model_source(model)
+    check_model_source(model, needs=("model",))
     kwargs = {"dtype": DTYPES[model.dtype], "revision": model.revision, "trust_remote_code": model.trust_remote_code}
     if not model.allow_pickle:
         kwargs["use_safetensors"] = True  # transformers then never falls back to pytorch_model.bin
