@@ -55,3 +55,10 @@ def test_dpokit_train_exits_2_with_the_line(tmp_path, capsys):
                  f"out_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "is a folder without" in err and "Traceback" not in err
+
+
+def test_lora_runs_print_no_transformers_deprecation_warning(recwarn):
+    """peft asks transformers 5 for a deprecated name; the user saw a FutureWarning on every LoRA run (issue 15.18)."""
+    cfg = load_config(None, {"model.name_or_path": str(tiny_model_dir()), "lora.enabled": True})
+    load_policy(cfg)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning) and "checkpointing" in str(w.message)]

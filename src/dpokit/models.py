@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
@@ -225,4 +226,8 @@ def apply_lora(model, cfg: Config):
     )
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the checkpointed graph
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # peft asks transformers 5 for `is_gradient_checkpointing`, which warns that the name is deprecated: a
+        # message about peft's code that the user can do nothing about, printed at every LoRA run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
