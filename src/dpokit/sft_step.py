@@ -43,6 +43,7 @@ from dpokit.data.layouts import LAYOUTS, load_preferences
 from dpokit.data.loading import read_rows
 from dpokit.data.records import DataError, SkipReport
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
+from dpokit.data.token_health import check_completion_health
 from dpokit.data.unpaired import (
     TokenizedCompletion,
     UnpairedExample,
@@ -137,6 +138,7 @@ def prepare_sft(cfg: Config, tokenizer):
         stats.lengths = {"prompt": stats.lengths["prompt"], "completion": stats.lengths["chosen"]}
         summary[name] = _summary(report, stats, len(tokenized))  # "pairs" here counts examples
         splits.append(tokenized)
+    summary["train"]["token_health"] = check_completion_health(train_examples, splits[0], tokenizer, cfg.data.path)
     return PreparedData(splits[0], splits[1], summary)
 
 
