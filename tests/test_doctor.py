@@ -122,11 +122,11 @@ def test_duplicate_and_contradictory_pairs_are_flagged(tmp_path):
     assert "label_smoothing=0.1" in check.advice
 
 
-def test_repeated_prompts_warn_only_when_eval_rows_are_held_out_at_random(tmp_path):
+def test_repeated_prompts_do_not_warn_now_that_eval_holds_out_whole_prompts(tmp_path):
     rows = [{"prompt": "the film", "chosen": " good", "rejected": " bad"}, {"prompt": "the film", "chosen": " fine", "rejected": " awful"}]
     assert _doctor(tmp_path, rows).check("duplicates").verdict == "ok"
-    leaky = _doctor(tmp_path, rows, overrides=SHORT + ["data.eval_fraction=0.5"]).check("duplicates")
-    assert leaky.verdict == "warn" and "data.eval_path" in leaky.advice
+    held_out = _doctor(tmp_path, rows, overrides=SHORT + ["data.eval_fraction=0.5"]).check("duplicates")
+    assert held_out.verdict == "ok" and held_out.numbers["repeated_prompts"] == 1
 
 
 @pytest.mark.parametrize("with_tokenizer", [False, True])

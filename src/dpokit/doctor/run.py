@@ -82,7 +82,7 @@ def run_doctor(
     scan = _scan(examples, tokenizer, cfg, report)
     report.add(dropped_rows_check(load_skips, scan.skips if scan else None, thresholds))
     report.add(identical_pairs_check(examples))
-    report.add(duplicates_check(examples, cfg.data.eval_fraction))
+    report.add(duplicates_check(examples))
     if scan is not None:
         health = measure_token_health(paired_rows(examples, scan.pairs), tokenizer)
         report.add(token_health_check(health))

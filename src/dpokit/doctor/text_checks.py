@@ -83,8 +83,11 @@ def identical_pairs_check(examples: list[PreferenceExample]) -> CheckResult:
     )
 
 
-def duplicates_check(examples: list[PreferenceExample], eval_fraction: float) -> CheckResult:
-    """Repeated prompts, repeated pairs, and contradictory pairs (the same two answers ranked both ways)."""
+def duplicates_check(examples: list[PreferenceExample]) -> CheckResult:
+    """Repeated prompts, repeated pairs, and contradictory pairs (the same two answers ranked both ways).
+
+    Repeated prompts alone are fine: data.eval_fraction holds out whole prompts, so none leaks into eval.
+    """
     prompts = Counter(_field_key(ex.prompt) for ex in examples)
     keys = [(_field_key(ex.prompt), _field_key(ex.chosen), _field_key(ex.rejected)) for ex in examples]
     pair_counts = Counter(keys)
@@ -101,9 +104,6 @@ def duplicates_check(examples: list[PreferenceExample], eval_fraction: float) ->
                         + MITIGATIONS["label_noise"])
     if duplicate_pairs:
         problems.append("Exact duplicate pairs weigh those pairs more than the rest: deduplicate.")
-    if repeated_prompts and eval_fraction > 0:
-        problems.append(f"data.eval_fraction={eval_fraction} holds out rows at random, so a prompt can land in both "
-                        "splits and inflate eval scores: give a separate data.eval_path split by prompt.")
     if not problems:
         return CheckResult("duplicates", "ok", summary, numbers=numbers)
     duplicates = [ex.source for ex, key in zip(examples, keys) if pair_counts[key] > 1]
