@@ -122,11 +122,11 @@ def test_duplicate_and_contradictory_pairs_are_flagged(tmp_path):
     assert "label_smoothing=0.1" in check.advice
 
 
-def test_repeated_prompts_warn_only_when_eval_rows_are_held_out_at_random(tmp_path):
+def test_repeated_prompts_do_not_warn_now_that_eval_holds_out_whole_prompts(tmp_path):
     rows = [{"prompt": "the film", "chosen": " good", "rejected": " bad"}, {"prompt": "the film", "chosen": " fine", "rejected": " awful"}]
     assert _doctor(tmp_path, rows).check("duplicates").verdict == "ok"
-    leaky = _doctor(tmp_path, rows, overrides=SHORT + ["data.eval_fraction=0.5"]).check("duplicates")
-    assert leaky.verdict == "warn" and "data.eval_path" in leaky.advice
+    held_out = _doctor(tmp_path, rows, overrides=SHORT + ["data.eval_fraction=0.5"]).check("duplicates")
+    assert held_out.verdict == "ok" and held_out.numbers["repeated_prompts"] == 1
 
 
 @pytest.mark.parametrize("with_tokenizer", [False, True])
@@ -232,14 +232,14 @@ def test_thresholds_are_adjustable(tmp_path):
 
 
 def test_table_and_json_carry_verdicts_numbers_and_advice(tmp_path):
-    rows = [{"prompt": "the film", "chosen": " good very good plot", "rejected": " bad"}] * 4
+    rows = [{"prompt": "the film", "chosen": " good very good plot", "rejected": " bad"}] * 8  # 8 of 8 longer: sign test p < 0.01
     report = _doctor(tmp_path, rows)
     text = format_report(report)
     assert "length_bias" in text and "WARN" in text and "What to do:" in text and "overall: WARN" in text
     data = json.loads(report.to_json())
     assert data["verdict"] == "warn"
     assert {c["name"]: c["verdict"] for c in data["checks"]}["length_bias"] == "warn"
-    assert data["checks"][0]["numbers"]["layouts"] == {"prompt_chosen_rejected": 4}
+    assert data["checks"][0]["numbers"]["layouts"] == {"prompt_chosen_rejected": 8}
 
 
 def test_cli_doctor_verb(tmp_path, capsys):
@@ -249,9 +249,41 @@ def test_cli_doctor_verb(tmp_path, capsys):
     verbs = next(a for a in build_parser()._actions if a.dest == "verb").choices
     if "doctor" not in verbs:
         pytest.skip("the doctor verb is not in cli.py yet")
-    rows = [{"prompt": "the film", "chosen": " good very good plot", "rejected": " bad"}] * 3
+    rows = [{"prompt": "the film", "chosen": " good very good plot", "rejected": " bad"}] * 8
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     assert main(["doctor", str(data), "data.max_length=8", "data.max_prompt_length=4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verdict"] == "warn"
     assert main(["doctor", str(write_jsonl(tmp_path / "bad.jsonl", [{"foo": 1}]))]) == 1
     assert "overall: FAIL" in capsys.readouterr().out
+
+
+def test_length_bias_follows_the_typical_pair_not_a_few_outliers(tmp_path):
+    """hh-rlhf's shape: chosen shorter in 56% of pairs (ratio ~0.84), a few huge chosen drive the mean ratio up."""
+    from dpokit.doctor.text_checks import length_bias_check
+
+    chosen, rejected = [84] * 56 + [100] * 24 + [2000] * 20, [100] * 56 + [84] * 24 + [100] * 20
+    check = length_bias_check(chosen, rejected, "tokens", DoctorConfig())
+    assert check.numbers["mean_ratio"] > 1.3  # what the old check judged: "chosen systematically longer"
+    assert check.verdict == "ok" and check.numbers["median_ratio"] == pytest.approx(0.84)
+    assert check.numbers["share_chosen_shorter"] == 0.56 and check.numbers["sign_test_p"] > 0.05
+    biased = length_bias_check([84] * 80 + [2000] * 20, [100] * 100, "tokens", DoctorConfig())
+    assert biased.verdict == "warn" and "systematically shorter" in biased.advice  # 80% shorter, despite the mean
+
+
+def test_sign_test_matches_the_binomial_by_hand():
+    from dpokit.doctor.text_checks import sign_test_p
+
+    assert sign_test_p(4, 4) == pytest.approx(2 / 16)  # 4 of 4 one way: P = 2 * (1/2)^4
+    assert sign_test_p(1, 4) == pytest.approx(2 * 5 / 16)  # at least 3 of 4 either way
+    assert sign_test_p(50, 100) == 1.0
+    assert sign_test_p(1200, 2000) == pytest.approx(2 * 0.5 * math.erfc((1200 - 0.5 - 1000) / math.sqrt(500) / math.sqrt(2)))
+
+
+def test_long_paths_are_never_broken_across_lines(tmp_path):
+    deep = tmp_path / "a-very-long-folder-name-with-hyphens" / ("x" * 70) / "more-hyphenated-parts-here"
+    deep.mkdir(parents=True)
+    report = _doctor(deep, [{"foo": 1}])  # the failing load check's summary quotes the file's path
+    assert report.check("load").verdict == "fail"
+    lines = format_report(report, width=60).splitlines()
+    path = str(deep / "data.jsonl")
+    assert any(path in line for line in lines[1:]), lines  # whole on one line of the table, so it can be pasted

@@ -9,14 +9,14 @@ from dpokit.demo import world
 
 
 def _length_biased_pairs(path, n=1000, seed=0):
-    """Same opening, random sentiment on both sides, chosen at least 6 words longer than rejected."""
+    """Same opening, random sentiment on both sides, chosen at least 8 words longer than rejected."""
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
         opening = world.sample_opening(rng, "train")
         a = world.sample_continuation(rng, rng.choice(["positive", "negative"]))
         b = world.sample_continuation(rng, rng.choice(["positive", "negative"]))
-        if len(a.split()) >= len(b.split()) + 6:
+        if len(a.split()) >= len(b.split()) + 8:
             rows.append({"prompt": opening, "chosen": a, "rejected": b})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -91,7 +91,8 @@ def test_prepare_masks_the_prompt_and_appends_eos(tmp_path):
 
 
 def test_eval_fraction_and_truncation(tmp_path):
-    rows = [{"prompt": "the film was", "completion": " very good and fine"} for _ in range(10)]
+    subjects = "film movie plot acting sky story time colour hi hello".split()  # ten prompts: eval holds out whole prompts
+    rows = [{"prompt": f"the {subject} was", "completion": " very good and fine"} for subject in subjects]
     data = prepare_sft(_cfg(write_jsonl(tmp_path / "d.jsonl", rows), eval_fraction=0.2, max_length=5, max_prompt_length=2), word_tokenizer())
     assert len(data.train) == 8 and len(data.eval) == 2
     assert all(len(e.prompt_ids) == 2 and len(e.completion_ids) == 3 for e in data.train)  # prompt cut left, completion right

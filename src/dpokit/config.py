@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Optional, Union
 import yaml
 from importlib import resources
 
-from dpokit.losses import LossConfig, validate_loss_config
+from dpokit.losses import LOSSES, UNPAIRED_LOSSES, LossConfig, loss_names, validate_loss_config
 
 
 class ConfigError(ValueError):
@@ -59,7 +60,9 @@ class DataConfig:
     eval_split: str = "test"  # split of eval_path when it is a dataset with splits
     eval_fraction: float = 0.0
     max_length: int = 1024  # prompt + completion tokens; the completion is cut from the right to fit
-    max_prompt_length: int = 512  # prompt tokens; the prompt is cut from the left so the latest turns survive
+    # prompt tokens; the prompt is cut from the left so the latest turns survive. null (the default) resolves
+    # to max_length // 2 when the config is loaded, so every reader sees an int (1024 -> 512, 256 -> 128)
+    max_prompt_length: Optional[int] = None
     max_rows: Optional[int] = None  # use only the first N rows (for quick trials)
     strict: bool = False  # stop at the first bad row instead of skipping and reporting it
 
@@ -146,8 +149,12 @@ class DoctorConfig:
     # Dropped rows: any dropped row warns (it is data you thought you had); more than this share fails.
     dropped_fail_share: float = 0.5
     # Length bias: DPO's summed log-probs reward length, so a systematic length gap is a shortcut to learn.
-    length_share_longer: float = 0.65  # chosen longer (or shorter) than rejected in more than this share of pairs
-    length_mean_ratio: float = 1.3  # mean chosen/rejected length ratio above this (or below its inverse)
+    # Warn when chosen is longer (or shorter) in more than this share of pairs, or the median chosen/rejected
+    # ratio passes 1.3 (or 1/1.3); and only when a sign test says the split is not chance (p below 0.05:
+    # with 5 pairs or fewer no split can be told from chance, with 100 pairs 60/40 already can).
+    length_share_longer: float = 0.65
+    length_median_ratio: float = 1.3
+    length_sign_test_p: float = 0.05
     # Truncation at data.max_length / data.max_prompt_length: a cut completion loses its EOS.
     truncation_warn_share: float = 0.05
     truncation_fail_share: float = 0.5
@@ -219,22 +226,86 @@ def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: 
     return cfg
 
 
+# A config file is a few KB of settings. These limits stop a "billion laughs" file (nested aliases
+# that expand exponentially) before it is expanded, printed or copied: 2 KB of anchors can expand
+# to gigabytes. Real configs use few aliases, if any, and stay far below both numbers.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # scalars + collections after expanding every alias
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """Nodes in the document once every alias is expanded, counted without expanding it (stops past `limit`).
+
+    Aliases are shared node objects in the composed graph, so each node's expanded size is computed
+    once; a node that contains itself (a recursive alias) counts as unlimited.
+    """
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in in_progress:
+            return limit + 1
+        in_progress.add(id(n))
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            children = n.value
+        elif isinstance(n, yaml.MappingNode):
+            children = [part for pair in n.value for part in pair]
+        else:
+            children = []
+        for child in children:
+            total = min(limit + 1, total + size(child))
+        in_progress.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
+def load_yaml_text(text: str, where: str):
+    """yaml.safe_load(text), refused (ConfigError naming `where`) when its aliases expand past MAX_YAML_NODES."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is not None and _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ConfigError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values once its aliases (*name) "
+                          "are expanded; a config needs far fewer: write the settings out without nested aliases")
+    return yaml.safe_load(text)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config file (limit {MAX_CONFIG_BYTES})")
+        data = load_yaml_text(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {str(e)[:300]}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, RecursionError, ValueError) as e:  # a folder, no permission, absurd nesting
-        raise ConfigError(f"{path}: cannot read the config file: {type(e).__name__}: {e}") from None
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: cannot read the config file: {type(e).__name__}: {str(e)[:300]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     return data
+
+
+# Error messages quote the offending value; a short excerpt is enough to find it, and a huge value
+# (an expanded alias, a pasted file) must not turn one error line into megabytes of output.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def _excerpt(value: Any, limit: int = 120) -> str:
+    """repr(value) cut to about `limit` characters, without building the full repr of a large value."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse_overrides(overrides) -> list[tuple[str, Any]]:
@@ -243,19 +314,19 @@ def _parse_overrides(overrides) -> list[tuple[str, Any]]:
     if isinstance(overrides, dict):
         for key in overrides:
             if not isinstance(key, str):
-                raise ConfigError(f"override keys are dotted names such as 'loss.beta', got {key!r}")
+                raise ConfigError(f"override keys are dotted names such as 'loss.beta', got {_excerpt(key)}")
         return list(overrides.items())
     if isinstance(overrides, str):
-        raise ConfigError(f"overrides are a list of key=value strings, got the single string {overrides!r}")
+        raise ConfigError(f"overrides are a list of key=value strings, got the single string {_excerpt(overrides)}")
     out = []
     for item in overrides:
         if not isinstance(item, str):
-            raise ConfigError(f"override {item!r} is not a key=value string (e.g. loss.beta=0.05)")
+            raise ConfigError(f"override {_excerpt(item)} is not a key=value string (e.g. loss.beta=0.05)")
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.beta=0.05)")
+            raise ConfigError(f"override {_excerpt(item)} is not of the form key=value (e.g. loss.beta=0.05)")
         key, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = load_yaml_text(text, f"override {key.strip()!r}") if text != "" else ""
         except (yaml.YAMLError, ValueError, RecursionError):
             value = text
         out.append((key.strip(), value))
@@ -270,10 +341,10 @@ def _suggest(key: str, valid: list[str]) -> str:
 def _merge(base: dict, update: dict, prefix: str) -> None:
     for key, value in update.items():
         if not isinstance(key, str):
-            raise ConfigError(f"config keys are names, got {key!r} ({type(key).__name__}) in {prefix.rstrip('.') or 'the top level'}")
+            raise ConfigError(f"config keys are names, got {_excerpt(key)} ({type(key).__name__}) in {prefix.rstrip('.') or 'the top level'}")
         full = f"{prefix}{key}"
         if key not in base:
-            raise ConfigError(f"unknown config key {full!r}" + _suggest(full, [f"{prefix}{k}" for k in base]))
+            raise ConfigError(f"unknown config key {_excerpt(full)}" + _suggest(full[:200], [f"{prefix}{k}" for k in base]))
         if prefix == "" and key in SECTIONS and isinstance(value, dict):
             _merge(base[key], value, prefix=f"{full}.")
         else:
@@ -291,7 +362,7 @@ def _set_dotted(merged: dict, key: str, value: Any) -> None:
         if head in valid and isinstance(_get_dotted(merged, head), dict):
             _get_dotted(merged, head)[last] = value
             return
-        raise ConfigError(f"unknown config key {key!r}" + _suggest(key, valid))
+        raise ConfigError(f"unknown config key {_excerpt(key)}" + _suggest(key[:200], valid))
     node = merged
     for part in parts[:-1]:
         node = node[part]
@@ -323,7 +394,7 @@ def _build(cls, raw: dict, prefix: str):
         value = raw[f.name]
         if dataclasses.is_dataclass(hints[f.name]):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {key!r} must be a mapping of {f.name} settings, got {value!r}")
+                raise ConfigError(f"config key {key!r} must be a mapping of {f.name} settings, got {_excerpt(value)}")
             kwargs[f.name] = _build(hints[f.name], value, prefix=f"{key}.")
         else:
             kwargs[f.name] = _coerce(value, hints[f.name], key)
@@ -344,19 +415,19 @@ def _coerce(value: Any, tp, key: str):
                 return _coerce(value, option, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"config key {key!r} must be {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {value!r}")
+        raise ConfigError(f"config key {key!r} must be {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {_excerpt(value)}")
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"config key {key!r}: expected null, got {value!r}")
+        raise ConfigError(f"config key {key!r}: expected null, got {_excerpt(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be a list, got {_excerpt(value)}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"config key {key!r} must be a mapping, got {_excerpt(value)}")
         return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
@@ -378,22 +449,23 @@ def _coerce(value: Any, tp, key: str):
                 pass
         if number is not None:
             if not math.isfinite(number):
-                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+                raise ConfigError(f"config key {key!r} must be a finite number, got {_excerpt(value)}")
             return number
     elif tp is str:
         if isinstance(value, str):
             return value
     elif tp is Any:
         return value
-    raise ConfigError(f"config key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"config key {key!r} must be {_type_name(tp)}, got {_excerpt(value)} ({type(value).__name__})")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {value!r}" + _suggest(value, list(choices)).replace("valid keys", "valid values"))
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {_excerpt(value)}" + _suggest(value, list(choices)).replace("valid keys", "valid values"))
 
 
 def _validate(cfg: Config) -> None:
+    """Check every setting; also resolves data.max_prompt_length=null to max_length // 2, so readers get an int."""
     _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16", "auto"))
     _check_choice("lora.save", cfg.lora.save, ("adapter", "merged"))
     _check_choice("optim.scheduler", cfg.optim.scheduler, ("linear", "cosine", "constant"))
@@ -402,10 +474,18 @@ def _validate(cfg: Config) -> None:
     if cfg.model.ref_name_or_path and cfg.lora.enabled:
         raise ConfigError("model.ref_name_or_path cannot be combined with lora.enabled: with LoRA the reference is the "
                           "policy's base model with its adapters disabled")
+    valid_losses = sorted(set(LOSSES) | UNPAIRED_LOSSES)
+    for name in loss_names(cfg.loss):
+        if name not in valid_losses:
+            close = difflib.get_close_matches(name[:100], valid_losses, n=1, cutoff=0.5)
+            raise ConfigError(f"config key 'loss.type': unknown loss {_excerpt(name)}"
+                              + (f"; did you mean {close[0]!r}?" if close else "") + f" valid: {', '.join(valid_losses)}")
     try:
         validate_loss_config(cfg.loss)
     except ValueError as e:
         raise ConfigError(f"config key 'loss.type': {e}" if "unknown loss.type" in str(e) else str(e)) from None
+    if cfg.data.max_prompt_length is None:
+        cfg.data.max_prompt_length = max(1, cfg.data.max_length // 2)  # half the budget for the prompt
     positive = {
         "data.max_length": cfg.data.max_length,
         "data.max_prompt_length": cfg.data.max_prompt_length,
@@ -417,6 +497,8 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {value}")
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"config key 'data.max_length' must be >= 2 (one prompt and one completion token), got {cfg.data.max_length}")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
         raise ConfigError(
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be smaller than data.max_length "

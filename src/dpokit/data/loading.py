@@ -50,6 +50,8 @@ def read_rows(path: str, split: str = "train") -> Iterator[Row]:
         return _read_with_load_dataset(local, split, from_hub=False)
     if os.path.isfile(local):
         return _read_local_file(local)
+    if os.path.exists(local):  # a FIFO, a device such as /dev/zero, a socket: reading it may never end
+        raise DataError("not a regular file (a pipe, device or socket); give a data file or a datasets folder", path)
     if _looks_like_hub_id(path):
         return _read_with_load_dataset(path, split, from_hub=True)
     raise DataError("file not found (no such file or folder)", path)

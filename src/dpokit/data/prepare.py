@@ -1,19 +1,22 @@
 """config.data -> tokenised train and eval pairs, plus the data summary printed at start.
 
-load (layouts.load_preferences) -> hold out eval rows -> tokenise and truncate ->
-summary of rows read, used, skipped by reason, truncation counts and token
-length percentiles. Nothing is dropped without being counted in the summary.
+load (layouts.load_preferences) -> hold out eval prompts -> tokenise and truncate ->
+refuse degenerate tokenization (token_health) -> summary of rows read, used, skipped
+by reason, prompts per split, truncation counts, token length percentiles and the
+tokenizer class. Nothing is dropped without being counted in the summary.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
 from dpokit.config import Config
 from dpokit.data.layouts import load_preferences
-from dpokit.data.records import SkipReport
+from dpokit.data.records import DataError, SkipReport
 from dpokit.data.rows import cap_rows
+from dpokit.data.token_health import check_token_health, paired_rows
 from dpokit.data.tokenization import TokenizationStats, TokenizedPair, tokenize_pairs
 
 
@@ -31,28 +34,55 @@ def _load(path: str, split: str, cfg: Config):
     return cap_rows(examples, report, path, cfg.data.max_rows), report
 
 
+def prompt_key(item) -> str:
+    """A comparable form of an item's prompt; `item` is an example or a group of examples of one row."""
+    prompt = (item[0] if isinstance(item, list) else item).prompt
+    return " ".join(prompt.split()) if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def split_by_prompt(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, eval): whole prompts held out at random (seeded) until `fraction` of the items are.
+
+    Splitting rows instead would put a prompt with several pairs on both sides, and the eval
+    would score prompts the model trained on. At least one prompt stays in training; data with
+    a single prompt cannot be split this way and raises DataError.
+    """
+    rows_of: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        rows_of.setdefault(prompt_key(item), []).append(i)
+    if len(rows_of) < 2:
+        raise DataError(f"data.eval_fraction={fraction} holds out whole prompts, and all {len(items)} rows share "
+                        "one prompt; give a separate data.eval_path or set data.eval_fraction=0")
+    prompts = list(rows_of)
+    random.Random(seed).shuffle(prompts)
+    target, held = max(1, int(len(items) * fraction)), set()
+    for prompt in prompts[:-1]:
+        if len(held) >= target:
+            break
+        held.update(rows_of[prompt])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
 def load_train_and_eval(cfg: Config, load) -> tuple[list, SkipReport, list, SkipReport]:
     """Training rows and held-out rows, each with its SkipReport: `load(path, split, cfg)` reads one source.
 
-    The eval rows come from data.eval_path, else a seeded data.eval_fraction of the training rows
-    (the same rows in every run with the same seed), counted as held out, never as dropped.
+    The eval rows come from data.eval_path, else whole prompts holding a seeded data.eval_fraction
+    of the training rows (the same rows in every run with the same seed; `split_by_prompt`),
+    counted as held out, never as dropped. Each report counts its split's distinct prompts.
     Shared by the paired, unpaired (KTO) and SFT preparations, whose `load` differ.
     """
     train, train_report = load(cfg.data.path, cfg.data.split, cfg)
     if cfg.data.eval_path:
         evals, eval_report = load(cfg.data.eval_path, cfg.data.eval_split, cfg)
-        return train, train_report, evals, eval_report
-    eval_report = SkipReport()
-    if cfg.data.eval_fraction <= 0:
-        return train, train_report, [], eval_report
-    order = list(range(len(train)))
-    random.Random(cfg.train.seed).shuffle(order)
-    n_eval = max(1, int(len(order) * cfg.data.eval_fraction))
-    held = set(order[:n_eval])
-    evals = [item for i, item in enumerate(train) if i in held]
-    train = [item for i, item in enumerate(train) if i not in held]
-    train_report.rows_used -= n_eval
-    train_report.held_out = eval_report.rows_read = eval_report.rows_used = n_eval
+    elif cfg.data.eval_fraction > 0:
+        train, evals = split_by_prompt(train, cfg.data.eval_fraction, cfg.train.seed)
+        eval_report = SkipReport()
+        train_report.rows_used -= len(evals)
+        train_report.held_out = eval_report.rows_read = eval_report.rows_used = len(evals)
+    else:
+        evals, eval_report = [], SkipReport()
+    train_report.prompts = len({prompt_key(x) for x in train})
+    eval_report.prompts = len({prompt_key(x) for x in evals})
     return train, train_report, evals, eval_report
 
 
@@ -61,10 +91,12 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     train, train_stats = tokenize_pairs(
         train_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, train_report
     )
+    health = check_token_health(paired_rows(train_examples, train), tokenizer, cfg.data.path)
     evals, eval_stats = tokenize_pairs(
         eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, eval_report
     )
     summary = {"train": split_summary(train_report, train_stats, len(train)), "eval": split_summary(eval_report, eval_stats, len(evals))}
+    summary["train"]["token_health"] = health
     return PreparedData(train, evals, summary)
 
 
@@ -88,10 +120,15 @@ def format_summary(summary: dict) -> str:
             continue
         layouts = ", ".join(f"{k}: {v}" for k, v in s["layouts"].items())
         lines.append(
-            f"[data] {split}: {s['rows_read']} rows read, {s['pairs']} pairs used, "
-            f"{s['rows_skipped']} dropped" + (f", {s['held_out']} held out for eval" if s.get("held_out") else "")
-            + f"  (layouts: {layouts})"
+            f"[data] {split}: {s['rows_read']} rows read, {s['pairs']} pairs used"
+            + (f" ({s['prompts']} prompts)" if s.get("prompts") else "")
+            + f", {s['rows_skipped']} dropped" + (f", {s['held_out']} held out for eval" if s.get("held_out") else "")
+            + (f"  (layouts: {layouts})" if layouts else "")
         )
+        if s.get("token_health"):
+            lines.append(f"[data]   tokenizer: {s['token_health']['tokenizer_class']} "
+                         f"({s['token_health']['unknown_token_rate']:.1%} unknown tokens in a sample of "
+                         f"{s['token_health']['rows']} rows)")
         for reason, n in s["skipped_by_reason"].items():
             examples = "; ".join(s["skipped_examples"].get(reason, [])[:3])
             lines.append(f"[data]   dropped {n}: {reason}  e.g. {examples}")

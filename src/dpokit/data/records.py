@@ -53,6 +53,7 @@ class SkipReport:
     rows_read: int = 0
     rows_used: int = 0
     held_out: int = 0  # rows moved to the eval split (data.eval_fraction)
+    prompts: int = 0  # distinct prompts among the split's rows (the eval split holds out whole prompts)
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> ["file:row (field)"]
     layouts: Counter = field(default_factory=Counter)  # detected layout name -> rows
@@ -82,6 +83,7 @@ class SkipReport:
             "rows_used": self.rows_used,
             "rows_skipped": self.rows_skipped,
             "held_out": self.held_out,
+            "prompts": self.prompts,
             "skipped_by_reason": dict(self.skipped),
             "skipped_examples": self.examples,
             "layouts": dict(self.layouts),

@@ -22,6 +22,7 @@ from dpokit.data.loading import read_rows
 from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
 from dpokit.data.records import DataError, SkipReport
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
+from dpokit.data.token_health import check_completion_health
 from dpokit.data.unpaired import (
     UnpairedExample,
     detect_unpaired_layout,
@@ -106,4 +107,5 @@ def prepare_sft(cfg: Config, tokenizer):
         stats.lengths = {"prompt": stats.lengths["prompt"], "completion": stats.lengths["chosen"]}
         summary[name] = split_summary(report, stats, len(tokenized))  # "pairs" here counts examples
         splits.append(tokenized)
+    summary["train"]["token_health"] = check_completion_health(train_examples, splits[0], tokenizer, cfg.data.path)
     return PreparedData(splits[0], splits[1], summary)

@@ -28,6 +28,7 @@ from dpokit.data.loading import read_rows
 from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport, Text
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
+from dpokit.data.token_health import check_completion_health
 from dpokit.data.tokenization import TokenizationStats, render_ids
 
 UNPAIRED_LAYOUTS = ("prompt_completion_label", "messages_label")
@@ -242,7 +243,8 @@ def _load(path: str, split: str, cfg):
 def prepare_unpaired(cfg, tokenizer):
     """config.data -> PreparedData of TokenizedCompletion, with the paired data's summary shape.
 
-    The eval split is by source row, seeded like `prepare_data`, so a split pair stays on one side.
+    The eval split holds out whole prompts, seeded like `prepare_data`, so a split pair stays on one
+    side. Degenerate tokenization raises DataError before anything is trained (`token_health`).
     """
     train_groups, train_report, eval_groups, eval_report = load_train_and_eval(cfg, _load)
     summary, splits = {}, []
@@ -251,4 +253,5 @@ def prepare_unpaired(cfg, tokenizer):
         summary[name] = split_summary(report, stats, len(examples))  # "pairs" here counts examples
         summary[name]["labels"] = {"desirable": sum(e.label for e in examples), "undesirable": sum(not e.label for e in examples)}
         splits.append(examples)
+    summary["train"]["token_health"] = check_completion_health(train_groups, splits[0], tokenizer, cfg.data.path)
     return PreparedData(splits[0], splits[1], summary)

@@ -62,6 +62,11 @@ class DoctorReport:
         return json.dumps(self.to_dict(), indent=indent)
 
 
+def _wrap(text: str, width: int, **kwargs) -> list[str]:
+    """textwrap.wrap that breaks only at spaces: a path or hub id stays whole so it can be pasted."""
+    return textwrap.wrap(text, width=width, break_long_words=False, break_on_hyphens=False, **kwargs)
+
+
 def format_report(report: DoctorReport, width: int = 100) -> str:
     """A table of check | verdict | numbers, then the advice for every check that is not ok."""
     name_width = max([len("check")] + [len(c.name) for c in report.checks])
@@ -70,18 +75,18 @@ def format_report(report: DoctorReport, width: int = 100) -> str:
              "-" * min(width, max(len(header), 60))]
     summary_indent = " " * (name_width + 11)
     for check in report.checks:
-        wrapped = textwrap.wrap(check.summary, width=max(40, width - len(summary_indent))) or [""]
+        wrapped = _wrap(check.summary, max(40, width - len(summary_indent))) or [""]
         lines.append(f"{check.name:<{name_width}}  {check.verdict.upper():<7}  {wrapped[0]}")
         lines.extend(summary_indent + more for more in wrapped[1:])
     advice = [c for c in report.checks if c.verdict in ("warn", "fail") and c.advice]
     if advice:
         lines += ["", "What to do:"]
         for check in advice:
-            lines.extend(textwrap.wrap(f"{check.name} ({check.verdict}): {check.advice}", width=width,
+            lines.extend(_wrap(f"{check.name} ({check.verdict}): {check.advice}", width,
                                        initial_indent="  ", subsequent_indent="    "))
             if check.examples:
                 lines.append(f"    e.g. {'; '.join(check.examples[:3])}")
     for note in report.notes:
-        lines.extend(textwrap.wrap(f"note: {note}", width=width, subsequent_indent="      "))
+        lines.extend(_wrap(f"note: {note}", width, subsequent_indent="      "))
     lines += ["", f"overall: {report.verdict.upper()}"]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from typing import Any
 from dpokit.config import Config, load_config
 from dpokit.data.layouts import load_preferences
 from dpokit.data.records import DataError, PreferenceExample
+from dpokit.data.token_health import measure_token_health, paired_rows
 from dpokit.doctor.reference_checks import reference_logps_check, reference_preference_check, sample_pairs, score_pairs
 from dpokit.doctor.report import CheckResult, DoctorReport
 from dpokit.doctor.text_checks import (
@@ -28,14 +29,17 @@ from dpokit.config import DoctorConfig
 from dpokit.doctor.token_checks import (
     TokenScan,
     completion_end_check,
+    context_length_check,
     scan_tokens,
     special_tokens_check,
     template_prefix_check,
+    token_health_check,
     truncation_check,
+    unknown_tokens_check,
 )
 from dpokit.models import load_policy, load_tokenizer
 
-TOKEN_CHECKS = ("truncation", "template_prefix", "special_tokens", "completion_end")
+TOKEN_CHECKS = ("token_health", "unknown_tokens", "truncation", "template_prefix", "special_tokens", "completion_end")
 REFERENCE_CHECKS = ("reference_logps", "reference_preference")
 DEFAULT_SAMPLE_SIZE = 256
 
@@ -78,8 +82,11 @@ def run_doctor(
     scan = _scan(examples, tokenizer, cfg, report)
     report.add(dropped_rows_check(load_skips, scan.skips if scan else None, thresholds))
     report.add(identical_pairs_check(examples))
-    report.add(duplicates_check(examples, cfg.data.eval_fraction))
+    report.add(duplicates_check(examples))
     if scan is not None:
+        health = measure_token_health(paired_rows(examples, scan.pairs), tokenizer)
+        report.add(token_health_check(health))
+        report.add(unknown_tokens_check(health))
         report.add(length_bias_check(scan.chosen_lengths, scan.rejected_lengths, "tokens", thresholds))
         report.add(truncation_check(scan, cfg.data.max_length, cfg.data.max_prompt_length, thresholds))
         report.add(template_prefix_check(scan))
@@ -88,6 +95,7 @@ def run_doctor(
     else:
         report.add(length_bias_check(*word_lengths(examples), "words", thresholds))
         _skip(report, TOKEN_CHECKS, "needs a tokenizer")
+    _context_check(report, cfg, reference_model, model_name)
     _reference_checks(report, scan, tokenizer, reference_model, model_name, cfg, sample_size, seed, thresholds, batch_size)
     return report
 
@@ -116,6 +124,23 @@ def _scan(examples: list[PreferenceExample], tokenizer, cfg: Config, report: Doc
     except DataError as error:  # e.g. conversational rows and a tokenizer without a chat template
         report.add(CheckResult("tokenisation", "fail", str(error), "Training would stop here with the same error."))
         return None
+
+
+def _context_check(report: DoctorReport, cfg: Config, reference_model, model_name: str | None) -> None:
+    """data.max_length against the model's context, from the loaded reference's config or the model's config.json."""
+    model_config = getattr(reference_model, "config", None)
+    if model_config is None and model_name:
+        from transformers import AutoConfig
+
+        try:  # reads config.json only: no weights, no remote code
+            model_config = AutoConfig.from_pretrained(model_name, revision=cfg.model.revision, trust_remote_code=False)
+        except Exception as error:  # a hub id offline, custom code: the other checks still run
+            report.add(CheckResult("context_length", "skip", f"cannot read the model's config ({type(error).__name__})"))
+            return
+    if model_config is None:
+        report.add(CheckResult("context_length", "skip", "needs a model (--model or model.name_or_path)"))
+        return
+    report.add(context_length_check(cfg.data.max_length, model_config))
 
 
 def _skip(report: DoctorReport, names: tuple[str, ...], why: str) -> None:

@@ -7,6 +7,8 @@ model is even chosen; with a tokenizer, lengths are counted in tokens.
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections import Counter
 
 from dpokit.data.records import PreferenceExample, SkipReport
@@ -81,8 +83,11 @@ def identical_pairs_check(examples: list[PreferenceExample]) -> CheckResult:
     )
 
 
-def duplicates_check(examples: list[PreferenceExample], eval_fraction: float) -> CheckResult:
-    """Repeated prompts, repeated pairs, and contradictory pairs (the same two answers ranked both ways)."""
+def duplicates_check(examples: list[PreferenceExample]) -> CheckResult:
+    """Repeated prompts, repeated pairs, and contradictory pairs (the same two answers ranked both ways).
+
+    Repeated prompts alone are fine: data.eval_fraction holds out whole prompts, so none leaks into eval.
+    """
     prompts = Counter(_field_key(ex.prompt) for ex in examples)
     keys = [(_field_key(ex.prompt), _field_key(ex.chosen), _field_key(ex.rejected)) for ex in examples]
     pair_counts = Counter(keys)
@@ -99,34 +104,56 @@ def duplicates_check(examples: list[PreferenceExample], eval_fraction: float) ->
                         + MITIGATIONS["label_noise"])
     if duplicate_pairs:
         problems.append("Exact duplicate pairs weigh those pairs more than the rest: deduplicate.")
-    if repeated_prompts and eval_fraction > 0:
-        problems.append(f"data.eval_fraction={eval_fraction} holds out rows at random, so a prompt can land in both "
-                        "splits and inflate eval scores: give a separate data.eval_path split by prompt.")
     if not problems:
         return CheckResult("duplicates", "ok", summary, numbers=numbers)
     duplicates = [ex.source for ex, key in zip(examples, keys) if pair_counts[key] > 1]
     return CheckResult("duplicates", "warn", summary, " ".join(problems), numbers, (contradictory or duplicates)[:5])
 
 
+def sign_test_p(successes: int, trials: int) -> float:
+    """Two-sided sign test: P(a split at least this uneven | each side equally likely), exact up to 1000 trials.
+
+    Above that the normal approximation with continuity correction is within 1e-3 and costs nothing.
+    """
+    if trials == 0:
+        return 1.0
+    k = max(successes, trials - successes)
+    if trials <= 1000:
+        tail = sum(math.comb(trials, i) for i in range(k, trials + 1)) / 2**trials
+    else:
+        z = (k - 0.5 - trials / 2) / math.sqrt(trials / 4)
+        tail = 0.5 * math.erfc(z / math.sqrt(2))
+    return min(1.0, 2 * tail)
+
+
 def length_bias_check(chosen_lengths: list[int], rejected_lengths: list[int], unit: str,
                       thresholds: DoctorConfig) -> CheckResult:
-    """How often, and by how much, chosen is longer than rejected: a length gap is a shortcut DPO can learn."""
+    """Whether chosen is systematically longer (or shorter) than rejected: a length gap is a shortcut DPO can learn.
+
+    Robust statistics only: the median chosen/rejected ratio, the share of pairs where chosen is
+    longer vs shorter, and a sign test on that split. The mean of per-pair ratios is reported but
+    not judged: a few pairs with a 20x ratio drive it past any threshold while most pairs point the
+    other way (hh-rlhf: mean ratio above 1, yet chosen is shorter in 56% of pairs, median 0.84).
+    """
     pairs = [(c, r) for c, r in zip(chosen_lengths, rejected_lengths) if c > 0 and r > 0]
     if not pairs:
         return CheckResult("length_bias", "skip", "no pairs with non-empty completions to compare")
     ratios = sorted(c / r for c, r in pairs)
-    mean_ratio = sum(ratios) / len(ratios)
-    share_longer = sum(c > r for c, r in pairs) / len(pairs)
-    share_shorter = sum(c < r for c, r in pairs) / len(pairs)
-    numbers = {"unit": unit, "mean_ratio": mean_ratio, "median_ratio": ratios[len(ratios) // 2],
-               "share_chosen_longer": share_longer, "share_chosen_shorter": share_shorter,
-               "mean_chosen": sum(c for c, _ in pairs) / len(pairs), "mean_rejected": sum(r for _, r in pairs) / len(pairs)}
-    summary = (f"chosen/rejected length ({unit}): mean ratio {mean_ratio:.2f}, median {numbers['median_ratio']:.2f}; "
-               f"chosen longer in {share_longer:.0%} of pairs, shorter in {share_shorter:.0%} "
-               f"(means {numbers['mean_chosen']:.1f} vs {numbers['mean_rejected']:.1f})")
-    longer_bias = share_longer > thresholds.length_share_longer or mean_ratio > thresholds.length_mean_ratio
-    shorter_bias = share_shorter > thresholds.length_share_longer or mean_ratio < 1 / thresholds.length_mean_ratio
-    if not (longer_bias or shorter_bias):
+    n_longer, n_shorter = sum(c > r for c, r in pairs), sum(c < r for c, r in pairs)
+    share_longer, share_shorter = n_longer / len(pairs), n_shorter / len(pairs)
+    median_ratio = statistics.median(ratios)
+    p_value = sign_test_p(n_longer, n_longer + n_shorter)  # ties carry no direction
+    numbers = {"unit": unit, "median_ratio": median_ratio, "mean_ratio": sum(ratios) / len(ratios),
+               "share_chosen_longer": share_longer, "share_chosen_shorter": share_shorter, "sign_test_p": p_value,
+               "median_chosen": statistics.median(c for c, _ in pairs),
+               "median_rejected": statistics.median(r for _, r in pairs)}
+    summary = (f"chosen/rejected length ({unit}): median ratio {median_ratio:.2f}; chosen longer in {share_longer:.0%} "
+               f"of {len(pairs)} pairs, shorter in {share_shorter:.0%} (sign test p={p_value:.2g}; medians "
+               f"{numbers['median_chosen']:g} vs {numbers['median_rejected']:g})")
+    big_ratio = thresholds.length_median_ratio
+    longer_bias = n_longer > n_shorter and (share_longer > thresholds.length_share_longer or median_ratio > big_ratio)
+    shorter_bias = n_shorter > n_longer and (share_shorter > thresholds.length_share_longer or median_ratio < 1 / big_ratio)
+    if not (longer_bias or shorter_bias) or p_value >= thresholds.length_sign_test_p:
         return CheckResult("length_bias", "ok", summary, numbers=numbers)
     direction = "longer" if longer_bias else "shorter"
     return CheckResult(

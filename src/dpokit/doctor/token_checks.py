@@ -1,4 +1,6 @@
-"""Checks that need the tokenizer: truncation, rows lost in tokenisation, and chat-template pitfalls.
+"""Checks that need the tokenizer: truncation, rows lost in tokenisation, chat-template pitfalls,
+degenerate tokenization and unknown tokens (data.token_health, which training also enforces), and
+data.max_length against the model's context length.
 
 Training tokenises with `render_ids` / `tokenize_pairs`; the doctor calls the
 same functions, so what it reports is what training will see. The template
@@ -10,10 +12,20 @@ that does not render as a prefix of the full conversation.
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from dpokit.data.records import PreferenceExample, SkipReport
+from dpokit.data.token_health import ADVICE as TOKEN_ADVICE
+from dpokit.data.token_health import (
+    MAX_UNKNOWN_TOKEN_RATE,
+    UNKNOWN_TOKEN_WARN_RATE,
+    TokenHealth,
+    context_length_problem,
+    model_context_length,
+    token_health_problems,
+)
 from dpokit.data.tokenization import TokenizationStats, TokenizedPair, render_ids, tokenize_pairs
 from dpokit.data.tokenization import encoded_ids  # one place knows transformers 4 vs 5 return types
 from dpokit.doctor.report import CheckResult
@@ -237,3 +249,52 @@ def completion_end_check(scan: TokenScan) -> CheckResult:
         "run on. Use a chat template that closes the assistant turn (with EOS or its end-of-turn token) when it is the "
         "last message.", numbers, scan.missing_eos[:5],
     )
+
+
+def token_health_check(health: TokenHealth) -> CheckResult:
+    """Training's degenerate-tokenization refusal (data.token_health), as a check: empty prompts, EOS-only
+    completions, lossy round trips. The unknown-token rate has its own check (`unknown_tokens_check`)."""
+    numbers = health.to_dict()
+    problems = token_health_problems(health, max_unknown_rate=math.inf)
+    summary = (f"{health.tokenizer_class} on {health.rows} sampled rows: "
+               f"{health.share('empty_prompts', 'prompts_with_text'):.0%} prompts with 0 tokens, "
+               f"{health.share('eos_only_completions', 'completions_with_text'):.0%} completions only EOS/special, "
+               f"{health.share('lossy_texts', 'round_trip_texts'):.0%} texts lost in decode(encode(text))")
+    if not problems:
+        return CheckResult("token_health", "ok", summary, numbers=numbers)
+    return CheckResult("token_health", "fail", f"{'; '.join(problems)} ({summary})",
+                       f"Training refuses this data: the model would train on empty prompts and bare EOS tokens "
+                       f"(log-probs 0, gradient 0). The tokenizer loaded as {health.tokenizer_class}: {TOKEN_ADVICE}.",
+                       numbers)
+
+
+def unknown_tokens_check(health: TokenHealth) -> CheckResult:
+    """Share of the sampled tokens that are the tokenizer's unknown token: text the model cannot see."""
+    rate = health.unknown_token_rate
+    numbers = {"tokenizer_class": health.tokenizer_class, "unknown_tokens": health.unknown_tokens,
+               "tokens": health.tokens, "unknown_token_rate": rate}
+    summary = f"{rate:.1%} of {health.tokens} tokens in {health.rows} sampled rows are the unknown token"
+    if rate <= UNKNOWN_TOKEN_WARN_RATE:
+        return CheckResult("unknown_tokens", "ok", summary, numbers=numbers)
+    return CheckResult(
+        "unknown_tokens", "fail" if rate > MAX_UNKNOWN_TOKEN_RATE else "warn", summary,
+        f"Every unknown token stands for text the model never sees, and all of them look the same to the loss. "
+        f"The tokenizer's vocabulary does not cover this data's language or characters (above "
+        f"{MAX_UNKNOWN_TOKEN_RATE:.0%} training refuses to start): use the tokenizer of a model made for this text.",
+        numbers,
+    )
+
+
+def context_length_check(max_length: int, model_config) -> CheckResult:
+    """data.max_length against the model's context length (max_position_embeddings, n_positions, ...)."""
+    context = model_context_length(model_config)
+    numbers = {"max_length": max_length, "context_length": context}
+    if context is None:
+        return CheckResult("context_length", "skip", "the model's config names no context length", numbers=numbers)
+    problem = context_length_problem(max_length, model_config)
+    summary = f"data.max_length={max_length}, model context {context} tokens"
+    if problem is None:
+        return CheckResult("context_length", "ok", summary, numbers=numbers)
+    return CheckResult("context_length", "fail", problem,
+                       "Positions past the model's context were never trained: the log-probs there are not the "
+                       f"model's. Set data.max_length <= {context} (and data.max_prompt_length below it).", numbers)
