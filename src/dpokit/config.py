@@ -100,6 +100,7 @@ class TrainConfig:
     save_total_limit: int = 2  # keep the last K checkpoints; 0 = keep all
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | never | path of a checkpoint folder
     max_skipped_steps: int = 5  # optimizer steps skipped on a NaN/Inf loss or gradient before the run stops
+    num_threads: int = 0  # torch CPU threads; 0 = auto (1 for models under 50M parameters on CPU, else torch's default)
 
 
 @dataclass
@@ -518,6 +519,7 @@ def _validate(cfg: Config) -> None:
         "train.save_steps": cfg.train.save_steps,
         "train.save_total_limit": cfg.train.save_total_limit,
         "train.max_skipped_steps": cfg.train.max_skipped_steps,
+        "train.num_threads": cfg.train.num_threads,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.max_grad_norm": cfg.optim.max_grad_norm,

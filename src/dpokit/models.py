@@ -177,9 +177,32 @@ def load_weights(cfg: Config | ModelConfig, auto_class=None):
         raise _load_error("the model", model, e) from None
 
 
+# Below this many parameters a CPU matmul is too small to share between threads: one thread is as fast on an
+# idle machine and is not slowed 5-10x when another process holds a core (2 threads then spin-wait for each
+# other: the demo took 44 s idle and 323 s with one core busy). Larger models use torch's default.
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def set_cpu_threads(model, requested: int = 0) -> int:
+    """torch's intra-op CPU threads for a run with `model`; returns the count set (0: left as it was).
+
+    requested > 0: that many (train.num_threads). 0 (auto): one thread for a small model on CPU, else
+    unchanged. On a GPU the CPU threads do not matter and are left alone.
+    """
+    if requested > 0:
+        torch.set_num_threads(requested)
+        return requested
+    on_gpu = any(p.device.type != "cpu" for p in model.parameters()) or torch.cuda.is_available()
+    if on_gpu or sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMETERS:
+        return 0
+    torch.set_num_threads(1)
+    return 1
+
+
 def load_policy(cfg: Config):
     """The trainable policy: weights, dropout off (as TRL), gradient checkpointing, LoRA adapters."""
     model = load_weights(cfg)
+    set_cpu_threads(model, cfg.train.num_threads)
     disable_dropout(model)
     if cfg.train.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name (the old one warns)
@@ -196,6 +219,7 @@ def load_model(cfg: Config | ModelConfig, auto_class=None, device: str | None = 
     """(model in eval mode on `device`, tokenizer) for sampling, scoring and evaluation; on the GPU when there is one."""
     tokenizer = load_tokenizer(cfg)
     model = load_weights(cfg, auto_class)
+    set_cpu_threads(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
