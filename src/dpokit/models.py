@@ -156,6 +156,18 @@ def load_tokenizer(cfg: Config | ModelConfig):
     return tokenizer
 
 
+def load_model_config(cfg: Config | ModelConfig):
+    """The model's config.json (a transformers PretrainedConfig): no weights, never remote code."""
+    from transformers import AutoConfig
+
+    model = model_settings(cfg)
+    check_model_source(model)
+    try:
+        return AutoConfig.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=False)
+    except Exception as e:  # a hub id offline, a folder without config.json: a user-facing error
+        raise _load_error("the model's config", model, e) from None
+
+
 def load_weights(cfg: Config | ModelConfig, auto_class=None):
     """`from_pretrained` after the safety checks: every model dpokit loads comes through here.
 

@@ -9,6 +9,8 @@ and reference checks are reported as skipped, never silently left out.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 from dpokit.config import Config, load_config
@@ -37,7 +39,7 @@ from dpokit.doctor.token_checks import (
     truncation_check,
     unknown_tokens_check,
 )
-from dpokit.models import load_policy, load_tokenizer
+from dpokit.models import ModelLoadError, load_model_config, load_policy, load_tokenizer
 
 TOKEN_CHECKS = ("token_health", "unknown_tokens", "truncation", "template_prefix", "special_tokens", "completion_end")
 REFERENCE_CHECKS = ("reference_logps", "reference_preference")
@@ -130,12 +132,10 @@ def _context_check(report: DoctorReport, cfg: Config, reference_model, model_nam
     """data.max_length against the model's context, from the loaded reference's config or the model's config.json."""
     model_config = getattr(reference_model, "config", None)
     if model_config is None and model_name:
-        from transformers import AutoConfig
-
         try:  # reads config.json only: no weights, no remote code
-            model_config = AutoConfig.from_pretrained(model_name, revision=cfg.model.revision, trust_remote_code=False)
-        except Exception as error:  # a hub id offline, custom code: the other checks still run
-            report.add(CheckResult("context_length", "skip", f"cannot read the model's config ({type(error).__name__})"))
+            model_config = load_model_config(dataclasses.replace(cfg.model, name_or_path=model_name))
+        except ModelLoadError as error:  # a hub id offline, custom code: the other checks still run
+            report.add(CheckResult("context_length", "skip", f"cannot read the model's config ({error})"))
             return
     if model_config is None:
         report.add(CheckResult("context_length", "skip", "needs a model (--model or model.name_or_path)"))
