@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from dpokit.demo import world
 from dpokit.data.collate import IGNORE_INDEX
@@ -142,7 +143,9 @@ def train_sft(config: SFTConfig = SFTConfig(), seed: int = 0, log: Callable[[str
     batches = _batches(sequences, min(config.batch_size, len(sequences)), tokenizer.pad_token_id, generator)
     model.train()
     recent: list[float] = []
-    for step in range(config.steps):
+    # A count and an ETA: the build takes ~30 s idle and minutes on a busy machine, with nothing else to show.
+    bar = tqdm(range(config.steps), desc="[demo] SFT model", unit="step", dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
         ids, mask, labels = next(batches)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
@@ -151,6 +154,8 @@ def train_sft(config: SFTConfig = SFTConfig(), seed: int = 0, log: Callable[[str
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         recent = (recent + [loss.item()])[-50:]
+        if (step + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
         if log is not None and (step + 1) % 100 == 0:
             log(f"sft step {step + 1}/{config.steps}: loss {sum(recent) / len(recent):.3f}")
     model.eval()
