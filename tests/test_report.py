@@ -304,3 +304,10 @@ def test_screenshot(chromium, tmp_path):
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(keep) / "report-warnings.png")
+
+
+def test_close_y_ticks_get_labels_that_differ():
+    """An entropy chart between 7.5912 and 7.5918 labelled every tick 7.59 (issue 15.18)."""
+    chart = Chart("entropy", [Series("entropy", "policy", [(1, 7.5912), (2, 7.5918)], "#1f77b4")])
+    labels = re.findall(r'text-anchor="end">([^<]+)<', line_chart(chart))
+    assert len(labels) >= 2 and len(set(labels)) == len(labels), labels

@@ -64,6 +64,16 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """`fmt` labels, with more significant digits where 3 would print two different ticks alike (7.5912, 7.5914)."""
+    labels = [fmt(t) for t in ticks]
+    digits = 4
+    while len(set(labels)) < len(labels) and digits <= 12:
+        labels = ["0" if t == 0 else f"{t:.{digits}g}" for t in ticks]
+        digits += 1
+    return labels
+
+
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """Round tick values (1, 2, 2.5, 5 x 10^k) covering [low, high], about `count` of them."""
     if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
@@ -130,10 +140,10 @@ def line_chart(chart: Chart) -> str:
         f'<svg class="chart" data-chart="{escape(chart.key)}" viewBox="0 0 {WIDTH} {HEIGHT}" '
         f'role="img" aria-label="{escape(chart.key)} by step" preserveAspectRatio="xMidYMid meet">'
     ]
-    for tick in y_ticks:  # grid and y labels
+    for tick, label in zip(y_ticks, tick_labels(y_ticks)):  # grid and y labels
         y = sy(tick)
         out.append(f'<line class="gridline" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}"/>')
-        out.append(f'<text class="tick" x="{LEFT - 6}" y="{y + 3.5:.1f}" text-anchor="end">{fmt(tick)}</text>')
+        out.append(f'<text class="tick" x="{LEFT - 6}" y="{y + 3.5:.1f}" text-anchor="end">{label}</text>')
     for tick in nice_ticks(x_low, x_high, 6):
         if tick != int(tick):  # steps are integers
             continue
