@@ -58,15 +58,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-WORKLOADS = {
-    "a": {"vocab": 8192, "prompt": (64, 64), "completion": (64, 64), "desc": "short uniform pairs (64/64/64)"},
-    "b": {"vocab": 8192, "prompt": (50, 600), "completion": (20, 400), "desc": "realistic: prompt 50-600, completions 20-400"},
-    "c": {"vocab": 32000, "prompt": (50, 600), "completion": (20, 400), "desc": "b with a 32k vocabulary"},
-    "g": {"vocab": 32000, "prompt": (50, 600), "completion": (20, 400), "desc": "GPU: ~0.5B Llama, bf16, b's lengths",
-          "gpu": True},
-}
-CPU_MODEL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 704}
-GPU_MODEL = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 4096}
+from workloads import WORKLOADS, memory_floor, model_config, param_counts  # noqa: E402 (bench/ is sys.path[0])
+
 VARIANTS = ["trl", "trl-nogc", "precompute", "dpokit", "dpokit-nogc", "dpokit-live"]
 BETA, LR = 0.1, 1e-4
 
@@ -74,25 +67,27 @@ BETA, LR = 0.1, 1e-4
 # --------------------------------------------------------------------------- assets
 
 
-def build_assets(name: str, cache: Path, n_pairs: int, seed: int = 0) -> tuple[Path, Path]:
-    """A saved model + tokenizer folder and a jsonl of text pairs for a workload (built once)."""
+def build_assets(name: str, cache: Path, n_pairs: int, seed: int = 0, layers: int | None = None) -> tuple[Path, Path]:
+    """A saved model + tokenizer folder and a jsonl of text pairs for a workload (built once).
+
+    The word-level tokenizer has exactly the workload's vocabulary (ids 0 .. vocab-1 all exist), so the
+    embedding and LM head are the real size; `layers` overrides the depth (a quick reduced run).
+    """
     w = WORKLOADS[name]
-    folder = cache / f"{name}-{n_pairs}"
+    folder = cache / (f"{name}-{n_pairs}" + (f"-L{layers}" if layers is not None else ""))
     model_dir, data = folder / "model", folder / "pairs.jsonl"
     if (model_dir / "config.json").exists() and data.exists():
         return model_dir, data
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from dpokit.tiny import build_tokenizer, save_tiny
 
     words = [f"t{i}" for i in range(w["vocab"] - 5)]  # + 5 special tokens = the vocabulary size
     tokenizer = build_tokenizer([" ".join(words)], kind="word", vocab_size=w["vocab"])
-    dims = GPU_MODEL if w.get("gpu") else CPU_MODEL
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **dims)
+    config = model_config(name, tokenizer, layers)
     torch.manual_seed(seed)
-    save_tiny(LlamaForCausalLM(config), tokenizer, model_dir)
+    save_tiny(AutoModelForCausalLM.from_config(config), tokenizer, model_dir)
     rng = random.Random(seed)
     text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
     rows = []
@@ -169,6 +164,44 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+class MemTrace:
+    """RSS at named points of a child and the highest RSS since the previous point (a 10 ms sampler thread).
+
+    `max` of a point is the peak of the phase that ends there, so the rows say which phase sets the
+    process's peak and by how much each phase grows the resident set (weights, reference, AdamW state...).
+    """
+
+    def __init__(self):
+        import threading
+
+        self.rows, self._max, self._page = [], 0, os.sysconf("SC_PAGE_SIZE")
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while True:
+            self._max = max(self._max, self.rss())
+            time.sleep(0.01)
+
+    def mark(self, at: str) -> None:
+        now = self.rss()
+        self.rows.append({"at": at, "rss_mib": now / 2**20, "max_mib": max(self._max, now) / 2**20})
+        self._max = now
+
+    def wrap_backward(self, accelerator, step: list) -> None:
+        """Mark the end of the forward (the activations kept for backward are resident) before each backward."""
+        backward = accelerator.backward
+
+        def marked(loss, **kw):
+            self.mark(f"step {step[0]}: forward")
+            return backward(loss, **kw)
+
+        accelerator.backward = marked
+
+
 def _report(result: dict) -> None:
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
@@ -195,6 +228,18 @@ def _summarise(times: list[float], losses: list[float], lengths: list[tuple], wa
 # --------------------------------------------------------------------------- children
 
 
+def plain_tokenizer_loading() -> None:
+    """Load the bench's word-level tokenizer as the plain fast tokenizer it is, on both sides.
+
+    transformers 5's AutoTokenizer rebuilds the tokenizer of a `qwen2` model folder as Qwen2Tokenizer
+    (byte-level BPE from the vocabulary), which tokenises every `t123` word to nothing; a real Qwen
+    checkpoint ships a tokenizer of that class, the bench's synthetic vocabulary is not one.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    AutoTokenizer.from_pretrained = staticmethod(lambda *a, **kw: PreTrainedTokenizerFast.from_pretrained(*a, **kw))
+
+
 def child_trl(args) -> None:
     import torch
     from datasets import Dataset, disable_progress_bars
@@ -202,6 +247,8 @@ def child_trl(args) -> None:
     from trl import DPOConfig, DPOTrainer
 
     disable_progress_bars()
+    trace = MemTrace()
+    trace.mark("imports")
     device = "cuda" if args.gpu else "cpu"
     peak = matmul_peak(device, "bfloat16" if args.gpu else "float32")
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
@@ -209,12 +256,25 @@ def child_trl(args) -> None:
     rows = rows[: total * args.batch_size]
     times, last = [], [None]
 
+    step = [0]
+
     class Timer(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            trace.mark("train begin (optimizer built, state lazy)")
+
         def on_step_begin(self, a, state, control, **kw):
+            step[0] += 1
             if last[0] is None:
                 last[0] = time.perf_counter()
 
+        def on_pre_optimizer_step(self, a, state, control, **kw):
+            trace.mark(f"step {step[0]}: backward + clip")
+
+        def on_optimizer_step(self, a, state, control, **kw):
+            trace.mark(f"step {step[0]}: AdamW step")
+
         def on_step_end(self, a, state, control, **kw):
+            trace.mark(f"step {step[0]}: zero_grad, logging")
             if args.gpu:
                 torch.cuda.synchronize()
             now = time.perf_counter()
@@ -231,14 +291,17 @@ def child_trl(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     trainer = DPOTrainer(model=args.model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[Timer()])
+    trace.mark("policy + reference loaded, data tokenised")
+    trace.wrap_backward(trainer.accelerator, step)
     lengths = [(len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset]
+    assert min(p for p, _, _ in lengths) > 8, "the tokenizer dropped the words: check plain_tokenizer_loading"
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     cfg = trainer.model.config
     batches = [lengths[i * args.batch_size : (i + 1) * args.batch_size] for i in range(total)]
     flops = [model_flops(b, cfg) for b in batches]
     executed = [executed_flops(b, cfg, shared=False, reference=True, head_everywhere=True) for b in batches]
-    _report(_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed))
+    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed), "memtrace": trace.rows})
 
 
 def _dpokit_config(args, gc: bool, speed: dict):
@@ -294,6 +357,8 @@ def child_dpokit(args) -> None:
     from dpokit.metrics import MetricSums
     from dpokit.model import load_policy, load_tokenizer
 
+    trace = MemTrace()
+    trace.mark("imports")
     device = "cuda" if args.gpu else "cpu"
     peak = matmul_peak(device, "bfloat16" if args.gpu else "float32")
     cfg = _dpokit_config(args, gc=args.variant != "dpokit-nogc", speed=_speed_for(args.variant))
@@ -305,6 +370,7 @@ def child_dpokit(args) -> None:
     data.train = data.train[: total * args.batch_size]
     data.eval = []
     policy = load_policy(cfg)
+    trace.mark("policy loaded, data tokenised")
     with_reference = needs_reference(cfg.loss)
     cfg, task, _ = trainer.fit_speed(cfg, task, policy, sharded=False)
     speed = cfg.speed
@@ -314,22 +380,30 @@ def child_dpokit(args) -> None:
     assert "computed" not in said.getvalue(), "run the precompute variant first"
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=0.0, **_adamw_options(args))
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    trace.mark("reference (cache or model) ready, optimizer built (state lazy)")
+    current = [0]
+    trace.wrap_backward(accelerator, current)
     pairs = data.train
     lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    assert min(p for p, _, _ in lengths) > 8, "the tokenizer dropped the words: check plain_tokenizer_loading"
     times, losses = [], []
     last = time.perf_counter()
     for step in range(total):
+        current[0] = step + 1
         batch_pairs = pairs[step * args.batch_size : (step + 1) * args.batch_size]
         micro = [task.collate(batch_pairs, tokenizer.pad_token_id)]
         sums = MetricSums()
         trainer.accumulate_gradients(policy, reference, micro, cfg, accelerator, with_reference, sums, task)
         accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+        trace.mark(f"step {step + 1}: backward + clip")
         optimizer.step()
+        trace.mark(f"step {step + 1}: AdamW step")
         optimizer.zero_grad(set_to_none=True)
+        trace.mark(f"step {step + 1}: zero_grad, metrics")
         losses.append(sums.reduce()["loss"])
         if args.gpu:
             torch.cuda.synchronize()
@@ -341,15 +415,20 @@ def child_dpokit(args) -> None:
     flops = [model_flops(b, config) for b in batches]
     executed = [executed_flops(b, config, shared=speed.prefix_sharing, reference=reference is not None or not speed.ref_cache,
                                head_everywhere=not speed.any_fast_path) for b in batches]
-    _report(_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed))
+    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed), "memtrace": trace.rows})
+
+
+def _adamw_options(args) -> dict:
+    """--adamw: torch's default on CPU (for-each-parameter, as HF Trainer's adamw_torch), `foreach`, or `fused`."""
+    return {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.adamw]
 
 
 # --------------------------------------------------------------------------- orchestration
 
 
-def run_child(variant: str, workload: str, model: Path, data: Path, args, env: dict) -> dict:
+def run_child(variant: str, workload: str, model: Path, data: Path, args, env: dict, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data", str(data), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)] + (["--gpu"] if args.gpu else [])
+           "--warmup", str(args.warmup), "--batch-size", str(batch), "--adamw", args.adamw] + (["--gpu"] if args.gpu else [])
     started = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
@@ -399,6 +478,29 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_floor(workload: str, model: Path) -> str:
+    """Parameter counts and the fp32 bytes every full fine-tune pays (weights, gradients, AdamW state), from the config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    n, f = param_counts(config), memory_floor(config)
+    gib = {k: f"{v / 2**30:.2f}" for k, v in f.items() if k != "params"}
+    return (f"{workload}: {n['total'] / 1e6:.1f}M parameters (embedding {n['embed'] / 1e6:.1f}M, {n['layers']} layers x "
+            f"{n['layer'] / 1e6:.2f}M); fp32 GiB: weights {gib['weights']}, grads {gib['grads']}, AdamW {gib['adamw']}, "
+            f"reference copy {gib['reference']}, floor (weights+grads+AdamW) {gib['floor']}")
+
+
+def format_trace(r: dict) -> str:
+    """The child's RSS at each point and the peak of the phase ending there (MiB), with the growth per phase."""
+    rows = r.get("memtrace") or []
+    lines = [f"memory trace, {r['workload']} / {r['variant']} (MiB): point | RSS | phase peak | RSS change"]
+    prev = 0.0
+    for row in rows:
+        lines.append(f"  {row['at']:<62} {row['rss_mib']:8.0f} {row['max_mib']:8.0f} {row['rss_mib'] - prev:+8.0f}")
+        prev = row["rss_mib"]
+    return "\n".join(lines)
+
+
 def write_docs(text: str) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -416,7 +518,10 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=4, help="measured steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: the workload's, 8 or 4)")
+    parser.add_argument("--layers", type=int, default=None, help="override the model's depth (a quick reduced run)")
+    parser.add_argument("--adamw", choices=["default", "foreach", "fused"], default="default",
+                        help="dpokit's AdamW implementation (TRL keeps adamw_torch); default = torch's CPU default")
     parser.add_argument("--gpu", action="store_true", help="bf16 on one CUDA GPU (workload g)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dpokit-bench"))
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
@@ -426,6 +531,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         args.variant = args.child
+        plain_tokenizer_loading()
         {"trl": child_trl, "trl-nogc": child_trl, "precompute": child_precompute}.get(args.child, child_dpokit)(args)
         return 0
     if args.gpu:
@@ -436,13 +542,16 @@ def main(argv=None) -> int:
     cache = Path(args.cache)
     results = []
     for workload in args.workloads.split(","):
-        model, data = build_assets(workload, cache, (args.warmup + args.steps) * args.batch_size)
+        batch = args.batch_size or WORKLOADS[workload].get("batch", 8)
+        model, data = build_assets(workload, cache, (args.warmup + args.steps) * batch, layers=args.layers)
+        print(format_floor(workload, model), flush=True)
         env = dict(os.environ, DPOKIT_CACHE=str(cache / f"dpokit-{workload}"), TOKENIZERS_PARALLELISM="false",
                    TRANSFORMERS_VERBOSITY="error", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
         shutil.rmtree(cache / f"dpokit-{workload}", ignore_errors=True)  # precompute is measured from scratch
         for variant in args.variants.split(","):
-            r = run_child(variant, workload, model, data, args, env)
-            print(json.dumps(r), flush=True)
+            r = run_child(variant, workload, model, data, args, env, batch)
+            print(json.dumps({k: v for k, v in r.items() if k != "memtrace"}), flush=True)
+            print(format_trace(r), flush=True)
             results.append(r)
     info = machine()
     header = (f"Run {datetime.date.today().isoformat()} on {info['cpu']} ({info['cores']} cores, torch threads "
