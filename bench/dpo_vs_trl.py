@@ -14,6 +14,15 @@ Workloads (CPU: hidden 256, 4 layers, 4 heads, intermediate 704, fp32; batch 8 p
   b  realistic: prompt 50-600, completions 20-400 words (uniform); 8k vocabulary
   c  b's lengths with a 32k-token vocabulary
   g  (GPU) b's lengths, 32k vocabulary, ~0.47B parameters (hidden 1024, 24 layers, 16 heads, intermediate 4096), bf16
+Real shapes (random weights, the released model's architecture and full vocabulary; bench/workloads.py;
+prompts 64-256, completions 32-192, batch 4 pairs; fp32 on CPU, bf16 autocast with --gpu):
+  q05  Qwen2.5-0.5B shape (494M parameters, vocabulary 151,936, tied)
+  l1b  Llama-3.2-1B shape (1.24B parameters, vocabulary 128,256, tied, llama3 rope); ~22-27 GiB in fp32 on CPU
+    python bench/dpo_vs_trl.py --workloads q05 --layers 2 --steps 1 --warmup 1 --variants trl,precompute,dpokit  # quick check
+    python bench/dpo_vs_trl.py --workloads q05 --steps 1 --warmup 1 --variants trl,precompute,dpokit            # ~30 min on 2 cores
+    python bench/dpo_vs_trl.py --gpu --workloads l1b
+--layers N overrides the depth; --adamw fused builds dpokit's AdamW with fused=True (bench/proposed_fused_adamw.patch).
+Each child prints a memory trace: RSS at the end of each phase and the highest RSS inside it (bench/memtrace.py).
 
 Runs per workload (`--variants`):
   trl           TRL's DPOTrainer with its defaults (gradient checkpointing on), fp32
@@ -58,7 +67,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from workloads import WORKLOADS, memory_floor, model_config, param_counts  # noqa: E402 (bench/ is sys.path[0])
+from memtrace import MemTrace, format_floor, format_trace  # noqa: E402 (bench/ is sys.path[0])
+from workloads import WORKLOADS, model_config  # noqa: E402
 
 VARIANTS = ["trl", "trl-nogc", "precompute", "dpokit", "dpokit-nogc", "dpokit-live"]
 BETA, LR = 0.1, 1e-4
@@ -162,44 +172,6 @@ def executed_flops(pairs, config, shared: bool, reference: bool, head_everywhere
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-class MemTrace:
-    """RSS at named points of a child and the highest RSS since the previous point (a 10 ms sampler thread).
-
-    `max` of a point is the peak of the phase that ends there, so the rows say which phase sets the
-    process's peak and by how much each phase grows the resident set (weights, reference, AdamW state...).
-    """
-
-    def __init__(self):
-        import threading
-
-        self.rows, self._max, self._page = [], 0, os.sysconf("SC_PAGE_SIZE")
-        threading.Thread(target=self._sample, daemon=True).start()
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _sample(self) -> None:
-        while True:
-            self._max = max(self._max, self.rss())
-            time.sleep(0.01)
-
-    def mark(self, at: str) -> None:
-        now = self.rss()
-        self.rows.append({"at": at, "rss_mib": now / 2**20, "max_mib": max(self._max, now) / 2**20})
-        self._max = now
-
-    def wrap_backward(self, accelerator, step: list) -> None:
-        """Mark the end of the forward (the activations kept for backward are resident) before each backward."""
-        backward = accelerator.backward
-
-        def marked(loss, **kw):
-            self.mark(f"step {step[0]}: forward")
-            return backward(loss, **kw)
-
-        accelerator.backward = marked
 
 
 def _report(result: dict) -> None:
@@ -465,8 +437,9 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         base = next((b for b in results if b["workload"] == r["workload"] and b["variant"] == "trl"), None)
         if r["variant"] == "precompute":
+            mem = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else ""
             lines.append(f"| {r['workload']} | precompute (own process, once) | {r['pairs_per_s']:.2f} | | | {r['peak_rss_mib']:.0f} |"
-                         f" {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x | | | | | {r['load_before']:.2f} |" if base else "")
+                         f" {mem} | | | | | {r['load_before']:.2f} |")
             continue
         speed = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x" if base else ""
         mem = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else ""
@@ -475,29 +448,6 @@ def format_table(results: list[dict]) -> str:
                      f" {r['peak_rss_mib']:.0f} | {mem} | {r['loss_step1']:.6f} | {step2} |"
                      f" {100 * r['flops_per_s'] / r['matmul_peak']:.0f}% | {100 * r['executed_flops_per_s'] / r['matmul_peak']:.0f}% |"
                      f" {r['load_before']:.2f} |")
-    return "\n".join(lines)
-
-
-def format_floor(workload: str, model: Path) -> str:
-    """Parameter counts and the fp32 bytes every full fine-tune pays (weights, gradients, AdamW state), from the config."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model)
-    n, f = param_counts(config), memory_floor(config)
-    gib = {k: f"{v / 2**30:.2f}" for k, v in f.items() if k != "params"}
-    return (f"{workload}: {n['total'] / 1e6:.1f}M parameters (embedding {n['embed'] / 1e6:.1f}M, {n['layers']} layers x "
-            f"{n['layer'] / 1e6:.2f}M); fp32 GiB: weights {gib['weights']}, grads {gib['grads']}, AdamW {gib['adamw']}, "
-            f"reference copy {gib['reference']}, floor (weights+grads+AdamW) {gib['floor']}")
-
-
-def format_trace(r: dict) -> str:
-    """The child's RSS at each point and the peak of the phase ending there (MiB), with the growth per phase."""
-    rows = r.get("memtrace") or []
-    lines = [f"memory trace, {r['workload']} / {r['variant']} (MiB): point | RSS | phase peak | RSS change"]
-    prev = 0.0
-    for row in rows:
-        lines.append(f"  {row['at']:<62} {row['rss_mib']:8.0f} {row['max_mib']:8.0f} {row['rss_mib'] - prev:+8.0f}")
-        prev = row["rss_mib"]
     return "\n".join(lines)
 
 
