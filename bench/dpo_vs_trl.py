@@ -14,6 +14,15 @@ Workloads (CPU: hidden 256, 4 layers, 4 heads, intermediate 704, fp32; batch 8 p
   b  realistic: prompt 50-600, completions 20-400 words (uniform); 8k vocabulary
   c  b's lengths with a 32k-token vocabulary
   g  (GPU) b's lengths, 32k vocabulary, ~0.47B parameters (hidden 1024, 24 layers, 16 heads, intermediate 4096), bf16
+Real shapes (random weights, the released model's architecture and full vocabulary; bench/workloads.py;
+prompts 64-256, completions 32-192, batch 4 pairs; fp32 on CPU, bf16 autocast with --gpu):
+  q05  Qwen2.5-0.5B shape (494M parameters, vocabulary 151,936, tied)
+  l1b  Llama-3.2-1B shape (1.24B parameters, vocabulary 128,256, tied, llama3 rope); ~22-27 GiB in fp32 on CPU
+    python bench/dpo_vs_trl.py --workloads q05 --layers 2 --steps 1 --warmup 1 --variants trl,precompute,dpokit  # quick check
+    python bench/dpo_vs_trl.py --workloads q05 --steps 1 --warmup 1 --variants trl,precompute,dpokit            # ~30 min on 2 cores
+    python bench/dpo_vs_trl.py --gpu --workloads l1b
+--layers N overrides the depth; --adamw fused builds dpokit's AdamW with fused=True (bench/proposed_fused_adamw.patch).
+Each child prints a memory trace: RSS at the end of each phase and the highest RSS inside it (bench/memtrace.py).
 
 Runs per workload (`--variants`):
   trl           TRL's DPOTrainer with its defaults (gradient checkpointing on), fp32
@@ -58,15 +67,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-WORKLOADS = {
-    "a": {"vocab": 8192, "prompt": (64, 64), "completion": (64, 64), "desc": "short uniform pairs (64/64/64)"},
-    "b": {"vocab": 8192, "prompt": (50, 600), "completion": (20, 400), "desc": "realistic: prompt 50-600, completions 20-400"},
-    "c": {"vocab": 32000, "prompt": (50, 600), "completion": (20, 400), "desc": "b with a 32k vocabulary"},
-    "g": {"vocab": 32000, "prompt": (50, 600), "completion": (20, 400), "desc": "GPU: ~0.5B Llama, bf16, b's lengths",
-          "gpu": True},
-}
-CPU_MODEL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "intermediate_size": 704}
-GPU_MODEL = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 4096}
+from memtrace import MemTrace, format_floor, format_trace  # noqa: E402 (bench/ is sys.path[0])
+from workloads import WORKLOADS, model_config  # noqa: E402
+
 VARIANTS = ["trl", "trl-nogc", "precompute", "dpokit", "dpokit-nogc", "dpokit-live"]
 BETA, LR = 0.1, 1e-4
 
@@ -74,25 +77,27 @@ BETA, LR = 0.1, 1e-4
 # --------------------------------------------------------------------------- assets
 
 
-def build_assets(name: str, cache: Path, n_pairs: int, seed: int = 0) -> tuple[Path, Path]:
-    """A saved model + tokenizer folder and a jsonl of text pairs for a workload (built once)."""
+def build_assets(name: str, cache: Path, n_pairs: int, seed: int = 0, layers: int | None = None) -> tuple[Path, Path]:
+    """A saved model + tokenizer folder and a jsonl of text pairs for a workload (built once).
+
+    The word-level tokenizer has exactly the workload's vocabulary (ids 0 .. vocab-1 all exist), so the
+    embedding and LM head are the real size; `layers` overrides the depth (a quick reduced run).
+    """
     w = WORKLOADS[name]
-    folder = cache / f"{name}-{n_pairs}"
+    folder = cache / (f"{name}-{n_pairs}" + (f"-L{layers}" if layers is not None else ""))
     model_dir, data = folder / "model", folder / "pairs.jsonl"
     if (model_dir / "config.json").exists() and data.exists():
         return model_dir, data
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from dpokit.tiny import build_tokenizer, save_tiny
 
     words = [f"t{i}" for i in range(w["vocab"] - 5)]  # + 5 special tokens = the vocabulary size
     tokenizer = build_tokenizer([" ".join(words)], kind="word", vocab_size=w["vocab"])
-    dims = GPU_MODEL if w.get("gpu") else CPU_MODEL
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **dims)
+    config = model_config(name, tokenizer, layers)
     torch.manual_seed(seed)
-    save_tiny(LlamaForCausalLM(config), tokenizer, model_dir)
+    save_tiny(AutoModelForCausalLM.from_config(config), tokenizer, model_dir)
     rng = random.Random(seed)
     text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
     rows = []
@@ -195,6 +200,18 @@ def _summarise(times: list[float], losses: list[float], lengths: list[tuple], wa
 # --------------------------------------------------------------------------- children
 
 
+def plain_tokenizer_loading() -> None:
+    """Load the bench's word-level tokenizer as the plain fast tokenizer it is, on both sides.
+
+    transformers 5's AutoTokenizer rebuilds the tokenizer of a `qwen2` model folder as Qwen2Tokenizer
+    (byte-level BPE from the vocabulary), which tokenises every `t123` word to nothing; a real Qwen
+    checkpoint ships a tokenizer of that class, the bench's synthetic vocabulary is not one.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    AutoTokenizer.from_pretrained = staticmethod(lambda *a, **kw: PreTrainedTokenizerFast.from_pretrained(*a, **kw))
+
+
 def child_trl(args) -> None:
     import torch
     from datasets import Dataset, disable_progress_bars
@@ -202,6 +219,8 @@ def child_trl(args) -> None:
     from trl import DPOConfig, DPOTrainer
 
     disable_progress_bars()
+    trace = MemTrace()
+    trace.mark("imports")
     device = "cuda" if args.gpu else "cpu"
     peak = matmul_peak(device, "bfloat16" if args.gpu else "float32")
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
@@ -209,12 +228,25 @@ def child_trl(args) -> None:
     rows = rows[: total * args.batch_size]
     times, last = [], [None]
 
+    step = [0]
+
     class Timer(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            trace.mark("train begin (optimizer built, state lazy)")
+
         def on_step_begin(self, a, state, control, **kw):
+            step[0] += 1
             if last[0] is None:
                 last[0] = time.perf_counter()
 
+        def on_pre_optimizer_step(self, a, state, control, **kw):
+            trace.mark(f"step {step[0]}: backward + clip")
+
+        def on_optimizer_step(self, a, state, control, **kw):
+            trace.mark(f"step {step[0]}: AdamW step")
+
         def on_step_end(self, a, state, control, **kw):
+            trace.mark(f"step {step[0]}: zero_grad, logging")
             if args.gpu:
                 torch.cuda.synchronize()
             now = time.perf_counter()
@@ -231,14 +263,17 @@ def child_trl(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     trainer = DPOTrainer(model=args.model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[Timer()])
+    trace.mark("policy + reference loaded, data tokenised")
+    trace.wrap_backward(trainer.accelerator, step)
     lengths = [(len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset]
+    assert min(p for p, _, _ in lengths) > 8, "the tokenizer dropped the words: check plain_tokenizer_loading"
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     cfg = trainer.model.config
     batches = [lengths[i * args.batch_size : (i + 1) * args.batch_size] for i in range(total)]
     flops = [model_flops(b, cfg) for b in batches]
     executed = [executed_flops(b, cfg, shared=False, reference=True, head_everywhere=True) for b in batches]
-    _report(_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed))
+    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed), "memtrace": trace.rows})
 
 
 def _dpokit_config(args, gc: bool, speed: dict):
@@ -296,6 +331,8 @@ def child_dpokit(args) -> None:
     from dpokit.training.metrics import MetricSums
     from dpokit.models import load_policy, load_tokenizer
 
+    trace = MemTrace()
+    trace.mark("imports")
     device = "cuda" if args.gpu else "cpu"
     peak = matmul_peak(device, "bfloat16" if args.gpu else "float32")
     cfg = _dpokit_config(args, gc=args.variant != "dpokit-nogc", speed=_speed_for(args.variant))
@@ -307,6 +344,7 @@ def child_dpokit(args) -> None:
     data.train = data.train[: total * args.batch_size]
     data.eval = []
     policy = load_policy(cfg)
+    trace.mark("policy loaded, data tokenised")
     with_reference = needs_reference(cfg.loss)
     cfg, task, _ = fit_speed(cfg, task, policy, sharded=False)
     speed = cfg.speed
@@ -316,22 +354,30 @@ def child_dpokit(args) -> None:
     assert "computed" not in said.getvalue(), "run the precompute variant first"
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=0.0, **_adamw_options(args))
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
+    trace.mark("reference (cache or model) ready, optimizer built (state lazy)")
+    current = [0]
+    trace.wrap_backward(accelerator, current)
     pairs = data.train
     lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    assert min(p for p, _, _ in lengths) > 8, "the tokenizer dropped the words: check plain_tokenizer_loading"
     times, losses = [], []
     last = time.perf_counter()
     for step in range(total):
+        current[0] = step + 1
         batch_pairs = pairs[step * args.batch_size : (step + 1) * args.batch_size]
         micro = [task.collate(batch_pairs, tokenizer.pad_token_id)]
         sums = MetricSums()
         trainer.accumulate_gradients(policy, reference, micro, cfg, accelerator, with_reference, sums, task)
         accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+        trace.mark(f"step {step + 1}: backward + clip")
         optimizer.step()
+        trace.mark(f"step {step + 1}: AdamW step")
         optimizer.zero_grad(set_to_none=True)
+        trace.mark(f"step {step + 1}: zero_grad, metrics")
         losses.append(sums.reduce()["loss"])
         if args.gpu:
             torch.cuda.synchronize()
@@ -343,15 +389,20 @@ def child_dpokit(args) -> None:
     flops = [model_flops(b, config) for b in batches]
     executed = [executed_flops(b, config, shared=speed.prefix_sharing, reference=reference is not None or not speed.ref_cache,
                                head_everywhere=not speed.any_fast_path) for b in batches]
-    _report(_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed))
+    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed), "memtrace": trace.rows})
+
+
+def _adamw_options(args) -> dict:
+    """--adamw: torch's default on CPU (for-each-parameter, as HF Trainer's adamw_torch), `foreach`, or `fused`."""
+    return {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.adamw]
 
 
 # --------------------------------------------------------------------------- orchestration
 
 
-def run_child(variant: str, workload: str, model: Path, data: Path, args, env: dict) -> dict:
+def run_child(variant: str, workload: str, model: Path, data: Path, args, env: dict, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data", str(data), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)] + (["--gpu"] if args.gpu else [])
+           "--warmup", str(args.warmup), "--batch-size", str(batch), "--adamw", args.adamw] + (["--gpu"] if args.gpu else [])
     started = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
@@ -388,8 +439,9 @@ def format_table(results: list[dict]) -> str:
     for r in results:
         base = next((b for b in results if b["workload"] == r["workload"] and b["variant"] == "trl"), None)
         if r["variant"] == "precompute":
+            mem = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else ""
             lines.append(f"| {r['workload']} | precompute (own process, once) | {r['pairs_per_s']:.2f} | | | {r['peak_rss_mib']:.0f} |"
-                         f" {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x | | | | | {r['load_before']:.2f} |" if base else "")
+                         f" {mem} | | | | | {r['load_before']:.2f} |")
             continue
         speed = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x" if base else ""
         mem = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else ""
@@ -418,7 +470,10 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=4, help="measured steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: the workload's, 8 or 4)")
+    parser.add_argument("--layers", type=int, default=None, help="override the model's depth (a quick reduced run)")
+    parser.add_argument("--adamw", choices=["default", "foreach", "fused"], default="default",
+                        help="dpokit's AdamW implementation (TRL keeps adamw_torch); default = torch's CPU default")
     parser.add_argument("--gpu", action="store_true", help="bf16 on one CUDA GPU (workload g)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dpokit-bench"))
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
@@ -428,6 +483,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         args.variant = args.child
+        plain_tokenizer_loading()
         {"trl": child_trl, "trl-nogc": child_trl, "precompute": child_precompute}.get(args.child, child_dpokit)(args)
         return 0
     if args.gpu:
@@ -438,13 +494,16 @@ def main(argv=None) -> int:
     cache = Path(args.cache)
     results = []
     for workload in args.workloads.split(","):
-        model, data = build_assets(workload, cache, (args.warmup + args.steps) * args.batch_size)
+        batch = args.batch_size or WORKLOADS[workload].get("batch", 8)
+        model, data = build_assets(workload, cache, (args.warmup + args.steps) * batch, layers=args.layers)
+        print(format_floor(workload, model), flush=True)
         env = dict(os.environ, DPOKIT_CACHE=str(cache / f"dpokit-{workload}"), TOKENIZERS_PARALLELISM="false",
                    TRANSFORMERS_VERBOSITY="error", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
         shutil.rmtree(cache / f"dpokit-{workload}", ignore_errors=True)  # precompute is measured from scratch
         for variant in args.variants.split(","):
-            r = run_child(variant, workload, model, data, args, env)
-            print(json.dumps(r), flush=True)
+            r = run_child(variant, workload, model, data, args, env, batch)
+            print(json.dumps({k: v for k, v in r.items() if k != "memtrace"}), flush=True)
+            print(format_trace(r), flush=True)
             results.append(r)
     info = machine()
     header = (f"Run {datetime.date.today().isoformat()} on {info['cpu']} ({info['cores']} cores, torch threads "
