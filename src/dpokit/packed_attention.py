@@ -24,7 +24,7 @@ How transformers 5 (read from 5.24's `masking_utils` and `modeling_llama`) takes
 
 Backends, picked from `model.config._attn_implementation` by `attention_inputs` (a model loaded with
 the default sdpa is switched to the backend `speed.attention` resolves to, `fast_attention`):
-  sdpa (CPU and GPU default): the model is switched once to `dpokit_sdpa`, a registered
+  sdpa (default on CPU, and on GPU without flash-attn): the model is switched once to `dpokit_sdpa`, a registered
       attention function that is exactly transformers' `sdpa_attention_forward` unless the
       call carries `dpokit_units`; then it runs one SDPA call per unit segment (`is_causal`
       on [prompt, chosen] and a small bottom-right causal mask for the rejected branch over
