@@ -114,6 +114,7 @@ class SpeedConfig:
     pack_length: int = 0  # tokens per packed row; 0 = auto (sdpa: the whole micro-batch in one row)
     ref_cache: bool = True  # reference log-probs computed once, stored on disk, reused; no reference in memory
     ref_cache_dir: str = ""  # "" = $DPOKIT_CACHE/ref_logps, else ~/.cache/dpokit/ref_logps
+    attention: str = "auto"  # fast-path attention when model.attn_implementation is unset: auto | sdpa | flex | flash
 
     @property
     def any_fast_path(self) -> bool:
@@ -472,6 +473,7 @@ def _validate(cfg: Config) -> None:
     _check_choice("optim.scheduler", cfg.optim.scheduler, ("linear", "cosine", "constant"))
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
     _check_choice("train.task", cfg.train.task, ("preference", "sft"))
+    _check_choice("speed.attention", cfg.speed.attention, ("auto", "sdpa", "flex", "flash"))
     if cfg.model.ref_name_or_path and cfg.lora.enabled:
         raise ConfigError("model.ref_name_or_path cannot be combined with lora.enabled: with LoRA the reference is the "
                           "policy's base model with its adapters disabled")

@@ -22,8 +22,9 @@ How transformers 5 (read from 5.24's `masking_utils` and `modeling_llama`) takes
     (`**kwargs` through LlamaModel -> decoder layer -> attention), also when a layer is
     recomputed under gradient checkpointing (the kwargs are bound into the checkpoint).
 
-Backends, picked from `model.config._attn_implementation` by `attention_inputs`:
-  sdpa (CPU and GPU default): the model is switched once to `dpokit_sdpa`, a registered
+Backends, picked from `model.config._attn_implementation` by `attention_inputs` (a model loaded with
+the default sdpa is switched to the backend `speed.attention` resolves to, `fast_attention`):
+  sdpa (default on CPU, and on GPU without flash-attn): the model is switched once to `dpokit_sdpa`, a registered
       attention function that is exactly transformers' `sdpa_attention_forward` unless the
       call carries `dpokit_units`; then it runs one SDPA call per unit segment (`is_causal`
       on [prompt, chosen] and a small bottom-right causal mask for the rejected branch over
@@ -32,7 +33,9 @@ Backends, picked from `model.config._attn_implementation` by `attention_inputs`:
       whole micro-batch: by default every unit goes into one row and there is no padding at all.
       The 4D mask passed alongside is a (rows, 1, 1, 1) placeholder: no dense mask is built.
   eager: the dense rule as an additive float mask.
-  flex_attention: a BlockMask built from the same rule (GPU; code path only, untested here).
+  flex_attention: a BlockMask built from the same rule. Forward tested on CPU under torch.compile
+      (tests/test_flex_attention.py); torch 2.13 has no FlexAttention backward on CPU, so training
+      with it needs a GPU.
   flash_attention_2/3/4 and hub kernels: rows flattened to one row, attention_mask None,
       restarting position_ids -> varlen kernels. Prefix sharing cannot be expressed as
       varlen segments, so `prefix_sharing` must be off there (`supports_prefix_sharing`).
@@ -41,6 +44,7 @@ Backends, picked from `model.config._attn_implementation` by `attention_inputs`:
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -150,7 +154,8 @@ def allowed(segment_ids: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     return same[:, None]
 
 
-def _flex_block_mask(segment_ids: torch.Tensor, branch: torch.Tensor):
+def flex_block_mask(segment_ids: torch.Tensor, branch: torch.Tensor):
+    """The attention rule as a FlexAttention BlockMask over (R, L) rows (its mask_mod equals `allowed`)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     seg, br = segment_ids, branch.long()
@@ -160,6 +165,42 @@ def _flex_block_mask(segment_ids: torch.Tensor, branch: torch.Tensor):
 
     n, width = seg.shape
     return create_block_mask(mask_mod, B=n, H=None, Q_LEN=width, KV_LEN=width, device=seg.device)
+
+
+# speed.attention values -> transformers attention implementations
+IMPLEMENTATIONS = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2"}
+
+
+def auto_attention(cuda: bool, flash_attn: bool, dtype: torch.dtype | None) -> str:
+    """`speed.attention: auto` -> "sdpa" or "flash" (docs/performance.md, "Which attention").
+
+    cuda: a CUDA device is available; flash_attn: the flash-attn package imports; dtype: the compute
+    dtype (bf16/fp16 with model.dtype or train.mixed_precision, None when unknown before loading).
+    flash needs all three (flash-attn has CUDA half-precision kernels only); everything else is
+    per-unit sdpa, the one backend that trains everywhere and keeps prefix sharing. flex is never
+    chosen automatically: it needs torch.compile, has no backward on CPU (torch 2.13), and its
+    training path has not been run on a GPU here.
+    """
+    if cuda and flash_attn and dtype in (torch.bfloat16, torch.float16):
+        return "flash"
+    return "sdpa"
+
+
+def flash_attn_importable() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def fast_attention(attention: str, attn_implementation: str | None, dtype: torch.dtype | None) -> str:
+    """The attention implementation the fast path runs: `model.attn_implementation` when the user set it,
+    else `speed.attention` (auto: `auto_attention` of this machine)."""
+    if attn_implementation:
+        return attn_implementation
+    cuda, flash_attn = torch.cuda.is_available(), flash_attn_importable()
+    choice = auto_attention(cuda, flash_attn, dtype) if attention == "auto" else attention
+    if choice == "flash" and not (cuda and flash_attn):
+        raise ValueError("speed.attention=flash needs a CUDA device and the flash-attn package; "
+                         "use speed.attention=sdpa (or auto)")
+    return IMPLEMENTATIONS[choice]
 
 
 def is_flash(attn_implementation: str | None) -> bool:
@@ -172,13 +213,18 @@ def supports_prefix_sharing(attn_implementation: str | None) -> bool:
     return not is_flash(attn_implementation)
 
 
-def attention_inputs(config, batch: dict, dtype: torch.dtype) -> dict:
+def attention_inputs(config, batch: dict, dtype: torch.dtype, implementation: str | None = None) -> dict:
     """Model kwargs for a collate_packed batch: input_ids, position_ids, attention_mask (+ dpokit_units).
 
-    May switch `config._attn_implementation` from sdpa to dpokit_sdpa (once; identical to
-    sdpa for every call that carries no `dpokit_units`, e.g. generation).
+    implementation: the backend the batch was laid out for (`fast_attention`). A model on the default
+    sdpa is switched to it, once and for good (a layer recomputed under gradient checkpointing looks its
+    attention function up again, so the switch cannot be undone after the forward); any other
+    configured backend is the user's choice and is kept. sdpa itself is switched to dpokit_sdpa
+    (identical to sdpa for every call that carries no `dpokit_units`, e.g. generation).
     """
     impl = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation and implementation != "sdpa" and impl in ("sdpa", ATTENTION_NAME):
+        config._attn_implementation = impl = implementation
     input_ids, position_ids = batch["input_ids"], batch["position_ids"]
     segment_ids, branch = batch["segment_ids"], batch["branch"]
     if is_flash(impl):
@@ -197,7 +243,7 @@ def attention_inputs(config, batch: dict, dtype: torch.dtype) -> dict:
         placeholder = torch.ones((input_ids.shape[0], 1, 1, 1), dtype=torch.bool, device=input_ids.device)
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": placeholder, "dpokit_units": units}
     if impl == "flex_attention":
-        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": _flex_block_mask(segment_ids, branch)}
+        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": flex_block_mask(segment_ids, branch)}
     mask = allowed(segment_ids, branch)
     additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": additive}

@@ -14,6 +14,7 @@ from dpokit.losses import is_unpaired
 from dpokit.steps.base import Step
 from dpokit.steps.paired import FastPairedStep, PairedStep
 from dpokit.steps.sft import FastSFTStep, SFTStep
+from dpokit.steps.token_scores import fast_attention_for
 from dpokit.steps.unpaired import UnpairedStep
 
 __all__ = ["FastPairedStep", "FastSFTStep", "PairedStep", "SFTStep", "Step", "UnpairedStep", "step_for"]
@@ -21,11 +22,11 @@ __all__ = ["FastPairedStep", "FastSFTStep", "PairedStep", "SFTStep", "Step", "Un
 
 def step_for(cfg: Config) -> Step:
     """The step this config trains with."""
-    speed, attn = cfg.speed, cfg.model.attn_implementation
+    speed = cfg.speed
     if cfg.train.task == "sft":
-        return FastSFTStep(speed, attn) if speed.packing or speed.chunked_logps else SFTStep()
+        return FastSFTStep(speed, fast_attention_for(cfg)) if speed.packing or speed.chunked_logps else SFTStep()
     if is_unpaired(cfg.loss):
         return UnpairedStep()
     if speed.any_fast_path:  # padding-free rows, shared prompts, chunked LM head, cached reference (docs/performance.md)
-        return FastPairedStep(speed, attn)
+        return FastPairedStep(speed, fast_attention_for(cfg))
     return PairedStep()

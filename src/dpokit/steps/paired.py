@@ -22,7 +22,7 @@ from dpokit.logprobs import auto_chunk_size, token_entropy_top1, token_kl, token
 from dpokit.losses import PairLogps, compute_loss, shared_prefix_logps
 from dpokit.reference import reference_mode
 from dpokit.steps.base import Step
-from dpokit.steps.token_scores import TokenScores, layout_for, per_sequence, score_tokens, shared_mask
+from dpokit.steps.token_scores import TokenScores, fast_attention_for, layout_for, per_sequence, score_tokens, shared_mask
 
 
 def _halves(x: torch.Tensor | None, n: int) -> tuple:
@@ -134,11 +134,11 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
     returns (LossOutput, metrics: dict name -> (B,) tensor), the same names and values as forward_pairs;
     kl/chosen only when a live reference runs (a cached reference has no next-token distributions).
     """
-    speed = cfg.speed
+    speed, attention = cfg.speed, fast_attention_for(cfg)  # the backend make_collate laid the rows out for
     seq, lengths = batch["score_seq"], batch["seq_lengths"]
     n_seq = lengths.shape[0]
     n_pairs = n_seq // 2
-    scores = score_tokens(policy, batch, speed, want_stats=True, want_sq=cfg.loss.use_weighting)
+    scores = score_tokens(policy, batch, speed, want_stats=True, want_sq=cfg.loss.use_weighting, attention=attention)
     logps = per_sequence(scores.logp, seq, n_seq)
     ref_logps = ref_shared = ref_scores = None
     if with_reference:
@@ -146,7 +146,7 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
             ref_logps, ref_shared = batch["ref_logps"], batch["ref_shared_logps"]
         else:
             with reference_mode(policy, reference) as ref_model:
-                ref_scores = score_tokens(ref_model, batch, speed)
+                ref_scores = score_tokens(ref_model, batch, speed, attention=attention)
             ref_logps = per_sequence(ref_scores.logp, seq, n_seq)
             ref_shared = per_sequence(ref_scores.logp * shared_mask(batch), seq, n_seq)
     shared = wpo = None

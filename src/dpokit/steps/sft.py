@@ -31,7 +31,7 @@ from dpokit.data.unpaired import TokenizedCompletion
 from dpokit.logprobs import token_logps
 from dpokit.losses import LossOutput
 from dpokit.steps.base import Step
-from dpokit.steps.token_scores import layout_for, per_sequence, score_tokens
+from dpokit.steps.token_scores import fast_attention_for, layout_for, per_sequence, score_tokens
 
 
 def collate_sft(examples: list[TokenizedCompletion], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -87,7 +87,7 @@ def forward_sft(policy, reference, batch: dict, cfg: Config, with_reference: boo
 def forward_sft_fast(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
     """forward_sft on a make_sft_collate batch: padding-free rows, the LM head on completion tokens only, by chunks
     with `speed.chunked_logps` (preference_step.score_tokens). Same losses, metrics and gradients (tests/test_sft.py)."""
-    scores = score_tokens(policy, batch, cfg.speed, want_stats=True)
+    scores = score_tokens(policy, batch, cfg.speed, want_stats=True, attention=fast_attention_for(cfg))
     nll = -scores.logp
     out = LossOutput(per_sequence(nll, batch["score_seq"], batch["seq_lengths"].shape[0]), torch.zeros(0), torch.zeros(0))
     order = batch["score_order"]  # forward_sft's (example, token) order

@@ -16,10 +16,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpokit.config import SpeedConfig
+from dpokit.config import Config, SpeedConfig
 from dpokit.data.packing import Layout
 from dpokit.logprobs import chunked_token_logps, gathered_token_logps
-from dpokit.packed_attention import ATTENTION_NAME, attention_inputs, is_flash, supports_prefix_sharing
+from dpokit.packed_attention import ATTENTION_NAME, attention_inputs, fast_attention, is_flash, supports_prefix_sharing
+
+_HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(cfg: Config) -> torch.dtype | None:
+    """The dtype matmuls run in: bf16/fp16 from model.dtype or train.mixed_precision, float32, or None ("auto": unknown before loading)."""
+    if cfg.train.mixed_precision in _HALF:
+        return _HALF[cfg.train.mixed_precision]
+    if cfg.model.dtype in _HALF:
+        return _HALF[cfg.model.dtype]
+    return None if cfg.model.dtype == "auto" else torch.float32
+
+
+def fast_attention_for(cfg: Config) -> str:
+    """The attention implementation this config's fast step lays its rows out for and runs (packed_attention.fast_attention)."""
+    return fast_attention(cfg.speed.attention, cfg.model.attn_implementation, compute_dtype(cfg))
 
 
 def fast_path_blocker(model) -> str | None:
@@ -122,8 +138,11 @@ class TokenScores:
     vocab_size: int
 
 
-def score_tokens(model, batch: dict, speed: SpeedConfig, want_stats: bool = False, want_sq: bool = False) -> TokenScores:
+def score_tokens(model, batch: dict, speed: SpeedConfig, want_stats: bool = False, want_sq: bool = False,
+                 attention: str | None = None) -> TokenScores:
     """Run `model` on a collate_packed batch -> log-probs of every scored completion token.
+
+    attention: the implementation the batch was laid out for (`fast_attention_for`); None = the model's own.
 
     chunked_logps: the hidden states of the scored tokens go through ChunkedLMHeadLogps;
     otherwise through the LM head module, (M, V) logits for the scored tokens only. A head dpokit
@@ -133,7 +152,7 @@ def score_tokens(model, batch: dict, speed: SpeedConfig, want_stats: bool = Fals
     lm = causal_lm(model)
     head = _plain_linear_head(lm)
     dtype = next(lm.parameters()).dtype
-    inputs = attention_inputs(lm.config, batch, dtype)
+    inputs = attention_inputs(lm.config, batch, dtype, attention)
     pos, target = batch["score_pos"], batch["score_target"]
     if head is None:
         logits = model(**inputs, use_cache=False).logits
