@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from dpokit.config import ConfigError, load_config
-from dpokit.online.pipeline import Pipeline, load_pipeline_config, resolve_prompts
+from dpokit.config import ConfigError, load_config, load_pipeline_config
+from dpokit.online.pipeline import Pipeline, resolve_prompts
 
 HAS_REF_KEY = "ref_name_or_path" in {f.name for f in dataclasses.fields(load_config().model)}
 
@@ -28,7 +28,7 @@ def test_config_sections_overrides_and_errors():
     assert cfg.pairing.min_margin == 0.5 and cfg.train == {"loss": {"beta": 0.2}} and cfg.reference == "refresh"
     with pytest.raises(ConfigError, match="did you mean 'rounds'"):
         load_pipeline_config(base_config(round=2))
-    with pytest.raises(ConfigError, match="did you mean 'num_samples'"):
+    with pytest.raises(ConfigError, match="did you mean 'sampling.num_samples'"):  # the full dotted key, as dpokit train names it
         load_pipeline_config(base_config(sampling={"num_sample": 2}))
     with pytest.raises(ConfigError, match="fixed or refresh"):
         load_pipeline_config(base_config(reference="sometimes"))
@@ -104,14 +104,14 @@ def test_two_rounds_raise_the_held_out_reward(finished_run):
 
 @pytest.mark.slow
 def test_a_finished_round_is_skipped_on_restart(finished_run, monkeypatch):
-    import dpokit.training.loop
+    import dpokit.online.pipeline
 
     out, records = finished_run
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished round was trained again")
 
-    monkeypatch.setattr(dpokit.training.loop, "train", no_training)
+    monkeypatch.setattr(dpokit.online.pipeline, "train", no_training)
     again = Pipeline(load_pipeline_config(run_config(records[0]["policy"], out))).run()
     assert [r["eval"]["mean_score"] for r in again] == [r["eval"]["mean_score"] for r in records]
     # an interrupted round 2 (its eval and marker lost): samples, scores and the model are kept

@@ -12,19 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from dpokit.online.scoring import (
-    ChatClient,
-    FunctionScorer,
-    JudgeScorer,
-    JudgeUnreachable,
-    PairwiseJudge,
-    RewardModelScorer,
-    ScoringError,
-    build_scorer,
-    parse_choice,
-    parse_rating,
-    score_file,
-)
+from dpokit.online.judges import ChatClient, JudgeScorer, PairwiseJudge, parse_choice, parse_rating
+from dpokit.online.scorer import JudgeUnreachable, ScoringError
+from dpokit.online.scoring import FunctionScorer, RewardModelScorer, build_scorer, score_file
 from tiny_assets import word_tokenizer
 
 
