@@ -38,6 +38,30 @@ def test_config_sections_overrides_and_errors():
         load_pipeline_config({"policy": "m", "prompts": ["a"]})
 
 
+@pytest.mark.parametrize("override, message", [
+    ("sampling.num_sample=2", "unknown config key 'sampling.num_sample'; did you mean 'sampling.num_samples'?"),
+    ("evl.num_samples=2", "unknown config key 'evl.num_samples'; did you mean 'eval.num_samples'?"),
+    ("rounds=two", "config key 'rounds' must be int, got 'two'"),
+    ("sampling.top_p=0", "config key 'sampling.top_p' must be in (0, 1]"),
+    ("pairing.strategy=best_wrst", "did you mean 'best_worst'?"),
+    ("train.loss.bta=0.2", "unknown config key 'train.loss.bta'; did you mean 'train.loss.beta'?"),
+    ("train.train.batch_size=1.5", "config key 'train.train.batch_size' must be int"),
+])
+def test_cli_config_errors_name_the_key_and_suggest_the_closest(override, message, capsys):
+    from dpokit.cli import main
+
+    assert main(["pipeline", "pipeline_demo", override]) == 2  # before anything is built or loaded
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_train_section_is_checked_as_a_train_config_and_takes_overrides_by_name():
+    with pytest.raises(ConfigError, match=r"in 'train' \(a dpokit train config\): .*loss.beta must be > 0"):
+        load_pipeline_config(base_config(train={"loss": {"beta": -1}}))
+    cfg = load_pipeline_config(base_config(train="demo"), ["train.loss.beta=0.3"])  # a shipped name: read, then overridden
+    assert cfg.train["loss"]["beta"] == 0.3 and load_config(cfg.train).loss.beta == 0.3
+
+
 def test_shipped_demo_config_loads():
     from dpokit.config import resolve_config_path
 
