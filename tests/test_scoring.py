@@ -237,6 +237,17 @@ def test_reply_parsing():
     assert parse_choice("It's a tie") == 0.5 and parse_choice("???") == 0.5
 
 
+def test_a_negative_rating_is_unscored_not_read_without_its_sign():
+    """Issue 15: 'Rating: -3' became 3.0. A negative is out of the 1-10 range, so it counts as unscored."""
+    for reply in ("Rating: -3", "rating = -3", "Rating: **-3**", "-3", "I'd say -3/10", "Rating: \u22123", "Rating: -7.5"):
+        assert math.isnan(parse_rating(reply)), reply
+    assert parse_rating("Rating: -3. Sorry, I meant 6") == 6.0  # like any out-of-range value, passed over
+    assert parse_rating("Rating: 7-8") == 7.0 and parse_rating("a 1-10 scale; Rating: 4") == 4.0  # a dash is no sign
+    judge = JudgeScorer("http://127.0.0.1:9/v1", "m")
+    judge.client.chat = lambda messages: "Rating: -3"
+    assert all(math.isnan(v) for v in judge.score(PROMPTS, COMPLETIONS)) and judge.unparsed == 3
+
+
 def test_score_file_adds_scores_and_resumes(tmp_path):
     rows = [{"prompt": p, "sample_index": 0, "completion": c} for p, c in zip(PROMPTS, COMPLETIONS)]
     src = tmp_path / "samples.jsonl"

@@ -110,16 +110,20 @@ PAIRWISE_TEMPLATE = (
 )
 SYSTEM_PROMPT = "You are an impartial, careful judge of responses."
 
-_RATING = re.compile(r"rating\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-_NUMBER = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)(?:\s*/\s*10)?")
+# A number keeps its sign (ASCII or Unicode minus): "Rating: -3" is -3, out of range, not 3. A number
+# right after a sign or a digit is not read on its own (the 3 of "-3", the 8 of the range "7-8").
+_SIGNED = r"([-+\u2212]?\d+(?:\.\d+)?)"
+_RATING = re.compile(r"rating\s*[:=]?\s*\**\s*" + _SIGNED, re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\d.+\-\u2212])" + _SIGNED + r"(?:\s*/\s*10)?")
 _CHOICE = re.compile(r"\b(A|B)\b")
 
 
 def parse_rating(reply: str, low: float = 1.0, high: float = 10.0) -> float:
-    """The 1-10 rating in a judge's reply ('Rating: 7', '7/10', '**8**', '7'); NaN if none is in range."""
+    """The 1-10 rating in a judge's reply ('Rating: 7', '7/10', '**8**', '7'); NaN if none is in range
+    (a negative rating is out of range: unscored, like 11)."""
     for pattern in (_RATING, _NUMBER):
         for match in pattern.finditer(reply):
-            value = float(match.group(1))
+            value = float(match.group(1).replace("\u2212", "-"))
             if low <= value <= high:
                 return value
     return math.nan
