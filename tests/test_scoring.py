@@ -266,3 +266,44 @@ def test_score_file_adds_scores_and_resumes(tmp_path):
     assert again["scored"] == 0 and again["already_scored"] == 3 and calls == [2, 1]
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["score"] for r in scored] == [float(len(c)) for c in COMPLETIONS]
+
+
+# --- dpokit score: request timeout and progress (issue 15) ----------------------------------------
+
+
+def _samples_file(tmp_path, n=3):
+    rows = [{"prompt": p, "sample_index": 0, "completion": c} for p, c in zip(PROMPTS[:n], COMPLETIONS[:n])]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_score_timeout_and_retries_bound_the_wait_for_a_silent_judge(tmp_path, capsys):
+    import time
+
+    from dpokit.cli import main
+
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        started = time.time()
+        status = main(["score", "--in", str(_samples_file(tmp_path, 1)), "--out", str(tmp_path / "scored.jsonl"),
+                       "--judge-url", url, "--judge-model", "m", "--timeout", "0.3", "--max-retries", "0"])
+        elapsed = time.time() - started
+    assert status == 2 and elapsed < 10, elapsed  # the defaults (60 s x 5 attempts) would take about 5 minutes
+    assert "after 1 attempts" in capsys.readouterr().err
+
+
+def test_cli_score_prints_progress_with_a_count_and_an_eta(tmp_path, capsys, monkeypatch):
+    from dpokit.cli import main
+    import dpokit.online.scoring
+
+    monkeypatch.setattr(dpokit.online.scoring, "SCORE_CHUNK_SIZE", 2)
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def length(completion):\n    return len(completion)\n")
+    assert main(["score", "--in", str(_samples_file(tmp_path)), "--out", str(tmp_path / "scored.jsonl"),
+                 "--scorer", f"{rewards}:length"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[score] ") and "/3 rows" in line]
+    assert [line.split()[1] for line in lines] == ["0/3", "2/3", "3/3"], lines
+    assert "left" in lines[1] and "s elapsed" in lines[1]

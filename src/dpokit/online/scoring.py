@@ -27,6 +27,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -213,17 +214,23 @@ def build_scorer(spec: Any, trust: ModelTrust = ModelTrust()) -> Any:
 # --- files --------------------------------------------------------------------------------------
 
 
-def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: int = 256,
+SCORE_CHUNK_SIZE = 256  # rows per scorer call; each chunk is appended (and resumable) once scored
+
+
+def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: int = SCORE_CHUNK_SIZE,
                progress: Callable[[int, int], None] | None = None) -> dict:
     """Add a `score` to every row of a samples file, into out_path; resumable (rows already scored are kept).
 
     Rows are matched by (prompt, sample_index). Returns counts: rows, already_scored, scored, unscored (NaN).
+    progress(done, total) is called before the first chunk (done: the rows already scored) and after each.
     """
     rows = read_samples(in_path)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {(prompt_key(r["prompt"]), r.get("sample_index", 0)) for r in read_samples(out)}
     todo = [r for r in rows if (prompt_key(r["prompt"]), r.get("sample_index", 0)) not in done]
+    if progress is not None and todo:
+        progress(len(done), len(rows))
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
         scores = scorer.score([r["prompt"] for r in chunk], [r["completion"] for r in chunk])
@@ -232,6 +239,33 @@ def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: in
             progress(len(done) + start + len(chunk), len(rows))
     unscored = sum(r.get("score") is None for r in read_samples(out))
     return {"rows": len(rows), "already_scored": len(rows) - len(todo), "scored": len(todo), "unscored": unscored}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+class ProgressLine:
+    """A line per chunk: '[score] 512/2048 rows, 41s elapsed, about 2m 03s left' (the pace of this run)."""
+
+    def __init__(self, label: str, unit: str = "rows", clock: Callable[[], float] = time.monotonic):
+        self.label, self.unit, self.clock = label, unit, clock
+        self.started = self.first = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if self.started is None:  # the first call: what was already done before this run
+            self.started, self.first = now, done
+            print(f"[{self.label}] {done}/{total} {self.unit} ({total - done} to do)", flush=True)
+            return
+        elapsed, new = now - self.started, done - self.first
+        left = f", about {_duration(elapsed / new * (total - done))} left" if new and done < total else ""
+        print(f"[{self.label}] {done}/{total} {self.unit}, {_duration(elapsed)} elapsed{left}", flush=True)
 
 
 SCORE_HELP = """\
@@ -245,7 +279,10 @@ Rerunning resumes: rows already in --out are not scored again.
 --scorer is module:function (a rule-based reward: f(completion), f(prompt, completion), or
 f(prompts=..., completions=...)) or rm:MODEL (a sequence-classification reward model).
 A judge (--judge-url) rates each completion 1-10 through /v1/chat/completions; its API key
-is read from the environment variable named by --api-key-env (default OPENAI_API_KEY).
+is read from the environment variable named by --api-key-env (default OPENAI_API_KEY). Each
+request waits at most --timeout seconds and is retried --max-retries times (with backoff), so
+an unanswered request costs at most about (retries + 1) x timeout plus the backoff waits.
+A progress line (count, elapsed, time left) is printed after every chunk of rows.
 """
 
 
@@ -259,7 +296,8 @@ def add_cli(verbs) -> None:
     p.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--judge-model", help="model name sent to the judge endpoint")
     p.add_argument("--api-key-env", default=d.api_key_env, help=f"environment variable holding the judge's API key (default {d.api_key_env})")
-    p.add_argument("--max-retries", type=int, default=d.max_retries)
+    p.add_argument("--timeout", type=float, default=d.timeout, help=f"seconds to wait for each judge request (default {d.timeout:g})")
+    p.add_argument("--max-retries", type=int, default=d.max_retries, help=f"retries of a failed judge request (default {d.max_retries})")
     p.add_argument("--concurrency", type=int, default=d.max_concurrency, help="judge requests in flight")
     add_trust_flags(p)  # for a reward model (rm:MODEL)
     p.set_defaults(func=run_cli)
@@ -271,11 +309,13 @@ def run_cli(args) -> int:
     if args.judge_url:
         if not args.judge_model:
             raise ScoringError("--judge-url needs --judge-model")
-        scorer = JudgeScorer(args.judge_url, args.judge_model, api_key_env=args.api_key_env, max_retries=args.max_retries,
-                             max_concurrency=args.concurrency)
+        if args.timeout <= 0 or args.max_retries < 0:
+            raise ScoringError(f"--timeout must be > 0 and --max-retries >= 0, got {args.timeout:g} and {args.max_retries}")
+        scorer = JudgeScorer(args.judge_url, args.judge_model, api_key_env=args.api_key_env, timeout=args.timeout,
+                             max_retries=args.max_retries, max_concurrency=args.concurrency)
     else:
         scorer = build_scorer(args.scorer, trust_from_args(args))
-    report = score_file(args.in_path, args.out, scorer)
+    report = score_file(args.in_path, args.out, scorer, chunk_size=SCORE_CHUNK_SIZE, progress=ProgressLine("score"))
     print(f"[score] {report['scored']} rows scored, {report['already_scored']} already scored, "
           f"{report['unscored']} without a score; written to {args.out}")
     return 0
