@@ -117,8 +117,11 @@ def optimal_frontier(p: dict[float, float], kl_max: float, points: int = 200) ->
 
 def make_pairs(s: Settings, sft_path: str, out: Path) -> tuple[Path, dict]:
     from dpokit.demo import world
-    from dpokit.online.pairing import PairingConfig, pair_file
-    from dpokit.online.sampling import HFBackend, SamplingConfig, load_model, sample_to_file
+    from dpokit.config import PairingConfig, SamplingConfig
+    from dpokit.online.backends import HFBackend
+    from dpokit.online.loading import load_model
+    from dpokit.online.pairing import pair_file
+    from dpokit.online.sampling import sample_to_file
     from dpokit.online.scoring import FunctionScorer, score_file
 
     prompts = random.Random(s.seed).sample(world.all_openings("train"), s.train_prompts)
@@ -157,7 +160,7 @@ class Evaluator:
 
     def __init__(self, s: Settings, sft_path: str):
         from dpokit.demo import world
-        from dpokit.online.sampling import load_model
+        from dpokit.online.loading import load_model
         from dpokit.online.scoring import FunctionScorer
 
         self.s = s
@@ -168,7 +171,8 @@ class Evaluator:
     def __call__(self, model_dir: str, out_json: Path) -> dict:
         from dpokit.demo import world
         from dpokit.online.evaluation import evaluate
-        from dpokit.online.sampling import load_model, read_samples
+        from dpokit.online.loading import load_model
+        from dpokit.online.sampling import read_samples
 
         if out_json.exists():
             return json.loads(out_json.read_text())

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from dpokit.data.layouts import load_preferences
-from dpokit.online.pairing import PairingConfig, build_pairs, format_summary, pair_file
+from dpokit.config import PairingConfig
+from dpokit.online.pairing import build_pairs, format_summary, pair_file
 
 
 def group(prompt, scored):

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from dpokit.config import ConfigError, load_config
-from dpokit.online.pipeline import Pipeline, load_pipeline_config, resolve_prompts
+from dpokit.config import ConfigError, load_config, load_pipeline_config
+from dpokit.online.pipeline import Pipeline, resolve_prompts
 
 HAS_REF_KEY = "ref_name_or_path" in {f.name for f in dataclasses.fields(load_config().model)}
 
@@ -28,7 +28,7 @@ def test_config_sections_overrides_and_errors():
     assert cfg.pairing.min_margin == 0.5 and cfg.train == {"loss": {"beta": 0.2}} and cfg.reference == "refresh"
     with pytest.raises(ConfigError, match="did you mean 'rounds'"):
         load_pipeline_config(base_config(round=2))
-    with pytest.raises(ConfigError, match="did you mean 'num_samples'"):
+    with pytest.raises(ConfigError, match="did you mean 'sampling.num_samples'"):  # the full dotted key, as dpokit train names it
         load_pipeline_config(base_config(sampling={"num_sample": 2}))
     with pytest.raises(ConfigError, match="fixed or refresh"):
         load_pipeline_config(base_config(reference="sometimes"))
@@ -36,6 +36,30 @@ def test_config_sections_overrides_and_errors():
         load_pipeline_config(base_config(pairing={"strategy": "random"}))
     with pytest.raises(ConfigError, match="'scorer' is required"):
         load_pipeline_config({"policy": "m", "prompts": ["a"]})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampling.num_sample=2", "unknown config key 'sampling.num_sample'; did you mean 'sampling.num_samples'?"),
+    ("evl.num_samples=2", "unknown config key 'evl.num_samples'; did you mean 'eval.num_samples'?"),
+    ("rounds=two", "config key 'rounds' must be int, got 'two'"),
+    ("sampling.top_p=0", "config key 'sampling.top_p' must be in (0, 1]"),
+    ("pairing.strategy=best_wrst", "did you mean 'best_worst'?"),
+    ("train.loss.bta=0.2", "unknown config key 'train.loss.bta'; did you mean 'train.loss.beta'?"),
+    ("train.train.batch_size=1.5", "config key 'train.train.batch_size' must be int"),
+])
+def test_cli_config_errors_name_the_key_and_suggest_the_closest(override, message, capsys):
+    from dpokit.cli import main
+
+    assert main(["pipeline", "pipeline_demo", override]) == 2  # before anything is built or loaded
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_train_section_is_checked_as_a_train_config_and_takes_overrides_by_name():
+    with pytest.raises(ConfigError, match=r"in 'train' \(a dpokit train config\): .*loss.beta must be > 0"):
+        load_pipeline_config(base_config(train={"loss": {"beta": -1}}))
+    cfg = load_pipeline_config(base_config(train="demo"), ["train.loss.beta=0.3"])  # a shipped name: read, then overridden
+    assert cfg.train["loss"]["beta"] == 0.3 and load_config(cfg.train).loss.beta == 0.3
 
 
 def test_shipped_demo_config_loads():
@@ -104,14 +128,14 @@ def test_two_rounds_raise_the_held_out_reward(finished_run):
 
 @pytest.mark.slow
 def test_a_finished_round_is_skipped_on_restart(finished_run, monkeypatch):
-    import dpokit.training.loop
+    import dpokit.online.pipeline
 
     out, records = finished_run
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished round was trained again")
 
-    monkeypatch.setattr(dpokit.training.loop, "train", no_training)
+    monkeypatch.setattr(dpokit.online.pipeline, "train", no_training)
     again = Pipeline(load_pipeline_config(run_config(records[0]["policy"], out))).run()
     assert [r["eval"]["mean_score"] for r in again] == [r["eval"]["mean_score"] for r in records]
     # an interrupted round 2 (its eval and marker lost): samples, scores and the model are kept

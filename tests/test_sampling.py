@@ -7,7 +7,10 @@ import json
 import pytest
 
 from dpokit.data.records import DataError
-from dpokit.online.sampling import HFBackend, SamplingConfig, complete_groups, load_prompts, read_samples, sample_to_file
+from dpokit.config import SamplingConfig
+from dpokit.online.backends import HFBackend
+from dpokit.online.prompts import load_prompts
+from dpokit.online.sampling import complete_groups, read_samples, sample_to_file
 from dpokit.tiny import build_tiny_llama
 from tiny_assets import word_tokenizer, write_jsonl
 

@@ -12,19 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from dpokit.online.scoring import (
-    ChatClient,
-    FunctionScorer,
-    JudgeScorer,
-    JudgeUnreachable,
-    PairwiseJudge,
-    RewardModelScorer,
-    ScoringError,
-    build_scorer,
-    parse_choice,
-    parse_rating,
-    score_file,
-)
+from dpokit.online.judges import ChatClient, JudgeScorer, PairwiseJudge, parse_choice, parse_rating
+from dpokit.online.scorer import JudgeUnreachable, ScoringError
+from dpokit.online.scoring import FunctionScorer, RewardModelScorer, build_scorer, score_file
 from tiny_assets import word_tokenizer
 
 
@@ -247,6 +237,17 @@ def test_reply_parsing():
     assert parse_choice("It's a tie") == 0.5 and parse_choice("???") == 0.5
 
 
+def test_a_negative_rating_is_unscored_not_read_without_its_sign():
+    """Issue 15: 'Rating: -3' became 3.0. A negative is out of the 1-10 range, so it counts as unscored."""
+    for reply in ("Rating: -3", "rating = -3", "Rating: **-3**", "-3", "I'd say -3/10", "Rating: \u22123", "Rating: -7.5"):
+        assert math.isnan(parse_rating(reply)), reply
+    assert parse_rating("Rating: -3. Sorry, I meant 6") == 6.0  # like any out-of-range value, passed over
+    assert parse_rating("Rating: 7-8") == 7.0 and parse_rating("a 1-10 scale; Rating: 4") == 4.0  # a dash is no sign
+    judge = JudgeScorer("http://127.0.0.1:9/v1", "m")
+    judge.client.chat = lambda messages: "Rating: -3"
+    assert all(math.isnan(v) for v in judge.score(PROMPTS, COMPLETIONS)) and judge.unparsed == 3
+
+
 def test_score_file_adds_scores_and_resumes(tmp_path):
     rows = [{"prompt": p, "sample_index": 0, "completion": c} for p, c in zip(PROMPTS, COMPLETIONS)]
     src = tmp_path / "samples.jsonl"
@@ -265,3 +266,44 @@ def test_score_file_adds_scores_and_resumes(tmp_path):
     assert again["scored"] == 0 and again["already_scored"] == 3 and calls == [2, 1]
     scored = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["score"] for r in scored] == [float(len(c)) for c in COMPLETIONS]
+
+
+# --- dpokit score: request timeout and progress (issue 15) ----------------------------------------
+
+
+def _samples_file(tmp_path, n=3):
+    rows = [{"prompt": p, "sample_index": 0, "completion": c} for p, c in zip(PROMPTS[:n], COMPLETIONS[:n])]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_cli_score_timeout_and_retries_bound_the_wait_for_a_silent_judge(tmp_path, capsys):
+    import time
+
+    from dpokit.cli import main
+
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        started = time.time()
+        status = main(["score", "--in", str(_samples_file(tmp_path, 1)), "--out", str(tmp_path / "scored.jsonl"),
+                       "--judge-url", url, "--judge-model", "m", "--timeout", "0.3", "--max-retries", "0"])
+        elapsed = time.time() - started
+    assert status == 2 and elapsed < 10, elapsed  # the defaults (60 s x 5 attempts) would take about 5 minutes
+    assert "after 1 attempts" in capsys.readouterr().err
+
+
+def test_cli_score_prints_progress_with_a_count_and_an_eta(tmp_path, capsys, monkeypatch):
+    from dpokit.cli import main
+    import dpokit.online.scoring
+
+    monkeypatch.setattr(dpokit.online.scoring, "SCORE_CHUNK_SIZE", 2)
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def length(completion):\n    return len(completion)\n")
+    assert main(["score", "--in", str(_samples_file(tmp_path)), "--out", str(tmp_path / "scored.jsonl"),
+                 "--scorer", f"{rewards}:length"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[score] ") and "/3 rows" in line]
+    assert [line.split()[1] for line in lines] == ["0/3", "2/3", "3/3"], lines
+    assert "left" in lines[1] and "s elapsed" in lines[1]

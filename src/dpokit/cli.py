@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpokit.config import ConfigError
     from dpokit.data.records import DataError
     from dpokit.models import ModelLoadError
-    from dpokit.online.scoring import ScoringError
+    from dpokit.online.scorer import ScoringError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -5,10 +5,16 @@
 Unknown keys and wrong types are errors that name the key and suggest the
 closest valid one. Values given on the command line are parsed as YAML
 scalars, so `train.max_steps=200` is an int and `lora.enabled=true` a bool.
+
+The online verbs' settings live here too (SamplingConfig, PairingConfig, EvalConfig,
+JudgeConfig), and `dpokit pipeline`'s PipelineConfig is loaded by the same machinery:
+
+    pipe = load_pipeline_config("pipeline.yaml", ["rounds=3", "train.loss.beta=0.2"])
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -186,6 +192,105 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+# --- the online verbs: dpokit sample, score, pair, eval, pipeline (docs/pipeline.md) ---------------
+
+SAMPLING_BACKENDS = ("auto", "hf", "vllm")
+PAIRING_STRATEGIES = ("best_worst", "all_pairs")
+LENGTH_BALANCES = ("none", "closest")
+JUDGE_MODES = ("pointwise", "pairwise")
+
+
+@dataclass
+class SamplingConfig:
+    """`dpokit sample` and a pipeline's `sampling:` section."""
+
+    num_samples: int = 4  # completions per prompt
+    temperature: float = 1.0  # 0 = greedy (then every sample of a prompt is the same)
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: int = 0
+    batch_size: int = 64  # sequences per generate call; a chunk holds max(1, batch_size // num_samples) prompts
+    backend: str = "auto"  # auto (vLLM when installed with a GPU, else hf) | hf | vllm
+
+    def __post_init__(self) -> None:  # built in code (dpokit sample, tests) or by the loader: checked either way
+        _check_sampling(self)
+
+    @property
+    def prompts_per_chunk(self) -> int:
+        return max(1, self.batch_size // self.num_samples)
+
+
+@dataclass
+class PairingConfig:
+    """`dpokit pair` and a pipeline's `pairing:` section (online/pairing.py explains each rule)."""
+
+    strategy: str = "best_worst"  # best_worst | all_pairs
+    min_margin: float = 0.0  # keep pairs with score(chosen) - score(rejected) >= min_margin (and > 0 always)
+    length_balance: str = "none"  # none | closest (best_worst: the passing pair with the smallest length difference)
+    max_length_ratio: Optional[float] = None  # drop pairs with longer/shorter token count above this
+    max_pairs_per_prompt: Optional[int] = None  # all_pairs: keep the largest-margin pairs only
+    drop_unfinished: bool = False  # leave out completions that hit max_new_tokens without EOS
+
+    def __post_init__(self) -> None:
+        _check_pairing(self)
+
+
+@dataclass
+class EvalConfig:
+    """`dpokit eval` and a pipeline's `eval:` section."""
+
+    num_samples: int = 4
+    max_new_tokens: Optional[int] = None  # None: sampling.max_new_tokens
+    temperature: float = 1.0  # 1 and top_p 1 keep the KL estimate unbiased
+    top_p: float = 1.0
+    seed: int = 0
+    max_prompts: Optional[int] = None
+    pairs: Optional[str] = None  # held-out preference pairs for the implicit-reward accuracy
+
+
+@dataclass
+class JudgeConfig:
+    """An LLM judge behind an OpenAI-compatible /v1/chat/completions endpoint (online/judges.py)."""
+
+    base_url: str = ""  # e.g. http://127.0.0.1:8000/v1
+    model: str = ""  # the model name sent to the endpoint
+    mode: str = "pointwise"  # pointwise (a 1-10 rating) | pairwise (A or B)
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable read at each request; never stored
+    timeout: float = 60.0  # seconds per HTTP request
+    max_retries: int = 4  # retries after the first attempt, with exponential backoff
+    backoff: float = 1.0  # seconds before the first retry, doubled each time...
+    max_backoff: float = 30.0  # ...up to this
+    temperature: float = 0.0
+    max_tokens: int = 64
+    max_concurrency: int = 4  # requests in flight
+    swap: bool = True  # pairwise: ask both orders and average (cancels position bias)
+
+
+@dataclass
+class PipelineConfig:
+    """`dpokit pipeline CONFIG`: K rounds of sample -> score -> pair -> DPO -> eval (online/pipeline.py)."""
+
+    policy: str = ""  # the SFT model: folder, hub id, or demo:sentiment-sft
+    prompts: Union[str, list[Any]] = ""  # training prompts: a data file, a list, or demo:openings-train
+    eval_prompts: Union[str, list[Any], None] = None  # held-out prompts (demo:openings-eval); None: no per-round eval
+    scorer: Any = None  # "module:function", "rm:MODEL", or a mapping (see dpokit.online.scoring.build_scorer)
+    rounds: int = 2
+    reference: str = "fixed"  # fixed: the SFT model every round | refresh: the previous round's policy
+    prompts_per_round: Optional[int] = None  # a fresh seeded subset of the prompts each round; None: all
+    prompt_column: str = "prompt"
+    seed: int = 0
+    trust_remote_code: bool = False  # models the pipeline loads (policy, reward model, training) may run their own code
+    allow_pickle: bool = False  # ...may have pickle-based weights (pytorch_model.bin) only
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    train: Union[str, dict[str, Any]] = field(default_factory=dict)  # a dpokit train config: mapping, YAML path or shipped name
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs/pipeline"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def shipped_config(name: str, folder: str = "") -> Path | None:
     """A config shipped with dpokit: configs/[folder/]NAME.yaml (e.g. `demo`, or `pipeline_demo` in pipelines)."""
     candidate = resources.files("dpokit").joinpath("configs", *([folder] if folder else []), f"{name}.yaml")
@@ -200,8 +305,14 @@ def resolve_config_path(arg: str, folder: str = "") -> str:
     return str(shipped) if shipped else arg
 
 
-# Top-level keys that hold a section of settings (dict-valued settings such as data.columns are plain values).
-SECTIONS = ("model", "lora", "data", "loss", "optim", "train", "speed", "detectors", "doctor")
+def _sections(schema) -> tuple[str, ...]:
+    """Top-level keys of a schema that hold a section of settings (dict-valued settings such as data.columns are plain values)."""
+    hints = typing.get_type_hints(schema)
+    return tuple(f.name for f in dataclasses.fields(schema) if dataclasses.is_dataclass(hints[f.name]))
+
+
+SECTIONS = _sections(Config)
+PIPELINE_SECTIONS = _sections(PipelineConfig)
 
 
 def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: Union[list[str], dict, None] = None) -> Config:
@@ -209,23 +320,59 @@ def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: 
 
     overrides: ["a.b=value", ...] (command line) or {"a.b": value} (Python).
     """
-    if isinstance(source, Config):
-        raw = source.to_dict()
+    return _load_train_config(source, overrides, prefix="")
+
+
+def load_pipeline_config(source: Union[str, Path, dict, PipelineConfig, None],
+                         overrides: Union[list[str], dict, None] = None) -> PipelineConfig:
+    """A PipelineConfig from defaults, a YAML file / dict, then overrides, by the same rules as load_config.
+
+    `train.loss.beta=0.2` reaches into the `train:` section (a dpokit train config), which is then
+    checked as a Config.
+    """
+    merged = _defaults_and(PipelineConfig, source)
+    items = _parse_overrides(overrides)
+    if isinstance(merged["train"], str) and any(key.startswith("train.") for key, _ in items):
+        # a train config named by path or shipped name: read it, so the overrides have a mapping to go into
+        merged["train"] = _read_yaml(Path(resolve_config_path(merged["train"])))
+    for key, value in items:
+        _set_dotted(merged, key, value, PIPELINE_SECTIONS)
+    cfg = _build(PipelineConfig, merged, prefix="")
+    _validate_pipeline(cfg)
+    return cfg
+
+
+def _load_train_config(source, overrides, prefix: str) -> Config:
+    """load_config's work; prefix names where the config sits ("train." inside a pipeline) in error messages."""
+    merged = _defaults_and(Config, source, prefix)
+    for key, value in _parse_overrides(overrides):
+        _set_dotted(merged, key, value, SECTIONS)
+    cfg = _build(Config, merged, prefix=prefix)
+    try:
+        _validate(cfg)
+    except ConfigError as e:
+        if not prefix:
+            raise
+        # _validate names keys from the train config's top; say where that config sits
+        raise ConfigError(f"in {prefix.rstrip('.')!r} (a dpokit train config): {e}") from None
+    return cfg
+
+
+def _defaults_and(schema, source, prefix: str = "") -> dict:
+    """The schema's defaults as a nested dict, with `source` (an instance, a dict, a YAML path or None) merged in."""
+    if isinstance(source, schema):
+        raw = dataclasses.asdict(source)
     elif isinstance(source, dict):
-        raw = source
+        raw = copy.deepcopy(source)  # overrides go into nested mappings; the caller's stay as they were
     elif source is None:
         raw = {}
     elif isinstance(source, (str, Path)):
         raw = _read_yaml(Path(source))
     else:
-        raise ConfigError(f"a config is a YAML path, a dict or a Config, got {type(source).__name__}")
-    merged = Config().to_dict()
-    _merge(merged, raw, prefix="")
-    for key, value in _parse_overrides(overrides):
-        _set_dotted(merged, key, value)
-    cfg = _build(Config, merged, prefix="")
-    _validate(cfg)
-    return cfg
+        raise ConfigError(f"a config is a YAML path, a dict or a {schema.__name__}, got {type(source).__name__}")
+    merged = dataclasses.asdict(schema())
+    _merge(merged, raw, prefix, _sections(schema))
+    return merged
 
 
 # A config file is a few KB of settings. These limits stop a "billion laughs" file (nested aliases
@@ -340,30 +487,39 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
 
 
-def _merge(base: dict, update: dict, prefix: str) -> None:
+def _merge(base: dict, update: dict, prefix: str, sections: tuple[str, ...]) -> None:
     for key, value in update.items():
         if not isinstance(key, str):
             raise ConfigError(f"config keys are names, got {_excerpt(key)} ({type(key).__name__}) in {prefix.rstrip('.') or 'the top level'}")
         full = f"{prefix}{key}"
         if key not in base:
             raise ConfigError(f"unknown config key {_excerpt(full)}" + _suggest(full[:200], [f"{prefix}{k}" for k in base]))
-        if prefix == "" and key in SECTIONS and isinstance(value, dict):
-            _merge(base[key], value, prefix=f"{full}.")
+        if key in sections and dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)  # a section given as its dataclass (Python callers)
+        if key in sections and isinstance(value, dict):
+            _merge(base[key], value, f"{full}.", ())
         else:
             base[key] = value
 
 
-def _set_dotted(merged: dict, key: str, value: Any) -> None:
+def _set_dotted(merged: dict, key: str, value: Any, sections: tuple[str, ...]) -> None:
     parts = key.split(".")
-    if key in SECTIONS:
-        raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {_all_keys({key: merged[key]})[0]}=...")
-    valid = _all_keys(merged)
+    if key in sections:
+        raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {_all_keys({key: merged[key]}, sections)[0]}=...")
+    valid = _all_keys(merged, sections)
     if key not in valid:
-        # data.columns.prompt=question sets one entry of a dict-valued setting
-        head, _, last = key.rpartition(".")
-        if head in valid and isinstance(_get_dotted(merged, head), dict):
-            _get_dotted(merged, head)[last] = value
-            return
+        # A key below a mapping-valued setting sets one entry of it: data.columns.prompt=question, or in
+        # a pipeline train.loss.beta=0.2 (its train config is a mapping; missing levels are made).
+        for n in range(len(parts) - 1, 0, -1):
+            head = ".".join(parts[:n])
+            if head in valid and isinstance(_get_dotted(merged, head), dict):
+                node = _get_dotted(merged, head)
+                for part in parts[n:-1]:
+                    node = node.setdefault(part, {})
+                    if not isinstance(node, dict):
+                        raise ConfigError(f"config key {_excerpt(key)}: {head}...{part} is a value, not a mapping")
+                node[parts[-1]] = value
+                return
         raise ConfigError(f"unknown config key {_excerpt(key)}" + _suggest(key[:200], valid))
     node = merged
     for part in parts[:-1]:
@@ -378,10 +534,10 @@ def _get_dotted(merged: dict, key: str):
     return node
 
 
-def _all_keys(merged: dict) -> list[str]:
+def _all_keys(merged: dict, sections: tuple[str, ...]) -> list[str]:
     keys = []
     for k, v in merged.items():
-        if k in SECTIONS:
+        if k in sections:
             keys += [f"{k}.{sub}" for sub in v]
         else:
             keys.append(k)
@@ -549,3 +705,45 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.train.resume.strip() == "":
         raise ConfigError("config key 'train.resume' must be auto, never, or the path of a checkpoint folder; got ''")
+
+
+# --- the online verbs' checks -------------------------------------------------------------------
+
+
+def _check_sampling(s: SamplingConfig) -> None:
+    for key, value in (("num_samples", s.num_samples), ("max_new_tokens", s.max_new_tokens), ("batch_size", s.batch_size)):
+        if value < 1:
+            raise ConfigError(f"config key 'sampling.{key}' must be >= 1, got {value}")
+    if s.temperature < 0:
+        raise ConfigError(f"config key 'sampling.temperature' must be >= 0 (0: greedy), got {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise ConfigError(f"config key 'sampling.top_p' must be in (0, 1], got {s.top_p}")
+    _check_choice("sampling.backend", s.backend, SAMPLING_BACKENDS)
+
+
+def _check_pairing(p: PairingConfig) -> None:
+    _check_choice("pairing.strategy", p.strategy, PAIRING_STRATEGIES)
+    _check_choice("pairing.length_balance", p.length_balance, LENGTH_BALANCES)
+    if p.min_margin < 0:
+        raise ConfigError(f"config key 'pairing.min_margin' must be >= 0, got {p.min_margin}")
+    if p.max_length_ratio is not None and p.max_length_ratio < 1:
+        raise ConfigError(f"config key 'pairing.max_length_ratio' must be >= 1 or null, got {p.max_length_ratio}")
+
+
+def _validate_pipeline(cfg: PipelineConfig) -> None:
+    """The sections check themselves as they are built; here the keys that depend on each other, and `train`."""
+    if cfg.reference not in ("fixed", "refresh"):
+        raise ConfigError(f"config key 'reference' must be fixed or refresh, got {cfg.reference!r}")
+    if cfg.rounds < 1:
+        raise ConfigError(f"config key 'rounds' must be >= 1, got {cfg.rounds}")
+    if not cfg.policy:
+        raise ConfigError("config key 'policy' (the SFT model) is required")
+    if not cfg.prompts:
+        raise ConfigError("config key 'prompts' is required")
+    if cfg.scorer is None:
+        raise ConfigError("config key 'scorer' is required (e.g. dpokit.demo.world:sentiment)")
+    if cfg.prompts_per_round is not None and cfg.prompts_per_round < 1:
+        raise ConfigError(f"config key 'prompts_per_round' must be >= 1 or null (all prompts), got {cfg.prompts_per_round}")
+    # The train section is a whole dpokit train config: checked now, not at the end of round 1's sampling.
+    source = cfg.train if isinstance(cfg.train, dict) else resolve_config_path(cfg.train)
+    _load_train_config(source, None, prefix="train.")

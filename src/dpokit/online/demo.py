@@ -11,6 +11,13 @@ import json
 import time
 from pathlib import Path
 
+from dpokit.config import shipped_config
+from dpokit.demo import world
+from dpokit.demo.assets import demo_paths
+from dpokit.online.demo_eval import evaluate_policy, format_table
+from dpokit.online.loading import load_model
+from dpokit.training.loop import train
+
 N_EVAL_PROMPTS = 64
 SAMPLES_PER_PROMPT = 4
 
@@ -20,15 +27,7 @@ def _read_pairs(path: str) -> list[dict]:
 
 
 def run_demo(out_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dpokit.config import shipped_config
-    from dpokit.demo import world
-    from dpokit.demo.assets import demo_paths
-    from dpokit.online.demo_eval import evaluate_policy, format_table
-    from dpokit.training.loop import train
-
-    import transformers
+    import transformers  # lazy: keeps `dpokit --help` fast; the run imports it anyway
 
     transformers.utils.logging.disable_progress_bar()
     started = time.time()
@@ -38,9 +37,9 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] | None = None) -> 
 
     result = train(str(shipped_config("demo")), list(overrides or []) + [f"out_dir={out_dir}"])
 
-    tokenizer = AutoTokenizer.from_pretrained(paths["sentiment-sft"])
-    reference = AutoModelForCausalLM.from_pretrained(paths["sentiment-sft"]).eval()
-    policy = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()
+    # through the one loader, with its safety checks; kept on the CPU, where the demo has always evaluated
+    reference, tokenizer = load_model(paths["sentiment-sft"], device="cpu")
+    policy, _ = load_model(str(result.model_dir), device="cpu")
     prompts = world.eval_prompts(N_EVAL_PROMPTS, seed=0)
     eval_pairs = _read_pairs(paths["sentiment-eval"])
     before = evaluate_policy(reference, reference, tokenizer, prompts, eval_pairs, SAMPLES_PER_PROMPT, seed=0)

@@ -19,20 +19,28 @@ KL from samples at another temperature or top_p is not an unbiased estimate; it 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
+from dpokit.config import EvalConfig, JudgeConfig, SamplingConfig
 from dpokit.data.batching import to_device
 from dpokit.data.collate import pad_completions
+from dpokit.data.layouts import detect_layout, load_preferences, to_example
+from dpokit.data.records import PreferenceExample
+from dpokit.data.tokenization import render_ids
 from dpokit.generation import Sample, sample
 from dpokit.logprobs import token_kl, token_logps
-
-Prompt = Union[str, list]
+from dpokit.online.judges import PairwiseJudge
+from dpokit.online.loading import add_trust_flags, load_model, trust_from_args
+from dpokit.online.prompts import Prompt, load_prompts, render_prompt
+from dpokit.online.scorer import ScoringError
+from dpokit.online.scoring import build_scorer
 
 
 # --- log-ratios and KL ---------------------------------------------------------------------------
@@ -78,9 +86,6 @@ def kl_to_reference(policy, reference, samples: Sequence[Sample], pad_token_id: 
 
 def _examples(pairs) -> list:
     """Preference rows (dicts in any layout, PreferenceExamples) or a data file -> PreferenceExamples."""
-    from dpokit.data.layouts import detect_layout, load_preferences, to_example
-    from dpokit.data.records import PreferenceExample
-
     if isinstance(pairs, (str, Path)):
         return load_preferences(str(pairs))[0]
     out = []
@@ -100,8 +105,6 @@ def preference_accuracy(policy, reference, tokenizer, pairs) -> float:
     prompt + completion + EOS, or the chat template). A policy equal to its reference ties on
     every pair and scores exactly 0.5.
     """
-    from dpokit.data.tokenization import render_ids
-
     examples = _examples(pairs)
     if not examples:
         return float("nan")
@@ -133,8 +136,6 @@ def completion_length(s: Sample) -> int:
 def draw(model, tokenizer, prompts: Sequence[Prompt], num_samples: int = 4, temperature: float = 1.0, top_p: float = 1.0,
          max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64) -> list[Sample]:
     """num_samples samples per prompt (prompt-major); conversational prompts through the chat template."""
-    from dpokit.online.sampling import render_prompt
-
     texts = [render_prompt(p, tokenizer) for p in prompts]
     return sample(model, tokenizer, texts, num_samples=num_samples, temperature=temperature, top_p=top_p,
                   max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
@@ -276,8 +277,7 @@ win rate is by a pairwise judge (both orders asked) and the mean score by --scor
 
 
 def add_cli(verbs) -> None:
-    import argparse
-
+    d, judge = EvalConfig(), JudgeConfig()  # the defaults, from the one typed config
     p = verbs.add_parser("eval", help="evaluate a policy against a baseline (score, win rate, KL, length)",
                          description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="model folder, hub id or demo:sentiment-sft")
@@ -285,33 +285,32 @@ def add_cli(verbs) -> None:
     p.add_argument("--baseline", help="model to compare with (default: the reference)")
     p.add_argument("--prompts", required=True, help="held-out prompts (a data file)")
     p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts)
     p.add_argument("--scorer", help="module:function or rm:MODEL")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL for a pairwise judge")
     p.add_argument("--judge-model")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    p.add_argument("--pairs", help="held-out preference pairs for preference accuracy")
-    p.add_argument("-n", "--num-samples", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key-env", default=judge.api_key_env)
+    p.add_argument("--pairs", default=d.pairs, help="held-out preference pairs for preference accuracy")
+    p.add_argument("-n", "--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens or SamplingConfig().max_new_tokens)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", help="write the metrics as JSON here (and the samples beside it)")
+    add_trust_flags(p)  # for every model it loads: policy, reference, baseline, reward model
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
-    import transformers
+    import transformers  # lazy: keeps `dpokit --help` fast; loading the models imports it anyway
 
     transformers.utils.logging.disable_progress_bar()
-    from dpokit.online.sampling import load_model, load_prompts
-    from dpokit.online.scoring import PairwiseJudge, ScoringError, build_scorer
-
+    trust = trust_from_args(args)
     prompts, _ = load_prompts(args.prompts, column=args.prompt_column, max_prompts=args.max_prompts)
-    policy, tokenizer = load_model(args.policy)
-    reference = load_model(args.reference)[0] if args.reference else None
-    baseline = load_model(args.baseline)[0] if args.baseline else "reference"
-    scorer = build_scorer(args.scorer) if args.scorer else None
+    policy, tokenizer = load_model(args.policy, trust)
+    reference = load_model(args.reference, trust)[0] if args.reference else None
+    baseline = load_model(args.baseline, trust)[0] if args.baseline else "reference"
+    scorer = build_scorer(args.scorer, trust) if args.scorer else None
     judge = None
     if args.judge_url:
         if not args.judge_model:

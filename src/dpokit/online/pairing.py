@@ -22,40 +22,22 @@ Rules, applied to every candidate pair (i, j):
 Completions with no score (NaN/None: e.g. an unreadable judge reply) are left out and counted;
 drop_unfinished leaves out completions cut off at max_new_tokens (no EOS).
 
-Output rows are `dpokit train` preference rows: {"prompt", "chosen", "rejected"} (text, or a
+The settings are PairingConfig (config.py). Output rows are `dpokit train` preference rows: {"prompt", "chosen", "rejected"} (text, or a
 conversational prompt with assistant-message completions), plus score_chosen, score_rejected,
 margin, chosen_tokens and rejected_tokens for inspection.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-
-@dataclass
-class PairingConfig:
-    strategy: str = "best_worst"  # best_worst | all_pairs
-    min_margin: float = 0.0  # keep pairs with score(chosen) - score(rejected) >= min_margin (and > 0 always)
-    length_balance: str = "none"  # none | closest (best_worst: the passing pair with the smallest length difference)
-    max_length_ratio: Optional[float] = None  # drop pairs with longer/shorter token count above this
-    max_pairs_per_prompt: Optional[int] = None  # all_pairs: keep the largest-margin pairs only
-    drop_unfinished: bool = False  # leave out completions that hit max_new_tokens without EOS
-
-    def __post_init__(self) -> None:
-        if self.strategy not in ("best_worst", "all_pairs"):
-            raise ValueError(f"pairing strategy must be best_worst or all_pairs, got {self.strategy!r}")
-        if self.length_balance not in ("none", "closest"):
-            raise ValueError(f"length_balance must be none or closest, got {self.length_balance!r}")
-        if self.min_margin < 0:
-            raise ValueError(f"min_margin must be >= 0, got {self.min_margin}")
-        if self.max_length_ratio is not None and self.max_length_ratio < 1:
-            raise ValueError(f"max_length_ratio must be >= 1, got {self.max_length_ratio}")
+from dpokit.config import LENGTH_BALANCES, PAIRING_STRATEGIES, PairingConfig
+from dpokit.online.sampling import samples_by_prompt
 
 
 def _length(row: dict) -> int:
@@ -185,8 +167,6 @@ def format_summary(summary: dict) -> str:
 
 def pair_file(scored_path: str | Path, out_path: str | Path, cfg: PairingConfig = PairingConfig()) -> dict:
     """Scored samples JSONL -> pairs JSONL (+ `<out>.summary.json`); returns the summary."""
-    from dpokit.online.sampling import samples_by_prompt
-
     pairs, summary = build_pairs(samples_by_prompt(scored_path), cfg)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,18 +188,17 @@ different lengths are dropped and counted. The output trains directly with `dpok
 
 
 def add_cli(verbs) -> None:
-    import argparse
-
+    d = PairingConfig()  # the defaults, from the one typed config
     p = verbs.add_parser("pair", help="build preference pairs from scored samples", description=PAIR_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="in_path", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--strategy", choices=("best_worst", "all_pairs"), default="best_worst")
-    p.add_argument("--min-margin", type=float, default=0.0)
-    p.add_argument("--length-balance", choices=("none", "closest"), default="none")
-    p.add_argument("--max-length-ratio", type=float, default=None)
-    p.add_argument("--max-pairs-per-prompt", type=int, default=None)
-    p.add_argument("--drop-unfinished", action="store_true")
+    p.add_argument("--strategy", choices=PAIRING_STRATEGIES, default=d.strategy)
+    p.add_argument("--min-margin", type=float, default=d.min_margin)
+    p.add_argument("--length-balance", choices=LENGTH_BALANCES, default=d.length_balance)
+    p.add_argument("--max-length-ratio", type=float, default=d.max_length_ratio)
+    p.add_argument("--max-pairs-per-prompt", type=int, default=d.max_pairs_per_prompt)
+    p.add_argument("--drop-unfinished", action="store_true", default=d.drop_unfinished)
     p.set_defaults(func=run_cli)
 
 

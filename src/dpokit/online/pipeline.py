@@ -25,158 +25,47 @@ not scored again, a saved DPO model not retrained, a written eval not rerun).
 
 Note: a fixed reference from round 2 on needs the trainer to load the reference from its own path
 (`model.ref_name_or_path`); `reference: refresh` works with any trainer.
+
+The config (PipelineConfig, load_pipeline_config) is in config.py, loaded like `dpokit train`'s.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import difflib
 import json
 import random
 import time
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
-from dpokit.config import ConfigError, resolve_config_path
-from dpokit.online.pairing import PairingConfig
-from dpokit.online.sampling import SamplingConfig
-
-
-@dataclass
-class EvalSettings:
-    num_samples: int = 4
-    max_new_tokens: Optional[int] = None  # None: sampling.max_new_tokens
-    temperature: float = 1.0  # 1 and top_p 1 keep the KL estimate unbiased
-    top_p: float = 1.0
-    seed: int = 0
-    max_prompts: Optional[int] = None
-    pairs: Optional[str] = None  # held-out preference pairs for the implicit-reward accuracy
-
-
-@dataclass
-class PipelineConfig:
-    policy: str = ""  # the SFT model: folder, hub id, or demo:sentiment-sft
-    prompts: Union[str, list] = ""  # training prompts: a data file, a list, or demo:openings-train
-    eval_prompts: Union[str, list, None] = None  # held-out prompts (demo:openings-eval); None: no per-round eval
-    scorer: Any = None  # "module:function", "rm:MODEL", or a mapping (see dpokit.online.scoring.build_scorer)
-    rounds: int = 2
-    reference: str = "fixed"  # fixed: the SFT model every round | refresh: the previous round's policy
-    prompts_per_round: Optional[int] = None  # a fresh seeded subset of the prompts each round; None: all
-    prompt_column: str = "prompt"
-    seed: int = 0
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    pairing: PairingConfig = field(default_factory=PairingConfig)
-    train: Any = field(default_factory=dict)  # a dpokit train config: mapping, YAML path or shipped name
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    out_dir: str = "runs/pipeline"
-
-
-_SECTIONS = {"sampling": SamplingConfig, "pairing": PairingConfig, "eval": EvalSettings}
-
-
-def _suggest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"pipeline override {key!r}: {part!r} is not a section")
-    node[parts[-1]] = value
-
-
-def load_pipeline_config(source: Union[str, Path, dict, PipelineConfig], overrides: Union[list[str], dict, None] = None) -> PipelineConfig:
-    """A PipelineConfig from a YAML file / mapping, then `key=value` overrides (train.loss.beta=0.2 reaches into train)."""
-    if isinstance(source, PipelineConfig):
-        raw = dataclasses.asdict(source)
-    elif isinstance(source, dict):
-        raw = json.loads(json.dumps(source))  # a deep copy
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"pipeline config not found: {path}")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    items = overrides.items() if isinstance(overrides, dict) else []
-    if isinstance(overrides, list):
-        items = []
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. rounds=3)")
-            key, text = item.split("=", 1)
-            items.append((key.strip(), yaml.safe_load(text) if text else ""))
-    for key, value in items:
-        _set_dotted(raw, key, value)
-    return _build(raw)
-
-
-def _build(raw: dict) -> PipelineConfig:
-    valid = [f.name for f in dataclasses.fields(PipelineConfig)]
-    for key in raw:
-        if key not in valid:
-            raise ConfigError(f"unknown pipeline key {key!r}" + _suggest(key, valid))
-    kwargs = dict(raw)
-    for name, cls in _SECTIONS.items():
-        section = kwargs.get(name) or {}
-        if isinstance(section, cls):
-            continue
-        if not isinstance(section, dict):
-            raise ConfigError(f"pipeline key {name!r} must be a mapping, got {section!r}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in section:
-            if key not in names:
-                raise ConfigError(f"unknown pipeline key {name}.{key!r}" + _suggest(key, names))
-        hints = typing.get_type_hints(cls)
-        for key, value in section.items():  # YAML reads 5e-7 as a string; ints where floats are expected are fine
-            if hints[key] in (float, Optional[float]) and isinstance(value, (int, str)) and not isinstance(value, bool):
-                section[key] = float(value)
-        try:
-            kwargs[name] = cls(**section)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"pipeline section {name!r}: {e}") from None
-    cfg = PipelineConfig(**kwargs)
-    if cfg.reference not in ("fixed", "refresh"):
-        raise ConfigError(f"pipeline key 'reference' must be fixed or refresh, got {cfg.reference!r}")
-    if cfg.rounds < 1:
-        raise ConfigError(f"pipeline key 'rounds' must be >= 1, got {cfg.rounds}")
-    if not cfg.policy:
-        raise ConfigError("pipeline key 'policy' (the SFT model) is required")
-    if not cfg.prompts:
-        raise ConfigError("pipeline key 'prompts' is required")
-    if cfg.scorer is None:
-        raise ConfigError("pipeline key 'scorer' is required (e.g. dpokit.demo.world:sentiment)")
-    return cfg
-
+from dpokit.config import ConfigError, PipelineConfig, load_pipeline_config, resolve_config_path
+from dpokit.demo import world
+from dpokit.online.backends import make_backend, vllm_available
+from dpokit.online.evaluation import draw, evaluate
+from dpokit.online.loading import ModelTrust, load_model, resolve_model_path
+from dpokit.online.pairing import format_summary, pair_file
+from dpokit.online.prompts import load_prompts
+from dpokit.online.sampling import sample_to_file
+from dpokit.online.scoring import build_scorer, score_file
+from dpokit.training.loop import train
 
 def resolve_prompts(source: Union[str, list], column: str = "prompt") -> list:
     """A list of prompts from a list, a data file, or demo:openings-train / demo:openings-eval (the review world)."""
     if isinstance(source, list):
         return list(source)
     if source.startswith("demo:openings-"):
-        from dpokit.demo import world
-
         split = source[len("demo:openings-") :]
         if split not in ("train", "eval", "all"):
             raise ConfigError(f"unknown demo prompt set {source!r}; use demo:openings-train or demo:openings-eval")
         return world.all_openings(split)
-    from dpokit.online.sampling import load_prompts
-
     return load_prompts(source, column=column)[0]
 
 
 def _resolve_pairs(path: Optional[str]) -> Optional[str]:
     if path and path.startswith("demo:"):
-        from dpokit.online.sampling import resolve_model_path
-
         return resolve_model_path(path)
     return path
 
@@ -191,13 +80,12 @@ class Pipeline:
     """Runs (or resumes) the rounds of a PipelineConfig; `run()` returns the per-round summary."""
 
     def __init__(self, cfg: PipelineConfig, log=print):
-        from dpokit.online.sampling import resolve_model_path
-        from dpokit.online.scoring import build_scorer
-
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out_dir)
+        # every model the pipeline loads itself (policies, a reward model) gets the pipeline's opt-ins
+        self.trust = ModelTrust(cfg.trust_remote_code, cfg.allow_pickle, where="pipeline")
         self.sft_path = resolve_model_path(cfg.policy)
-        self.scorer = build_scorer(cfg.scorer)
+        self.scorer = build_scorer(cfg.scorer, self.trust)
         self.prompts = resolve_prompts(cfg.prompts, cfg.prompt_column)
         self.eval_prompts = None if cfg.eval_prompts is None else resolve_prompts(cfg.eval_prompts, cfg.prompt_column)
         if self.eval_prompts is not None and cfg.eval.max_prompts is not None:
@@ -209,9 +97,7 @@ class Pipeline:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _load(self, path: str):
-        from dpokit.online.sampling import load_model
-
-        return load_model(path)
+        return load_model(path, self.trust)
 
     def sft(self):
         if self._sft is None:
@@ -232,8 +118,6 @@ class Pipeline:
         return random.Random(self.cfg.seed * 1_000_003 + k).sample(self.prompts, n)
 
     def _eval(self, k: int, policy, tokenizer) -> dict:
-        from dpokit.online.evaluation import draw, evaluate
-
         e = self.cfg.eval
         max_new = e.max_new_tokens or self.cfg.sampling.max_new_tokens
         reference, _ = self.sft()
@@ -268,11 +152,6 @@ class Pipeline:
         return record
 
     def run_round(self, k: int) -> dict:
-        from dpokit.online.pairing import format_summary, pair_file
-        from dpokit.online.sampling import make_backend, sample_to_file, vllm_available
-        from dpokit.online.scoring import score_file
-        from dpokit.training.loop import train
-
         rdir = self.round_dir(k)
         done = rdir / "round.json"
         if done.exists():
@@ -288,7 +167,7 @@ class Pipeline:
         sampling = dataclasses.replace(self.cfg.sampling, seed=self.cfg.sampling.seed + 1000 * k)
         model_dir = self.policy_path(k - 1)
         if sampling.backend == "vllm" or (sampling.backend == "auto" and vllm_available()):
-            backend = make_backend(sampling, model_dir)  # vLLM loads the model itself
+            backend = make_backend(sampling, model_dir, trust=self.trust)  # vLLM loads the model itself
         else:
             model, tokenizer = self.sft() if k == 1 else self._load(model_dir)
             backend = make_backend(sampling, model_dir, model=model, tokenizer=tokenizer)
@@ -318,6 +197,9 @@ class Pipeline:
             overrides = {"model.name_or_path": model_dir, "data.path": str(rdir / "pairs.jsonl"), "out_dir": str(rdir / "dpo")}
             if self.cfg.reference == "fixed" and k > 1:
                 overrides["model.ref_name_or_path"] = self.sft_path
+            for key in ("trust_remote_code", "allow_pickle"):  # the pipeline's opt-ins cover the models training loads
+                if getattr(self.cfg, key):
+                    overrides[f"model.{key}"] = True
             result = train(self._train_config(), overrides)
             record["train"] = result.metrics
             _write_json(metrics_path, result.metrics)
@@ -402,8 +284,6 @@ CONFIG is a YAML file or a shipped name. docs/pipeline.md lists every key.
 
 
 def add_cli(verbs) -> None:
-    import argparse
-
     p = verbs.add_parser("pipeline", help="online DPO: K rounds of sample, score, pair, train, evaluate",
                          description=PIPELINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", metavar="CONFIG", help="pipeline YAML file or shipped name (pipeline_demo)")
@@ -411,9 +291,8 @@ def add_cli(verbs) -> None:
     p.set_defaults(func=run_cli)
 
 
-
 def run_cli(args) -> int:
-    import transformers
+    import transformers  # lazy: keeps `dpokit --help` fast; the rounds import it anyway
 
     transformers.utils.logging.disable_progress_bar()  # keep the console for the rounds' own lines
     cfg = load_pipeline_config(resolve_config_path(args.config, "pipelines"), args.overrides)

@@ -21,49 +21,27 @@ position, so an interrupted-and-resumed run writes the same file as an uninterru
 A `<out>.settings.json` beside the file records the sampling settings and the model; resuming with
 other settings is refused (use another --out, or delete the file).
 
-Backends: Hugging Face `generate` through `dpokit.generation.sample` (default), or vLLM when it is
-installed and a GPU is present (`backend: auto` picks it then; `vllm` requires it). The vLLM path is
-a guarded import, untested on CPU-only machines.
+Backends (online/backends.py): Hugging Face `generate` (default), or vLLM when it is installed and a
+GPU is present. Prompts are read and rendered by online/prompts.py; the model is loaded by
+online/loading.py, with the safety checks of `dpokit train` (--trust-remote-code, --allow-pickle).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable
 
+from dpokit.config import SAMPLING_BACKENDS, SamplingConfig
 from dpokit.data.records import DataError
-
-Prompt = Union[str, list]  # text, or a list of chat messages
-
-
-@dataclass
-class SamplingConfig:
-    num_samples: int = 4  # completions per prompt
-    temperature: float = 1.0  # 0 = greedy (then every sample of a prompt is the same)
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    seed: int = 0
-    batch_size: int = 64  # sequences per generate call; a chunk holds max(1, batch_size // num_samples) prompts
-    backend: str = "auto"  # auto | hf | vllm
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be >= 1")
-        if self.backend not in ("auto", "hf", "vllm"):
-            raise ValueError(f"backend must be auto, hf or vllm, got {self.backend!r}")
-
-    @property
-    def prompts_per_chunk(self) -> int:
-        return max(1, self.batch_size // self.num_samples)
+from dpokit.online.backends import make_backend
+from dpokit.online.loading import add_trust_flags, trust_from_args
+from dpokit.online.prompts import Prompt, load_prompts, prompt_key, render_prompt
 
 
 @dataclass
@@ -75,183 +53,6 @@ class SamplingReport:
     generate_calls: int
     rows: int  # completion rows now in the file
     seconds: float
-
-
-# --- models and paths ---------------------------------------------------------------------------
-
-
-def resolve_model_path(spec: str) -> str:
-    """`demo:sentiment-sft` (the embedded demo's SFT model, built on first use) or a folder / hub id as given."""
-    from dpokit.demo.assets import PREFIX, demo_paths
-
-    if spec.startswith(PREFIX):
-        paths = demo_paths()
-        key = spec[len(PREFIX) :]
-        if key not in paths:
-            raise DataError(f"unknown demo asset {spec!r}; known: {', '.join(PREFIX + k for k in paths)}")
-        return paths[key]
-    return spec
-
-
-def load_model(spec: str, dtype: str = "auto", device: str | None = None):
-    """(model in eval mode, tokenizer) from a folder, hub id or demo: name; on the GPU when there is one."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dpokit.models import DTYPES, ModelLoadError
-
-    path = resolve_model_path(spec)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the model {spec!r}: {e}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
-
-
-# --- prompts ------------------------------------------------------------------------------------
-
-
-def prompt_key(prompt: Prompt) -> str:
-    """The identity of a prompt in a samples file: the text itself, or its messages as canonical JSON."""
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-
-
-def render_prompt(prompt: Prompt, tokenizer) -> str:
-    """The text the model continues: the prompt itself, or the chat template with the generation prompt."""
-    if isinstance(prompt, str):
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("conversational prompts need a tokenizer with a chat template, and this one has none")
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def _prompt_of_row(row: dict, column: str) -> Prompt | None:
-    from dpokit.data.layouts import RowSkip, detect_layout, to_example
-
-    if column in row and row[column] not in (None, "", []):
-        value = row[column]
-    elif "messages" in row and isinstance(row["messages"], list) and row["messages"]:
-        value = row["messages"]
-        if isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
-            value = value[:-1]  # a finished conversation: the prompt is what comes before the last reply
-    else:
-        layout = detect_layout(row)
-        if layout is None:
-            return None
-        try:
-            value = to_example(row, layout).prompt
-        except RowSkip:
-            return None
-    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(m, dict) for m in value)):
-        return value
-    return None
-
-
-def load_prompts(path: str, split: str = "train", column: str = "prompt", max_prompts: int | None = None) -> tuple[list[Prompt], dict]:
-    """Distinct prompts of a data file, in order: a `column` (text or messages), `messages` minus the
-    last assistant turn, or the prompt of any preference layout. -> (prompts, counts)."""
-    from dpokit.data.loading import read_rows
-
-    prompts: list[Prompt] = []
-    seen: set[str] = set()
-    counts = {"rows_read": 0, "prompts": 0, "duplicates": 0, "rows_without_prompt": 0}
-    for _, row in read_rows(path, split):
-        counts["rows_read"] += 1
-        prompt = _prompt_of_row(row, column)
-        if prompt is None:
-            counts["rows_without_prompt"] += 1
-            continue
-        key = prompt_key(prompt)
-        if key in seen:
-            counts["duplicates"] += 1
-            continue
-        seen.add(key)
-        prompts.append(prompt)
-        if max_prompts is not None and len(prompts) >= max_prompts:
-            break
-    counts["prompts"] = len(prompts)
-    if not prompts:
-        raise DataError(f"no prompts found (looked for a {column!r} column, `messages`, or a preference layout)", path)
-    return prompts, counts
-
-
-# --- backends -----------------------------------------------------------------------------------
-
-
-class HFBackend:
-    """`transformers` generate through `dpokit.generation.sample` (left padding, seeded, EOS-trimmed)."""
-
-    name = "hf"
-
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-
-    def generate(self, texts: list[str], cfg: SamplingConfig, seed: int) -> list:
-        """-> num_samples `generation.Sample`s per text, prompt-major."""
-        from dpokit.generation import sample
-
-        return sample(self.model, self.tokenizer, texts, num_samples=cfg.num_samples, temperature=cfg.temperature,
-                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
-                      batch_size=max(1, len(texts) * cfg.num_samples))
-
-
-class VLLMBackend:  # pragma: no cover - needs vllm and a GPU
-    """vLLM offline generation; same output as HFBackend (token ids kept, EOS included when generated)."""
-
-    name = "vllm"
-
-    def __init__(self, model_path: str, tokenizer, **llm_kwargs):
-        from vllm import LLM
-
-        self.tokenizer = tokenizer
-        self.llm = LLM(model=model_path, tokenizer=model_path, **llm_kwargs)
-
-    def generate(self, texts: list[str], cfg: SamplingConfig, seed: int) -> list:
-        from vllm import SamplingParams
-
-        from dpokit.generation import Sample
-
-        eos = self.tokenizer.eos_token_id
-        params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_tokens=cfg.max_new_tokens, seed=seed)
-        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        samples = []
-        for text, ids, out in zip(texts, prompt_ids, outputs):
-            for c in out.outputs:
-                completion_ids = list(c.token_ids)
-                finished = c.finish_reason == "stop"
-                if finished and (not completion_ids or completion_ids[-1] != eos):
-                    completion_ids.append(eos)  # vLLM may leave the stop token out of token_ids
-                samples.append(Sample(text, c.text, list(ids), completion_ids, finished))
-        return samples
-
-
-def vllm_available() -> bool:
-    import importlib.util
-
-    import torch
-
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-
-
-def make_backend(cfg: SamplingConfig, model_spec: str, model=None, tokenizer=None):
-    """The backend `cfg.backend` asks for; `auto` = vLLM when installed with a GPU (and a model path), else HF."""
-    use_vllm = cfg.backend == "vllm" or (cfg.backend == "auto" and model is None and vllm_available())
-    if use_vllm:
-        if not vllm_available():
-            raise RuntimeError("backend 'vllm' needs the vllm package and a CUDA GPU; use backend 'hf'")
-        from transformers import AutoTokenizer
-
-        path = resolve_model_path(model_spec)
-        return VLLMBackend(path, tokenizer or AutoTokenizer.from_pretrained(path), seed=cfg.seed)
-    if model is None:
-        model, tokenizer = load_model(model_spec)
-    return HFBackend(model, tokenizer)
 
 
 # --- the resumable job --------------------------------------------------------------------------
@@ -409,34 +210,34 @@ Conversational prompts go through the model's chat template.
 
 
 def add_cli(verbs) -> None:
-    import argparse
-
+    d = SamplingConfig()  # the defaults, from the one typed config
     p = verbs.add_parser("sample", help="sample N completions per prompt (resumable)", description=SAMPLE_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder, hub id, or demo:sentiment-sft")
     p.add_argument("--prompts", required=True, help="data file with prompts (anything data.path accepts)")
     p.add_argument("--out", required=True, help="output JSONL (appended to; resumable)")
-    p.add_argument("-n", "--num-samples", type=int, default=4)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per generate call (default 64)")
-    p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto")
+    p.add_argument("-n", "--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per generate call (default {d.batch_size})")
+    p.add_argument("--backend", choices=SAMPLING_BACKENDS, default=d.backend)
     p.add_argument("--split", default="train")
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--max-prompts", type=int, default=None)
+    add_trust_flags(p)
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
-    import transformers
+    import transformers  # lazy: keeps `dpokit --help` fast; every verb that runs a model imports it anyway
 
     transformers.utils.logging.disable_progress_bar()
     cfg = SamplingConfig(args.num_samples, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size, args.backend)
     prompts, counts = load_prompts(args.prompts, args.split, args.prompt_column, args.max_prompts)
     print(f"[sample] {counts['prompts']} prompts ({counts['duplicates']} duplicates, {counts['rows_without_prompt']} rows without a prompt)", flush=True)
-    backend = make_backend(cfg, args.model)
+    backend = make_backend(cfg, args.model, trust=trust_from_args(args))
 
     def progress(done: int, total: int) -> None:
         print(f"[sample] {done}/{total} prompts", flush=True)

@@ -1,4 +1,4 @@
-"""`dpokit score`: rewards for (prompt, completion) pairs, behind one interface.
+"""`dpokit score`: rewards for (prompt, completion) pairs, behind one interface (online/scorer.py).
 
     class Scorer:  score(prompts, completions) -> list[float]
 
@@ -8,58 +8,38 @@ Scorers:
                      or once per batch as f(prompts=[...], completions=[...]) when it has a parameter
                      named `completions` (TRL's reward-function convention). Example:
                      `dpokit.demo.world:sentiment`.
-  RewardModelScorer  a Hugging Face sequence-classification model (local folder or hub id). One label:
-                     the logit is the reward. Several: the probability of the positive label (the
-                     label named like "positive", else the last one; `label` picks another).
-  JudgeScorer        an LLM judge behind an OpenAI-compatible /v1/chat/completions endpoint, pointwise:
-                     a 1-10 rating parsed from its reply (NaN when no rating can be read; counted).
-  PairwiseJudge      the same endpoint comparing two completions (A/B): `compare(prompts, a, b)` ->
-                     1.0 (A better), 0.0 (B better), 0.5 (tie or unreadable); `swap=True` asks both
-                     orders and averages, cancelling the judge's position bias. For win rates.
+  RewardModelScorer  a Hugging Face sequence-classification model (local folder or hub id), loaded with
+                     `dpokit train`'s safety checks. One label: the logit is the reward. Several: the
+                     probability of the positive label (the label named like "positive", else the last
+                     one; `label` picks another).
+  JudgeScorer        an LLM judge, pointwise (a 1-10 rating), and
+  PairwiseJudge      the same comparing two completions: online/judges.py.
 
-The judge's API key is read from an environment variable (`api_key_env`, default OPENAI_API_KEY) at
-each request, sent only in the Authorization header, never stored on the object, logged or put in an
-error message. Requests are retried with exponential backoff on 429, 5xx, timeouts and refused
-connections (honouring Retry-After); after `max_retries` retries `JudgeUnreachable` says which URL
-could not be reached and why. Only the standard library (urllib) is used.
+`build_scorer` makes one from a spec (a string or a mapping); `score_file` scores a samples file,
+resumably.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import argparse
+import dataclasses
 import importlib
 import importlib.util
 import inspect
-import json
 import math
-import os
-import re
-import socket
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Union
 
-Prompt = Union[str, list]
+import torch
 
-
-class ScoringError(RuntimeError):
-    """A scorer cannot be built or used; the message says what to fix."""
-
-
-class JudgeUnreachable(ScoringError):
-    """The judge endpoint could not be reached (or kept failing) after every retry."""
-
-
-@runtime_checkable
-class Scorer(Protocol):
-    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[float]: ...
-
-
-def _check_lengths(prompts, completions) -> None:
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+from dpokit.config import JudgeConfig
+from dpokit.models import ModelLoadError
+from dpokit.online.judges import JudgeScorer, PairwiseJudge
+from dpokit.online.loading import ModelTrust, add_trust_flags, load_model, trust_from_args
+from dpokit.online.prompts import Prompt, prompt_key
+from dpokit.online.sampling import append_rows, read_samples
+from dpokit.online.scorer import ScoringError, check_lengths
 
 
 # --- Python functions ---------------------------------------------------------------------------
@@ -100,7 +80,7 @@ class FunctionScorer:
         self.takes_prompt = len(positional) >= 2
 
     def score(self, prompts, completions) -> list[float]:
-        _check_lengths(prompts, completions)
+        check_lengths(prompts, completions)
         if self.batched:
             values = self.fn(prompts=list(prompts), completions=list(completions))
         elif self.takes_prompt:
@@ -128,24 +108,19 @@ class RewardModelScorer:
     """An HF sequence-classification reward model scoring prompt + completion."""
 
     def __init__(self, name_or_path: str, batch_size: int = 16, device: str | None = None, label: Union[int, str, None] = None,
-                 max_length: int | None = None, dtype: str = "auto"):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from dpokit.models import DTYPES
+                 max_length: int | None = None, dtype: str = "auto", trust: ModelTrust = ModelTrust()):
+        # lazy: transformers takes seconds to import, and `dpokit --help` imports this module
+        from transformers import AutoModelForSequenceClassification
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=DTYPES[dtype])
-        except (OSError, ValueError) as e:
+            self.model, self.tokenizer = load_model(name_or_path, trust, auto_class=AutoModelForSequenceClassification,
+                                                    device=device, dtype=dtype)
+        except ModelLoadError as e:
             raise ScoringError(f"could not load the reward model {name_or_path!r}: {e}") from None
         self.name = name_or_path
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:  # the model finds each row's last token through it
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device).eval()
+        self.device = next(self.model.parameters()).device
         self.batch_size, self.max_length = batch_size, max_length
         self.label_index = self._label_index(label)
 
@@ -166,9 +141,7 @@ class RewardModelScorer:
         return n - 1
 
     def score(self, prompts, completions) -> list[float]:
-        import torch
-
-        _check_lengths(prompts, completions)
+        check_lengths(prompts, completions)
         texts = [_conversation_text(self.tokenizer, p, c) for p, c in zip(prompts, completions)]
         out: list[float] = []
         with torch.no_grad():
@@ -184,182 +157,13 @@ class RewardModelScorer:
         return out
 
 
-# --- LLM judges over an OpenAI-compatible API ---------------------------------------------------
-
-
-class ChatClient:
-    """POST /chat/completions to an OpenAI-compatible server, with retries and exponential backoff."""
-
-    RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
-                 max_retries: int = 4, backoff: float = 1.0, max_backoff: float = 30.0, temperature: float = 0.0,
-                 max_tokens: int = 64, sleep: Callable[[float], None] = time.sleep):
-        base = base_url.rstrip("/")
-        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        self.model, self.api_key_env, self.timeout = model, api_key_env, timeout
-        self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
-        self.temperature, self.max_tokens, self.sleep = temperature, max_tokens, sleep
-        self.requests = 0  # HTTP attempts made, retries included
-
-    def __repr__(self) -> str:  # never shows the key: it is not stored here at all
-        return f"ChatClient(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
-
-    def _request(self, messages: list[dict]) -> urllib.request.Request:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens}).encode()
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-
-    def _wait(self, attempt: int, retry_after: str | None) -> float:
-        delay = min(self.max_backoff, self.backoff * 2**attempt)
-        if retry_after:
-            try:
-                delay = min(self.max_backoff, max(delay, float(retry_after)))
-            except ValueError:
-                pass
-        return delay
-
-    def chat(self, messages: list[dict]) -> str:
-        """The assistant's reply text."""
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            retry_after = None
-            self.requests += 1
-            try:
-                with urllib.request.urlopen(self._request(messages), timeout=self.timeout) as response:
-                    payload = response.read()
-                try:
-                    return json.loads(payload)["choices"][0]["message"]["content"] or ""
-                except (ValueError, KeyError, IndexError, TypeError):
-                    raise ScoringError(f"the judge at {self.url} answered with something that is not a chat completion: {payload[:200]!r}") from None
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace")
-                if e.code not in self.RETRY_STATUS:
-                    hint = f" (check the API key in ${self.api_key_env})" if e.code in (401, 403) else ""
-                    raise ScoringError(f"the judge at {self.url} refused the request: HTTP {e.code}{hint}: {detail}") from None
-                last, retry_after = f"HTTP {e.code}: {detail}", e.headers.get("Retry-After") if e.headers else None
-            except urllib.error.URLError as e:
-                last = f"{type(e.reason).__name__}: {e.reason}"
-            except (TimeoutError, socket.timeout, ConnectionError) as e:
-                last = f"{type(e).__name__}: {e}"
-            if attempt < self.max_retries:
-                self.sleep(self._wait(attempt, retry_after))
-        raise JudgeUnreachable(
-            f"could not get an answer from the judge at {self.url} after {self.max_retries + 1} attempts "
-            f"(last error: {last}); is the server running, and are the judge's base_url and model right?"
-        )
-
-
-POINTWISE_TEMPLATE = (
-    "Rate how good the response is as a reply to the prompt, on a scale of 1 (worst) to 10 (best). "
-    "Answer with the rating only, as 'Rating: N'.\n\n[Prompt]\n{prompt}\n\n[Response]\n{completion}"
-)
-PAIRWISE_TEMPLATE = (
-    "Which response is the better reply to the prompt? Answer with one letter: A or B.\n\n"
-    "[Prompt]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}"
-)
-SYSTEM_PROMPT = "You are an impartial, careful judge of responses."
-
-_RATING = re.compile(r"rating\s*[:=]?\s*\**\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-_NUMBER = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)(?:\s*/\s*10)?")
-_CHOICE = re.compile(r"\b(A|B)\b")
-
-
-def parse_rating(reply: str, low: float = 1.0, high: float = 10.0) -> float:
-    """The 1-10 rating in a judge's reply ('Rating: 7', '7/10', '**8**', '7'); NaN if none is in range."""
-    for pattern in (_RATING, _NUMBER):
-        for match in pattern.finditer(reply):
-            value = float(match.group(1))
-            if low <= value <= high:
-                return value
-    return math.nan
-
-
-def parse_choice(reply: str) -> float:
-    """1.0 for A, 0.0 for B, 0.5 for a tie or no readable choice."""
-    text = reply.strip()
-    if re.search(r"\btie\b|\bequal(ly)?\b", text, re.IGNORECASE) and not re.match(r"^\W*(A|B)\b", text):
-        return 0.5
-    match = _CHOICE.search(text)
-    return 0.5 if match is None else (1.0 if match.group(1) == "A" else 0.0)
-
-
-def _prompt_text(prompt: Prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in prompt)
-
-
-def _map(fn: Callable, items: list, workers: int) -> list:
-    if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, items))
-
-
-class JudgeScorer:
-    """Pointwise LLM judge: each completion rated 1-10."""
-
-    def __init__(self, base_url: str, model: str, template: str = POINTWISE_TEMPLATE, system: str = SYSTEM_PROMPT,
-                 max_concurrency: int = 4, **client_options):
-        self.client = ChatClient(base_url, model, **client_options)
-        self.template, self.system, self.max_concurrency = template, system, max_concurrency
-        self.unparsed = 0  # replies with no readable rating (scored NaN)
-        self.name = f"judge {model} at {self.client.url}"
-
-    def _one(self, item) -> float:
-        prompt, completion = item
-        reply = self.client.chat([{"role": "system", "content": self.system},
-                                  {"role": "user", "content": self.template.format(prompt=_prompt_text(prompt), completion=completion)}])
-        value = parse_rating(reply)
-        if math.isnan(value):
-            self.unparsed += 1
-        return value
-
-    def score(self, prompts, completions) -> list[float]:
-        _check_lengths(prompts, completions)
-        return _map(self._one, list(zip(prompts, completions)), self.max_concurrency)
-
-
-class PairwiseJudge:
-    """Pairwise LLM judge: which of two completions is better."""
-
-    def __init__(self, base_url: str, model: str, template: str = PAIRWISE_TEMPLATE, system: str = SYSTEM_PROMPT,
-                 swap: bool = True, max_concurrency: int = 4, **client_options):
-        self.client = ChatClient(base_url, model, **client_options)
-        self.template, self.system, self.swap, self.max_concurrency = template, system, swap, max_concurrency
-        self.name = f"pairwise judge {model} at {self.client.url}"
-
-    def _ask(self, prompt, a, b) -> float:
-        reply = self.client.chat([{"role": "system", "content": self.system},
-                                  {"role": "user", "content": self.template.format(prompt=_prompt_text(prompt), a=a, b=b)}])
-        return parse_choice(reply)
-
-    def _one(self, item) -> float:
-        prompt, a, b = item
-        first = self._ask(prompt, a, b)
-        if not self.swap:
-            return first
-        return (first + (1.0 - self._ask(prompt, b, a))) / 2
-
-    def compare(self, prompts, completions_a, completions_b) -> list[float]:
-        """Per item: 1.0 if A is better, 0.0 if B is, 0.5 for a tie (or the two orders disagreeing)."""
-        _check_lengths(prompts, completions_a)
-        _check_lengths(prompts, completions_b)
-        return _map(self._one, list(zip(prompts, completions_a, completions_b)), self.max_concurrency)
-
-
 # --- from a spec --------------------------------------------------------------------------------
 
-JUDGE_KEYS = ("base_url", "model", "api_key_env", "timeout", "max_retries", "backoff", "max_backoff", "temperature",
-              "max_tokens", "template", "system", "max_concurrency")
+# A judge spec's keys: JudgeConfig's (mode and swap are read apart), and the prompt texts.
+JUDGE_KEYS = tuple(f.name for f in dataclasses.fields(JudgeConfig) if f.name not in ("mode", "swap")) + ("template", "system")
 
 
-def build_scorer(spec: Any) -> Any:
+def build_scorer(spec: Any, trust: ModelTrust = ModelTrust()) -> Any:
     """A Scorer (or PairwiseJudge) from a spec:
 
       "module:function" | "path/file.py:function"   -> FunctionScorer
@@ -369,6 +173,8 @@ def build_scorer(spec: Any) -> Any:
       {"type": "reward_model", "path": ..., "batch_size": 16, "label": null}
       {"type": "judge", "base_url": "http://127.0.0.1:8000/v1", "model": ..., "mode": "pointwise"|"pairwise",
        "api_key_env": "OPENAI_API_KEY", "max_retries": 4, "timeout": 60, ...}
+
+    trust: what a reward model may be (custom code, pickle weights); by default neither.
     """
     if isinstance(spec, (FunctionScorer, RewardModelScorer, JudgeScorer, PairwiseJudge)) or (
         not isinstance(spec, (str, dict)) and hasattr(spec, "score")
@@ -378,7 +184,7 @@ def build_scorer(spec: Any) -> Any:
         return FunctionScorer(spec)
     if isinstance(spec, str):
         if spec.startswith(("rm:", "reward_model:")):
-            return RewardModelScorer(spec.split(":", 1)[1])
+            return RewardModelScorer(spec.split(":", 1)[1], trust=trust)
         return FunctionScorer(spec)
     if isinstance(spec, dict):
         options = dict(spec)
@@ -389,7 +195,7 @@ def build_scorer(spec: Any) -> Any:
             path = options.pop("path", None) or options.pop("name_or_path", None)
             if not path:
                 raise ScoringError("a reward_model scorer needs `path` (a folder or hub id)")
-            return RewardModelScorer(path, **options)
+            return RewardModelScorer(path, trust=trust, **options)
         if kind == "judge":
             mode = options.pop("mode", "pointwise")
             unknown = set(options) - set(JUDGE_KEYS) - {"swap"}
@@ -408,19 +214,23 @@ def build_scorer(spec: Any) -> Any:
 # --- files --------------------------------------------------------------------------------------
 
 
-def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: int = 256,
+SCORE_CHUNK_SIZE = 256  # rows per scorer call; each chunk is appended (and resumable) once scored
+
+
+def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: int = SCORE_CHUNK_SIZE,
                progress: Callable[[int, int], None] | None = None) -> dict:
     """Add a `score` to every row of a samples file, into out_path; resumable (rows already scored are kept).
 
     Rows are matched by (prompt, sample_index). Returns counts: rows, already_scored, scored, unscored (NaN).
+    progress(done, total) is called before the first chunk (done: the rows already scored) and after each.
     """
-    from dpokit.online.sampling import append_rows, prompt_key, read_samples
-
     rows = read_samples(in_path)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {(prompt_key(r["prompt"]), r.get("sample_index", 0)) for r in read_samples(out)}
     todo = [r for r in rows if (prompt_key(r["prompt"]), r.get("sample_index", 0)) not in done]
+    if progress is not None and todo:
+        progress(len(done), len(rows))
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
         scores = scorer.score([r["prompt"] for r in chunk], [r["completion"] for r in chunk])
@@ -429,6 +239,33 @@ def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: in
             progress(len(done) + start + len(chunk), len(rows))
     unscored = sum(r.get("score") is None for r in read_samples(out))
     return {"rows": len(rows), "already_scored": len(rows) - len(todo), "scored": len(todo), "unscored": unscored}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+class ProgressLine:
+    """A line per chunk: '[score] 512/2048 rows, 41s elapsed, about 2m 03s left' (the pace of this run)."""
+
+    def __init__(self, label: str, unit: str = "rows", clock: Callable[[], float] = time.monotonic):
+        self.label, self.unit, self.clock = label, unit, clock
+        self.started = self.first = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if self.started is None:  # the first call: what was already done before this run
+            self.started, self.first = now, done
+            print(f"[{self.label}] {done}/{total} {self.unit} ({total - done} to do)", flush=True)
+            return
+        elapsed, new = now - self.started, done - self.first
+        left = f", about {_duration(elapsed / new * (total - done))} left" if new and done < total else ""
+        print(f"[{self.label}] {done}/{total} {self.unit}, {_duration(elapsed)} elapsed{left}", flush=True)
 
 
 SCORE_HELP = """\
@@ -442,13 +279,15 @@ Rerunning resumes: rows already in --out are not scored again.
 --scorer is module:function (a rule-based reward: f(completion), f(prompt, completion), or
 f(prompts=..., completions=...)) or rm:MODEL (a sequence-classification reward model).
 A judge (--judge-url) rates each completion 1-10 through /v1/chat/completions; its API key
-is read from the environment variable named by --api-key-env (default OPENAI_API_KEY).
+is read from the environment variable named by --api-key-env (default OPENAI_API_KEY). Each
+request waits at most --timeout seconds and is retried --max-retries times (with backoff), so
+an unanswered request costs at most about (retries + 1) x timeout plus the backoff waits.
+A progress line (count, elapsed, time left) is printed after every chunk of rows.
 """
 
 
 def add_cli(verbs) -> None:
-    import argparse
-
+    d = JudgeConfig()  # the judge's defaults, from the one typed config
     p = verbs.add_parser("score", help="score sampled completions (rule, reward model or LLM judge)", description=SCORE_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--in", dest="in_path", required=True, help="samples JSONL (dpokit sample's output)")
@@ -456,9 +295,11 @@ def add_cli(verbs) -> None:
     p.add_argument("--scorer", help="module:function or rm:MODEL")
     p.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--judge-model", help="model name sent to the judge endpoint")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's API key")
-    p.add_argument("--max-retries", type=int, default=4)
-    p.add_argument("--concurrency", type=int, default=4, help="judge requests in flight")
+    p.add_argument("--api-key-env", default=d.api_key_env, help=f"environment variable holding the judge's API key (default {d.api_key_env})")
+    p.add_argument("--timeout", type=float, default=d.timeout, help=f"seconds to wait for each judge request (default {d.timeout:g})")
+    p.add_argument("--max-retries", type=int, default=d.max_retries, help=f"retries of a failed judge request (default {d.max_retries})")
+    p.add_argument("--concurrency", type=int, default=d.max_concurrency, help="judge requests in flight")
+    add_trust_flags(p)  # for a reward model (rm:MODEL)
     p.set_defaults(func=run_cli)
 
 
@@ -468,11 +309,13 @@ def run_cli(args) -> int:
     if args.judge_url:
         if not args.judge_model:
             raise ScoringError("--judge-url needs --judge-model")
-        scorer = JudgeScorer(args.judge_url, args.judge_model, api_key_env=args.api_key_env, max_retries=args.max_retries,
-                             max_concurrency=args.concurrency)
+        if args.timeout <= 0 or args.max_retries < 0:
+            raise ScoringError(f"--timeout must be > 0 and --max-retries >= 0, got {args.timeout:g} and {args.max_retries}")
+        scorer = JudgeScorer(args.judge_url, args.judge_model, api_key_env=args.api_key_env, timeout=args.timeout,
+                             max_retries=args.max_retries, max_concurrency=args.concurrency)
     else:
-        scorer = build_scorer(args.scorer)
-    report = score_file(args.in_path, args.out, scorer)
+        scorer = build_scorer(args.scorer, trust_from_args(args))
+    report = score_file(args.in_path, args.out, scorer, chunk_size=SCORE_CHUNK_SIZE, progress=ProgressLine("score"))
     print(f"[score] {report['scored']} rows scored, {report['already_scored']} already scored, "
           f"{report['unscored']} without a score; written to {args.out}")
     return 0

@@ -1,0 +1,162 @@
+"""Every verb that loads a model refuses what `dpokit train` refuses, and names the setting that opts in.
+
+A local model folder with pickle-only weights (pytorch_model.bin), or with an `auto_map` in
+config.json (custom code shipped with the model), is refused by train, sample, eval, score (a
+reward model) and pipeline with exit status 2 and a message naming that verb's opt-in; with the
+opt-in the model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dpokit.cli import main
+from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer, write_jsonl
+
+# The custom code is harmless, but records that it ran: refused, it must never run.
+CUSTOM_CODE = """
+from pathlib import Path
+Path({marker!r}).write_text("the model's own code ran")
+from transformers import {config_class}, {model_class}
+class CustomConfig({config_class}):
+    model_type = "custom_llama"
+class CustomModel({model_class}):
+    config_class = CustomConfig
+"""
+
+
+def _pickle_only(folder: Path) -> Path:
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def _custom_code(folder: Path, auto_class: str, model_class: str) -> Path:
+    marker = folder.parent / f"{folder.name}-code-ran.txt"
+    (folder / "custom.py").write_text(CUSTOM_CODE.format(marker=str(marker), config_class="LlamaConfig", model_class=model_class))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_llama", auto_map={"AutoConfig": "custom.CustomConfig", auto_class: "custom.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _policy(tmp_path: Path, kind: str) -> Path:
+    folder = tmp_path / f"policy-{kind}"
+    shutil.copytree(tiny_model_dir(), folder)
+    return _pickle_only(folder) if kind == "pickle" else _custom_code(folder, "AutoModelForCausalLM", "LlamaForCausalLM")
+
+
+def _reward_model(tmp_path: Path, kind: str) -> Path:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = word_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1)
+    torch.manual_seed(0)
+    folder = tmp_path / f"rm-{kind}"
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if kind == "pickle":
+        return _pickle_only(folder)
+    return _custom_code(folder, "AutoModelForSequenceClassification", "LlamaForSequenceClassification")
+
+
+def _files(tmp_path: Path) -> dict:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ("the film was", "it is", "the plot", "a movie")])
+    samples = write_jsonl(tmp_path / "samples.jsonl", [
+        {"prompt": "the film was", "prompt_index": 0, "sample_index": j, "completion": c, "prompt_tokens": 3,
+         "completion_tokens": 2, "finished": True} for j, c in enumerate((" good", " bad"))])
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def text_hash(completion):\n    return float(sum(map(ord, completion)) % 97)\n")
+    return {"prompts": prompts, "samples": samples, "rewards": rewards}
+
+
+def _train_yaml(tmp_path: Path, model: Path) -> Path:
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(16, seed=1))
+    cfg = {"model": {"name_or_path": str(model)}, "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
+           "train": {"batch_size": 8, "max_steps": 1, "progress_bar": False}, "out_dir": str(tmp_path / "run")}
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _pipeline_yaml(tmp_path: Path, policy: Path, rewards: Path, **keys) -> Path:
+    cfg = {"policy": str(policy), "prompts": ["the film was", "it is", "the plot was", "a movie is"], "rounds": 1,
+           "scorer": f"{rewards}:text_hash", "sampling": {"num_samples": 4, "max_new_tokens": 4, "backend": "hf"},
+           "train": {"data": {"max_length": 32, "max_prompt_length": 16},
+                     "train": {"batch_size": 4, "max_steps": 1, "progress_bar": False}},
+           "out_dir": str(tmp_path / "pipeline"), **keys}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _command(verb: str, tmp_path: Path, kind: str) -> list[str]:
+    f = _files(tmp_path)
+    if verb == "train":
+        return ["train", str(_train_yaml(tmp_path, _policy(tmp_path, kind)))]
+    if verb == "sample":
+        return ["sample", "--model", str(_policy(tmp_path, kind)), "--prompts", str(f["prompts"]), "--out", str(tmp_path / "s.jsonl"),
+                "-n", "2", "--max-new-tokens", "3", "--backend", "hf"]
+    if verb == "eval":
+        return ["eval", "--policy", str(_policy(tmp_path, kind)), "--prompts", str(f["prompts"]), "-n", "2", "--max-new-tokens", "3"]
+    if verb == "score":
+        return ["score", "--in", str(f["samples"]), "--out", str(tmp_path / "scored.jsonl"), "--scorer", f"rm:{_reward_model(tmp_path, kind)}"]
+    assert verb == "pipeline"
+    return ["pipeline", str(_pipeline_yaml(tmp_path, _policy(tmp_path, kind), f["rewards"]))]
+
+
+# What each verb's refusal names: train's config keys, the online verbs' flags, the pipeline's keys.
+SETTING = {
+    "train": {"pickle": "model.allow_pickle=true", "code": "model.trust_remote_code=true"},
+    "sample": {"pickle": "--allow-pickle", "code": "--trust-remote-code"},
+    "eval": {"pickle": "--allow-pickle", "code": "--trust-remote-code"},
+    "score": {"pickle": "--allow-pickle", "code": "--trust-remote-code"},
+    "pipeline": {"pickle": "allow_pickle=true (a pipeline key)", "code": "trust_remote_code=true (a pipeline key)"},
+}
+
+
+@pytest.mark.parametrize("kind", ["pickle", "code"])
+@pytest.mark.parametrize("verb", ["train", "sample", "eval", "score", "pipeline"])
+def test_every_verb_refuses_pickle_weights_and_model_code(verb, kind, tmp_path, capsys):
+    command = _command(verb, tmp_path, kind)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert SETTING[verb][kind] in err, err
+    assert ("only pickle-based weights" if kind == "pickle" else "ships its own Python code") in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("*-code-ran.txt")), "the model's own code ran"
+
+
+def test_sample_and_score_accept_pickle_weights_when_allowed(tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "r").mkdir()
+    assert main(_command("sample", tmp_path / "s", "pickle") + ["--allow-pickle"]) == 0
+    assert "prompts generated" in capsys.readouterr().out
+    assert main(_command("score", tmp_path / "r", "pickle") + ["--allow-pickle"]) == 0
+    assert "2 rows scored" in capsys.readouterr().out
+
+
+def test_eval_runs_model_code_only_when_trusted(tmp_path, capsys):
+    command = _command("eval", tmp_path, "code")
+    assert main(command + ["--trust-remote-code"]) == 0
+    assert "mean length" in capsys.readouterr().out
+    assert list(tmp_path.glob("*-code-ran.txt")), "trusted: the model's code was what loaded it"
+
+
+@pytest.mark.slow
+def test_a_pipeline_that_allows_pickle_weights_trains_on_them(tmp_path, capsys):
+    f = _files(tmp_path)
+    config = _pipeline_yaml(tmp_path, _policy(tmp_path, "pickle"), f["rewards"])
+    assert main(["pipeline", str(config), "allow_pickle=true"]) == 0  # sampling, and training (model.allow_pickle passed on)
+    round1 = yaml.safe_load((tmp_path / "pipeline" / "round_1" / "dpo" / "config.yaml").read_text())
+    assert round1["model"]["allow_pickle"] is True
+    assert (tmp_path / "pipeline" / "round_1" / "dpo" / "final" / "config.json").exists()
