@@ -1,0 +1,350 @@
+"""Building a config: defaults, then a YAML file / dict / Config, then key=value overrides; strict keys and types.
+
+One machinery for every schema (Config, PipelineConfig): unknown keys and wrong types are errors
+naming the dotted key with the closest valid one; YAML is read with limits on size and aliases.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from dpokit.config.errors import ConfigError, excerpt, suggest
+from dpokit.config.online import PipelineConfig
+from dpokit.config.schema import Config
+from dpokit.config.validate import validate
+
+
+def shipped_config(name: str, folder: str = "") -> Path | None:
+    """A config shipped with dpokit: configs/[folder/]NAME.yaml (e.g. `demo`, or `pipeline_demo` in pipelines)."""
+    candidate = resources.files("dpokit").joinpath("configs", *([folder] if folder else []), f"{name}.yaml")
+    return Path(str(candidate)) if candidate.is_file() else None
+
+
+def resolve_config_path(arg: str, folder: str = "") -> str:
+    """A YAML path as given, or the path of the shipped config of that name."""
+    if Path(arg).exists() or arg.endswith((".yaml", ".yml")):
+        return arg
+    shipped = shipped_config(arg, folder)
+    return str(shipped) if shipped else arg
+
+
+def _sections(schema) -> tuple[str, ...]:
+    """Top-level keys of a schema that hold a section of settings (dict-valued settings such as data.columns are plain values)."""
+    hints = typing.get_type_hints(schema)
+    return tuple(f.name for f in dataclasses.fields(schema) if dataclasses.is_dataclass(hints[f.name]))
+
+
+SECTIONS = _sections(Config)
+PIPELINE_SECTIONS = _sections(PipelineConfig)
+
+
+def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: Union[list[str], dict, None] = None) -> Config:
+    """Build a Config from defaults, then a YAML file / dict / Config, then overrides.
+
+    overrides: ["a.b=value", ...] (command line) or {"a.b": value} (Python).
+    """
+    return _load_train_config(source, overrides, prefix="")
+
+
+def load_pipeline_config(source: Union[str, Path, dict, PipelineConfig, None],
+                         overrides: Union[list[str], dict, None] = None) -> PipelineConfig:
+    """A PipelineConfig from defaults, a YAML file / dict, then overrides, by the same rules as load_config.
+
+    `train.loss.beta=0.2` reaches into the `train:` section (a dpokit train config), which is then
+    checked as a Config.
+    """
+    merged = _defaults_and(PipelineConfig, source)
+    items = _parse_overrides(overrides)
+    if isinstance(merged["train"], str) and any(key.startswith("train.") for key, _ in items):
+        # a train config named by path or shipped name: read it, so the overrides have a mapping to go into
+        merged["train"] = _read_yaml(Path(resolve_config_path(merged["train"])))
+    for key, value in items:
+        _set_dotted(merged, key, value, PIPELINE_SECTIONS)
+    cfg = _build(PipelineConfig, merged, prefix="")
+    validate_pipeline(cfg)
+    return cfg
+
+
+def _load_train_config(source, overrides, prefix: str) -> Config:
+    """load_config's work; prefix names where the config sits ("train." inside a pipeline) in error messages."""
+    merged = _defaults_and(Config, source, prefix)
+    for key, value in _parse_overrides(overrides):
+        _set_dotted(merged, key, value, SECTIONS)
+    cfg = _build(Config, merged, prefix=prefix)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        if not prefix:
+            raise
+        # validate names keys from the train config's top; say where that config sits
+        raise ConfigError(f"in {prefix.rstrip('.')!r} (a dpokit train config): {e}") from None
+    return cfg
+
+
+def _defaults_and(schema, source, prefix: str = "") -> dict:
+    """The schema's defaults as a nested dict, with `source` (an instance, a dict, a YAML path or None) merged in."""
+    if isinstance(source, schema):
+        raw = dataclasses.asdict(source)
+    elif isinstance(source, dict):
+        raw = copy.deepcopy(source)  # overrides go into nested mappings; the caller's stay as they were
+    elif source is None:
+        raw = {}
+    elif isinstance(source, (str, Path)):
+        raw = _read_yaml(Path(source))
+    else:
+        raise ConfigError(f"a config is a YAML path, a dict or a {schema.__name__}, got {type(source).__name__}")
+    merged = dataclasses.asdict(schema())
+    _merge(merged, raw, prefix, _sections(schema))
+    return merged
+
+
+# A config file is a few KB of settings. These limits stop a "billion laughs" file (nested aliases
+# that expand exponentially) before it is expanded, printed or copied: 2 KB of anchors can expand
+# to gigabytes. Real configs use few aliases, if any, and stay far below both numbers.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # scalars + collections after expanding every alias
+
+
+def _expanded_size(node: yaml.Node, limit: int) -> int:
+    """Nodes in the document once every alias is expanded, counted without expanding it (stops past `limit`).
+
+    Aliases are shared node objects in the composed graph, so each node's expanded size is computed
+    once; a node that contains itself (a recursive alias) counts as unlimited.
+    """
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes:
+            return sizes[id(n)]
+        if id(n) in in_progress:
+            return limit + 1
+        in_progress.add(id(n))
+        total = 1
+        if isinstance(n, yaml.SequenceNode):
+            children = n.value
+        elif isinstance(n, yaml.MappingNode):
+            children = [part for pair in n.value for part in pair]
+        else:
+            children = []
+        for child in children:
+            total = min(limit + 1, total + size(child))
+        in_progress.discard(id(n))
+        sizes[id(n)] = total
+        return total
+
+    return size(node)
+
+
+def load_yaml_text(text: str, where: str):
+    """yaml.safe_load(text), refused (ConfigError naming `where`) when its aliases expand past MAX_YAML_NODES."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is not None and _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ConfigError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values once its aliases (*name) "
+                          "are expanded; a config needs far fewer: write the settings out without nested aliases")
+    return yaml.safe_load(text)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config file (limit {MAX_CONFIG_BYTES})")
+        data = load_yaml_text(path.read_text(encoding="utf-8"), str(path))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e)[:300]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, RecursionError, ValueError) as e:  # a folder, no permission, absurd nesting
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path}: cannot read the config file: {type(e).__name__}: {str(e)[:300]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides) -> list[tuple[str, Any]]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, dict):
+        for key in overrides:
+            if not isinstance(key, str):
+                raise ConfigError(f"override keys are dotted names such as 'loss.beta', got {excerpt(key)}")
+        return list(overrides.items())
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides are a list of key=value strings, got the single string {excerpt(overrides)}")
+    out = []
+    for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"override {excerpt(item)} is not a key=value string (e.g. loss.beta=0.05)")
+        if "=" not in item:
+            raise ConfigError(f"override {excerpt(item)} is not of the form key=value (e.g. loss.beta=0.05)")
+        key, text = item.split("=", 1)
+        try:
+            value = load_yaml_text(text, f"override {key.strip()!r}") if text != "" else ""
+        except (yaml.YAMLError, ValueError, RecursionError):
+            value = text
+        out.append((key.strip(), value))
+    return out
+
+
+def _merge(base: dict, update: dict, prefix: str, sections: tuple[str, ...]) -> None:
+    for key, value in update.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys are names, got {excerpt(key)} ({type(key).__name__}) in {prefix.rstrip('.') or 'the top level'}")
+        full = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key {excerpt(full)}" + suggest(full[:200], [f"{prefix}{k}" for k in base]))
+        if key in sections and dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)  # a section given as its dataclass (Python callers)
+        if key in sections and isinstance(value, dict):
+            _merge(base[key], value, f"{full}.", ())
+        else:
+            base[key] = value
+
+
+def _set_dotted(merged: dict, key: str, value: Any, sections: tuple[str, ...]) -> None:
+    parts = key.split(".")
+    if key in sections:
+        raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {_all_keys({key: merged[key]}, sections)[0]}=...")
+    valid = _all_keys(merged, sections)
+    if key not in valid:
+        # A key below a mapping-valued setting sets one entry of it: data.columns.prompt=question, or in
+        # a pipeline train.loss.beta=0.2 (its train config is a mapping; missing levels are made).
+        for n in range(len(parts) - 1, 0, -1):
+            head = ".".join(parts[:n])
+            if head in valid and isinstance(_get_dotted(merged, head), dict):
+                node = _get_dotted(merged, head)
+                for part in parts[n:-1]:
+                    node = node.setdefault(part, {})
+                    if not isinstance(node, dict):
+                        raise ConfigError(f"config key {excerpt(key)}: {head}...{part} is a value, not a mapping")
+                node[parts[-1]] = value
+                return
+        raise ConfigError(f"unknown config key {excerpt(key)}" + suggest(key[:200], valid))
+    node = merged
+    for part in parts[:-1]:
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _get_dotted(merged: dict, key: str):
+    node = merged
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _all_keys(merged: dict, sections: tuple[str, ...]) -> list[str]:
+    keys = []
+    for k, v in merged.items():
+        if k in sections:
+            keys += [f"{k}.{sub}" for sub in v]
+        else:
+            keys.append(k)
+    return keys
+
+
+def _build(cls, raw: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = raw[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {key!r} must be a mapping of {f.name} settings, got {excerpt(value)}")
+            kwargs[f.name] = _build(hints[f.name], value, prefix=f"{key}.")
+        else:
+            kwargs[f.name] = _coerce(value, hints[f.name], key)
+    return cls(**kwargs)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check `value` against the annotation `tp`; allow only lossless conversions (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key {key!r} must be {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {excerpt(value)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key {key!r}: expected null, got {excerpt(value)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {excerpt(value)}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {excerpt(value)}")
+        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                number = math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key!r} must be a finite number, got {excerpt(value)}")
+            return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"config key {key!r} must be {_type_name(tp)}, got {excerpt(value)} ({type(value).__name__})")
+
+
+def validate_pipeline(cfg: PipelineConfig) -> None:
+    """The sections check themselves as they are built; here the keys that depend on each other, and `train`."""
+    if cfg.reference not in ("fixed", "refresh"):
+        raise ConfigError(f"config key 'reference' must be fixed or refresh, got {cfg.reference!r}")
+    if cfg.rounds < 1:
+        raise ConfigError(f"config key 'rounds' must be >= 1, got {cfg.rounds}")
+    if not cfg.policy:
+        raise ConfigError("config key 'policy' (the SFT model) is required")
+    if not cfg.prompts:
+        raise ConfigError("config key 'prompts' is required")
+    if cfg.scorer is None:
+        raise ConfigError("config key 'scorer' is required (e.g. dpokit.demo.world:sentiment)")
+    if cfg.prompts_per_round is not None and cfg.prompts_per_round < 1:
+        raise ConfigError(f"config key 'prompts_per_round' must be >= 1 or null (all prompts), got {cfg.prompts_per_round}")
+    # The train section is a whole dpokit train config: checked now, not at the end of round 1's sampling.
+    source = cfg.train if isinstance(cfg.train, dict) else resolve_config_path(cfg.train)
+    _load_train_config(source, None, prefix="train.")

@@ -1,0 +1,94 @@
+"""Checks of a built config that its types cannot express: choices, ranges, settings that contradict each other."""
+
+from __future__ import annotations
+
+import difflib
+
+from dpokit.config.errors import ConfigError, check_choice, excerpt
+from dpokit.config.schema import Config
+from dpokit.losses import LOSSES, UNPAIRED_LOSSES, loss_names, validate_loss_config
+
+
+def validate(cfg: Config) -> None:
+    """Check every setting; also resolves data.max_prompt_length=null to max_length // 2, so readers get an int."""
+    check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16", "auto"))
+    check_choice("lora.save", cfg.lora.save, ("adapter", "merged"))
+    check_choice("optim.scheduler", cfg.optim.scheduler, ("linear", "cosine", "constant"))
+    check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
+    check_choice("train.task", cfg.train.task, ("preference", "sft"))
+    check_choice("speed.attention", cfg.speed.attention, ("auto", "sdpa", "flex", "flash"))
+    if cfg.model.ref_name_or_path and cfg.lora.enabled:
+        raise ConfigError("model.ref_name_or_path cannot be combined with lora.enabled: with LoRA the reference is the "
+                          "policy's base model with its adapters disabled")
+    valid_losses = sorted(set(LOSSES) | UNPAIRED_LOSSES)
+    for name in loss_names(cfg.loss):
+        if name not in valid_losses:
+            close = difflib.get_close_matches(name[:100], valid_losses, n=1, cutoff=0.5)
+            raise ConfigError(f"config key 'loss.type': unknown loss {excerpt(name)}"
+                              + (f"; did you mean {close[0]!r}?" if close else "") + f" valid: {', '.join(valid_losses)}")
+    try:
+        validate_loss_config(cfg.loss)
+    except ValueError as e:
+        raise ConfigError(f"config key 'loss.type': {e}" if "unknown loss.type" in str(e) else str(e)) from None
+    if cfg.data.max_prompt_length is None:
+        cfg.data.max_prompt_length = max(1, cfg.data.max_length // 2)  # half the budget for the prompt
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "data.max_prompt_length": cfg.data.max_prompt_length,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.logging_steps": cfg.train.logging_steps,
+        "loss.beta": cfg.loss.beta,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {value}")
+    if cfg.data.max_length < 2:
+        raise ConfigError(f"config key 'data.max_length' must be >= 2 (one prompt and one completion token), got {cfg.data.max_length}")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be smaller than data.max_length "
+            f"({cfg.data.max_length}), or no completion token would fit"
+        )
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {cfg.data.eval_fraction}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
+    if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
+        raise ConfigError(f"config key 'train.max_steps' must be -1 (use train.epochs) or > 0, got {cfg.train.max_steps}")
+    if cfg.train.epochs <= 0:
+        raise ConfigError(f"config key 'train.epochs' must be > 0, got {cfg.train.epochs}")
+    at_least_zero = {
+        "train.eval_steps": cfg.train.eval_steps,
+        "train.eval_batch_size": cfg.train.eval_batch_size,
+        "train.save_steps": cfg.train.save_steps,
+        "train.save_total_limit": cfg.train.save_total_limit,
+        "train.max_skipped_steps": cfg.train.max_skipped_steps,
+        "train.num_threads": cfg.train.num_threads,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.max_grad_norm": cfg.optim.max_grad_norm,
+        "lora.dropout": cfg.lora.dropout,
+        "speed.logps_chunk_size": cfg.speed.logps_chunk_size,
+        "speed.pack_length": cfg.speed.pack_length,
+    }
+    for key, value in at_least_zero.items():
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+    if cfg.data.max_rows is not None and cfg.data.max_rows <= 0:
+        raise ConfigError(f"config key 'data.max_rows' must be > 0 or null (all rows), got {cfg.data.max_rows}")
+    if not 0 <= cfg.train.seed < 2**32:
+        raise ConfigError(f"config key 'train.seed' must be in [0, 2**32), got {cfg.train.seed}")
+    if not 0.0 <= cfg.optim.warmup_ratio <= 1.0:
+        raise ConfigError(f"config key 'optim.warmup_ratio' must be in [0, 1], got {cfg.optim.warmup_ratio}")
+    for key, value in (("optim.adam_beta1", cfg.optim.adam_beta1), ("optim.adam_beta2", cfg.optim.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"config key {key!r} must be in [0, 1), got {value}")
+    if cfg.optim.adam_eps <= 0:
+        raise ConfigError(f"config key 'optim.adam_eps' must be > 0, got {cfg.optim.adam_eps}")
+    if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
+        raise ConfigError(f"config keys 'lora.r' and 'lora.alpha' must be > 0, got r={cfg.lora.r}, alpha={cfg.lora.alpha}")
+    if cfg.lora.dropout >= 1.0:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.train.resume.strip() == "":
+        raise ConfigError("config key 'train.resume' must be auto, never, or the path of a checkpoint folder; got ''")
