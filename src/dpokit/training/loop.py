@@ -43,6 +43,7 @@ from dpokit.reference import prepare_reference
 from dpokit.steps import Step, step_for
 from dpokit.training.checkpoint import RunState, is_sharded, save_checkpoint
 from dpokit.training.detectors import FailureDetectors
+from dpokit.training.empty_data import EmptyDataGuard, step_completion_tokens
 from dpokit.training.eval_generation import eval_prompts, generation_metrics
 from dpokit.training.export import save_final
 from dpokit.training.metrics import MetricsLog, MetricSums
@@ -88,6 +89,7 @@ class Run:
     log: MetricsLog  # metrics.jsonl (continued on resume)
     last_logged: dict  # the last record with a training loss
     gen_prompts: list  # train.eval_generate: the same eval prompts (and seed) at every evaluation
+    empty_data: EmptyDataGuard  # stops a run whose first steps have nothing to learn from
     stream: Optional[BatchStream] = None
     progress: Any = None
     signals: StopSignals = field(default_factory=StopSignals)
@@ -138,6 +140,7 @@ class StepOutcome:
     bad: bool  # a non-finite loss or gradient: the update was skipped
     overflow: bool  # ... by the fp16 loss scaler, which is its business, not a fault
     stop_requested: bool  # SIGTERM/SIGINT on some process
+    completion_tokens: Optional[int]  # trained on, over all processes; counted while the empty-data guard watches only
 
 
 def train(config, overrides=None, data: PreparedData | None = None) -> TrainResult:
@@ -192,7 +195,7 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     return Run(cfg=cfg, accelerator=accelerator, run_dir=run_dir, tokenizer=tokenizer, objective=objective, data=data, policy=policy,
                reference=reference, with_reference=with_reference, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
                micro_per_epoch=micro_per_epoch, params=params, detectors=detectors, state=state, window=window, log=log,
-               last_logged=last_logged, gen_prompts=gen_prompts, step=state.step)
+               last_logged=last_logged, gen_prompts=gen_prompts, empty_data=EmptyDataGuard(type(tokenizer).__name__), step=state.step)
 
 
 def _run_dir(cfg: Config, is_main: bool) -> Path:
@@ -236,6 +239,10 @@ def run_steps(run: Run) -> None:
             run.progress.update(1)
             if step % cfg.train.logging_steps == 0 or step == run.total_steps:
                 log_window(run, step, outcome.learning_rate)
+            problem = run.empty_data.update(step, outcome.completion_tokens, outcome.grad_norm)
+            if problem:  # the tokenizer or the data, not the optimisation: a DataError (`dpokit train` exits 2)
+                run.progress.close()
+                raise DataError(problem)
             run.state.stop_reason = stop_reason(run, step, outcome)
             corrupted = run.state.stop_reason == "non_finite" and not _too_many_skipped(run)  # a NaN evaluation: the weights are suspect
             periodic = cfg.train.save_steps > 0 and (step % cfg.train.save_steps == 0 or step == run.total_steps)
@@ -252,6 +259,7 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
     cfg, accelerator, objective, state = run.cfg, run.accelerator, run.objective, run.state
     micro = [micro_batch(run.data.train, run.stream, objective.collate, run.tokenizer.pad_token_id, objective.weight, objective.tokens)
              for _ in range(cfg.train.grad_accum)]
+    tokens = step_completion_tokens(accelerator, [m.batch for m in micro if not m.dummy]) if run.empty_data.watching(step) else None
     step_sums = MetricSums()
     accumulate_gradients(run.policy, run.reference, [m.batch for m in micro], cfg, accelerator, run.with_reference, step_sums, objective,
                          examples_in_step=sum(m.examples for m in micro), dummies=[m.dummy for m in micro])
@@ -278,7 +286,7 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
         if run.is_main:
             tqdm.write(f"[dpokit] step {step}: {reason} (loss={local_loss:.4g}, grad_norm={grad_norm:.4g}); update skipped "
                        f"({state.skipped_steps} of at most train.max_skipped_steps={cfg.train.max_skipped_steps})")
-    return StepOutcome(local_loss, grad_norm, learning_rate, bad, overflow, stop_requested)
+    return StepOutcome(local_loss, grad_norm, learning_rate, bad, overflow, stop_requested, tokens)
 
 
 def log_window(run: Run, step: int, learning_rate: float) -> None:
