@@ -25,7 +25,8 @@ from safetensors.torch import load_file
 import dpokit
 import dpokit.training.checkpoint
 import dpokit.training.loop
-from dpokit.training.checkpoint import CheckpointError, TrainingInterrupted, list_checkpoints
+from dpokit.training.checkpoint import CheckpointError, list_checkpoints
+from dpokit.training.signals import TrainingInterrupted
 from dpokit.cli import main as cli_main
 from dpokit.training.metrics import read_metrics
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -42,16 +42,24 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+class MicroBatch(NamedTuple):
+    """One process's part of one global micro-batch."""
+
+    batch: dict  # this process's collated examples (a dummy holds one example, trained on with weight 0)
+    examples: int  # the global micro-batch's share of the loss denominator (examples, or `weight` summed)
+    dummy: bool  # this process has no example of the global micro-batch (the end of an epoch)
+    tokens: int  # the global micro-batch's input tokens as `tokens(example)` counts them (0 without it)
+
+
 def micro_batch(examples: list, stream: BatchStream, collate, pad_id: int, weight: Optional[Callable] = None,
-                tokens: Optional[Callable] = None) -> tuple[dict, int, bool, int]:
-    """(this process's batch, the global micro-batch's share of the loss denominator, whether the batch is a dummy,
-    the global micro-batch's input tokens as `tokens(example)` counts them (0 without it))."""
+                tokens: Optional[Callable] = None) -> MicroBatch:
+    """The next micro-batch of `stream` for this process (see MicroBatch)."""
     local, n_global, chunk = stream.next()
     if weight is not None:  # e.g. SFT: completion tokens, so a step's loss is its token mean
         n_global = sum(weight(examples[i]) for i in chunk)
     n_tokens = sum(tokens(examples[i]) for i in chunk) if tokens is not None else 0
     dummy = not local
-    return collate([examples[i] for i in (chunk[:1] if dummy else local)], pad_id), n_global, dummy, n_tokens
+    return MicroBatch(collate([examples[i] for i in (chunk[:1] if dummy else local)], pad_id), n_global, dummy, n_tokens)
 
 
 def pad_id(model) -> int:

@@ -30,6 +30,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import ProjectConfiguration, is_mlflow_available, is_tensorboard_available, is_wandb_available
+
 from dpokit.config import ConfigError
 
 PROJECT_NAME = "dpokit"  # the W&B project and the MLflow experiment (MLFLOW_EXPERIMENT_NAME overrides it)
@@ -42,8 +44,6 @@ SECRET = re.compile(r"^(.*[_.-])?(token|secret|password|passwd|api_?key|credenti
 
 def _available(name: str) -> bool:
     # Accelerate's own availability checks, so "installed" here means what Accelerate will accept.
-    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
-
     checks = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
     return bool(checks[name]())  # Accelerate returns None, not False, for some missing packages
 
@@ -77,8 +77,6 @@ def accelerator_kwargs(cfg) -> dict[str, Any]:
     names = requested_trackers(cfg)
     if not names:
         return {}
-    from accelerate.utils import ProjectConfiguration
-
     config = ProjectConfiguration(project_dir=str(cfg.out_dir), logging_dir=str(tensorboard_dir(cfg)))
     return {"log_with": names, "project_config": config}
 
