@@ -37,6 +37,8 @@ class ModelConfig:
     allow_pickle: bool = False  # load pickle-based weights (pytorch_model.bin) when no safetensors exist
     revision: Optional[str] = None
     attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2
+    ref_dtype: Optional[str] = None  # live reference in this dtype (float32 | bfloat16 | float16); None: model.dtype
+    quantization: str = "none"  # none | nf4 (QLoRA: 4-bit NF4 base via bitsandbytes, needs lora.enabled)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | adamw_8bit (bitsandbytes: 8-bit moments, ~1/4 of AdamW's state memory)
     lr: float = 1e-6  # TRL's DPO default; LoRA usually wants ~5e-6 or more
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -396,6 +399,15 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _validate(cfg: Config) -> None:
     _check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16", "auto"))
     _check_choice("lora.save", cfg.lora.save, ("adapter", "merged"))
+    if cfg.model.ref_dtype is not None:
+        _check_choice("model.ref_dtype", cfg.model.ref_dtype, ("float32", "bfloat16", "float16"))
+    if cfg.model.ref_dtype is not None and cfg.lora.enabled:
+        raise ConfigError("model.ref_dtype cannot be combined with lora.enabled: with LoRA the reference is the policy's "
+                          "own base with its adapters disabled, there is no copy to cast")
+    _check_choice("model.quantization", cfg.model.quantization, ("none", "nf4"))
+    if cfg.model.quantization != "none" and not cfg.lora.enabled:
+        raise ConfigError("model.quantization=nf4 trains LoRA adapters on a frozen 4-bit base (QLoRA): set lora.enabled=true")
+    _check_choice("optim.name", cfg.optim.name, ("adamw", "adamw_8bit"))
     _check_choice("optim.scheduler", cfg.optim.scheduler, ("linear", "cosine", "constant"))
     _check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
     _check_choice("train.task", cfg.train.task, ("preference", "sft"))
