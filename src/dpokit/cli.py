@@ -1,4 +1,4 @@
-"""The `dpokit` command: train, sft, precompute, sample, score, pair, pipeline, eval, demo, config, doctor, report.
+"""The `dpokit` command: train, sft, precompute, plan, sample, score, pair, pipeline, eval, demo, config, doctor, report.
 
 User errors (bad config, bad data, a model that cannot be loaded) print one
 clear message and exit with status 2; they never print a traceback.
@@ -136,6 +136,17 @@ def _cmd_precompute(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from dpokit.config import load_config
+    from dpokit.plan import format_plan, parse_size, plan_memory, read_model_shape, suggestions
+
+    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    shape = read_model_shape(cfg.model.name_or_path, cfg.model.revision)
+    plan = plan_memory(cfg, shape, args.gpus, parse_size(args.gpu_memory) if args.gpu_memory else None)
+    print(format_plan(cfg, plan, suggestions(cfg, shape, plan)))
+    return 0 if plan.fits is not False else 1
+
+
 def _cmd_report(args) -> int:
     from dpokit.report import build_report
 
@@ -213,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     precompute.add_argument("config", metavar="CONFIG", help="YAML file or shipped config name (the one you will train with)")
     precompute.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     precompute.set_defaults(func=_cmd_precompute)
+
+    plan = verbs.add_parser("plan", help="predict peak GPU memory of a training config, part by part",
+                            description="Predict the peak memory per GPU of `dpokit train CONFIG` from the model's config.json "
+                            "(no weights loaded), say whether it fits, and what to change if not (docs/performance.md). "
+                            "Exit status 1 when it does not fit.")
+    plan.add_argument("config", metavar="CONFIG", help="YAML file or shipped config name")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
+    plan.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs; N > 1 assumes FSDP/ZeRO-3 sharding (default: 1)")
+    plan.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB or 24GiB")
+    plan.set_defaults(func=_cmd_plan)
 
     from dpokit.online import evaluation, pairing, pipeline, sampling, scoring
 

@@ -9,6 +9,11 @@ config.json or tokenizer_config.json) is refused before transformers sees it
 unless `model.trust_remote_code: true`, and pickle-based weights
 (`pytorch_model.bin`, whose loading can execute code) are refused unless
 `model.allow_pickle: true`; safetensors are required otherwise.
+
+QLoRA (Dettmers et al. 2023, arXiv 2305.14314): `model.quantization: nf4` loads the base in
+4-bit NormalFloat through bitsandbytes (double quantisation, compute in model.dtype), freezes
+it, and trains LoRA adapters on top; the reference is that same quantized base with the
+adapters off, so it costs no memory.
 """
 
 from __future__ import annotations
@@ -183,6 +188,10 @@ def load_weights(cfg: Config | ModelConfig, auto_class=None):
         kwargs["use_safetensors"] = True  # transformers then never falls back to pytorch_model.bin
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
+    quantization = quantization_config(model)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"  # bitsandbytes quantizes as it places
     try:
         return (auto_class or AutoModelForCausalLM).from_pretrained(model.name_or_path, **kwargs)
     except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
@@ -211,11 +220,34 @@ def set_cpu_threads(model, requested: int = 0) -> int:
     return 1
 
 
+def quantization_config(cfg: Config | ModelConfig):
+    """transformers' BitsAndBytesConfig for model.quantization (None for "none"); one clear error without bitsandbytes.
+
+    nf4 as in the QLoRA paper: 4-bit NormalFloat weights, double quantisation of their scales,
+    matmuls in model.dtype (bfloat16 on GPU is the usual choice; "auto"/float32 compute in float32).
+    """
+    model = model_settings(cfg)
+    if model.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401 - only to know it is there
+    except ImportError:
+        raise ModelLoadError("model.quantization=nf4 needs bitsandbytes: pip install 'dpokit[quantization]' "
+                             "(or set model.quantization=none)") from None
+    from transformers import BitsAndBytesConfig
+
+    compute = DTYPES[model.dtype] if model.dtype != "auto" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
 def load_policy(cfg: Config):
     """The trainable policy: weights, dropout off (as TRL), gradient checkpointing, LoRA adapters."""
     model = load_weights(cfg)
     set_cpu_threads(model, cfg.train.num_threads)
     disable_dropout(model)
+    if cfg.model.quantization != "none":
+        prepare_quantized(model)
     if cfg.train.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name (the old one warns)
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -247,6 +279,19 @@ def disable_dropout(model) -> None:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style functional dropout
             module.attention_dropout = 0.0
+
+
+def prepare_quantized(model) -> None:
+    """A 4-bit base made ready for adapters: every base weight frozen, norms and the rest kept in float32.
+
+    What peft's `prepare_model_for_kbit_training` does, minus its gradient-checkpointing switch
+    (load_policy turns checkpointing on itself, non-reentrant, with `enable_input_require_grads`).
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()  # layer norms and embeddings: small, and unstable in half precision
 
 
 def apply_lora(model, cfg: Config):

@@ -1,7 +1,9 @@
 """Where the frozen reference comes from, and how it runs.
 
 - Full fine-tuning: a frozen deep copy of the policy made in memory right after loading (not
-  re-read from disk), so both start identical even when the checkpoint was modified on load.
+  re-read from disk), so both start identical even when the checkpoint was modified on load;
+  with model.ref_dtype that copy is cast to it (e.g. a bfloat16 reference beside a float32 policy:
+  half the reference's memory, log-probs of the rounded weights).
 - model.ref_name_or_path: that model, loaded with the policy's settings through models.load_policy.
 - LoRA (peft): the same model with its adapters disabled (`reference_mode`); no second copy.
 - Reference-free losses: no reference at all.
@@ -17,7 +19,7 @@ import dataclasses
 import torch
 
 from dpokit.config import Config
-from dpokit.models import ModelLoadError, load_policy
+from dpokit.models import DTYPES, ModelLoadError, load_policy
 
 
 def make_reference(policy, cfg: Config, needs_reference: bool):
@@ -29,7 +31,7 @@ def make_reference(policy, cfg: Config, needs_reference: bool):
     if not needs_reference:
         return None
     if cfg.model.ref_name_or_path:
-        ref_model = dataclasses.replace(cfg.model, name_or_path=cfg.model.ref_name_or_path)
+        ref_model = dataclasses.replace(cfg.model, name_or_path=cfg.model.ref_name_or_path, dtype=cfg.model.ref_dtype or cfg.model.dtype)
         ref_cfg = dataclasses.replace(cfg, model=ref_model, lora=dataclasses.replace(cfg.lora, enabled=False),
                                       train=dataclasses.replace(cfg.train, gradient_checkpointing=False))
         try:
@@ -48,6 +50,8 @@ def make_reference(policy, cfg: Config, needs_reference: bool):
     if cfg.lora.enabled:
         return None
     reference = copy.deepcopy(policy)
+    if cfg.model.ref_dtype:
+        reference.to(DTYPES[cfg.model.ref_dtype])
     reference.eval()
     reference.requires_grad_(False)
     return reference

@@ -22,6 +22,8 @@ class ModelConfig:
     allow_pickle: bool = False  # load pickle-based weights (pytorch_model.bin) when no safetensors exist
     revision: Optional[str] = None
     attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2
+    ref_dtype: Optional[str] = None  # live reference in this dtype (float32 | bfloat16 | float16); None: model.dtype
+    quantization: str = "none"  # none | nf4 (QLoRA: 4-bit NF4 base via bitsandbytes, needs lora.enabled)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | adamw_8bit (bitsandbytes: 8-bit moments, ~1/4 of AdamW's state memory)
     lr: float = 1e-6  # TRL's DPO default; LoRA usually wants ~5e-6 or more
     weight_decay: float = 0.0
     adam_beta1: float = 0.9

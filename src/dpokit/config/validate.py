@@ -13,6 +13,15 @@ def validate(cfg: Config) -> None:
     """Check every setting; also resolves data.max_prompt_length=null to max_length // 2, so readers get an int."""
     check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16", "auto"))
     check_choice("lora.save", cfg.lora.save, ("adapter", "merged"))
+    if cfg.model.ref_dtype is not None:
+        check_choice("model.ref_dtype", cfg.model.ref_dtype, ("float32", "bfloat16", "float16"))
+    if cfg.model.ref_dtype is not None and cfg.lora.enabled:
+        raise ConfigError("model.ref_dtype cannot be combined with lora.enabled: with LoRA the reference is the policy's "
+                          "own base with its adapters disabled, there is no copy to cast")
+    check_choice("model.quantization", cfg.model.quantization, ("none", "nf4"))
+    if cfg.model.quantization != "none" and not cfg.lora.enabled:
+        raise ConfigError("model.quantization=nf4 trains LoRA adapters on a frozen 4-bit base (QLoRA): set lora.enabled=true")
+    check_choice("optim.name", cfg.optim.name, ("adamw", "adamw_8bit"))
     check_choice("optim.scheduler", cfg.optim.scheduler, ("linear", "cosine", "constant"))
     check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
     check_choice("train.task", cfg.train.task, ("preference", "sft"))

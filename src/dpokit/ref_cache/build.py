@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -34,18 +35,25 @@ from dpokit.demo.assets import resolve_demo_assets
 from dpokit.losses import is_unpaired, needs_reference
 from dpokit.models import load_policy, load_tokenizer
 from dpokit.ref_cache.fingerprint import fingerprint, reference_model_config
-from dpokit.ref_cache.store import SPLITS, attach, cache_root, read_split, write_split
+from dpokit.ref_cache.store import SPLITS, CacheCorrupt, attach, cache_root, read_split, write_split
 from dpokit.reference import reference_mode
 from dpokit.steps.paired import make_collate
 from dpokit.steps.token_scores import reference_sequence_logps
 
+def length_order(pairs: list[TokenizedPair]) -> list[int]:
+    """Longest first, so batches group similar lengths and the first batch shows the peak memory."""
+    return sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)))
+
+
 @torch.no_grad()
 def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfig, pad_token_id: int,
-                            batch_size: int = 16, device=None, mixed_precision: str = "no") -> torch.Tensor:
+                            batch_size: int = 16, device=None, mixed_precision: str = "no", rank: int = 0, world: int = 1) -> torch.Tensor:
     """(N, 4) reference log-probs (chosen, rejected, chosen_shared, rejected_shared) of every pair, no gradient.
 
     `model` is the reference: a plain model, or a PEFT policy whose adapters are disabled here.
     mixed_precision (train.mixed_precision): the reference runs under the same autocast as in training.
+    rank, world: compute only batches rank, rank + world, ... of the one-process batching (other rows stay 0),
+    so every batch is the same set of pairs as with one process and the values are bit-identical.
     """
 
     speed = dataclasses.replace(speed, ref_cache=False)
@@ -61,9 +69,10 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfi
         with reference_mode(model, None if is_peft else model) as ref, autocast:
             attn = getattr(getattr(ref, "config", None), "_attn_implementation", None)
             collate = make_collate(speed, attn)
-            # longest first, so batches group similar lengths and the first batch shows the peak memory
-            order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)))
-            for start in range(0, len(order), batch_size):
+            order = length_order(pairs)
+            for b, start in enumerate(range(0, len(order), batch_size)):
+                if b % world != rank:
+                    continue
                 idx = order[start : start + batch_size]
                 batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_token_id).items()}
                 logps, shared = reference_sequence_logps(ref, batch, speed)
@@ -82,14 +91,19 @@ class ReferenceCache:
     seconds: float = 0.0
 
 
-def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_token_id: Optional[int] = None) -> tuple[ReferenceCache, object]:
+def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_token_id: Optional[int] = None,
+                           accelerator=None) -> tuple[ReferenceCache, object]:
     """Read the cache for (cfg, tokenizer, data), or compute and write it; returns (cache, data with CachedPairs).
 
     model: the reference, or a policy that has not been trained yet (it is the reference: a
     copy of the same weights, or a LoRA model whose adapters are disabled here); ignored when
     model.ref_name_or_path names another reference. Without it a reference is loaded (from
     model.ref_name_or_path, else model.name_or_path) only if the cache has to be built, then freed.
+    accelerator: with several processes every process calls this; each scores its share of the batches,
+    the main process gathers them, writes the files, and then every process reads them.
+    A damaged cache (unreadable file, values that fail their checksum) is moved aside with a warning and rebuilt.
     """
+    ranks = (accelerator.process_index, accelerator.num_processes) if accelerator is not None and accelerator.num_processes > 1 else (0, 1)
     speed = cfg.speed
     if getattr(cfg.model, "ref_name_or_path", None):
         model = None  # the policy is not the reference
@@ -101,21 +115,29 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
     digest, parts = found
     folder = cache_root(speed) / digest[:24]
     splits = {"train": data.train, "eval": data.eval}
-    tables = {s: read_split(folder, s, digest) for s in SPLITS}
+    rank, world = ranks
+    missing = [s for s in SPLITS if splits[s]] if rank else _missing_splits(folder, digest, splits)
+    if world > 1:
+        missing = _broadcast(accelerator, missing)  # the main process decides, so every process takes part in the same gathers
     built = False
     started = time.time()
-    if any(tables[s] is None and splits[s] for s in SPLITS):
+    if missing:
         ref_model = model or loaded or _load_reference(cfg, device)
         pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         batch_size = max(cfg.train.eval_batch_size, cfg.train.batch_size)
-        for s in SPLITS:
-            if tables[s] is None and splits[s]:
-                logps = compute_reference_logps(ref_model, splits[s], speed, pad, batch_size, device, cfg.train.mixed_precision)
+        for s in missing:
+            logps = compute_reference_logps(ref_model, splits[s], speed, pad, batch_size, device, cfg.train.mixed_precision, rank, world)
+            if world > 1:
+                logps = _gather_shards(accelerator, logps, rank, world, batch_size, splits[s])
+            if rank == 0:
                 write_split(folder, s, digest, splits[s], logps)
-                tables[s] = read_split(folder, s, digest)
-        (folder / "meta.json").write_text(json.dumps({"fingerprint": digest, "parts": parts}, indent=1, default=str))
+        if rank == 0:
+            (folder / "meta.json").write_text(json.dumps({"fingerprint": digest, "parts": parts}, indent=1, default=str))
         built = True
         del ref_model
+    if world > 1:
+        accelerator.wait_for_everyone()
+    tables = {s: read_split(folder, s, digest) if splits[s] else None for s in SPLITS}
     del loaded
     attached = dataclasses.replace(
         data,
@@ -123,6 +145,45 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
         eval=attach(data.eval, tables["eval"], "eval") if data.eval else [],
     )
     return ReferenceCache(folder, digest, built, time.time() - started), attached
+
+
+def _missing_splits(folder, digest: str, splits: dict) -> list[str]:
+    """The splits with pairs whose table is absent; a damaged cache is moved aside (warning) and all are rebuilt."""
+    try:
+        return [s for s in SPLITS if splits[s] and read_split(folder, s, digest) is None]
+    except CacheCorrupt as e:
+        aside = folder.with_name(f"{folder.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        warnings.warn(f"dpokit: reference cache damaged ({e}); moved to {aside.name} and rebuilding", RuntimeWarning, stacklevel=3)
+        return [s for s in SPLITS if splits[s]]
+
+
+def _broadcast(accelerator, value):
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def _gather_shards(accelerator, logps: torch.Tensor, rank: int, world: int, batch_size: int, pairs) -> torch.Tensor:
+    """The main process's (N, 4) table from every process's rows (each holds its own batches, zeros elsewhere)."""
+    from accelerate.utils import gather_object
+
+    mine = _my_rows(rank, world, batch_size, pairs)
+    shards = gather_object([(mine.nonzero().flatten().tolist(), logps[mine])])
+    out = torch.zeros_like(logps)
+    for rows, values in shards:
+        out[rows] = values
+    return out
+
+
+def _my_rows(rank: int, world: int, batch_size: int, pairs) -> torch.Tensor:
+    """Which rows this process scored: the batches rank, rank + world, ... of compute_reference_logps' order."""
+    order = length_order(pairs)
+    mask = torch.zeros(len(pairs), dtype=torch.bool)
+    for b, start in enumerate(range(0, len(pairs), batch_size)):
+        if b % world == rank:
+            mask[order[start : start + batch_size]] = True
+    return mask
 
 
 def _load_reference(cfg, device=None):

@@ -4,7 +4,7 @@
              folder (model.ref_name_or_path if set, else model.name_or_path)
              (content hash and size; a hub id is resolved to its local snapshot), or, when no
              folder can be found, the loaded state dict's bytes; plus model.dtype, model.revision,
-             model.attn_implementation and train.mixed_precision (they change the numbers)
+             model.attn_implementation, train.mixed_precision and model.quantization (they change the numbers)
   tokenizer  the tokenizer's full serialisation (vocab, merges, normaliser), chat template,
              special tokens and class
   data       content hash of data.path and data.eval_path (files, or every file of a folder;
@@ -106,6 +106,8 @@ def weights_fingerprint(cfg, model=None) -> Optional[dict]:
     """The reference weights' part of the fingerprint; None if it needs the loaded model and none was given."""
     settings = {"dtype": cfg.model.dtype, "revision": cfg.model.revision, "attn_implementation": cfg.model.attn_implementation,
                 "mixed_precision": cfg.train.mixed_precision}
+    if cfg.model.quantization != "none":  # a 4-bit base has other log-probs (keys of unquantized caches stay as they were)
+        settings["quantization"] = cfg.model.quantization
     folder = _local_model_dir(cfg)
     if folder is not None:
         files = _files_of(folder, WEIGHT_SUFFIXES)

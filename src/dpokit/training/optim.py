@@ -1,4 +1,4 @@
-"""The optimizer (AdamW, no decay on biases and norms) and its learning-rate schedule."""
+"""The optimizer (optim.name: AdamW or 8-bit AdamW; no decay on biases and norms) and its learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -8,19 +8,18 @@ import torch
 from transformers import get_scheduler
 
 from dpokit.config import Config
+from dpokit.optimizers import build_optimizer
 
 
 def make_optimizer(cfg: Config, policy) -> torch.optim.Optimizer:
     trainable = [p for p in policy.parameters() if p.requires_grad]
     # As HF's Trainer: biases and norm weights are not decayed (decay would pull norms towards 0).
     no_decay = {id(p) for n, p in policy.named_parameters() if p.requires_grad and ("bias" in n or "norm" in n)}
-    return torch.optim.AdamW(
-        [
-            {"params": [p for p in trainable if id(p) not in no_decay]},
-            {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
-        ],
-        lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay,
-    )
+    groups = [
+        {"params": [p for p in trainable if id(p) not in no_decay]},
+        {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
+    ]
+    return build_optimizer(cfg, groups)  # optim.name: AdamW, or bitsandbytes' 8-bit AdamW
 
 
 def total_steps_for(cfg: Config, micro_per_epoch: int) -> int:

@@ -38,8 +38,9 @@ def reference_for(cfg: Config, step: Step, policy, tokenizer, data: PreparedData
     (built on a miss with the untrained policy, which is the reference), else a live reference (reference.make_reference)."""
     if not (with_reference and cfg.speed.ref_cache and step.reads_reference_cache):
         return make_reference(policy, cfg, with_reference), data
-    with accelerator.main_process_first():  # the main process builds a missing cache, the others then read it
-        cache, data = ensure_reference_cache(cfg, tokenizer, data, model=policy.to(accelerator.device), device=accelerator.device)
+    # A missing cache is built by every process, each scoring its shard; rank 0 gathers and writes it (ref_cache.build).
+    cache, data = ensure_reference_cache(cfg, tokenizer, data, model=policy.to(accelerator.device), device=accelerator.device,
+                                         accelerator=accelerator)
     if accelerator.is_main_process:
         how = f"computed in {cache.seconds:.1f}s and cached in" if cache.built else "read from the cache"
         kl = ("kl/chosen is logged at evaluation only (eval_kl/chosen, adapters off)" if cfg.lora.enabled
