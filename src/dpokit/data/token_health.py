@@ -210,15 +210,27 @@ def model_context_length(model_config) -> int | None:
     return None
 
 
-def context_length_problem(max_length: int, model_config) -> str | None:
+def longest_sequence(examples) -> int:
+    """Tokens of the longest row the model will see: prompt + the longer completion (pairs) or prompt + completion."""
+    longest = 0
+    for e in examples:
+        completions = [getattr(e, name) for name in ("chosen_ids", "rejected_ids", "completion_ids") if hasattr(e, name)]
+        longest = max(longest, len(e.prompt_ids) + max((len(c) for c in completions), default=0))
+    return longest
+
+
+def context_length_problem(max_length: int, model_config, longest: int | None = None) -> str | None:
     """Why data.max_length does not fit the model's context, or None when it fits (or is unknown).
 
     Positions past the context have no trained position embedding (or rotary range): the
-    sequences still run, but what the model computes there is not what it learned.
+    sequences still run (or a learned-position model raises IndexError), but what the model
+    computes there is not what it learned. longest: the longest tokenised row, when known; then
+    only rows that really pass the context are a problem.
     """
     context = model_context_length(model_config)
-    if context is None or max_length <= context:
+    if context is None or max_length <= context or (longest is not None and longest <= context):
         return None
-    return (f"data.max_length={max_length} exceeds the model's context length of {context} tokens "
-            f"({next(n for n in CONTEXT_FIELDS if getattr(model_config, n, None) == context)} in its config): "
-            f"set data.max_length <= {context}")
+    field = next(n for n in CONTEXT_FIELDS if getattr(model_config, n, None) == context)
+    seen = f"the longest row is {longest} tokens and " if longest is not None else ""
+    return (f"data.max_length={max_length} exceeds the model's context length of {context} tokens ({field} in its "
+            f"config): {seen}positions past it were never trained; set data.max_length <= {context}")

@@ -38,7 +38,7 @@ from dpokit.data.batching import BatchStream, micro_batch
 from dpokit.data.prepare import PreparedData, format_summary
 from dpokit.data.records import DataError
 from dpokit.demo.assets import resolve_demo_assets
-from dpokit.data.token_health import context_length_problem
+from dpokit.data.token_health import context_length_problem, longest_sequence
 from dpokit.models import load_policy, load_tokenizer
 from dpokit.reference import prepare_reference
 from dpokit.steps import Step, step_for
@@ -171,7 +171,8 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     objective = step_for(cfg)
     data = _training_data(cfg, objective, tokenizer, data, run_dir, accelerator.is_main_process)
     policy = load_policy(cfg)
-    problem = context_length_problem(cfg.data.max_length, getattr(policy, "config", None))
+    longest = longest_sequence(data.train + data.eval)
+    problem = context_length_problem(cfg.data.max_length, getattr(policy, "config", None), longest)
     if problem:  # before any forward: past its context a model computes what it never learned (or raises IndexError)
         raise ConfigError(problem)
     with_reference = objective.needs_reference(cfg)  # reference-free losses (and SFT) build and run no reference
