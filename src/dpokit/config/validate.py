@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 
 from dpokit.config.errors import ConfigError, check_choice, excerpt
 from dpokit.config.schema import Config
@@ -99,5 +100,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config keys 'lora.r' and 'lora.alpha' must be > 0, got r={cfg.lora.r}, alpha={cfg.lora.alpha}")
     if cfg.lora.dropout >= 1.0:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.train.push_to_hub is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", cfg.train.push_to_hub):
+        raise ConfigError(f"config key 'train.push_to_hub' must be a Hub repo id (owner/name, or name in your own namespace), got {excerpt(cfg.train.push_to_hub)}")
     if cfg.train.resume.strip() == "":
         raise ConfigError("config key 'train.resume' must be auto, never, or the path of a checkpoint folder; got ''")

@@ -48,6 +48,7 @@ from dpokit.training.empty_data import EmptyDataGuard, step_completion_tokens
 from dpokit.training.eval_generation import eval_prompts, generation_metrics
 from dpokit.training.export import save_final
 from dpokit.training.metrics import MetricsLog, MetricSums
+from dpokit.training.model_card import RunFacts
 from dpokit.training.optim import make_optimizer, make_schedule, total_steps_for
 from dpokit.training.resume import start_or_resume
 from dpokit.training.setup import fit_speed, reference_for
@@ -366,7 +367,8 @@ def finish(run: Run) -> TrainResult:
         return run.result(final, "non_finite")
     full_state = accelerator.get_state_dict(run.policy) if is_sharded(accelerator) else None  # a collective: every process
     if run.is_main:
-        save_final(accelerator.unwrap_model(run.policy), run.tokenizer, cfg, model_dir, full_state)
+        facts = RunFacts(run.data.summary, final, list(run.detectors.fired), accelerator.num_processes, run.step)  # for the model card
+        save_final(accelerator.unwrap_model(run.policy), run.tokenizer, cfg, model_dir, full_state, facts)
         print(f"[dpokit] done in {final['train_runtime']:.1f}s; model saved to {model_dir}", flush=True)
     accelerator.wait_for_everyone()
     return run.result(final, state.stop_reason)
