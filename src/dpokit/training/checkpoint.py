@@ -5,13 +5,15 @@
         adapter_model.safetensors (+ config)  LoRA: the adapter only; the base is re-read from model.name_or_path
         optimizer.safetensors, optimizer.json AdamW moments (tensors) and param groups
         scheduler.json, rng_state.json        schedule position; python/numpy/torch RNG states of every process
-        trainer_state.json                    step, data position, counters, unlogged metric sums, config (written last)
+        trainer_state.json                    step, data position, counters, unlogged metric sums, config
+        manifest.json                         size and blake2b of every other file (written last; manifest.py)
 
 No pickle anywhere (under FSDP/DeepSpeed the sharded model and optimizer go through
 Accelerate's `save_state` into `accelerate/`, which pickles its optimizer shards). A
 checkpoint is written into `.tmp-checkpoint-<step>`, flushed to disk, then renamed:
 a crash mid-write leaves only a temporary folder, which is never resumed from and is
-removed at the next start (resume.py). Only the main process writes (except sharded
+removed at the next start (resume.py), which also checks the manifest before resuming.
+Only the main process writes (except sharded
 backends, whose every process writes its own shard).
 """
 
@@ -33,6 +35,7 @@ from accelerate.utils import DistributedType, gather_object
 from safetensors.torch import load_file, save_file
 
 from dpokit.config import ConfigError
+from dpokit.training.manifest import MANIFEST, write_manifest
 from dpokit.training.metrics import MetricSums
 
 CHECKPOINTS = "checkpoints"
@@ -124,8 +127,11 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimiz
             _write_optimizer(optimizer.state_dict(), tmp)
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
         _write_json(tmp / "rng_state.json", rng)
-        _write_json(tmp / STATE_FILE, asdict(state))  # last: its presence marks a complete folder
+        _write_json(tmp / STATE_FILE, asdict(state))  # its presence marks a complete folder
         fsync_tree(tmp)
+        write_manifest(tmp)  # last: the checksums of the files just written, read back from the page cache
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
         os.replace(tmp, final)
         _fsync(root)
         _rotate(run_dir, keep)
