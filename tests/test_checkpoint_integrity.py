@@ -1,16 +1,19 @@
-"""A damaged checkpoint is never resumed from (issue 15).
+"""A damaged checkpoint is never resumed from, and a full disk stops a run cleanly (issue 15).
 
 Before: 4,000 bytes overwritten inside checkpoint-N/model.safetensors resumed with exit 0 and a
-final model holding 1,000 NaNs; a truncated optimizer file stopped with "cannot resume". Now
-every checkpoint carries manifest.json (blake2b of each file), and a damaged or truncated one is
-moved aside and the previous one resumed.
+final model holding 1,000 NaNs; a truncated optimizer file stopped with "cannot resume"; a full
+disk while checkpointing gave a traceback from _write_optimizer. Now every checkpoint carries
+manifest.json (blake2b of each file), a damaged or truncated one is moved aside and the previous
+one resumed, and a full disk stops with one line (exit 2) leaving the earlier checkpoints as they were.
 
 Every test starts from a copy of one run crashed during step 8: checkpoints 3 and 6 on disk.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -20,11 +23,14 @@ import torch
 import yaml
 
 import dpokit
+import dpokit.training.checkpoint
 import dpokit.training.loop
 from dpokit.cli import main as cli_main
 from dpokit.training.checkpoint import CheckpointError, list_checkpoints
 from dpokit.training.manifest import MANIFEST, damage
 from test_resume import _assert_same_weights, _config, _fail_on_call, _weights
+
+pytestmark = pytest.mark.slow  # tiny-model training runs
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +154,54 @@ def test_with_no_intact_checkpoint_left_the_run_stops_with_exit_2_and_keeps_them
     named = run_dir / "checkpoints" / "checkpoint-6"  # a checkpoint named explicitly is not swapped for another
     with pytest.raises(CheckpointError, match=r"the checkpoint is damaged \(model.safetensors: checksum mismatch\)"):
         dpokit.train({**cfg, "train": {**cfg["train"], "resume": str(named)}})
+
+
+def _assert_stopped_cleanly(run_dir: Path, err: str) -> str:
+    [line] = [line for line in err.splitlines() if line.strip()]  # one line, no traceback
+    assert line.startswith("dpokit: error: not enough disk space for checkpoint-6 in ")
+    assert str(run_dir / "checkpoints") in line and "the previous checkpoint checkpoint-3 is intact" in line
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-3"]  # no .tmp-checkpoint-6
+    assert damage(run_dir / "checkpoints" / "checkpoint-3") is None
+    return line
+
+
+def _needed_and_free(line: str) -> tuple[int, int]:
+    needed, free = re.search(r"needs about ([\d,]+) bytes .*?, ([\d,]+) bytes .*? were free", line).groups()
+    return int(needed.replace(",", "")), int(free.replace(",", ""))
+
+
+def test_too_little_free_space_stops_before_writing_with_one_line_and_exit_2(root, crashed, monkeypatch, capsys):
+    cfg = _config(root, "no-space")
+    run_dir = Path(cfg["out_dir"])
+    real = shutil.disk_usage
+
+    def after_the_first_checkpoint(path):  # checkpoint-3 fits; then the disk is nearly full
+        usage = real(path)
+        return usage._replace(free=10_000) if (run_dir / "checkpoints" / "checkpoint-3").is_dir() else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", after_the_first_checkpoint)
+    capsys.readouterr()
+    assert cli_main(["train", _config_file(cfg)]) == 2
+    line = _assert_stopped_cleanly(run_dir, capsys.readouterr().err)
+    assert "nothing was written" in line
+    needed, free = _needed_and_free(line)
+    on_disk = sum(p.stat().st_size for p in (run_dir / "checkpoints" / "checkpoint-3").iterdir())
+    assert free == 10_000 and on_disk <= needed <= on_disk + (2 << 20)  # the estimate covers the checkpoint, with little slack
+
+
+def test_a_disk_that_fills_up_while_writing_the_optimizer_stops_the_same_way(root, crashed, monkeypatch, capsys):
+    cfg = _config(root, "enospc")
+    run_dir = Path(cfg["out_dir"])
+    original, calls = dpokit.training.checkpoint._write_optimizer, []
+
+    def disk_full_at_the_second(*args, **kwargs):
+        calls.append(1)
+        original(*args, **kwargs)
+        if len(calls) == 2:  # checkpoint-6, its optimizer file half written
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dpokit.training.checkpoint, "_write_optimizer", disk_full_at_the_second)
+    capsys.readouterr()
+    assert cli_main(["train", _config_file(cfg)]) == 2
+    line = _assert_stopped_cleanly(run_dir, capsys.readouterr().err)
+    assert "the disk filled up while writing it (No space left on device); the partial folder was removed" in line
