@@ -5,19 +5,24 @@
         adapter_model.safetensors (+ config)  LoRA: the adapter only; the base is re-read from model.name_or_path
         optimizer.safetensors, optimizer.json AdamW moments (tensors) and param groups
         scheduler.json, rng_state.json        schedule position; python/numpy/torch RNG states of every process
-        trainer_state.json                    step, data position, counters, unlogged metric sums, config (written last)
+        trainer_state.json                    step, data position, counters, unlogged metric sums, config
+        manifest.json                         size and blake2b of every other file (written last; manifest.py)
 
 No pickle anywhere (under FSDP/DeepSpeed the sharded model and optimizer go through
 Accelerate's `save_state` into `accelerate/`, which pickles its optimizer shards). A
 checkpoint is written into `.tmp-checkpoint-<step>`, flushed to disk, then renamed:
 a crash mid-write leaves only a temporary folder, which is never resumed from and is
-removed at the next start (resume.py). Only the main process writes (except sharded
-backends, whose every process writes its own shard).
+removed at the next start (resume.py), which also checks the manifest before resuming.
+Only the main process writes (except sharded backends, whose every process writes its own
+shard). A checkpoint needs its whole size free (old ones are rotated out only after it is
+complete): with too little space, up front or while writing, the run stops with one line and
+nothing of the new checkpoint is left.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import random
@@ -29,10 +34,12 @@ from typing import Optional
 
 import numpy
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dpokit.config import ConfigError
+from dpokit.training.manifest import MANIFEST, write_manifest
 from dpokit.training.metrics import MetricSums
 
 CHECKPOINTS = "checkpoints"
@@ -101,36 +108,123 @@ def is_sharded(accelerator) -> bool:
 
 
 def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimizer, scheduler, window: MetricSums, keep: int) -> Path:
-    """Write checkpoint-<state.step> atomically; call on every process. Returns its path."""
+    """Write checkpoint-<state.step> atomically; call on every process. Returns its path.
+
+    Too little free space for it, up front or while writing (ENOSPC), raises CheckpointError on
+    every process with one line: nothing of it is left behind and the previous checkpoints are untouched.
+    """
     root = Path(run_dir) / CHECKPOINTS
     final, tmp = root / f"checkpoint-{state.step}", root / f".tmp-checkpoint-{state.step}"
-    many = accelerator.num_processes > 1
+    many, is_main = accelerator.num_processes > 1, accelerator.is_main_process
     rng = gather_object([rng_state()]) if many else [rng_state()]
     windows = gather_object([{"sums": window.sums, "counts": window.counts}]) if many else [{"sums": window.sums, "counts": window.counts}]
     state.window = _sum_windows(windows)
     state.world_size = accelerator.num_processes
-    exists = final.is_dir() and (final / STATE_FILE).is_file()  # same step saved before (resumed at it): identical
-    if accelerator.is_main_process and not exists:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    if is_sharded(accelerator) and not exists:
+    if final.is_dir() and (final / STATE_FILE).is_file():  # same step saved before (resumed at it): identical
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp / "accelerate"))  # sharded weights and optimizer, every process
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not exists:
-        if not is_sharded(accelerator):
-            _write_weights(accelerator.unwrap_model(policy), tmp)
-            _write_optimizer(optimizer.state_dict(), tmp)
-            _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        _write_json(tmp / "rng_state.json", rng)
-        _write_json(tmp / STATE_FILE, asdict(state))  # last: its presence marks a complete folder
-        fsync_tree(tmp)
-        os.replace(tmp, final)
-        _fsync(root)
+        return final
+    needed, free = checkpoint_bytes(accelerator, run_dir, policy, optimizer), shutil.disk_usage(run_dir).free
+    # The rotation deletes old checkpoints only after the new one is complete, so it needs its whole size free.
+    problem = _from_main(accelerator, _no_space(run_dir, final, needed, free, "nothing was written") if free < needed else None)
+    if problem:
+        raise CheckpointError(problem)
+    try:
+        if is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        if is_sharded(accelerator):
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp / "accelerate"))  # sharded weights and optimizer, every process
+    except (OSError, SafetensorError) as e:
+        problem = _disk_full(e, run_dir, final, needed, free)
+    if many:  # also the barrier after the sharded save
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if is_main and not problem:
+        try:
+            if not is_sharded(accelerator):
+                _write_weights(accelerator.unwrap_model(policy), tmp)
+                _write_optimizer(optimizer.state_dict(), tmp)
+                _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            _write_json(tmp / "rng_state.json", rng)
+            _write_json(tmp / STATE_FILE, asdict(state))  # its presence marks a complete folder
+            fsync_tree(tmp)
+            write_manifest(tmp)  # last: the checksums of the files just written, read back from the page cache
+            _fsync(tmp / MANIFEST)
+            _fsync(tmp)
+            os.replace(tmp, final)
+            _fsync(root)
+        except (OSError, SafetensorError) as e:
+            problem = _disk_full(e, run_dir, final, needed, free)
+    problem = _from_main(accelerator, problem)
+    if problem:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(problem)
+    if is_main:
         _rotate(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+# --- disk space --------------------------------------------------------------------------------
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+_SMALL_FILES = 1 << 20  # config.json, scheduler, trainer state, manifest; plus rng_state.json's ~30 KB per process
+
+
+def checkpoint_bytes(accelerator, run_dir: Path, policy, optimizer) -> int:
+    """About what one checkpoint takes on disk: weights (the adapter under LoRA) + optimizer state + small files.
+
+    Under FSDP/DeepSpeed the parameters a process sees are shards (or empty), so the size of the latest
+    checkpoint stands in (none yet: 0, and only a full disk while writing is caught).
+    """
+    if is_sharded(accelerator):
+        previous = list_checkpoints(run_dir)
+        return sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else 0
+    model = accelerator.unwrap_model(policy)
+    if hasattr(model, "peft_config"):  # a PeftModel saves its adapter only
+        weights = [p for p in model.parameters() if p.requires_grad]
+    else:
+        weights = list(model.state_dict().values())
+    moments = [v for values in optimizer.state_dict()["state"].values() for v in values.values() if torch.is_tensor(v)]
+    return _tensor_bytes(weights) + _tensor_bytes(moments) + _SMALL_FILES + (64 << 10) * accelerator.num_processes
+
+
+def _tensor_bytes(tensors: list) -> int:
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())  # tied weights are saved once
+
+
+def _disk_full(error: Exception, run_dir: Path, final: Path, needed: int, free: int) -> str:
+    """The one-line message for a disk that filled up while writing; any other error goes on up."""
+    # safetensors reports a full disk as SafetensorError("... No space left on device (os error 28)")
+    code = getattr(error, "errno", None) or next((c for c in _DISK_FULL if f"(os error {c})" in str(error)), None)
+    if code not in _DISK_FULL:
+        raise error
+    return _no_space(run_dir, final, needed, free, f"the disk filled up while writing it ({os.strerror(code)}); the partial folder was removed")
+
+
+def _no_space(run_dir: Path, final: Path, needed: int, free: int, what_happened: str) -> str:
+    previous = list_checkpoints(run_dir)
+    kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "there is no earlier checkpoint"
+    return (f"not enough disk space for {final.name} in {final.parent}: it needs about {needed:,} bytes ({_size(needed)}), "
+            f"{free:,} bytes ({_size(free)}) were free; {what_happened} and {kept}. "
+            "Free some space (or lower train.save_total_limit), then resume with train.resume=auto")
+
+
+def _size(n: int) -> str:
+    """1234567 -> '1.2 MiB'."""
+    value, unit = float(n), "bytes"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+
+
+def _from_main(accelerator, value):
+    """The main process's value, on every process."""
+    return broadcast_object_list([value])[0] if accelerator.num_processes > 1 else value
 
 
 def _sum_windows(windows: list[dict]) -> dict:
@@ -171,8 +265,9 @@ def _fsync(path: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno in _DISK_FULL:  # the data did not reach the disk
+            raise
     finally:
         os.close(fd)
 

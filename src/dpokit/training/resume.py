@@ -2,6 +2,7 @@
 
     structure_of / data_fingerprint  what must not change for a resume to continue the same run
     choose_resume                    train.resume (auto, never, a path) -> a checkpoint folder or a fresh start
+    latest_intact                    the newest checkpoint that passes its manifest; the damaged ones said and moved aside
     clear_checkpoints                remove a crash's temporary folders, and a previous run's checkpoints on a fresh start
     ContinuedMetricsLog              metrics.jsonl cut back to the checkpoint's step
     start_or_resume                  all of it, on every process: (run state, unlogged metric sums, metrics log)
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -22,6 +24,7 @@ from dpokit.config import Config
 from dpokit.training.checkpoint import (
     CHECKPOINTS, STATE_FILE, CheckpointError, RunState, list_checkpoints, load_checkpoint, read_state, remove_atomically,
 )  # fmt: skip
+from dpokit.training.manifest import MANIFEST, damage, has_manifest
 from dpokit.training.metrics import MetricsLog, MetricSums
 
 # Settings that fix what a step computes and which examples it sees: resuming across a change in
@@ -69,7 +72,8 @@ def choose_resume(cfg: Config, run_dir: Path, structure: dict, total_steps: int)
         found = list_checkpoints(run_dir)
         if not found:
             return None
-        path, state = found[-1], read_state(found[-1])
+        path = latest_intact(run_dir, found, own=True)
+        state = read_state(path)
         changed = _structural_changes(state, structure)
         if state.finished and (changed or total_steps <= state.step):
             print(f"[dpokit] {run_dir} holds a finished run ({path.name}); starting a new run "
@@ -77,8 +81,14 @@ def choose_resume(cfg: Config, run_dir: Path, structure: dict, total_steps: int)
             return None
     else:
         path = Path(mode).expanduser()
-        if not (path / STATE_FILE).is_file() and list_checkpoints(path):
-            path = list_checkpoints(path)[-1]  # a run directory: its latest checkpoint
+        if not (path / STATE_FILE).is_file() and list_checkpoints(path):  # a run directory: its latest intact checkpoint
+            path = latest_intact(path, list_checkpoints(path), own=path.resolve() == Path(run_dir).resolve())
+        elif (path / STATE_FILE).is_file():
+            problem = damage(path)
+            if problem:
+                raise CheckpointError(f"train.resume={mode!r}: the checkpoint is damaged ({problem}); resume from an "
+                                      "earlier checkpoint of that run, or start over with train.resume=never")
+            _say_if_unverified(path)
         if not path.is_dir():
             raise CheckpointError(f"train.resume={mode!r}: no such checkpoint folder")
         state = read_state(path)
@@ -95,6 +105,40 @@ def choose_resume(cfg: Config, run_dir: Path, structure: dict, total_steps: int)
     if notes:
         print(f"[dpokit] resuming with changed settings: {'; '.join(notes)}", flush=True)
     return path
+
+
+def latest_intact(run_dir: Path, found: list[Path], own: bool) -> Path:
+    """The newest of a run's checkpoints whose files pass their manifest (`found`: oldest first).
+
+    Each damaged one newer than it gets one line; in this run's own folder it is moved aside to
+    .corrupt-checkpoint-<step>-<time> (kept for inspection, never resumed from), so that the resumed
+    run writes that step afresh. With none intact the run stops: starting over would throw the work away.
+    """
+    damaged = []
+    for path in reversed(found):
+        problem = damage(path)
+        if problem is None:
+            break
+        damaged.append((path, problem))
+    else:
+        listing = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise CheckpointError(f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS} ({listing}); restore one from a copy, "
+                              "or start over with train.resume=never (this deletes them)")
+    for bad, problem in damaged:
+        kept = ""
+        if own:
+            aside = bad.with_name(f".corrupt-{bad.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(bad, aside)
+            kept = f"; the damaged folder is kept as {aside.name} (delete it to reclaim the space)"
+        print(f"[dpokit] {bad} is damaged ({problem}); resuming from {path.name} instead{kept}", flush=True)
+    _say_if_unverified(path)
+    return path
+
+
+def _say_if_unverified(path: Path) -> None:
+    if not has_manifest(path):
+        print(f"[dpokit] {path} has no {MANIFEST} (written before dpokit checksummed checkpoints): not verified, "
+              "only its file sizes and JSON were checked", flush=True)
 
 
 def _structural_changes(state: RunState, structure: dict) -> list[tuple]:
