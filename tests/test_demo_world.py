@@ -142,9 +142,9 @@ def test_evaluate_policy_against_itself(tiny_setup):
         m = evaluate.evaluate_policy(model, reference, tok, prompts, pairs, num_samples=2, seed=0, max_new_tokens=8)
         assert m["kl_to_reference"] == 0.0 and m["preference_accuracy"] == 0.5
     assert 0 <= m["positive_share"] <= 1 and 0 <= m["well_formed_share"] <= 1 and m["num_samples"] == 8
-    assert len(m["examples"]) == 2 and m["examples"][0].startswith(prompts[0])
+    assert len(m["examples"]) == 3 and m["examples"][0][0] == prompts[0]  # [prompt, completion] of prompts 0, 1, 2
     table = evaluate.format_table(m, m)
-    assert "SFT (before)" in table and "DPO (after)" in table and "KL" in table and m["examples"][1] in table
+    assert "SFT (before)" in table and "DPO (after)" in table and "KL" in table and f"SFT: ...{m['examples'][1][1]}" in table
 
 
 def test_kl_is_positive_for_a_different_policy(tiny_setup):

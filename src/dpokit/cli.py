@@ -103,15 +103,9 @@ def _cmd_train(args) -> int:
     from dpokit.training.loop import train
 
     result = train(resolve_config_path(args.config), args.overrides)
-    status = _finished(result, ["loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "eval_loss", "eval_rewards/accuracies",
-                                "eval_kl/chosen"])
-    try:  # the report is a convenience: a bug in it must not turn a finished run into a failed command
-        from dpokit.report import build_report
-
-        print(f"[dpokit] report: {build_report(result.run_dir)}")
-    except Exception as e:  # noqa: BLE001
-        print(f"[dpokit] could not write the report ({type(e).__name__}: {e}); try `dpokit report {result.run_dir}`")
-    return status
+    # train() has written report.html (dpokit.report.write_report)
+    return _finished(result, ["loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "eval_loss", "eval_rewards/accuracies",
+                              "eval_kl/chosen"])
 
 
 PRECOMPUTE_HELP = """\

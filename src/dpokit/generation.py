@@ -66,6 +66,7 @@ def sample(
     max_new_tokens: int = 64,
     seed: int = 0,
     batch_size: int = 32,
+    on_batch=None,
 ) -> list[Sample]:
     """num_samples completions per prompt, prompt-major (all samples of prompts[0] first).
 
@@ -75,6 +76,7 @@ def sample(
     Monte-Carlo KL estimate needs). The same seed and arguments give the same
     samples; the global torch RNG state is left as it was.
     Prompts are tokenised as they are (add_special_tokens=False).
+    on_batch: called with the number of completions of each finished batch (a progress bar's update).
     """
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
@@ -107,4 +109,6 @@ def sample(
                     completion_ids = completion_ids[: completion_ids.index(eos_id) + 1]
                 text = _decode_completion(tokenizer, prompt_ids, completion_ids)
                 results.append(Sample(prompt, text, prompt_ids, completion_ids, finished))
+            if on_batch is not None:
+                on_batch(len(batch))
     return results

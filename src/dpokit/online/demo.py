@@ -42,12 +42,14 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] | None = None) -> 
     policy, _ = load_model(str(result.model_dir), device="cpu")
     prompts = world.eval_prompts(N_EVAL_PROMPTS, seed=0)
     eval_pairs = _read_pairs(paths["sentiment-eval"])
-    before = evaluate_policy(reference, reference, tokenizer, prompts, eval_pairs, SAMPLES_PER_PROMPT, seed=0)
-    after = evaluate_policy(policy, reference, tokenizer, prompts, eval_pairs, SAMPLES_PER_PROMPT, seed=0)
+    # The same prompts, independent seeds: one seed would make both models draw from the same random
+    # numbers, and every sample DPO barely changed would be printed twice, word for word.
+    before = evaluate_policy(reference, reference, tokenizer, prompts, eval_pairs, SAMPLES_PER_PROMPT, seed=0, progress="SFT")
+    after = evaluate_policy(policy, reference, tokenizer, prompts, eval_pairs, SAMPLES_PER_PROMPT, seed=1, progress="DPO")
     wall = time.time() - started
     print()
     print(format_table(before, after))
-    print(f"\n[demo] wall time {wall:.0f}s; run directory {result.run_dir}")
+    print(f"\n[demo] wall time {wall:.0f}s; run directory {result.run_dir} (with report.html)")
     report = {"before": before, "after": after, "wall_seconds": round(wall, 1), "train_metrics": result.metrics}
     (Path(result.run_dir) / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
     return report

@@ -4,14 +4,18 @@ From the policy's own samples (temperature 1, top_p 1 by default, so they are dr
   mean_score            mean reward of the samples (any Scorer: rule, reward model, pointwise judge)
   win_rate              share of (prompt, sample) slots where the policy's sample beats the baseline's
                         (by the scorer, ties 1/2; or by a pairwise judge, position bias cancelled)
-  kl_to_reference       KL(policy || reference) in nats per completion, Monte-Carlo:
-                        mean over samples y ~ pi of log pi(y|x) - log ref(y|x), EOS included
+  kl_to_reference       KL(policy || reference) in nats per completion, Monte-Carlo over samples y ~ pi,
+                        EOS included, by Schulman's k3 estimator (2020, "Approximating KL divergence"):
+                        mean of (r - 1) - log r with r = ref(y|x) / pi(y|x). Unbiased like the plain mean
+                        of log pi/ref (E_pi[r] = 1), but never negative per sample, so a policy close to its
+                        reference shows a small positive KL, not -0.01.
   kl_tokenwise          the same KL with lower variance: sum over the sampled positions of the exact
                         next-token KL(pi(.|x,y<t) || ref(.|x,y<t)) (same expectation, Rao-Blackwellised)
   mean_length           completion tokens (EOS excluded), with the baseline's and the change
   finished_share        samples that ended with EOS within max_new_tokens
   preference_accuracy   on held-out pairs: share whose chosen side gets the higher implicit reward
-                        log pi/ref (ties 1/2; a policy equal to its reference scores exactly 0.5)
+                        log pi/ref (ties 1/2; a policy equal to its reference scores exactly 0.5);
+                        max_pairs keeps the first N pairs (pairs_used of pairs_total are reported)
 Each mean comes with its standard error (`*_sem`) where it is a sample mean.
 KL from samples at another temperature or top_p is not an unbiased estimate; it is still reported
 (with `kl_estimator_biased: true`).
@@ -22,11 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from dpokit.config import EvalConfig, JudgeConfig, SamplingConfig
 from dpokit.data.batching import to_device
@@ -48,8 +54,11 @@ from dpokit.online.scoring import build_scorer
 
 @torch.no_grad()
 def log_ratios(policy, reference, prompt_ids, completion_ids, pad_token_id: int, batch_size: int = 32,
-               tokenwise: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(y|x) - log ref(y|x) per sequence (N,), and optionally the tokenwise KL along each y (N,)."""
+               tokenwise: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(y|x) - log ref(y|x) per sequence (N,), and optionally the tokenwise KL along each y (N,).
+
+    progress: a tqdm bar (or anything with update(n)), advanced by the rows of each batch.
+    """
     device = next(policy.parameters()).device
     ratios, kls = [], []
     for start in range(0, len(prompt_ids), batch_size):
@@ -63,22 +72,40 @@ def log_ratios(policy, reference, prompt_ids, completion_ids, pad_token_id: int,
         ratios.append((policy_logps.sum(-1) - ref_logps.sum(-1)).float().cpu())
         if tokenwise:
             kls.append(token_kl(policy_logits, ref_logits, labels).cpu())
+        if progress is not None:
+            progress.update(len(rows))
     if not ratios:
         return torch.zeros(0), (torch.zeros(0) if tokenwise else None)
     return torch.cat(ratios), (torch.cat(kls) if tokenwise else None)
 
 
-def kl_to_reference(policy, reference, samples: Sequence[Sample], pad_token_id: int) -> float:
+def k3_kl(log_ratio: torch.Tensor) -> torch.Tensor:
+    """Per-sample k3 estimates of KL(pi || ref) from log_ratio = log pi(y) - log ref(y), y ~ pi: (N,) -> (N,).
+
+    k3 = (r - 1) - log r with r = ref(y) / pi(y) = exp(-log_ratio) (Schulman 2020, "Approximating KL
+    divergence"). Its mean is unbiased, as the plain mean of log_ratio (k1) is, because E_pi[r - 1] = 0;
+    unlike k1 every term is >= 0 (x - 1 >= log x), so the estimate is never negative. expm1 keeps
+    the small-ratio terms (about log_ratio**2 / 2) exact; the clamp only removes rounding below 0.
+    """
+    log_ratio = log_ratio.double()
+    return (torch.expm1(-log_ratio) + log_ratio).clamp_min(0.0)
+
+
+KL_ESTIMATOR = "k3: mean over the policy's samples of (r - 1) - log r, r = ref(y|x) / pi(y|x) (Schulman 2020; unbiased, >= 0)"
+
+
+def kl_to_reference(policy, reference, samples: Sequence[Sample], pad_token_id: int, progress=None) -> float:
     """Monte-Carlo KL(policy || reference) in nats per completion, from the policy's own samples.
 
-    KL = E_{y ~ pi}[log pi(y|x) - log ref(y|x)]; the samples must come from the policy at
-    temperature 1 and top_p 1 for this to be unbiased. The EOS is part of y. It is exactly 0 when
-    the two models are the same.
+    KL = E_{y ~ pi}[log pi(y|x) - log ref(y|x)], estimated with k3 (`k3_kl`: unbiased and never
+    negative); the samples must come from the policy at temperature 1 and top_p 1 for this to be
+    unbiased. The EOS is part of y. It is exactly 0 when the two models are the same.
     """
     if not samples:
         return float("nan")
-    ratios, _ = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_token_id)
-    return ratios.mean().item()
+    ratios, _ = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_token_id,
+                           progress=progress)
+    return k3_kl(ratios).mean().item()
 
 
 # --- held-out preference accuracy ---------------------------------------------------------------
@@ -97,20 +124,21 @@ def _examples(pairs) -> list:
     return out
 
 
-def preference_accuracy(policy, reference, tokenizer, pairs) -> float:
+def preference_accuracy(policy, reference, tokenizer, pairs, progress=None) -> float:
     """Share of pairs whose chosen completion gets the higher implicit reward, ties counting 1/2.
 
     DPO's implicit reward is beta * log(pi/ref); beta > 0 does not change the ordering, so it is
     left out. Completions are tokenised exactly as for training (`tokenization.render_ids`:
     prompt + completion + EOS, or the chat template). A policy equal to its reference ties on
-    every pair and scores exactly 0.5.
+    every pair and scores exactly 0.5. progress: a bar advanced by 2 per pair (chosen, rejected).
     """
     examples = _examples(pairs)
     if not examples:
         return float("nan")
     prompts, chosen, rejected = zip(*(render_ids(ex, tokenizer) for ex in examples))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    margin = log_ratios(policy, reference, list(prompts), list(chosen), pad)[0] - log_ratios(policy, reference, list(prompts), list(rejected), pad)[0]
+    margin = (log_ratios(policy, reference, list(prompts), list(chosen), pad, progress=progress)[0]
+              - log_ratios(policy, reference, list(prompts), list(rejected), pad, progress=progress)[0])
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
 
 
@@ -133,12 +161,21 @@ def completion_length(s: Sample) -> int:
     return len(s.completion_ids) - (1 if s.finished else 0)
 
 
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm:
+    """A bar on stderr with the count, the rate and the time left, for a phase that would otherwise be silent."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
 def draw(model, tokenizer, prompts: Sequence[Prompt], num_samples: int = 4, temperature: float = 1.0, top_p: float = 1.0,
-         max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64) -> list[Sample]:
-    """num_samples samples per prompt (prompt-major); conversational prompts through the chat template."""
+         max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64, progress: str | None = None) -> list[Sample]:
+    """num_samples samples per prompt (prompt-major); conversational prompts through the chat template.
+
+    progress: the description of a progress bar over the samples (None: no bar).
+    """
     texts = [render_prompt(p, tokenizer) for p in prompts]
-    return sample(model, tokenizer, texts, num_samples=num_samples, temperature=temperature, top_p=top_p,
-                  max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    with progress_bar(len(texts) * num_samples, progress or "", "sample", progress is not None) as bar:
+        return sample(model, tokenizer, texts, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                      max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, on_batch=bar.update)
 
 
 def evaluate(
@@ -158,6 +195,8 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     samples_out: str | Path | None = None,
+    max_pairs: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Sample the policy on `prompts` and measure it (see the module docstring for each metric).
 
@@ -165,11 +204,15 @@ def evaluate(
     baseline: what the win rate and length change compare to: "reference" (default), another model,
       a list of its `Sample`s (num_samples per prompt, prompt-major, e.g. from an earlier call), or None.
     scorer: a `Scorer` for mean_score and (without a judge) the win rate; judge: a PairwiseJudge.
-    pairs: held-out preference rows or file for preference_accuracy (needs the reference).
+    pairs: held-out preference rows or file for preference_accuracy (needs the reference);
+      max_pairs: only the first N of them (pairs_used and pairs_total say how many of how many).
     samples_out: write the policy's samples (with scores) there as JSONL.
+    progress: progress bars on stderr (count, rate, time left) for sampling and the log-prob passes.
     """
     prompts = list(prompts)
-    samples = draw(policy, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed, batch_size)
+    bar = (lambda what: f"[eval] {what}") if progress else (lambda what: None)
+    samples = draw(policy, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed, batch_size,
+                   progress=bar("sampling the policy"))
     sample_prompts = [p for p in prompts for _ in range(num_samples)]
     out: dict[str, Any] = {"num_prompts": len(prompts), "num_samples": len(samples), "temperature": temperature, "top_p": top_p,
                            "max_new_tokens": max_new_tokens}
@@ -182,13 +225,19 @@ def evaluate(
         out["mean_score"], out["mean_score_sem"] = _mean_sem(scores)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if reference is not None:
-        ratios, tokenwise = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples],
-                                       pad, tokenwise=True)
-        out["kl_to_reference"], out["kl_to_reference_sem"] = _mean_sem(ratios.tolist())
+        with progress_bar(len(samples), bar("KL to the reference") or "", "sample", progress) as kl_bar:
+            ratios, tokenwise = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples],
+                                           pad, tokenwise=True, progress=kl_bar)
+        out["kl_to_reference"], out["kl_to_reference_sem"] = _mean_sem(k3_kl(ratios).tolist())
+        out["kl_estimator"] = KL_ESTIMATOR
         out["kl_tokenwise"], out["kl_tokenwise_sem"] = _mean_sem(tokenwise.tolist())
         out["kl_estimator_biased"] = not (temperature == 1.0 and top_p == 1.0)
         if pairs is not None:
-            out["preference_accuracy"] = preference_accuracy(policy, reference, tokenizer, pairs)
+            examples = _examples(pairs)
+            used = examples if max_pairs is None else examples[:max_pairs]
+            out["pairs_used"], out["pairs_total"] = len(used), len(examples)
+            with progress_bar(2 * len(used), bar("held-out pairs (chosen + rejected)") or "", "seq", progress) as pair_bar:
+                out["preference_accuracy"] = preference_accuracy(policy, reference, tokenizer, used, progress=pair_bar)
     if isinstance(baseline, str) and baseline == "reference":
         baseline = reference
     if baseline is not None:
@@ -197,7 +246,8 @@ def evaluate(
         elif baseline is policy:
             base_samples = samples
         else:
-            base_samples = draw(baseline, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed + 1, batch_size)
+            base_samples = draw(baseline, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed + 1, batch_size,
+                                progress=bar("sampling the baseline"))
         if len(base_samples) != len(samples):
             raise ValueError(f"baseline has {len(base_samples)} samples, the policy {len(samples)}")
         out["baseline_mean_length"], _ = _mean_sem([completion_length(s) for s in base_samples])
@@ -233,8 +283,8 @@ _ROWS = [
     ("mean_score", "mean score", "{:.3f}"),
     ("baseline_mean_score", "baseline mean score", "{:.3f}"),
     ("win_rate", "win rate vs baseline", "{:.1%}"),
-    ("kl_to_reference", "KL(policy || reference), nats", "{:.2f}"),
-    ("kl_tokenwise", "KL tokenwise estimate, nats", "{:.2f}"),
+    ("kl_to_reference", "KL(policy || reference), nats/completion, k3 from the policy's samples", "{:.2f}"),
+    ("kl_tokenwise", "KL(policy || reference), nats/completion, exact next-token KL summed along the samples", "{:.2f}"),
     ("preference_accuracy", "held-out preference accuracy", "{:.1%}"),
     ("mean_length", "mean length (tokens)", "{:.1f}"),
     ("baseline_mean_length", "baseline mean length", "{:.1f}"),
@@ -254,6 +304,8 @@ def format_report(metrics: Mapping) -> str:
         sem = metrics.get(f"{key}_sem")
         if isinstance(sem, float) and math.isfinite(sem):
             text += " ± " + (fmt.format(sem) if "%" in fmt else f"{sem:.3f}" if "3f" in fmt else f"{sem:.2f}")
+        if key == "preference_accuracy" and "pairs_used" in metrics:
+            text += f"  (on {metrics['pairs_used']} of {metrics['pairs_total']} pairs)"
         rows.append((label, text))
     width = max((len(r[0]) for r in rows), default=0)
     return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)
@@ -291,6 +343,8 @@ def add_cli(verbs) -> None:
     p.add_argument("--judge-model")
     p.add_argument("--api-key-env", default=judge.api_key_env)
     p.add_argument("--pairs", default=d.pairs, help="held-out preference pairs for preference accuracy")
+    p.add_argument("--max-pairs", type=int, metavar="N",
+                   help="use only the first N pairs of --pairs (each costs a policy and a reference forward of both sides)")
     p.add_argument("-n", "--num-samples", type=int, default=d.num_samples)
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--top-p", type=float, default=d.top_p)
@@ -319,7 +373,8 @@ def run_cli(args) -> int:
     samples_out = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
     metrics = evaluate(policy, tokenizer, prompts, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
                        pairs=args.pairs, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens, seed=args.seed, samples_out=samples_out)
+                       max_new_tokens=args.max_new_tokens, seed=args.seed, samples_out=samples_out, max_pairs=args.max_pairs,
+                       progress=True)
     print(format_report(metrics))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")

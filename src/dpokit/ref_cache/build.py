@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from dpokit.config import ConfigError, SpeedConfig, load_config
 from dpokit.data.prepare import prepare_data
@@ -47,13 +49,15 @@ def length_order(pairs: list[TokenizedPair]) -> list[int]:
 
 @torch.no_grad()
 def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfig, pad_token_id: int,
-                            batch_size: int = 16, device=None, mixed_precision: str = "no", rank: int = 0, world: int = 1) -> torch.Tensor:
+                            batch_size: int = 16, device=None, mixed_precision: str = "no", rank: int = 0, world: int = 1,
+                            progress: Optional[str] = None) -> torch.Tensor:
     """(N, 4) reference log-probs (chosen, rejected, chosen_shared, rejected_shared) of every pair, no gradient.
 
     `model` is the reference: a plain model, or a PEFT policy whose adapters are disabled here.
     mixed_precision (train.mixed_precision): the reference runs under the same autocast as in training.
     rank, world: compute only batches rank, rank + world, ... of the one-process batching (other rows stay 0),
     so every batch is the same set of pairs as with one process and the values are bit-identical.
+    progress: the description of a progress bar on stderr (pairs done, rate, time left), shown by rank 0; None: silent.
     """
 
     speed = dataclasses.replace(speed, ref_cache=False)
@@ -70,14 +74,18 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfi
             attn = getattr(getattr(ref, "config", None), "_attn_implementation", None)
             collate = make_collate(speed, attn)
             order = length_order(pairs)
-            for b, start in enumerate(range(0, len(order), batch_size)):
-                if b % world != rank:
-                    continue
-                idx = order[start : start + batch_size]
-                batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_token_id).items()}
-                logps, shared = reference_sequence_logps(ref, batch, speed)
-                n = len(idx)
-                out[idx] = torch.stack([logps[:n], logps[n:], shared[:n], shared[n:]], dim=1).float().cpu()
+            mine = sum(len(order[s : s + batch_size]) for b, s in enumerate(range(0, len(order), batch_size)) if b % world == rank)
+            with tqdm(total=mine, desc=progress, unit="pair", disable=progress is None or rank != 0, dynamic_ncols=True,
+                      file=sys.stderr) as bar:
+                for b, start in enumerate(range(0, len(order), batch_size)):
+                    if b % world != rank:
+                        continue
+                    idx = order[start : start + batch_size]
+                    batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_token_id).items()}
+                    logps, shared = reference_sequence_logps(ref, batch, speed)
+                    n = len(idx)
+                    out[idx] = torch.stack([logps[:n], logps[n:], shared[:n], shared[n:]], dim=1).float().cpu()
+                    bar.update(n)
     finally:
         model.train(was_training)
     return out
@@ -126,7 +134,9 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
         pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         batch_size = max(cfg.train.eval_batch_size, cfg.train.batch_size)
         for s in missing:
-            logps = compute_reference_logps(ref_model, splits[s], speed, pad, batch_size, device, cfg.train.mixed_precision, rank, world)
+            shown = f"[dpokit] reference log-probs ({s})" if cfg.train.progress_bar else None
+            logps = compute_reference_logps(ref_model, splits[s], speed, pad, batch_size, device, cfg.train.mixed_precision, rank, world,
+                                            progress=shown)
             if world > 1:
                 logps = _gather_shards(accelerator, logps, rank, world, batch_size, splits[s])
             if rank == 0:

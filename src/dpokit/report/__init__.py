@@ -14,13 +14,14 @@ report, with notes saying what is missing. Modules: run_data (reading), charts
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
 from dpokit.report.page import render
 from dpokit.report.run_data import RunData, load_run
 
-__all__ = ["RunData", "build_report", "load_run", "render"]
+__all__ = ["RunData", "build_report", "load_run", "render", "write_report"]
 
 
 def build_report(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = None) -> Path:
@@ -32,4 +33,20 @@ def build_report(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = No
     path = Path(out) if out is not None else run.run_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(run), encoding="utf-8")
+    return path
+
+
+def write_report(run_dir: Union[str, Path]) -> Optional[Path]:
+    """`build_report` at the end of a run (`dpokit train`, `dpokit.train(...)`, `dpokit demo`), printing where it went.
+
+    The report is a convenience: a bug in it must not turn a finished run into a failed one, so any
+    error is one warning line on stderr (with the command to retry) and None.
+    """
+    try:
+        path = build_report(run_dir)
+    except Exception as e:  # noqa: BLE001
+        print(f"[dpokit] warning: could not write the report ({type(e).__name__}: {e}); try `dpokit report {run_dir}`",
+              file=sys.stderr, flush=True)
+        return None
+    print(f"[dpokit] report: {path}", flush=True)
     return path

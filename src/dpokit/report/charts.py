@@ -55,9 +55,12 @@ PLOTS = (
     Plot("logps", "Log-probabilities", (Line("logps/chosen", "chosen", GREEN), Line("logps/rejected", "rejected", RED)),
          "Policy log-probability of each completion, nats per sequence. Chosen falling steeply while the "
          "margin rises is likelihood displacement: the model unlearns the good answer too."),
-    Plot("kl", "KL to the reference", (Line("kl/chosen", "KL along chosen", AMBER), Line("kl", "KL baseline z0 (KTO)", PINK)),
-         "Estimated KL(policy || reference) in nats per sequence. The guide's alarm is 5-10 nats: beyond it "
-         "the policy has likely drifted too far (kl_drift).",
+    Plot("kl", "KL(policy || reference) per sequence, exact over the chosen completion (training metric kl/chosen)",
+         (Line("kl/chosen", "KL along chosen", AMBER), Line("kl", "KL baseline z0 (KTO)", PINK)),
+         "kl/chosen: the exact next-token KL(policy || reference) summed over the positions of each training pair's chosen "
+         "completion, in nats per sequence. It is not the KL that `dpokit eval` and `dpokit demo` show, which is "
+         "estimated from the policy's own samples (k3), so the two numbers differ. The guide's alarm is 5-10 nats: "
+         "beyond it the policy has likely drifted too far (kl_drift).",
          missing="no KL logged: reference-free losses run no reference, and reference log-probs read from the "
                  "cache (speed.ref_cache, the default) come without next-token distributions; speed.ref_cache=false "
                  "logs kl/chosen (LoRA runs with eval data log eval_kl/chosen anyway)"),

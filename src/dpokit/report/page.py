@@ -26,7 +26,7 @@ VERDICT_TEXT = {
 }
 
 TILES = (  # (label, key) for the headline numbers: the last finite value logged
-    ("loss", "loss"), ("accuracy", "rewards/accuracies"), ("margin", "rewards/margins"), ("KL (chosen)", "kl/chosen"),
+    ("loss", "loss"), ("accuracy", "rewards/accuracies"), ("margin", "rewards/margins"), ("KL over chosen (kl/chosen)", "kl/chosen"),
     ("eval loss", "eval_loss"), ("eval accuracy", "eval_rewards/accuracies"), ("eval length", "eval_mean_length"),
 )  # fmt: skip
 

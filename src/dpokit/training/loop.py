@@ -41,6 +41,7 @@ from dpokit.demo.assets import resolve_demo_assets
 from dpokit.data.token_health import context_length_problem, longest_sequence
 from dpokit.models import load_policy, load_tokenizer
 from dpokit.reference import prepare_reference
+from dpokit.report import write_report
 from dpokit.steps import Step, step_for
 from dpokit.training.checkpoint import RunState, is_sharded, save_checkpoint
 from dpokit.training.detectors import FailureDetectors
@@ -131,6 +132,8 @@ class Run:
                                self.cfg.train.save_total_limit)
 
     def result(self, metrics: dict, stop_reason: Optional[str]) -> TrainResult:
+        if self.is_main:  # report.html in every run directory, also for dpokit.train(...) and the demo (issue 15.17)
+            write_report(self.run_dir)
         return TrainResult(run_dir=self.run_dir, metrics=metrics, model_dir=self.run_dir / "final", stop_reason=stop_reason)
 
 
