@@ -107,7 +107,7 @@ def counting(*args):
 build.reference_sequence_logps = counting
 cache, data = ensure_reference_cache(cfg, tokenizer, prepare_data(cfg, tokenizer), model=load_policy(cfg), accelerator=accelerator)
 assert all(p.reference is not None for p in data.train + data.eval)
-print("RANK", accelerator.process_index, cache.built, len(batches), cache.folder, flush=True)
+print(f"RANK {{accelerator.process_index}} {{cache.built}} {{len(batches)}} {{cache.folder}}", flush=True)  # one write: ranks share the pipe
 """
 
 
