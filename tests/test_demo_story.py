@@ -16,18 +16,9 @@ from dpokit.demo import world
 from dpokit.online.demo_eval import evaluate_policy, format_table
 from dpokit.online.evaluation import evaluate, format_report, k3_kl
 from dpokit.ref_cache.build import compute_reference_logps
-from dpokit.tiny import build_tiny_llama, build_tokenizer
-from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
+from tiny_assets import model, synthetic_pairs, tiny_model_dir, tokenizer, write_jsonl  # noqa: F401 (model, tokenizer: fixtures)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer([" ".join(world.vocabulary())], kind="word")
-
-
-@pytest.fixture()
-def model(tokenizer):
-    return build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
 
 
 # --- 15.18: a KL estimate that is never negative --------------------------------------------------

@@ -12,17 +12,9 @@ from dpokit.demo import world
 from dpokit.online.evaluation import evaluate, format_report, kl_to_reference, log_ratios, preference_accuracy
 from dpokit.generation import sample
 from dpokit.online.scoring import FunctionScorer
-from dpokit.tiny import build_tiny_llama, build_tokenizer
+from tiny_assets import model, tokenizer  # noqa: F401 (pytest fixtures)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer([" ".join(world.vocabulary())], kind="word")
-
-
-@pytest.fixture()
-def model(tokenizer):
-    return build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
 
 
 def fix_distribution(model, tokenizer, p_eos: float, boost: dict | None = None):

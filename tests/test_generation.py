@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from dpokit.demo import world
 from dpokit.generation import Sample, sample
-from dpokit.tiny import build_tiny_llama, build_tokenizer
+from tiny_assets import model, tokenizer  # noqa: F401 (pytest fixtures)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer([" ".join(world.vocabulary())], kind="word")
-
-
-@pytest.fixture()
-def model(tokenizer):
-    return build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
 
 
 def fix_next_token_distribution(model, tokenizer, p_eos: float):

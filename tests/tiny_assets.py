@@ -12,6 +12,8 @@ import random
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from dpokit.tiny import build_tiny_llama, build_tokenizer, save_tiny
 
 WORDS = (
@@ -71,3 +73,17 @@ def user(text: str) -> dict:
 def assistant(text: str) -> dict:
     """A chat message of the assistant (conversational rows)."""
     return {"role": "assistant", "content": text}
+
+
+# The demo world's word-level tokenizer and a tiny untrained model on it, as pytest fixtures: the
+# evaluation, generation and demo-story tests import them (`from tiny_assets import model, tokenizer`).
+@pytest.fixture(scope="module")
+def tokenizer():
+    from dpokit.demo import world
+
+    return build_tokenizer([" ".join(world.vocabulary())], kind="word")
+
+
+@pytest.fixture()
+def model(tokenizer):
+    return build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
