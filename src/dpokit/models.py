@@ -19,6 +19,7 @@ adapters off, so it costs no memory.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import os
 import warnings
 
@@ -65,7 +66,22 @@ def _missing_parts(path: str, needs: tuple[str, ...]) -> list[str]:
     return missing
 
 
-def check_model_source(cfg: Config | ModelConfig, needs: tuple[str, ...] = ()) -> None:
+@dataclass(frozen=True)
+class OptIn:
+    """How the user says yes to a model's own code or its pickle weights, as the refusals name it.
+
+    `dpokit train` reads its config's model.* keys; the online verbs have flags (--trust-remote-code) and
+    the pipeline its own keys, so each refusal names the setting of the verb that loaded the model.
+    """
+
+    trust_remote_code: str = "model.trust_remote_code=true"
+    allow_pickle: str = "model.allow_pickle=true"
+
+
+TRAIN_OPT_IN = OptIn()
+
+
+def check_model_source(cfg: Config | ModelConfig, needs: tuple[str, ...] = (), opt_in: OptIn = TRAIN_OPT_IN) -> None:
     """Refuse, before any loading, a missing or incomplete local model folder, and one with custom code or only
     pickle weights (unless allowed). needs: what the caller will load from it ("model", "tokenizer")."""
     model = model_settings(cfg)
@@ -92,7 +108,7 @@ def check_model_source(cfg: Config | ModelConfig, needs: tuple[str, ...] = ()) -
                 raise ModelLoadError(
                     f"model.name_or_path={model.name_or_path!r} ships its own Python code ({name} has an auto_map: "
                     f"{targets}); dpokit does not run code that comes with a model unless you set "
-                    "model.trust_remote_code=true (only do so if you have read that code and trust its author)"
+                    f"{opt_in.trust_remote_code} (only do so if you have read that code and trust its author)"
                 )
     files = set(os.listdir(path))
     has_safetensors = any(f.endswith(".safetensors") for f in files)
@@ -100,7 +116,7 @@ def check_model_source(cfg: Config | ModelConfig, needs: tuple[str, ...] = ()) -
     if pickled and not has_safetensors and not model.allow_pickle:
         raise ModelLoadError(
             f"model.name_or_path={model.name_or_path!r} has only pickle-based weights ({', '.join(pickled)}); "
-            "loading a pickle can run arbitrary code. Convert them to safetensors, or set model.allow_pickle=true "
+            f"loading a pickle can run arbitrary code. Convert them to safetensors, or set {opt_in.allow_pickle} "
             "if you trust where the file comes from"
         )
 
@@ -127,32 +143,32 @@ def _flatten(value):
         yield value
 
 
-def _load_error(what: str, cfg: Config | ModelConfig, error: Exception) -> ModelLoadError:
+def _load_error(what: str, cfg: Config | ModelConfig, error: Exception, opt_in: OptIn = TRAIN_OPT_IN) -> ModelLoadError:
     model = model_settings(cfg)
     text = str(error)
     if "trust_remote_code" in text or "custom code" in text:
         return ModelLoadError(
             f"{what} at model.name_or_path={model.name_or_path!r} needs its own Python code to load; dpokit does not "
-            "run it unless model.trust_remote_code=true (only if you trust its author)"
+            f"run it unless {opt_in.trust_remote_code} (only if you trust its author)"
         )
     if not model.allow_pickle and ("safetensors" in text or "use_safetensors" in text):
         return ModelLoadError(
             f"could not load {what} at model.name_or_path={model.name_or_path!r} from safetensors weights "
             f"({type(error).__name__}: {text}); if it only has pickle-based weights (pytorch_model.bin) and you trust "
-            "them, set model.allow_pickle=true"
+            f"them, set {opt_in.allow_pickle}"
         )
     return ModelLoadError(f"could not load {what} at model.name_or_path={model.name_or_path!r}: {type(error).__name__}: {text}")
 
 
-def load_tokenizer(cfg: Config | ModelConfig):
+def load_tokenizer(cfg: Config | ModelConfig, opt_in: OptIn = TRAIN_OPT_IN):
     from transformers import AutoTokenizer
 
     model = model_settings(cfg)
-    check_model_source(model, needs=("tokenizer",))
+    check_model_source(model, needs=("tokenizer",), opt_in=opt_in)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
-        raise _load_error("the tokenizer", model, e) from None
+        raise _load_error("the tokenizer", model, e, opt_in) from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and labels, so any id works; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -173,7 +189,7 @@ def load_model_config(cfg: Config | ModelConfig):
         raise _load_error("the model's config", model, e) from None
 
 
-def load_weights(cfg: Config | ModelConfig, auto_class=None):
+def load_weights(cfg: Config | ModelConfig, auto_class=None, opt_in: OptIn = TRAIN_OPT_IN):
     """`from_pretrained` after the safety checks: every model dpokit loads comes through here.
 
     auto_class: a transformers Auto class (default AutoModelForCausalLM; a reward model passes
@@ -182,7 +198,7 @@ def load_weights(cfg: Config | ModelConfig, auto_class=None):
     from transformers import AutoModelForCausalLM
 
     model = model_settings(cfg)
-    check_model_source(model, needs=("model",))
+    check_model_source(model, needs=("model",), opt_in=opt_in)
     kwargs = {"dtype": DTYPES[model.dtype], "revision": model.revision, "trust_remote_code": model.trust_remote_code}
     if not model.allow_pickle:
         kwargs["use_safetensors"] = True  # transformers then never falls back to pytorch_model.bin
@@ -195,7 +211,7 @@ def load_weights(cfg: Config | ModelConfig, auto_class=None):
     try:
         return (auto_class or AutoModelForCausalLM).from_pretrained(model.name_or_path, **kwargs)
     except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
-        raise _load_error("the model", model, e) from None
+        raise _load_error("the model", model, e, opt_in) from None
 
 
 # Below this many parameters a CPU matmul is too small to share between threads: one thread is as fast on an
@@ -259,10 +275,10 @@ def load_policy(cfg: Config):
     return model
 
 
-def load_model(cfg: Config | ModelConfig, auto_class=None, device: str | None = None):
+def load_model(cfg: Config | ModelConfig, auto_class=None, device: str | None = None, opt_in: OptIn = TRAIN_OPT_IN):
     """(model in eval mode on `device`, tokenizer) for sampling, scoring and evaluation; on the GPU when there is one."""
-    tokenizer = load_tokenizer(cfg)
-    model = load_weights(cfg, auto_class)
+    tokenizer = load_tokenizer(cfg, opt_in)
+    model = load_weights(cfg, auto_class, opt_in)
     set_cpu_threads(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dpokit.config import ModelConfig
 from dpokit.data.records import DataError
 from dpokit.demo.assets import PREFIX, demo_paths
-from dpokit.models import ModelLoadError, load_model as load_checked_model, load_tokenizer as load_checked_tokenizer
+from dpokit.models import OptIn, load_model as load_checked_model, load_tokenizer as load_checked_tokenizer
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,10 @@ class ModelTrust:
     where: str = "cli"  # cli: --trust-remote-code / --allow-pickle | pipeline: its trust_remote_code / allow_pickle keys
 
 
-# dpokit.models names the train config's keys; the online verbs opt in with their own.
-_OPT_IN = {
-    "cli": {"model.trust_remote_code=true": "--trust-remote-code", "model.allow_pickle=true": "--allow-pickle"},
-    "pipeline": {"model.trust_remote_code=true": "trust_remote_code=true (a pipeline key)",
-                 "model.allow_pickle=true": "allow_pickle=true (a pipeline key)"},
+# The online verbs opt in with their own settings, and dpokit.models' refusals name them.
+OPT_IN = {
+    "cli": OptIn(trust_remote_code="--trust-remote-code", allow_pickle="--allow-pickle"),
+    "pipeline": OptIn(trust_remote_code="trust_remote_code=true (a pipeline key)", allow_pickle="allow_pickle=true (a pipeline key)"),
 }
 
 
@@ -50,27 +49,14 @@ def inference_settings(spec: str, trust: ModelTrust = ModelTrust(), dtype: str =
                        allow_pickle=trust.allow_pickle)
 
 
-def _refusal(error: ModelLoadError, trust: ModelTrust) -> ModelLoadError:
-    text = str(error)
-    for key, setting in _OPT_IN[trust.where].items():
-        text = text.replace(key, setting)
-    return ModelLoadError(text)
-
-
 def load_model(spec: str, trust: ModelTrust = ModelTrust(), auto_class=None, device: str | None = None, dtype: str = "auto"):
     """(model in eval mode, tokenizer) from a folder, hub id or demo: name; on the GPU when there is one."""
-    try:
-        return load_checked_model(inference_settings(spec, trust, dtype), auto_class, device)
-    except ModelLoadError as e:
-        raise _refusal(e, trust) from None
+    return load_checked_model(inference_settings(spec, trust, dtype), auto_class, device, OPT_IN[trust.where])
 
 
 def load_tokenizer(spec: str, trust: ModelTrust = ModelTrust()):
     """The tokenizer alone (vLLM loads the weights itself), after the same checks."""
-    try:
-        return load_checked_tokenizer(inference_settings(spec, trust))
-    except ModelLoadError as e:
-        raise _refusal(e, trust) from None
+    return load_checked_tokenizer(inference_settings(spec, trust), OPT_IN[trust.where])
 
 
 def add_trust_flags(parser: argparse.ArgumentParser) -> None:
