@@ -107,7 +107,8 @@ def counting(*args):
 build.reference_sequence_logps = counting
 cache, data = ensure_reference_cache(cfg, tokenizer, prepare_data(cfg, tokenizer), model=load_policy(cfg), accelerator=accelerator)
 assert all(p.reference is not None for p in data.train + data.eval)
-print(f"RANK {{accelerator.process_index}} {{cache.built}} {{len(batches)}} {{cache.folder}}", flush=True)  # one write: ranks share the pipe
+with open(sys.argv[2] + f"/rank{{accelerator.process_index}}.txt", "w") as out:  # a file per rank: the shared stdout pipe lost lines
+    out.write(f"RANK {{accelerator.process_index}} {{cache.built}} {{len(batches)}} {{cache.folder}}")
 """
 
 
@@ -119,10 +120,10 @@ def test_two_processes_share_the_build_and_write_the_bytes_one_process_writes(tm
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     port = str(29700 + os.getpid() % 1000)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(script),
-                          json.dumps(_cfg(tmp_path, cache="cache2", **{"train.batch_size": 1}))],
+                          json.dumps(_cfg(tmp_path, cache="cache2", **{"train.batch_size": 1})), str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("RANK"))
+    lines = sorted((tmp_path / f"rank{i}.txt").read_text() for i in range(2) if (tmp_path / f"rank{i}.txt").exists())
     assert [line.split()[1:3] for line in lines] == [["0", "True"], ["1", "True"]]
     scored = [int(line.split()[3]) for line in lines]
     assert min(scored) > 0 and sum(scored) == 9 + 4  # every batch once (9 train + 4 eval pairs, batch 1), on both ranks
