@@ -111,3 +111,23 @@ def test_build_optimizer_picks_by_optim_name_and_keeps_the_groups(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(ConfigError, match=r"optim.name=adamw_8bit needs bitsandbytes: pip install 'dpokit\[quantization\]'"):
         build_optimizer(load_config(cfg, {"optim.name": "adamw_8bit"}), groups)
+
+
+def test_adamw_is_fused_by_default_for_each_when_asked_or_sharded_and_both_give_the_same_update():
+    def run(**options):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(7))]
+        cfg = load_config(None, {"optim.lr": 1e-2, "optim.weight_decay": 0.1, **options.get("keys", {})})
+        optimizer = build_optimizer(cfg, [{"params": params}], sharded=options.get("sharded", False))
+        for step in range(3):
+            for p in params:
+                p.grad = torch.sin(p.detach() * (step + 1))
+            optimizer.step()
+        return optimizer.defaults["fused"], torch.cat([p.detach() for p in params])
+
+    fused, a = run()
+    assert fused is True
+    foreach, b = run(keys={"optim.fused": False})
+    assert not foreach
+    assert not run(sharded=True)[0]  # FSDP / DeepSpeed wrap the parameters: for-each whatever optim.fused says
+    assert not torch.equal(a, torch.zeros_like(a)) and torch.allclose(a, b, rtol=0, atol=1e-6)

@@ -5,13 +5,13 @@ around them end to end: tokenisation, padding and masking, the policy and refere
 mean over pairs, gradient clipping, AdamW and the schedule. Two steps on one batch of all rows:
 step 1 runs with policy == reference (rewards are 0 by construction), so step 2, after one
 update, is where rewards, margins and accuracies carry information, and its AdamW update depends
-on gradient magnitudes (the first is nearly lr * sign(g)).
+on gradient magnitudes (the first is nearly lr * sign(g)). AdamW: both sides' default, torch's fused kernel
+(TRL through HF Trainer's adamw_torch_fused; dpokit's optim.fused).
 
 TRL defaults that differ from dpokit's and are set here so both compute the same thing:
   bf16=True unless fp16 (TRL's base config)     -> bf16=False, fp32 like dpokit's default
   gradient_checkpointing=True                   -> False (numerically the same on CPU; just faster)
   max_length=1024, keep_start on the whole seq  -> None: dpokit cuts prompt (left) and completion (right)
-  optim adamw_torch_fused (torch >= 2.8)        -> adamw_torch, dpokit's torch.optim.AdamW
   lr_scheduler_type linear                      -> constant, as dpokit's `optim.scheduler: constant`
   precompute_ref_log_probs False, padding_free False, disable_dropout True: the tiny model has no dropout
 Differences that remain, each pinned by a test below:
@@ -80,7 +80,7 @@ def run_trl(tmp_path: Path, loss_type: str, steps: int, weight_decay: float = 0.
         bf16=False, fp16=False, gradient_checkpointing=False, max_length=None, padding_free=False,
         precompute_ref_log_probs=False, per_device_train_batch_size=len(ROWS), max_steps=steps, logging_steps=1,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=weight_decay,
-        max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        max_grad_norm=MAX_GRAD_NORM, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         beta=BETA, loss_type=[loss_type], dataloader_num_workers=0,
     )
     trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(ROWS),

@@ -56,6 +56,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | adamw_8bit (bitsandbytes: 8-bit moments, ~1/4 of AdamW's state memory)
+    fused: bool = True  # adamw: torch's fused kernel (HF Trainer's default adamw_torch_fused since torch 2.8); false = for-each (adamw_torch)
     lr: float = 1e-6  # TRL's DPO default; LoRA usually wants ~5e-6 or more
     weight_decay: float = 0.0
     adam_beta1: float = 0.9

@@ -186,7 +186,7 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     reference, data = reference_for(cfg, objective, policy, tokenizer, data, accelerator, with_reference)
     policy.train()
 
-    optimizer = make_optimizer(cfg, policy)
+    optimizer = make_optimizer(cfg, policy, is_sharded(accelerator))
     micro_per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * accelerator.num_processes))
     total_steps = total_steps_for(cfg, micro_per_epoch)
     scheduler = make_schedule(cfg, optimizer, total_steps)

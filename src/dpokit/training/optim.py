@@ -11,7 +11,7 @@ from dpokit.config import Config
 from dpokit.optimizers import build_optimizer
 
 
-def make_optimizer(cfg: Config, policy) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, policy, sharded: bool = False) -> torch.optim.Optimizer:
     trainable = [p for p in policy.parameters() if p.requires_grad]
     # As HF's Trainer: biases and norm weights are not decayed (decay would pull norms towards 0).
     no_decay = {id(p) for n, p in policy.named_parameters() if p.requires_grad and ("bias" in n or "norm" in n)}
@@ -19,7 +19,7 @@ def make_optimizer(cfg: Config, policy) -> torch.optim.Optimizer:
         {"params": [p for p in trainable if id(p) not in no_decay]},
         {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
     ]
-    return build_optimizer(cfg, groups)  # optim.name: AdamW, or bitsandbytes' 8-bit AdamW
+    return build_optimizer(cfg, groups, sharded)  # optim.name: AdamW (fused unless sharded), or bitsandbytes' 8-bit AdamW
 
 
 def total_steps_for(cfg: Config, micro_per_epoch: int) -> int:
