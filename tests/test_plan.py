@@ -105,9 +105,9 @@ def _gpu_plan(**overrides):
     return cfg, shape
 
 
-def test_an_8b_full_fine_tune_does_not_fit_one_80gb_gpu_and_the_suggestions_say_what_does():
-    cfg, shape = _gpu_plan()
-    plan = plan_memory(cfg, shape, gpus=1, gpu_memory=parse_size("80GB"))
+def test_an_8b_full_fine_tune_does_not_fit_one_48gb_gpu_and_the_suggestions_say_what_does():
+    cfg, shape = _gpu_plan()  # bf16 weights, gradients and AdamW moments: 64 GB before activations
+    plan = plan_memory(cfg, shape, gpus=1, gpu_memory=parse_size("48GB"))
     assert shape.params == pytest.approx(8.03e9, rel=0.01)
     assert plan.part("weights") == pytest.approx(shape.params * 2) and plan.part("optimizer") == pytest.approx(shape.params * 4)
     assert plan.part("reference") == 0  # the reference cache is on by default
@@ -116,7 +116,7 @@ def test_an_8b_full_fine_tune_does_not_fit_one_80gb_gpu_and_the_suggestions_say_
     assert [s[1] for s in tips] == sorted((s[1] for s in tips), reverse=True)
     fitting = {text for text, _, fits in tips if fits}
     assert "lora.enabled=true model.quantization=nf4 (QLoRA)" in fitting and "lora.enabled=true" in fitting
-    sharded = plan_memory(cfg, shape, gpus=8, gpu_memory=parse_size("80GB"))
+    sharded = plan_memory(cfg, shape, gpus=8, gpu_memory=parse_size("48GB"))
     assert sharded.part("optimizer") == pytest.approx(plan.part("optimizer") / 8) and sharded.fits
     assert "does NOT fit" in format_plan(cfg, plan, tips)
 
@@ -149,3 +149,11 @@ def test_plan_verb_prints_the_parts_and_exits_1_when_it_does_not_fit(tmp_path, c
     assert "weights" in out and "activations" in out and "fits in 80 GiB" in out
     assert main(["plan", "demo", f"model.name_or_path={tmp_path / 'm'}", "--gpu-memory", "0.5GB"]) == 1
     assert "to lower the peak" in capsys.readouterr().out
+
+
+def test_the_for_each_adamw_counts_a_temporary_of_every_parameter_and_the_fused_one_none():
+    cfg, shape = _gpu_plan()
+    assert plan_memory(cfg, shape).part("step") == 0  # optim.fused (the default) updates in place
+    foreach = plan_memory(load_config(cfg, {"optim.fused": False}), shape)
+    assert foreach.part("step") == pytest.approx(shape.params * 2)  # one bf16 sqrt(exp_avg_sq) per parameter
+    assert plan_memory(cfg, shape, gpus=8).part("step") == pytest.approx(shape.params * 2 / 8)  # sharded: for-each

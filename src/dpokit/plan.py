@@ -12,8 +12,9 @@ Reads the model's config.json only (no weights) and the run's settings, and coun
                  checkpointing each layer's input plus one layer recomputed in full
     backward     the embedding's and LM head's weight gradients, each computed whole before being added to
                  .grad (full fine-tuning only): 2 x vocabulary x hidden x 4 bytes
-    step         the optimizer step's temporaries: torch's foreach AdamW on GPU holds one float32 copy of
-                 every trainable parameter (the sqrt of the second moment); adamw_8bit none counted; on CPU, per tensor, two of the largest
+    step         the optimizer step's temporaries: none for the fused AdamW (optim.fused, the default) and
+                 adamw_8bit; the for-each AdamW (optim.fused=false, or sharded) holds one float32 copy of every
+                 trainable parameter on GPU (the sqrt of the second moment), on CPU per tensor two of the largest
     logits       the LM head: chunks of speed.logps_chunk_size tokens (chunked head), the completion
                  tokens x vocabulary (fast path without it), or every row position x vocabulary (plain path)
 
@@ -222,10 +223,13 @@ def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optio
     parts.append(Part("logits", logits, head + " (float32 logits, log-softmax, gradient)"))
     if not cfg.lora.enabled:
         parts.append(Part("backward", 2 * shape.vocab * shape.hidden * grad_bytes / shard, "embedding and LM-head gradients before accumulation"))
-    if device == "cpu":
+    fused = cfg.optim.fused and shard == 1  # optimizers.build_optimizer: for-each under FSDP / ZeRO-3
+    if cfg.optim.name != "adamw" or fused:
+        pass  # the fused kernel (and AdamW8bit) update in place: no temporaries
+    elif device == "cpu":
         largest = shape.vocab * shape.hidden if not cfg.lora.enabled else max(cfg.lora.r * (a + b) for a, b in shape.linear_shapes)
         parts.append(Part("step", 2 * largest * 4, "optimizer temporaries of the largest tensor (per-tensor AdamW on CPU)"))
-    elif cfg.optim.name == "adamw":
+    else:
         parts.append(Part("step", trainable * grad_bytes / shard, "foreach AdamW: a temporary of every trainable parameter"))
     if runtime:
         parts.append(Part("runtime", runtime, "CUDA context, workspaces, allocator slack"))
