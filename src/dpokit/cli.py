@@ -267,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     from dpokit.online.scorer import ScoringError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value after an option (`doctor DATA --sample 0 data.max_length=256`): argparse has already
+    # filled the positional overrides, so it hands them back here; they are overrides all the same.
+    late = [a for a in extra if "=" in a and not a.startswith("-")]
+    if late and isinstance(getattr(args, "overrides", None), list):
+        args.overrides, extra = args.overrides + late, [a for a in extra if a not in late]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
