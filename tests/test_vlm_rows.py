@@ -123,7 +123,7 @@ def test_bad_image_rows_are_skipped_with_their_reason(tmp_path):
         "the row has 2 images but its prompt has 1 image parts": 1,
         "image file cannot be read (FileNotFoundError: missing.png)": 1,
         "image parts in chosen/rejected are not supported (images belong to the prompt)": 1,
-        "rows with images need a prompt of chat messages with {'type': 'image'} parts": 1,
+        "data.vision rows need a prompt of chat messages (with {'type': 'image'} parts for their images)": 1,
     }
     with pytest.raises(DataError, match=r"bad.jsonl, row 2, field 'images': the row has 2 images"):
         load_vision_preferences(str(tmp_path / "bad.jsonl"), strict=True)

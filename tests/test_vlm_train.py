@@ -11,7 +11,7 @@ from vision_assets import COLOURS, colour_rows, tiny_llava_dir, write_images, wr
 
 from dpokit.config import load_config
 from dpokit.models import load_policy, load_tokenizer, load_weights
-from dpokit.ref_cache.build import ensure_reference_cache
+from dpokit.ref_cache.build import ensure_reference_cache, precompute_reference
 from dpokit.steps import VisionPairedStep, step_for
 from dpokit.training.loop import train
 
@@ -112,6 +112,7 @@ def test_the_reference_cache_gives_the_live_numbers_and_a_changed_image_rebuilds
     policy = load_policy(cfg)
     again, _ = ensure_reference_cache(cfg, tokenizer, data, model=policy)
     assert not again.built  # the training run's cache, found again
+    assert precompute_reference(cfg) == again.folder  # `dpokit precompute` prepares image rows the same way
     from PIL import Image
 
     Image.new("RGB", (20, 20), (250, 5, 5)).save(tmp_path / "red.png")  # another red: same size, same token ids

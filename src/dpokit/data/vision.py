@@ -120,7 +120,7 @@ def vision_example(row: dict, where: str, folder: str) -> VisionExample:
         if row.get(name) is None:
             raise RowSkip(f"{name} is missing", name)
     if isinstance(row["prompt"], str):
-        raise RowSkip("rows with images need a prompt of chat messages with {'type': 'image'} parts", "prompt")
+        raise RowSkip("data.vision rows need a prompt of chat messages (with {'type': 'image'} parts for their images)", "prompt")
     prompt, n_parts = _messages(row["prompt"], "prompt")
     chosen, n_chosen = _messages(row["chosen"], "chosen")
     rejected, n_rejected = _messages(row["rejected"], "rejected")

@@ -31,7 +31,6 @@ import torch
 from tqdm.auto import tqdm
 
 from dpokit.config import ConfigError, SpeedConfig, load_config
-from dpokit.data.prepare import prepare_data
 from dpokit.data.tokenization import TokenizedPair
 from dpokit.data.vision import images_digest
 from dpokit.demo.assets import resolve_demo_assets
@@ -40,6 +39,7 @@ from dpokit.models import load_policy, load_tokenizer
 from dpokit.ref_cache.fingerprint import fingerprint, reference_model_config
 from dpokit.ref_cache.store import SPLITS, CacheCorrupt, attach, cache_root, read_split, write_split
 from dpokit.reference import reference_mode
+from dpokit.steps import step_for
 from dpokit.steps.paired import make_collate
 from dpokit.steps.token_scores import reference_sequence_logps
 from dpokit.steps.vision import vision_reference_logps
@@ -227,7 +227,7 @@ def precompute_reference(cfg, overrides=None) -> Path:
         raise ConfigError(f"loss.type={cfg.loss.type!r}: only paired losses that use a reference have reference "
                           "log-probs to precompute (KTO's KL baseline depends on the batch; reference-free losses need none)")
     tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer)
+    data = step_for(cfg).prepare(cfg, tokenizer)  # the step's own preparation: image rows (data.vision) have theirs
     cache, _ = ensure_reference_cache(cfg, tokenizer, data)
     n_train, n_eval = len(data.train), len(data.eval)
     verb = f"built in {cache.seconds:.1f}s" if cache.built else "already up to date"
