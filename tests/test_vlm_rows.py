@@ -143,3 +143,21 @@ def test_a_text_model_folder_is_refused_for_data_vision():
 
     with pytest.raises(ModelLoadError, match="vision-language processor"):
         load_processor(load_config({"model": {"name_or_path": str(tiny_model_dir())}, "data": {"vision": True}}))
+
+
+def test_the_context_check_reads_the_language_models_config():
+    from transformers import AutoConfig
+
+    from dpokit.data.token_health import context_length_problem
+
+    config = AutoConfig.from_pretrained(tiny_llava_dir())  # LLaVA: max_position_embeddings=512 in text_config only
+    assert "exceeds the model's context length of 512 tokens" in context_length_problem(1024, config, 600)
+    assert context_length_problem(512, config) is None
+
+
+def test_sampling_and_unpaired_objectives_are_refused_with_images():
+    from dpokit.config import ConfigError
+
+    for overrides in ({"loss": {"type": "kto"}}, {"train": {"task": "sft"}}, {"train": {"eval_generate": 2}}):
+        with pytest.raises(ConfigError, match="data.vision"):
+            load_config({"data": {"vision": True}, **overrides})

@@ -30,6 +30,7 @@ from dpokit.data.layouts import check_completion
 from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
 from dpokit.data.records import DataError, PreferenceExample, SkipReport
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
+from dpokit.data.token_health import check_token_health, paired_rows
 from dpokit.data.tokenization import TokenizationStats, TokenizedPair
 
 # Processor outputs with one entry per image (concatenated along dim 0 in a batch), as the models read them.
@@ -295,6 +296,9 @@ def prepare_vision_data(cfg, processor):
     train, train_stats = tokenize_vision_pairs(train_examples, processor, d.max_length, d.max_prompt_length, train_report, d.strict)
     evals, eval_stats = tokenize_vision_pairs(eval_examples, processor, d.max_length, d.max_prompt_length, eval_report, d.strict)
     summary = {"train": split_summary(train_report, train_stats, len(train)), "eval": split_summary(eval_report, eval_stats, len(evals))}
+    # the token-health sample reads text: the prompts' text parts (image tokens are the processor's, never unknown)
+    texts = [dataclasses.replace(ex, prompt=_text_only(ex.prompt)) for ex in train_examples]
+    summary["train"]["token_health"] = check_token_health(paired_rows(texts, train), processor.tokenizer, d.path)
     for split, pairs in (("train", train), ("eval", evals)):
         summary[split]["images"] = sum(_images_in(p) for p in pairs)
     return PreparedData(train, evals, summary)
