@@ -8,7 +8,7 @@ from vision_assets import colour_rows, image_prompt, tiny_llava_dir, write_image
 
 from dpokit.config import load_config
 from dpokit.data.collate import IGNORE_INDEX
-from dpokit.data.records import DataError
+from dpokit.data.records import DataError, SkipReport
 from dpokit.data.vision import (IMAGE_TRUNCATION, collate_vision_pairs, load_vision_preferences, prepare_vision_data,
                                 tokenize_vision_pairs)
 from dpokit.models import ModelLoadError, load_processor
@@ -76,8 +76,6 @@ def test_two_images_in_one_prompt_and_text_before_the_image(tmp_path, processor)
 
 
 def _report(examples):
-    from dpokit.data.records import SkipReport
-
     report = SkipReport()
     report.rows_read = report.rows_used = len(examples)
     return report
@@ -116,7 +114,7 @@ def test_bad_image_rows_are_skipped_with_their_reason(tmp_path):
             dict(good, images=["missing.png"]),
             dict(good, chosen=[{"role": "assistant", "content": [{"type": "image"}]}]),
             dict(good, prompt="what colour is the square"),
-            dict(good, images=[(tmp_path / "red.png").read_bytes().hex()] and [str(tmp_path / "green.png")])]  # an absolute path
+            dict(good, images=[str(tmp_path / "green.png")])]  # an absolute path
     examples, report = load_vision_preferences(str(write_rows(tmp_path / "bad.jsonl", rows)))
     assert len(examples) == 2 and examples[1].images == [(tmp_path / "green.png").read_bytes()]
     assert report.skipped == {

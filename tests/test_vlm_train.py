@@ -7,7 +7,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from vision_assets import COLOURS, colour_rows, tiny_llava_dir, write_images, write_rows
+from vision_assets import colour_rows, tiny_llava_dir, write_images, write_rows
 
 from dpokit.config import load_config
 from dpokit.models import load_policy, load_tokenizer, load_weights
@@ -134,4 +134,3 @@ def test_lora_adapts_only_the_language_model(tmp_path):
     result = train(cfg)
     assert result.stop_reason is None and (result.model_dir / "adapter_config.json").exists()
     assert (result.model_dir / "processor_config.json").exists()  # the final folder loads with AutoProcessor
-    assert len(COLOURS) == 3
