@@ -156,6 +156,7 @@ def test_the_context_check_reads_the_language_models_config():
 def test_sampling_and_unpaired_objectives_are_refused_with_images():
     from dpokit.config import ConfigError
 
-    for overrides in ({"loss": {"type": "kto"}}, {"train": {"task": "sft"}}, {"train": {"eval_generate": 2}}):
+    for overrides in ({"loss": {"type": "kto"}}, {"train": {"task": "sft"}}, {"train": {"eval_generate": 2}},
+                      {"data": {"vision": True, "layout": "sharegpt"}}):
         with pytest.raises(ConfigError, match="data.vision"):
             load_config({"data": {"vision": True}, **overrides})

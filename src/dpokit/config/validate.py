@@ -30,6 +30,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.vision and (cfg.train.task == "sft" or any(name in UNPAIRED_LOSSES for name in loss_names(cfg.loss))):
         raise ConfigError("data.vision=true trains paired (DPO-family) losses only; image rows are not supported by "
                           "train.task=sft or KTO yet")
+    if cfg.data.vision and (cfg.data.layout != "auto" or cfg.data.columns):
+        raise ConfigError("data.vision=true reads prompt/images/chosen/rejected columns (docs/data.md); data.layout and "
+                          "data.columns do not apply to image rows yet")
     if cfg.data.vision and cfg.train.eval_generate > 0:
         raise ConfigError("train.eval_generate samples from text prompts, and data.vision rows need their images: "
                           "set train.eval_generate=0 (sampling with images is not supported yet)")
