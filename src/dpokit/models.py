@@ -177,6 +177,24 @@ def load_tokenizer(cfg: Config | ModelConfig, opt_in: OptIn = TRAIN_OPT_IN):
     return tokenizer
 
 
+def load_processor(cfg: Config | ModelConfig, opt_in: OptIn = TRAIN_OPT_IN):
+    """The model's processor (AutoProcessor: image processor + tokenizer + chat template) for data.vision rows."""
+    from transformers import AutoProcessor
+
+    model = model_settings(cfg)
+    check_model_source(model, needs=("tokenizer",), opt_in=opt_in)
+    try:
+        processor = AutoProcessor.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except Exception as e:  # a user-facing error, not a traceback
+        raise _load_error("the processor", model, e, opt_in) from None
+    if getattr(processor, "image_token", None) is None or not hasattr(processor, "image_processor"):
+        raise ModelLoadError(f"data.vision=true needs a vision-language processor (an image processor and an image token); "
+                             f"model.name_or_path={model.name_or_path!r} loads a {type(processor).__name__}")
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
 def load_model_config(cfg: Config | ModelConfig):
     """The model's config.json (a transformers PretrainedConfig): no weights, never remote code."""
     from transformers import AutoConfig
@@ -195,8 +213,10 @@ def load_weights(cfg: Config | ModelConfig, auto_class=None, opt_in: OptIn = TRA
     auto_class: a transformers Auto class (default AutoModelForCausalLM; a reward model passes
     AutoModelForSequenceClassification).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    if auto_class is None and isinstance(cfg, Config) and cfg.data.vision:
+        auto_class = AutoModelForImageTextToText  # vision-language models are not causal-LM classes in transformers 5
     model = model_settings(cfg)
     check_model_source(model, needs=("model",), opt_in=opt_in)
     kwargs = {"dtype": DTYPES[model.dtype], "revision": model.revision, "trust_remote_code": model.trust_remote_code}
@@ -314,11 +334,14 @@ def apply_lora(model, cfg: Config):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    targets = cfg.lora.target_modules
+    if cfg.data.vision and targets == "all-linear":
+        targets = language_model_linears(model)
     peft_config = PeftLoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
     if cfg.train.gradient_checkpointing:
@@ -328,3 +351,14 @@ def apply_lora(model, cfg: Config):
         # message about peft's code that the user can do nothing about, printed at every LoRA run.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, peft_config)
+
+
+def language_model_linears(model) -> list[str]:
+    """The language model's linear layers of a vision-language model (lora.target_modules=all-linear with data.vision):
+    the vision tower, the projector and the LM head keep their weights."""
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and ".language_model." in f".{name}."]
+    if not names:
+        raise ModelLoadError("lora.target_modules=all-linear with data.vision=true adapts the language model's linear layers, "
+                             f"and {type(model).__name__} has no `language_model` module; name lora.target_modules explicitly")
+    return names

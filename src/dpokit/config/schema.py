@@ -51,6 +51,9 @@ class DataConfig:
     max_prompt_length: Optional[int] = None
     max_rows: Optional[int] = None  # use only the first N rows (for quick trials)
     strict: bool = False  # stop at the first bad row instead of skipping and reporting it
+    # rows with images (an `images` column, {"type": "image"} parts in the prompt's messages): tokenised by the
+    # model's processor (AutoProcessor), pixel_values travel with each pair; paired losses only (docs/data.md)
+    vision: bool = False
 
 
 @dataclass

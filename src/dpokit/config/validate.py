@@ -27,6 +27,15 @@ def validate(cfg: Config) -> None:
     check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
     check_choice("train.task", cfg.train.task, ("preference", "sft"))
     check_choice("speed.attention", cfg.speed.attention, ("auto", "sdpa", "flex", "flash"))
+    if cfg.data.vision and (cfg.train.task == "sft" or any(name in UNPAIRED_LOSSES for name in loss_names(cfg.loss))):
+        raise ConfigError("data.vision=true trains paired (DPO-family) losses only; image rows are not supported by "
+                          "train.task=sft or KTO yet")
+    if cfg.data.vision and (cfg.data.layout != "auto" or cfg.data.columns):
+        raise ConfigError("data.vision=true reads prompt/images/chosen/rejected columns (docs/data.md); data.layout and "
+                          "data.columns do not apply to image rows yet")
+    if cfg.data.vision and cfg.train.eval_generate > 0:
+        raise ConfigError("train.eval_generate samples from text prompts, and data.vision rows need their images: "
+                          "set train.eval_generate=0 (sampling with images is not supported yet)")
     if cfg.model.ref_name_or_path and cfg.lora.enabled:
         raise ConfigError("model.ref_name_or_path cannot be combined with lora.enabled: with LoRA the reference is the "
                           "policy's base model with its adapters disabled")

@@ -8,6 +8,7 @@ tokenizer class. Nothing is dropped without being counted in the summary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -36,8 +37,11 @@ def _load(path: str, split: str, cfg: Config):
 
 def prompt_key(item) -> str:
     """A comparable form of an item's prompt; `item` is an example or a group of examples of one row."""
-    prompt = (item[0] if isinstance(item, list) else item).prompt
-    return " ".join(prompt.split()) if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    first = item[0] if isinstance(item, list) else item
+    prompt = first.prompt
+    key = " ".join(prompt.split()) if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+    images = getattr(first, "images", None)  # image rows (data/vision.py): the same question about another image is another prompt
+    return key + "|" + hashlib.blake2b(b"".join(images), digest_size=16).hexdigest() if images else key
 
 
 def split_by_prompt(items: list, fraction: float, seed: int) -> tuple[list, list]:

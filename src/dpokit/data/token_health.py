@@ -227,6 +227,8 @@ def context_length_problem(max_length: int, model_config, longest: int | None = 
     computes there is not what it learned. longest: the longest tokenised row, when known; then
     only rows that really pass the context are a problem.
     """
+    if hasattr(model_config, "get_text_config"):  # a vision-language config keeps its context in its text config
+        model_config = model_config.get_text_config()
     context = model_context_length(model_config)
     if context is None or max_length <= context or (longest is not None and longest <= context):
         return None

@@ -31,16 +31,18 @@ import torch
 from tqdm.auto import tqdm
 
 from dpokit.config import ConfigError, SpeedConfig, load_config
-from dpokit.data.prepare import prepare_data
 from dpokit.data.tokenization import TokenizedPair
+from dpokit.data.vision import images_digest
 from dpokit.demo.assets import resolve_demo_assets
 from dpokit.losses import is_unpaired, needs_reference
 from dpokit.models import load_policy, load_tokenizer
 from dpokit.ref_cache.fingerprint import fingerprint, reference_model_config
 from dpokit.ref_cache.store import SPLITS, CacheCorrupt, attach, cache_root, read_split, write_split
 from dpokit.reference import reference_mode
+from dpokit.steps import step_for
 from dpokit.steps.paired import make_collate
 from dpokit.steps.token_scores import reference_sequence_logps
+from dpokit.steps.vision import vision_reference_logps
 
 def length_order(pairs: list[TokenizedPair]) -> list[int]:
     """Longest first, so batches group similar lengths and the first batch shows the peak memory."""
@@ -71,6 +73,8 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfi
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     try:
         with reference_mode(model, None if is_peft else model) as ref, autocast:
+            if any(getattr(p, "image_digest", "") for p in pairs):  # image rows: the plain forward with pixel values
+                return vision_reference_logps(ref, pairs, pad_token_id, length_order(pairs), batch_size, device, rank, world)
             attn = getattr(getattr(ref, "config", None), "_attn_implementation", None)
             collate = make_collate(speed, attn)
             order = length_order(pairs)
@@ -115,11 +119,12 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
     speed = cfg.speed
     if getattr(cfg.model, "ref_name_or_path", None):
         model = None  # the policy is not the reference
-    found = fingerprint(cfg, tokenizer, model)
+    images = images_digest(data.train + data.eval)  # None for text data: its fingerprint is unchanged
+    found = fingerprint(cfg, tokenizer, model, images)
     loaded = None
     if found is None:  # weights not on disk where we can hash them: the loaded weights are the key
         loaded = model or _load_reference(cfg, device)
-        found = fingerprint(cfg, tokenizer, loaded)
+        found = fingerprint(cfg, tokenizer, loaded, images)
     digest, parts = found
     folder = cache_root(speed) / digest[:24]
     splits = {"train": data.train, "eval": data.eval}
@@ -222,7 +227,7 @@ def precompute_reference(cfg, overrides=None) -> Path:
         raise ConfigError(f"loss.type={cfg.loss.type!r}: only paired losses that use a reference have reference "
                           "log-probs to precompute (KTO's KL baseline depends on the batch; reference-free losses need none)")
     tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer)
+    data = step_for(cfg).prepare(cfg, tokenizer)  # the step's own preparation: image rows (data.vision) have theirs
     cache, _ = ensure_reference_cache(cfg, tokenizer, data)
     n_train, n_eval = len(data.train), len(data.eval)
     verb = f"built in {cache.seconds:.1f}s" if cache.built else "already up to date"

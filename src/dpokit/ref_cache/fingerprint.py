@@ -12,6 +12,7 @@
              every setting that changes which pairs come out of tokenisation: split, layout,
              columns, max_rows, strict, eval_split, eval_fraction (+ train.seed when > 0),
              max_length, max_prompt_length
+  images     (data.vision) every image's bytes and the processor's pixel values, hashed per pair
 Any change gives another fingerprint, hence another cache folder: a stale cache is never read.
 """
 
@@ -152,15 +153,19 @@ def data_fingerprint(cfg) -> dict:
     }
 
 
-def fingerprint(cfg, tokenizer, model=None) -> Optional[tuple[str, dict]]:
+def fingerprint(cfg, tokenizer, model=None, images: Optional[str] = None) -> Optional[tuple[str, dict]]:
     """(hex digest, its parts), or None when the weights can only be fingerprinted from a loaded model.
 
     The weights are the reference's: model.ref_name_or_path when set, else model.name_or_path.
+    images (data.vision rows): data/vision.images_digest of the pairs, a hash of every image's bytes and of
+    the processor's pixel values, so a changed image (or image processor) gives another cache.
     """
     weights = weights_fingerprint(reference_model_config(cfg), model)
     if weights is None:
         return None
     parts = {"format": FORMAT_VERSION, "weights": weights, "tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(cfg)}
+    if images is not None:  # only image data has the key: text caches keep their fingerprint
+        parts["images"] = images
     digest = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
     return digest, parts
 

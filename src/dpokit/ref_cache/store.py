@@ -117,5 +117,8 @@ def attach(pairs: list[TokenizedPair], table: dict, split: str = "train") -> lis
     for i, p in enumerate(pairs):
         if pair_hash(p) != hashes[i]:
             raise CacheMismatch(f"reference cache ({split}): pair {i} ({p.source}) has other token ids than when cached")
-        out.append(CachedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.source, reference=tuple(logps[i])))
+        if hasattr(p, "with_reference"):  # a pair with more than token ids (data/vision.VisionPair keeps its images)
+            out.append(p.with_reference(tuple(logps[i])))
+        else:
+            out.append(CachedPair(p.prompt_ids, p.chosen_ids, p.rejected_ids, p.source, reference=tuple(logps[i])))
     return out

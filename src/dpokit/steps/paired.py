@@ -18,6 +18,7 @@ from dpokit.config import Config, SpeedConfig
 from dpokit.data.collate import IGNORE_INDEX, collate_pairs
 from dpokit.data.packing import collate_packed, count_pairs
 from dpokit.data.prepare import prepare_data
+from dpokit.data.vision import vision_inputs
 from dpokit.logprobs import auto_chunk_size, token_entropy_top1, token_kl, token_logps, token_sq_prob_logsumexp
 from dpokit.losses import PairLogps, compute_loss, shared_prefix_logps
 from dpokit.reference import reference_mode
@@ -65,19 +66,24 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (2B, T)
     n_pairs = input_ids.shape[0] // 2
-    logits = policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (2B, T, V)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **vision_inputs(batch)}  # + pixel_values of image rows
+    logits = policy(**inputs, use_cache=False).logits  # (2B, T, V)
     tok_logps, mask = token_logps(logits, labels)  # (2B, T-1)
     logps, lengths = tok_logps.sum(-1), mask.sum(-1)  # (2B,)
     ref_logps = ref_logits = ref_tok_logps = None
-    if with_reference:
+    if with_reference and "ref_logps" in batch:  # cached reference log-probs (the image step's batches carry them)
+        ref_logps = batch["ref_logps"]
+    elif with_reference:
         with reference_mode(policy, reference) as ref_model:
-            ref_logits = ref_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            ref_logits = ref_model(**inputs, use_cache=False).logits
             ref_tok_logps, _ = token_logps(ref_logits, labels)
             ref_logps = ref_tok_logps.sum(-1)
     shared = ref_shared = wpo = None
     if cfg.loss.ld_alpha is not None:  # LD-DPO: log-probs over the length both completions share
         shared = shared_prefix_logps(tok_logps, mask)
         ref_shared = None if ref_tok_logps is None else shared_prefix_logps(ref_tok_logps, mask)
+        if "ref_shared_logps" in batch:
+            ref_shared = batch["ref_shared_logps"]
     with torch.no_grad():
         if cfg.loss.use_weighting:  # WPO: sum_t [log pi(y_t) - log sum_v pi(v)^2], no gradient
             wpo = (tok_logps - token_sq_prob_logsumexp(logits) * mask).sum(-1)

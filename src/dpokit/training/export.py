@@ -12,7 +12,7 @@ import huggingface_hub
 from huggingface_hub import errors as hub_errors
 
 from dpokit.config import Config
-from dpokit.models import load_policy
+from dpokit.models import load_policy, load_processor
 from dpokit.training.checkpoint import fsync_tree, remove_atomically
 from dpokit.training.model_card import RunFacts, write_card
 
@@ -40,6 +40,8 @@ def save_final(model, tokenizer, cfg: Config, model_dir: Path, state_dict: Optio
         model = model.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
+    if cfg.data.vision:  # the image processor and the processor's settings, so the final folder loads with AutoProcessor
+        load_processor(cfg).save_pretrained(tmp)
     write_card(cfg, facts or RunFacts(), tmp, model_dir)  # after save_pretrained: replaces PEFT's template README
     fsync_tree(tmp)
     if model_dir.exists():
