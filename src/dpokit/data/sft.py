@@ -17,7 +17,7 @@ completion + EOS, or the chat template; prompt cut from the left, completion fro
 from __future__ import annotations
 
 from dpokit.config import Config
-from dpokit.data.layouts import LAYOUTS, load_preferences
+from dpokit.data.layouts import LAYOUTS, load_preferences, row_tools
 from dpokit.data.loading import read_rows
 from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
 from dpokit.data.records import DataError, SkipReport
@@ -63,7 +63,7 @@ def load_sft(
     if _is_paired_file(path, split, columns, layout):
         pairs, report = load_preferences(path, split, columns or None, layout, strict)
         report.layouts = type(report.layouts)({f"{name} (chosen side)": n for name, n in report.layouts.items()})
-        return [UnpairedExample(p.prompt, p.chosen, True, p.source) for p in pairs], report
+        return [UnpairedExample(p.prompt, p.chosen, True, p.source, p.tools) for p in pairs], report
     unknown = set(columns) - set(SFT_COLUMNS)
     if unknown:
         raise DataError(f"columns for SFT data map {', '.join(SFT_COLUMNS)} to column names; got {columns!r}", path)
@@ -81,7 +81,7 @@ def load_sft(
         prompt, completion = _CONVERTERS[row_layout](row)
         if "label" in row and row["label"] is not None and not parse_label(row["label"]):
             raise RowSkip("label is false: an undesirable completion is not imitated", "label")
-        return row_layout, UnpairedExample(prompt, completion, True, where)
+        return row_layout, UnpairedExample(prompt, completion, True, where, row_tools(row, completion))
 
     examples, report = convert_rows(path, split, convert, strict)
     if not examples:
