@@ -14,16 +14,19 @@ from __future__ import annotations
 from typing import Any
 
 from dpokit.data.messages import has_text_or_call, messages_of, parse_tools
+from dpokit.data.reasoning_steps import from_step_dpo
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport
 from dpokit.data.rows import RowSkip, convert_rows, no_usable_rows_message
 from dpokit.data.turns import expand_turns, has_turn_preferences
 
-LAYOUTS = ("prompt_chosen_rejected", "implicit_prompt", "sharegpt", "openai", "alpaca", "stack_exchange", "every_turn")
+LAYOUTS = ("prompt_chosen_rejected", "implicit_prompt", "sharegpt", "openai", "alpaca", "stack_exchange", "every_turn",
+           "step_dpo")
 STANDARD_COLUMNS = ("prompt", "chosen", "rejected")
 EXPECTED_COLUMNS = (
     "prompt+chosen+rejected, chosen+rejected, conversations+chosen+rejected (sharegpt), "
     "input+preferred_output+non_preferred_output (openai), instruction+chosen+rejected (alpaca), "
-    "question+response_j+response_k (stack_exchange), messages with chosen/rejected assistant turns (every_turn)"
+    "question+response_j+response_k (stack_exchange), messages with chosen/rejected assistant turns (every_turn), "
+    "prompt+initial_reason_steps+chosen+rejected (step_dpo)"
 )
 HH_ASSISTANT_TURN = "\n\nAssistant:"
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -42,6 +45,8 @@ def detect_layout(row: dict) -> str | None:
         return "every_turn"
     if "preferred_output" in row or "non_preferred_output" in row:
         return "openai"
+    if "initial_reason_steps" in row:
+        return "step_dpo"
     if "conversations" in row:
         return "sharegpt"
     if "response_j" in row or "response_k" in row:
@@ -294,6 +299,7 @@ _CONVERTERS = {
     "sharegpt": _from_sharegpt,
     "openai": _from_openai,
     "alpaca": _from_alpaca,
+    "step_dpo": from_step_dpo,
     "stack_exchange": _from_stack_exchange,
 }
 
