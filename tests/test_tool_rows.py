@@ -125,3 +125,16 @@ def test_doctor_warns_with_the_row_when_the_template_drops_the_tools(tmp_path):
     assert plain.numbers == {"rows_with_tools": 1, "tools_dropped": 1} and "template" in plain.advice
     good = run_doctor(str(path), tokenizer=tool_tokenizer(), sample_size=0).check("tools")
     assert good.verdict == "ok" and good.numbers == {"rows_with_tools": 1, "tools_dropped": 0}
+
+
+def test_the_row_examples_in_docs_data_md_load_as_documented(tmp_path):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    layouts = []
+    for i, body in enumerate(re.findall(r"^```json\n(.*?)^```", text, flags=re.S | re.M)):
+        examples, report = load_preferences(str(write_jsonl(tmp_path / f"{i}.jsonl", [json.loads(body)])))
+        layouts.append((*report.layouts, len(examples), examples[0].tools is not None))
+    assert ("prompt_chosen_rejected", 1, True) in layouts  # the tools example
+    assert ("every_turn", 2, False) in layouts and ("step_dpo", 1, False) in layouts
