@@ -6,6 +6,7 @@ from dpokit.config import load_config
 from dpokit.data.layouts import detect_layout, load_preference_groups, load_preferences
 from dpokit.data.packing import Layout, collate_packed
 from dpokit.data.prepare import format_summary, prepare_data
+from dpokit.data.token_health import paired_rows
 from dpokit.data.tokenization import tokenize_pairs
 from dpokit.data.unpaired import load_unpaired
 from tiny_assets import assistant, tiny_model_dir, user, vocab_ids, word_tokenizer, write_jsonl
@@ -50,6 +51,9 @@ def test_a_conversation_expands_to_one_pair_per_judged_turn_with_the_chosen_hist
                         turn("assistant", "i am fine"), turn("user", "tell me story")])
     assert pairs[1].prompt_ids == vocab_ids(f"{history} <|im_start|> assistant")
     assert pairs[1].chosen_ids == vocab_ids(f"once upon time {EOS}") and pairs[1].rejected_ids == vocab_ids(f"no {EOS}")
+    # token health matches each pair to its own turn's text, though the pairs share their source row
+    health = paired_rows([first, second], pairs)
+    assert [row.prompt_text for row in health] == ["hi", "hi\nhello\nhow are you\ni am fine\ntell me story"]
 
 
 def test_prefix_sharing_computes_each_expanded_prompt_once(tmp_path):

@@ -63,7 +63,7 @@ def load_sft(
     if _is_paired_file(path, split, columns, layout):
         pairs, report = load_preferences(path, split, columns or None, layout, strict)
         report.layouts = type(report.layouts)({f"{name} (chosen side)": n for name, n in report.layouts.items()})
-        return [UnpairedExample(p.prompt, p.chosen, True, p.source, p.tools) for p in pairs], report
+        return [UnpairedExample(p.prompt, p.chosen, True, p.source, p.tools, p.turn) for p in pairs], report
     unknown = set(columns) - set(SFT_COLUMNS)
     if unknown:
         raise DataError(f"columns for SFT data map {', '.join(SFT_COLUMNS)} to column names; got {columns!r}", path)

@@ -29,6 +29,9 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     source: str = ""
+    # every_turn rows: the judged turn (a row's pairs share its source). Not in repr, which fingerprints
+    # the training data for resume (training/resume.py): the token ids already tell the pairs apart.
+    turn: int = field(default=0, repr=False, compare=False)
 
 
 @dataclass
@@ -148,7 +151,7 @@ def tokenize_pairs(
         stats.lengths["prompt"].append(len(prompt))
         stats.lengths["chosen"].append(len(chosen))
         stats.lengths["rejected"].append(len(rejected))
-        out.append(TokenizedPair(prompt, chosen, rejected, ex.source))
+        out.append(TokenizedPair(prompt, chosen, rejected, ex.source, getattr(ex, "turn", 0)))
         kept_rows.add(row_of(ex))
     if report is not None:
         report.rows_used -= len(dropped_rows - kept_rows)

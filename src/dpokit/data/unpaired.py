@@ -20,7 +20,7 @@ Tokenisation and truncation are those of the paired data (`tokenization.render_i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from dpokit.data.layouts import LAYOUTS, check_completion, messages_of, text_or_messages, check_unicode, load_preference_groups, row_tools
@@ -44,6 +44,7 @@ class UnpairedExample:
     label: bool  # True = desirable
     source: str = ""  # "file:row"
     tools: list[dict] | None = None  # function schemas for the chat template (the `tools` column)
+    turn: int = 0  # every_turn rows: the judged turn its pair came from (a row's examples share its source)
 
     @property
     def conversational(self) -> bool:
@@ -60,6 +61,7 @@ class TokenizedCompletion:
     # mismatched sequences obey data.max_length too.
     completion_budget: int
     source: str = ""
+    turn: int = field(default=0, repr=False, compare=False)  # that of its UnpairedExample; not in the resume fingerprint
 
 
 # --- one row -------------------------------------------------------------------------------
@@ -184,8 +186,8 @@ def load_unpaired(
 
 
 def _split_pair(pair: PreferenceExample) -> list[UnpairedExample]:
-    return [UnpairedExample(pair.prompt, pair.chosen, True, pair.source, pair.tools),
-            UnpairedExample(pair.prompt, pair.rejected, False, pair.source, pair.tools)]
+    return [UnpairedExample(pair.prompt, pair.chosen, True, pair.source, pair.tools, pair.turn),
+            UnpairedExample(pair.prompt, pair.rejected, False, pair.source, pair.tools, pair.turn)]
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def tokenize_groups(
                 continue
             stats.lengths["prompt"].append(len(prompt))
             stats.lengths[side].append(len(completion))
-            out.append(TokenizedCompletion(prompt, completion, ex.label, room, ex.source))
+            out.append(TokenizedCompletion(prompt, completion, ex.label, room, ex.source, ex.turn))
             kept += 1
         if not kept and report is not None:
             report.rows_used -= 1
