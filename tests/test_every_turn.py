@@ -106,3 +106,21 @@ def test_every_turn_rows_train(tmp_path):
     result = dpokit.train(cfg)
     summary = json.loads((result.run_dir / "data_summary.json").read_text())
     assert summary["train"]["every_turn"] == {"conversations": 8, "pairs": 12} and summary["train"]["pairs"] == 12
+
+
+def test_kto_and_sft_count_the_expansion_and_keep_a_conversation_in_one_split(tmp_path):
+    from dpokit.data.sft import prepare_sft
+    from dpokit.data.unpaired import prepare_unpaired
+
+    rows = [CONVERSATION, ONE_TURN, PLAIN] * 4
+    cfg = load_config(None, {"data.path": str(write_jsonl(tmp_path / "d.jsonl", rows)), "data.max_length": 64,
+                             "data.eval_fraction": 0.25})
+    for prepare, per_pair in ((prepare_unpaired, 2), (prepare_sft, 1)):
+        data = prepare(cfg, word_tokenizer())
+        train, held = data.summary["train"], data.summary["eval"]
+        assert train["rows_used"] + held["rows_used"] == 12 and held["rows_used"] >= 3  # rows, not pairs
+        # a conversation's pairs (and KTO halves) never straddle the split
+        assert not {e.source for e in data.train} & {e.source for e in data.eval}
+        assert train["every_turn"]["conversations"] + held["every_turn"]["conversations"] == 8
+        assert train["every_turn"]["pairs"] + held["every_turn"]["pairs"] == 12
+        assert train["pairs"] + held["pairs"] == 16 * per_pair  # examples: both halves for KTO, the chosen side for SFT

@@ -62,11 +62,14 @@ class SkipReport:
     conversations: int = 0  # every_turn rows used (data/turns.py) ...
     turn_pairs: int = 0  # ... and the pairs they expanded to, one per judged assistant turn
 
-    def count_turns(self, groups: list[list["PreferenceExample"]]) -> None:
-        """Set the every_turn counts from one split's rows (a group of pairs per row)."""
+    def count_turns(self, groups: list[list[Any]]) -> None:
+        """Set the every_turn counts from one split's rows: a group of examples per row, each with a `turn`.
+
+        A pair counts once, whether it is one PreferenceExample or split into two KTO halves.
+        """
         turn_groups = [group for group in groups if any(example.turn for example in group)]
         self.conversations = len(turn_groups)
-        self.turn_pairs = sum(len(group) for group in turn_groups)
+        self.turn_pairs = sum(len({example.turn for example in group}) for group in turn_groups)
 
     def skip(self, reason: str, where: str, count: int = 1) -> None:
         self.skipped[reason] += count

@@ -253,6 +253,8 @@ def prepare_unpaired(cfg, tokenizer):
     side. Degenerate tokenization raises DataError before anything is trained (`token_health`).
     """
     train_groups, train_report, eval_groups, eval_report = load_train_and_eval(cfg, _load)
+    train_report.count_turns(train_groups)  # every_turn rows, after the eval split
+    eval_report.count_turns(eval_groups)
     summary, splits = {}, []
     for name, groups, report in (("train", train_groups, train_report), ("eval", eval_groups, eval_report)):
         examples, stats = tokenize_groups(groups, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
