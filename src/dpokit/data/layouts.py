@@ -2,9 +2,10 @@
 
 Preference data comes in many community layouts (TRL's prompt/chosen/rejected,
 Anthropic hh-rlhf transcripts, ShareGPT, OpenAI preference fine-tuning, Alpaca,
-stack-exchange-paired). Users should not have to convert files by hand, so the
-layout is detected per row, and an explicit column mapping covers renamed
-columns. A problem with one row raises `RowSkip`, which `load_preferences`
+stack-exchange-paired, Step-DPO's steps, and `every_turn` conversations judged at several turns,
+which give one pair per judged turn: `to_examples`). Any chat layout may carry a `tools`
+column. Users should not have to convert files by hand, so the layout is detected per row,
+and an explicit column mapping covers renamed columns. A problem with one row raises `RowSkip`, which `load_preferences`
 (through `rows.convert_rows`) counts in the `SkipReport` (or, with ``strict=True``,
 turns into a `DataError`): a few bad rows never sink a run, and none disappears uncounted.
 """
@@ -80,7 +81,7 @@ def to_example(row: dict, layout: str, columns: dict[str, str] | None = None, wh
         row = rename_columns(row, columns)
         layout = detect_layout(row) or "prompt_chosen_rejected"
     if layout == "every_turn":
-        raise RowSkip("an every_turn row holds several pairs: read it with to_examples", "messages")
+        raise RowSkip("an every_turn row holds several pairs, and this reader takes one pair per row", "messages")
     converter = _CONVERTERS.get(layout)
     if converter is None:
         raise DataError(f"unknown layout {layout!r}; expected 'auto' or one of {', '.join(LAYOUTS)}")
