@@ -1,8 +1,8 @@
 """Preference records -> token ids: prompt ids, chosen ids, rejected ids.
 
 Text records are tokenised as prompt and prompt + completion + EOS; conversational
-records go through the tokenizer's chat template, the prompt rendered with the
-generation prompt. In both cases the completion is where the tokenised prompt
+records go through the tokenizer's chat template (with the row's `tools=` when it has
+any), the prompt rendered with the generation prompt. In both cases the completion is where the tokenised prompt
 and the tokenised prompt + completion diverge (as TRL does), so a token merged
 across the boundary is never split and the prompt is never counted in the loss.
 
