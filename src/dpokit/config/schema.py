@@ -40,7 +40,7 @@ class LoraConfig:
 class DataConfig:
     path: str = ""  # jsonl/json/parquet/csv (.gz), a save_to_disk folder, or a hub id
     split: str = "train"
-    layout: str = "auto"  # auto | prompt_chosen_rejected | implicit_prompt | sharegpt | openai | alpaca | stack_exchange
+    layout: str = "auto"  # auto | prompt_chosen_rejected | implicit_prompt | sharegpt | openai | alpaca | stack_exchange | every_turn | step_dpo
     columns: dict[str, str] = field(default_factory=dict)  # e.g. {prompt: question, chosen: good, rejected: bad}
     eval_path: Optional[str] = None  # held-out pairs; if unset, eval_fraction of the training rows is held out
     eval_split: str = "test"  # split of eval_path when it is a dataset with splits

@@ -2,9 +2,10 @@
 
 Preference data comes in many community layouts (TRL's prompt/chosen/rejected,
 Anthropic hh-rlhf transcripts, ShareGPT, OpenAI preference fine-tuning, Alpaca,
-stack-exchange-paired). Users should not have to convert files by hand, so the
-layout is detected per row, and an explicit column mapping covers renamed
-columns. A problem with one row raises `RowSkip`, which `load_preferences`
+stack-exchange-paired, Step-DPO's steps, and `every_turn` conversations judged at several turns,
+which give one pair per judged turn: `to_examples`). Any chat layout may carry a `tools`
+column. Users should not have to convert files by hand, so the layout is detected per row,
+and an explicit column mapping covers renamed columns. A problem with one row raises `RowSkip`, which `load_preferences`
 (through `rows.convert_rows`) counts in the `SkipReport` (or, with ``strict=True``,
 turns into a `DataError`): a few bad rows never sink a run, and none disappears uncounted.
 """
@@ -13,15 +14,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpokit.data.records import Conversation, DataError, Message, PreferenceExample, SkipReport
+from dpokit.data.messages import has_text_or_call, messages_of, parse_tools
+from dpokit.data.reasoning_steps import from_step_dpo
+from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport
 from dpokit.data.rows import RowSkip, convert_rows, no_usable_rows_message
+from dpokit.data.turns import expand_turns, has_turn_preferences
 
-LAYOUTS = ("prompt_chosen_rejected", "implicit_prompt", "sharegpt", "openai", "alpaca", "stack_exchange")
+LAYOUTS = ("prompt_chosen_rejected", "implicit_prompt", "sharegpt", "openai", "alpaca", "stack_exchange", "every_turn",
+           "step_dpo")
 STANDARD_COLUMNS = ("prompt", "chosen", "rejected")
 EXPECTED_COLUMNS = (
     "prompt+chosen+rejected, chosen+rejected, conversations+chosen+rejected (sharegpt), "
     "input+preferred_output+non_preferred_output (openai), instruction+chosen+rejected (alpaca), "
-    "question+response_j+response_k (stack_exchange)"
+    "question+response_j+response_k (stack_exchange), messages with chosen/rejected assistant turns (every_turn), "
+    "prompt+initial_reason_steps+chosen+rejected (step_dpo)"
 )
 HH_ASSISTANT_TURN = "\n\nAssistant:"
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -36,8 +42,12 @@ def detect_layout(row: dict) -> str | None:
     below), so a row missing, say, `rejected` is still recognised and then
     skipped with a precise reason instead of an "unknown layout".
     """
+    if "messages" in row and has_turn_preferences(row["messages"]):
+        return "every_turn"
     if "preferred_output" in row or "non_preferred_output" in row:
         return "openai"
+    if "initial_reason_steps" in row:
+        return "step_dpo"
     if "conversations" in row:
         return "sharegpt"
     if "response_j" in row or "response_k" in row:
@@ -70,18 +80,43 @@ def to_example(row: dict, layout: str, columns: dict[str, str] | None = None, wh
     if columns:
         row = rename_columns(row, columns)
         layout = detect_layout(row) or "prompt_chosen_rejected"
+    if layout == "every_turn":
+        raise RowSkip("an every_turn row holds several pairs, and this reader takes one pair per row", "messages")
     converter = _CONVERTERS.get(layout)
     if converter is None:
         raise DataError(f"unknown layout {layout!r}; expected 'auto' or one of {', '.join(LAYOUTS)}")
     prompt, chosen, rejected = converter(row)
     for field, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         check_unicode(value, field)
-    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, source=where)
+    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, source=where, tools=row_tools(row, chosen))
+
+
+def to_examples(row: dict, layout: str, where: str = "") -> list[PreferenceExample]:
+    """One row -> its pairs: one for every layout but `every_turn`, which gives one per judged turn (data/turns.py)."""
+    if layout != "every_turn":
+        return [to_example(row, layout, None, where)]
+    pairs = expand_turns(row)
+    tools = row_tools(row, pairs[0][1] if pairs else [])
+    for prompt, chosen, rejected in pairs:
+        for field, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            check_unicode(value, field)
+    return [PreferenceExample(prompt, chosen, rejected, where, tools, turn) for turn, (prompt, chosen, rejected) in enumerate(pairs, 1)]
+
+
+def row_tools(row: dict, completion: Field) -> list[dict] | None:
+    """The row's `tools` column (see `messages.parse_tools`); only chat-template rows can carry tools."""
+    value = row.get("tools")
+    if value is None and isinstance(row.get("input"), dict):  # OpenAI preference fine-tuning: input.tools
+        value = row["input"].get("tools")
+    tools = parse_tools(value)
+    if tools is not None and isinstance(completion, str):
+        raise RowSkip("tools need conversational rows (message lists rendered by the chat template), not plain text", "tools")
+    return tools
 
 
 def check_unicode(value: Field, field: str) -> None:
     """JSON can escape half of a surrogate pair ("\\ud800"): such text cannot be encoded or tokenised."""
-    texts = [value] if isinstance(value, str) else [t for m in value for t in (m["role"], m["content"])]
+    texts = [value] if isinstance(value, str) else [t for m in value for t in (m["role"], m["content"])]  # tool-call names/arguments are JSON-checked
     for text in texts:
         try:
             text.encode("utf-8")
@@ -98,6 +133,8 @@ def rename_columns(row: dict, columns: dict[str, str]) -> dict:
             renamed[standard] = row[column]
         elif standard in columns:
             raise RowSkip(f"column {column!r} (mapped to {standard}) is missing", column)
+    if "tools" in row:
+        renamed["tools"] = row["tools"]
     return renamed
 
 
@@ -126,33 +163,6 @@ def text_or_messages(row: dict, field: str) -> Field:
     raise RowSkip(f"{field} must be a string or a list of messages, got {type(value).__name__}", field)
 
 
-def messages_of(value: Any, field: str, role_names: dict[str, str] | None = None) -> Conversation:
-    """Normalise to [{"role", "content"}]; `role_names` (if given) maps and restricts the roles."""
-    if value is None:
-        raise RowSkip(f"{field} is missing", field)
-    if not isinstance(value, list):
-        raise RowSkip(f"{field} must be a list of messages, got {type(value).__name__}", field)
-    if not value:
-        raise RowSkip(f"{field} is an empty conversation", field)
-    return [_message(item, field, role_names) for item in value]
-
-
-def _message(item: Any, field: str, role_names: dict[str, str] | None) -> Message:
-    if not isinstance(item, dict):
-        raise RowSkip(f"{field} has a message that is not an object", field)
-    role = item.get("role") if item.get("role") is not None else item.get("from")
-    content = item.get("content") if item.get("content") is not None else item.get("value")
-    if not isinstance(role, str) or not role:
-        raise RowSkip(f"{field} has a message without a role", field)
-    if not isinstance(content, str):
-        raise RowSkip(f"{field} has a message without text content", field)
-    if role_names is not None:
-        if role not in role_names:
-            raise RowSkip(f"{field} has a message with unsupported role {role!r}", field)
-        role = role_names[role]
-    return {"role": role, "content": content}
-
-
 def _check_same_kind(prompt: Field, chosen: Field, rejected: Field) -> None:
     conversational = isinstance(chosen, list)
     for field, value in (("rejected", rejected), ("prompt", prompt)):
@@ -169,7 +179,7 @@ def check_completion(value: Field, field: str) -> None:
         raise RowSkip(f"{field} is an empty conversation", field)
     if value[0]["role"] != "assistant":
         raise RowSkip(f"{field} does not start with an assistant message", field)
-    if not any(message["content"].strip() for message in value):
+    if not any(has_text_or_call(message) for message in value):
         raise RowSkip(f"{field} is empty or whitespace-only", field)
 
 
@@ -290,6 +300,7 @@ _CONVERTERS = {
     "sharegpt": _from_sharegpt,
     "openai": _from_openai,
     "alpaca": _from_alpaca,
+    "step_dpo": from_step_dpo,
     "stack_exchange": _from_stack_exchange,
 }
 
@@ -305,18 +316,37 @@ def load_preferences(
     strict: bool = False,
 ) -> tuple[list[PreferenceExample], SkipReport]:
     """Read and convert every row of `path`; bad rows are skipped and counted, or raise if `strict`."""
+    groups, report = load_preference_groups(path, split, columns, layout, strict)
+    return [example for group in groups for example in group], report
+
+
+def load_preference_groups(
+    path: str,
+    split: str = "train",
+    columns: dict[str, str] | None = None,
+    layout: str = "auto",
+    strict: bool = False,
+) -> tuple[list[list[PreferenceExample]], SkipReport]:
+    """The pairs of every row of `path`, one group per row (several for an every_turn row).
+
+    The report counts rows; every_turn rows are also counted as `conversations` -> `turn_pairs`.
+    """
     _check_options(columns, layout)
     columns_found: set[str] = set()
 
-    def convert(row: dict, where: str) -> tuple[str, PreferenceExample]:
+    def convert(row: dict, where: str) -> tuple[str, list[PreferenceExample]]:
         columns_found.update(map(str, row))
         row_layout, source_row = _resolve_layout(row, layout, columns)
-        return row_layout, to_example(source_row, row_layout, None, where)
+        examples = to_examples(source_row, row_layout, where)
+        if not examples:
+            raise RowSkip("messages has no judged assistant turn (one with chosen and rejected)", "messages")
+        return row_layout, examples
 
-    examples, report = convert_rows(path, split, convert, strict)
-    if not examples:
+    groups, report = convert_rows(path, split, convert, strict)
+    if not groups:
         raise DataError(_all_rows_skipped_message(report, columns_found), path)
-    return examples, report
+    report.count_turns(groups)
+    return groups, report
 
 
 def _check_options(columns: dict[str, str] | None, layout: str) -> None:

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from dpokit.config import Config
-from dpokit.data.layouts import load_preferences
+from dpokit.data.layouts import load_preference_groups
 from dpokit.data.records import DataError, SkipReport
 from dpokit.data.rows import cap_rows
 from dpokit.data.token_health import check_token_health, paired_rows
@@ -29,10 +29,12 @@ class PreparedData:
 
 
 def _load(path: str, split: str, cfg: Config):
-    examples, report = load_preferences(
+    """The pairs of each row, one group per row: an every_turn conversation's pairs stay together through
+    data.max_rows and the eval split (its later prompts hold its earlier turns)."""
+    groups, report = load_preference_groups(
         path, split=split, columns=cfg.data.columns or None, layout=cfg.data.layout, strict=cfg.data.strict
     )
-    return cap_rows(examples, report, path, cfg.data.max_rows), report
+    return cap_rows(groups, report, path, cfg.data.max_rows), report
 
 
 def prompt_key(item) -> str:
@@ -91,7 +93,11 @@ def load_train_and_eval(cfg: Config, load) -> tuple[list, SkipReport, list, Skip
 
 
 def prepare_data(cfg: Config, tokenizer) -> PreparedData:
-    train_examples, train_report, eval_examples, eval_report = load_train_and_eval(cfg, _load)
+    train_groups, train_report, eval_groups, eval_report = load_train_and_eval(cfg, _load)
+    train_examples = [example for group in train_groups for example in group]
+    eval_examples = [example for group in eval_groups for example in group]
+    train_report.count_turns(train_groups)  # after the eval split, which moves whole conversations
+    eval_report.count_turns(eval_groups)
     train, train_stats = tokenize_pairs(
         train_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, train_report
     )
@@ -129,6 +135,10 @@ def format_summary(summary: dict) -> str:
             + f", {s['rows_skipped']} dropped" + (f", {s['held_out']} held out for eval" if s.get("held_out") else "")
             + (f"  (layouts: {layouts})" if layouts else "")
         )
+        turns = s.get("every_turn") or {}
+        if turns.get("conversations"):
+            lines.append(f"[data]   every turn: {turns['conversations']} conversations -> {turns['pairs']} pairs "
+                         "(one per judged assistant turn)")
         if s.get("token_health"):
             lines.append(f"[data]   tokenizer: {s['token_health']['tokenizer_class']} "
                          f"({s['token_health']['unknown_token_rate']:.1%} unknown tokens in a sample of "

@@ -23,6 +23,8 @@ class PreferenceExample:
     chosen: Union[Text, Conversation]
     rejected: Union[Text, Conversation]
     source: str = ""  # "file:row" for error messages downstream (e.g. "data.jsonl:17")
+    tools: list[dict] | None = None  # function schemas passed to the chat template as tools= (data/messages.py)
+    turn: int = 0  # every_turn rows: which judged assistant turn of the conversation (1, 2, ...); 0 otherwise
 
     @property
     def conversational(self) -> bool:
@@ -57,6 +59,17 @@ class SkipReport:
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> ["file:row (field)"]
     layouts: Counter = field(default_factory=Counter)  # detected layout name -> rows
+    conversations: int = 0  # every_turn rows used (data/turns.py) ...
+    turn_pairs: int = 0  # ... and the pairs they expanded to, one per judged assistant turn
+
+    def count_turns(self, groups: list[list[Any]]) -> None:
+        """Set the every_turn counts from one split's rows: a group of examples per row, each with a `turn`.
+
+        A pair counts once, whether it is one PreferenceExample or split into two KTO halves.
+        """
+        turn_groups = [group for group in groups if any(example.turn for example in group)]
+        self.conversations = len(turn_groups)
+        self.turn_pairs = sum(len({example.turn for example in group}) for group in turn_groups)
 
     def skip(self, reason: str, where: str, count: int = 1) -> None:
         self.skipped[reason] += count
@@ -72,6 +85,8 @@ class SkipReport:
         self.rows_read += other.rows_read
         self.rows_used += other.rows_used
         self.layouts.update(other.layouts)
+        self.conversations += other.conversations
+        self.turn_pairs += other.turn_pairs
         for reason, n in other.skipped.items():
             self.skipped[reason] += n
             self.examples.setdefault(reason, [])
@@ -87,4 +102,5 @@ class SkipReport:
             "skipped_by_reason": dict(self.skipped),
             "skipped_examples": self.examples,
             "layouts": dict(self.layouts),
+            "every_turn": {"conversations": self.conversations, "pairs": self.turn_pairs},
         }

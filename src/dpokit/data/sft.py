@@ -17,7 +17,7 @@ completion + EOS, or the chat template; prompt cut from the left, completion fro
 from __future__ import annotations
 
 from dpokit.config import Config
-from dpokit.data.layouts import LAYOUTS, load_preferences
+from dpokit.data.layouts import LAYOUTS, load_preference_groups, row_tools
 from dpokit.data.loading import read_rows
 from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
 from dpokit.data.records import DataError, SkipReport
@@ -59,16 +59,24 @@ def load_sft(
     path: str, split: str = "train", columns: dict[str, str] | None = None, layout: str = "auto", strict: bool = False
 ) -> tuple[list[UnpairedExample], SkipReport]:
     """Read every row of `path` as one SFT example (prompt, completion); bad rows skipped and counted."""
+    groups, report = load_sft_groups(path, split, columns, layout, strict)
+    return [example for group in groups for example in group], report
+
+
+def load_sft_groups(
+    path: str, split: str = "train", columns: dict[str, str] | None = None, layout: str = "auto", strict: bool = False
+) -> tuple[list[list[UnpairedExample]], SkipReport]:
+    """`load_sft`'s examples, one group per row: an every_turn row gives one example per judged turn."""
     columns = dict(columns or {})
     if _is_paired_file(path, split, columns, layout):
-        pairs, report = load_preferences(path, split, columns or None, layout, strict)
+        rows, report = load_preference_groups(path, split, columns or None, layout, strict)
         report.layouts = type(report.layouts)({f"{name} (chosen side)": n for name, n in report.layouts.items()})
-        return [UnpairedExample(p.prompt, p.chosen, True, p.source) for p in pairs], report
+        return [[UnpairedExample(p.prompt, p.chosen, True, p.source, p.tools, p.turn) for p in row] for row in rows], report
     unknown = set(columns) - set(SFT_COLUMNS)
     if unknown:
         raise DataError(f"columns for SFT data map {', '.join(SFT_COLUMNS)} to column names; got {columns!r}", path)
 
-    def convert(row: dict, where: str) -> tuple[str, UnpairedExample]:
+    def convert(row: dict, where: str) -> tuple[str, list[UnpairedExample]]:
         row = rename_columns(row, columns)
         if layout in _LAYOUT_ALIASES:
             row_layout = _LAYOUT_ALIASES[layout]
@@ -81,17 +89,17 @@ def load_sft(
         prompt, completion = _CONVERTERS[row_layout](row)
         if "label" in row and row["label"] is not None and not parse_label(row["label"]):
             raise RowSkip("label is false: an undesirable completion is not imitated", "label")
-        return row_layout, UnpairedExample(prompt, completion, True, where)
+        return row_layout, [UnpairedExample(prompt, completion, True, where, row_tools(row, completion))]
 
-    examples, report = convert_rows(path, split, convert, strict)
-    if not examples:
+    groups, report = convert_rows(path, split, convert, strict)
+    if not groups:
         raise DataError(no_usable_rows_message(report), path)
-    return examples, report
+    return groups, report
 
 
 def _load(path: str, split: str, cfg: Config):
-    examples, report = load_sft(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict)
-    return cap_rows(examples, report, path, cfg.data.max_rows), report
+    groups, report = load_sft_groups(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict)
+    return cap_rows(groups, report, path, cfg.data.max_rows), report
 
 
 def prepare_sft(cfg: Config, tokenizer):
@@ -100,12 +108,14 @@ def prepare_sft(cfg: Config, tokenizer):
     The eval split (data.eval_path, else a seeded data.eval_fraction of the rows) is that of
     `prepare_data`; the summary's token lengths name the completion `completion`.
     """
-    train_examples, train_report, eval_examples, eval_report = load_train_and_eval(cfg, _load)
+    train_groups, train_report, eval_groups, eval_report = load_train_and_eval(cfg, _load)
+    train_report.count_turns(train_groups)  # every_turn rows, after the eval split
+    eval_report.count_turns(eval_groups)
     summary, splits = {}, []
-    for name, examples, report in (("train", train_examples, train_report), ("eval", eval_examples, eval_report)):
-        tokenized, stats = tokenize_groups([[e] for e in examples], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
+    for name, groups, report in (("train", train_groups, train_report), ("eval", eval_groups, eval_report)):
+        tokenized, stats = tokenize_groups(groups, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
         stats.lengths = {"prompt": stats.lengths["prompt"], "completion": stats.lengths["chosen"]}
         summary[name] = split_summary(report, stats, len(tokenized))  # "pairs" here counts examples
         splits.append(tokenized)
-    summary["train"]["token_health"] = check_completion_health(train_examples, splits[0], tokenizer, cfg.data.path)
+    summary["train"]["token_health"] = check_completion_health(train_groups, splits[0], tokenizer, cfg.data.path)
     return PreparedData(splits[0], splits[1], summary)

@@ -85,11 +85,11 @@ def text_of(value: str | list) -> str:
 
 
 def paired_rows(examples: list[PreferenceExample], pairs: list) -> list[HealthRow]:
-    """TokenizedPair rows matched to their PreferenceExample by source ("file:row")."""
-    by_source = {ex.source: ex for ex in examples}
+    """TokenizedPair rows matched to their PreferenceExample by source ("file:row") and every_turn turn."""
+    by_source = {(ex.source, ex.turn): ex for ex in examples}
     rows = []
     for pair in pairs:
-        ex = by_source.get(pair.source)
+        ex = by_source.get((pair.source, pair.turn))
         if ex is not None:
             rows.append(HealthRow(text_of(ex.prompt), pair.prompt_ids,
                                   [(text_of(ex.chosen), pair.chosen_ids), (text_of(ex.rejected), pair.rejected_ids)]))
@@ -103,10 +103,10 @@ def completion_rows(examples: list, tokenized: list) -> list[HealthRow]:
     split pair gives two examples with one source, told apart by their label.
     """
     flat = [ex for item in examples for ex in (item if isinstance(item, list) else [item])]
-    by_key = {(ex.source, ex.label): ex for ex in flat}
+    by_key = {(ex.source, ex.label, ex.turn): ex for ex in flat}
     rows = []
     for row in tokenized:
-        ex = by_key.get((row.source, row.label))
+        ex = by_key.get((row.source, row.label, row.turn))
         if ex is not None:
             rows.append(HealthRow(text_of(ex.prompt), row.prompt_ids, [(text_of(ex.completion), row.completion_ids)]))
     return rows

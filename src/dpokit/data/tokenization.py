@@ -1,8 +1,8 @@
 """Preference records -> token ids: prompt ids, chosen ids, rejected ids.
 
 Text records are tokenised as prompt and prompt + completion + EOS; conversational
-records go through the tokenizer's chat template, the prompt rendered with the
-generation prompt. In both cases the completion is where the tokenised prompt
+records go through the tokenizer's chat template (with the row's `tools=` when it has
+any), the prompt rendered with the generation prompt. In both cases the completion is where the tokenised prompt
 and the tokenised prompt + completion diverge (as TRL does), so a token merged
 across the boundary is never split and the prompt is never counted in the loss.
 
@@ -29,6 +29,9 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     source: str = ""
+    # every_turn rows: the judged turn (a row's pairs share its source). Not in repr, which fingerprints
+    # the training data for resume (training/resume.py): the token ids already tell the pairs apart.
+    turn: int = field(default=0, repr=False, compare=False)
 
 
 @dataclass
@@ -69,6 +72,11 @@ def encoded_ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
 
 
+def template_kwargs(example) -> dict:
+    """Extra chat-template arguments of one record: `tools=` when the row offers tools (data/messages.py)."""
+    return {"tools": example.tools} if getattr(example, "tools", None) else {}
+
+
 def render_ids(example: PreferenceExample, tokenizer) -> tuple[list[int], list[int], list[int]]:
     """Full-length (untruncated) prompt ids and chosen/rejected completion ids."""
     if example.conversational:
@@ -78,10 +86,11 @@ def render_ids(example: PreferenceExample, tokenizer) -> tuple[list[int], list[i
                 "use a chat model's tokenizer or give text prompt/chosen/rejected columns",
                 path=example.source,
             )
+        extra = template_kwargs(example)
         try:
-            prompt = encoded_ids(tokenizer.apply_chat_template(example.prompt, tokenize=True, add_generation_prompt=True))
-            full_chosen = encoded_ids(tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=True))
-            full_rejected = encoded_ids(tokenizer.apply_chat_template(example.prompt + example.rejected, tokenize=True))
+            prompt = encoded_ids(tokenizer.apply_chat_template(example.prompt, tokenize=True, add_generation_prompt=True, **extra))
+            full_chosen = encoded_ids(tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=True, **extra))
+            full_rejected = encoded_ids(tokenizer.apply_chat_template(example.prompt + example.rejected, tokenize=True, **extra))
         except Exception as error:  # e.g. a template's raise_exception("roles must alternate user/assistant")
             refused = TemplateRefused(
                 f"the tokenizer's chat template cannot render this conversation ({type(error).__name__}: {error})",
@@ -110,6 +119,10 @@ def tokenize_pairs(
     """Tokenise and truncate every record; skipped pairs are counted in `report` by reason."""
     stats = TokenizationStats()
     out: list[TokenizedPair] = []
+    # A row stops counting as used when all its pairs are skipped: one pair for most layouts, one per
+    # judged turn for every_turn rows (which share their source "file:row").
+    row_of = lambda ex: ex.source if getattr(ex, "turn", 0) else id(ex)  # noqa: E731
+    dropped_rows, kept_rows = set(), set()
     for ex in examples:
         try:
             prompt, chosen, rejected = render_ids(ex, tokenizer)
@@ -117,7 +130,7 @@ def tokenize_pairs(
             if report is None:
                 raise
             report.skip("the chat template cannot render the conversation", f"{ex.source} ({error.cause[:80]})")
-            report.rows_used -= 1
+            dropped_rows.add(row_of(ex))
             continue
         if len(prompt) > max_prompt_length:
             prompt = prompt[len(prompt) - max_prompt_length :]
@@ -133,10 +146,13 @@ def tokenize_pairs(
             which = "chosen" if not chosen else "rejected"
             if report is not None:
                 report.skip(f"empty {which} completion after tokenisation/truncation", f"{ex.source} ({which})")
-                report.rows_used -= 1
+                dropped_rows.add(row_of(ex))
             continue
         stats.lengths["prompt"].append(len(prompt))
         stats.lengths["chosen"].append(len(chosen))
         stats.lengths["rejected"].append(len(rejected))
-        out.append(TokenizedPair(prompt, chosen, rejected, ex.source))
+        out.append(TokenizedPair(prompt, chosen, rejected, ex.source, getattr(ex, "turn", 0)))
+        kept_rows.add(row_of(ex))
+    if report is not None:
+        report.rows_used -= len(dropped_rows - kept_rows)
     return out, stats

@@ -20,16 +20,17 @@ Tokenisation and truncation are those of the paired data (`tokenization.render_i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
-from dpokit.data.layouts import LAYOUTS, check_completion, messages_of, text_or_messages, check_unicode, load_preferences
+from dpokit.data.layouts import LAYOUTS, check_completion, messages_of, text_or_messages, check_unicode, load_preference_groups, row_tools
 from dpokit.data.loading import read_rows
 from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport, Text
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
 from dpokit.data.token_health import check_completion_health
 from dpokit.data.tokenization import TokenizationStats, render_ids
+from dpokit.data.turns import has_turn_preferences
 
 UNPAIRED_LAYOUTS = ("prompt_completion_label", "messages_label")
 UNPAIRED_COLUMNS = ("prompt", "completion", "label", "messages")
@@ -42,6 +43,8 @@ class UnpairedExample:
     completion: Union[Text, Conversation]
     label: bool  # True = desirable
     source: str = ""  # "file:row"
+    tools: list[dict] | None = None  # function schemas for the chat template (the `tools` column)
+    turn: int = 0  # every_turn rows: the judged turn its pair came from (a row's examples share its source)
 
     @property
     def conversational(self) -> bool:
@@ -58,6 +61,7 @@ class TokenizedCompletion:
     # mismatched sequences obey data.max_length too.
     completion_budget: int
     source: str = ""
+    turn: int = field(default=0, repr=False, compare=False)  # that of its UnpairedExample; not in the resume fingerprint
 
 
 # --- one row -------------------------------------------------------------------------------
@@ -81,7 +85,7 @@ def _is_full_conversation(value: Any) -> bool:
 
 def detect_unpaired_layout(row: dict) -> str | None:
     """Name the unpaired layout of `row` from its columns, or None if it has none of them."""
-    if "messages" in row:
+    if "messages" in row and not has_turn_preferences(row["messages"]):  # every_turn rows are pairs
         return "messages_label"
     if "completion" in row and "prompt" not in row and _is_full_conversation(row["completion"]):
         return "messages_label"  # argilla/kto-mix-15k: the whole conversation sits in `completion`
@@ -119,14 +123,14 @@ def to_unpaired(row: dict, layout: str, where: str = "") -> UnpairedExample:
     prompt, completion = _CONVERTERS[layout](row)
     check_unicode(prompt, "prompt")
     check_unicode(completion, "completion")
-    return UnpairedExample(prompt, completion, parse_label(row.get("label")), where)
+    return UnpairedExample(prompt, completion, parse_label(row.get("label")), where, row_tools(row, completion))
 
 
 def rename_columns(row: dict, columns: dict[str, str]) -> dict:
     """`row` with the standard unpaired (and SFT) columns read from the user's names in `columns`."""
     if not columns:
         return row
-    renamed = {k: v for k, v in row.items() if k not in UNPAIRED_COLUMNS}
+    renamed = {k: v for k, v in row.items() if k not in UNPAIRED_COLUMNS}  # keeps `tools`
     for standard in UNPAIRED_COLUMNS:
         column = columns.get(standard, standard)
         if column in row:
@@ -160,9 +164,9 @@ def load_unpaired(
     """
     columns = dict(columns or {})
     if _is_paired_source(path, split, columns, layout):
-        pairs, report = load_preferences(path, split, columns or None, layout, strict)
+        rows, report = load_preference_groups(path, split, columns or None, layout, strict)
         report.layouts = type(report.layouts)({f"{name} (pairs split)": n for name, n in report.layouts.items()})
-        return [_split_pair(pair) for pair in pairs], report
+        return [[half for pair in row for half in _split_pair(pair)] for row in rows], report
     unknown = set(columns) - set(UNPAIRED_COLUMNS)
     if unknown:
         raise DataError(f"columns for unpaired data map {', '.join(UNPAIRED_COLUMNS)} to column names; got {columns!r}", path)
@@ -182,7 +186,8 @@ def load_unpaired(
 
 
 def _split_pair(pair: PreferenceExample) -> list[UnpairedExample]:
-    return [UnpairedExample(pair.prompt, pair.chosen, True, pair.source), UnpairedExample(pair.prompt, pair.rejected, False, pair.source)]
+    return [UnpairedExample(pair.prompt, pair.chosen, True, pair.source, pair.tools, pair.turn),
+            UnpairedExample(pair.prompt, pair.rejected, False, pair.source, pair.tools, pair.turn)]
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -192,7 +197,8 @@ def tokenize_completion(example: UnpairedExample, tokenizer) -> tuple[list[int],
     """Untruncated (prompt ids, completion ids), exactly as the paired data renders a completion."""
     # render_ids holds the one definition of the prompt/completion boundary (chat template or
     # prompt + completion + EOS, split where the token ids diverge); reuse it with the completion twice.
-    prompt, completion, _ = render_ids(PreferenceExample(example.prompt, example.completion, example.completion, example.source), tokenizer)
+    pair = PreferenceExample(example.prompt, example.completion, example.completion, example.source, example.tools)
+    prompt, completion, _ = render_ids(pair, tokenizer)
     return prompt, completion
 
 
@@ -225,7 +231,7 @@ def tokenize_groups(
                 continue
             stats.lengths["prompt"].append(len(prompt))
             stats.lengths[side].append(len(completion))
-            out.append(TokenizedCompletion(prompt, completion, ex.label, room, ex.source))
+            out.append(TokenizedCompletion(prompt, completion, ex.label, room, ex.source, ex.turn))
             kept += 1
         if not kept and report is not None:
             report.rows_used -= 1
@@ -247,6 +253,8 @@ def prepare_unpaired(cfg, tokenizer):
     side. Degenerate tokenization raises DataError before anything is trained (`token_health`).
     """
     train_groups, train_report, eval_groups, eval_report = load_train_and_eval(cfg, _load)
+    train_report.count_turns(train_groups)  # every_turn rows, after the eval split
+    eval_report.count_turns(eval_groups)
     summary, splits = {}, []
     for name, groups, report in (("train", train_groups, train_report), ("eval", eval_groups, eval_report)):
         examples, stats = tokenize_groups(groups, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)

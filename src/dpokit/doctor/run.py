@@ -39,9 +39,11 @@ from dpokit.doctor.token_checks import (
     truncation_check,
     unknown_tokens_check,
 )
+from dpokit.doctor.tool_checks import tools_check
 from dpokit.models import ModelLoadError, load_model_config, load_policy, load_tokenizer
 
-TOKEN_CHECKS = ("token_health", "unknown_tokens", "truncation", "template_prefix", "special_tokens", "completion_end")
+TOKEN_CHECKS = ("token_health", "unknown_tokens", "truncation", "template_prefix", "special_tokens", "completion_end",
+                "tools")
 REFERENCE_CHECKS = ("reference_logps", "reference_preference")
 DEFAULT_SAMPLE_SIZE = 256
 
@@ -94,6 +96,7 @@ def run_doctor(
         report.add(template_prefix_check(scan))
         report.add(special_tokens_check(scan))
         report.add(completion_end_check(scan))
+        report.add(tools_check(examples, tokenizer))
     else:
         report.add(length_bias_check(*word_lengths(examples), "words", thresholds))
         _skip(report, TOKEN_CHECKS, "needs a tokenizer")

@@ -26,7 +26,7 @@ from dpokit.data.token_health import (
     model_context_length,
     token_health_problems,
 )
-from dpokit.data.tokenization import TokenizationStats, TokenizedPair, render_ids, tokenize_pairs
+from dpokit.data.tokenization import TokenizationStats, TokenizedPair, render_ids, template_kwargs, tokenize_pairs
 from dpokit.data.tokenization import encoded_ids  # one place knows transformers 4 vs 5 return types
 from dpokit.doctor.report import CheckResult
 from dpokit.config import DoctorConfig
@@ -147,9 +147,10 @@ def scan_tokens(examples: list[PreferenceExample], tokenizer, max_length: int, m
 
 def _check_prefix(ex: PreferenceExample, tokenizer, inspector: _TokenInspector, scan: TokenScan) -> None:
     """The prompt rendered with the generation prompt must be an exact token prefix of prompt + completion."""
-    prompt = encoded_ids(tokenizer.apply_chat_template(ex.prompt, tokenize=True, add_generation_prompt=True))
+    extra = template_kwargs(ex)
+    prompt = encoded_ids(tokenizer.apply_chat_template(ex.prompt, tokenize=True, add_generation_prompt=True, **extra))
     for completion in (ex.chosen, ex.rejected):
-        full = encoded_ids(tokenizer.apply_chat_template(ex.prompt + completion, tokenize=True))
+        full = encoded_ids(tokenizer.apply_chat_template(ex.prompt + completion, tokenize=True, **extra))
         if full[: len(prompt)] == prompt:
             continue
         scan.not_prefix.append(ex.source)
