@@ -160,3 +160,11 @@ def test_sampling_and_unpaired_objectives_are_refused_with_images():
                       {"data": {"vision": True, "layout": "sharegpt"}}):
         with pytest.raises(ConfigError, match="data.vision"):
             load_config({"data": {"vision": True}, **overrides})
+
+
+def test_image_rows_without_data_vision_are_refused_with_the_key_to_set(tmp_path):
+    from dpokit.data.layouts import load_preferences
+
+    write_images(tmp_path)
+    with pytest.raises(DataError, match=r"image content parts: set data.vision=true"):
+        load_preferences(str(write_rows(tmp_path / "rows.jsonl", colour_rows(2))))

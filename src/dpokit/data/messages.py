@@ -45,6 +45,8 @@ def message_of(item: Any, field: str, role_names: dict[str, str] | None = None) 
         content = ""
     if not isinstance(role, str) or not role:
         raise RowSkip(f"{field} has a message without a role", field)
+    if isinstance(content, list) and any(isinstance(part, dict) and part.get("type") == "image" for part in content):
+        raise RowSkip(f"{field} has image content parts: set data.vision=true (and a vision-language model with a processor)", field)
     if not isinstance(content, str):
         raise RowSkip(f"{field} has a message without text content", field)
     if role_names is not None:
