@@ -113,9 +113,7 @@ def is_sharded(accelerator) -> bool:
 
 def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimizer, scheduler, window: MetricSums, keep: int,
                     reference=None) -> Path:
-    """Write checkpoint-<state.step> atomically; call on every process. Returns its path.
-
-    `reference`: the unwrapped reference model when it has moved (TR-DPO), saved as reference.safetensors.
+    """Write checkpoint-<state.step> atomically; call on every process. Returns its path. `reference`: a moved one (TR-DPO).
 
     Too little free space for it, up front or while writing (ENOSPC), raises CheckpointError on
     every process with one line: nothing of it is left behind and the previous checkpoints are untouched.
@@ -330,10 +328,7 @@ def _unb64(text: str) -> torch.Tensor:
 
 
 def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, reference=None) -> RunState:
-    """Restore weights (or adapter), optimizer, schedule and this process's RNG; call on every process.
-
-    `reference`: the unwrapped reference model, given the checkpoint's moved reference when it has one (TR-DPO).
-    """
+    """Restore weights (or adapter), optimizer, schedule and this process's RNG; call on every process. `reference`: gets a moved one."""
     path = Path(path)
     state = read_state(path)
     if state.ref_syncs > 0:  # the reference had moved: continuing with the original one would be another run

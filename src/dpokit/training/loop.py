@@ -6,7 +6,7 @@
         policy forward (+ reference forward, no grad) -> per-sequence log-probs
         loss table -> per-example losses; backward on sum / examples in the whole step
         a NaN/Inf loss or gradient skips the update (counted; the run stops past train.max_skipped_steps)
-        clip, AdamW step, schedule step
+        clip, AdamW step, schedule step; every loss.ref_sync_steps: the reference moves (TR-DPO, ref_sync.py)
         every logging_steps: metrics averaged over all applied micro-batches and ranks -> metrics.jsonl
         every eval_steps: the same metrics on held-out pairs, prefixed eval_ (with train.eval_generate=N,
             also eval_mean_length of N sampled completions, for the length detector)
