@@ -171,3 +171,43 @@ def test_settings_the_sync_cannot_serve_are_refused_naming_the_keys(tmp_path):
     other = str(tiny_model_dir(hidden_size=16))  # same tokenizer, other shapes: nothing to mix weight by weight
     with pytest.raises(ConfigError, match="model.ref_name_or_path"):
         dpokit.train(_config(tmp_path, "run", **{"model.ref_name_or_path": other, "train.max_steps": 1}))
+
+
+_DDP_RUN = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import dpokit
+dpokit.train(json.loads(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_sync_like_one_process(tmp_path):
+    """DDP over gloo: each process syncs its replica from its unwrapped policy; beta-DPO's margins are reduced over both.
+
+    33 pairs: the last micro-batch of the epoch leaves the second process a dummy (weight 0) micro-batch.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(33, seed=1))
+    extra = {"loss.beta_schedule": "adaptive", "loss.beta_adaptive_alpha": 2.0, "train.max_steps": 6}
+    one = dpokit.train(_config(tmp_path, "one", **{**extra, "train.batch_size": 8})).run_dir
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_RUN.format(tests=str(Path(__file__).resolve().parent)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7),
+               str(script), json.dumps(_config(tmp_path, "two", **{**extra, "train.batch_size": 4}))]
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"
+    curves = [[r for r in read_metrics(Path(d) / "metrics.jsonl") if "loss" in r] for d in (two, one)]
+    assert [r["step"] for r in curves[0]] == list(range(1, 7))
+    for a, b in zip(*curves):
+        for key in ("loss", "beta", "rewards/margins", "kl/chosen", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    for name in ("final/model.safetensors", "checkpoints/checkpoint-6/reference.safetensors"):
+        a, b = _weights(two, name), _weights(one, name)
+        for key in b:
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (name, key)
