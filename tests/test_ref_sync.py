@@ -7,6 +7,10 @@ after a sync and resumed continues with the moved reference and ends where an un
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,11 +191,6 @@ def test_two_processes_sync_like_one_process(tmp_path):
 
     33 pairs: the last micro-batch of the epoch leaves the second process a dummy (weight 0) micro-batch.
     """
-    import json
-    import os
-    import subprocess
-    import sys
-
     write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(33, seed=1))
     extra = {"loss.beta_schedule": "adaptive", "loss.beta_adaptive_alpha": 2.0, "train.max_steps": 6}
     one = dpokit.train(_config(tmp_path, "one", **{**extra, "train.batch_size": 8})).run_dir
