@@ -5,7 +5,8 @@
   with model.ref_dtype that copy is cast to it (e.g. a bfloat16 reference beside a float32 policy:
   half the reference's memory, log-probs of the rounded weights).
 - model.ref_name_or_path: that model, loaded with the policy's settings through models.load_policy.
-- LoRA (peft): the same model with its adapters disabled (`reference_mode`); no second copy.
+- LoRA (peft): the same model with its adapters disabled (`reference_mode`); no second copy. With a
+  moving reference (loss.ref_sync_steps, TR-DPO) a frozen copy of the merged model instead (`_merged_copy`).
 - Reference-free losses: no reference at all.
 - Cached: no reference model in memory; its log-probs come from ref_cache/ (training/setup.py decides).
 """
@@ -47,11 +48,26 @@ def make_reference(policy, cfg: Config, needs_reference: bool):
         reference.eval()
         reference.requires_grad_(False)
         return reference
+    if cfg.lora.enabled and cfg.loss.ref_sync_steps > 0:
+        return _merged_copy(policy)
     if cfg.lora.enabled:
         return None
     reference = copy.deepcopy(policy)
     if cfg.model.ref_dtype:
         reference.to(DTYPES[cfg.model.ref_dtype])
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def _merged_copy(peft_policy):
+    """LoRA with a moving reference (loss.ref_sync_steps): a frozen copy of the merged model, base + adapters.
+
+    The adapters-off reference cannot move (it is the frozen base itself), and a low-rank adapter cannot hold
+    the average of two models, so TR-DPO under LoRA costs one full copy of the model. At the start the
+    adapters are zero (lora_B = 0), so the copy equals the adapters-off reference.
+    """
+    reference = copy.deepcopy(peft_policy).merge_and_unload()
     reference.eval()
     reference.requires_grad_(False)
     return reference

@@ -7,7 +7,7 @@ import re
 
 from dpokit.config.errors import ConfigError, check_choice, excerpt
 from dpokit.config.schema import Config
-from dpokit.losses import LOSSES, UNPAIRED_LOSSES, loss_names, validate_loss_config
+from dpokit.losses import LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES, is_unpaired, loss_names, needs_reference, validate_loss_config
 
 
 def validate(cfg: Config) -> None:
@@ -113,3 +113,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.push_to_hub' must be a Hub repo id (owner/name, or name in your own namespace), got {excerpt(cfg.train.push_to_hub)}")
     if cfg.train.resume.strip() == "":
         raise ConfigError("config key 'train.resume' must be auto, never, or the path of a checkpoint folder; got ''")
+    _validate_moving_reference(cfg)
+
+
+def _validate_moving_reference(cfg: Config) -> None:
+    """TR-DPO's reference sync (loss.ref_sync_*) and beta-DPO's adaptive beta (loss.beta_schedule, loss.beta_adaptive_*)."""
+    loss = cfg.loss
+    if loss.ref_sync_steps < 0:
+        raise ConfigError(f"config key 'loss.ref_sync_steps' must be >= 0 (0 = a fixed reference), got {loss.ref_sync_steps}")
+    if not 0.0 < loss.ref_sync_alpha <= 1.0:
+        raise ConfigError(f"config key 'loss.ref_sync_alpha' must be in (0, 1], got {loss.ref_sync_alpha}")
+    if loss.ref_sync_steps > 0:
+        if not needs_reference(loss) or cfg.train.task == "sft":
+            raise ConfigError(f"loss.ref_sync_steps={loss.ref_sync_steps}: loss.type {loss.type!r} (train.task={cfg.train.task}) "
+                              "uses no reference, so there is none to sync; set loss.ref_sync_steps=0")
+        if cfg.model.quantization != "none":
+            raise ConfigError(f"loss.ref_sync_steps cannot be combined with model.quantization={cfg.model.quantization}: the moving "
+                              "reference is a full copy of the merged model, which a 4-bit base cannot hold; "
+                              "set loss.ref_sync_steps=0 or model.quantization=none")
+    check_choice("loss.beta_schedule", loss.beta_schedule, ("constant", "adaptive"))
+    if loss.beta_schedule == "adaptive":
+        names = loss_names(loss)
+        if cfg.train.task == "sft" or is_unpaired(loss) or any(name in REFERENCE_FREE for name in names):
+            raise ConfigError(f"loss.beta_schedule=adaptive (beta-DPO) needs the implicit reward margins of pairs against a "
+                              f"reference: loss.type {loss.type!r} (train.task={cfg.train.task}) has none; use a reference-based "
+                              "paired loss (e.g. sigmoid) or loss.beta_schedule=constant")
+    if loss.beta_adaptive_alpha < 0:
+        raise ConfigError(f"config key 'loss.beta_adaptive_alpha' must be >= 0, got {loss.beta_adaptive_alpha}")
+    if not 0.0 <= loss.beta_adaptive_momentum < 1.0:
+        raise ConfigError(f"config key 'loss.beta_adaptive_momentum' must be in [0, 1), got {loss.beta_adaptive_momentum}")

@@ -12,9 +12,11 @@ per-example losses are summed with `loss.weights`. KTO, which is unpaired, is `k
     paired.py          reference-based paired losses
     reference_free.py  simpo, cpo, orpo, sft
     kto.py             kto_loss
+    adaptive_beta.py   beta-DPO's batch beta and its moving threshold (pure numbers; the trainer keeps the state)
     table.py           LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES, get_loss, validate_loss_config, compute_loss
 """
 
+from dpokit.losses.adaptive_beta import BETA_FLOOR, adaptive_beta, moved_threshold
 from dpokit.losses.base import LossConfig, LossFn, LossOutput, PairLogps, shared_prefix_logps, wpo_weights
 from dpokit.losses.fdiv import F_DIVERGENCES
 from dpokit.losses.kto import kto_loss
@@ -33,6 +35,9 @@ from dpokit.losses.table import (
 )
 
 __all__ = [
+    "BETA_FLOOR",
+    "adaptive_beta",
+    "moved_threshold",
     "BATCH_SORTED",
     "F_DIVERGENCES",
     "F_DIVERGENCE_LOSSES",

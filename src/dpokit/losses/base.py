@@ -32,6 +32,18 @@ class LossConfig:
     nll_normalize: str = "tokens"  # NLL terms (sft, cpo, orpo): tokens = token mean over the batch (TRL) | sequence
     desirable_weight: float = 1.0  # kto_loss: weight of desirable examples
     undesirable_weight: float = 1.0  # kto_loss: weight of undesirable examples
+    # TR-DPO (Gorbatovski et al. 2024, arXiv 2404.09656): every ref_sync_steps optimizer steps (after the update),
+    # ref <- ref_sync_alpha * policy + (1 - ref_sync_alpha) * ref, weight by weight. 0 = a fixed reference.
+    # A live reference only: the reference cache is turned off (with a notice). TRL: sync_ref_model,
+    # ref_model_sync_steps (tau), ref_model_mixup_alpha (alpha, TRL's default 0.6).
+    ref_sync_steps: int = 0
+    ref_sync_alpha: float = 0.6  # in (0, 1]; 1 = hard update (the reference becomes the policy)
+    # beta-DPO (Wu et al. 2024, arXiv 2407.08639): constant | adaptive. adaptive: per micro-batch,
+    # M_0 <- m * M_0 + (1 - m) * mean_i M_i, then beta = beta_0 * (1 + alpha * (mean_i M_i - M_0)), floored at 1e-3,
+    # where M_i = beta_0 * (r_w - r_l) is the pair's implicit reward margin (loss.beta is beta_0; docs/losses.md)
+    beta_schedule: str = "constant"
+    beta_adaptive_alpha: float = 0.6  # alpha: how strongly beta follows the batch's margin (0 = constant beta)
+    beta_adaptive_momentum: float = 0.9  # m: momentum of the moving average M_0 of the batch margins (starts at 0)
 
 
 @dataclass

@@ -8,6 +8,7 @@ A `Step` says how its examples are prepared from config.data, batched, counted a
     weight(example)                -> one example's share of it (count of a batch = sum of its examples' weights)
     tokens(example)                -> input tokens, as TRL's running `num_tokens` counts them
     forward(policy, reference, batch, cfg, with_reference) -> (LossOutput, {metric: (n,) tensor})
+                                   (the paired steps also take beta_for: beta-DPO's per-batch beta, loss.beta_schedule)
     needs_reference(cfg)           -> whether a reference model (or its cached log-probs) is needed
 
 Two properties let the setup adapt a step without asking what it is: `plain()` is the step

@@ -11,6 +11,8 @@ Two implementations of the same step (the unpaired KTO step is steps/unpaired.py
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,7 @@ from dpokit.data.prepare import prepare_data
 from dpokit.data.vision import vision_inputs
 from dpokit.logprobs import auto_chunk_size, token_entropy_top1, token_kl, token_logps, token_sq_prob_logsumexp
 from dpokit.losses import PairLogps, compute_loss, shared_prefix_logps
+from dpokit.losses.base import log_ratios
 from dpokit.reference import reference_mode
 from dpokit.steps.base import Step
 from dpokit.steps.token_scores import TokenScores, fast_attention_for, layout_for, per_sequence, score_tokens, shared_mask
@@ -31,19 +34,27 @@ def _halves(x: torch.Tensor | None, n: int) -> tuple:
     return (None, None) if x is None else (x[:n], x[n:])
 
 
-def _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg: Config) -> tuple:
+def _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg: Config, beta_for=None) -> tuple:
     """(2B,) [chosen; rejected] per-sequence sums -> (LossOutput, the TRL-named per-pair metrics).
 
     shared / ref_shared: LD-DPO shared-prefix sums (None unless loss.ld_alpha); wpo: the WPO
     weights' per-sequence sums (None unless loss.use_weighting); mean_logits: vocabulary-mean logit per
-    completion token, averaged per sequence.
+    completion token, averaged per sequence. beta_for (loss.beta_schedule=adaptive, from the trainer):
+    the pairs' reward margins M_i = beta_0 * (r_w - r_l) (B,) -> the beta of this batch's loss; the
+    rewards stay at beta_0 = loss.beta, and the beta used is logged as `beta`.
     """
     n = logps.shape[0] // 2
     pair = PairLogps(*_halves(logps, n), *_halves(ref_logps, n), *_halves(lengths, n))
     pair.policy_chosen_shared, pair.policy_rejected_shared = _halves(shared, n)
     pair.ref_chosen_shared, pair.ref_rejected_shared = _halves(ref_shared, n)
     pair.policy_chosen_wpo, pair.policy_rejected_wpo = _halves(wpo, n)
-    out = compute_loss(pair, cfg.loss)
+    beta = cfg.loss.beta
+    if beta_for is not None:  # beta-DPO: this batch's beta from its margins (training/adaptive_beta.py)
+        chosen_ratio, rejected_ratio = log_ratios(pair, cfg.loss)
+        beta = beta_for((cfg.loss.beta * (chosen_ratio - rejected_ratio)).detach())
+    out = compute_loss(pair, cfg.loss if beta_for is None else dataclasses.replace(cfg.loss, beta=beta))
+    if beta_for is not None:
+        out.chosen_rewards, out.rejected_rewards = (cfg.loss.beta * chosen_ratio).detach(), (cfg.loss.beta * rejected_ratio).detach()
     with torch.no_grad():
         metrics = {
             "loss": out.losses.detach(),
@@ -56,10 +67,12 @@ def _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits
             "logits/chosen": mean_logits[:n],
             "logits/rejected": mean_logits[n:],
         }
+        if beta_for is not None:
+            metrics["beta"] = torch.full((n,), float(beta), device=logps.device)
     return out, metrics
 
 
-def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
+def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: bool, beta_for=None) -> tuple:
     """Policy (and reference) log-probs of one [chosen; rejected] batch -> loss output and metrics.
 
     returns (LossOutput, metrics: dict name -> (B,) tensor of per-pair values)
@@ -90,7 +103,7 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
         completion = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # (2B, T-1, 1)
         mean_logits = (logits[:, :-1].float() * completion).sum((1, 2)) / (completion.sum((1, 2)) * logits.shape[-1])
         entropy, top1 = token_entropy_top1(logits, labels)
-    out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg)
+    out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg, beta_for)
     # per completion token, [chosen; rejected] row by row: averaged over tokens, as TRL does
     metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(mask[:n_pairs].sum())])
     if ref_logits is not None:
@@ -134,7 +147,7 @@ def _chunked_kl(policy: TokenScores, ref: TokenScores, idx: torch.Tensor, chunk_
     return out
 
 
-def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
+def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_reference: bool, beta_for=None) -> tuple:
     """forward_pairs on a collate_packed batch (make_collate); reference log-probs from the batch when cached.
 
     returns (LossOutput, metrics: dict name -> (B,) tensor), the same names and values as forward_pairs;
@@ -165,7 +178,7 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
         order = batch["score_order"]  # forward_pairs' token order
         entropy, top1 = scores.stats[order, 1], scores.stats[order, 2]
     out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared if cfg.loss.ld_alpha is not None else None, wpo,
-                                mean_logits, cfg)
+                                mean_logits, cfg, beta_for)
     metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(lengths[:n_pairs].sum())])
     if ref_scores is not None and scores.logits_of is not None and ref_scores.logits_of is not None:
         chosen_idx = torch.nonzero(seq < n_pairs).squeeze(-1)
@@ -194,8 +207,8 @@ class PairedStep(Step):
     def tokens(self, pair) -> int:
         return pair_tokens(pair)
 
-    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
-        return forward_pairs(policy, reference, batch, cfg, with_reference)
+    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool, beta_for=None) -> tuple:
+        return forward_pairs(policy, reference, batch, cfg, with_reference, beta_for)
 
 
 class FastPairedStep(PairedStep):
@@ -212,8 +225,8 @@ class FastPairedStep(PairedStep):
     def count(self, batch: dict) -> int:
         return count_pairs(batch)
 
-    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
-        return forward_pairs_fast(policy, reference, batch, cfg, with_reference)
+    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool, beta_for=None) -> tuple:
+        return forward_pairs_fast(policy, reference, batch, cfg, with_reference, beta_for)
 
     def plain(self) -> Step:
         return PairedStep()

@@ -6,6 +6,7 @@
         optimizer.safetensors, optimizer.json AdamW moments (tensors) and param groups
         scheduler.json, rng_state.json        schedule position; python/numpy/torch RNG states of every process
         trainer_state.json                    step, data position, counters, unlogged metric sums, config
+        reference.safetensors                 the reference, once it has moved (loss.ref_sync_steps, TR-DPO)
         manifest.json                         size and blake2b of every other file (written last; manifest.py)
 
 No pickle anywhere (under FSDP/DeepSpeed the sharded model and optimizer go through
@@ -36,7 +37,7 @@ import numpy
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dpokit.config import ConfigError
 from dpokit.training.manifest import MANIFEST, write_manifest
@@ -45,6 +46,7 @@ from dpokit.training.metrics import MetricSums
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+REFERENCE_FILE = "reference.safetensors"
 
 
 class CheckpointError(ConfigError):
@@ -67,6 +69,8 @@ class RunState:
     structure: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     world_size: int = 1
+    ref_syncs: int = 0  # TR-DPO syncs done (loss.ref_sync_steps): > 0 means the checkpoint carries the moved reference
+    beta_threshold: float = 0.0  # beta-DPO's moving average M_0 of the batch margins (loss.beta_schedule=adaptive)
 
 
 # --- finding checkpoints -----------------------------------------------------------------------
@@ -107,8 +111,9 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimizer, scheduler, window: MetricSums, keep: int) -> Path:
-    """Write checkpoint-<state.step> atomically; call on every process. Returns its path.
+def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimizer, scheduler, window: MetricSums, keep: int,
+                    reference=None) -> Path:
+    """Write checkpoint-<state.step> atomically; call on every process. Returns its path. `reference`: a moved one (TR-DPO).
 
     Too little free space for it, up front or while writing (ENOSPC), raises CheckpointError on
     every process with one line: nothing of it is left behind and the previous checkpoints are untouched.
@@ -124,6 +129,7 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimiz
         accelerator.wait_for_everyone()
         return final
     needed, free = checkpoint_bytes(accelerator, run_dir, policy, optimizer), shutil.disk_usage(run_dir).free
+    needed += _tensor_bytes(list(reference.state_dict().values())) if reference is not None else 0
     # The rotation deletes old checkpoints only after the new one is complete, so it needs its whole size free.
     problem = _from_main(accelerator, _no_space(run_dir, final, needed, free, "nothing was written") if free < needed else None)
     if problem:
@@ -146,6 +152,8 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimiz
                 _write_weights(accelerator.unwrap_model(policy), tmp)
                 _write_optimizer(optimizer.state_dict(), tmp)
                 _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            if reference is not None:
+                save_model(reference, str(tmp / REFERENCE_FILE))  # tied weights once, no pickle
             _write_json(tmp / "rng_state.json", rng)
             _write_json(tmp / STATE_FILE, asdict(state))  # its presence marks a complete folder
             fsync_tree(tmp)
@@ -319,10 +327,15 @@ def _unb64(text: str) -> torch.Tensor:
 # --- restoring ---------------------------------------------------------------------------------
 
 
-def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler) -> RunState:
-    """Restore weights (or adapter), optimizer, schedule and this process's RNG; call on every process."""
+def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, reference=None) -> RunState:
+    """Restore weights (or adapter), optimizer, schedule and this process's RNG; call on every process. `reference`: gets a moved one."""
     path = Path(path)
     state = read_state(path)
+    if state.ref_syncs > 0:  # the reference had moved: continuing with the original one would be another run
+        if reference is None:
+            raise CheckpointError(f"{path}: its reference moved during training (loss.ref_sync_steps, {state.ref_syncs} syncs), "
+                                  "and this run has no separate reference to restore it into: resume with loss.ref_sync_steps > 0")
+        load_reference(reference, path)
     try:
         if is_sharded(accelerator):
             accelerator.load_state(str(path / "accelerate"))
@@ -371,3 +384,14 @@ def _read_optimizer(folder: Path) -> dict:
         index, name = key.split("/", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def load_reference(reference, folder: Path) -> None:
+    """The moved reference of a checkpoint into `reference` (the unwrapped model); CheckpointError when missing or not fitting."""
+    path = Path(folder) / REFERENCE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: the reference had moved (loss.ref_sync_steps) but {REFERENCE_FILE} is missing")
+    try:
+        load_model(reference, str(path), device=str(next(reference.parameters()).device))
+    except (RuntimeError, OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: does not fit this reference ({type(e).__name__}: {e})") from None

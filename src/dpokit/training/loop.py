@@ -6,7 +6,7 @@
         policy forward (+ reference forward, no grad) -> per-sequence log-probs
         loss table -> per-example losses; backward on sum / examples in the whole step
         a NaN/Inf loss or gradient skips the update (counted; the run stops past train.max_skipped_steps)
-        clip, AdamW step, schedule step
+        clip, AdamW step, schedule step; every loss.ref_sync_steps: the reference moves (TR-DPO, ref_sync.py)
         every logging_steps: metrics averaged over all applied micro-batches and ranks -> metrics.jsonl
         every eval_steps: the same metrics on held-out pairs, prefixed eval_ (with train.eval_generate=N,
             also eval_mean_length of N sampled completions, for the length detector)
@@ -52,7 +52,9 @@ from dpokit.training.metrics import MetricsLog, MetricSums
 from dpokit.training.model_card import RunFacts
 from dpokit.training.optim import make_optimizer, make_schedule, total_steps_for
 from dpokit.training.resume import start_or_resume
-from dpokit.training.setup import fit_speed, reference_for
+from dpokit.training.adaptive_beta import AdaptiveBeta
+from dpokit.training.ref_sync import check_sync, is_sync_step, sync_reference
+from dpokit.training.setup import fit_reference_sync, fit_speed, reference_for
 from dpokit.training.signals import StopSignals, TrainingInterrupted, resume_command
 from dpokit.training.step_runner import accumulate_gradients, agree, evaluate, keep_step
 from dpokit.training.tracking import accelerator_kwargs, end_trackers, init_trackers, log_diagnosis, log_metrics
@@ -100,6 +102,7 @@ class Run:
     step: int = 0  # the last optimizer step taken
     bad_loss: bool = False  # the last step's loss was non-finite on some process
     saved_at: Optional[Path] = None  # the last checkpoint written
+    beta_schedule: Optional[AdaptiveBeta] = None  # loss.beta_schedule=adaptive: beta-DPO's per-batch beta
 
     @property
     def is_main(self) -> bool:
@@ -128,8 +131,9 @@ class Run:
         return {"step": step, **metrics, **self.generate_on_eval()}
 
     def checkpoint(self) -> Path:
+        moved = self.accelerator.unwrap_model(self.reference) if self.state.ref_syncs > 0 else None  # TR-DPO
         return save_checkpoint(self.accelerator, self.run_dir, self.state, self.policy, self.optimizer, self.scheduler, self.window,
-                               self.cfg.train.save_total_limit)
+                               self.cfg.train.save_total_limit, reference=moved)
 
     def result(self, metrics: dict, stop_reason: Optional[str]) -> TrainResult:
         if self.is_main:  # report.html in every run directory, also for dpokit.train(...) and the demo (issue 15.17)
@@ -180,10 +184,13 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     if problem:  # before any forward: past its context a model computes what it never learned (or raises IndexError)
         raise ConfigError(problem)
     with_reference = objective.needs_reference(cfg)  # reference-free losses (and SFT) build and run no reference
+    cfg, sync_notes = fit_reference_sync(cfg, objective)
     cfg, objective, notes = fit_speed(cfg, objective, policy, is_sharded(accelerator))
-    for note in notes if accelerator.is_main_process else []:
+    for note in sync_notes + notes if accelerator.is_main_process else []:
         print(f"[dpokit] {note}", flush=True)
     reference, data = reference_for(cfg, objective, policy, tokenizer, data, accelerator, with_reference)
+    if cfg.loss.ref_sync_steps > 0:
+        check_sync(cfg, reference, policy, is_sharded(accelerator))
     policy.train()
 
     optimizer = make_optimizer(cfg, policy, is_sharded(accelerator))
@@ -196,7 +203,8 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     params = list(policy.parameters()) if is_sharded(accelerator) else [p for p in policy.parameters() if p.requires_grad]
 
     detectors = FailureDetectors(cfg.detectors)
-    state, window, log = start_or_resume(accelerator, cfg, run_dir, data.train, total_steps, policy, optimizer, scheduler, detectors)
+    state, window, log = start_or_resume(accelerator, cfg, run_dir, data.train, total_steps, policy, optimizer, scheduler, detectors,
+                                         accelerator.unwrap_model(reference) if reference is not None else None)
     last_logged = next((r for r in reversed(getattr(log, "kept", [])) if "loss" in r), {})
     gen_prompts = eval_prompts(data.eval, tokenizer, cfg.train.eval_generate) if cfg.train.eval_generate > 0 else []
     if cfg.train.eval_generate > 0 and not gen_prompts and accelerator.is_main_process:
@@ -204,7 +212,8 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     return Run(cfg=cfg, accelerator=accelerator, run_dir=run_dir, tokenizer=tokenizer, objective=objective, data=data, policy=policy,
                reference=reference, with_reference=with_reference, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
                micro_per_epoch=micro_per_epoch, params=params, detectors=detectors, state=state, window=window, log=log,
-               last_logged=last_logged, gen_prompts=gen_prompts, empty_data=EmptyDataGuard(type(tokenizer).__name__), step=state.step)
+               last_logged=last_logged, gen_prompts=gen_prompts, empty_data=EmptyDataGuard(type(tokenizer).__name__), step=state.step,
+               beta_schedule=AdaptiveBeta(cfg.loss, accelerator, state) if cfg.loss.beta_schedule == "adaptive" else None)
 
 
 def _run_dir(cfg: Config, is_main: bool) -> Path:
@@ -271,7 +280,7 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
     tokens = step_completion_tokens(accelerator, [m.batch for m in micro if not m.dummy]) if run.empty_data.watching(step) else None
     step_sums = MetricSums()
     accumulate_gradients(run.policy, run.reference, [m.batch for m in micro], cfg, accelerator, run.with_reference, step_sums, objective,
-                         examples_in_step=sum(m.examples for m in micro), dummies=[m.dummy for m in micro])
+                         examples_in_step=sum(m.examples for m in micro), dummies=[m.dummy for m in micro], beta=run.beta_schedule)
     grad_norm = accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf)
     grad_norm = math.nan if grad_norm is None else float(grad_norm)
     local_loss = step_sums.sums.get("loss", 0.0) / max(step_sums.counts.get("loss", 0.0), 1.0)
@@ -282,6 +291,9 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
         run.optimizer.step()  # under fp16 the loss scaler itself skips a non-finite update and lowers its scale
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()  # a skipped update still uses its step of the schedule (and its data)
+    if is_sync_step(cfg, step):  # TR-DPO, after the update as TRL: ref <- alpha * policy + (1 - alpha) * ref
+        sync_reference(accelerator.unwrap_model(run.reference), accelerator.unwrap_model(run.policy), cfg.loss.ref_sync_alpha)
+        state.ref_syncs += 1
     keep_step(run.window, step_sums, keep=not bad)
     run.window.add_scalar("grad_norm", grad_norm if not bad else 0.0, 0.0 if bad else 1.0)
     state.step, state.micro_seen = step, run.stream.position

@@ -177,11 +177,11 @@ class ContinuedMetricsLog(MetricsLog):
 
 
 def start_or_resume(accelerator, cfg: Config, run_dir: Path, train_examples: list, total_steps: int, policy, optimizer,
-                    scheduler, detectors) -> tuple[RunState, MetricSums, MetricsLog]:
+                    scheduler, detectors, reference=None) -> tuple[RunState, MetricSums, MetricsLog]:
     """Resume as train.resume says, or start fresh: (run state, unlogged metric sums, metrics log).
 
     The main process picks the checkpoint (and tidies out_dir/checkpoints); every process restores
-    from it. The detectors replay the kept metrics records, minus the non-finite one that stopped a run.
+    from it (`reference`, the unwrapped reference model: a moved one is read back). The detectors replay the kept metrics records, minus the non-finite one that stopped a run.
     """
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     structure = structure_of(cfg, len(train_examples), data_fingerprint(train_examples), world)
@@ -199,7 +199,7 @@ def start_or_resume(accelerator, cfg: Config, run_dir: Path, train_examples: lis
     state, window = RunState(total_steps=total_steps, structure=structure, config=cfg.to_dict()), MetricSums()
     if resume_from is None:
         return state, window, MetricsLog(Path(run_dir) / "metrics.jsonl", enabled=is_main)
-    saved = load_checkpoint(accelerator, resume_from, policy, optimizer, scheduler)
+    saved = load_checkpoint(accelerator, resume_from, policy, optimizer, scheduler, reference)
     state = replace(saved, total_steps=total_steps, structure=structure, config=cfg.to_dict(), finished=False, stop_reason=None)
     for name in saved.window["sums"]:  # the unlogged sums go to the main process; the others hold the names
         window.sums[name] = saved.window["sums"][name] if is_main else 0.0

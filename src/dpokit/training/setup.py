@@ -2,6 +2,7 @@
 
     fit_speed      the fast step falls back to its plain step for a model outside transformers'
                    attention interface, and drops the chunked LM head when the head is sharded
+    fit_reference_sync  a moving reference (loss.ref_sync_steps) turns the reference cache off
     reference_for  reference log-probs from the on-disk cache when the step reads them (built on a
                    miss with the untrained policy, which is the reference), else a live reference
 """
@@ -31,6 +32,16 @@ def fit_speed(cfg: Config, step: Step, policy, sharded: bool) -> tuple[Config, S
         speed = dataclasses.replace(cfg.speed, chunked_logps=False)
         return dataclasses.replace(cfg, speed=speed), step, ["FSDP/DeepSpeed: speed.chunked_logps is off (the LM head is sharded)"]
     return cfg, step, []
+
+
+def fit_reference_sync(cfg: Config, step: Step) -> tuple[Config, list[str]]:
+    """A moving reference (loss.ref_sync_steps, TR-DPO) has no fixed log-probs to cache: speed.ref_cache off, said once."""
+    if cfg.loss.ref_sync_steps > 0 and cfg.speed.ref_cache and step.reads_reference_cache:
+        speed = dataclasses.replace(cfg.speed, ref_cache=False)
+        note = (f"loss.ref_sync_steps={cfg.loss.ref_sync_steps}: the reference moves during training, so its log-probs cannot "
+                "be cached; speed.ref_cache is off and a live reference runs")
+        return dataclasses.replace(cfg, speed=speed), [note]
+    return cfg, []
 
 
 def reference_for(cfg: Config, step: Step, policy, tokenizer, data: PreparedData, accelerator, with_reference: bool):

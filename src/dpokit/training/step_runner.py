@@ -15,7 +15,8 @@ from dpokit.training.metrics import MetricSums
 
 
 def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums,
-                         objective: Step = PairedStep(), examples_in_step: Optional[int] = None, dummies: Optional[list[bool]] = None) -> None:
+                         objective: Step = PairedStep(), examples_in_step: Optional[int] = None, dummies: Optional[list[bool]] = None,
+                         beta=None) -> None:
     """Backward over one optimizer step's micro-batches; per-example metrics are added to `sums`.
 
     The loss of each micro-batch is its per-example loss sum divided by the examples in the
@@ -25,6 +26,7 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
     the gradients of the processes, each one's loss is scaled by the number of processes.
     A dummy micro-batch (a process with no example left at the end of an epoch) runs forward and
     backward with weight 0, so every process takes part in every collective, and adds no metric.
+    `beta` (training/adaptive_beta.AdaptiveBeta, loss.beta_schedule=adaptive) gives each micro-batch its beta.
     """
     dummies = dummies or [False] * len(micro_batches)
     if examples_in_step is None:
@@ -42,7 +44,8 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
         sync = contextlib.nullcontext() if last or deepspeed else accelerator.no_sync(policy)
         with sync:
             with accelerator.autocast():
-                out, metrics = objective.forward(policy, reference, batch, cfg, with_reference)
+                extra = {} if beta is None else {"beta_for": beta.for_micro_batch(dummy)}
+                out, metrics = objective.forward(policy, reference, batch, cfg, with_reference, **extra)
             accelerator.backward(out.losses.sum() * (0.0 if dummy else scale))
         for name, values in metrics.items():
             sums.add(name, values[:0] if dummy else values)  # a dummy registers the names, with no values
