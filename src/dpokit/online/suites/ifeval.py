@@ -14,12 +14,12 @@ Each comes with its standard error (`*_sem`; instruction-level treats instructio
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from dpokit.online.suites.answers import answer
 from dpokit.online.suites.ifeval_checks import CHECKERS
+from dpokit.online.suites.stats import mean_sem
 
 DEFAULT_PROMPTS = Path(__file__).with_name("data") / "ifeval_prompts.jsonl"
 
@@ -76,16 +76,6 @@ def followed(instruction: str, args: dict, response: str, loose: bool) -> bool:
     return any(v.strip() and check(v, **args) for v in loose_variants(response))
 
 
-def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
 def score_ifeval(rows: Sequence[dict], responses: Sequence[str]) -> dict:
     """The four accuracies (and SEMs) of `responses` (one per row), and each prompt's per-instruction results."""
     if len(rows) != len(responses):
@@ -102,8 +92,8 @@ def score_ifeval(rows: Sequence[dict], responses: Sequence[str]) -> dict:
                 per_prompt.append({"key": row["key"], "response": response, "strict": results})
             else:
                 per_prompt[i]["loose"] = results
-        out[f"prompt_level_{mode}_acc"], out[f"prompt_level_{mode}_acc_sem"] = _mean_sem(prompt_level)
-        out[f"inst_level_{mode}_acc"], out[f"inst_level_{mode}_acc_sem"] = _mean_sem(inst_level)
+        out[f"prompt_level_{mode}_acc"], out[f"prompt_level_{mode}_acc_sem"] = mean_sem(prompt_level)
+        out[f"inst_level_{mode}_acc"], out[f"inst_level_{mode}_acc_sem"] = mean_sem(inst_level)
     out["per_prompt"] = per_prompt
     return out
 
