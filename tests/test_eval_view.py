@@ -53,15 +53,40 @@ def test_rows_put_policy_and_baseline_side_by_side_with_standard_errors():
                           "multiturn": {"policy": {"score": 6.0, "score_sem": 1.5, "parse_failures": 2}, "baseline": None}}}
     assert rows(metrics) == [
         ("samples", "win rate vs baseline", "75.0% ± 10.0%", ""),
-        ("samples", "mean length (tokens)", "10.0 ± 0.50", "8.0"),
+        ("samples", "mean length (tokens)", "10.0 ± 0.5", "8.0"),
         ("ifeval", "prompt-level strict", "50.0% ± 25.0%", "25.0%"),
         ("multiturn", "score (1-10)", "6.00 ± 1.50", ""),
         ("multiturn", "judge parse failures", "2", ""),
     ]
     assert "| ifeval | prompt-level strict | 50.0% ± 25.0% | 25.0% |" in markdown(metrics)
+    kl = markdown({"kl_to_reference": 1.5})
+    assert "| samples | KL(policy \\|\\| reference), nats, k3 | 1.50 |  |" in kl  # escaped: 4 columns, not 6
 
 
 def test_a_run_without_eval_json_has_no_section_and_a_broken_one_says_so(tmp_path):
     assert eval_section(tmp_path) == ""
     (tmp_path / "eval.json").write_text("{not json")
     assert "could not be read" in eval_section(tmp_path)
+
+
+def test_multiturn_single_mode_through_the_cli_with_a_local_api_judge(tmp_path):
+    from test_multiturn_judge import MTJudgeServer
+
+    model = str(tiny_model_dir(seed=0))
+    out = tmp_path / "eval.json"
+    with MTJudgeServer() as server:
+        assert main(["eval", "--policy", model, "--reference", str(tiny_model_dir(seed=1)), "--judge-url", server.url,
+                     "--judge-model", "judge", "--suite", "multiturn", "--max-prompts", "2", "--suite-max-new-tokens", "4",
+                     "--out", str(out)]) == 0
+    assert len(server.requests) == 8  # 2 questions x 2 turns x (policy, baseline)
+    result = json.loads(out.read_text())["suites"]["multiturn"]
+    for side in ("policy", "baseline"):  # the seeded tiny models' greedy answers have no "great": every turn rated 3
+        assert result[side]["turn1_score"] == 3.0 and result[side]["turn2_score"] == 3.0 and result[side]["parse_failures"] == 0
+    assert "| multiturn | turn 1 score (1-10) | 3.00 ± 0.00 | 3.00 ± 0.00 |" in out.with_suffix(".md").read_text()
+
+
+def test_a_suite_missing_its_judge_is_refused_before_any_model_loads(capsys):
+    assert main(["eval", "--policy", "no/such/model", "--suite", "multiturn"]) == 2
+    assert "multiturn single mode needs a judge" in capsys.readouterr().err
+    assert main(["eval", "--policy", "no/such/model", "--prompts", "p.jsonl", "--suite", "lc_winrate"]) == 2
+    assert "lc_winrate needs win-rate judgments" in capsys.readouterr().err

@@ -44,7 +44,7 @@ from dpokit.online.scorer import ScoringError
 from dpokit.online.scoring import build_scorer
 from dpokit.online.suites.local_judge import LocalPairwiseJudge
 from dpokit.online.suites.multiturn import MTBenchJudge
-from dpokit.online.suites.runner import SuiteError, add_suite_flags, options_from_args, run_suites
+from dpokit.online.suites.runner import add_suite_flags, check_suite_args, options_from_args, run_suites
 from dpokit.online.suites.view import markdown, write_view
 
 
@@ -278,8 +278,7 @@ def run_cli(args) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     suites = list(dict.fromkeys(args.suite))
-    if not args.prompts and (not suites or "lc_winrate" in suites):
-        raise SuiteError("--prompts is needed for the sampled evaluation" + (" (lc_winrate reads its win-rate judgments)" if suites else ""))
+    check_suite_args(args)
     if args.judge_url and not args.judge_model:
         raise ScoringError("--judge-url needs --judge-model")
     trust = trust_from_args(args)

@@ -45,7 +45,7 @@ def _cell(results: Optional[dict], key: Optional[str], fmt: str) -> str:
     text = fmt.format(value)
     sem = results.get(f"{key}_sem")
     if isinstance(sem, (int, float)) and math.isfinite(sem):
-        text += " ± " + (f"{sem:.1%}" if "%" in fmt else f"{sem:.2f}")
+        text += " ± " + (fmt.replace("+", "") if ("f" in fmt or "%" in fmt) else "{:.2f}").format(sem)
     return text
 
 
@@ -65,7 +65,7 @@ def rows(metrics: dict) -> list[tuple[str, str, str, str]]:
 
 def markdown(metrics: dict) -> str:
     lines = ["| suite | metric | policy | baseline |", "|---|---|---|---|"]
-    lines += [f"| {' | '.join(r)} |" for r in rows(metrics)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in rows(metrics)]  # "||" of KL is no column
     lines.append("")
     lines.append("Values ± standard error. A win rate compares the policy with the baseline (the baseline's is 50%).")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from dpokit.data.records import DataError
 from dpokit.online.suites.answers import answer
 from dpokit.online.suites.ifeval_checks import CHECKERS
 from dpokit.online.suites.stats import mean_sem
@@ -24,7 +25,7 @@ from dpokit.online.suites.stats import mean_sem
 DEFAULT_PROMPTS = Path(__file__).with_name("data") / "ifeval_prompts.jsonl"
 
 
-class IFEvalDataError(ValueError):
+class IFEvalDataError(DataError):
     """A prompt file row that cannot be checked; the message names the file, row and field."""
 
 

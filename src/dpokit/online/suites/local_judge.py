@@ -17,12 +17,13 @@ from collections.abc import Sequence
 
 import torch
 
+from dpokit.models import ModelLoadError
 from dpokit.online.judges import PAIRWISE_TEMPLATE, SYSTEM_PROMPT
 from dpokit.online.prompts import Prompt
 from dpokit.online.suites.answers import render_chat
 
 
-class LocalJudgeError(ValueError):
+class LocalJudgeError(ModelLoadError):
     """The judge's tokenizer cannot tell the answers "A" and "B" apart."""
 
 

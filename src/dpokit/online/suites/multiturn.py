@@ -20,6 +20,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from dpokit.data.records import DataError
 from dpokit.online.judges import ChatClient
 from dpokit.online.suites.answers import answer
 from dpokit.online.suites.stats import mean_sem
@@ -27,7 +28,7 @@ from dpokit.online.suites.stats import mean_sem
 DEFAULT_QUESTIONS = Path(__file__).with_name("data") / "multiturn_questions.jsonl"
 
 
-class QuestionsError(ValueError):
+class QuestionsError(DataError):
     """A questions-file row that cannot be used; the message names the file, row and field."""
 
 

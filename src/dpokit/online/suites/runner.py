@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from dpokit.config.errors import ConfigError
 from dpokit.config.online import EVAL_SUITES, MULTITURN_MODES
 from dpokit.online.suites.ifeval import load_ifeval, run_ifeval
 from dpokit.online.suites.lc_winrate import lc_win_rate
 from dpokit.online.suites.multiturn import converse, load_questions, score_pairwise, score_single
 
 
-class SuiteError(ValueError):
+class SuiteError(ConfigError):
     """A suite that cannot run with what it was given (a missing judge or baseline); names what to add."""
 
 
@@ -32,6 +33,22 @@ class SuiteOptions:
     max_prompts: Optional[int] = None
     seed: int = 0
     lc_bootstrap: int = 200
+
+
+def check_suite_args(args) -> None:
+    """Refuse, before any model is loaded, a suite that would lack what it needs."""
+    suites = set(args.suite)
+    if not args.prompts and (not suites or "lc_winrate" in suites):
+        raise SuiteError("--prompts is needed for the sampled evaluation" + (" (lc_winrate reads its win-rate judgments)" if suites else ""))
+    if "lc_winrate" in suites and not (args.judge_url or args.local_judge or args.scorer):
+        raise SuiteError("lc_winrate needs win-rate judgments: give a judge (--judge-url, --local-judge) or --scorer")
+    if "multiturn" in suites and args.multiturn_mode == "single" and not args.judge_url:
+        raise SuiteError("multiturn single mode needs a judge behind an API: --judge-url and --judge-model "
+                         "(or --multiturn-mode pairwise with --local-judge)")
+    if "multiturn" in suites and args.multiturn_mode == "pairwise" and not (args.judge_url or args.local_judge):
+        raise SuiteError("multiturn pairwise mode needs a judge: --judge-url with --judge-model, or --local-judge")
+    if "multiturn" in suites and args.multiturn_mode == "pairwise" and not (args.baseline or args.reference):
+        raise SuiteError("multiturn pairwise mode needs a baseline: --baseline or --reference")
 
 
 def lc_from_judgments(judgments: Sequence[dict], bootstrap: int, seed: int) -> dict:
