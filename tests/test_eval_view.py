@@ -90,3 +90,18 @@ def test_a_suite_missing_its_judge_is_refused_before_any_model_loads(capsys):
     assert "multiturn single mode needs a judge" in capsys.readouterr().err
     assert main(["eval", "--policy", "no/such/model", "--prompts", "p.jsonl", "--suite", "lc_winrate"]) == 2
     assert "lc_winrate needs win-rate judgments" in capsys.readouterr().err
+
+
+def test_eval_suite_keys_are_checked_and_a_pipeline_refuses_suites_it_would_not_run():
+    import pytest
+
+    from dpokit.config import ConfigError, EvalConfig
+    from dpokit.config.loading import load_pipeline_config
+
+    assert EvalConfig().suites == [] and EvalConfig().multiturn_mode == "single"
+    with pytest.raises(ConfigError, match="did you mean 'ifeval'"):
+        EvalConfig(suites=["ifevl"])
+    with pytest.raises(ConfigError, match="eval.lc_bootstrap"):
+        EvalConfig(lc_bootstrap=-1)
+    with pytest.raises(ConfigError, match="'eval.suites' is for `dpokit eval --suite ...` only"):
+        load_pipeline_config({"policy": "p", "prompts": "q", "scorer": "a:b", "eval": {"suites": ["ifeval"]}})
