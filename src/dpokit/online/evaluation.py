@@ -303,7 +303,7 @@ def run_cli(args) -> int:
                            progress=True, judgments=judgments)
         print(format_report(metrics))
     if suites:
-        suite_baseline = reference if baseline == "reference" else baseline
+        suite_baseline = reference if isinstance(baseline, str) else baseline  # "reference": the default
         metrics["suites"] = run_suites(suites, policy, tokenizer, suite_baseline, options=options_from_args(args), judgments=judgments,
                                        rating_judge=rating_judge, pairwise_judge=rating_judge or judge)
         metrics["baseline"] = args.baseline or args.reference
