@@ -345,6 +345,9 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
         raise ConfigError("config key 'scorer' is required (e.g. dpokit.demo.world:sentiment)")
     if cfg.prompts_per_round is not None and cfg.prompts_per_round < 1:
         raise ConfigError(f"config key 'prompts_per_round' must be >= 1 or null (all prompts), got {cfg.prompts_per_round}")
+    if cfg.eval.suites:  # the per-round eval does not run them: say so rather than ignore the key
+        raise ConfigError("config key 'eval.suites' is for `dpokit eval --suite ...` only; a pipeline's per-round eval does "
+                          "not run suites (run dpokit eval on the final policy)")
     # The train section is a whole dpokit train config: checked now, not at the end of round 1's sampling.
     source = cfg.train if isinstance(cfg.train, dict) else resolve_config_path(cfg.train)
     _load_train_config(source, None, prefix="train.")

@@ -15,6 +15,8 @@ SAMPLING_BACKENDS = ("auto", "hf", "vllm")
 PAIRING_STRATEGIES = ("best_worst", "all_pairs")
 LENGTH_BALANCES = ("none", "closest")
 JUDGE_MODES = ("pointwise", "pairwise")
+EVAL_SUITES = ("ifeval", "lc_winrate", "multiturn")
+MULTITURN_MODES = ("single", "pairwise")
 
 
 @dataclass
@@ -63,6 +65,17 @@ class EvalConfig:
     seed: int = 0
     max_prompts: Optional[int] = None
     pairs: Optional[str] = None  # held-out preference pairs for the implicit-reward accuracy
+    # `dpokit eval --suite` (online/suites/, docs/evaluation.md), each run on the policy and the baseline; a pipeline
+    # refuses suites (its per-round eval does not run them):
+    suites: list[str] = field(default_factory=list)  # any of ifeval, lc_winrate, multiturn
+    ifeval_prompts: Optional[str] = None  # IFEval-format JSONL; None: the shipped 48-prompt set
+    multiturn_questions: Optional[str] = None  # two-turn questions JSONL; None: the shipped 10
+    multiturn_mode: str = "single"  # single: an API judge rates each turn 1-10 | pairwise: policy vs baseline per turn
+    suite_max_new_tokens: int = 256  # tokens per answer in ifeval and multiturn (greedy)
+    lc_bootstrap: int = 200  # bootstrap resamples of the prompts for the LC win rate's standard error
+
+    def __post_init__(self) -> None:
+        check_eval(self)
 
 
 @dataclass
@@ -126,3 +139,13 @@ def check_pairing(p: PairingConfig) -> None:
         raise ConfigError(f"config key 'pairing.min_margin' must be >= 0, got {p.min_margin}")
     if p.max_length_ratio is not None and p.max_length_ratio < 1:
         raise ConfigError(f"config key 'pairing.max_length_ratio' must be >= 1 or null, got {p.max_length_ratio}")
+
+
+def check_eval(e: EvalConfig) -> None:
+    for suite in e.suites:
+        check_choice("eval.suites", suite, EVAL_SUITES)
+    check_choice("eval.multiturn_mode", e.multiturn_mode, MULTITURN_MODES)
+    if e.suite_max_new_tokens < 1:
+        raise ConfigError(f"config key 'eval.suite_max_new_tokens' must be >= 1, got {e.suite_max_new_tokens}")
+    if e.lc_bootstrap < 0:
+        raise ConfigError(f"config key 'eval.lc_bootstrap' must be >= 0 (0: no standard error), got {e.lc_bootstrap}")

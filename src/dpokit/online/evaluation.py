@@ -31,115 +31,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from dpokit.config import EvalConfig, JudgeConfig, SamplingConfig
-from dpokit.data.batching import to_device
-from dpokit.data.collate import pad_completions
-from dpokit.data.layouts import detect_layout, load_preferences, to_example
-from dpokit.data.records import PreferenceExample
-from dpokit.data.tokenization import render_ids
 from dpokit.generation import Sample, sample
-from dpokit.logprobs import token_kl, token_logps
 from dpokit.online.judges import PairwiseJudge
 from dpokit.online.loading import add_trust_flags, load_model, trust_from_args
+from dpokit.online.log_ratios import (  # noqa: F401  (kept importable from here)
+    KL_ESTIMATOR, examples_of, k3_kl, kl_to_reference, log_ratios, preference_accuracy)
 from dpokit.online.prompts import Prompt, load_prompts, render_prompt
 from dpokit.online.scorer import ScoringError
 from dpokit.online.scoring import build_scorer
-
-
-# --- log-ratios and KL ---------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def log_ratios(policy, reference, prompt_ids, completion_ids, pad_token_id: int, batch_size: int = 32,
-               tokenwise: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(y|x) - log ref(y|x) per sequence (N,), and optionally the tokenwise KL along each y (N,).
-
-    progress: a tqdm bar (or anything with update(n)), advanced by the rows of each batch.
-    """
-    device = next(policy.parameters()).device
-    ratios, kls = [], []
-    for start in range(0, len(prompt_ids), batch_size):
-        rows = list(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size]))
-        batch = to_device(pad_completions(rows, pad_token_id), device)
-        ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        policy_logits = policy(input_ids=ids, attention_mask=attention).logits
-        ref_logits = reference(input_ids=ids, attention_mask=attention).logits
-        policy_logps, _ = token_logps(policy_logits, labels)
-        ref_logps, _ = token_logps(ref_logits, labels)
-        ratios.append((policy_logps.sum(-1) - ref_logps.sum(-1)).float().cpu())
-        if tokenwise:
-            kls.append(token_kl(policy_logits, ref_logits, labels).cpu())
-        if progress is not None:
-            progress.update(len(rows))
-    if not ratios:
-        return torch.zeros(0), (torch.zeros(0) if tokenwise else None)
-    return torch.cat(ratios), (torch.cat(kls) if tokenwise else None)
-
-
-def k3_kl(log_ratio: torch.Tensor) -> torch.Tensor:
-    """Per-sample k3 estimates of KL(pi || ref) from log_ratio = log pi(y) - log ref(y), y ~ pi: (N,) -> (N,).
-
-    k3 = (r - 1) - log r with r = ref(y) / pi(y) = exp(-log_ratio) (Schulman 2020, "Approximating KL
-    divergence"). Its mean is unbiased, as the plain mean of log_ratio (k1) is, because E_pi[r - 1] = 0;
-    unlike k1 every term is >= 0 (x - 1 >= log x), so the estimate is never negative. expm1 keeps
-    the small-ratio terms (about log_ratio**2 / 2) exact; the clamp only removes rounding below 0.
-    """
-    log_ratio = log_ratio.double()
-    return (torch.expm1(-log_ratio) + log_ratio).clamp_min(0.0)
-
-
-KL_ESTIMATOR = "k3: mean over the policy's samples of (r - 1) - log r, r = ref(y|x) / pi(y|x) (Schulman 2020; unbiased, >= 0)"
-
-
-def kl_to_reference(policy, reference, samples: Sequence[Sample], pad_token_id: int, progress=None) -> float:
-    """Monte-Carlo KL(policy || reference) in nats per completion, from the policy's own samples.
-
-    KL = E_{y ~ pi}[log pi(y|x) - log ref(y|x)], estimated with k3 (`k3_kl`: unbiased and never
-    negative); the samples must come from the policy at temperature 1 and top_p 1 for this to be
-    unbiased. The EOS is part of y. It is exactly 0 when the two models are the same.
-    """
-    if not samples:
-        return float("nan")
-    ratios, _ = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_token_id,
-                           progress=progress)
-    return k3_kl(ratios).mean().item()
-
-
-# --- held-out preference accuracy ---------------------------------------------------------------
-
-
-def _examples(pairs) -> list:
-    """Preference rows (dicts in any layout, PreferenceExamples) or a data file -> PreferenceExamples."""
-    if isinstance(pairs, (str, Path)):
-        return load_preferences(str(pairs))[0]
-    out = []
-    for i, row in enumerate(pairs):
-        if isinstance(row, PreferenceExample):
-            out.append(row)
-        else:
-            out.append(to_example(dict(row), detect_layout(row) or "prompt_chosen_rejected", None, f"pairs:{i + 1}"))
-    return out
-
-
-def preference_accuracy(policy, reference, tokenizer, pairs, progress=None) -> float:
-    """Share of pairs whose chosen completion gets the higher implicit reward, ties counting 1/2.
-
-    DPO's implicit reward is beta * log(pi/ref); beta > 0 does not change the ordering, so it is
-    left out. Completions are tokenised exactly as for training (`tokenization.render_ids`:
-    prompt + completion + EOS, or the chat template). A policy equal to its reference ties on
-    every pair and scores exactly 0.5. progress: a bar advanced by 2 per pair (chosen, rejected).
-    """
-    examples = _examples(pairs)
-    if not examples:
-        return float("nan")
-    prompts, chosen, rejected = zip(*(render_ids(ex, tokenizer) for ex in examples))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    margin = (log_ratios(policy, reference, list(prompts), list(chosen), pad, progress=progress)[0]
-              - log_ratios(policy, reference, list(prompts), list(rejected), pad, progress=progress)[0])
-    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+from dpokit.online.suites.local_judge import LocalPairwiseJudge
+from dpokit.online.suites.multiturn import MTBenchJudge
+from dpokit.online.suites.runner import add_suite_flags, check_suite_args, options_from_args, run_suites
+from dpokit.online.suites.view import markdown, write_view
 
 
 # --- the evaluation ------------------------------------------------------------------------------
@@ -197,6 +103,7 @@ def evaluate(
     samples_out: str | Path | None = None,
     max_pairs: int | None = None,
     progress: bool = False,
+    judgments: list | None = None,
 ) -> dict:
     """Sample the policy on `prompts` and measure it (see the module docstring for each metric).
 
@@ -208,6 +115,8 @@ def evaluate(
       max_pairs: only the first N of them (pairs_used and pairs_total say how many of how many).
     samples_out: write the policy's samples (with scores) there as JSONL.
     progress: progress bars on stderr (count, rate, time left) for sampling and the log-prob passes.
+    judgments: a list to which each win-rate judgment is appended as {"prompt_index", "win", "length_diff"}
+      (policy minus baseline tokens; "win" None where a score was missing): the length-controlled win rate's input.
     """
     prompts = list(prompts)
     bar = (lambda what: f"[eval] {what}") if progress else (lambda what: None)
@@ -233,7 +142,7 @@ def evaluate(
         out["kl_tokenwise"], out["kl_tokenwise_sem"] = _mean_sem(tokenwise.tolist())
         out["kl_estimator_biased"] = not (temperature == 1.0 and top_p == 1.0)
         if pairs is not None:
-            examples = _examples(pairs)
+            examples = examples_of(pairs)
             used = examples if max_pairs is None else examples[:max_pairs]
             out["pairs_used"], out["pairs_total"] = len(used), len(examples)
             with progress_bar(2 * len(used), bar("held-out pairs (chosen + rejected)") or "", "seq", progress) as pair_bar:
@@ -258,13 +167,16 @@ def evaluate(
         elif scorer is not None:
             base_scores = scorer.score(sample_prompts, [s.completion for s in base_samples])
             out["baseline_mean_score"], out["baseline_mean_score_sem"] = _mean_sem(base_scores)
-            wins = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores, base_scores)
-                    if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+            wins = [None if a is None or b is None or not (math.isfinite(a) and math.isfinite(b))
+                    else 1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores, base_scores)]
             out["win_rate_by"] = getattr(scorer, "name", "scorer")
         else:
             wins = None
         if wins is not None:
             out["win_rate"], out["win_rate_sem"] = _mean_sem(wins)
+            if judgments is not None:
+                judgments.extend({"prompt_index": i // num_samples, "win": w, "length_diff": completion_length(a) - completion_length(b)}
+                                 for i, (w, a, b) in enumerate(zip(wins, samples, base_samples)))
     out["examples"] = [s.prompt + s.completion for s in samples[:: max(1, num_samples)][:2]]
     if samples_out is not None:
         path = Path(samples_out)
@@ -316,26 +228,31 @@ def format_report(metrics: Mapping) -> str:
 EVAL_HELP = """\
 Evaluate a policy on held-out prompts against a baseline: mean score of its samples, win rate,
 KL(policy || reference) in nats (from the policy's own samples), mean completion length and its
-change, and held-out preference accuracy of the implicit reward.
+change, and held-out preference accuracy of the implicit reward. --suite adds the evaluations DPO
+users report (docs/evaluation.md): ifeval, lc_winrate, multiturn, each on the policy and the baseline.
 
   dpokit eval --policy runs/dpo/final --reference runs/sft/final --prompts heldout.jsonl \\
               --scorer mypkg.rewards:exact_match --pairs heldout_pairs.jsonl
   dpokit eval --policy runs/dpo/final --reference demo:sentiment-sft --prompts p.jsonl \\
-              --judge-url http://127.0.0.1:8000/v1 --judge-model judge
+              --judge-url http://127.0.0.1:8000/v1 --judge-model judge --suite lc_winrate --suite multiturn
+  dpokit eval --policy runs/dpo/final --reference runs/sft/final --suite ifeval --out runs/dpo/eval.json
 
 The baseline defaults to the reference (--baseline names another model). With --judge-url the
-win rate is by a pairwise judge (both orders asked) and the mean score by --scorer if given.
+win rate is by a pairwise judge (both orders asked) and the mean score by --scorer if given;
+--local-judge MODEL does the pairwise judging with a local model instead. --out FILE.json also
+writes FILE.md, the table of every number (policy vs baseline, with standard errors); a run
+directory's eval.json is shown by `dpokit report`.
 """
 
 
 def add_cli(verbs) -> None:
     d, judge = EvalConfig(), JudgeConfig()  # the defaults, from the one typed config
-    p = verbs.add_parser("eval", help="evaluate a policy against a baseline (score, win rate, KL, length)",
+    p = verbs.add_parser("eval", help="evaluate a policy against a baseline (score, win rate, KL, length, suites)",
                          description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="model folder, hub id or demo:sentiment-sft")
     p.add_argument("--reference", help="reference model for KL and implicit rewards (usually the SFT model)")
     p.add_argument("--baseline", help="model to compare with (default: the reference)")
-    p.add_argument("--prompts", required=True, help="held-out prompts (a data file)")
+    p.add_argument("--prompts", help="held-out prompts (a data file) for the sampled evaluation; needed unless only suites run")
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--max-prompts", type=int, default=d.max_prompts)
     p.add_argument("--scorer", help="module:function or rm:MODEL")
@@ -350,8 +267,9 @@ def add_cli(verbs) -> None:
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens or SamplingConfig().max_new_tokens)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", help="write the metrics as JSON here (and the samples beside it)")
-    add_trust_flags(p)  # for every model it loads: policy, reference, baseline, reward model
+    p.add_argument("--out", help="write the metrics as JSON here, the table as markdown beside it (.md), and the samples (.samples.jsonl)")
+    add_suite_flags(p, d)
+    add_trust_flags(p)  # for every model it loads: policy, reference, baseline, reward model, local judge
     p.set_defaults(func=run_cli)
 
 
@@ -359,24 +277,38 @@ def run_cli(args) -> int:
     import transformers  # lazy: keeps `dpokit --help` fast; loading the models imports it anyway
 
     transformers.utils.logging.disable_progress_bar()
+    suites = list(dict.fromkeys(args.suite))
+    check_suite_args(args)
+    if args.judge_url and not args.judge_model:
+        raise ScoringError("--judge-url needs --judge-model")
     trust = trust_from_args(args)
-    prompts, _ = load_prompts(args.prompts, column=args.prompt_column, max_prompts=args.max_prompts)
     policy, tokenizer = load_model(args.policy, trust)
     reference = load_model(args.reference, trust)[0] if args.reference else None
     baseline = load_model(args.baseline, trust)[0] if args.baseline else "reference"
     scorer = build_scorer(args.scorer, trust) if args.scorer else None
-    judge = None
+    judge = rating_judge = None
     if args.judge_url:
-        if not args.judge_model:
-            raise ScoringError("--judge-url needs --judge-model")
         judge = PairwiseJudge(args.judge_url, args.judge_model, api_key_env=args.api_key_env)
-    samples_out = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
-    metrics = evaluate(policy, tokenizer, prompts, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
-                       pairs=args.pairs, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens, seed=args.seed, samples_out=samples_out, max_pairs=args.max_pairs,
-                       progress=True)
-    print(format_report(metrics))
+        rating_judge = MTBenchJudge(args.judge_url, args.judge_model, api_key_env=args.api_key_env)
+    elif args.local_judge:
+        judge = LocalPairwiseJudge(*load_model(args.local_judge, trust), name=f"local judge {args.local_judge}")
+    metrics: dict[str, Any] = {}
+    judgments: list[dict] = []
+    if args.prompts:
+        prompts, _ = load_prompts(args.prompts, column=args.prompt_column, max_prompts=args.max_prompts)
+        samples_out = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
+        metrics = evaluate(policy, tokenizer, prompts, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
+                           pairs=args.pairs, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, samples_out=samples_out, max_pairs=args.max_pairs,
+                           progress=True, judgments=judgments)
+        print(format_report(metrics))
+    if suites:
+        suite_baseline = reference if isinstance(baseline, str) else baseline  # "reference": the default
+        metrics["suites"] = run_suites(suites, policy, tokenizer, suite_baseline, options=options_from_args(args), judgments=judgments,
+                                       rating_judge=rating_judge, pairwise_judge=rating_judge or judge)
+        metrics["baseline"] = args.baseline or args.reference
+        print(markdown(metrics))
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"[eval] metrics written to {args.out}")
+        write_view(metrics, args.out)
+        print(f"[eval] metrics written to {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0

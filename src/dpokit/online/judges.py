@@ -111,31 +111,53 @@ PAIRWISE_TEMPLATE = (
 SYSTEM_PROMPT = "You are an impartial, careful judge of responses."
 
 # A number keeps its sign (ASCII or Unicode minus): "Rating: -3" is -3, out of range, not 3. A number
-# right after a sign or a digit is not read on its own (the 3 of "-3", the 8 of the range "7-8").
+# right after a sign, a digit or a slash is not read on its own (the 3 of "-3", the 8 of the range "7-8",
+# the 5 of "4/5"). A rating out of another scale ("4/5") is not read as a 1-10 rating: it is unscored.
 _SIGNED = r"([-+\u2212]?\d+(?:\.\d+)?)"
-_RATING = re.compile(r"rating\s*[:=]?\s*\**\s*" + _SIGNED, re.IGNORECASE)
-_NUMBER = re.compile(r"(?<![\d.+\-\u2212])" + _SIGNED + r"(?:\s*/\s*10)?")
+_OUT_OF = r"(?:\**\s*/\s*(\d+(?:\.\d+)?))?"
+_RATING = re.compile(r"rating\s*[:=]?\s*\**\s*" + _SIGNED + _OUT_OF, re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\d.+\-\u2212/])" + _SIGNED + _OUT_OF)
 _CHOICE = re.compile(r"\b(A|B)\b")
+# Where a judge names its choice: MT-Bench's "[[A]]" ("[[C]]" a tie), "Response B", "the answer is A".
+_BRACKETED = re.compile(r"\[\[\s*(A|B|C)\s*\]\]")
+_NAMED = re.compile(r"\b(?i:response|answer|output|assistant|option|choice|winner)(?:\s+(?i:is))?\s*:?\s*\(?(A|B)\)?(?![\w'])")
+# "A" the article ("A better answer is B"): a capital A followed by a lower-case word that is not a verb of the choice.
+_ARTICLE = re.compile(r"A\s+(?!(?:is|was|wins|seems|looks|has|does|clearly|provides|gives|answers)\b)[a-z]")
 
 
 def parse_rating(reply: str, low: float = 1.0, high: float = 10.0) -> float:
     """The 1-10 rating in a judge's reply ('Rating: 7', '7/10', '**8**', '7'); NaN if none is in range
-    (a negative rating is out of range: unscored, like 11)."""
+    (a negative rating is out of range: unscored, like 11; so is a rating out of another scale, '4/5')."""
     for pattern in (_RATING, _NUMBER):
         for match in pattern.finditer(reply):
             value = float(match.group(1).replace("\u2212", "-"))
+            if match.group(2) is not None and float(match.group(2)) != high:
+                continue
             if low <= value <= high:
                 return value
     return math.nan
 
 
 def parse_choice(reply: str) -> float:
-    """1.0 for A, 0.0 for B, 0.5 for a tie or no readable choice."""
+    """1.0 for A, 0.0 for B, 0.5 for a tie or no readable choice.
+
+    Read in order: an MT-Bench verdict "[[A]]" / "[[B]]" / "[[C]]" (tie); a named choice ("Response B",
+    "the answer is A"); a tie; the first standalone A or B that is not the article ("A better answer is B" is B).
+    """
     text = reply.strip()
+    bracketed = _BRACKETED.search(text)
+    if bracketed:
+        return {"A": 1.0, "B": 0.0, "C": 0.5}[bracketed.group(1)]
+    named = _NAMED.search(text)
+    if named:
+        return 1.0 if named.group(1) == "A" else 0.0
     if re.search(r"\btie\b|\bequal(ly)?\b", text, re.IGNORECASE) and not re.match(r"^\W*(A|B)\b", text):
         return 0.5
-    match = _CHOICE.search(text)
-    return 0.5 if match is None else (1.0 if match.group(1) == "A" else 0.0)
+    for match in _CHOICE.finditer(text):
+        if match.group(1) == "A" and _ARTICLE.match(text, match.start()):
+            continue
+        return 1.0 if match.group(1) == "A" else 0.0
+    return 0.5
 
 
 def _prompt_text(prompt: Prompt) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from dpokit import __version__
 from dpokit.report.charts import PLOTS, Plot, build_chart
+from dpokit.report.eval_table import eval_section
 from dpokit.report.run_data import RunData, number
 from dpokit.report.style import CSS
 from dpokit.report.svg import fmt, line_chart
@@ -235,7 +236,7 @@ def render(run: RunData) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body><main>"
-        + _header(run) + _notes(run) + _diagnostics(run) + _curves(run) + _data(run) + _config(run)
+        + _header(run) + _notes(run) + _diagnostics(run) + _curves(run) + eval_section(run.run_dir) + _data(run) + _config(run)
         + f"<footer>dpokit {escape(__version__)} &middot; one self-contained file: no scripts, "
         "nothing loaded from the network</footer></main></body></html>\n"
     )

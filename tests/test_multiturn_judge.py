@@ -1,0 +1,124 @@
+"""MT-Bench-style two-turn judging against a judge on 127.0.0.1, one of whose answers is malformed."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from dpokit.online.suites.answers import answer
+from dpokit.online.suites.multiturn import (
+    DEFAULT_QUESTIONS, MTBenchJudge, QuestionsError, converse, load_questions, parse_bracket_rating, parse_verdict,
+    score_pairwise, score_single)
+from tiny_assets import model, tokenizer  # noqa: F401  (pytest fixtures)
+
+
+class MTJudgeServer:
+    """A /v1/chat/completions judge on 127.0.0.1.
+
+    Single ratings: "Rating: [[9]]" when the judged answer has the word "great", [[3]] otherwise; a question that
+    mentions "broken" gets a reply with no rating at all. Pairwise: always "[[A]]" (a pure position bias) unless
+    exactly one of the answers says "great", then that one.
+    """
+
+    def __init__(self):
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][-1]["content"]
+                server.requests.append(text)
+                if "[Assistant A]" in text:
+                    a, b = text.split("[Assistant A]")[1].split("[Assistant B]")
+                    reply = "[[B]]" if ("great" in b and "great" not in a) else "B is fine but my verdict: [[A]]"
+                elif "broken" in text:
+                    reply = "I cannot rate this answer, it is outside my competence."
+                else:
+                    judged = text.rsplit("### Assistant", 1)[1]
+                    reply = "Clear and correct. Rating: [[9]]" if "great" in judged else "Vague. Rating: [[3]]"
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+QUESTIONS = [
+    {"question_id": 1, "category": "x", "turns": ["say something", "say more"]},
+    {"question_id": 2, "category": "x", "turns": ["is it broken", "and now"]},
+    {"question_id": 3, "category": "x", "turns": ["describe it", "again"]},
+]
+# turn 1, turn 2 answers; hand-worked ratings: q1 [9, 3], q2 [unparsed, unparsed], q3 [3, 9]
+CONVERSATIONS = [["a great film", "fine"], ["a great film", "great"], ["bad", "great"]]
+
+
+def test_single_mode_rates_each_turn_and_counts_the_malformed_answers():
+    with MTJudgeServer() as server:
+        judge = MTBenchJudge(server.url, "judge", max_retries=0)
+        out = score_single(judge, QUESTIONS, CONVERSATIONS)
+    assert out["parse_failures"] == 2 and out["num_questions"] == 3  # q2's two replies had no rating: counted
+    assert out["turn1_score"] == pytest.approx(6.0) and out["turn2_score"] == pytest.approx(6.0)  # (9+3)/2, (3+9)/2
+    assert out["score"] == pytest.approx(6.0) and out["score_sem"] == pytest.approx(3.0 / math.sqrt(4) * math.sqrt(4 / 3))
+    assert math.isnan(out["per_question"][1]["ratings"][0]) and "cannot rate" in out["per_question"][1]["rationales"][0]
+    assert out["per_question"][0]["rationales"][0].startswith("Clear and correct")
+    # turn 2 is judged with the conversation so far: the question and answer of turn 1 come first
+    turn2 = server.requests[1]
+    assert "second user question" in turn2 and turn2.index("say something") < turn2.index("a great film") < turn2.index("say more")
+
+
+def test_pairwise_mode_swaps_positions_so_a_position_bias_cancels():
+    policy = [["great", "great"], ["meh", "meh"]]
+    baseline = [["meh", "meh"], ["meh", "meh"]]
+    with MTJudgeServer() as server:
+        judge = MTBenchJudge(server.url, "judge", max_retries=0)
+        out = score_pairwise(judge, QUESTIONS[:1] + QUESTIONS[2:], policy, baseline)
+    assert len(server.requests) == 8  # 2 questions x 2 turns x both orders
+    # q1: the policy's "great" wins in both orders (1); q3: equal answers, the judge always says A -> 1/2 after the swap
+    assert out["turn1_win_rate"] == pytest.approx(0.75) and out["turn2_win_rate"] == pytest.approx(0.75)
+    assert out["parse_failures"] == 0 and out["unjudged"] == 0 and out["win_rate_sem"] > 0
+
+
+def test_parsers():
+    assert parse_bracket_rating("Rating: [[7]]") == 7.0 and parse_bracket_rating("so [8.5]") == 8.5
+    assert math.isnan(parse_bracket_rating("Rating: 7")) and math.isnan(parse_bracket_rating("[[11]]"))
+    assert parse_verdict("x [[B]]") == 0.0 and parse_verdict("[[C]]") == 0.5 and math.isnan(parse_verdict("A"))
+
+
+def test_the_model_answers_turn_2_after_its_own_turn_1(model, tokenizer):  # noqa: F811
+    questions = load_questions(max_questions=2)
+    conversations = converse(model, tokenizer, questions, max_new_tokens=6)
+    assert len(conversations) == 2 and all(len(c) == 2 for c in conversations)
+    for question, (first, second) in zip(questions, conversations):
+        history = [{"role": "user", "content": question["turns"][0]}, {"role": "assistant", "content": first},
+                   {"role": "user", "content": question["turns"][1]}]
+        # greedy: asking turn 2 by hand with the model's own turn-1 answer gives the same answer
+        assert answer(model, tokenizer, [history], max_new_tokens=6, seed=1)[0].completion.strip() == second
+
+
+def test_question_files(tmp_path):
+    assert len(load_questions()) == 10 and DEFAULT_QUESTIONS.exists()
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(json.dumps({"turns": ["one", "two"]}) + "\n" + json.dumps({"turns": ["only one"]}) + "\n")
+    with pytest.raises(QuestionsError, match=r"q.jsonl, row 2: field 'turns' must be a list of two"):
+        load_questions(bad)
