@@ -21,7 +21,8 @@ prompts 64-256, completions 32-192, batch 4 pairs; fp32 on CPU, bf16 autocast wi
     python bench/dpo_vs_trl.py --workloads q05 --layers 2 --steps 1 --warmup 1 --variants trl,precompute,dpokit  # quick check
     python bench/dpo_vs_trl.py --workloads q05 --steps 1 --warmup 1 --variants trl,precompute,dpokit            # ~30 min on 2 cores
     python bench/dpo_vs_trl.py --gpu --workloads l1b
---layers N overrides the depth; --adamw fused builds dpokit's AdamW with fused=True (bench/proposed_fused_adamw.patch).
+--layers N overrides the depth. Both sides use their default AdamW: torch's fused kernel (TRL through HF Trainer's
+adamw_torch_fused, dpokit's optim.fused).
 Each child prints a memory trace: RSS at the end of each phase and the highest RSS inside it (bench/memtrace.py).
 
 Runs per workload (`--variants`):
@@ -179,7 +180,8 @@ def _report(result: dict) -> None:
 
 
 def _summarise(times: list[float], losses: list[float], lengths: list[tuple], warmup: int, batch: int, flops_per_step: list[float],
-               peak: float, executed_per_step: list[float]) -> dict:
+               peak: float, executed_per_step: list[float], cpu_times: list[float]) -> dict:
+    """cpu_times: the process's CPU seconds per step (all threads, time.process_time), which other jobs on the machine do not inflate as they do wall time."""
     measured = times[warmup:]
     elapsed = sum(measured)
     steps = len(measured)
@@ -188,6 +190,7 @@ def _summarise(times: list[float], losses: list[float], lengths: list[tuple], wa
         "pairs_per_s": steps * batch / elapsed,
         "tokens_per_s": tokens / elapsed,
         "step_s": elapsed / steps,
+        "cpu_step_s": sum(cpu_times[warmup:]) / steps,
         "loss_step1": losses[0],
         "loss_step2": losses[1] if len(losses) > 1 else None,
         "flops_per_s": sum(flops_per_step[warmup:]) / elapsed,
@@ -226,7 +229,7 @@ def child_trl(args) -> None:
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     total = args.warmup + args.steps
     rows = rows[: total * args.batch_size]
-    times, last = [], [None]
+    times, last, cpu_times, last_cpu = [], [None], [], [None]
 
     step = [0]
 
@@ -237,7 +240,7 @@ def child_trl(args) -> None:
         def on_step_begin(self, a, state, control, **kw):
             step[0] += 1
             if last[0] is None:
-                last[0] = time.perf_counter()
+                last[0], last_cpu[0] = time.perf_counter(), time.process_time()
 
         def on_pre_optimizer_step(self, a, state, control, **kw):
             trace.mark(f"step {step[0]}: backward + clip")
@@ -249,15 +252,16 @@ def child_trl(args) -> None:
             trace.mark(f"step {step[0]}: zero_grad, logging")
             if args.gpu:
                 torch.cuda.synchronize()
-            now = time.perf_counter()
+            now, now_cpu = time.perf_counter(), time.process_time()
             times.append(now - last[0])
-            last[0] = now
+            cpu_times.append(now_cpu - last_cpu[0])
+            last[0], last_cpu[0] = now, now_cpu
 
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), report_to=[], use_cpu=not args.gpu, seed=42, save_strategy="no",
         disable_tqdm=True, bf16=args.gpu, fp16=False, gradient_checkpointing=args.variant == "trl", max_length=None,
         per_device_train_batch_size=args.batch_size, max_steps=total, logging_steps=1, learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", beta=BETA,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=BETA,
         loss_type=["sigmoid"], dataloader_num_workers=0, train_sampling_strategy="sequential",
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -273,7 +277,7 @@ def child_trl(args) -> None:
     batches = [lengths[i * args.batch_size : (i + 1) * args.batch_size] for i in range(total)]
     flops = [model_flops(b, cfg) for b in batches]
     executed = [executed_flops(b, cfg, shared=False, reference=True, head_everywhere=True) for b in batches]
-    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed), "memtrace": trace.rows})
+    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed, cpu_times), "memtrace": trace.rows})
 
 
 def _dpokit_config(args, gc: bool, speed: dict):
@@ -330,6 +334,7 @@ def child_dpokit(args) -> None:
     from dpokit.losses import needs_reference
     from dpokit.training.metrics import MetricSums
     from dpokit.models import load_policy, load_tokenizer
+    from dpokit.training.optim import make_optimizer
 
     trace = MemTrace()
     trace.mark("imports")
@@ -354,7 +359,7 @@ def child_dpokit(args) -> None:
     assert "computed" not in said.getvalue(), "run the precompute variant first"
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=0.0, **_adamw_options(args))
+    optimizer = make_optimizer(cfg, policy)  # as `dpokit train` builds it: AdamW, fused (optim.fused)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     if reference is not None:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)
@@ -364,8 +369,8 @@ def child_dpokit(args) -> None:
     pairs = data.train
     lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
     assert min(p for p, _, _ in lengths) > 8, "the tokenizer dropped the words: check plain_tokenizer_loading"
-    times, losses = [], []
-    last = time.perf_counter()
+    times, losses, cpu_times = [], [], []
+    last, last_cpu = time.perf_counter(), time.process_time()
     for step in range(total):
         current[0] = step + 1
         batch_pairs = pairs[step * args.batch_size : (step + 1) * args.batch_size]
@@ -381,20 +386,16 @@ def child_dpokit(args) -> None:
         losses.append(sums.reduce()["loss"])
         if args.gpu:
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         times.append(now - last)
-        last = now
+        cpu_times.append(now_cpu - last_cpu)
+        last, last_cpu = now, now_cpu
     config = accelerator.unwrap_model(policy).config
     batches = [lengths[i * args.batch_size : (i + 1) * args.batch_size] for i in range(total)]
     flops = [model_flops(b, config) for b in batches]
     executed = [executed_flops(b, config, shared=speed.prefix_sharing, reference=reference is not None or not speed.ref_cache,
                                head_everywhere=not speed.any_fast_path) for b in batches]
-    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed), "memtrace": trace.rows})
-
-
-def _adamw_options(args) -> dict:
-    """--adamw: torch's default on CPU (for-each-parameter, as HF Trainer's adamw_torch), `foreach`, or `fused`."""
-    return {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.adamw]
+    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed, cpu_times), "memtrace": trace.rows})
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -402,7 +403,7 @@ def _adamw_options(args) -> dict:
 
 def run_child(variant: str, workload: str, model: Path, data: Path, args, env: dict, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data", str(data), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch-size", str(batch), "--adamw", args.adamw] + (["--gpu"] if args.gpu else [])
+           "--warmup", str(args.warmup), "--batch-size", str(batch)] + (["--gpu"] if args.gpu else [])
     started = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
@@ -433,21 +434,22 @@ def machine() -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    lines = ["| workload | run | pairs/s | tokens/s | vs TRL | peak RSS MiB | vs TRL | step-1 loss | step-2 loss"
+    lines = ["| workload | run | pairs/s | tokens/s | vs TRL | CPU s/step | vs TRL (CPU) | peak RSS MiB | vs TRL | step-1 loss | step-2 loss"
              " | DPO-step FLOPs / matmul peak | executed FLOPs / matmul peak | load avg |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         base = next((b for b in results if b["workload"] == r["workload"] and b["variant"] == "trl"), None)
         if r["variant"] == "precompute":
             mem = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else ""
-            lines.append(f"| {r['workload']} | precompute (own process, once) | {r['pairs_per_s']:.2f} | | | {r['peak_rss_mib']:.0f} |"
+            lines.append(f"| {r['workload']} | precompute (own process, once) | {r['pairs_per_s']:.2f} | | | | | {r['peak_rss_mib']:.0f} |"
                          f" {mem} | | | | | {r['load_before']:.2f} |")
             continue
         speed = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x" if base else ""
         mem = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else ""
+        cpu = f"{base['cpu_step_s'] / r['cpu_step_s']:.2f}x" if base else ""  # pairs per CPU-second, relative
         step2 = "" if r.get("loss_step2") is None else f"{r['loss_step2']:.6f}"
         lines.append(f"| {r['workload']} | {r['variant']} | {r['pairs_per_s']:.2f} | {r['tokens_per_s']:.0f} | {speed} |"
-                     f" {r['peak_rss_mib']:.0f} | {mem} | {r['loss_step1']:.6f} | {step2} |"
+                     f" {r['cpu_step_s']:.1f} | {cpu} | {r['peak_rss_mib']:.0f} | {mem} | {r['loss_step1']:.6f} | {step2} |"
                      f" {100 * r['flops_per_s'] / r['matmul_peak']:.0f}% | {100 * r['executed_flops_per_s'] / r['matmul_peak']:.0f}% |"
                      f" {r['load_before']:.2f} |")
     return "\n".join(lines)
@@ -472,8 +474,6 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: the workload's, 8 or 4)")
     parser.add_argument("--layers", type=int, default=None, help="override the model's depth (a quick reduced run)")
-    parser.add_argument("--adamw", choices=["default", "foreach", "fused"], default="default",
-                        help="dpokit's AdamW implementation (TRL keeps adamw_torch); default = torch's CPU default")
     parser.add_argument("--gpu", action="store_true", help="bf16 on one CUDA GPU (workload g)")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dpokit-bench"))
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
