@@ -32,6 +32,9 @@ class LossConfig:
     nll_normalize: str = "tokens"  # NLL terms (sft, cpo, orpo): tokens = token mean over the batch (TRL) | sequence
     desirable_weight: float = 1.0  # kto_loss: weight of desirable examples
     undesirable_weight: float = 1.0  # kto_loss: weight of undesirable examples
+    # SFT mixing (with data.sft_mix_path): weight of the token-mean completion NLL of the mixed SFT rows, added to
+    # the step's mean preference loss. Not RPO's NLL on the chosen answers (loss.type=[sigmoid, sft] does that).
+    sft_mix_weight: float = 1.0
 
 
 @dataclass
