@@ -54,6 +54,13 @@ class DataConfig:
     # rows with images (an `images` column, {"type": "image"} parts in the prompt's messages): tokenised by the
     # model's processor (AutoProcessor), pixel_values travel with each pair; paired losses only (docs/data.md)
     vision: bool = False
+    # Text the run should not forget (SFT rows: prompt/completion or messages, as `dpokit sft` reads; not pairs).
+    # At each evaluation the token-mean NLL of its completions is logged for the policy and the reference:
+    # retention/nll, retention/nll_ref, retention/nll_delta (docs/evaluation.md, "Retention during training")
+    retention_path: Optional[str] = None
+    # SFT rows whose completion NLL is added to the preference loss at loss.sft_mix_weight (logged as sft_mix/nll)
+    sft_mix_path: Optional[str] = None
+    sft_mix_batch_size: int = 0  # SFT examples per micro-batch and process; 0 = ceil(train.batch_size / 10) (~10% of the pairs)
 
 
 @dataclass
@@ -135,6 +142,12 @@ class DetectorsConfig:
     oscillation_amplitude: float = 0.1  # (d) mean |loss difference| in nats
     eval_rise_count: int = 2  # (e) consecutive rising eval losses that warn
     early_stop_patience: Optional[int] = None  # (e) consecutive rises tolerated; more stops the run (None: never)
+    # (g) forgetting: retention/nll_delta (policy minus reference NLL on data.retention_path, nats per token) above
+    # both limits. +0.3 nats/token multiplies the text's perplexity by e^0.3 = 1.35; the relative limit (20% of the
+    # reference's NLL) asks more of text the reference already finds hard. On the demo the shipped config ends at
+    # 0.20 (DPO trading the SFT text's negative reviews away, as intended), beta 0.1 / lr 5e-4 at 4.0 (docs/evaluation.md)
+    forgetting_nll_delta: float = 0.3
+    forgetting_nll_delta_fraction: float = 0.2
 
 
 @dataclass

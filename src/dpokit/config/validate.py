@@ -114,6 +114,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.resume.strip() == "":
         raise ConfigError("config key 'train.resume' must be auto, never, or the path of a checkpoint folder; got ''")
     _validate_moving_reference(cfg)
+    _validate_retention_and_mixing(cfg)
 
 
 def _validate_moving_reference(cfg: Config) -> None:
@@ -142,3 +143,23 @@ def _validate_moving_reference(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.beta_adaptive_alpha' must be >= 0, got {loss.beta_adaptive_alpha}")
     if not 0.0 <= loss.beta_adaptive_momentum < 1.0:
         raise ConfigError(f"config key 'loss.beta_adaptive_momentum' must be in [0, 1), got {loss.beta_adaptive_momentum}")
+
+
+def _validate_retention_and_mixing(cfg: Config) -> None:
+    """data.retention_path, and SFT mixing (data.sft_mix_path, data.sft_mix_batch_size, loss.sft_mix_weight)."""
+    for key, value in (("detectors.forgetting_nll_delta", cfg.detectors.forgetting_nll_delta),
+                       ("detectors.forgetting_nll_delta_fraction", cfg.detectors.forgetting_nll_delta_fraction),
+                       ("data.sft_mix_batch_size", cfg.data.sft_mix_batch_size)):
+        if value < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {value}")
+    if not cfg.data.sft_mix_path:
+        if cfg.data.sft_mix_batch_size:
+            raise ConfigError("config key 'data.sft_mix_batch_size' is set but data.sft_mix_path is not: give the SFT file to mix in")
+        return
+    if not cfg.loss.sft_mix_weight > 0:
+        raise ConfigError(f"config key 'loss.sft_mix_weight' must be > 0 with data.sft_mix_path, got {cfg.loss.sft_mix_weight}")
+    if cfg.train.task == "sft":
+        raise ConfigError("data.sft_mix_path mixes SFT rows into preference training; with train.task=sft put them in data.path")
+    if is_unpaired(cfg.loss):
+        raise ConfigError(f"data.sft_mix_path is supported with the paired (DPO-family) losses only, not loss.type={cfg.loss.type!r} "
+                          "(the unpaired step has no mixing hook)")

@@ -119,3 +119,20 @@ def prepare_sft(cfg: Config, tokenizer):
         splits.append(tokenized)
     summary["train"]["token_health"] = check_completion_health(train_groups, splits[0], tokenizer, cfg.data.path)
     return PreparedData(splits[0], splits[1], summary)
+
+
+def prepare_sft_file(path: str, key: str, cfg: Config, tokenizer) -> tuple[list, SkipReport]:
+    """Every row of an SFT file that is not the run's training data (data.retention_path, data.sft_mix_path)
+    -> (TokenizedCompletion list, skip report): the layouts, skips and truncation of `dpokit sft` data.
+
+    The layout is detected per file (data.layout and data.columns describe data.path, not this file);
+    data.max_length and data.max_prompt_length apply as to the training rows. `key` names the setting in errors.
+    """
+    try:
+        examples, report = load_sft(path, "train")
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
+    tokenized, _ = tokenize_groups([[e] for e in examples], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
+    if not tokenized:
+        raise DataError(f"{key}: no example of {path} has a completion token left after tokenisation ({no_usable_rows_message(report)})")
+    return tokenized, report

@@ -220,3 +220,26 @@ def build_preference_data(
 
     folder = _cached_build(final, build, force)
     return folder / "pairs-train.jsonl", folder / "pairs-eval.jsonl"
+
+
+def build_sft_text(cache_dir: Path | None = None, n_retention: int = 200, n_mix: int = 2000, seed: int = 0,
+                   force: bool = False) -> tuple[Path, Path]:
+    """(sft-retention.jsonl, sft-mix.jsonl) of prompt/completion rows of the SFT corpus' distribution, cached like the pairs.
+
+    Text the SFT model was trained to write (train openings, 40% positive): the retention set
+    (data.retention_path) measures how much of it DPO forgets, and the mix file (data.sft_mix_path)
+    is SFT data to mix into DPO. Other seeds than the SFT corpus', so neither repeats its rows.
+    """
+    version = _version(kind="sft-text", n_retention=n_retention, n_mix=n_mix, seed=seed, positive_share=SFTConfig.positive_share)
+    final = Path(cache_dir or default_cache_dir()) / f"sentiment-sft-text-{version}"
+
+    def rows(n: int, row_seed: int) -> list[dict]:
+        corpus = world.sft_corpus(n, seed=row_seed, positive_share=SFTConfig.positive_share)
+        return [{"prompt": opening, "completion": continuation} for opening, continuation in corpus]
+
+    def build(tmp: Path) -> None:
+        _write_jsonl(tmp / "sft-retention.jsonl", rows(n_retention, seed + 2_000_003))
+        _write_jsonl(tmp / "sft-mix.jsonl", rows(n_mix, seed + 3_000_017))
+
+    folder = _cached_build(final, build, force)
+    return folder / "sft-retention.jsonl", folder / "sft-mix.jsonl"

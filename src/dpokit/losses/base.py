@@ -44,6 +44,9 @@ class LossConfig:
     beta_schedule: str = "constant"
     beta_adaptive_alpha: float = 0.6  # alpha: how strongly beta follows the batch's margin (0 = constant beta)
     beta_adaptive_momentum: float = 0.9  # m: momentum of the moving average M_0 of the batch margins (starts at 0)
+    # SFT mixing (with data.sft_mix_path): weight of the token-mean completion NLL of the mixed SFT rows, added to
+    # the step's mean preference loss. Not RPO's NLL on the chosen answers (loss.type=[sigmoid, sft] does that).
+    sft_mix_weight: float = 1.0
 
 
 @dataclass

@@ -35,6 +35,7 @@ class Plot:
     about: str  # what the curve shows and what a bad one looks like
     missing: str = "not logged in this run"
     y_range: Optional[tuple[float, float]] = None
+    every_record: bool = False  # one series from train and eval records alike (retention/*: logged at evaluations, no eval_ prefix)
 
 
 PLOTS = (
@@ -73,6 +74,17 @@ PLOTS = (
          "shrinking below 0.67x is a symptom of forgetting (length_drift).",
          missing="not logged: set train.eval_generate=N to sample N completions at each evaluation "
                  "and log eval_mean_length"),
+    Plot("retention", "Retention NLL (data.retention_path)",
+         (Line("retention/nll", "policy", BLUE), Line("retention/nll_ref", "reference", SLATE)),
+         "Token-mean NLL of the retention set's completions, nats per token, at each evaluation (and before the first "
+         "step). The policy's line leaving the reference's upwards is forgetting: the run is unlearning that text.",
+         missing="not logged: set data.retention_path to SFT rows the run should not forget", every_record=True),
+    Plot("retention_delta", "Retention drift: policy minus reference NLL",
+         (Line("retention/nll_delta", "retention/nll_delta", RED),),
+         "retention/nll - retention/nll_ref in nats per token. The forgetting detector fires above "
+         "max(detectors.forgetting_nll_delta, detectors.forgetting_nll_delta_fraction x the reference NLL); SFT mixing "
+         "(data.sft_mix_path) and a higher loss.beta keep it down.",
+         missing="not logged: set data.retention_path", every_record=True),
     Plot("learning_rate", "Learning rate", (Line("learning_rate", "learning rate", BLUE),),
          "The scheduled learning rate at each logged step (warm-up, then decay)."),
     Plot("grad_norm", "Gradient norm", (Line("grad_norm", "grad norm", PURPLE),),
@@ -90,6 +102,7 @@ MARKED = {
     "stuck_accuracy": {"accuracies"},
     "oscillating_loss": {"loss"},
     "eval_loss_rising": {"loss"},
+    "forgetting": {"retention", "retention_delta"},
 }
 
 
@@ -112,6 +125,8 @@ def _rules(plot: Plot, run: RunData, series: list[Series]) -> list[Rule]:
         rules.append(Rule(math.log(2), "log 2"))
     if plot.key == "accuracies":
         rules.append(Rule(0.5, "chance"))
+    if plot.key == "retention_delta":
+        rules += _forgetting_rules(run, series, top)
     if plot.key == "kl":  # only thresholds near the data, so a healthy run's curve is not squashed flat
         rules += [Rule(v, f"{v:g} nats", AMBER if v == 5 else RED) for v in (5.0, 10.0) if v <= 2 * top]
     clip = run.setting("optim", "max_grad_norm")
@@ -127,10 +142,25 @@ def _rules(plot: Plot, run: RunData, series: list[Series]) -> list[Rule]:
     return rules
 
 
+def _forgetting_rules(run: RunData, series: list[Series], top: float) -> list[Rule]:
+    """The forgetting detector's threshold at the last reference NLL logged, when it is near the data."""
+    refs = [number(r.get("retention/nll_ref")) for r in run.train + run.eval]
+    refs = [v for v in refs if v is not None]
+    absolute, fraction = run.setting("detectors", "forgetting_nll_delta"), run.setting("detectors", "forgetting_nll_delta_fraction")
+    if not refs or not all(isinstance(v, (int, float)) for v in (absolute, fraction)):
+        return []
+    limit = max(float(absolute), float(fraction) * refs[-1])
+    return [Rule(limit, f"forgetting {limit:.3g}", RED)] if limit <= 2 * top else []  # as the KL rules: only near the data
+
+
 def build_chart(plot: Plot, run: RunData) -> Optional[Chart]:
     """The chart for `plot`, or None when none of its metrics has a finite value in this run."""
     series = []
-    for line in plot.lines:
+    if plot.every_record:
+        records = sorted(run.train + run.eval, key=lambda r: number(r.get("step")) or 0.0)
+        series = [Series(line.key, line.label, points(records, line.key), line.color, dots=True) for line in plot.lines
+                  if points(records, line.key)]
+    for line in plot.lines if not plot.every_record else ():
         train = points(run.train, line.key)
         if train:
             series.append(Series(line.key, f"{line.label} (train)", train, line.color))

@@ -68,6 +68,12 @@ MITIGATIONS["stuck_accuracy"] = (
     "reference already prefers the wrong way. If the labels are noisy: " + MITIGATIONS["label_noise"]
     + " If the data is clean, the learning rate may be too low to move the policy (raise optim.lr)."
 )
+MITIGATIONS["forgetting"] = (
+    "The policy is losing the text of data.retention_path. Raise loss.beta (a stronger pull to the reference), lower "
+    "optim.lr, train LoRA adapters instead of every weight (lora.enabled=true), train fewer epochs (train.epochs, "
+    "train.max_steps), or mix SFT data into the DPO steps: data.sft_mix_path (e.g. the retention text's own SFT data) "
+    "with loss.sft_mix_weight (docs/evaluation.md)."
+)
 MITIGATIONS["non_finite"] = (
     "Stop: the weights are probably already corrupted. Restart from the last good checkpoint with a lower optim.lr, "
     "gradient clipping on (optim.max_grad_norm=1.0), and train.mixed_precision=bf16 instead of fp16 (fp16 overflows); "
@@ -127,6 +133,7 @@ class FailureDetectors:
         self.oscillation_window = max(4, c.oscillation_window)
         self.oscillation_sign_share, self.oscillation_amplitude = c.oscillation_sign_share, c.oscillation_amplitude
         self.eval_rise_count, self.early_stop_patience = max(1, c.eval_rise_count), c.early_stop_patience
+        self.forgetting_nll_delta, self.forgetting_nll_delta_fraction = c.forgetting_nll_delta, c.forgetting_nll_delta_fraction
         self.records_seen = 0
         self.fired: list[Diagnosis] = []  # every diagnosis returned so far, in order
         self._active: dict[str, int] = {}  # condition key -> level it last fired at
@@ -156,6 +163,7 @@ class FailureDetectors:
         findings.update(self._stuck_accuracy(record, step))
         findings.update(self._oscillating_loss(record, step))
         findings.update(self._eval_loss_rising(record, step))
+        findings.update(self._forgetting(record, step))
         return self._new(findings)
 
     def _new(self, findings: dict[str, Finding]) -> list[Diagnosis]:
@@ -334,6 +342,23 @@ class FailureDetectors:
         hint = f"; training stops after more than {patience}" if patience is not None else ""
         evidence = f"eval_loss rose at {rises} consecutive evaluations ({recent}){hint}"
         return {"eval_loss_rising": (1, Diagnosis("eval_loss_rising", step, evidence, MITIGATIONS["over_optimisation"]))}
+
+    # --- (g) forgetting: the retention set's NLL rises above the reference's ------------------------
+
+    def _forgetting(self, record: dict, step: int) -> dict[str, Finding]:
+        delta, ref = _value(record, "retention/nll_delta"), _value(record, "retention/nll_ref")
+        if delta is None or ref is None:
+            return {}
+        # Both limits must be passed: an absolute one (nats per token) and one relative to what the reference scores.
+        limit = max(self.forgetting_nll_delta, self.forgetting_nll_delta_fraction * ref)
+        if delta <= limit:
+            return {"forgetting": None}
+        evidence = (
+            f"retention/nll_delta={delta:.3f} nats per token (policy {ref + delta:.3f} vs reference {ref:.3f}, "
+            f"{100 * delta / ref if ref > 0 else float('inf'):.0f}% higher), above {limit:.3f}: the policy is forgetting "
+            "the retention text (data.retention_path)"
+        )
+        return {"forgetting": (1, Diagnosis("forgetting", step, evidence, MITIGATIONS["forgetting"]))}
 
 
 def replay(records: Iterable[dict], **thresholds) -> list[Diagnosis]:

@@ -9,7 +9,7 @@
         clip, AdamW step, schedule step; every loss.ref_sync_steps: the reference moves (TR-DPO, ref_sync.py)
         every logging_steps: metrics averaged over all applied micro-batches and ranks -> metrics.jsonl
         every eval_steps: the same metrics on held-out pairs, prefixed eval_ (with train.eval_generate=N,
-            also eval_mean_length of N sampled completions, for the length detector)
+            also eval_mean_length of N sampled completions, for the length detector; with data.retention_path, retention/*)
         every record also goes to the trackers of train.report_to (TensorBoard, W&B, MLflow)
         every save_steps, on SIGTERM/SIGINT, and at the end: a checkpoint (checkpoint.py)
     save the final model (full, LoRA adapter, or merged) with its tokenizer (export.py)
@@ -43,6 +43,7 @@ from dpokit.models import load_policy, load_tokenizer
 from dpokit.reference import prepare_reference
 from dpokit.report import write_report
 from dpokit.steps import Step, step_for
+from dpokit.steps.sft_mix import SFTMix
 from dpokit.training.checkpoint import RunState, is_sharded, save_checkpoint
 from dpokit.training.detectors import FailureDetectors
 from dpokit.training.empty_data import EmptyDataGuard, step_completion_tokens
@@ -50,10 +51,12 @@ from dpokit.training.eval_generation import eval_prompts, generation_metrics
 from dpokit.training.export import save_final
 from dpokit.training.metrics import MetricsLog, MetricSums
 from dpokit.training.model_card import RunFacts
+from dpokit.training.non_finite import likely_cause
 from dpokit.training.optim import make_optimizer, make_schedule, total_steps_for
 from dpokit.training.resume import start_or_resume
 from dpokit.training.adaptive_beta import AdaptiveBeta
 from dpokit.training.ref_sync import check_sync, is_sync_step, sync_reference
+from dpokit.training.retention import RetentionSet, prepare_retention
 from dpokit.training.setup import fit_reference_sync, fit_speed, reference_for
 from dpokit.training.signals import StopSignals, TrainingInterrupted, resume_command
 from dpokit.training.step_runner import accumulate_gradients, agree, evaluate, keep_step
@@ -95,6 +98,8 @@ class Run:
     last_logged: dict  # the last record with a training loss
     gen_prompts: list  # train.eval_generate: the same eval prompts (and seed) at every evaluation
     empty_data: EmptyDataGuard  # stops a run whose first steps have nothing to learn from
+    retention: Optional[RetentionSet] = None  # data.retention_path: retention/* at every evaluation
+    mix: Optional[SFTMix] = None  # data.sft_mix_path: SFT rows mixed into every step
     stream: Optional[BatchStream] = None
     progress: Any = None
     signals: StopSignals = field(default_factory=StopSignals)
@@ -126,9 +131,16 @@ class Run:
             return generation_metrics(self.accelerator.unwrap_model(self.policy), self.tokenizer, self.gen_prompts, self.cfg.train.eval_generate,
                                       self.cfg.train.seed, max_new_tokens=self.cfg.data.max_length - self.cfg.data.max_prompt_length)
 
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.data.eval) or self.retention is not None
+
+    def retention_metrics(self) -> dict:
+        return self.retention.metrics(self.policy, self.accelerator) if self.retention is not None else {}
+
     def eval_record(self, step: int) -> dict:
         metrics = evaluate(self.policy, self.reference, self.data.eval, self.cfg, self.accelerator, self.with_reference, self.objective)
-        return {"step": step, **metrics, **self.generate_on_eval()}
+        return {"step": step, **metrics, **self.generate_on_eval(), **self.retention_metrics()}
 
     def checkpoint(self) -> Path:
         moved = self.accelerator.unwrap_model(self.reference) if self.state.ref_syncs > 0 else None  # TR-DPO
@@ -199,6 +211,8 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     scheduler = make_schedule(cfg, optimizer, total_steps)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     reference = prepare_reference(reference, accelerator)
+    retention = prepare_retention(cfg, tokenizer, policy, reference, with_reference and cfg.speed.ref_cache and objective.reads_reference_cache,
+                                  accelerator)  # before a checkpoint's weights are loaded: the reference's NLL
     # Under FSDP, Accelerate clips through the wrapper, which it recognises by its whole parameter list.
     params = list(policy.parameters()) if is_sharded(accelerator) else [p for p in policy.parameters() if p.requires_grad]
 
@@ -213,7 +227,8 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
                reference=reference, with_reference=with_reference, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
                micro_per_epoch=micro_per_epoch, params=params, detectors=detectors, state=state, window=window, log=log,
                last_logged=last_logged, gen_prompts=gen_prompts, empty_data=EmptyDataGuard(type(tokenizer).__name__), step=state.step,
-               beta_schedule=AdaptiveBeta(cfg.loss, accelerator, state) if cfg.loss.beta_schedule == "adaptive" else None)
+               beta_schedule=AdaptiveBeta(cfg.loss, accelerator, state) if cfg.loss.beta_schedule == "adaptive" else None,
+               retention=retention, mix=SFTMix.from_config(cfg, tokenizer, accelerator.process_index, accelerator.num_processes))
 
 
 def _run_dir(cfg: Config, is_main: bool) -> Path:
@@ -243,8 +258,8 @@ def _training_data(cfg: Config, objective: Step, tokenizer, data: PreparedData |
 def run_steps(run: Run) -> None:
     """Optimizer steps from where the run is to train.max_steps (or its epochs), or until it has to stop."""
     cfg = run.cfg
-    if run.gen_prompts and run.state.step == 0:  # the reference's own lengths: the baseline length_drift compares against
-        run.log_and_diagnose({"step": 0, **run.generate_on_eval()})
+    if (run.gen_prompts or run.retention) and run.state.step == 0:  # the baselines length_drift and the retention curve start from
+        run.log_and_diagnose({"step": 0, **run.generate_on_eval(), **run.retention_metrics()})
     run.stream = BatchStream(len(run.data.train), cfg.train.batch_size, cfg.train.seed, rank=run.accelerator.process_index,
                              world=run.accelerator.num_processes, position=run.state.micro_seen)
     run.progress = tqdm(total=run.total_steps, initial=run.state.step, disable=not (run.is_main and cfg.train.progress_bar),
@@ -280,7 +295,8 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
     tokens = step_completion_tokens(accelerator, [m.batch for m in micro if not m.dummy]) if run.empty_data.watching(step) else None
     step_sums = MetricSums()
     accumulate_gradients(run.policy, run.reference, [m.batch for m in micro], cfg, accelerator, run.with_reference, step_sums, objective,
-                         examples_in_step=sum(m.examples for m in micro), dummies=[m.dummy for m in micro], beta=run.beta_schedule)
+                         examples_in_step=sum(m.examples for m in micro), dummies=[m.dummy for m in micro], beta=run.beta_schedule,
+                         mixed=run.mix.draw(step, run.tokenizer.pad_token_id) if run.mix is not None else None)
     grad_norm = accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf)
     grad_norm = math.nan if grad_norm is None else float(grad_norm)
     local_loss = step_sums.sums.get("loss", 0.0) / max(step_sums.counts.get("loss", 0.0), 1.0)
@@ -333,7 +349,7 @@ def stop_reason(run: Run, step: int, outcome: StepOutcome) -> Optional[str]:
         run.log_and_diagnose({"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm, "skipped_steps": run.state.skipped_steps})
         return "non_finite"
     cfg = run.cfg
-    if run.data.eval and cfg.train.eval_steps > 0 and step % cfg.train.eval_steps == 0 and step != run.total_steps:
+    if run.evaluates and cfg.train.eval_steps > 0 and step % cfg.train.eval_steps == 0 and step != run.total_steps:
         run.log_and_diagnose(run.eval_record(step))
     if run.detectors.should_stop:
         return next(d for d in reversed(run.detectors.fired) if d.severity == "stop").mode
@@ -368,7 +384,7 @@ def finish(run: Run) -> TrainResult:
                   f"{likely_cause(cfg, run.bad_loss, run.step - state.skipped_steps)}. The last finite weights are in {run.saved_at}; "
                   f"after changing the settings, resume with:\n  {resume_command(cfg, run.run_dir, world)}", flush=True)
         return run.result(final, state.stop_reason)
-    if run.data.eval:
+    if run.evaluates:
         final_eval = run.eval_record(run.step)
         run.log_and_diagnose(final_eval)
         final.update({k: v for k, v in final_eval.items() if k != "step"})
@@ -387,18 +403,3 @@ def finish(run: Run) -> TrainResult:
         print(f"[dpokit] done in {final['train_runtime']:.1f}s; model saved to {model_dir}", flush=True)
     accelerator.wait_for_everyone()
     return run.result(final, state.stop_reason)
-
-
-def likely_cause(cfg: Config, bad_loss: bool, applied_steps: int) -> str:
-    causes = []
-    if cfg.train.mixed_precision == "fp16" or cfg.model.dtype == "float16":
-        causes.append("float16 overflow: use train.mixed_precision=bf16 (or no) and model.dtype=bfloat16 or float32")
-    if bad_loss and applied_steps == 0:
-        causes.append("the loss is non-finite before any update: look for empty or fully truncated completions "
-                      "(`dpokit doctor` on the data) or a model that already outputs NaN in this dtype")
-    elif bad_loss:
-        causes.append(f"the weights diverged: the learning rate is probably too high (optim.lr={cfg.optim.lr:g}); lower it")
-    else:
-        causes.append(f"exploding gradients: lower optim.lr (now {cfg.optim.lr:g})"
-                      + ("" if cfg.optim.max_grad_norm > 0 else " and turn clipping on (optim.max_grad_norm=1.0)"))
-    return "; ".join(causes)

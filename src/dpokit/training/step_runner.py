@@ -11,12 +11,13 @@ from accelerate.utils import DistributedType
 from dpokit.config import Config
 from dpokit.data.batching import BatchStream, micro_batch, pad_id, to_device
 from dpokit.steps import PairedStep, Step
+from dpokit.steps.sft_mix import MixedBatches, SFTMix
 from dpokit.training.metrics import MetricSums
 
 
 def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums,
                          objective: Step = PairedStep(), examples_in_step: Optional[int] = None, dummies: Optional[list[bool]] = None,
-                         beta=None) -> None:
+                         beta=None, mixed: Optional[MixedBatches] = None) -> None:
     """Backward over one optimizer step's micro-batches; per-example metrics are added to `sums`.
 
     The loss of each micro-batch is its per-example loss sum divided by the examples in the
@@ -27,6 +28,8 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
     A dummy micro-batch (a process with no example left at the end of an epoch) runs forward and
     backward with weight 0, so every process takes part in every collective, and adds no metric.
     `beta` (training/adaptive_beta.AdaptiveBeta, loss.beta_schedule=adaptive) gives each micro-batch its beta.
+    `mixed` (steps/sft_mix.py): one SFT batch per micro-batch, whose NLL sum joins that micro-batch's loss
+    at `mixed.scale` (the step's token mean, times loss.sft_mix_weight) before the one backward.
     """
     dummies = dummies or [False] * len(micro_batches)
     if examples_in_step is None:
@@ -46,7 +49,14 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
             with accelerator.autocast():
                 extra = {} if beta is None else {"beta_for": beta.for_micro_batch(dummy)}
                 out, metrics = objective.forward(policy, reference, batch, cfg, with_reference, **extra)
-            accelerator.backward(out.losses.sum() * (0.0 if dummy else scale))
+                loss = out.losses.sum() * (0.0 if dummy else scale)
+                if mixed is not None:  # as the pairs' scale: undo the processes' and Accelerate's averaging
+                    mix_dummy = mixed.dummies[i]
+                    nll_sum, nll = SFTMix.loss(policy, to_device(mixed.batches[i], accelerator.device), cfg)
+                    mix_scale = mixed.scale * accelerator.num_processes * accelerator.gradient_accumulation_steps
+                    loss = loss + nll_sum * (0.0 if mix_dummy else mix_scale)
+                    metrics = {**metrics, "sft_mix/nll": nll[:0] if mix_dummy else nll}
+            accelerator.backward(loss)
         for name, values in metrics.items():
             sums.add(name, values[:0] if dummy else values)  # a dummy registers the names, with no values
 
