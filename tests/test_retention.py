@@ -93,15 +93,26 @@ def test_a_retention_file_with_no_usable_row_names_the_key(tmp_path):
         dpokit.train(cfg)
 
 
-def test_lora_reference_nll_is_the_base_model_with_adapters_off(tmp_path):
-    cfg = _config(tmp_path, lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}, optim={"lr": 5e-2})
+LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+
+
+@pytest.mark.parametrize("sections", [
+    {"lora": LORA, "optim": {"lr": 5e-2}},  # live reference: the policy with its adapters off
+    {"lora": LORA, "optim": {"lr": 5e-2}, "speed": {"ref_cache": True}},  # cached, scored with the adapters off
+    {"train": {"task": "sft"}, "data": {"path": None}},  # no reference at all: the starting policy
+], ids=["lora-live", "lora-cached", "sft-task"])  # fmt: skip
+def test_the_reference_nll_is_the_starting_model_s_when_the_policy_is_the_reference(tmp_path, sections):
+    cfg = _config(tmp_path, **{k: v for k, v in sections.items() if k != "data"})
+    if "data" in sections:  # SFT on the retention rows themselves
+        cfg["data"]["path"] = cfg["data"]["retention_path"]
+    cfg["speed"]["ref_cache_dir"] = str(tmp_path / "cache")
     result = dpokit.train(cfg)
     records = _retention_records(result.run_dir)
     model_dir = tiny_model_dir()
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     expected_ref = _completion_nll(base, AutoTokenizer.from_pretrained(model_dir), RETENTION_ROWS[:3])
     assert all(r["retention/nll_ref"] == pytest.approx(expected_ref, rel=1e-5) for r in records)
-    assert records[-1]["retention/nll_delta"] != pytest.approx(0.0, abs=1e-4)  # the adapters moved the policy
+    assert records[-1]["retention/nll_delta"] != pytest.approx(0.0, abs=1e-4)  # training moved the policy
 
 
 def test_reference_nll_is_cached_with_the_reference_cache_and_a_changed_file_invalidates_it(tmp_path, capsys):
