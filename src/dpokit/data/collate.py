@@ -39,3 +39,14 @@ def collate_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[str, to
     """returns input_ids, attention_mask, labels: (2B, T) long tensors."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
     return pad_completions(rows, pad_token_id)
+
+
+def attach_cached_reference(batch: dict, pairs) -> dict:
+    """Cached reference log-probs (ref_cache sets each pair's `reference`) ride along with the batch as
+    ref_logps and ref_shared_logps, (2B,) in [chosen; rejected] order; untouched when any pair lacks them."""
+    refs = [getattr(p, "reference", None) for p in pairs]
+    if refs and all(r is not None for r in refs):
+        ref = torch.tensor(refs, dtype=torch.float32)  # (B, 4): chosen, rejected, chosen_shared, rejected_shared
+        batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
+        batch["ref_shared_logps"] = torch.cat([ref[:, 2], ref[:, 3]])
+    return batch

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from dpokit.data.collate import collate_pairs
+from dpokit.data.collate import attach_cached_reference, collate_pairs
 from dpokit.data.layouts import check_completion
 from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
 from dpokit.data.records import DataError, PreferenceExample, SkipReport
@@ -261,12 +261,7 @@ def collate_vision_pairs(pairs: list[TokenizedPair], pad_token_id: int) -> dict[
     for key in sorted(keys):
         per_row = [p.vision[key] for p in pairs if key in getattr(p, "vision", {})]
         batch[key] = torch.cat(per_row + per_row, dim=0)
-    refs = [getattr(p, "reference", None) for p in pairs]
-    if refs and all(r is not None for r in refs):
-        ref = torch.tensor(refs, dtype=torch.float32)  # (B, 4): chosen, rejected, chosen_shared, rejected_shared
-        batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
-        batch["ref_shared_logps"] = torch.cat([ref[:, 2], ref[:, 3]])
-    return batch
+    return attach_cached_reference(batch, pairs)
 
 
 def vision_inputs(batch: dict) -> dict:

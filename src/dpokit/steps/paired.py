@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dpokit.config import Config, SpeedConfig
-from dpokit.data.collate import IGNORE_INDEX, collate_pairs
+from dpokit.data.collate import IGNORE_INDEX, attach_cached_reference, collate_pairs
 from dpokit.data.packing import collate_packed, count_pairs
 from dpokit.data.prepare import prepare_data
 from dpokit.data.vision import vision_inputs
@@ -123,13 +123,7 @@ def make_collate(speed: SpeedConfig, attn_implementation: str | None = None):
     layout = layout_for(speed, attn_implementation)
 
     def collate(pairs, pad_token_id: int) -> dict:
-        batch = collate_packed(pairs, pad_token_id, layout)
-        refs = [getattr(p, "reference", None) for p in pairs]
-        if refs and all(r is not None for r in refs):
-            ref = torch.tensor(refs, dtype=torch.float32)  # (B, 4): chosen, rejected, chosen_shared, rejected_shared
-            batch["ref_logps"] = torch.cat([ref[:, 0], ref[:, 1]])
-            batch["ref_shared_logps"] = torch.cat([ref[:, 2], ref[:, 3]])
-        return batch
+        return attach_cached_reference(collate_packed(pairs, pad_token_id, layout), pairs)
 
     return collate
 

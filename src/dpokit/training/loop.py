@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from dpokit.config import Config, ConfigError, load_config
 from dpokit.data.batching import BatchStream, micro_batch
-from dpokit.data.prepare import PreparedData, format_summary
+from dpokit.data.prepare import PreparedData
 from dpokit.data.records import DataError
 from dpokit.demo.assets import resolve_demo_assets
 from dpokit.data.token_health import context_length_problem, longest_sequence
@@ -57,7 +56,7 @@ from dpokit.training.resume import start_or_resume
 from dpokit.training.adaptive_beta import AdaptiveBeta
 from dpokit.training.ref_sync import check_sync, is_sync_step, sync_reference
 from dpokit.training.retention import RetentionSet, prepare_retention
-from dpokit.training.setup import fit_reference_sync, fit_speed, reference_for
+from dpokit.training.setup import fit_reference_sync, fit_speed, make_run_dir, reference_for, training_data
 from dpokit.training.signals import StopSignals, TrainingInterrupted, resume_command
 from dpokit.training.step_runner import accumulate_gradients, agree, evaluate, keep_step
 from dpokit.training.tracking import accelerator_kwargs, end_trackers, init_trackers, log_diagnosis, log_metrics
@@ -184,12 +183,12 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False,
                               **accelerator_kwargs(cfg))
     set_seed(cfg.train.seed)
-    run_dir = _run_dir(cfg, accelerator.is_main_process)
+    run_dir = make_run_dir(cfg, accelerator.is_main_process)
     init_trackers(accelerator, cfg)
 
     tokenizer = load_tokenizer(cfg)
     objective = step_for(cfg)
-    data = _training_data(cfg, objective, tokenizer, data, run_dir, accelerator.is_main_process)
+    data = training_data(cfg, objective, tokenizer, data, run_dir, accelerator.is_main_process)
     policy = load_policy(cfg)
     longest = longest_sequence(data.train + data.eval)
     problem = context_length_problem(cfg.data.max_length, getattr(policy, "config", None), longest)
@@ -229,27 +228,6 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
                last_logged=last_logged, gen_prompts=gen_prompts, empty_data=EmptyDataGuard(type(tokenizer).__name__), step=state.step,
                beta_schedule=AdaptiveBeta(cfg.loss, accelerator, state) if cfg.loss.beta_schedule == "adaptive" else None,
                retention=retention, mix=SFTMix.from_config(cfg, tokenizer, accelerator.process_index, accelerator.num_processes))
-
-
-def _run_dir(cfg: Config, is_main: bool) -> Path:
-    run_dir = Path(cfg.out_dir)
-    if is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(run_dir / "config.yaml")
-        except OSError as e:
-            raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot write the run directory: {e}") from None
-    return run_dir
-
-
-def _training_data(cfg: Config, objective: Step, tokenizer, data: PreparedData | None, run_dir: Path, is_main: bool) -> PreparedData:
-    data = data or objective.prepare(cfg, tokenizer)
-    if is_main:
-        print(format_summary(data.summary), flush=True)
-        (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=2))
-    if not data.train:
-        raise DataError(f"no usable training examples in {cfg.data.path}; see the data summary above")
-    return data
 
 
 # --- the optimizer steps -----------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Fitting a run's step to the loaded model and setup, and choosing where its reference log-probs come from.
+"""Setting up a run: its directory and data, fitting its step to the loaded model and setup, and choosing where its reference log-probs come from.
 
+    make_run_dir   out_dir with the resolved config; training_data: the prepared data and its summary
     fit_speed      the fast step falls back to its plain step for a model outside transformers'
                    attention interface, and drops the chunked LM head when the head is sharded
     fit_reference_sync  a moving reference (loss.ref_sync_steps) turns the reference cache off
@@ -10,9 +11,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
-from dpokit.config import Config, SpeedConfig
-from dpokit.data.prepare import PreparedData
+from dpokit.config import Config, ConfigError, SpeedConfig
+from dpokit.data.prepare import PreparedData, format_summary
+from dpokit.data.records import DataError
 from dpokit.ref_cache.build import ensure_reference_cache
 from dpokit.reference import make_reference
 from dpokit.steps import Step
@@ -58,3 +62,26 @@ def reference_for(cfg: Config, step: Step, policy, tokenizer, data: PreparedData
               else "kl/chosen is not logged (speed.ref_cache=false logs it)")
         print(f"[dpokit] reference log-probs {how} {cache.folder}: no reference model in memory; {kl}", flush=True)
     return None, data
+
+
+def make_run_dir(cfg: Config, is_main: bool) -> Path:
+    """out_dir, created with the resolved config.yaml in it (by the main process)."""
+    run_dir = Path(cfg.out_dir)
+    if is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.yaml")
+        except OSError as e:
+            raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot write the run directory: {e}") from None
+    return run_dir
+
+
+def training_data(cfg: Config, objective: Step, tokenizer, data: PreparedData | None, run_dir: Path, is_main: bool) -> PreparedData:
+    """The run's prepared data (given, or prepared by the step); the main process prints and saves its summary."""
+    data = data or objective.prepare(cfg, tokenizer)
+    if is_main:
+        print(format_summary(data.summary), flush=True)
+        (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=2))
+    if not data.train:
+        raise DataError(f"no usable training examples in {cfg.data.path}; see the data summary above")
+    return data
