@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from dpokit.config import Config
-from dpokit.training.detectors import FailureDetectors
+from dpokit.detectors import FailureDetectors
 
 
 def _wiggle(step: int, scale: float) -> float:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dpokit.training.detectors import MITIGATIONS, Diagnosis, FailureDetectors, replay
+from dpokit.detectors import MITIGATIONS, Diagnosis, FailureDetectors, replay
 from dpokit.training.metrics import MetricsLog, read_metrics
 
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import dpokit
 from dpokit.config import ConfigError, load_config
 from dpokit.report import write_report
-from dpokit.training.detectors import FailureDetectors
+from dpokit.detectors import FailureDetectors
 from dpokit.training.metrics import read_metrics
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 

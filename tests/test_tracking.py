@@ -19,7 +19,7 @@ import dpokit
 from dpokit.training import tracking
 from dpokit.config import ConfigError, load_config
 from dpokit.data.tokenization import TokenizedPair
-from dpokit.training.detectors import Diagnosis
+from dpokit.detectors import Diagnosis
 from dpokit.training.eval_generation import eval_prompts, generation_metrics
 from dpokit.generation import sample
 from dpokit.training.metrics import read_metrics

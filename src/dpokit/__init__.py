@@ -1,6 +1,8 @@
 """dpokit: Direct Preference Optimization and its family for causal language models."""
 
-__version__ = "0.1.0"
+from dpokit.version import __version__
+
+__all__ = ["__version__", "train"]
 
 
 def train(config, overrides=None, data=None):

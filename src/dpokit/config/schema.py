@@ -123,7 +123,7 @@ class SpeedConfig:
 
 @dataclass
 class DetectorsConfig:
-    """Where the live failure detectors fire (training/detectors.py, docs/diagnosis.md); letters name the failure mode."""
+    """Where the live failure detectors fire (detectors.py, docs/diagnosis.md); letters name the failure mode."""
 
     chosen_logp_drop: float = 10.0  # (a) logps/chosen falls by more than this many nats per sequence...
     chosen_logp_drop_fraction: float = 0.1  # (a) ...and more than this share of its start (long completions are noisier)...

@@ -12,7 +12,7 @@ import statistics
 from collections import Counter
 
 from dpokit.data.records import PreferenceExample, SkipReport
-from dpokit.training.detectors import MITIGATIONS
+from dpokit.detectors import MITIGATIONS
 from dpokit.doctor.report import CheckResult
 from dpokit.config import DoctorConfig
 

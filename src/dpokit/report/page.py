@@ -12,7 +12,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any, Optional
 
-from dpokit import __version__
+from dpokit.version import __version__
 from dpokit.report.charts import PLOTS, Plot, build_chart
 from dpokit.report.eval_table import eval_section
 from dpokit.report.run_data import RunData, number

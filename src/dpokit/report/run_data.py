@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from dpokit.training.detectors import replay
+from dpokit.detectors import replay
 
 Verdict = Literal["healthy", "warnings", "stopped", "no metrics"]
 

@@ -44,7 +44,7 @@ from dpokit.report import write_report
 from dpokit.steps import Step, step_for
 from dpokit.steps.sft_mix import SFTMix
 from dpokit.training.checkpoint import RunState, is_sharded, save_checkpoint
-from dpokit.training.detectors import FailureDetectors
+from dpokit.detectors import FailureDetectors
 from dpokit.training.empty_data import EmptyDataGuard, step_completion_tokens
 from dpokit.training.eval_generation import eval_prompts, generation_metrics
 from dpokit.training.export import save_final

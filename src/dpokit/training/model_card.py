@@ -20,7 +20,7 @@ from typing import Optional
 import huggingface_hub
 import yaml
 
-from dpokit import __version__
+from dpokit.version import __version__
 from dpokit.config import Config
 from dpokit.losses import LossConfig, loss_names
 
