@@ -27,7 +27,7 @@ def validate(cfg: Config) -> None:
     check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
     check_choice("train.task", cfg.train.task, ("preference", "sft"))
     check_choice("speed.attention", cfg.speed.attention, ("auto", "sdpa", "flex", "flash"))
-    if cfg.data.vision and (cfg.train.task == "sft" or any(name in UNPAIRED_LOSSES for name in loss_names(cfg.loss))):
+    if cfg.data.vision and (cfg.train.task == "sft" or is_unpaired(cfg.loss)):
         raise ConfigError("data.vision=true trains paired (DPO-family) losses only; image rows are not supported by "
                           "train.task=sft or KTO yet")
     if cfg.data.vision and (cfg.data.layout != "auto" or cfg.data.columns):

@@ -81,17 +81,6 @@ class SkipReport:
     def rows_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def merge(self, other: "SkipReport") -> None:
-        self.rows_read += other.rows_read
-        self.rows_used += other.rows_used
-        self.layouts.update(other.layouts)
-        self.conversations += other.conversations
-        self.turn_pairs += other.turn_pairs
-        for reason, n in other.skipped.items():
-            self.skipped[reason] += n
-            self.examples.setdefault(reason, [])
-            self.examples[reason].extend(other.examples.get(reason, [])[: 5 - len(self.examples[reason])])
-
     def to_dict(self) -> dict:
         return {
             "rows_read": self.rows_read,
