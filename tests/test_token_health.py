@@ -80,6 +80,18 @@ def test_train_refuses_a_qwen2_config_with_a_word_level_tokenizer(tmp_path, caps
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("*.safetensors"))
 
 
+
+@pytest.mark.parametrize("verb", ["precompute", "sft"])
+def test_precompute_and_sft_refuse_it_before_any_compute_too(tmp_path, capsys, verb):
+    rows = ROWS if verb == "precompute" else [{"prompt": r["prompt"], "completion": r["chosen"]} for r in ROWS]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    config = _config(tmp_path, qwen2_with_word_tokenizer(), data=data)
+    capsys.readouterr()
+    assert cli_main([verb, str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(data) in err[0] and "Qwen2Tokenizer" in err[0], err
+    assert not list(tmp_path.rglob("*.safetensors"))  # no cache, no model written
+
 def test_doctor_fails_the_same_model_folder(tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
     report = run_doctor(str(data), model=str(qwen2_with_word_tokenizer()), sample_size=0)
