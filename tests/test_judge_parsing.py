@@ -24,7 +24,12 @@ def test_ratings_out_of_ten_still_read():
     ("A clear winner: response B.", 0.0),
     ("A", 1.0), ("B", 0.0), ("A is better.", 1.0), ("A. It is clearer.", 1.0),
     ("Response B is better", 0.0), ("The answer is A.", 1.0), ("Assistant A", 1.0),
-    ("[[A]]", 1.0), ("Both are fine, but [[B]]", 0.0), ("[[C]]", 0.5), ("It's a tie", 0.5), ("???", 0.5),
+    ("[[A]]", 1.0), ("Both are fine, but [[B]]", 0.0), ("[[C]]", 0.5), ("It's a tie", 0.5),
 ])
 def test_choices(reply, choice):
     assert parse_choice(reply) == choice
+
+
+@pytest.mark.parametrize("reply", ["???", "", "I cannot decide.", "Both have merits."])
+def test_no_readable_choice_is_nan_not_a_tie(reply):
+    assert math.isnan(parse_choice(reply))

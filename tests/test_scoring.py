@@ -234,7 +234,17 @@ def test_reply_parsing():
     assert parse_rating("Rating: 12. Sorry, I meant 6") == 6.0  # out of range values are passed over
     assert math.isnan(parse_rating("no idea"))
     assert parse_choice("A") == 1.0 and parse_choice("Response B is better") == 0.0
-    assert parse_choice("It's a tie") == 0.5 and parse_choice("???") == 0.5
+    assert parse_choice("It's a tie") == 0.5 and math.isnan(parse_choice("???"))
+
+
+def test_an_unreadable_pairwise_verdict_is_unjudged_not_a_tie():
+    """A reply with no choice was read as a tie (0.5), which pulls every win rate toward 50% without a word."""
+    judge = PairwiseJudge("http://127.0.0.1:9/v1", "m", max_concurrency=1)  # one at a time: the replies come in order
+    replies = iter(["I cannot decide.", "no comment", "A", "no comment", "???", "B"])
+    judge.client.chat = lambda messages: next(replies)
+    # item 1: neither order readable -> NaN; item 2: only the first order ("A") -> 1.0; item 3: only the swapped one ("B" -> A)
+    wins = judge.compare(["p"] * 3, ["a1", "a2", "a3"], ["b1", "b2", "b3"])
+    assert math.isnan(wins[0]) and wins[1:] == [1.0, 1.0] and judge.unparsed == 4
 
 
 def test_a_negative_rating_is_unscored_not_read_without_its_sign():

@@ -3,7 +3,8 @@
 From the policy's own samples (temperature 1, top_p 1 by default, so they are draws from the policy):
   mean_score            mean reward of the samples (any Scorer: rule, reward model, pointwise judge)
   win_rate              share of (prompt, sample) slots where the policy's sample beats the baseline's
-                        (by the scorer, ties 1/2; or by a pairwise judge, position bias cancelled)
+                        (by the scorer, ties 1/2; or by a pairwise judge, position bias cancelled);
+                        win_rate_unjudged counts the slots left out (no score, or no readable verdict)
   kl_to_reference       KL(policy || reference) in nats per completion, Monte-Carlo over samples y ~ pi,
                         EOS included, by Schulman's k3 estimator (2020, "Approximating KL divergence"):
                         mean of (r - 1) - log r with r = ref(y|x) / pi(y|x). Unbiased like the plain mean
@@ -174,6 +175,7 @@ def evaluate(
             wins = None
         if wins is not None:
             out["win_rate"], out["win_rate_sem"] = _mean_sem(wins)
+            out["win_rate_unjudged"] = sum(w is None or not math.isfinite(w) for w in wins)  # left out of the win rate
             if judgments is not None:
                 judgments.extend({"prompt_index": i // num_samples, "win": w, "length_diff": completion_length(a) - completion_length(b)}
                                  for i, (w, a, b) in enumerate(zip(wins, samples, base_samples)))
@@ -195,6 +197,7 @@ _ROWS = [
     ("mean_score", "mean score", "{:.3f}"),
     ("baseline_mean_score", "baseline mean score", "{:.3f}"),
     ("win_rate", "win rate vs baseline", "{:.1%}"),
+    ("win_rate_unjudged", "unjudged (left out of the win rate)", "{:d}"),
     ("kl_to_reference", "KL(policy || reference), nats/completion, k3 from the policy's samples", "{:.2f}"),
     ("kl_tokenwise", "KL(policy || reference), nats/completion, exact next-token KL summed along the samples", "{:.2f}"),
     ("preference_accuracy", "held-out preference accuracy", "{:.1%}"),

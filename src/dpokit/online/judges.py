@@ -139,7 +139,7 @@ def parse_rating(reply: str, low: float = 1.0, high: float = 10.0) -> float:
 
 
 def parse_choice(reply: str) -> float:
-    """1.0 for A, 0.0 for B, 0.5 for a tie or no readable choice.
+    """1.0 for A, 0.0 for B, 0.5 for a tie; NaN for no readable choice (unjudged: never read as a tie).
 
     Read in order: an MT-Bench verdict "[[A]]" / "[[B]]" / "[[C]]" (tie); a named choice ("Response B",
     "the answer is A"); a tie; the first standalone A or B that is not the article ("A better answer is B" is B).
@@ -157,7 +157,7 @@ def parse_choice(reply: str) -> float:
         if match.group(1) == "A" and _ARTICLE.match(text, match.start()):
             continue
         return 1.0 if match.group(1) == "A" else 0.0
-    return 0.5
+    return math.nan
 
 
 def _prompt_text(prompt: Prompt) -> str:
@@ -204,22 +204,28 @@ class PairwiseJudge:
                  swap: bool = _D.swap, max_concurrency: int = _D.max_concurrency, **client_options):
         self.client = ChatClient(base_url, model, **client_options)
         self.template, self.system, self.swap, self.max_concurrency = template, system, swap, max_concurrency
+        self.unparsed = 0  # replies with no readable choice (that order counts as unjudged)
         self.name = f"pairwise judge {model} at {self.client.url}"
 
     def _ask(self, prompt, a, b) -> float:
         reply = self.client.chat([{"role": "system", "content": self.system},
                                   {"role": "user", "content": self.template.format(prompt=_prompt_text(prompt), a=a, b=b)}])
-        return parse_choice(reply)
+        value = parse_choice(reply)
+        if math.isnan(value):
+            self.unparsed += 1
+        return value
 
     def _one(self, item) -> float:
         prompt, a, b = item
         first = self._ask(prompt, a, b)
         if not self.swap:
             return first
-        return (first + (1.0 - self._ask(prompt, b, a))) / 2
+        verdicts = [v for v in (first, 1.0 - self._ask(prompt, b, a)) if not math.isnan(v)]
+        return sum(verdicts) / len(verdicts) if verdicts else math.nan
 
     def compare(self, prompts, completions_a, completions_b) -> list[float]:
-        """Per item: 1.0 if A is better, 0.0 if B is, 0.5 for a tie (or the two orders disagreeing)."""
+        """Per item: 1.0 if A is better, 0.0 if B is, 0.5 for a tie (or the two orders disagreeing), averaged over
+        the orders whose reply was readable; NaN (unjudged, left out of win rates) when none was."""
         check_lengths(prompts, completions_a)
         check_lengths(prompts, completions_b)
         return _map(self._one, list(zip(prompts, completions_a, completions_b)), self.max_concurrency)
