@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -13,10 +11,11 @@ from dpokit.online.suites.answers import answer
 from dpokit.online.suites.multiturn import (
     DEFAULT_QUESTIONS, MTBenchJudge, QuestionsError, converse, load_questions, parse_bracket_rating, parse_verdict,
     score_pairwise, score_single)
+from chat_server import ChatServer
 from tiny_assets import model, tokenizer  # noqa: F401  (pytest fixtures)
 
 
-class MTJudgeServer:
+class MTJudgeServer(ChatServer):
     """A /v1/chat/completions judge on 127.0.0.1.
 
     Single ratings: "Rating: [[9]]" when the judged answer has the word "great", [[3]] otherwise; a question that
@@ -25,43 +24,19 @@ class MTJudgeServer:
     """
 
     def __init__(self):
+        super().__init__()
         self.requests: list[str] = []
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["messages"][-1]["content"]
-                server.requests.append(text)
-                if "[Assistant A]" in text:
-                    a, b = text.split("[Assistant A]")[1].split("[Assistant B]")
-                    reply = "[[B]]" if ("great" in b and "great" not in a) else "B is fine but my verdict: [[A]]"
-                elif "broken" in text:
-                    reply = "I cannot rate this answer, it is outside my competence."
-                else:
-                    judged = text.rsplit("### Assistant", 1)[1]
-                    reply = "Clear and correct. Rating: [[9]]" if "great" in judged else "Vague. Rating: [[3]]"
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, body, request):
+        text = body["messages"][-1]["content"]
+        self.requests.append(text)
+        if "[Assistant A]" in text:
+            a, b = text.split("[Assistant A]")[1].split("[Assistant B]")
+            return self.reply("[[B]]" if ("great" in b and "great" not in a) else "B is fine but my verdict: [[A]]")
+        if "broken" in text:
+            return self.reply("I cannot rate this answer, it is outside my competence.")
+        judged = text.rsplit("### Assistant", 1)[1]
+        return self.reply("Clear and correct. Rating: [[9]]" if "great" in judged else "Vague. Rating: [[3]]")
 
 
 QUESTIONS = [

@@ -6,8 +6,6 @@ import json
 import logging
 import math
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ import torch
 from dpokit.online.judges import ChatClient, JudgeScorer, PairwiseJudge, parse_choice, parse_rating
 from dpokit.online.scorer import JudgeUnreachable, ScoringError
 from dpokit.online.scoring import FunctionScorer, RewardModelScorer, build_scorer, score_file
+from chat_server import ChatServer
 from tiny_assets import word_tokenizer
 
 
@@ -95,7 +94,7 @@ def test_missing_reward_model_is_a_clear_error(tmp_path):
 # --- LLM judge over a local OpenAI-compatible server ---------------------------------------------
 
 
-class JudgeServer:
+class JudgeServer(ChatServer):
     """A tiny /v1/chat/completions server on 127.0.0.1 that plays a judge.
 
     Pointwise: "Rating: N" with N = 9 if the response has a positive word, 2 otherwise.
@@ -104,54 +103,25 @@ class JudgeServer:
     """
 
     def __init__(self):
+        super().__init__()
         self.requests: list[dict] = []
         self.auth: list[str | None] = []
         self.failures: list[tuple[int, dict]] = []
-        server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep the test output clean
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                server.auth.append(self.headers.get("Authorization"))
-                if self.path != "/v1/chat/completions":
-                    return self._send(404, {"error": "not found"})
-                if server.failures:
-                    status, headers = server.failures.pop(0)
-                    return self._send(status, {"error": {"message": "try again"}}, headers)
-                text = body["messages"][-1]["content"]
-                if "[Response A]" in text:
-                    a = text.split("[Response A]")[1].split("[Response B]")[0]
-                    reply = "A" if "wonderful" in a or "great" in a else "B"
-                else:
-                    response = text.split("[Response]")[1]
-                    reply = "Rating: 9" if ("wonderful" in response or "great" in response) else "I would say 2/10."
-                return self._send(200, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
-
-            def _send(self, status, payload, headers=None):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def respond(self, body, request):
+        self.requests.append(body)
+        self.auth.append(request.headers.get("Authorization"))
+        if request.path != "/v1/chat/completions":
+            return 404, {"error": "not found"}, {}
+        if self.failures:
+            status, headers = self.failures.pop(0)
+            return status, {"error": {"message": "try again"}}, headers
+        text = body["messages"][-1]["content"]
+        if "[Response A]" in text:
+            a = text.split("[Response A]")[1].split("[Response B]")[0]
+            return self.reply("A" if "wonderful" in a or "great" in a else "B")
+        response = text.split("[Response]")[1]
+        return self.reply("Rating: 9" if ("wonderful" in response or "great" in response) else "I would say 2/10.")
 
 
 def test_pointwise_judge_scores_a_sample_and_sends_the_key(monkeypatch):
