@@ -9,7 +9,7 @@ import pytest
 from dpokit.data.records import DataError
 from dpokit.config import SamplingConfig
 from dpokit.online.backends import HFBackend
-from dpokit.online.prompts import load_prompts
+from dpokit.online.prompts import describe_counts, load_prompts
 from dpokit.online.sampling import complete_groups, read_samples, sample_to_file
 from dpokit.tiny import build_tiny_llama
 from tiny_assets import word_tokenizer, write_jsonl
@@ -112,6 +112,18 @@ def test_duplicates_are_sampled_once_and_chat_prompts_use_the_template(tiny, tmp
     assert rows[2]["prompt"] == chat and rows[2]["prompt_tokens"] == len(tokenizer(backend.prompts[1], add_special_tokens=False)["input_ids"])
 
 
+def test_rows_with_tools_are_skipped_and_counted_not_sampled_without_their_tools(tmp_path):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    openai = {"input": {"messages": [{"role": "user", "content": "rain?"}], "tools": tools},
+              "preferred_output": [{"role": "assistant", "content": "yes"}], "non_preferred_output": [{"role": "assistant", "content": "no"}]}
+    rows = [{"prompt": [{"role": "user", "content": "weather?"}], "tools": tools}, {"prompt": "the film was"}, openai]
+    prompts, counts = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
+    assert prompts == ["the film was"] and counts["rows_with_tools"] == 2
+    assert "2 rows with tools skipped" in describe_counts(counts)
+    with pytest.raises(DataError, match="online verbs .* do not pass tools"):
+        load_prompts(str(write_jsonl(tmp_path / "t.jsonl", rows[:1])))
+
+
 def test_load_prompts_from_layouts(tmp_path):
     rows = [
         {"prompt": "the film was"},
@@ -125,7 +137,7 @@ def test_load_prompts_from_layouts(tmp_path):
     prompts, counts = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
     assert prompts == ["the film was", [{"role": "user", "content": "hi"}], [{"role": "user", "content": "tell me"}], "it is",
                        "\n\nHuman: hi\n\nAssistant:"]
-    assert counts == {"rows_read": 7, "prompts": 5, "duplicates": 1, "rows_without_prompt": 1}
+    assert counts == {"rows_read": 7, "prompts": 5, "duplicates": 1, "rows_without_prompt": 1, "rows_with_tools": 0}
     assert load_prompts(str(tmp_path / "p.jsonl"), max_prompts=2)[0] == prompts[:2]
     with pytest.raises(DataError, match="no prompts found"):
         load_prompts(str(write_jsonl(tmp_path / "none.jsonl", [{"text": "x"}])))

@@ -40,7 +40,7 @@ from dpokit.online.judges import PairwiseJudge
 from dpokit.online.loading import add_trust_flags, load_model, trust_from_args
 from dpokit.online.log_ratios import (  # noqa: F401  (kept importable from here)
     KL_ESTIMATOR, examples_of, k3_kl, kl_to_reference, log_ratios, preference_accuracy)
-from dpokit.online.prompts import Prompt, load_prompts, render_prompt
+from dpokit.online.prompts import Prompt, describe_counts, load_prompts, render_prompt
 from dpokit.online.scorer import ScoringError
 from dpokit.online.scoring import build_scorer
 from dpokit.online.suites.local_judge import LocalPairwiseJudge
@@ -298,7 +298,8 @@ def run_cli(args) -> int:
     metrics: dict[str, Any] = {}
     judgments: list[dict] = []
     if args.prompts:
-        prompts, _ = load_prompts(args.prompts, column=args.prompt_column, max_prompts=args.max_prompts)
+        prompts, counts = load_prompts(args.prompts, column=args.prompt_column, max_prompts=args.max_prompts)
+        print(f"[eval] {args.prompts}: {describe_counts(counts)}", flush=True)
         samples_out = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
         metrics = evaluate(policy, tokenizer, prompts, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
                            pairs=args.pairs, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,

@@ -47,7 +47,7 @@ from dpokit.online.backends import make_backend, vllm_available
 from dpokit.online.evaluation import draw, evaluate
 from dpokit.online.loading import ModelTrust, load_model, resolve_model_path
 from dpokit.online.pairing import format_summary, pair_file
-from dpokit.online.prompts import load_prompts
+from dpokit.online.prompts import describe_counts, load_prompts
 from dpokit.online.sampling import sample_to_file
 from dpokit.online.scoring import build_scorer, score_file
 from dpokit.training.loop import train
@@ -61,7 +61,9 @@ def resolve_prompts(source: Union[str, list], column: str = "prompt") -> list:
         if split not in ("train", "eval", "all"):
             raise ConfigError(f"unknown demo prompt set {source!r}; use demo:openings-train or demo:openings-eval")
         return world.all_openings(split)
-    return load_prompts(source, column=column)[0]
+    prompts, counts = load_prompts(source, column=column)
+    print(f"[pipeline] {source}: {describe_counts(counts)}", flush=True)
+    return prompts
 
 
 def _resolve_pairs(path: Optional[str]) -> Optional[str]:

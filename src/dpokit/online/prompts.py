@@ -4,6 +4,10 @@ A prompt is text, or a list of chat messages. `load_prompts` finds them in any f
 accepts: a `prompt` column (text or messages), `messages` minus the last assistant turn, or the
 prompt of any preference layout. `render_prompt` gives the text the model continues: the prompt
 itself, or the tokenizer's chat template with the generation prompt.
+
+Rows with a `tools` column are skipped and counted: the online verbs do not pass tool schemas to the
+chat template yet, and a prompt sampled without the tools its conversation was written for would
+give samples and pairs that silently mean something else.
 """
 
 from __future__ import annotations
@@ -57,9 +61,13 @@ def load_prompts(path: str, split: str = "train", column: str = "prompt", max_pr
     last assistant turn, or the prompt of any preference layout. -> (prompts, counts)."""
     prompts: list[Prompt] = []
     seen: set[str] = set()
-    counts = {"rows_read": 0, "prompts": 0, "duplicates": 0, "rows_without_prompt": 0}
+    counts = {"rows_read": 0, "prompts": 0, "duplicates": 0, "rows_without_prompt": 0, "rows_with_tools": 0}
     for _, row in read_rows(path, split):
         counts["rows_read"] += 1
+        nested = row.get("input") if isinstance(row.get("input"), dict) else {}
+        if row.get("tools") not in (None, "", []) or nested.get("tools") not in (None, "", []):  # OpenAI rows: input.tools
+            counts["rows_with_tools"] += 1
+            continue
         prompt = _prompt_of_row(row, column)
         if prompt is None:
             counts["rows_without_prompt"] += 1
@@ -74,5 +82,16 @@ def load_prompts(path: str, split: str = "train", column: str = "prompt", max_pr
             break
     counts["prompts"] = len(prompts)
     if not prompts:
+        if counts["rows_with_tools"]:
+            raise DataError(f"no prompts without tools: all {counts['rows_with_tools']} rows with a prompt have a `tools` column, "
+                            "and the online verbs (sample, eval, pipeline) do not pass tools to the chat template yet", path)
         raise DataError(f"no prompts found (looked for a {column!r} column, `messages`, or a preference layout)", path)
     return prompts, counts
+
+
+def describe_counts(counts: dict) -> str:
+    """One line of what load_prompts read and skipped, e.g. '5 prompts (1 duplicate row, 1 row without a prompt)'."""
+    parts = [f"{counts['duplicates']} duplicates", f"{counts['rows_without_prompt']} rows without a prompt"]
+    if counts.get("rows_with_tools"):
+        parts.append(f"{counts['rows_with_tools']} rows with tools skipped (not passed to the chat template yet)")
+    return f"{counts['prompts']} prompts ({', '.join(parts)})"

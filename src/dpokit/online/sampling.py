@@ -41,7 +41,7 @@ from dpokit.config import SAMPLING_BACKENDS, SamplingConfig
 from dpokit.data.records import DataError
 from dpokit.online.backends import make_backend
 from dpokit.online.loading import add_trust_flags, trust_from_args
-from dpokit.online.prompts import Prompt, load_prompts, prompt_key, render_prompt
+from dpokit.online.prompts import Prompt, describe_counts, load_prompts, prompt_key, render_prompt
 
 
 @dataclass
@@ -236,7 +236,7 @@ def run_cli(args) -> int:
     transformers.utils.logging.disable_progress_bar()
     cfg = SamplingConfig(args.num_samples, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size, args.backend)
     prompts, counts = load_prompts(args.prompts, args.split, args.prompt_column, args.max_prompts)
-    print(f"[sample] {counts['prompts']} prompts ({counts['duplicates']} duplicates, {counts['rows_without_prompt']} rows without a prompt)", flush=True)
+    print(f"[sample] {describe_counts(counts)}", flush=True)
     backend = make_backend(cfg, args.model, trust=trust_from_args(args))
 
     def progress(done: int, total: int) -> None:
