@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from dpokit.cli import main as cli_main
-from dpokit.config import load_config
+from dpokit.config import ConfigError, load_config
 from dpokit.data.prepare import format_summary, prepare_data
 from dpokit.data.records import DataError
 from dpokit.data.token_health import (
@@ -117,8 +117,21 @@ def test_unknown_token_rate_fails_in_the_doctor_and_stops_training(tmp_path):
     report = run_doctor(str(data), tokenizer=_latin_only_tokenizer(), sample_size=0, overrides=["data.max_length=32"])
     check = report.check("unknown_tokens")
     assert check.verdict == "fail" and check.numbers["unknown_token_rate"] > 0.5, format_report(report)
-    with pytest.raises(DataError, match=r"of tokens are the unknown token"):
+    with pytest.raises(DataError, match=r"of tokens are the unknown token \(data.max_unknown_token_rate=0.1;"):
         prepare_data(load_config({"data": {"path": str(data), "max_length": 32}}), _latin_only_tokenizer())
+
+
+def test_max_unknown_token_rate_is_the_one_limit_of_training_and_the_doctor(tmp_path):
+    """A user whose unknown tokens are expected raises data.max_unknown_token_rate; training and the doctor agree."""
+    data = write_jsonl(tmp_path / "greek.jsonl", GREEK)
+    overrides = ["data.max_length=32", "data.max_unknown_token_rate=1.0", "doctor.unknown_token_warn_rate=1.0"]
+    report = run_doctor(str(data), tokenizer=_latin_only_tokenizer(), sample_size=0, overrides=overrides)
+    assert report.check("unknown_tokens").verdict == "ok", format_report(report)
+    prepared = prepare_data(load_config({"data": {"path": str(data), "max_length": 32, "max_unknown_token_rate": 1.0}}),
+                            _latin_only_tokenizer())
+    assert prepared.summary["train"]["token_health"]["unknown_token_rate"] > 0.5
+    with pytest.raises(ConfigError, match="data.max_unknown_token_rate"):
+        load_config(None, ["data.max_unknown_token_rate=1.5"])
 
 
 def test_clean_data_passes_and_the_summary_names_the_tokenizer(tmp_path):
@@ -157,12 +170,12 @@ def test_kept_share_counts_characters_back_ignoring_case_and_spaces():
 def test_each_finding_fires_past_its_threshold_only():
     healthy = TokenHealth("T", rows=10, prompts_with_text=10, empty_prompts=5, completions_with_text=20,
                           eos_only_completions=10, tokens=100, unknown_tokens=10, round_trip_texts=30, lossy_texts=15)
-    assert token_health_problems(healthy) == []  # exactly at every threshold: not "most"
+    assert token_health_problems(healthy, 0.10) == []  # exactly at every threshold: not "most"
     broken = TokenHealth("T", rows=10, prompts_with_text=10, empty_prompts=9, completions_with_text=20,
                          eos_only_completions=20, tokens=100, unknown_tokens=11, round_trip_texts=30, lossy_texts=16)
-    assert token_health_problems(broken) == [
+    assert token_health_problems(broken, 0.10) == [
         "90% of prompts tokenised to 0 tokens", "100% of completions tokenised to EOS/special tokens only",
-        "11% of tokens are the unknown token", "decode(encode(text)) loses most of the text in 53% of texts"]
+        "11% of tokens are the unknown token (data.max_unknown_token_rate=0.1; raise it only if those tokens are expected)", "decode(encode(text)) loses most of the text in 53% of texts"]
 
 
 def test_empty_prompts_count_only_when_the_raw_prompt_had_text():
@@ -170,9 +183,9 @@ def test_empty_prompts_count_only_when_the_raw_prompt_had_text():
     eos = tokenizer.eos_token_id
     rows = [HealthRow("", [], [("good", [tokenizer.get_vocab()["good"], eos])]) for _ in range(4)]
     health = measure_token_health(rows, tokenizer)
-    assert health.prompts_with_text == 0 and token_health_problems(health) == []
+    assert health.prompts_with_text == 0 and token_health_problems(health, 0.10) == []
     eos_only = [HealthRow("the film", [tokenizer.get_vocab()["the"]], [("good", [eos])]) for _ in range(4)]
-    assert token_health_problems(measure_token_health(eos_only, tokenizer)) == [
+    assert token_health_problems(measure_token_health(eos_only, tokenizer), 0.10) == [
         "100% of completions tokenised to EOS/special tokens only"]
 
 

@@ -51,6 +51,10 @@ class DataConfig:
     max_prompt_length: Optional[int] = None
     max_rows: Optional[int] = None  # use only the first N rows (for quick trials)
     strict: bool = False  # stop at the first bad row instead of skipping and reporting it
+    # Token health (data/token_health.py): training stops before any compute when more than this share of the
+    # sampled tokens is the tokenizer's unknown token (a tokenizer made for the text gives ~0%; the doctor FAILs
+    # past it too). Raise it only when the unknown tokens are expected, e.g. symbols the model never needs to read.
+    max_unknown_token_rate: float = 0.10
     # rows with images (an `images` column, {"type": "image"} parts in the prompt's messages): tokenised by the
     # model's processor (AutoProcessor), pixel_values travel with each pair; paired losses only (docs/data.md)
     vision: bool = False
@@ -170,6 +174,8 @@ class DoctorConfig:
     min_token_logp: float = -4.0  # below: the data is far from what the reference would write
     wrong_way_margin: float = 0.5  # logp(rejected) - logp(chosen) per token above this = "strongly prefers rejected"
     wrong_way_share: float = 0.2  # more than this share of such pairs hints at label noise
+    # Unknown tokens: above this share of the sampled tokens the doctor warns (it fails past data.max_unknown_token_rate).
+    unknown_token_warn_rate: float = 0.01
 
 
 @dataclass

@@ -101,7 +101,7 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     train, train_stats = tokenize_pairs(
         train_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, train_report
     )
-    health = check_token_health(paired_rows(train_examples, train), tokenizer, cfg.data.path)
+    health = check_token_health(paired_rows(train_examples, train), tokenizer, cfg.data.path, cfg.data.max_unknown_token_rate)
     evals, eval_stats = tokenize_pairs(
         eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, eval_report
     )

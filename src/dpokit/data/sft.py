@@ -117,7 +117,8 @@ def prepare_sft(cfg: Config, tokenizer):
         stats.lengths = {"prompt": stats.lengths["prompt"], "completion": stats.lengths["chosen"]}
         summary[name] = split_summary(report, stats, len(tokenized))  # "pairs" here counts examples
         splits.append(tokenized)
-    summary["train"]["token_health"] = check_completion_health(train_groups, splits[0], tokenizer, cfg.data.path)
+    summary["train"]["token_health"] = check_completion_health(train_groups, splits[0], tokenizer, cfg.data.path,
+                                                                 cfg.data.max_unknown_token_rate)
     return PreparedData(splits[0], splits[1], summary)
 
 

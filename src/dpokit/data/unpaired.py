@@ -261,5 +261,6 @@ def prepare_unpaired(cfg, tokenizer):
         summary[name] = split_summary(report, stats, len(examples))  # "pairs" here counts examples
         summary[name]["labels"] = {"desirable": sum(e.label for e in examples), "undesirable": sum(not e.label for e in examples)}
         splits.append(examples)
-    summary["train"]["token_health"] = check_completion_health(train_groups, splits[0], tokenizer, cfg.data.path)
+    summary["train"]["token_health"] = check_completion_health(train_groups, splits[0], tokenizer, cfg.data.path,
+                                                                 cfg.data.max_unknown_token_rate)
     return PreparedData(splits[0], splits[1], summary)

@@ -293,7 +293,8 @@ def prepare_vision_data(cfg, processor):
     summary = {"train": split_summary(train_report, train_stats, len(train)), "eval": split_summary(eval_report, eval_stats, len(evals))}
     # the token-health sample reads text: the prompts' text parts (image tokens are the processor's, never unknown)
     texts = [dataclasses.replace(ex, prompt=_text_only(ex.prompt)) for ex in train_examples]
-    summary["train"]["token_health"] = check_token_health(paired_rows(texts, train), processor.tokenizer, d.path)
+    summary["train"]["token_health"] = check_token_health(paired_rows(texts, train), processor.tokenizer, d.path,
+                                                            d.max_unknown_token_rate)
     for split, pairs in (("train", train), ("eval", evals)):
         summary[split]["images"] = sum(_images_in(p) for p in pairs)
     return PreparedData(train, evals, summary)

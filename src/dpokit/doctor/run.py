@@ -90,7 +90,7 @@ def run_doctor(
     if scan is not None:
         health = measure_token_health(paired_rows(examples, scan.pairs), tokenizer)
         report.add(token_health_check(health))
-        report.add(unknown_tokens_check(health))
+        report.add(unknown_tokens_check(health, cfg.data.max_unknown_token_rate, thresholds.unknown_token_warn_rate))
         report.add(length_bias_check(scan.chosen_lengths, scan.rejected_lengths, "tokens", thresholds))
         report.add(truncation_check(scan, cfg.data.max_length, cfg.data.max_prompt_length, thresholds))
         report.add(template_prefix_check(scan))

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from dpokit.data.records import PreferenceExample, SkipReport
 from dpokit.data.token_health import ADVICE as TOKEN_ADVICE
 from dpokit.data.token_health import (
-    MAX_UNKNOWN_TOKEN_RATE,
-    UNKNOWN_TOKEN_WARN_RATE,
     TokenHealth,
     context_length_problem,
     model_context_length,
@@ -269,19 +267,21 @@ def token_health_check(health: TokenHealth) -> CheckResult:
                        numbers)
 
 
-def unknown_tokens_check(health: TokenHealth) -> CheckResult:
-    """Share of the sampled tokens that are the tokenizer's unknown token: text the model cannot see."""
+def unknown_tokens_check(health: TokenHealth, fail_rate: float, warn_rate: float) -> CheckResult:
+    """Share of the sampled tokens that are the tokenizer's unknown token: text the model cannot see.
+    fail_rate: data.max_unknown_token_rate (where training refuses); warn_rate: doctor.unknown_token_warn_rate."""
     rate = health.unknown_token_rate
     numbers = {"tokenizer_class": health.tokenizer_class, "unknown_tokens": health.unknown_tokens,
                "tokens": health.tokens, "unknown_token_rate": rate}
     summary = f"{rate:.1%} of {health.tokens} tokens in {health.rows} sampled rows are the unknown token"
-    if rate <= UNKNOWN_TOKEN_WARN_RATE:
+    if rate <= warn_rate:
         return CheckResult("unknown_tokens", "ok", summary, numbers=numbers)
     return CheckResult(
-        "unknown_tokens", "fail" if rate > MAX_UNKNOWN_TOKEN_RATE else "warn", summary,
+        "unknown_tokens", "fail" if rate > fail_rate else "warn", summary,
         f"Every unknown token stands for text the model never sees, and all of them look the same to the loss. "
         f"The tokenizer's vocabulary does not cover this data's language or characters (above "
-        f"{MAX_UNKNOWN_TOKEN_RATE:.0%} training refuses to start): use the tokenizer of a model made for this text.",
+        f"{fail_rate:.0%}, data.max_unknown_token_rate, training refuses to start): use the tokenizer of a model made "
+        "for this text.",
         numbers,
     )
 
