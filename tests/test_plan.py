@@ -157,3 +157,16 @@ def test_the_for_each_adamw_counts_a_temporary_of_every_parameter_and_the_fused_
     foreach = plan_memory(load_config(cfg, {"optim.fused": False}), shape)
     assert foreach.part("step") == pytest.approx(shape.params * 2)  # one bf16 sqrt(exp_avg_sq) per parameter
     assert plan_memory(cfg, shape, gpus=8).part("step") == pytest.approx(shape.params * 2 / 8)  # sharded: for-each
+
+
+def test_a_moving_reference_is_a_live_copy_even_with_lora_or_the_cache_and_is_never_told_to_cache():
+    """TR-DPO (loss.ref_sync_steps) turns the cache off and, under LoRA, keeps a merged copy of the whole model."""
+    cfg, shape = _gpu_plan(**{"loss.ref_sync_steps": 64})  # speed.ref_cache is on by default
+    plan = plan_memory(cfg, shape)
+    assert plan.part("reference") == pytest.approx(shape.params * 2)
+    lora = plan_memory(load_config(cfg, {"lora.enabled": True}), shape)
+    assert lora.part("reference") == pytest.approx(shape.params * 2)  # a merged copy of the bf16 model
+    assert plan_memory(load_config(cfg, {"loss.ref_sync_steps": 0, "lora.enabled": True}), shape).part("reference") == 0
+    tips = {text for text, _, _ in suggestions(cfg, shape, plan)}
+    assert "speed.ref_cache=true" not in tips and not any("nf4" in t for t in tips)  # both refused with a moving reference
+    assert "lora.enabled=true" in tips

@@ -7,7 +7,8 @@ Reads the model's config.json only (no weights) and the run's settings, and coun
     gradients    trainable parameters x their bytes
     optimizer    trainable parameters x 2 moments in their dtype (AdamW) or ~2.03 bytes (adamw_8bit)
     reference    a live copy (model.ref_dtype or model.dtype); 0 with LoRA (adapters off), with the
-                 reference cache (speed.ref_cache: the log-probs are on disk) and for reference-free losses
+                 reference cache (speed.ref_cache: the log-probs are on disk) and for reference-free losses;
+                 a moving reference (loss.ref_sync_steps) is always live, under LoRA a merged copy in model.dtype
     activations  what autograd keeps for backward, per token of a micro-batch; with gradient
                  checkpointing each layer's input plus one layer recomputed in full
     backward     the embedding's and LM head's weight gradients, each computed whole before being added to
@@ -201,11 +202,16 @@ def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optio
         Part("gradients", trainable * grad_bytes / shard, f"{trainable / 1e6:.1f}M trainable"),
         Part("optimizer", trainable * optimizer_state_bytes_per_param(cfg.optim.name, grad_bytes) / shard, cfg.optim.name),
     ]
-    live_reference = needs_reference(cfg.loss) and not cfg.lora.enabled and not cfg.speed.ref_cache
-    ref_bytes = shape.params * DTYPE_BYTES[cfg.model.ref_dtype or cfg.model.dtype] / shard if live_reference else 0.0
-    ref_note = ("live copy in " + (cfg.model.ref_dtype or cfg.model.dtype)) if live_reference else (
+    # A moving reference (loss.ref_sync_steps, TR-DPO) is always a live copy: its log-probs cannot be cached, and
+    # under LoRA it is a merged copy of the whole model in model.dtype (the adapters-off base cannot move).
+    moving = cfg.loss.ref_sync_steps > 0 and needs_reference(cfg.loss)
+    live_reference = needs_reference(cfg.loss) and (moving or (not cfg.lora.enabled and not cfg.speed.ref_cache))
+    ref_dtype = cfg.model.dtype if (moving and cfg.lora.enabled) else (cfg.model.ref_dtype or cfg.model.dtype)
+    ref_bytes = shape.params * DTYPE_BYTES[ref_dtype] / shard if live_reference else 0.0
+    ref_note = ((f"moving reference (loss.ref_sync_steps): {'merged ' if cfg.lora.enabled else ''}live copy in {ref_dtype}"
+                 if moving else "live copy in " + ref_dtype) if live_reference else (
         "none (reference-free loss)" if not needs_reference(cfg.loss) else
-        "adapters off: no copy" if cfg.lora.enabled else "reference cache on disk: no model")
+        "adapters off: no copy" if cfg.lora.enabled else "reference cache on disk: no model"))
     parts.append(Part("reference", ref_bytes, ref_note))
     tokens = cfg.train.batch_size * 2 * cfg.data.max_length  # (2B, T) worst case: both rows fill max_length
     kept, recompute = _activation_bytes_per_token(cfg, shape)
@@ -247,7 +253,8 @@ def suggestions(cfg: Config, shape: ModelShape, plan: Plan) -> list[tuple[str, f
         change("train.gradient_checkpointing=true", train={"gradient_checkpointing": True})
     if not cfg.speed.chunked_logps:
         change("speed.chunked_logps=true", speed={"chunked_logps": True})
-    if not cfg.speed.ref_cache and needs_reference(cfg.loss) and not cfg.lora.enabled:
+    moving = cfg.loss.ref_sync_steps > 0  # TR-DPO: no reference cache, and no 4-bit base (config.validate refuses both)
+    if not cfg.speed.ref_cache and needs_reference(cfg.loss) and not cfg.lora.enabled and not moving:
         change("speed.ref_cache=true", speed={"ref_cache": True})
         if not cfg.model.ref_dtype and cfg.model.dtype == "float32":
             change("model.ref_dtype=bfloat16", model={"ref_dtype": "bfloat16"})
@@ -257,7 +264,7 @@ def suggestions(cfg: Config, shape: ModelShape, plan: Plan) -> list[tuple[str, f
         change("optim.name=adamw_8bit", optim={"name": "adamw_8bit"})
     if not cfg.lora.enabled:
         change("lora.enabled=true", lora={"enabled": True})
-    if cfg.model.quantization == "none":
+    if cfg.model.quantization == "none" and not moving:
         change("lora.enabled=true model.quantization=nf4 (QLoRA)", lora={"enabled": True}, model={"quantization": "nf4"})
     if cfg.train.batch_size > 1:
         half = cfg.train.batch_size // 2
