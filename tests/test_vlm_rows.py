@@ -168,3 +168,20 @@ def test_image_rows_without_data_vision_are_refused_with_the_key_to_set(tmp_path
     write_images(tmp_path)
     with pytest.raises(DataError, match=r"image content parts: set data.vision=true"):
         load_preferences(str(write_rows(tmp_path / "rows.jsonl", colour_rows(2))))
+
+
+def test_the_doctor_reads_image_rows_with_data_vision_and_counts_a_prompt_per_image(tmp_path):
+    from dpokit.doctor import format_report, run_doctor
+
+    write_images(tmp_path)
+    data = write_rows(tmp_path / "pairs.jsonl", colour_rows(6))  # one prompt text, three images, each twice
+    report = run_doctor(str(data), model=str(tiny_llava_dir()), sample_size=0, overrides=["data.vision=true", "data.max_length=64"])
+    assert report.check("dropped_rows").verdict == "ok", format_report(report)
+    duplicates = report.check("duplicates").numbers
+    assert duplicates["distinct_prompts"] == 3 and duplicates["repeated_prompts"] == 3  # the text alone would say 1 and 5
+    assert report.check("token_health").verdict == "skip" and "data.vision" in report.check("token_health").summary
+    assert report.check("context_length").verdict == "ok"
+    assert report.verdict != "fail"
+    # Without data.vision every row is dropped, and the report says which key to set.
+    plain = run_doctor(str(data), model=str(tiny_llava_dir()), sample_size=0)
+    assert "data.vision" in format_report(plain) and plain.verdict == "fail"

@@ -17,6 +17,7 @@ from dpokit.config import Config, load_config
 from dpokit.data.layouts import load_preferences
 from dpokit.data.records import DataError, PreferenceExample
 from dpokit.data.token_health import measure_token_health, paired_rows
+from dpokit.data.vision import load_vision_preferences
 from dpokit.doctor.reference_checks import reference_logps_check, reference_preference_check, sample_pairs, score_pairs
 from dpokit.doctor.report import CheckResult, DoctorReport
 from dpokit.doctor.text_checks import (
@@ -75,12 +76,18 @@ def run_doctor(
     data_path, model_name = _resolve_demo_paths(cfg, data_path, model_name)
     report = DoctorReport(data_path=data_path, model=model_name)
     try:
-        examples, load_skips = load_preferences(data_path, split=cfg.data.split, columns=cfg.data.columns or None, layout=cfg.data.layout)
+        if cfg.data.vision:  # image rows: read as dpokit train reads them (prompt/images/chosen/rejected)
+            examples, load_skips = load_vision_preferences(data_path, cfg.data.split)
+        else:
+            examples, load_skips = load_preferences(data_path, split=cfg.data.split, columns=cfg.data.columns or None,
+                                                    layout=cfg.data.layout)
     except DataError as error:
         report.add(CheckResult("load", "fail", str(error), "Nothing in this file can be trained on; fix the problem "
                                "named above (see the expected columns) or map renamed columns with data.columns."))
         return report
     report.add(layouts_check(load_skips, examples))
+    if cfg.data.vision:
+        return _image_rows_report(report, examples, load_skips, cfg, thresholds, reference_model, model_name)
     if tokenizer is None and model_name:
         tokenizer = load_tokenizer(_with_model(cfg, model_name))
     scan = _scan(examples, tokenizer, cfg, report)
@@ -144,6 +151,22 @@ def _context_check(report: DoctorReport, cfg: Config, reference_model, model_nam
         report.add(CheckResult("context_length", "skip", "needs a model (--model or model.name_or_path)"))
         return
     report.add(context_length_check(cfg.data.max_length, model_config))
+
+
+def _image_rows_report(report: DoctorReport, examples, load_skips, cfg: Config, thresholds: DoctorConfig, reference_model,
+                       model_name: str | None) -> DoctorReport:
+    """data.vision=true: the row checks on the text (images count in the duplicate check), lengths in words, the
+    context length. The token and reference checks need the model's processor and a vision forward pass, which
+    dpokit train runs itself (its token health check and context check read the processor's tokens)."""
+    report.add(dropped_rows_check(load_skips, None, thresholds))
+    report.add(identical_pairs_check(examples))
+    report.add(duplicates_check(examples))
+    report.add(length_bias_check(*word_lengths(examples), "words", thresholds))
+    why = "image rows (data.vision): tokenised by the model's processor; dpokit train checks their tokens before any compute"
+    _skip(report, TOKEN_CHECKS, why)
+    _context_check(report, cfg, reference_model, model_name)
+    _skip(report, REFERENCE_CHECKS, "image rows (data.vision): the reference checks need a vision forward pass, not run by the doctor")
+    return report
 
 
 def _skip(report: DoctorReport, names: tuple[str, ...], why: str) -> None:

@@ -6,6 +6,7 @@ model is even chosen; with a tokenizer, lengths are counted in tokens.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -22,6 +23,18 @@ def _field_key(value: str | list) -> str:
     if isinstance(value, str):
         return " ".join(value.split())
     return json.dumps([[m.get("role"), " ".join(str(m.get("content", "")).split())] for m in value])
+
+
+def _prompt_key(example) -> str:
+    """The prompt as compared: its text, and for image rows its images too (the same words about another picture
+    are another prompt, not a repeat)."""
+    images = getattr(example, "images", None)
+    if not images:
+        return _field_key(example.prompt)
+    digest = hashlib.blake2b(digest_size=8)
+    for image in images:
+        digest.update(len(image).to_bytes(8, "little") + image)
+    return f"{_field_key(example.prompt)}|images:{digest.hexdigest()}"
 
 
 def _word_count(value: str | list) -> int:
@@ -88,8 +101,8 @@ def duplicates_check(examples: list[PreferenceExample]) -> CheckResult:
 
     Repeated prompts alone are fine: data.eval_fraction holds out whole prompts, so none leaks into eval.
     """
-    prompts = Counter(_field_key(ex.prompt) for ex in examples)
-    keys = [(_field_key(ex.prompt), _field_key(ex.chosen), _field_key(ex.rejected)) for ex in examples]
+    prompts = Counter(_prompt_key(ex) for ex in examples)
+    keys = [(_prompt_key(ex), _field_key(ex.chosen), _field_key(ex.rejected)) for ex in examples]
     pair_counts = Counter(keys)
     repeated_prompts = sum(count - 1 for count in prompts.values() if count > 1)
     duplicate_pairs = sum(count - 1 for count in pair_counts.values() if count > 1)

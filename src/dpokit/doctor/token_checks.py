@@ -288,6 +288,8 @@ def unknown_tokens_check(health: TokenHealth, fail_rate: float, warn_rate: float
 
 def context_length_check(max_length: int, model_config) -> CheckResult:
     """data.max_length against the model's context length (max_position_embeddings, n_positions, ...)."""
+    if hasattr(model_config, "get_text_config"):  # a vision-language config keeps its context in its text config
+        model_config = model_config.get_text_config()
     context = model_context_length(model_config)
     numbers = {"max_length": max_length, "context_length": context}
     if context is None:
