@@ -117,7 +117,7 @@ def evaluate(
     samples_out: write the policy's samples (with scores) there as JSONL.
     progress: progress bars on stderr (count, rate, time left) for sampling and the log-prob passes.
     judgments: a list to which each win-rate judgment is appended as {"prompt_index", "win", "length_diff"}
-      (policy minus baseline tokens; "win" None where a score was missing): the length-controlled win rate's input.
+      (policy minus baseline tokens; "win" None where a score was missing, NaN where the judge's verdict was unreadable): the length-controlled win rate's input.
     """
     prompts = list(prompts)
     bar = (lambda what: f"[eval] {what}") if progress else (lambda what: None)

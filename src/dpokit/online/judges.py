@@ -3,8 +3,9 @@
   JudgeScorer    pointwise: a 1-10 rating parsed from the judge's reply (NaN when no rating can be
                  read; counted in `unparsed`).
   PairwiseJudge  comparing two completions (A/B): `compare(prompts, a, b)` -> 1.0 (A better), 0.0
-                 (B better), 0.5 (tie or unreadable); `swap=True` asks both orders and averages,
-                 cancelling the judge's position bias. For win rates.
+                 (B better), 0.5 (tie), NaN (no readable verdict; counted in `unparsed`); `swap=True`
+                 asks both orders and averages the readable ones, cancelling the judge's position bias.
+                 For win rates.
 
 The API key is read from an environment variable (`api_key_env`, default OPENAI_API_KEY) at each
 request, sent only in the Authorization header, never stored on the object, logged or put in an

@@ -20,6 +20,7 @@ EVAL_FILE = "eval.json"  # where `dpokit report` looks for a run's evaluation
 BASE_ROWS = [
     ("samples", "mean score", "mean_score", "baseline_mean_score", "{:.3f}"),
     ("samples", "win rate vs baseline", "win_rate", None, "{:.1%}"),
+    ("samples", "unjudged (left out of the win rate)", "win_rate_unjudged", None, "{:d}"),
     ("samples", "KL(policy || reference), nats, k3", "kl_to_reference", None, "{:.2f}"),
     ("samples", "held-out preference accuracy", "preference_accuracy", None, "{:.1%}"),
     ("samples", "mean length (tokens)", "mean_length", "baseline_mean_length", "{:.1f}"),

@@ -173,14 +173,15 @@ def score_pairwise(judge, questions: Sequence[dict], policy: Sequence[Sequence[s
     judge: an MTBenchJudge, or any pairwise judge with compare(prompts, a, b) -> [1 A, 0 B, 0.5 tie] (the local
     judge, online.judges.PairwiseJudge). NaN verdicts (parse failures) are counted and left out of the means.
     """
-    before = getattr(judge, "parse_failures", 0)
+    failures = lambda: getattr(judge, "parse_failures", getattr(judge, "unparsed", 0))  # noqa: E731  (PairwiseJudge: unparsed)
+    before = failures()
     per_turn = {}
     for turn in (1, 2):
         prompts = [_pair_prompt(q, turn) for q in questions]
         a = [_pair_texts(q, answers, turn) for q, answers in zip(questions, policy)]
         b = [_pair_texts(q, answers, turn) for q, answers in zip(questions, baseline)]
         per_turn[turn] = judge.compare(prompts, a, b)
-    out: dict = {"num_questions": len(questions), "parse_failures": getattr(judge, "parse_failures", 0) - before,
+    out: dict = {"num_questions": len(questions), "parse_failures": failures() - before,
                  "unjudged": sum(math.isnan(v) for turn in (1, 2) for v in per_turn[turn])}
     for turn in (1, 2):
         out[f"turn{turn}_win_rate"], out[f"turn{turn}_win_rate_sem"] = mean_sem(per_turn[turn])

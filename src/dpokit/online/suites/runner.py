@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -52,12 +54,12 @@ def check_suite_args(args) -> None:
 
 
 def lc_from_judgments(judgments: Sequence[dict], bootstrap: int, seed: int) -> dict:
-    usable = [j for j in judgments if j["win"] is not None]
+    usable = [j for j in judgments if j["win"] is not None and math.isfinite(j["win"])]  # NaN: no readable verdict
     if not usable:
         raise SuiteError("lc_winrate needs win-rate judgments: give --prompts and a judge (--judge-url, --local-judge) or --scorer")
     out = lc_win_rate([j["win"] for j in usable], [j["length_diff"] for j in usable], [j["prompt_index"] for j in usable],
                       bootstrap=bootstrap, seed=seed)
-    out["skipped_judgments"] = len(judgments) - len(usable)  # a score that was missing: counted, not hidden
+    out["skipped_judgments"] = len(judgments) - len(usable)  # a missing score or an unreadable verdict: counted, not hidden
     return out
 
 
