@@ -122,6 +122,10 @@ def test_rows_with_tools_are_skipped_and_counted_not_sampled_without_their_tools
     assert "2 rows with tools skipped" in describe_counts(counts)
     with pytest.raises(DataError, match="online verbs .* do not pass tools"):
         load_prompts(str(write_jsonl(tmp_path / "t.jsonl", rows[:1])))
+    # As dpokit train reads the column: JSON text "[]" (a CSV or parquet export) offers no tools; unreadable text is skipped.
+    text_rows = [{"prompt": "no tools here", "tools": "[]"}, {"prompt": "broken", "tools": "{not json"}]
+    prompts, counts = load_prompts(str(write_jsonl(tmp_path / "x.jsonl", text_rows)))
+    assert prompts == ["no tools here"] and counts["rows_with_tools"] == 1
 
 
 def test_load_prompts_from_layouts(tmp_path):

@@ -17,6 +17,7 @@ from typing import Union
 
 from dpokit.data.layouts import RowSkip, detect_layout, to_example
 from dpokit.data.loading import read_rows
+from dpokit.data.messages import parse_tools
 from dpokit.data.records import DataError
 
 Prompt = Union[str, list]  # text, or a list of chat messages
@@ -56,6 +57,19 @@ def _prompt_of_row(row: dict, column: str) -> Prompt | None:
     return None
 
 
+def _offers_tools(row: dict) -> bool:
+    """The row offers tools as `dpokit train` reads them (a `tools` column, or OpenAI rows' input.tools; "[]" is none).
+    A tools value that cannot be read counts as offering tools: skipped, not sampled as if it had none."""
+    nested = row.get("input") if isinstance(row.get("input"), dict) else {}
+    for value in (row.get("tools"), nested.get("tools")):
+        try:
+            if parse_tools(value) is not None:
+                return True
+        except RowSkip:
+            return True
+    return False
+
+
 def load_prompts(path: str, split: str = "train", column: str = "prompt", max_prompts: int | None = None) -> tuple[list[Prompt], dict]:
     """Distinct prompts of a data file, in order: a `column` (text or messages), `messages` minus the
     last assistant turn, or the prompt of any preference layout. -> (prompts, counts)."""
@@ -64,8 +78,7 @@ def load_prompts(path: str, split: str = "train", column: str = "prompt", max_pr
     counts = {"rows_read": 0, "prompts": 0, "duplicates": 0, "rows_without_prompt": 0, "rows_with_tools": 0}
     for _, row in read_rows(path, split):
         counts["rows_read"] += 1
-        nested = row.get("input") if isinstance(row.get("input"), dict) else {}
-        if row.get("tools") not in (None, "", []) or nested.get("tools") not in (None, "", []):  # OpenAI rows: input.tools
+        if _offers_tools(row):
             counts["rows_with_tools"] += 1
             continue
         prompt = _prompt_of_row(row, column)
