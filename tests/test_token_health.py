@@ -85,7 +85,7 @@ def test_train_refuses_a_qwen2_config_with_a_word_level_tokenizer(tmp_path, caps
 def test_precompute_and_sft_refuse_it_before_any_compute_too(tmp_path, capsys, verb):
     rows = ROWS if verb == "precompute" else [{"prompt": r["prompt"], "completion": r["chosen"]} for r in ROWS]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    config = _config(tmp_path, qwen2_with_word_tokenizer(), data=data)
+    config = _config(tmp_path, qwen2_with_word_tokenizer(), data=data, speed__ref_cache_dir=str(tmp_path / "cache"))
     capsys.readouterr()
     assert cli_main([verb, str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -132,6 +132,12 @@ def test_max_unknown_token_rate_is_the_one_limit_of_training_and_the_doctor(tmp_
     assert prepared.summary["train"]["token_health"]["unknown_token_rate"] > 0.5
     with pytest.raises(ConfigError, match="data.max_unknown_token_rate"):
         load_config(None, ["data.max_unknown_token_rate=1.5"])
+    with pytest.raises(ConfigError, match="doctor.unknown_token_warn_rate"):
+        load_config(None, ["doctor.unknown_token_warn_rate=-0.1"])
+    # A limit set below the doctor's warning level: the doctor fails what training refuses, it never says ok.
+    strict = run_doctor(str(data), tokenizer=_latin_only_tokenizer(), sample_size=0,
+                        overrides=["data.max_length=32", "data.max_unknown_token_rate=0.001", "doctor.unknown_token_warn_rate=1.0"])
+    assert strict.check("unknown_tokens").verdict == "fail"
 
 
 def test_clean_data_passes_and_the_summary_names_the_tokenizer(tmp_path):
@@ -175,7 +181,7 @@ def test_each_finding_fires_past_its_threshold_only():
                          eos_only_completions=20, tokens=100, unknown_tokens=11, round_trip_texts=30, lossy_texts=16)
     assert token_health_problems(broken, 0.10) == [
         "90% of prompts tokenised to 0 tokens", "100% of completions tokenised to EOS/special tokens only",
-        "11% of tokens are the unknown token (data.max_unknown_token_rate=0.1; raise it only if those tokens are expected)", "decode(encode(text)) loses most of the text in 53% of texts"]
+        "11.0% of tokens are the unknown token (data.max_unknown_token_rate=0.1; raise it only if those tokens are expected)", "decode(encode(text)) loses most of the text in 53% of texts"]
 
 
 def test_empty_prompts_count_only_when_the_raw_prompt_had_text():

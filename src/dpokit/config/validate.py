@@ -69,6 +69,8 @@ def validate(cfg: Config) -> None:
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be smaller than data.max_length "
             f"({cfg.data.max_length}), or no completion token would fit"
         )
+    if not 0.0 <= cfg.doctor.unknown_token_warn_rate <= 1.0:
+        raise ConfigError(f"config key 'doctor.unknown_token_warn_rate' must be in [0, 1], got {cfg.doctor.unknown_token_warn_rate}")
     if not 0.0 <= cfg.data.max_unknown_token_rate <= 1.0:
         raise ConfigError(f"config key 'data.max_unknown_token_rate' must be in [0, 1], got {cfg.data.max_unknown_token_rate}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:

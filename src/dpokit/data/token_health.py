@@ -174,7 +174,7 @@ def token_health_problems(health: TokenHealth, max_unknown_rate: float) -> list[
     if eos_only > MAX_EOS_ONLY_SHARE:
         problems.append(f"{eos_only:.0%} of completions tokenised to EOS/special tokens only")
     if health.unknown_token_rate > max_unknown_rate:
-        problems.append(f"{health.unknown_token_rate:.0%} of tokens are the unknown token (data.max_unknown_token_rate="
+        problems.append(f"{health.unknown_token_rate:.1%} of tokens are the unknown token (data.max_unknown_token_rate="
                         f"{max_unknown_rate:g}; raise it only if those tokens are expected)")
     lossy = health.share("lossy_texts", "round_trip_texts")
     if lossy > MAX_LOSSY_TEXT_SHARE:

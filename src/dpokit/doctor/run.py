@@ -158,7 +158,7 @@ def _image_rows_report(report: DoctorReport, examples, load_skips, cfg: Config, 
     """data.vision=true: the row checks on the text (images count in the duplicate check), lengths in words, the
     context length. The token and reference checks need the model's processor and a vision forward pass, which
     dpokit train runs itself (its token health check and context check read the processor's tokens)."""
-    report.add(dropped_rows_check(load_skips, None, thresholds))
+    report.add(dropped_rows_check(load_skips, None, thresholds, untokenised="image rows are tokenised by the model's processor"))
     report.add(identical_pairs_check(examples))
     report.add(duplicates_check(examples))
     report.add(length_bias_check(*word_lengths(examples), "words", thresholds))

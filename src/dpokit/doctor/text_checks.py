@@ -57,8 +57,10 @@ def layouts_check(skips: SkipReport, examples: list[PreferenceExample]) -> Check
     return CheckResult("layouts", "ok", summary, numbers=numbers)
 
 
-def dropped_rows_check(load_skips: SkipReport, token_skips: SkipReport | None, thresholds: DoctorConfig) -> CheckResult:
-    """Rows lost at loading (bad or missing fields) and at tokenisation (empty after truncation), by reason."""
+def dropped_rows_check(load_skips: SkipReport, token_skips: SkipReport | None, thresholds: DoctorConfig,
+                       untokenised: str = "no tokenizer") -> CheckResult:
+    """Rows lost at loading (bad or missing fields) and at tokenisation (empty after truncation), by reason.
+    untokenised: why tokenisation was not checked, when token_skips is None."""
     reasons = Counter(load_skips.skipped)
     examples = {reason: list(where) for reason, where in load_skips.examples.items()}
     if token_skips is not None:
@@ -68,7 +70,7 @@ def dropped_rows_check(load_skips: SkipReport, token_skips: SkipReport | None, t
     dropped = sum(reasons.values())
     share = dropped / load_skips.rows_read if load_skips.rows_read else 0.0
     numbers = {"rows_read": load_skips.rows_read, "dropped": dropped, "share": share, "by_reason": dict(reasons)}
-    scope = "" if token_skips is not None else " (tokenisation not checked: no tokenizer)"
+    scope = "" if token_skips is not None else f" (tokenisation not checked: {untokenised})"
     if not dropped:
         return CheckResult("dropped_rows", "ok", f"0 of {load_skips.rows_read} rows would be dropped{scope}", numbers=numbers)
     by_reason = "; ".join(f"{count}: {reason}" for reason, count in reasons.most_common())

@@ -274,13 +274,13 @@ def unknown_tokens_check(health: TokenHealth, fail_rate: float, warn_rate: float
     numbers = {"tokenizer_class": health.tokenizer_class, "unknown_tokens": health.unknown_tokens,
                "tokens": health.tokens, "unknown_token_rate": rate}
     summary = f"{rate:.1%} of {health.tokens} tokens in {health.rows} sampled rows are the unknown token"
-    if rate <= warn_rate:
+    if rate <= warn_rate and rate <= fail_rate:
         return CheckResult("unknown_tokens", "ok", summary, numbers=numbers)
     return CheckResult(
         "unknown_tokens", "fail" if rate > fail_rate else "warn", summary,
         f"Every unknown token stands for text the model never sees, and all of them look the same to the loss. "
         f"The tokenizer's vocabulary does not cover this data's language or characters (above "
-        f"{fail_rate:.0%}, data.max_unknown_token_rate, training refuses to start): use the tokenizer of a model made "
+        f"{fail_rate:.1%}, data.max_unknown_token_rate, training refuses to start): use the tokenizer of a model made "
         "for this text.",
         numbers,
     )
