@@ -170,3 +170,6 @@ def test_a_moving_reference_is_a_live_copy_even_with_lora_or_the_cache_and_is_ne
     tips = {text for text, _, _ in suggestions(cfg, shape, plan)}
     assert "speed.ref_cache=true" not in tips and not any("nf4" in t for t in tips)  # both refused with a moving reference
     assert "lora.enabled=true" in tips
+    assert not any(t.startswith("--gpus") for t in tips)  # FSDP/ZeRO-3 are refused with a moving reference
+    ddp = plan_memory(cfg, shape, gpus=8)
+    assert ddp.part("weights") == plan.part("weights") and ddp.part("reference") == plan.part("reference")  # DDP: not sharded

@@ -21,7 +21,8 @@ Reads the model's config.json only (no weights) and the run's settings, and coun
 
 Tokens of a micro-batch: train.batch_size pairs that fill data.max_length on both sides (the worst
 case: a short prompt and completions cut at max_length), so 2 x max_length per pair. Under FSDP or
-ZeRO-3 (--gpus N > 1) weights, gradients, optimizer state and a live reference are sharded by N;
+ZeRO-3 (--gpus N > 1) weights, gradients, optimizer state and a live reference are sharded by N
+(not with a moving reference, loss.ref_sync_steps, which runs under DDP only);
 activations and logits are not. A runtime allowance (CUDA context and allocator slack) is added per GPU.
 The peak is the sum of all parts: an allocator keeps the blocks freed after backward (PyTorch's
 caching allocator on GPU, glibc's heap on CPU), so the phases' transients add up rather than alternate.
@@ -196,7 +197,8 @@ def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optio
         weights += trainable * 4
         notes["weights"] += f" + {trainable / 1e6:.1f}M LoRA"
     grad_bytes = 4 if cfg.lora.enabled else wbytes  # peft keeps adapters in float32 under a half-precision base
-    shard = gpus if gpus > 1 else 1  # FSDP full shard / ZeRO-3
+    # FSDP full shard / ZeRO-3; a moving reference (loss.ref_sync_steps) runs under DDP only, so every GPU holds it all
+    shard = gpus if gpus > 1 and cfg.loss.ref_sync_steps == 0 else 1
     parts = [
         Part("weights", weights / shard, notes["weights"]),
         Part("gradients", trainable * grad_bytes / shard, f"{trainable / 1e6:.1f}M trainable"),
@@ -253,7 +255,8 @@ def suggestions(cfg: Config, shape: ModelShape, plan: Plan) -> list[tuple[str, f
         change("train.gradient_checkpointing=true", train={"gradient_checkpointing": True})
     if not cfg.speed.chunked_logps:
         change("speed.chunked_logps=true", speed={"chunked_logps": True})
-    moving = cfg.loss.ref_sync_steps > 0  # TR-DPO: no reference cache, and no 4-bit base (config.validate refuses both)
+    # TR-DPO: the reference cache is turned off (training.setup) and a 4-bit base is refused (config.validate)
+    moving = cfg.loss.ref_sync_steps > 0
     if not cfg.speed.ref_cache and needs_reference(cfg.loss) and not cfg.lora.enabled and not moving:
         change("speed.ref_cache=true", speed={"ref_cache": True})
         if not cfg.model.ref_dtype and cfg.model.dtype == "float32":
@@ -276,7 +279,7 @@ def suggestions(cfg: Config, shape: ModelShape, plan: Plan) -> list[tuple[str, f
         after = plan_memory(changed, shape, plan.gpus, plan.gpu_memory, runtime, plan.device)
         if after.total < plan.total:
             out.append((text, plan.total - after.total, bool(after.fits)))
-    for gpus in (2, 4, 8):
+    for gpus in (2, 4, 8) if not moving else ():  # a moving reference refuses FSDP/DeepSpeed (training.ref_sync)
         if gpus > plan.gpus:
             after = plan_memory(cfg, shape, gpus, plan.gpu_memory, runtime, plan.device)
             out.append((f"--gpus {gpus} with FSDP/ZeRO-3 (shards weights, gradients, optimizer)", plan.total - after.total, bool(after.fits)))
@@ -293,7 +296,8 @@ def parse_size(text: str) -> float:
 
 
 def format_plan(cfg: Config, plan: Plan, tips: list[tuple[str, float, bool]]) -> str:
-    per = "per GPU" + (f" ({plan.gpus} GPUs, FSDP/ZeRO-3 sharding)" if plan.gpus > 1 else "")
+    how = "DDP: a moving reference (loss.ref_sync_steps) is not sharded" if cfg.loss.ref_sync_steps > 0 else "FSDP/ZeRO-3 sharding"
+    per = "per GPU" + (f" ({plan.gpus} GPUs, {how})" if plan.gpus > 1 else "")
     lines = [f"dpokit plan: {cfg.model.name_or_path}, batch {cfg.train.batch_size} x {cfg.data.max_length} tokens, {per}"]
     for p in plan.parts:
         lines.append(f"  {p.name:<12} {p.bytes / GIB:8.2f} GiB  {p.note}")
