@@ -161,6 +161,13 @@ def parse_choice(reply: str) -> float:
     return math.nan
 
 
+def both_orders(first: float, swapped: float) -> float:
+    """A verdict asked both ways (`swapped`: with A and B exchanged) -> for A: the mean of the readable orders,
+    which cancels a position bias when both are read; NaN when neither is."""
+    verdicts = [v for v in (first, 1.0 - swapped) if not math.isnan(v)]
+    return sum(verdicts) / len(verdicts) if verdicts else math.nan
+
+
 def _prompt_text(prompt: Prompt) -> str:
     if isinstance(prompt, str):
         return prompt
@@ -221,8 +228,7 @@ class PairwiseJudge:
         first = self._ask(prompt, a, b)
         if not self.swap:
             return first
-        verdicts = [v for v in (first, 1.0 - self._ask(prompt, b, a)) if not math.isnan(v)]
-        return sum(verdicts) / len(verdicts) if verdicts else math.nan
+        return both_orders(first, self._ask(prompt, b, a))
 
     def compare(self, prompts, completions_a, completions_b) -> list[float]:
         """Per item: 1.0 if A is better, 0.0 if B is, 0.5 for a tie (or the two orders disagreeing), averaged over

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dpokit.data.records import DataError
-from dpokit.online.judges import ChatClient
+from dpokit.online.judges import ChatClient, both_orders
 from dpokit.online.suites.answers import answer
 from dpokit.online.suites.stats import mean_sem
 
@@ -109,12 +109,12 @@ def _which(turn: int) -> tuple[str, str]:
 
 class MTBenchJudge:
     """The judge of single mode: each turn's answer rated 1-10 with a rationale (`rate`); also a pairwise judge
-    with MT-Bench's verdict format (`compare`, both orders). `parse_failures` counts unreadable replies."""
+    with MT-Bench's verdict format (`compare`, both orders). `unparsed` counts unreadable replies, as the other judges do."""
 
     def __init__(self, base_url: str, model: str, **client_options):
         self.client = ChatClient(base_url, model, **client_options)
         self.name = f"MT-Bench-style judge {model} at {self.client.url}"
-        self.parse_failures = 0
+        self.unparsed = 0
 
     def _ask(self, content: str) -> str:
         return self.client.chat([{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}])
@@ -123,7 +123,7 @@ class MTBenchJudge:
         which, context = _which(turn)
         reply = self._ask(SINGLE_TEMPLATE.format(which=which, context=context, conversation=_transcript(question, answers, turn)))
         rating = parse_bracket_rating(reply)
-        self.parse_failures += math.isnan(rating)
+        self.unparsed += math.isnan(rating)
         return rating, reply
 
     def compare(self, prompts, completions_a, completions_b) -> list[float]:
@@ -132,21 +132,20 @@ class MTBenchJudge:
         for prompt, a, b in zip(prompts, completions_a, completions_b):
             first = parse_verdict(self._ask(PAIRWISE_TEMPLATE.format(prompt=prompt, a=a, b=b)))
             swapped = parse_verdict(self._ask(PAIRWISE_TEMPLATE.format(prompt=prompt, a=b, b=a)))
-            self.parse_failures += math.isnan(first) + math.isnan(swapped)
-            both = [v for v in (first, 1.0 - swapped) if not math.isnan(v)]
-            out.append(sum(both) / len(both) if both else math.nan)
+            self.unparsed += math.isnan(first) + math.isnan(swapped)
+            out.append(both_orders(first, swapped))
         return out
 
 
 def score_single(judge: MTBenchJudge, questions: Sequence[dict], conversations: Sequence[Sequence[str]]) -> dict:
     """Mean rating per turn and overall (with SEMs), parse failures, and every rating with its rationale."""
-    before = judge.parse_failures
+    before = judge.unparsed
     records = []
     for question, answers in zip(questions, conversations):
         rated = [judge.rate(question, answers, turn) for turn in (1, 2)]
         records.append({"question_id": question["question_id"], "answers": list(answers),
                         "ratings": [r for r, _ in rated], "rationales": [why for _, why in rated]})
-    out: dict = {"num_questions": len(records), "parse_failures": judge.parse_failures - before}
+    out: dict = {"num_questions": len(records), "parse_failures": judge.unparsed - before}
     for turn in (1, 2):
         out[f"turn{turn}_score"], out[f"turn{turn}_score_sem"] = mean_sem([r["ratings"][turn - 1] for r in records])
     out["score"], out["score_sem"] = mean_sem([v for r in records for v in r["ratings"]])
@@ -173,15 +172,14 @@ def score_pairwise(judge, questions: Sequence[dict], policy: Sequence[Sequence[s
     judge: an MTBenchJudge, or any pairwise judge with compare(prompts, a, b) -> [1 A, 0 B, 0.5 tie] (the local
     judge, online.judges.PairwiseJudge). NaN verdicts (parse failures) are counted and left out of the means.
     """
-    failures = lambda: getattr(judge, "parse_failures", getattr(judge, "unparsed", 0))  # noqa: E731  (PairwiseJudge: unparsed)
-    before = failures()
+    before = getattr(judge, "unparsed", 0)  # the local judge reads probabilities: it has no unreadable replies
     per_turn = {}
     for turn in (1, 2):
         prompts = [_pair_prompt(q, turn) for q in questions]
         a = [_pair_texts(q, answers, turn) for q, answers in zip(questions, policy)]
         b = [_pair_texts(q, answers, turn) for q, answers in zip(questions, baseline)]
         per_turn[turn] = judge.compare(prompts, a, b)
-    out: dict = {"num_questions": len(questions), "parse_failures": failures() - before,
+    out: dict = {"num_questions": len(questions), "parse_failures": getattr(judge, "unparsed", 0) - before,
                  "unjudged": sum(math.isnan(v) for turn in (1, 2) for v in per_turn[turn])}
     for turn in (1, 2):
         out[f"turn{turn}_win_rate"], out[f"turn{turn}_win_rate_sem"] = mean_sem(per_turn[turn])
