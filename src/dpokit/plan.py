@@ -178,6 +178,12 @@ def _activation_bytes_per_token(cfg: Config, shape: ModelShape) -> tuple[float, 
     return shape.layers * layer, 0.0
 
 
+def _moving_reference(cfg: Config) -> bool:
+    """TR-DPO (loss.ref_sync_steps): a live reference under DDP only (FSDP/DeepSpeed are refused, training.ref_sync),
+    never cached (training.setup turns the cache off) and never on a 4-bit base (config.validate)."""
+    return cfg.loss.ref_sync_steps > 0 and needs_reference(cfg.loss)
+
+
 def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optional[float] = None,
                 runtime: float = RUNTIME_BYTES, device: str = "cuda") -> Plan:
     """Peak bytes per GPU, part by part (see the module docstring for what each part counts).
@@ -197,18 +203,17 @@ def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optio
         weights += trainable * 4
         notes["weights"] += f" + {trainable / 1e6:.1f}M LoRA"
     grad_bytes = 4 if cfg.lora.enabled else wbytes  # peft keeps adapters in float32 under a half-precision base
-    # FSDP full shard / ZeRO-3; a moving reference (loss.ref_sync_steps) runs under DDP only, so every GPU holds it all
-    shard = gpus if gpus > 1 and cfg.loss.ref_sync_steps == 0 else 1
+    moving = _moving_reference(cfg)
+    shard = gpus if gpus > 1 and not moving else 1  # FSDP full shard / ZeRO-3; a moving reference: DDP, every GPU holds all
     parts = [
         Part("weights", weights / shard, notes["weights"]),
         Part("gradients", trainable * grad_bytes / shard, f"{trainable / 1e6:.1f}M trainable"),
         Part("optimizer", trainable * optimizer_state_bytes_per_param(cfg.optim.name, grad_bytes) / shard, cfg.optim.name),
     ]
-    # A moving reference (loss.ref_sync_steps, TR-DPO) is always a live copy: its log-probs cannot be cached, and
-    # under LoRA it is a merged copy of the whole model in model.dtype (the adapters-off base cannot move).
-    moving = cfg.loss.ref_sync_steps > 0 and needs_reference(cfg.loss)
+    # A moving reference is always a live copy, under LoRA a merged copy of the whole model (the adapters-off base
+    # cannot move); model.ref_dtype is refused with LoRA, so the copy's dtype is ref_dtype or dtype either way.
     live_reference = needs_reference(cfg.loss) and (moving or (not cfg.lora.enabled and not cfg.speed.ref_cache))
-    ref_dtype = cfg.model.dtype if (moving and cfg.lora.enabled) else (cfg.model.ref_dtype or cfg.model.dtype)
+    ref_dtype = cfg.model.ref_dtype or cfg.model.dtype
     ref_bytes = shape.params * DTYPE_BYTES[ref_dtype] / shard if live_reference else 0.0
     ref_note = ((f"moving reference (loss.ref_sync_steps): {'merged ' if cfg.lora.enabled else ''}live copy in {ref_dtype}"
                  if moving else "live copy in " + ref_dtype) if live_reference else (
@@ -255,8 +260,7 @@ def suggestions(cfg: Config, shape: ModelShape, plan: Plan) -> list[tuple[str, f
         change("train.gradient_checkpointing=true", train={"gradient_checkpointing": True})
     if not cfg.speed.chunked_logps:
         change("speed.chunked_logps=true", speed={"chunked_logps": True})
-    # TR-DPO: the reference cache is turned off (training.setup) and a 4-bit base is refused (config.validate)
-    moving = cfg.loss.ref_sync_steps > 0
+    moving = _moving_reference(cfg)
     if not cfg.speed.ref_cache and needs_reference(cfg.loss) and not cfg.lora.enabled and not moving:
         change("speed.ref_cache=true", speed={"ref_cache": True})
         if not cfg.model.ref_dtype and cfg.model.dtype == "float32":
@@ -296,7 +300,7 @@ def parse_size(text: str) -> float:
 
 
 def format_plan(cfg: Config, plan: Plan, tips: list[tuple[str, float, bool]]) -> str:
-    how = "DDP: a moving reference (loss.ref_sync_steps) is not sharded" if cfg.loss.ref_sync_steps > 0 else "FSDP/ZeRO-3 sharding"
+    how = "DDP: a moving reference (loss.ref_sync_steps) is not sharded" if _moving_reference(cfg) else "FSDP/ZeRO-3 sharding"
     per = "per GPU" + (f" ({plan.gpus} GPUs, {how})" if plan.gpus > 1 else "")
     lines = [f"dpokit plan: {cfg.model.name_or_path}, batch {cfg.train.batch_size} x {cfg.data.max_length} tokens, {per}"]
     for p in plan.parts:
