@@ -156,11 +156,11 @@ def measure_token_health(rows: list[HealthRow], tokenizer, sample_size: int = SA
             health.tokens += len(ids)
             if unk_id is not None:
                 health.unknown_tokens += sum(i == unk_id for i in ids)
-        for text in texts:
-            back = _round_trip(tokenizer, text[:_ROUND_TRIP_CHARS], unk_id) if text.strip() else None
+        for text in (t[:_ROUND_TRIP_CHARS] for t in texts if t.strip()):
+            back = _round_trip(tokenizer, text, unk_id)
             if back is not None:
                 health.round_trip_texts += 1
-                health.lossy_texts += kept_share(text[:_ROUND_TRIP_CHARS], back) < MIN_KEPT_CHARACTERS
+                health.lossy_texts += kept_share(text, back) < MIN_KEPT_CHARACTERS
     return health
 
 

@@ -274,7 +274,7 @@ def unknown_tokens_check(health: TokenHealth, fail_rate: float, warn_rate: float
     numbers = {"tokenizer_class": health.tokenizer_class, "unknown_tokens": health.unknown_tokens,
                "tokens": health.tokens, "unknown_token_rate": rate}
     summary = f"{rate:.1%} of {health.tokens} tokens in {health.rows} sampled rows are the unknown token"
-    if rate <= warn_rate and rate <= fail_rate:
+    if rate <= min(warn_rate, fail_rate):
         return CheckResult("unknown_tokens", "ok", summary, numbers=numbers)
     return CheckResult(
         "unknown_tokens", "fail" if rate > fail_rate else "warn", summary,

@@ -103,7 +103,7 @@ def load_prompts(path: str, split: str = "train", column: str = "prompt", max_pr
 
 
 def describe_counts(counts: dict) -> str:
-    """One line of what load_prompts read and skipped, e.g. '5 prompts (1 duplicate row, 1 row without a prompt)'."""
+    """One line of what load_prompts read and skipped, e.g. '5 prompts (1 duplicates, 1 rows without a prompt)'."""
     parts = [f"{counts['duplicates']} duplicates", f"{counts['rows_without_prompt']} rows without a prompt"]
     if counts.get("rows_with_tools"):
         parts.append(f"{counts['rows_with_tools']} rows with tools skipped (not passed to the chat template yet)")
