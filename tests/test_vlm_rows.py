@@ -119,7 +119,7 @@ def test_bad_image_rows_are_skipped_with_their_reason(tmp_path):
     assert len(examples) == 2 and examples[1].images == [(tmp_path / "green.png").read_bytes()]
     assert report.skipped == {
         "the row has 2 images but its prompt has 1 image parts": 1,
-        "image file cannot be read (FileNotFoundError: missing.png)": 1,
+        "image file not found (no such file or folder)": 1,
         "image parts in chosen/rejected are not supported (images belong to the prompt)": 1,
         "data.vision rows need a prompt of chat messages (with {'type': 'image'} parts for their images)": 1,
     }

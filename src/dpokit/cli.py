@@ -180,8 +180,21 @@ def _cmd_demo(args) -> int:
 def _cmd_config(args) -> int:
     import yaml
 
-    from dpokit.config import load_config
+    from dpokit.config import ConfigError, load_config
 
+    if args.from_file:
+        from dpokit.config.loading import read_config_mapping
+        from dpokit.config.translate import translate
+
+        if args.config or args.overrides:
+            raise ConfigError("--from FILE takes no CONFIG or key=value: translate first, then `dpokit config OUT key=value`")
+        translation = translate(read_config_mapping(args.from_file), args.from_file)
+        print(translation.to_yaml(), end="")
+        try:  # printed either way, so what does not load yet can be edited
+            load_config(translation.nested())
+        except ConfigError as e:
+            raise ConfigError(f"the translation of {args.from_file} above does not load yet: {e}") from None
+        return 0
     cfg = load_config(resolve_config_path(args.config) if args.config else None, args.overrides)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
@@ -242,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = verbs.add_parser("config", help="print the resolved config (every key with its value)", description="Print the resolved config: defaults, then CONFIG, then key=value overrides.")
     config.add_argument("config", nargs="?", metavar="CONFIG", help="YAML file or shipped config name")
     config.add_argument("overrides", nargs="*", metavar="key=value")
+    config.add_argument("--from", dest="from_file", metavar="FILE",
+                        help="translate an Axolotl DPO YAML or TRL DPOConfig arguments (YAML/JSON) into a dpokit YAML on stdout")
     config.set_defaults(func=_cmd_config)
 
     doctor = verbs.add_parser("doctor", help="check preference data (and a model) before training", description=DOCTOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dpokit.config import ConfigError
-    from dpokit.data.records import DataError
+    from dpokit.inputs import InputError
+    from dpokit.inputs.catalog import check_cli_inputs
     from dpokit.models import ModelLoadError
     from dpokit.online.scorer import ScoringError
 
@@ -279,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_cli_inputs(args.verb, args)  # the input gateway, before any model or data is touched
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError, ScoringError) as e:
+    except (ConfigError, InputError, ModelLoadError, ScoringError) as e:  # DataError is an InputError
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import types
 import typing
 from importlib import resources
@@ -17,10 +18,14 @@ from typing import Any, Union
 
 import yaml
 
-from dpokit.config.errors import ConfigError, excerpt, suggest
+from dpokit.config.errors import ConfigError, excerpt
+from dpokit.config.names import suggest_key
 from dpokit.config.online import PipelineConfig
 from dpokit.config.schema import Config
+from dpokit.config.translate import foreign_kind
 from dpokit.config.validate import validate
+from dpokit.inputs import KINDS, InputError, read_text
+from dpokit.inputs.catalog import check_config_paths
 
 
 def shipped_config(name: str, folder: str = "") -> Path | None:
@@ -80,6 +85,8 @@ def _load_train_config(source, overrides, prefix: str) -> Config:
     for key, value in _parse_overrides(overrides):
         _set_dotted(merged, key, value, SECTIONS)
     cfg = _build(Config, merged, prefix=prefix)
+    if isinstance(source, (str, Path)):
+        _check_paths_from(Path(source), cfg, prefix)
     try:
         validate(cfg)
     except ConfigError as e:
@@ -87,6 +94,7 @@ def _load_train_config(source, overrides, prefix: str) -> Config:
             raise
         # validate names keys from the train config's top; say where that config sits
         raise ConfigError(f"in {prefix.rstrip('.')!r} (a dpokit train config): {e}") from None
+    check_config_paths(cfg, prefix)  # the input gateway on every data file it names, before any verb reads one
     return cfg
 
 
@@ -103,14 +111,27 @@ def _defaults_and(schema, source, prefix: str = "") -> dict:
     else:
         raise ConfigError(f"a config is a YAML path, a dict or a {schema.__name__}, got {type(source).__name__}")
     merged = dataclasses.asdict(schema())
-    _merge(merged, raw, prefix, _sections(schema))
+    try:
+        _merge(merged, raw, prefix, _sections(schema))
+    except ConfigError:
+        # an Axolotl or TRL config given as a dpokit one: name the command that translates it, not its first key
+        kind = foreign_kind(raw) if schema is Config and isinstance(source, (str, Path)) else None
+        if kind:
+            raise ConfigError(f"{source} looks like {kind}; translate it with: "
+                              f"dpokit config --from {source} > dpokit.yaml") from None
+        raise
     return merged
+
+
+def read_config_mapping(path: str | Path) -> dict:
+    """A YAML (or JSON) config file's top-level mapping, read with the limits below; `dpokit config --from` reads one."""
+    return _read_yaml(Path(path))
 
 
 # A config file is a few KB of settings. These limits stop a "billion laughs" file (nested aliases
 # that expand exponentially) before it is expanded, printed or copied: 2 KB of anchors can expand
 # to gigabytes. Real configs use few aliases, if any, and stay far below both numbers.
-MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_BYTES = KINDS["config"].limit  # 1 MB, the gateway's limit for config files
 MAX_YAML_NODES = 100_000  # scalars + collections after expanding every alias
 
 
@@ -155,16 +176,15 @@ def load_yaml_text(text: str, where: str):
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.exists():
+    if not os.path.lexists(path):
         raise ConfigError(f"config file not found: {path}")
     try:
-        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config file (limit {MAX_CONFIG_BYTES})")
-        data = load_yaml_text(path.read_text(encoding="utf-8"), str(path))
+        # The input gateway: a regular file (not a FIFO or /dev/zero), at most MAX_CONFIG_BYTES.
+        data = load_yaml_text(read_text(path, "config"), str(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e)[:300]}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     except (OSError, RecursionError, ValueError) as e:  # a folder, no permission, absurd nesting
         if isinstance(e, ConfigError):
             raise
@@ -207,7 +227,7 @@ def _merge(base: dict, update: dict, prefix: str, sections: tuple[str, ...]) -> 
             raise ConfigError(f"config keys are names, got {excerpt(key)} ({type(key).__name__}) in {prefix.rstrip('.') or 'the top level'}")
         full = f"{prefix}{key}"
         if key not in base:
-            raise ConfigError(f"unknown config key {excerpt(full)}" + suggest(full[:200], [f"{prefix}{k}" for k in base]))
+            raise ConfigError(f"unknown config key {excerpt(full)}" + suggest_key(full[:200], [f"{prefix}{k}" for k in base]))
         if key in sections and dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)  # a section given as its dataclass (Python callers)
         if key in sections and isinstance(value, dict):
@@ -234,7 +254,7 @@ def _set_dotted(merged: dict, key: str, value: Any, sections: tuple[str, ...]) -
                         raise ConfigError(f"config key {excerpt(key)}: {head}...{part} is a value, not a mapping")
                 node[parts[-1]] = value
                 return
-        raise ConfigError(f"unknown config key {excerpt(key)}" + suggest(key[:200], valid))
+        raise ConfigError(f"unknown config key {excerpt(key)}" + suggest_key(key[:200], valid))
     node = merged
     for part in parts[:-1]:
         node = node[part]
@@ -351,3 +371,44 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     # The train section is a whole dpokit train config: checked now, not at the end of round 1's sampling.
     source = cfg.train if isinstance(cfg.train, dict) else resolve_config_path(cfg.train)
     _load_train_config(source, None, prefix="train.")
+
+
+# --- relative paths ------------------------------------------------------------------------------
+# A relative path in a config, in a YAML file or a key=value override alike, is read from the current
+# directory, as Axolotl, TRL's and LLaMA-Factory's CLIs do: a key means the same wherever it was given, and
+# the shipped configs' `out_dir: runs/demo` means "under where you work", not inside the installed package.
+# The run directory's config.yaml holds them resolved (resolve_paths), so it repeats the run from anywhere.
+PATH_KEYS = ("model.name_or_path", "model.ref_name_or_path", "data.path", "data.eval_path", "data.retention_path",
+             "data.sft_mix_path", "speed.ref_cache_dir", "train.resume", "out_dir")
+_MADE_BY_THE_RUN = ("out_dir", "speed.ref_cache_dir")  # folders the run creates: resolved even before they exist
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """`cfg` with every relative local path absolute (hub ids, `demo:` names and train.resume=auto|never as they are)."""
+    merged = cfg.to_dict()
+    for key in PATH_KEYS:
+        value = _get_dotted(merged, key)
+        if _is_relative_path(key, value) and (key in _MADE_BY_THE_RUN or Path(value).expanduser().exists()):
+            _set_dotted(merged, key, os.path.abspath(Path(value).expanduser()), SECTIONS)
+    return _build(Config, merged, prefix="")
+
+
+def _is_relative_path(key: str, value) -> bool:
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute() or ":" in value.split("/")[0]:
+        return False
+    return not (key == "train.resume" and value in ("auto", "never"))
+
+
+def _check_paths_from(yaml_path: Path, cfg: Config, prefix: str) -> None:
+    """A relative path missing from the current directory but present beside the YAML file: say which rule applies,
+    rather than a bare "file not found" (`cd elsewhere && dpokit train dir/my.yaml` with `data.path: prefs.jsonl`)."""
+    merged = cfg.to_dict()
+    for key in PATH_KEYS:
+        value = _get_dotted(merged, key)
+        if key in _MADE_BY_THE_RUN or not _is_relative_path(key, value) or Path(value).expanduser().exists():
+            continue
+        beside = yaml_path.parent / value
+        if beside.exists():
+            raise ConfigError(f"{prefix}{key}={value!r} is not in the current directory ({os.getcwd()}), but "
+                              f"{os.path.abspath(beside)} exists: relative paths in a config are read from the current directory "
+                              f"(docs/config.md); run from {os.path.abspath(yaml_path.parent)} or give {prefix}{key}={os.path.abspath(beside)}")

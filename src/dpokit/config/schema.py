@@ -55,9 +55,16 @@ class DataConfig:
     # sampled tokens is the tokenizer's unknown token (a tokenizer made for the text gives ~0%; the doctor FAILs
     # past it too). Raise it only when the unknown tokens are expected, e.g. symbols the model never needs to read.
     max_unknown_token_rate: float = 0.10
+    # Completions the chat template renders as nothing (tool calls it ignores, or no token but the end-of-turn
+    # marker) are skipped and counted; past this share of the pairs (or completions) training stops before any
+    # compute: the template, not a few odd rows, is at fault (docs/data.md, "Skipped rows")
+    max_empty_render_fraction: float = 0.01
     # rows with images (an `images` column, {"type": "image"} parts in the prompt's messages): tokenised by the
     # model's processor (AutoProcessor), pixel_values travel with each pair; paired losses only (docs/data.md)
     vision: bool = False
+    # Image paths in rows resolve against the data file's folder and must stay inside it (a dataset is untrusted:
+    # "../../etc/passwd" or "/dev/zero" is a counted skip). Folders listed here are allowed too (docs/robustness.md).
+    image_root: list[str] = field(default_factory=list)
     # Text the run should not forget (SFT rows: prompt/completion or messages, as `dpokit sft` reads; not pairs).
     # At each evaluation the token-mean NLL of its completions is logged for the policy and the reference:
     # retention/nll, retention/nll_ref, retention/nll_delta (docs/evaluation.md, "Retention during training")
@@ -101,6 +108,7 @@ class TrainConfig:
     save_steps: int = 500  # checkpoint every N optimizer steps, and at the end; 0 = no checkpoints
     save_total_limit: int = 2  # keep the last K checkpoints; 0 = keep all
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | never | path of a checkpoint folder
+    overwrite: bool = False  # write into an out_dir holding files dpokit did not write (refused otherwise; docs/training.md)
     max_skipped_steps: int = 5  # optimizer steps skipped on a NaN/Inf loss or gradient before the run stops
     num_threads: int = 0  # torch CPU threads; 0 = auto (1 for models under 50M parameters on CPU, else torch's default)
     push_to_hub: Optional[str] = None  # a Hub model repo id: final/ (model, tokenizer, README.md card) is uploaded there after saving

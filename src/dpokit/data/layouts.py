@@ -326,6 +326,7 @@ def load_preference_groups(
     columns: dict[str, str] | None = None,
     layout: str = "auto",
     strict: bool = False,
+    max_rows: int | None = None,
 ) -> tuple[list[list[PreferenceExample]], SkipReport]:
     """The pairs of every row of `path`, one group per row (several for an every_turn row).
 
@@ -342,7 +343,7 @@ def load_preference_groups(
             raise RowSkip("messages has no judged assistant turn (one with chosen and rejected)", "messages")
         return row_layout, examples
 
-    groups, report = convert_rows(path, split, convert, strict)
+    groups, report = convert_rows(path, split, convert, strict, max_rows)
     if not groups:
         raise DataError(_all_rows_skipped_message(report, columns_found), path)
     report.count_turns(groups)

@@ -14,16 +14,15 @@ problems (a missing or empty field) are the layout converter's business.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import os
 import re
 import sys
-import zlib
 from typing import Any, Iterable, Iterator
 
 from dpokit.data.records import DataError
+from dpokit.inputs import InputError, check_file, iter_lines, loads_bounded, read_bytes
 
 Row = tuple[int, dict]
 
@@ -48,10 +47,8 @@ def read_rows(path: str, split: str = "train") -> Iterator[Row]:
         if any(os.path.isfile(os.path.join(local, marker)) for marker in saved_markers):
             return _read_saved_dataset(local, split)
         return _read_with_load_dataset(local, split, from_hub=False)
-    if os.path.isfile(local):
+    if os.path.lexists(local):  # a file, or a device, FIFO, socket or dangling link the gateway refuses
         return _read_local_file(local)
-    if os.path.exists(local):  # a FIFO, a device such as /dev/zero, a socket: reading it may never end
-        raise DataError("not a regular file (a pipe, device or socket); give a data file or a datasets folder", path)
     if _looks_like_hub_id(path):
         return _read_with_load_dataset(path, split, from_hub=True)
     raise DataError("file not found (no such file or folder)", path)
@@ -63,6 +60,10 @@ def _looks_like_hub_id(path: str) -> bool:
 
 
 def _read_local_file(path: str) -> Iterator[Row]:
+    try:
+        check_file(path, "data")  # refused at call time, before any reader starts (docs/robustness.md)
+    except InputError as error:
+        raise DataError(error.reason, path) from None
     lowered = path.lower()
     if lowered.endswith((".jsonl", ".jsonl.gz")):
         return _read_jsonl(path)
@@ -80,17 +81,20 @@ def _read_local_file(path: str) -> Iterator[Row]:
 
 
 def _byte_lines(path: str) -> Iterator[bytes]:
-    """Lines of the file as raw bytes, decompressing `.gz`; read errors become DataError."""
-    opener = gzip.open if path.lower().endswith(".gz") else open
+    """Lines of the file as raw bytes, streamed through the input gateway (gunzipped for .gz)."""
     try:
-        with opener(path, "rb") as stream:
-            yield from stream
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"cannot read file: {error}", path) from None
+        for _, line in iter_lines(path, "data"):
+            yield line
+    except InputError as error:
+        raise DataError(error.reason, path, row=error.row) from None
 
 
 def _read_all_bytes(path: str) -> bytes:
-    return b"".join(_byte_lines(path))
+    """A .json or .csv file is parsed whole: its own, lower size limit (the gateway's whole_data kind)."""
+    try:
+        return read_bytes(path, "whole_data")
+    except InputError as error:
+        raise DataError(error.reason, path) from None
 
 
 def _decode_utf8(data: bytes, path: str, line_number: int | None = None, line_start: int = 0) -> str:
@@ -141,7 +145,7 @@ def _parse_json_lines(lines: Iterable[bytes], path: str) -> Iterator[Row]:
         if not text.strip():
             continue
         try:
-            value = json.loads(text)
+            value = loads_bounded(text)
         except json.JSONDecodeError as error:
             raise DataError(
                 f"line {line_number} is not valid JSON ({error.msg} at column {error.colno})", path, row=line_number
@@ -162,7 +166,7 @@ def _read_json(path: str) -> Iterator[Row]:
         raise DataError("file is empty (no rows)", path)
     is_json_lines = False
     try:
-        document = json.loads(text)
+        document = loads_bounded(text)
     except json.JSONDecodeError as error:
         # A complete first value followed by more text is JSON lines saved as .json.
         if error.msg != "Extra data":

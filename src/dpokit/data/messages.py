@@ -20,6 +20,7 @@ from typing import Any
 
 from dpokit.data.records import Conversation, Message
 from dpokit.data.rows import RowSkip
+from dpokit.inputs import JSONTooDeep, loads_bounded
 
 TOOL_MESSAGE_KEYS = ("tool_call_id", "name")
 
@@ -73,7 +74,9 @@ def _tool_calls(value: Any, field: str) -> list[dict]:
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = loads_bounded(arguments) if arguments.strip() else {}
+            except JSONTooDeep as error:
+                raise RowSkip(f"{field} has tool call arguments {error}", field) from None
             except json.JSONDecodeError:
                 raise RowSkip(f"{field} has tool call arguments that are not valid JSON", field) from None
         entry = dict(call) if "function" in call else {}
@@ -89,7 +92,9 @@ def parse_tools(value: Any, field: str = "tools") -> list[dict] | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = loads_bounded(value)
+        except JSONTooDeep as error:  # '['*10000: a RecursionError traceback in train and doctor before
+            raise RowSkip(f"{field} is {error}", field) from None
         except json.JSONDecodeError:
             raise RowSkip(f"{field} is a string that is not JSON (expected a list of function schemas)", field) from None
     if isinstance(value, dict):

@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dpokit.config import Config
 from dpokit.data.layouts import load_preference_groups
 from dpokit.data.records import DataError, SkipReport
 from dpokit.data.rows import cap_rows
 from dpokit.data.token_health import check_token_health, paired_rows
-from dpokit.data.tokenization import TokenizationStats, TokenizedPair, tokenize_pairs
+from dpokit.data.tokenization import TokenizationStats, TokenizedPair, empty_render_problem, tokenize_pairs
 
 
 @dataclass
@@ -26,13 +26,17 @@ class PreparedData:
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
     summary: dict
+    # the SFT files beside the training data, by summary section ("sft_mix", "retention"): tokenised examples,
+    # prepared once with the training data so their skip reports reach the console and data_summary.json too
+    side: dict[str, list] = field(default_factory=dict)
 
 
 def _load(path: str, split: str, cfg: Config):
     """The pairs of each row, one group per row: an every_turn conversation's pairs stay together through
     data.max_rows and the eval split (its later prompts hold its earlier turns)."""
     groups, report = load_preference_groups(
-        path, split=split, columns=cfg.data.columns or None, layout=cfg.data.layout, strict=cfg.data.strict
+        path, split=split, columns=cfg.data.columns or None, layout=cfg.data.layout, strict=cfg.data.strict,
+        max_rows=cfg.data.max_rows,
     )
     return cap_rows(groups, report, path, cfg.data.max_rows), report
 
@@ -105,9 +109,18 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     evals, eval_stats = tokenize_pairs(
         eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, eval_report
     )
+    for examples, report in ((train_examples, train_report), (eval_examples, eval_report)):
+        refuse_empty_renders(report, len(examples), cfg)
     summary = {"train": split_summary(train_report, train_stats, len(train)), "eval": split_summary(eval_report, eval_stats, len(evals))}
     summary["train"]["token_health"] = health
     return PreparedData(train, evals, summary)
+
+
+def refuse_empty_renders(report: SkipReport, examples: int, cfg: Config, path: str | None = None, unit: str = "pairs") -> None:
+    """DataError past data.max_empty_render_fraction of completions rendered as nothing (tokenization.py)."""
+    problem = empty_render_problem(report, examples, cfg.data.max_empty_render_fraction, path or cfg.data.path, unit)
+    if problem:
+        raise DataError(problem)
 
 
 def split_summary(report: SkipReport, stats: TokenizationStats, n_pairs: int) -> dict:
@@ -130,7 +143,7 @@ def format_summary(summary: dict) -> str:
             continue
         layouts = ", ".join(f"{k}: {v}" for k, v in s["layouts"].items())
         lines.append(
-            f"[data] {split}: {s['rows_read']} rows read, {s['pairs']} pairs used"
+            f"[data] {split}: {s['rows_read']} rows read, {s['pairs']} {s.get('unit', 'pairs')} used"
             + (f" ({s['prompts']} prompts)" if s.get("prompts") else "")
             + f", {s['rows_skipped']} dropped" + (f", {s['held_out']} held out for eval" if s.get("held_out") else "")
             + (f"  (layouts: {layouts})" if layouts else "")

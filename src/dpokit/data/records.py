@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from dpokit.inputs import InputError
+
 Message = dict[str, Any]  # {"role": str, "content": str}
 Text = str
 Conversation = list[Message]
@@ -31,17 +33,8 @@ class PreferenceExample:
         return isinstance(self.chosen, list)
 
 
-class DataError(ValueError):
-    """A user-facing data problem; the message names the file, row and field."""
-
-    def __init__(self, message: str, path: str = "", row: int | None = None, field: str | None = None):
-        where = path
-        if row is not None:
-            where += f", row {row}"
-        if field is not None:
-            where += f", field {field!r}"
-        super().__init__(f"{where}: {message}" if where else message)
-        self.path, self.row, self.field = path, row, field
+class DataError(InputError):
+    """A user-facing data problem; the message names the file, row and field (the gateway's InputError, for data)."""
 
 
 @dataclass
@@ -61,6 +54,7 @@ class SkipReport:
     layouts: Counter = field(default_factory=Counter)  # detected layout name -> rows
     conversations: int = 0  # every_turn rows used (data/turns.py) ...
     turn_pairs: int = 0  # ... and the pairs they expanded to, one per judged assistant turn
+    read_stopped_at: int | None = None  # data.max_rows: reading stopped after this many used rows (more followed)
 
     def count_turns(self, groups: list[list[Any]]) -> None:
         """Set the every_turn counts from one split's rows: a group of examples per row, each with a `turn`.
@@ -92,4 +86,5 @@ class SkipReport:
             "skipped_examples": self.examples,
             "layouts": dict(self.layouts),
             "every_turn": {"conversations": self.conversations, "pairs": self.turn_pairs},
+            "read_stopped_at_max_rows": self.read_stopped_at,
         }

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dpokit.config import Config
 from dpokit.data.layouts import LAYOUTS, load_preference_groups, row_tools
 from dpokit.data.loading import read_rows
-from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
+from dpokit.data.prepare import PreparedData, load_train_and_eval, refuse_empty_renders, split_summary
 from dpokit.data.records import DataError, SkipReport
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
 from dpokit.data.token_health import check_completion_health
@@ -64,12 +64,13 @@ def load_sft(
 
 
 def load_sft_groups(
-    path: str, split: str = "train", columns: dict[str, str] | None = None, layout: str = "auto", strict: bool = False
+    path: str, split: str = "train", columns: dict[str, str] | None = None, layout: str = "auto", strict: bool = False,
+    max_rows: int | None = None,
 ) -> tuple[list[list[UnpairedExample]], SkipReport]:
     """`load_sft`'s examples, one group per row: an every_turn row gives one example per judged turn."""
     columns = dict(columns or {})
     if _is_paired_file(path, split, columns, layout):
-        rows, report = load_preference_groups(path, split, columns or None, layout, strict)
+        rows, report = load_preference_groups(path, split, columns or None, layout, strict, max_rows)
         report.layouts = type(report.layouts)({f"{name} (chosen side)": n for name, n in report.layouts.items()})
         return [[UnpairedExample(p.prompt, p.chosen, True, p.source, p.tools, p.turn) for p in row] for row in rows], report
     unknown = set(columns) - set(SFT_COLUMNS)
@@ -91,14 +92,15 @@ def load_sft_groups(
             raise RowSkip("label is false: an undesirable completion is not imitated", "label")
         return row_layout, [UnpairedExample(prompt, completion, True, where, row_tools(row, completion))]
 
-    groups, report = convert_rows(path, split, convert, strict)
+    groups, report = convert_rows(path, split, convert, strict, max_rows)
     if not groups:
         raise DataError(no_usable_rows_message(report), path)
     return groups, report
 
 
 def _load(path: str, split: str, cfg: Config):
-    groups, report = load_sft_groups(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict)
+    groups, report = load_sft_groups(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict,
+                                     cfg.data.max_rows)
     return cap_rows(groups, report, path, cfg.data.max_rows), report
 
 
@@ -114,6 +116,7 @@ def prepare_sft(cfg: Config, tokenizer):
     summary, splits = {}, []
     for name, groups, report in (("train", train_groups, train_report), ("eval", eval_groups, eval_report)):
         tokenized, stats = tokenize_groups(groups, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
+        refuse_empty_renders(report, sum(map(len, groups)), cfg, unit="examples")
         stats.lengths = {"prompt": stats.lengths["prompt"], "completion": stats.lengths["chosen"]}
         summary[name] = split_summary(report, stats, len(tokenized))  # "pairs" here counts examples
         splits.append(tokenized)
@@ -122,18 +125,39 @@ def prepare_sft(cfg: Config, tokenizer):
     return PreparedData(splits[0], splits[1], summary)
 
 
-def prepare_sft_file(path: str, key: str, cfg: Config, tokenizer) -> tuple[list, SkipReport]:
+def prepare_sft_file(path: str, key: str, cfg: Config, tokenizer) -> tuple[list, dict]:
     """Every row of an SFT file that is not the run's training data (data.retention_path, data.sft_mix_path)
-    -> (TokenizedCompletion list, skip report): the layouts, skips and truncation of `dpokit sft` data.
+    -> (TokenizedCompletion list, its data summary section): the layouts, skips and truncation of `dpokit sft` data.
 
     The layout is detected per file (data.layout and data.columns describe data.path, not this file);
     data.max_length and data.max_prompt_length apply as to the training rows. `key` names the setting in errors.
+    The section has the training split's keys (rows read, used, skipped by reason, ...) plus `path` and `setting`.
     """
     try:
         examples, report = load_sft(path, "train")
     except DataError as e:
         raise DataError(f"{key}: {e}") from None
-    tokenized, _ = tokenize_groups([[e] for e in examples], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
+    tokenized, stats = tokenize_groups([[e] for e in examples], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
     if not tokenized:
         raise DataError(f"{key}: no example of {path} has a completion token left after tokenisation ({no_usable_rows_message(report)})")
-    return tokenized, report
+    refuse_empty_renders(report, len(examples), cfg, f"{key}={path}", unit="examples")
+    stats.lengths = {"prompt": stats.lengths["prompt"], "completion": stats.lengths["chosen"]}
+    section = {"path": path, "setting": key, "unit": "examples", **split_summary(report, stats, len(tokenized))}
+    return tokenized, section
+
+
+SIDE_FILES = {"sft_mix": "sft_mix_path", "retention": "retention_path"}  # summary section -> data.* setting
+
+
+def prepare_side_files(cfg: Config, tokenizer) -> tuple[dict[str, list], dict[str, dict]]:
+    """The SFT files the config names beside the training data -> ({section: examples}, {section: summary section}).
+
+    Prepared with the training data, so a row skipped in them is printed and written to data_summary.json
+    like one of the training file's, not only counted where the file is used.
+    """
+    examples, sections = {}, {}
+    for name, setting in SIDE_FILES.items():
+        path = getattr(cfg.data, setting)
+        if path:
+            examples[name], sections[name] = prepare_sft_file(path, f"data.{setting}", cfg, tokenizer)
+    return examples, sections

@@ -25,11 +25,11 @@ from typing import Any, Union
 
 from dpokit.data.layouts import LAYOUTS, check_completion, messages_of, text_or_messages, check_unicode, load_preference_groups, row_tools
 from dpokit.data.loading import read_rows
-from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
+from dpokit.data.prepare import PreparedData, load_train_and_eval, refuse_empty_renders, split_summary
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport, Text
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
 from dpokit.data.token_health import check_completion_health
-from dpokit.data.tokenization import TokenizationStats, render_ids
+from dpokit.data.tokenization import EmptyRender, TokenizationStats, render_ids
 from dpokit.data.turns import has_turn_preferences
 
 UNPAIRED_LAYOUTS = ("prompt_completion_label", "messages_label")
@@ -156,7 +156,8 @@ def _is_paired_source(path: str, split: str, columns: dict[str, str], layout: st
 
 
 def load_unpaired(
-    path: str, split: str = "train", columns: dict[str, str] | None = None, layout: str = "auto", strict: bool = False
+    path: str, split: str = "train", columns: dict[str, str] | None = None, layout: str = "auto", strict: bool = False,
+    max_rows: int | None = None,
 ) -> tuple[list[list[UnpairedExample]], SkipReport]:
     """Read every row of `path` as unpaired examples, grouped by source row (a paired row gives two).
 
@@ -164,7 +165,7 @@ def load_unpaired(
     """
     columns = dict(columns or {})
     if _is_paired_source(path, split, columns, layout):
-        rows, report = load_preference_groups(path, split, columns or None, layout, strict)
+        rows, report = load_preference_groups(path, split, columns or None, layout, strict, max_rows)
         report.layouts = type(report.layouts)({f"{name} (pairs split)": n for name, n in report.layouts.items()})
         return [[half for pair in row for half in _split_pair(pair)] for row in rows], report
     unknown = set(columns) - set(UNPAIRED_COLUMNS)
@@ -179,7 +180,7 @@ def load_unpaired(
             raise RowSkip(f"unrecognised unpaired layout (columns: {found}; expected prompt+completion+label or messages+label)")
         return row_layout, [to_unpaired(row, row_layout, where)]
 
-    groups, report = convert_rows(path, split, convert, strict)
+    groups, report = convert_rows(path, split, convert, strict, max_rows)
     if not groups:
         raise DataError(no_usable_rows_message(report), path)
     return groups, report
@@ -216,7 +217,13 @@ def tokenize_groups(
     for group in groups:
         kept = 0
         for ex in group:
-            prompt, completion = tokenize_completion(ex, tokenizer)
+            try:
+                prompt, completion = tokenize_completion(ex, tokenizer)
+            except EmptyRender as empty:
+                if report is None:
+                    raise
+                report.skip(empty.reason, f"{ex.source} (completion)")
+                continue
             if len(prompt) > max_prompt_length:
                 prompt = prompt[len(prompt) - max_prompt_length :]
                 stats.prompts_truncated += 1
@@ -242,7 +249,8 @@ def tokenize_groups(
 
 
 def _load(path: str, split: str, cfg):
-    groups, report = load_unpaired(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict)
+    groups, report = load_unpaired(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict,
+                                   cfg.data.max_rows)
     return cap_rows(groups, report, path, cfg.data.max_rows), report
 
 
@@ -258,6 +266,7 @@ def prepare_unpaired(cfg, tokenizer):
     summary, splits = {}, []
     for name, groups, report in (("train", train_groups, train_report), ("eval", eval_groups, eval_report)):
         examples, stats = tokenize_groups(groups, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
+        refuse_empty_renders(report, sum(map(len, groups)), cfg, unit="completions")
         summary[name] = split_summary(report, stats, len(examples))  # "pairs" here counts examples
         summary[name]["labels"] = {"desirable": sum(e.label for e in examples), "undesirable": sum(not e.label for e in examples)}
         splits.append(examples)

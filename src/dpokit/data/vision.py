@@ -32,6 +32,7 @@ from dpokit.data.records import DataError, PreferenceExample, SkipReport
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
 from dpokit.data.token_health import check_token_health, paired_rows
 from dpokit.data.tokenization import TokenizationStats, TokenizedPair
+from dpokit.inputs import RowPathError, check_image_bytes, read_row_image
 
 # Processor outputs with one entry per image (concatenated along dim 0 in a batch), as the models read them.
 VISION_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
@@ -63,18 +64,23 @@ class VisionPair(TokenizedPair):
 # --- rows -------------------------------------------------------------------------------------
 
 
-def _image_bytes(value: Any, folder: str) -> bytes:
+def _image_bytes(value: Any, folder: str, image_roots: tuple[str, ...] = ()) -> bytes:
+    """An image's bytes; a path is the input gateway's: inside the data file's folder (or data.image_root),
+    a regular file under the size limit, a readable image under the pixel limit. Anything else is a
+    counted skip with its reason, never a read of /dev/zero or of ./red.png in the current directory."""
     if isinstance(value, dict):  # a datasets Image feature: {"bytes": ..., "path": ...}
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
+        try:
+            check_image_bytes(bytes(value))
+        except RowPathError as error:
+            raise RowSkip(error.reason, "images") from None
         return bytes(value)
     if isinstance(value, str) and value:
-        path = value if os.path.isabs(value) or os.path.exists(value) else os.path.join(folder, value)
         try:
-            with open(path, "rb") as f:
-                return f.read()
-        except OSError as error:
-            raise RowSkip(f"image file cannot be read ({type(error).__name__}: {value})", "images") from None
+            return read_row_image(value, folder, image_roots)
+        except RowPathError as error:
+            raise RowSkip(error.reason, "images") from None
     raise RowSkip(f"images must hold paths or bytes, got {type(value).__name__}", "images")
 
 
@@ -115,7 +121,7 @@ def _text_only(messages: list[dict]) -> list[dict]:
             for m in messages]
 
 
-def vision_example(row: dict, where: str, folder: str) -> VisionExample:
+def vision_example(row: dict, where: str, folder: str, image_roots: tuple[str, ...] = ()) -> VisionExample:
     """One row -> VisionExample; RowSkip (counted by convert_rows) for what cannot be used."""
     for name in ("prompt", "chosen", "rejected"):
         if row.get(name) is None:
@@ -134,14 +140,16 @@ def vision_example(row: dict, where: str, folder: str) -> VisionExample:
     raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
     if len(raw) != n_parts:
         raise RowSkip(f"the row has {len(raw)} images but its prompt has {n_parts} image parts", "images")
-    images = [_image_bytes(value, folder) for value in raw]
+    images = [_image_bytes(value, folder, image_roots) for value in raw]
     return VisionExample(prompt=prompt, chosen=chosen, rejected=rejected, source=where, images=images)
 
 
-def load_vision_preferences(path: str, split: str = "train", strict: bool = False) -> tuple[list[VisionExample], SkipReport]:
+def load_vision_preferences(path: str, split: str = "train", strict: bool = False, max_rows: int | None = None,
+                            image_roots: tuple[str, ...] = ()) -> tuple[list[VisionExample], SkipReport]:
     """Every row of `path` as a VisionExample; image paths are relative to the data file's folder."""
     folder = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
-    examples, report = convert_rows(path, split, lambda row, where: ("vision", vision_example(row, where, folder)), strict)
+    examples, report = convert_rows(
+        path, split, lambda row, where: ("vision", vision_example(row, where, folder, image_roots)), strict, max_rows)
     if not examples:
         raise DataError(no_usable_rows_message(report), path)
     return examples, report
@@ -283,7 +291,8 @@ def images_digest(pairs: list) -> Optional[str]:
 def prepare_vision_data(cfg, processor):
     """prepare_data for image rows: load, hold out eval prompts, tokenise with the processor, summarise."""
     def load(path: str, split: str, cfg):
-        examples, report = load_vision_preferences(path, split, cfg.data.strict)
+        examples, report = load_vision_preferences(path, split, cfg.data.strict, cfg.data.max_rows,
+                                                   tuple(cfg.data.image_root))
         return cap_rows(examples, report, path, cfg.data.max_rows), report
 
     train_examples, train_report, eval_examples, eval_report = load_train_and_eval(cfg, load)

@@ -40,11 +40,11 @@ from dpokit.doctor.token_checks import (
     truncation_check,
     unknown_tokens_check,
 )
-from dpokit.doctor.tool_checks import tools_check
+from dpokit.doctor.tool_checks import completion_render_check, tools_check
 from dpokit.models import ModelLoadError, load_model_config, load_policy, load_tokenizer
 
 TOKEN_CHECKS = ("token_health", "unknown_tokens", "truncation", "template_prefix", "special_tokens", "completion_end",
-                "tools")
+                "completion_render", "tools")
 REFERENCE_CHECKS = ("reference_logps", "reference_preference")
 DEFAULT_SAMPLE_SIZE = 256
 
@@ -77,7 +77,7 @@ def run_doctor(
     report = DoctorReport(data_path=data_path, model=model_name)
     try:
         if cfg.data.vision:  # image rows: read as dpokit train reads them (prompt/images/chosen/rejected)
-            examples, load_skips = load_vision_preferences(data_path, cfg.data.split)
+            examples, load_skips = load_vision_preferences(data_path, cfg.data.split, image_roots=tuple(cfg.data.image_root))
         else:
             examples, load_skips = load_preferences(data_path, split=cfg.data.split, columns=cfg.data.columns or None,
                                                     layout=cfg.data.layout)
@@ -103,6 +103,7 @@ def run_doctor(
         report.add(template_prefix_check(scan))
         report.add(special_tokens_check(scan))
         report.add(completion_end_check(scan))
+        report.add(completion_render_check(scan.skips, scan.rows))
         report.add(tools_check(examples, tokenizer))
     else:
         report.add(length_bias_check(*word_lengths(examples), "words", thresholds))

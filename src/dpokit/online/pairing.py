@@ -167,7 +167,7 @@ def format_summary(summary: dict) -> str:
 
 def pair_file(scored_path: str | Path, out_path: str | Path, cfg: PairingConfig = PairingConfig()) -> dict:
     """Scored samples JSONL -> pairs JSONL (+ `<out>.summary.json`); returns the summary."""
-    pairs, summary = build_pairs(samples_by_prompt(scored_path), cfg)
+    pairs, summary = build_pairs(samples_by_prompt(scored_path, label="--in"), cfg)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

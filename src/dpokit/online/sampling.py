@@ -39,6 +39,7 @@ from typing import Callable
 
 from dpokit.config import SAMPLING_BACKENDS, SamplingConfig
 from dpokit.data.records import DataError
+from dpokit.inputs import iter_lines, loads_bounded
 from dpokit.online.backends import make_backend
 from dpokit.online.loading import add_trust_flags, trust_from_args
 from dpokit.online.prompts import Prompt, describe_counts, load_prompts, prompt_key, render_prompt
@@ -67,22 +68,34 @@ def _settings(cfg: SamplingConfig, model_id: str) -> dict:
     return settings
 
 
-def read_samples(path: str | Path) -> list[dict]:
-    """Every row of a samples (or scored) JSONL file; a torn last line is ignored."""
+def read_samples(path: str | Path, label: str = "", must_exist: bool = False,
+                 needs: tuple[str, ...] = ("prompt", "completion")) -> list[dict]:
+    """Every row of a samples (or scored) JSONL file, read through the input gateway.
+
+    A torn last line (an interrupted append: no final line break) is ignored; any other line that is not
+    a JSON object holding the `needs` fields is an error naming the line. A missing file is no rows for
+    an output being resumed, and an error for an input (`must_exist`).
+    """
+    if not must_exist and not os.path.lexists(path):
+        return []
+    shown = f"{label} {path}" if label else str(path)
     rows = []
-    p = Path(path)
-    if not p.exists():
-        return rows
-    lines = p.read_text(encoding="utf-8").split("\n")
-    for i, line in enumerate(lines):
-        if not line.strip():
+    for number, raw in iter_lines(path, "samples", label):
+        if not raw.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i >= len(lines) - 2:  # the last line (before the final "\n"): an interrupted write
+            row = loads_bounded(raw)
+        except ValueError as error:  # JSONDecodeError, JSONTooDeep, bad UTF-8
+            if not raw.endswith(b"\n"):  # the last line, cut off mid-write: resumable, not damage
                 break
-            raise DataError(f"line {i + 1} is not valid JSON", str(path)) from None
+            raise DataError(f"line {number} is not valid JSON ({str(error)[:80]})", shown, row=number) from None
+        if not isinstance(row, dict):
+            raise DataError(f"line {number} is not a JSON object", shown, row=number)
+        missing = [name for name in needs if name not in row]
+        if missing:
+            raise DataError(f"line {number} has no {missing[0]!r} (not a dpokit samples file?)", shown,
+                            row=number, field=missing[0])
+        rows.append(row)
     return rows
 
 
@@ -180,9 +193,10 @@ def sample_to_file(
     return SamplingReport(out, len(unique), already, generated, calls, total_rows, round(time.time() - started, 2))
 
 
-def samples_by_prompt(path: str | Path, prompts: list[Prompt] | None = None, num_samples: int | None = None) -> list[list[dict]]:
+def samples_by_prompt(path: str | Path, prompts: list[Prompt] | None = None, num_samples: int | None = None,
+                      label: str = "") -> list[list[dict]]:
     """Rows of a samples/scored file grouped per prompt (in file order, or in the order of `prompts`)."""
-    rows = read_samples(path)
+    rows = read_samples(path, label=label, must_exist=True)
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(prompt_key(row["prompt"]), []).append(row)

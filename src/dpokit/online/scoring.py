@@ -35,8 +35,9 @@ import torch
 
 from dpokit.config import JudgeConfig
 from dpokit.models import ModelLoadError
-from dpokit.online.judges import JudgeScorer, PairwiseJudge
+from dpokit.online.judges import JudgeScorer, PairwiseJudge, add_judge_flags, judge_options
 from dpokit.online.loading import ModelTrust, add_trust_flags, load_model, trust_from_args
+from dpokit.inputs import InputError, check_file
 from dpokit.online.prompts import Prompt, prompt_key
 from dpokit.online.sampling import append_rows, read_samples
 from dpokit.online.scorer import ScoringError, check_lengths
@@ -53,9 +54,13 @@ def load_function(spec: str) -> Callable:
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
+            try:  # the input gateway: a regular file within the size limit (not a FIFO, not /dev/zero)
+                check_file(path, "module", "--scorer")
+            except InputError as error:
+                raise ScoringError(str(error)) from None
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            if module_spec is None or not path.is_file():
-                raise ScoringError(f"no such file {module_name!r} for scorer {spec!r}")
+            if module_spec is None:
+                raise ScoringError(f"cannot load {module_name!r} as a Python module for scorer {spec!r}")
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
@@ -224,7 +229,7 @@ def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: in
     Rows are matched by (prompt, sample_index). Returns counts: rows, already_scored, scored, unscored (NaN).
     progress(done, total) is called before the first chunk (done: the rows already scored) and after each.
     """
-    rows = read_samples(in_path)
+    rows = read_samples(in_path, label="--in", must_exist=True)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {(prompt_key(r["prompt"]), r.get("sample_index", 0)) for r in read_samples(out)}
@@ -280,8 +285,9 @@ Rerunning resumes: rows already in --out are not scored again.
 f(prompts=..., completions=...)) or rm:MODEL (a sequence-classification reward model).
 A judge (--judge-url) rates each completion 1-10 through /v1/chat/completions; its API key
 is read from the environment variable named by --api-key-env (default OPENAI_API_KEY). Each
-request waits at most --timeout seconds and is retried --max-retries times (with backoff), so
-an unanswered request costs at most about (retries + 1) x timeout plus the backoff waits.
+request takes at most --timeout seconds in all (a slow reply too) and is retried --max-retries
+times (with backoff), so an unanswered request costs at most (retries + 1) x timeout plus the
+backoff waits. How replies are read: docs/evaluation.md, "Judge replies".
 A progress line (count, elapsed, time left) is printed after every chunk of rows.
 """
 
@@ -293,11 +299,7 @@ def add_cli(verbs) -> None:
     p.add_argument("--in", dest="in_path", required=True, help="samples JSONL (dpokit sample's output)")
     p.add_argument("--out", required=True, help="scored JSONL (resumable)")
     p.add_argument("--scorer", help="module:function or rm:MODEL")
-    p.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--judge-model", help="model name sent to the judge endpoint")
-    p.add_argument("--api-key-env", default=d.api_key_env, help=f"environment variable holding the judge's API key (default {d.api_key_env})")
-    p.add_argument("--timeout", type=float, default=d.timeout, help=f"seconds to wait for each judge request (default {d.timeout:g})")
-    p.add_argument("--max-retries", type=int, default=d.max_retries, help=f"retries of a failed judge request (default {d.max_retries})")
+    add_judge_flags(p, "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--concurrency", type=int, default=d.max_concurrency, help="judge requests in flight")
     add_trust_flags(p)  # for a reward model (rm:MODEL)
     p.set_defaults(func=run_cli)
@@ -307,12 +309,7 @@ def run_cli(args) -> int:
     if bool(args.scorer) == bool(args.judge_url):
         raise ScoringError("give exactly one of --scorer and --judge-url")
     if args.judge_url:
-        if not args.judge_model:
-            raise ScoringError("--judge-url needs --judge-model")
-        if args.timeout <= 0 or args.max_retries < 0:
-            raise ScoringError(f"--timeout must be > 0 and --max-retries >= 0, got {args.timeout:g} and {args.max_retries}")
-        scorer = JudgeScorer(args.judge_url, args.judge_model, api_key_env=args.api_key_env, timeout=args.timeout,
-                             max_retries=args.max_retries, max_concurrency=args.concurrency)
+        scorer = JudgeScorer(args.judge_url, args.judge_model, max_concurrency=args.concurrency, **judge_options(args))
     else:
         scorer = build_scorer(args.scorer, trust_from_args(args))
     report = score_file(args.in_path, args.out, scorer, chunk_size=SCORE_CHUNK_SIZE, progress=ProgressLine("score"))

@@ -13,11 +13,11 @@ Each comes with its standard error (`*_sem`; instruction-level treats instructio
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from dpokit.data.records import DataError
+from dpokit.inputs import iter_jsonl
 from dpokit.online.suites.answers import answer
 from dpokit.online.suites.ifeval_checks import CHECKERS
 from dpokit.online.suites.stats import mean_sem
@@ -33,14 +33,10 @@ def load_ifeval(path: str | Path | None = None, max_prompts: int | None = None) 
     """Rows of an IFEval-format JSONL (default: the shipped prompt set), each checked: ids known, kwargs bindable."""
     path = Path(path) if path else DEFAULT_PROMPTS
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in iter_jsonl(path, "suite", "--ifeval-prompts"):  # the gateway: a file, within its limit
+        if max_prompts is not None and len(rows) >= max_prompts:
+            break
         where = f"{path}, row {number}"
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise IFEvalDataError(f"{where}: not JSON ({e})") from None
         for field in ("prompt", "instruction_id_list"):
             if field not in row:
                 raise IFEvalDataError(f"{where}: missing field '{field}'")

@@ -5,8 +5,8 @@ Single mode: a judge behind an OpenAI-compatible endpoint rates each answer 1-10
 ending with "Rating: [[N]]"; the turn-2 rating sees the whole conversation. Pairwise mode: the judge compares
 the policy's and the baseline's answers per turn, asked in both orders (the position swap of MT-Bench), with the
 verdict "[[A]]", "[[B]]" or "[[C]]" (tie); any judge with `compare(prompts, a, b)` works here, a local one too.
-A reply without a readable rating or verdict is a parse failure: counted in `parse_failures` and left out of the
-mean, never silently.
+Replies are read by the one grammar of online/judge_grammar.py; a reply it finds no rating or verdict in is a
+parse failure: counted in `parse_failures` and left out of the mean, never silently.
 
 Questions: JSONL rows {"question_id", "category", "turns": [turn 1, turn 2]} (MT-Bench's format); a set of 10
 ships in data/multiturn_questions.jsonl.
@@ -14,13 +14,13 @@ ships in data/multiturn_questions.jsonl.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from dpokit.data.records import DataError
+from dpokit.inputs import iter_jsonl
+from dpokit.online.judge_grammar import parse_rating, parse_verdict
 from dpokit.online.judges import ChatClient, both_orders
 from dpokit.online.suites.answers import answer
 from dpokit.online.suites.stats import mean_sem
@@ -35,13 +35,9 @@ class QuestionsError(DataError):
 def load_questions(path: str | Path | None = None, max_questions: int | None = None) -> list[dict]:
     path = Path(path) if path else DEFAULT_QUESTIONS
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise QuestionsError(f"{path}, row {number}: not JSON ({e})") from None
+    for number, row in iter_jsonl(path, "suite", "--multiturn-questions"):  # the gateway: a file, within its limit
+        if max_questions is not None and len(rows) >= max_questions:
+            break
         turns = row.get("turns")
         if not (isinstance(turns, list) and len(turns) == 2 and all(isinstance(t, str) and t.strip() for t in turns)):
             raise QuestionsError(f"{path}, row {number}: field 'turns' must be a list of two non-empty strings")
@@ -76,24 +72,6 @@ PAIRWISE_TEMPLATE = (
     "verdict in exactly this format: \"[[A]]\" if assistant A is better, \"[[B]]\" if assistant B is better, "
     "\"[[C]]\" for a tie.\n\n{prompt}\n\n[Assistant A]\n{a}\n\n[Assistant B]\n{b}"
 )
-_BRACKET_RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
-_SINGLE_BRACKET = re.compile(r"\[\s*(\d+(?:\.\d+)?)\s*\]")
-_VERDICT = re.compile(r"\[\[\s*(A|B|C)\s*\]\]")
-
-
-def parse_bracket_rating(reply: str) -> float:
-    """MT-Bench's "Rating: [[N]]" (or "[N]"), 1 <= N <= 10; NaN when there is none (a parse failure)."""
-    for pattern in (_BRACKET_RATING, _SINGLE_BRACKET):
-        match = pattern.search(reply)
-        if match and 1 <= float(match.group(1)) <= 10:
-            return float(match.group(1))
-    return math.nan
-
-
-def parse_verdict(reply: str) -> float:
-    """1.0 for "[[A]]", 0.0 for "[[B]]", 0.5 for "[[C]]"; NaN when there is no verdict (a parse failure)."""
-    match = _VERDICT.search(reply)
-    return math.nan if match is None else {"A": 1.0, "B": 0.0, "C": 0.5}[match.group(1)]
 
 
 def _transcript(question: dict, answers: Sequence[str], turn: int) -> str:
@@ -122,7 +100,7 @@ class MTBenchJudge:
     def rate(self, question: dict, answers: Sequence[str], turn: int) -> tuple[float, str]:
         which, context = _which(turn)
         reply = self._ask(SINGLE_TEMPLATE.format(which=which, context=context, conversation=_transcript(question, answers, turn)))
-        rating = parse_bracket_rating(reply)
+        rating = parse_rating(reply)
         self.unparsed += math.isnan(rating)
         return rating, reply
 
