@@ -63,3 +63,35 @@ def test_a_misspelt_loss_type_gets_a_suggestion():
         load_config(None, ["loss.type=sigmod"])
     with pytest.raises(ConfigError, match="did you mean 'simpo'"):
         load_config(None, {"loss.type": ["sigmoid", "simpoo"], "loss.weights": [1.0, 1.0]})
+
+
+def _float_keys() -> list[str]:
+    """Every float setting of the config (float, Optional[float], list[float]), as dotted keys."""
+    import dataclasses
+    import typing
+
+    from dpokit.config import Config
+
+    def floats(tp) -> bool:
+        return tp is float or any(floats(a) for a in typing.get_args(tp))
+
+    keys = []
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(section.type) if dataclasses.is_dataclass(section.type) else {}
+        keys += [f"{section.name}.{name}" for name, tp in hints.items() if floats(tp)]
+    return keys
+
+
+@pytest.mark.parametrize("key", _float_keys())
+def test_every_float_key_refuses_nan_and_infinity_naming_the_key(key):
+    value = "[.nan]" if key == "loss.weights" else None
+    for text in ([value] if value else [".nan", "nan", ".inf", "-.inf", "1e400"]):
+        with pytest.raises(ConfigError, match=f"'{key}"):
+            load_config(None, [f"{key}={text}"])
+
+
+@pytest.mark.parametrize("beta", ["1e308", "101", "1e6"])
+def test_beta_past_its_documented_range_is_refused(beta):
+    with pytest.raises(ConfigError, match=r"'loss.beta' must be in \(0, 100\]"):
+        load_config(None, [f"loss.beta={beta}"])
+    assert load_config(None, ["loss.beta=100"]).loss.beta == 100.0  # SimPO's betas (2-10) and more are inside

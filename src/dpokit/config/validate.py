@@ -10,6 +10,12 @@ from dpokit.config.schema import Config
 from dpokit.losses import LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES, is_unpaired, loss_names, needs_reference, validate_loss_config
 
 
+# loss.beta scales log-prob margins of tens to hundreds of nats: DPO uses 0.01-0.5, IPO's tau and ORPO's lambda
+# ~0.1, SimPO 2-10. At 1e308 every loss is inf or NaN and the run ends with nothing to show; 100 leaves a
+# 10x margin over the largest published value.
+MAX_BETA = 100.0
+
+
 def validate(cfg: Config) -> None:
     """Check every setting; also resolves data.max_prompt_length=null to max_length // 2, so readers get an int."""
     check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16", "auto"))
@@ -62,6 +68,9 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r} must be > 0, got {value}")
+    if cfg.loss.beta > MAX_BETA:
+        raise ConfigError(f"config key 'loss.beta' must be in (0, {MAX_BETA:g}], got {cfg.loss.beta:g}: past it beta times a log-prob margin "
+                          "overflows and the run ends with no finite loss (DPO uses 0.01-0.5, SimPO 2-10; docs/config.md)")
     if cfg.data.max_length < 2:
         raise ConfigError(f"config key 'data.max_length' must be >= 2 (one prompt and one completion token), got {cfg.data.max_length}")
     if cfg.data.max_prompt_length >= cfg.data.max_length:
