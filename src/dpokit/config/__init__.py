@@ -28,6 +28,7 @@ from dpokit.config.loading import (
     resolve_config_path,
     shipped_config,
 )
+from dpokit.config.paths import PATH_KEYS, resolve_paths
 from dpokit.config.online import (
     JUDGE_MODES,
     LENGTH_BALANCES,
@@ -53,9 +54,9 @@ from dpokit.config.schema import (
 from dpokit.losses import LossConfig
 
 __all__ = [
-    "JUDGE_MODES", "LENGTH_BALANCES", "MAX_CONFIG_BYTES", "MAX_YAML_NODES", "PAIRING_STRATEGIES", "PIPELINE_SECTIONS",
+    "JUDGE_MODES", "LENGTH_BALANCES", "PATH_KEYS", "MAX_CONFIG_BYTES", "MAX_YAML_NODES", "PAIRING_STRATEGIES", "PIPELINE_SECTIONS",
     "SAMPLING_BACKENDS", "SECTIONS", "Config", "ConfigError", "DataConfig", "DetectorsConfig", "DoctorConfig", "EvalConfig",
     "JudgeConfig", "LoraConfig", "LossConfig", "ModelConfig", "OptimConfig", "PairingConfig", "PipelineConfig",
     "SamplingConfig", "SpeedConfig", "TrainConfig", "load_config", "load_pipeline_config", "load_yaml_text",
-    "resolve_config_path", "shipped_config",
+    "resolve_config_path", "resolve_paths", "shipped_config",
 ]

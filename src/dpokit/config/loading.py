@@ -21,6 +21,7 @@ import yaml
 from dpokit.config.errors import ConfigError, excerpt
 from dpokit.config.names import suggest_key
 from dpokit.config.online import PipelineConfig
+from dpokit.config.paths import check_paths_from
 from dpokit.config.schema import Config
 from dpokit.config.translate import foreign_kind
 from dpokit.config.validate import validate
@@ -86,7 +87,7 @@ def _load_train_config(source, overrides, prefix: str) -> Config:
         _set_dotted(merged, key, value, SECTIONS)
     cfg = _build(Config, merged, prefix=prefix)
     if isinstance(source, (str, Path)):
-        _check_paths_from(Path(source), cfg, prefix)
+        check_paths_from(Path(source), cfg, prefix)
     try:
         validate(cfg)
     except ConfigError as e:
@@ -372,43 +373,3 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     source = cfg.train if isinstance(cfg.train, dict) else resolve_config_path(cfg.train)
     _load_train_config(source, None, prefix="train.")
 
-
-# --- relative paths ------------------------------------------------------------------------------
-# A relative path in a config, in a YAML file or a key=value override alike, is read from the current
-# directory, as Axolotl, TRL's and LLaMA-Factory's CLIs do: a key means the same wherever it was given, and
-# the shipped configs' `out_dir: runs/demo` means "under where you work", not inside the installed package.
-# The run directory's config.yaml holds them resolved (resolve_paths), so it repeats the run from anywhere.
-PATH_KEYS = ("model.name_or_path", "model.ref_name_or_path", "data.path", "data.eval_path", "data.retention_path",
-             "data.sft_mix_path", "speed.ref_cache_dir", "train.resume", "out_dir")
-_MADE_BY_THE_RUN = ("out_dir", "speed.ref_cache_dir")  # folders the run creates: resolved even before they exist
-
-
-def resolve_paths(cfg: Config) -> Config:
-    """`cfg` with every relative local path absolute (hub ids, `demo:` names and train.resume=auto|never as they are)."""
-    merged = cfg.to_dict()
-    for key in PATH_KEYS:
-        value = _get_dotted(merged, key)
-        if _is_relative_path(key, value) and (key in _MADE_BY_THE_RUN or Path(value).expanduser().exists()):
-            _set_dotted(merged, key, os.path.abspath(Path(value).expanduser()), SECTIONS)
-    return _build(Config, merged, prefix="")
-
-
-def _is_relative_path(key: str, value) -> bool:
-    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute() or ":" in value.split("/")[0]:
-        return False
-    return not (key == "train.resume" and value in ("auto", "never"))
-
-
-def _check_paths_from(yaml_path: Path, cfg: Config, prefix: str) -> None:
-    """A relative path missing from the current directory but present beside the YAML file: say which rule applies,
-    rather than a bare "file not found" (`cd elsewhere && dpokit train dir/my.yaml` with `data.path: prefs.jsonl`)."""
-    merged = cfg.to_dict()
-    for key in PATH_KEYS:
-        value = _get_dotted(merged, key)
-        if key in _MADE_BY_THE_RUN or not _is_relative_path(key, value) or Path(value).expanduser().exists():
-            continue
-        beside = yaml_path.parent / value
-        if beside.exists():
-            raise ConfigError(f"{prefix}{key}={value!r} is not in the current directory ({os.getcwd()}), but "
-                              f"{os.path.abspath(beside)} exists: relative paths in a config are read from the current directory "
-                              f"(docs/config.md); run from {os.path.abspath(yaml_path.parent)} or give {prefix}{key}={os.path.abspath(beside)}")

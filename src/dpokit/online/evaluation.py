@@ -34,7 +34,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dpokit.config import EvalConfig, JudgeConfig, SamplingConfig
+from dpokit.config import ConfigError, EvalConfig, JudgeConfig, SamplingConfig
 from dpokit.generation import Sample, sample
 from dpokit.online.judges import PairwiseJudge
 from dpokit.online.loading import add_trust_flags, load_model, trust_from_args
@@ -47,6 +47,7 @@ from dpokit.online.suites.local_judge import LocalPairwiseJudge
 from dpokit.online.suites.multiturn import MTBenchJudge
 from dpokit.online.suites.runner import add_suite_flags, check_suite_args, options_from_args, run_suites
 from dpokit.online.suites.view import markdown, write_view
+from dpokit.training.run_dir import in_use
 
 
 # --- the evaluation ------------------------------------------------------------------------------
@@ -282,6 +283,9 @@ def run_cli(args) -> int:
     transformers.utils.logging.disable_progress_bar()
     suites = list(dict.fromkeys(args.suite))
     check_suite_args(args)
+    busy = in_use(Path(args.out).parent) if args.out else None  # a run still writing there would set eval.json aside
+    if busy:
+        raise ConfigError(f"--out {args.out}: {Path(args.out).parent} {busy}; evaluate its final/ once that run has ended")
     if args.judge_url and not args.judge_model:
         raise ScoringError("--judge-url needs --judge-model")
     trust = trust_from_args(args)

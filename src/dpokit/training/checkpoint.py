@@ -23,7 +23,6 @@ nothing of the new checkpoint is left.
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import os
 import random
@@ -40,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dpokit.config import ConfigError
+from dpokit.training.disk_space import DISK_FULL, disk_full_code, filled_up, no_space
 from dpokit.training.manifest import MANIFEST, write_manifest
 from dpokit.training.metrics import MetricSums
 
@@ -177,7 +177,6 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimiz
 
 # --- disk space --------------------------------------------------------------------------------
 
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 _SMALL_FILES = 1 << 20  # config.json, scheduler, trainer state, manifest; plus rng_state.json's ~30 KB per process
 
 
@@ -205,29 +204,16 @@ def _tensor_bytes(tensors: list) -> int:
 
 def _disk_full(error: Exception, run_dir: Path, final: Path, needed: int, free: int) -> str:
     """The one-line message for a disk that filled up while writing; any other error goes on up."""
-    # safetensors reports a full disk as SafetensorError("... No space left on device (os error 28)")
-    code = getattr(error, "errno", None) or next((c for c in _DISK_FULL if f"(os error {c})" in str(error)), None)
-    if code not in _DISK_FULL:
+    code = disk_full_code(error)
+    if code is None:
         raise error
-    return _no_space(run_dir, final, needed, free, f"the disk filled up while writing it ({os.strerror(code)}); the partial folder was removed")
+    return _no_space(run_dir, final, needed, free, filled_up(code))
 
 
 def _no_space(run_dir: Path, final: Path, needed: int, free: int, what_happened: str) -> str:
     previous = list_checkpoints(run_dir)
     kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "there is no earlier checkpoint"
-    return (f"not enough disk space for {final.name} in {final.parent}: it needs about {needed:,} bytes ({_size(needed)}), "
-            f"{free:,} bytes ({_size(free)}) were free; {what_happened} and {kept}. "
-            "Free some space (or lower train.save_total_limit), then resume with train.resume=auto")
-
-
-def _size(n: int) -> str:
-    """1234567 -> '1.2 MiB'."""
-    value, unit = float(n), "bytes"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+    return no_space(final, needed, free, what_happened, kept, "Free some space (or lower train.save_total_limit), then resume with train.resume=auto")
 
 
 def _from_main(accelerator, value):
@@ -274,7 +260,7 @@ def _fsync(path: Path) -> None:
     try:
         os.fsync(fd)
     except OSError as e:
-        if e.errno in _DISK_FULL:  # the data did not reach the disk
+        if e.errno in DISK_FULL:  # the data did not reach the disk
             raise
     finally:
         os.close(fd)

@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from dpokit.config import Config, ConfigError, load_config
+from dpokit.config import Config, ConfigError, load_config, resolve_paths
 from dpokit.data.batching import BatchStream, micro_batch
 from dpokit.data.prepare import PreparedData
 from dpokit.data.records import DataError
@@ -56,6 +56,7 @@ from dpokit.training.resume import start_or_resume
 from dpokit.training.adaptive_beta import AdaptiveBeta
 from dpokit.training.ref_sync import check_sync, is_sync_step, sync_reference
 from dpokit.training.retention import RetentionSet, prepare_retention
+from dpokit.training.run_dir import RunDir
 from dpokit.training.setup import fit_reference_sync, fit_speed, make_run_dir, reference_for, training_data
 from dpokit.training.signals import StopSignals, TrainingInterrupted, resume_command
 from dpokit.training.step_runner import accumulate_gradients, agree, evaluate, keep_step
@@ -107,6 +108,7 @@ class Run:
     bad_loss: bool = False  # the last step's loss was non-finite on some process
     saved_at: Optional[Path] = None  # the last checkpoint written
     beta_schedule: Optional[AdaptiveBeta] = None  # loss.beta_schedule=adaptive: beta-DPO's per-batch beta
+    owner: Optional[RunDir] = None  # run_dir holds this run's lock until train() returns or raises
 
     @property
     def is_main(self) -> bool:
@@ -166,8 +168,11 @@ class StepOutcome:
 def train(config, overrides=None, data: PreparedData | None = None) -> TrainResult:
     """Run one DPO job. `config`: a Config, a dict, or a YAML path; `overrides`: ["key=value"] or {key: value}."""
     run = setup(load_config(config, overrides), data)
-    run_steps(run)
-    return finish(run)
+    try:
+        run_steps(run)
+        return finish(run)
+    finally:
+        run.owner.release()  # the run directory's lock goes on any exit (run_dir.py)
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -176,14 +181,23 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
 def setup(cfg: Config, data: PreparedData | None) -> Run:
     """The run directory, data, policy and reference, optimizer and schedule, and the state resumed from (or fresh)."""
     transformers.utils.logging.disable_progress_bar()  # keep the console for our own summary and progress
-    cfg = resolve_demo_assets(cfg)  # "demo:..." paths build the embedded demo's model/data
+    cfg = resolve_paths(resolve_demo_assets(cfg))  # "demo:..." paths build the embedded demo's model/data
     if not cfg.data.path:
         raise ConfigError("data.path is not set: give a preference file, a saved dataset folder or a hub id")
     # The schedule advances once per optimizer step, whatever the number of processes (see BatchStream).
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False,
                               **accelerator_kwargs(cfg))
     set_seed(cfg.train.seed)
-    run_dir = make_run_dir(cfg, accelerator.is_main_process)
+    owner = make_run_dir(cfg, accelerator)
+    try:
+        return _set_up_in(owner, cfg, data, accelerator)
+    except BaseException:
+        owner.abandon()  # a failed config or data check leaves no out_dir behind (nor its lock)
+        raise
+
+
+def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerator: Accelerator) -> Run:
+    run_dir = owner.path
     init_trackers(accelerator, cfg)
 
     tokenizer = load_tokenizer(cfg)
@@ -199,6 +213,8 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     cfg, objective, notes = fit_speed(cfg, objective, policy, is_sharded(accelerator))
     for note in sync_notes + notes if accelerator.is_main_process else []:
         print(f"[dpokit] {note}", flush=True)
+    if accelerator.is_main_process:  # the config that runs, after every adjustment, each recorded
+        owner.save_config(cfg, sync_notes + notes)
     reference, data = reference_for(cfg, objective, policy, tokenizer, data, accelerator, with_reference)
     if cfg.loss.ref_sync_steps > 0:
         check_sync(cfg, reference, policy, is_sharded(accelerator))
@@ -227,7 +243,7 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
                micro_per_epoch=micro_per_epoch, params=params, detectors=detectors, state=state, window=window, log=log,
                last_logged=last_logged, gen_prompts=gen_prompts, empty_data=EmptyDataGuard(type(tokenizer).__name__), step=state.step,
                beta_schedule=AdaptiveBeta(cfg.loss, accelerator, state) if cfg.loss.beta_schedule == "adaptive" else None,
-               retention=retention, mix=SFTMix.from_config(cfg, tokenizer, accelerator.process_index, accelerator.num_processes))
+               owner=owner, retention=retention, mix=SFTMix.from_config(cfg, tokenizer, accelerator.process_index, accelerator.num_processes))
 
 
 # --- the optimizer steps -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Optional
 
 from accelerate.utils import broadcast_object_list
 
-from dpokit.config import Config
+from dpokit.config import PATH_KEYS, Config
 from dpokit.training.checkpoint import (
     CHECKPOINTS, STATE_FILE, CheckpointError, RunState, list_checkpoints, load_checkpoint, read_state, remove_atomically,
 )  # fmt: skip
@@ -75,6 +75,15 @@ def choose_resume(cfg: Config, run_dir: Path, structure: dict, total_steps: int)
         path = latest_intact(run_dir, found, own=True)
         state = read_state(path)
         changed = _structural_changes(state, structure)
+        if state.finished and (changed or total_steps <= state.step) and not final_intact(run_dir):
+            # final/ failed to be written (a full disk): this checkpoint is the only copy of the trained weights
+            if changed:
+                raise CheckpointError(f"{run_dir}: its run finished training but final/ is missing or damaged, and {path.name} is "
+                                      "the only copy of its trained weights: rerun it with its own settings to write final/, or "
+                                      "use another out_dir (train.resume=never would delete it)")
+            print(f"[dpokit] {run_dir}: its run finished training but final/ is missing or damaged: resuming from {path.name} "
+                  "to write it (no step is trained again)", flush=True)
+            return path
         if state.finished and (changed or total_steps <= state.step):
             print(f"[dpokit] {run_dir} holds a finished run ({path.name}); starting a new run "
                   f"(train.resume={path} would continue that one)", flush=True)
@@ -142,7 +151,20 @@ def _say_if_unverified(path: Path) -> None:
 
 
 def _structural_changes(state: RunState, structure: dict) -> list[tuple]:
-    return [(k, state.structure.get(k), v) for k, v in structure.items() if state.structure.get(k) != v]
+    return [(k, state.structure.get(k), v) for k, v in structure.items() if not _same(k, state.structure.get(k), v)]
+
+
+def _same(key: str, before, now) -> bool:
+    """Equal settings; a path is the same path written relative (a run from before paths were resolved) or absolute."""
+    if key in PATH_KEYS and isinstance(before, str) and isinstance(now, str) and before and now:
+        return os.path.abspath(os.path.expanduser(before)) == os.path.abspath(os.path.expanduser(now))
+    return before == now
+
+
+def final_intact(run_dir: Path) -> bool:
+    """final/ holds a model whose files are whole (safetensors as long as their headers say, JSON that parses)."""
+    final = Path(run_dir) / "final"
+    return final.is_dir() and any(final.glob("*.safetensors")) and damage(final) is None
 
 
 def clear_checkpoints(run_dir: Path, keep_checkpoints: bool) -> None:

@@ -1,6 +1,6 @@
 """Setting up a run: its directory and data, fitting its step to the loaded model and setup, and choosing where its reference log-probs come from.
 
-    make_run_dir   out_dir with the resolved config; training_data: the prepared data and its summary
+    make_run_dir   out_dir claimed for the run (run_dir.py); training_data: the prepared data and its summary
     fit_speed      the fast step falls back to its plain step for a model outside transformers'
                    attention interface, and drops the chunked LM head when the head is sharded
     fit_reference_sync  a moving reference (loss.ref_sync_steps) turns the reference cache off
@@ -14,6 +14,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
+
 from dpokit.config import Config, ConfigError, SpeedConfig
 from dpokit.data.prepare import PreparedData, format_summary
 from dpokit.data.records import DataError
@@ -21,6 +23,7 @@ from dpokit.ref_cache.build import ensure_reference_cache
 from dpokit.reference import make_reference
 from dpokit.steps import Step
 from dpokit.steps.token_scores import fast_path_blocker
+from dpokit.training.run_dir import RunDir, claim, set_aside_evaluation
 
 
 def fit_speed(cfg: Config, step: Step, policy, sharded: bool) -> tuple[Config, Step, list[str]]:
@@ -64,16 +67,21 @@ def reference_for(cfg: Config, step: Step, policy, tokenizer, data: PreparedData
     return None, data
 
 
-def make_run_dir(cfg: Config, is_main: bool) -> Path:
-    """out_dir, created with the resolved config.yaml in it (by the main process)."""
-    run_dir = Path(cfg.out_dir)
-    if is_main:
+def make_run_dir(cfg: Config, accelerator) -> RunDir:
+    """out_dir, claimed for this run by the main process (run_dir.claim: marker, ownership, lock); an earlier model's
+    eval.json set aside. Every process gets the main process's refusal, so none waits for the others."""
+    owner, problem = RunDir(Path(cfg.out_dir), created=False, held=False), None
+    if accelerator.is_main_process:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(run_dir / "config.yaml")
-        except OSError as e:
-            raise ConfigError(f"out_dir={cfg.out_dir!r}: cannot write the run directory: {e}") from None
-    return run_dir
+            owner = claim(cfg.out_dir, cfg.train.overwrite)
+            set_aside_evaluation(owner.path)
+        except ConfigError as e:
+            problem = str(e)
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise ConfigError(problem)
+    return owner
 
 
 def training_data(cfg: Config, objective: Step, tokenizer, data: PreparedData | None, run_dir: Path, is_main: bool) -> PreparedData:

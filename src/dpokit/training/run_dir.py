@@ -1,0 +1,196 @@
+"""The run directory has one owner: a folder dpokit made, written by one run at a time.
+
+    .dpokit-run.json       the marker: dpokit made this folder (written when a run first claims it)
+    .dpokit.lock           {"pid", "host", "started"}: the run writing into it now; removed on any exit
+    earlier-eval-<time>/   eval.json (dpokit eval --out RUN/eval.json) of a model a new run replaces
+
+`claim` is the one way into a run directory (dpokit train and sft, the pipeline's round runs, dpokit
+eval --out into a run directory). It refuses a folder holding files dpokit did not write (listing a
+few) unless train.overwrite=true: a user's folder lost final/my_weights.bin and had its config.yaml and
+metrics.jsonl overwritten without a word. It takes the lock: two runs writing into one folder mixed
+their metrics.jsonl records and one died with a FileNotFoundError. A lock whose PID is no longer
+running (a SIGKILLed run) is taken over with a note. `RunDir.abandon` undoes a claim whose run failed
+its config or data checks, so a failed check leaves no out_dir behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from dpokit.config import Config, ConfigError, resolve_paths
+from dpokit.training.checkpoint import list_checkpoints
+from dpokit.version import __version__
+
+MARKER = ".dpokit-run.json"
+LOCK = ".dpokit.lock"
+EVAL_FILES = ("eval.json", "eval.md", "eval.samples.jsonl")  # what `dpokit eval --out RUN/eval.json` writes
+# Every top-level name dpokit writes into a run directory (the loop, resume, export, report, trackers, eval --out).
+# In a marked folder these are dpokit's; anything else there, or anything at all in an unmarked folder, is not.
+RUN_NAMES = frozenset({"config.yaml", "data_summary.json", "metrics.jsonl", ".metrics.jsonl.tmp", "report.html", "checkpoints",
+                       "final", ".tmp-final", "tensorboard", "wandb", ".config.yaml.tmp", MARKER, LOCK, *EVAL_FILES})
+RUN_PREFIXES = (".deleting-final-", "earlier-eval-")
+_SHOWN = 4  # foreign entries named in the refusal
+
+
+@dataclass
+class RunDir:
+    """A claimed run directory; `release` (any exit) or `abandon` (a failed setup) gives it back."""
+
+    path: Path
+    created: bool  # this claim made the folder: abandoning it removes it again
+    held: bool = True  # this process holds its lock
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            if (_read_lock(self.path / LOCK) or {}).get("pid") == os.getpid():  # never another run's lock
+                (self.path / LOCK).unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        """The run stopped before training (a config or data check failed): a folder this claim made is removed."""
+        self.release()
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def save_config(self, cfg: Config, adjustments: list[str]) -> None:
+        """config.yaml: the config that ran, after every automatic adjustment (each said in a comment), paths resolved,
+        so `dpokit train RUN/config.yaml` repeats the run from any directory."""
+        header = ""
+        if adjustments:
+            header = "# dpokit changed these settings before training; the values below are the ones that ran\n"
+            header += "".join(f"# adjusted: {note}\n" for note in adjustments)
+        _write_atomically(self.path / "config.yaml", header + yaml.safe_dump(resolve_paths(cfg).to_dict(), sort_keys=False))
+
+
+def claim(path, overwrite: bool, key: str = "out_dir", names: frozenset = RUN_NAMES) -> RunDir:
+    """Make or take `path` for one run: marker, ownership check, lock. ConfigError (one line) when it is not ours to write.
+
+    `names`: the top-level entries dpokit writes in this kind of folder (a run directory, a pipeline folder).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={str(path)!r} is a file, not a folder")
+    created = not path.exists()
+    foreign = [] if created else foreign_entries(path, names)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
+        raise ConfigError(f"{key}={str(path)!r} holds files dpokit did not write ({shown}); nothing was written: use another "
+                          f"{key}, or train.overwrite=true to write into it anyway (dpokit's files there are replaced)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        _take_lock(path, key)
+        if not (path / MARKER).is_file():
+            _write_atomically(path / MARKER, json.dumps({"format": 1, "made_by": f"dpokit {__version__}",
+                                                         "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    except OSError as e:
+        raise ConfigError(f"{key}={str(path)!r}: cannot write the run directory: {e}") from None
+    return RunDir(path, created)
+
+
+def foreign_entries(path: Path, names: frozenset = RUN_NAMES) -> list[str]:
+    """Top-level entries of `path` that dpokit did not write ("final/" for a folder), sorted.
+
+    A folder without the marker is dpokit's only when it holds a checkpoint and nothing but dpokit's names:
+    a run directory written before dpokit marked them, which must still resume.
+    """
+    entries = sorted(path.iterdir())
+    ours = [e for e in entries if e.name in names or e.name.startswith(RUN_PREFIXES)]
+    if not (path / MARKER).is_file() and not (len(ours) == len(entries) and list_checkpoints(path)):
+        ours = []
+    return [e.name + ("/" if e.is_dir() else "") for e in entries if e not in ours]
+
+
+def set_aside_evaluation(path: Path) -> Optional[Path]:
+    """A new run replaces the model `dpokit eval --out RUN/eval.json` measured: its files move to earlier-eval-<time>/,
+    so the report never shows them as this run's."""
+    found = [path / name for name in EVAL_FILES if (path / name).is_file()]
+    if not found:
+        return None
+    aside = path / f"earlier-eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(exist_ok=True)
+    for file in found:
+        os.replace(file, aside / file.name)
+    print(f"[dpokit] {path}: eval.json measured the model of an earlier run; moved to {aside.name}/", flush=True)
+    return aside
+
+
+def in_use(path: Path) -> Optional[str]:
+    """Why nothing else may write into the run directory `path` now (a live run holds it), or None."""
+    holder = _read_lock(Path(path) / LOCK)
+    return _held_by(path, holder) if holder and _alive(holder) else None
+
+
+# --- the lock ----------------------------------------------------------------------------------
+
+
+def _take_lock(path: Path, key: str) -> None:
+    lock = path / LOCK
+    for _ in range(3):  # a dead run's lock is removed, then created again; another taker may win the race
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder is None and time.time() - _mtime(lock) < 10:  # being written by a run starting right now
+                time.sleep(0.2)
+                continue
+            if holder is not None and _alive(holder):
+                raise ConfigError(f"{key}={str(path)!r} {_held_by(path, holder)}: wait for it to end, or use another {key}") from None
+            who = f"PID {holder.get('pid')}" if holder else "an unreadable lock"
+            print(f"[dpokit] {path}: the run that held it ({who}) is no longer running; its lock is taken over", flush=True)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+        return
+    raise ConfigError(f"{key}={str(path)!r}: another run took its lock at the same time; use another {key}")
+
+
+def _held_by(path: Path, holder: dict) -> str:
+    return f"is in use by another dpokit run (PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')})"
+
+
+def _read_lock(lock: Path) -> Optional[dict]:
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's process still runs. On another host it cannot be told: taken as running."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = holder["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: it runs no more
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
