@@ -150,6 +150,20 @@ def test_truncation_rate_at_the_configured_limits(tmp_path):
     assert "data.max_length=40" in check.advice
 
 
+def test_truncation_advice_stays_within_the_model_s_context(tmp_path):
+    # Issue 20: the doctor suggested data.max_length=2855 for a model whose context is 2048.
+    from dpokit.tiny import build_tiny_llama
+
+    long_prompt = " ".join(["the film was"] * 6)  # 18 tokens
+    rows = [{"prompt": long_prompt, "chosen": " good " + "very " * 20, "rejected": " bad"}] * 3 + synthetic_pairs(3, seed=1)
+    small = build_tiny_llama(word_tokenizer(), hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=32)
+    report = _doctor(tmp_path, rows, word_tokenizer(), reference_model=small, sample_size=0)
+    check = report.check("truncation")
+    assert check.numbers["p99_total_tokens"] == 40 and check.numbers["context_length"] == 32
+    assert "data.max_length=40" not in check.advice and "data.max_length=32" in check.advice
+    assert "context" in check.advice and "filter out the longest rows" in check.advice
+
+
 def test_template_whose_prompt_render_is_not_a_prefix_fails(tmp_path):
     # A default system turn added only when the conversation does not end with the assistant: the prompt render
     # (ending with the user turn) then starts differently from the full conversation.

@@ -82,7 +82,11 @@ def test_rows_that_cannot_be_scored_are_counted_not_dropped_silently(tmp_path, c
     cfg["data"]["retention_path"] = str(tmp_path / "retention.jsonl")
     dpokit.train(cfg)
     out = capsys.readouterr().out
-    assert "retention set" in out and "3 examples" in out and "1 rows skipped: unrecognised SFT layout" in out
+    assert "retention set" in out and "3 examples" in out
+    assert "[data] retention: 4 rows read, 3 examples used, 1 dropped" in out and "dropped 1: unrecognised SFT layout" in out  # the same skip report as every other input file ...
+    section = json.loads((tmp_path / "run" / "data_summary.json").read_text())["retention"]  # ... and its own section
+    assert (section["rows_read"], section["rows_used"], section["rows_skipped"]) == (4, 3, 1)
+    assert list(section["skipped_by_reason"]) == ["unrecognised SFT layout (columns: text_only; expected prompt+completion or messages)"]
 
 
 def test_a_retention_file_with_no_usable_row_names_the_key(tmp_path):

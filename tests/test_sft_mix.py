@@ -3,6 +3,7 @@ its invariance to gradient accumulation (plain and fast steps), its metric, the 
 demo language's SFT text from being forgotten."""
 
 import copy
+import json
 import dataclasses
 
 import pytest
@@ -156,3 +157,15 @@ def test_mixing_lowers_the_retention_drift_of_an_aggressive_run_on_the_demo_lang
     mixed = run("mixed", sft_mix_path=small_demo["mix"], sft_mix_batch_size=4)
     assert without > 0.1  # the aggressive run forgets the SFT text ...
     assert mixed < 0.6 * without, (mixed, without)  # ... and mixing SFT rows into it keeps most of it
+
+
+def test_rows_of_the_mix_file_that_fail_to_parse_are_reported_and_summarised(tmp_path, capsys):
+    # Issue 20: 3 of 5 bad rows were dropped with nothing printed and nothing in data_summary.json.
+    bad = [{"text_only": "x"}, {"prompt": "p", "completion": " c", "label": False}, {"prompt": "p", "completion": 3}]
+    mix = write_jsonl(tmp_path / "mix.jsonl", SFT_ROWS[:2] + bad)
+    result = dpokit.train(_cfg(tmp_path, data={"sft_mix_path": str(mix)}, train={"max_steps": 1}))
+    out = capsys.readouterr().out
+    assert "[data] sft_mix: 5 rows read" in out and "3 dropped" in out and "unrecognised SFT layout" in out
+    section = json.loads((result.run_dir / "data_summary.json").read_text())["sft_mix"]
+    assert (section["path"], section["rows_read"], section["rows_used"], section["rows_skipped"]) == (str(mix), 5, 2, 3)
+    assert sum(section["skipped_by_reason"].values()) == 3 and section["pairs"] == 2

@@ -82,6 +82,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'doctor.unknown_token_warn_rate' must be in [0, 1], got {cfg.doctor.unknown_token_warn_rate}")
     if not 0.0 <= cfg.data.max_unknown_token_rate <= 1.0:
         raise ConfigError(f"config key 'data.max_unknown_token_rate' must be in [0, 1], got {cfg.data.max_unknown_token_rate}")
+    if not 0.0 <= cfg.data.max_empty_render_fraction <= 1.0:
+        raise ConfigError(f"config key 'data.max_empty_render_fraction' must be in [0, 1], got {cfg.data.max_empty_render_fraction}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {cfg.data.eval_fraction}")
     if cfg.optim.lr <= 0:

@@ -14,6 +14,12 @@ Truncation, applied in this order:
 A pair whose chosen or rejected completion is empty after this is skipped and
 counted, never fed to the loss (an empty completion gives a zero log-prob and a
 meaningless reward).
+
+A completion the chat template renders as nothing is skipped and counted too (`EmptyRender`):
+one whose tool calls the template ignores (it renders the same with and without them:
+TOOL_CALLS_IGNORED), or one that renders like an empty assistant reply, the end-of-turn marker
+alone (END_MARKER_ONLY). Trained on, such pairs teach "an empty reply beats the answer".
+Past data.max_empty_render_fraction of the pairs, preparing the data stops (`empty_render_problem`).
 """
 
 from __future__ import annotations
@@ -56,6 +62,22 @@ class TemplateRefused(DataError):
     """The chat template raised on one conversation (a row problem: tokenize_pairs skips and counts it)."""
 
     cause = ""
+
+
+TOOL_CALLS_IGNORED = "the chat template ignores tool_calls: the completion renders the same without its tool calls"
+END_MARKER_ONLY = "the completion renders to no token but the end-of-turn marker"
+EMPTY_RENDER_REASONS = (TOOL_CALLS_IGNORED, END_MARKER_ONLY)
+# An empty assistant reply renders to a few tokens (the end-of-turn marker, an empty think block at most);
+# only completions this short can equal it, so longer ones skip the extra render.
+_EMPTY_REPLY_MAX_TOKENS = 32
+
+
+class EmptyRender(DataError):
+    """One completion renders as nothing a model could learn from; `reason` is one of EMPTY_RENDER_REASONS."""
+
+    def __init__(self, reason: str, side: str, source: str):
+        super().__init__(f"{side}: {reason}", path=source)
+        self.reason, self.side = reason, side
 
 
 def _common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -106,7 +128,33 @@ def render_ids(example: PreferenceExample, tokenizer) -> tuple[list[int], list[i
         full_chosen = tokenizer(example.prompt + chosen_text)["input_ids"]
         full_rejected = tokenizer(example.prompt + rejected_text)["input_ids"]
     n = min(_common_prefix_length(prompt, full_chosen), _common_prefix_length(prompt, full_rejected))
+    for side, completion, full in (("chosen", example.chosen, full_chosen), ("rejected", example.rejected, full_rejected)):
+        if side == "rejected" and example.rejected is example.chosen:  # one completion rendered twice (unpaired rows)
+            break
+        if example.conversational:
+            _check_rendered(tokenizer, example, side, completion, full, len(full) - n)
+        elif list(full[n:]) == [tokenizer.eos_token_id]:  # text the tokenizer turns into nothing
+            raise EmptyRender(END_MARKER_ONLY, side, example.source)
     return list(prompt[:n]), list(full_chosen[n:]), list(full_rejected[n:])
+
+
+def _check_rendered(tokenizer, example, side: str, completion: list, full: list[int], completion_tokens: int) -> None:
+    """Raise EmptyRender when `completion` renders (in `full`, the whole conversation) as nothing: its tool
+    calls ignored, or no more than an empty assistant reply. A template that refuses the comparison render
+    proves nothing either way: the completion is kept."""
+
+    def same_render(messages: list) -> bool:
+        try:
+            rendered = tokenizer.apply_chat_template(example.prompt + messages, tokenize=True, **template_kwargs(example))
+        except Exception:  # noqa: BLE001 (any template error: see the docstring)
+            return False
+        return encoded_ids(rendered) == list(full)
+
+    without_calls = [{k: v for k, v in m.items() if k != "tool_calls"} for m in completion]
+    if any(m.get("tool_calls") for m in completion) and same_render(without_calls):
+        raise EmptyRender(TOOL_CALLS_IGNORED, side, example.source)
+    if completion_tokens <= _EMPTY_REPLY_MAX_TOKENS and same_render([{"role": "assistant", "content": ""}]):
+        raise EmptyRender(END_MARKER_ONLY, side, example.source)
 
 
 def tokenize_pairs(
@@ -130,6 +178,12 @@ def tokenize_pairs(
             if report is None:
                 raise
             report.skip("the chat template cannot render the conversation", f"{ex.source} ({error.cause[:80]})")
+            dropped_rows.add(row_of(ex))
+            continue
+        except EmptyRender as empty:
+            if report is None:
+                raise
+            report.skip(empty.reason, f"{ex.source} ({empty.side})")
             dropped_rows.add(row_of(ex))
             continue
         if len(prompt) > max_prompt_length:
@@ -156,3 +210,17 @@ def tokenize_pairs(
     if report is not None:
         report.rows_used -= len(dropped_rows - kept_rows)
     return out, stats
+
+
+def empty_render_problem(report: SkipReport, examples: int, limit: float, path: str, unit: str = "pairs") -> str | None:
+    """The error when more than `limit` (data.max_empty_render_fraction) of the `examples` tokenised (pairs, or
+    completions: `unit`) were skipped as rendered to nothing: then the template, not a few odd rows, is at fault."""
+    counts = {reason: report.skipped[reason] for reason in EMPTY_RENDER_REASONS if report.skipped[reason]}
+    skipped = sum(counts.values())
+    if not examples or skipped / examples <= limit:
+        return None
+    causes = "; ".join(f"{reason} ({n}, e.g. {', '.join(report.examples[reason][:2])})" for reason, n in counts.items())
+    return (f"{path}: {skipped} of {examples} {unit} ({skipped / examples:.0%}, above data.max_empty_render_fraction={limit:g}) "
+            f"have a completion the chat template renders as nothing: {causes}. Trained on, they teach that an empty reply "
+            "beats the answer. Use a chat template that renders tool calls (the model's own, if it was trained for tool "
+            "use), or remove these rows")

@@ -16,7 +16,7 @@ from typing import Any
 from dpokit.config import Config, load_config
 from dpokit.data.layouts import load_preferences
 from dpokit.data.records import DataError, PreferenceExample
-from dpokit.data.token_health import measure_token_health, paired_rows
+from dpokit.data.token_health import measure_token_health, model_context_length, paired_rows
 from dpokit.data.vision import load_vision_preferences
 from dpokit.doctor.reference_checks import reference_logps_check, reference_preference_check, sample_pairs, score_pairs
 from dpokit.doctor.report import CheckResult, DoctorReport
@@ -99,7 +99,8 @@ def run_doctor(
         report.add(token_health_check(health))
         report.add(unknown_tokens_check(health, cfg.data.max_unknown_token_rate, thresholds.unknown_token_warn_rate))
         report.add(length_bias_check(scan.chosen_lengths, scan.rejected_lengths, "tokens", thresholds))
-        report.add(truncation_check(scan, cfg.data.max_length, cfg.data.max_prompt_length, thresholds))
+        report.add(truncation_check(scan, cfg.data.max_length, cfg.data.max_prompt_length, thresholds,
+                                    _model_context(cfg, reference_model, model_name)))
         report.add(template_prefix_check(scan))
         report.add(special_tokens_check(scan))
         report.add(completion_end_check(scan))
@@ -137,6 +138,20 @@ def _scan(examples: list[PreferenceExample], tokenizer, cfg: Config, report: Doc
     except DataError as error:  # e.g. conversational rows and a tokenizer without a chat template
         report.add(CheckResult("tokenisation", "fail", str(error), "Training would stop here with the same error."))
         return None
+
+
+def _model_context(cfg: Config, reference_model, model_name: str | None) -> int | None:
+    """The model's context length, for advice that must stay within it; None when unknown (the context_length
+    check says why)."""
+    model_config = getattr(reference_model, "config", None)
+    if model_config is None and model_name:
+        try:
+            model_config = load_model_config(dataclasses.replace(cfg.model, name_or_path=model_name))
+        except ModelLoadError:
+            return None
+    if hasattr(model_config, "get_text_config"):
+        model_config = model_config.get_text_config()
+    return model_context_length(model_config) if model_config is not None else None
 
 
 def _context_check(report: DoctorReport, cfg: Config, reference_model, model_name: str | None) -> None:

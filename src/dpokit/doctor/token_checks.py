@@ -24,7 +24,7 @@ from dpokit.data.token_health import (
     model_context_length,
     token_health_problems,
 )
-from dpokit.data.tokenization import TokenizationStats, TokenizedPair, render_ids, template_kwargs, tokenize_pairs
+from dpokit.data.tokenization import EmptyRender, TokenizationStats, TokenizedPair, render_ids, template_kwargs, tokenize_pairs
 from dpokit.data.tokenization import encoded_ids  # one place knows transformers 4 vs 5 return types
 from dpokit.doctor.report import CheckResult
 from dpokit.config import DoctorConfig
@@ -122,7 +122,11 @@ def scan_tokens(examples: list[PreferenceExample], tokenizer, max_length: int, m
     inspector = _TokenInspector(tokenizer)
     for ex in examples:
         scan.rows += 1
-        prompt, chosen, rejected = render_ids(ex, cached)
+        try:
+            prompt, chosen, rejected = render_ids(ex, cached)
+        except EmptyRender:  # counted in scan.skips below, as training counts it; the completion_render check reports it
+            tokenize_pairs([ex], cached, max_length, max_prompt_length, scan.skips)
+            continue
         scan.prompt_lengths.append(len(prompt))
         scan.chosen_lengths.append(len(chosen))
         scan.rejected_lengths.append(len(rejected))
@@ -176,26 +180,34 @@ def _p99(values: list[int]) -> int:
     return ordered[min(len(ordered) - 1, int(0.99 * (len(ordered) - 1) + 0.5))] if ordered else 0
 
 
-def truncation_check(scan: TokenScan, max_length: int, max_prompt_length: int, thresholds: DoctorConfig) -> CheckResult:
-    """How many prompts and completions training would cut, and limits that would keep 99% of rows whole."""
+def truncation_check(scan: TokenScan, max_length: int, max_prompt_length: int, thresholds: DoctorConfig,
+                     context: int | None = None) -> CheckResult:
+    """How many prompts and completions training would cut, and limits that would keep 99% of rows whole,
+    never past the model's `context` (its max_position_embeddings, when known)."""
     n = max(scan.rows, 1)
     stats = scan.stats
     shares = {"prompt": stats.prompts_truncated / n, "chosen": stats.chosen_truncated / n, "rejected": stats.rejected_truncated / n}
     full = [p + max(c, r) for p, c, r in zip(scan.prompt_lengths, scan.chosen_lengths, scan.rejected_lengths)]
     numbers = {"max_length": max_length, "max_prompt_length": max_prompt_length, "share": shares,
-               "p99_prompt_tokens": _p99(scan.prompt_lengths), "p99_total_tokens": _p99(full)}
+               "p99_prompt_tokens": _p99(scan.prompt_lengths), "p99_total_tokens": _p99(full), "context_length": context}
     summary = (f"at data.max_length={max_length}, data.max_prompt_length={max_prompt_length}: prompts cut in "
                f"{shares['prompt']:.1%} of pairs, chosen in {shares['chosen']:.1%}, rejected in {shares['rejected']:.1%} "
                f"(p99 tokens: prompt {numbers['p99_prompt_tokens']}, prompt + longer completion {numbers['p99_total_tokens']})")
     worst = max(shares.values())
     if worst <= thresholds.truncation_warn_share:
         return CheckResult("truncation", "ok", summary, numbers=numbers)
+    whole_prompt, whole_total = max(numbers["p99_prompt_tokens"], 1), max(numbers["p99_total_tokens"], 2)
+    if context is None or whole_total <= context:
+        fix = (f"To keep 99% of rows whole set data.max_prompt_length={whole_prompt} and data.max_length={whole_total}, "
+               "or filter out the longest rows.")
+    else:  # positions past the context were never trained (the context_length check fails there): cap at it
+        fix = (f"Keeping 99% of rows whole would take {whole_total} tokens, past the model's context of {context} "
+               f"tokens: set data.max_length={context} and data.max_prompt_length={min(whole_prompt, context // 2)}, and "
+               "filter out the longest rows (or shorten them) so fewer are cut.")
     return CheckResult(
         "truncation", "fail" if worst > thresholds.truncation_fail_share else "warn", summary,
         "A cut completion loses its EOS (the model is not taught to stop there) and compares partial answers; a cut "
-        f"prompt loses its oldest turns. To keep 99% of rows whole set data.max_prompt_length="
-        f"{max(numbers['p99_prompt_tokens'], 1)} and data.max_length={max(numbers['p99_total_tokens'], 2)}, "
-        "or filter out the longest rows.", numbers,
+        f"prompt loses its oldest turns. {fix}", numbers,
     )
 
 

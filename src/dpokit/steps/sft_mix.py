@@ -55,11 +55,13 @@ class SFTMix:
         self.seed, self.rank, self.world = cfg.train.seed + MIX_SEED_OFFSET, rank, world
 
     @classmethod
-    def from_config(cls, cfg: Config, tokenizer, rank: int = 0, world: int = 1) -> "SFTMix | None":
-        """None when data.sft_mix_path is unset."""
+    def from_config(cls, cfg: Config, tokenizer, rank: int = 0, world: int = 1, examples: list | None = None) -> "SFTMix | None":
+        """None when data.sft_mix_path is unset. examples: the file's, already prepared (training.setup.training_data
+        reports their skips); else it is prepared here."""
         if not cfg.data.sft_mix_path:
             return None
-        examples, _ = prepare_sft_file(cfg.data.sft_mix_path, "data.sft_mix_path", cfg, tokenizer)
+        if examples is None:
+            examples, _ = prepare_sft_file(cfg.data.sft_mix_path, "data.sft_mix_path", cfg, tokenizer)
         return cls(examples, cfg, rank, world)
 
     def draw(self, step: int, pad_token_id: int) -> MixedBatches:

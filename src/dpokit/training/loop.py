@@ -227,7 +227,7 @@ def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerato
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     reference = prepare_reference(reference, accelerator)
     retention = prepare_retention(cfg, tokenizer, policy, reference, with_reference and cfg.speed.ref_cache and objective.reads_reference_cache,
-                                  accelerator)  # before a checkpoint's weights are loaded: the reference's NLL
+                                  accelerator, data.side.get("retention"))  # before a checkpoint's weights are loaded: the reference's NLL
     # Under FSDP, Accelerate clips through the wrapper, which it recognises by its whole parameter list.
     params = list(policy.parameters()) if is_sharded(accelerator) else [p for p in policy.parameters() if p.requires_grad]
 
@@ -243,7 +243,8 @@ def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerato
                micro_per_epoch=micro_per_epoch, params=params, detectors=detectors, state=state, window=window, log=log,
                last_logged=last_logged, gen_prompts=gen_prompts, empty_data=EmptyDataGuard(type(tokenizer).__name__), step=state.step,
                beta_schedule=AdaptiveBeta(cfg.loss, accelerator, state) if cfg.loss.beta_schedule == "adaptive" else None,
-               owner=owner, retention=retention, mix=SFTMix.from_config(cfg, tokenizer, accelerator.process_index, accelerator.num_processes))
+               owner=owner, retention=retention, mix=SFTMix.from_config(cfg, tokenizer, accelerator.process_index, accelerator.num_processes,
+                                                                 data.side.get("sft_mix")))
 
 
 # --- the optimizer steps -----------------------------------------------------------------------

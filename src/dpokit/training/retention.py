@@ -79,16 +79,21 @@ def _scorer(examples: list, batch_size: int, accelerator):
     return score
 
 
-def prepare_retention(cfg: Config, tokenizer, policy, reference, reads_cache: bool, accelerator) -> RetentionSet | None:
+def prepare_retention(cfg: Config, tokenizer, policy, reference, reads_cache: bool, accelerator,
+                      examples: list | None = None) -> RetentionSet | None:
     """The retention set with its reference NLL, or None when data.retention_path is unset.
 
     Call before any update and before a checkpoint's weights are loaded: the policy is then the
     starting model (with LoRA: its adapters are turned off for the reference's NLL anyway).
     reads_cache: the run's reference log-probs come from the on-disk cache (so does the retention NLL).
+    examples: the file's, already prepared (training.setup.training_data prints and saves their skip
+    report with the data summary); else it is prepared here and its skips are printed here.
     """
     if not cfg.data.retention_path:
         return None
-    examples, report = prepare_sft_file(cfg.data.retention_path, "data.retention_path", cfg, tokenizer)
+    summary = None
+    if examples is None:
+        examples, summary = prepare_sft_file(cfg.data.retention_path, "data.retention_path", cfg, tokenizer)
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     score = _scorer(examples, batch_size, accelerator)
     if reads_cache:
@@ -103,8 +108,8 @@ def prepare_retention(cfg: Config, tokenizer, policy, reference, reads_cache: bo
                else "the starting policy (no reference model in this run)")
     nll_ref = nll_sum / max(tokens, 1)
     if accelerator.is_main_process:
-        skipped = f"; {report.rows_skipped} rows skipped: " + ", ".join(f"{r} ({n})" for r, n in report.skipped.most_common()) \
-            if report.rows_skipped else ""
+        reasons = ", ".join(f"{r} ({n})" for r, n in summary["skipped_by_reason"].items()) if summary else ""
+        skipped = f"; {summary['rows_skipped']} rows skipped: {reasons}" if summary and summary["rows_skipped"] else ""
         print(f"[dpokit] retention set {cfg.data.retention_path}: {len(examples)} examples, {tokens} completion tokens{skipped}; "
               f"reference NLL {nll_ref:.4f} nats/token ({how})", flush=True)
     return RetentionSet(examples, nll_ref, batch_size)

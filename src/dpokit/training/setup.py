@@ -19,6 +19,7 @@ from accelerate.utils import broadcast_object_list
 from dpokit.config import Config, ConfigError, SpeedConfig
 from dpokit.data.prepare import PreparedData, format_summary
 from dpokit.data.records import DataError
+from dpokit.data.sft import prepare_side_files
 from dpokit.ref_cache.build import ensure_reference_cache
 from dpokit.reference import make_reference
 from dpokit.steps import Step
@@ -85,8 +86,11 @@ def make_run_dir(cfg: Config, accelerator) -> RunDir:
 
 
 def training_data(cfg: Config, objective: Step, tokenizer, data: PreparedData | None, run_dir: Path, is_main: bool) -> PreparedData:
-    """The run's prepared data (given, or prepared by the step); the main process prints and saves its summary."""
+    """The run's prepared data (given, or prepared by the step) with the SFT files beside it (data.sft_mix_path,
+    data.retention_path); the main process prints and saves the summary, one section per input file."""
     data = data or objective.prepare(cfg, tokenizer)
+    side, sections = prepare_side_files(cfg, tokenizer)
+    data = dataclasses.replace(data, summary={**data.summary, **sections}, side={**data.side, **side})
     if is_main:
         print(format_summary(data.summary), flush=True)
         (run_dir / "data_summary.json").write_text(json.dumps(data.summary, indent=2))
