@@ -60,7 +60,7 @@ def test_rows_put_policy_and_baseline_side_by_side_with_standard_errors():
     ]
     assert "| ifeval | prompt-level strict | 50.0% ± 25.0% | 25.0% |" in markdown(metrics)
     kl = markdown({"kl_to_reference": 1.5})
-    assert "| samples | KL(policy \\|\\| reference), nats, k3 | 1.50 |  |" in kl  # escaped: 4 columns, not 6
+    assert "| samples | KL(policy \\|\\| reference), nats, k3 of the sampled log-ratio | 1.50 |  |" in kl  # escaped: 4 columns, not 6
 
 
 def test_a_run_without_eval_json_has_no_section_and_a_broken_one_says_so(tmp_path):
@@ -90,6 +90,28 @@ def test_a_suite_missing_its_judge_is_refused_before_any_model_loads(capsys):
     assert "multiturn single mode needs a judge" in capsys.readouterr().err
     assert main(["eval", "--policy", "no/such/model", "--prompts", "p.jsonl", "--suite", "lc_winrate"]) == 2
     assert "lc_winrate needs win-rate judgments" in capsys.readouterr().err
+
+
+def test_the_table_shows_the_exact_kl_with_its_estimator_and_the_sampled_one_beside_it():
+    # Issue 20: eval.md showed only the sampled k3 estimate (6.04 ± 5.23); the exact next-token KL (1.47 ± 0.15)
+    # reached the console only.
+    from dpokit.online.suites.view import markdown
+
+    table = markdown({"kl_to_reference": 6.04, "kl_to_reference_sem": 5.23, "kl_tokenwise": 1.47, "kl_tokenwise_sem": 0.15})
+    lines = [line for line in table.splitlines() if line.startswith("| samples | KL")]
+    assert len(lines) == 2 and "exact next-token" in lines[0] and "1.47 ± 0.15" in lines[0]
+    assert "k3" in lines[1] and "6.04 ± 5.23" in lines[1] and "same expectation" in table
+
+
+def test_eval_names_the_missing_option_before_any_model_loads(capsys):
+    # Issue 20: --suite lc_winrate with --prompts and --scorer but no --reference said "give --prompts and a judge
+    # or --scorer" after sampling; what it lacks is a baseline to judge the policy's samples against.
+    assert main(["eval", "--policy", "no/such/model", "--prompts", "p.jsonl", "--scorer", "m:f", "--suite", "lc_winrate"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lc_winrate needs a baseline" in err[0] and "--reference" in err[0] and "--scorer" not in err[0]
+    # --pairs without --reference: preference accuracy cannot be measured, which was left out without a word
+    assert main(["eval", "--policy", "no/such/model", "--prompts", "p.jsonl", "--pairs", "pairs.jsonl"]) == 2
+    assert "--pairs needs --reference" in capsys.readouterr().err
 
 
 def test_eval_suite_keys_are_checked_and_a_pipeline_refuses_suites_it_would_not_run():

@@ -38,12 +38,17 @@ class SuiteOptions:
 
 
 def check_suite_args(args) -> None:
-    """Refuse, before any model is loaded, a suite that would lack what it needs."""
+    """Refuse, before any model is loaded or sampled, options that could not give what was asked; names what is missing."""
     suites = set(args.suite)
     if not args.prompts and (not suites or "lc_winrate" in suites):
         raise SuiteError("--prompts is needed for the sampled evaluation" + (" (lc_winrate reads its win-rate judgments)" if suites else ""))
     if "lc_winrate" in suites and not (args.judge_url or args.local_judge or args.scorer):
         raise SuiteError("lc_winrate needs win-rate judgments: give a judge (--judge-url, --local-judge) or --scorer")
+    if "lc_winrate" in suites and not (args.baseline or args.reference):  # the win rate compares with the baseline
+        raise SuiteError("lc_winrate needs a baseline to judge the policy's samples against: --reference (the default "
+                         "baseline) or --baseline")
+    if getattr(args, "pairs", None) and not args.reference:  # preference accuracy is log pi/ref on the held-out pairs
+        raise SuiteError("--pairs needs --reference: held-out preference accuracy is the implicit reward log pi/ref")
     if "multiturn" in suites and args.multiturn_mode == "single" and not args.judge_url:
         raise SuiteError("multiturn single mode needs a judge behind an API: --judge-url and --judge-model "
                          "(or --multiturn-mode pairwise with --local-judge)")
@@ -55,8 +60,9 @@ def check_suite_args(args) -> None:
 
 def lc_from_judgments(judgments: Sequence[dict], bootstrap: int, seed: int) -> dict:
     usable = [j for j in judgments if j["win"] is not None and math.isfinite(j["win"])]  # NaN: no readable verdict
-    if not usable:
-        raise SuiteError("lc_winrate needs win-rate judgments: give --prompts and a judge (--judge-url, --local-judge) or --scorer")
+    if not usable:  # check_suite_args has refused the options that give no judgments at all
+        raise SuiteError(f"lc_winrate: none of the {len(judgments)} win-rate judgments is usable (each lacks a score or "
+                         "a readable verdict); see the samples and the judge's replies")
     out = lc_win_rate([j["win"] for j in usable], [j["length_diff"] for j in usable], [j["prompt_index"] for j in usable],
                       bootstrap=bootstrap, seed=seed)
     out["skipped_judgments"] = len(judgments) - len(usable)  # a missing score or an unreadable verdict: counted, not hidden
