@@ -12,7 +12,7 @@ LAYERS = [
     {"version", "inputs"}, {"losses"}, {"config"}, {"data"},
     {"models", "logprobs", "packed_attention", "generation", "optimizers", "tiny", "tiny_vision"},
     {"reference", "detectors", "demo"}, {"steps"}, {"ref_cache"}, {"report"}, {"training"},
-    {"online", "doctor", "plan"}, {"cli"}, {"__init__", "__main__"},
+    {"online", "doctor", "plan"}, {"cli", "robustness"}, {"__init__", "__main__"},
 ]
 
 

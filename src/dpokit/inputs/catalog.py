@@ -34,6 +34,7 @@ INPUTS: tuple[Input, ...] = (
     Input(_TRAINING[:5], "CONFIG", "config", "config", dest="config", also="a shipped config name (demo)"),
     Input(("doctor",), "--config", "config", "config", dest="config", also="a shipped config name"),
     Input(("pipeline",), "CONFIG", "config", "pipeline_config", dest="config", also="a shipped pipeline name"),
+    Input(("config",), "--from", "config", "config_from", dest="from_file", also="an Axolotl or TRL config"),
     Input(_TRAINING, "data.path", "data", "rows", also="a datasets folder or a hub id"),
     Input(_TRAINING, "data.eval_path", "data", "rows", also="a datasets folder or a hub id"),
     Input(_TRAINING, "data.retention_path", "data", "rows", also="a datasets folder or a hub id"),

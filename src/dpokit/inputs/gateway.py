@@ -66,7 +66,7 @@ KINDS: dict[str, InputKind] = {k.name: k for k in (
     InputKind("run", 4 * GiB, "a run directory's own files read back (metrics.jsonl, config.yaml, summaries)"),
 )}
 
-MAX_LINE_BYTES = 256 * MiB  # one JSON line; a row over this is a file of zeros, not a preference pair
+MAX_LINE_BYTES = 64 * MiB  # one JSON line; a row over this is a file of zeros, not a preference pair (nor an image row)
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; checked from the header, before the pixels are decoded
 
 

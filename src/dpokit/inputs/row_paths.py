@@ -70,6 +70,6 @@ def check_image_bytes(raw: bytes, where: str = "") -> None:
     except RowPathError:
         raise
     except Image.DecompressionBombError:
-        raise RowPathError(f"image is over the {MAX_IMAGE_PIXELS:,} pixel limit", where) from None
+        raise RowPathError(f"image is over the {MAX_IMAGE_PIXELS:,} pixel limit (a decompression bomb)", where) from None
     except Exception as error:  # PIL raises many types for a non-image or a damaged one
         raise RowPathError(f"not a readable image ({type(error).__name__})", where) from None

@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from dpokit.detectors import replay
+from dpokit.inputs import InputError, read_bytes
 
 Verdict = Literal["healthy", "warnings", "stopped", "no metrics"]
 
@@ -70,10 +71,20 @@ def number(value: Any) -> Optional[float]:
     return float(value) if math.isfinite(value) else None
 
 
+def run_file_text(path: Path, notes: list[str]) -> str:
+    """A run-directory file's text through the input gateway (a regular file, at most its kind's limit);
+    what cannot be read becomes a note on the page, not a traceback (a RUN_DIR is named by the user)."""
+    try:
+        return read_bytes(path, "run").decode("utf-8", errors="replace")
+    except InputError as error:
+        notes.append(f"{path.name}: {error.reason}")
+        return ""
+
+
 def read_records(path: Path, notes: list[str]) -> list[dict]:
     """metrics.jsonl's objects; a line that is not a JSON object (an interrupted write) is skipped with a note."""
     records, bad = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+    for n, line in enumerate(run_file_text(path, notes).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -135,7 +146,7 @@ def _load_config(run_dir: Path, run: RunData) -> None:
     if not path.is_file():
         run.notes.append("no config.yaml in the run directory: the config section is empty")
         return
-    run.config_text = path.read_text(encoding="utf-8", errors="replace")
+    run.config_text = run_file_text(path, run.notes)
     try:
         loaded = yaml.safe_load(run.config_text)
     except yaml.YAMLError as e:
@@ -150,7 +161,7 @@ def _load_summary(run_dir: Path, run: RunData) -> None:
         run.notes.append("no data_summary.json in the run directory: the data section is empty")
         return
     try:
-        summary = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        summary = json.loads(run_file_text(path, run.notes) or "null")
     except json.JSONDecodeError:
         run.notes.append("data_summary.json is not valid JSON: the data section is empty")
         return
