@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
-from transformers import get_scheduler
 
 from dpokit.config import Config
 from dpokit.optimizers import build_optimizer
@@ -29,7 +29,40 @@ def total_steps_for(cfg: Config, micro_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
 
 
-def make_schedule(cfg: Config, optimizer, total_steps: int):
+def make_schedule(cfg: Config, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """optim.scheduler with warmup (optim.warmup_steps, else optim.warmup_ratio of the steps), as transformers'
+    get_scheduler("linear" | "cosine" | "constant_with_warmup") computes it (tests/test_first_screen.py compares them).
+
+    Written here rather than imported: transformers.optimization imports peft, and peft imports bitsandbytes,
+    which on an AVX-512 bf16 CPU asks the Hub for a kernel and prints a warning about remote code at every run.
+    """
     warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * total_steps)
-    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.optim.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    factor = functools.partial(_LR_FACTORS[cfg.optim.scheduler], warmup=warmup, total=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _warming_up(step: int, warmup: int) -> float:
+    return float(step) / float(max(1, warmup))
+
+
+def _linear(step: int, *, warmup: int, total: int) -> float:
+    """0 -> 1 over the warmup, then 1 -> 0 at the last step."""
+    if step < warmup:
+        return _warming_up(step, warmup)
+    return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+
+def _cosine(step: int, *, warmup: int, total: int) -> float:
+    """0 -> 1 over the warmup, then half a cosine down to 0 at the last step."""
+    if step < warmup:
+        return _warming_up(step, warmup)
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+def _constant(step: int, *, warmup: int, total: int) -> float:
+    """0 -> 1 over the warmup, then 1."""
+    return _warming_up(step, warmup) if step < warmup else 1.0
+
+
+_LR_FACTORS = {"linear": _linear, "cosine": _cosine, "constant": _constant}
