@@ -52,7 +52,7 @@ def _readers() -> dict[str, Callable[[Path, Path], str | None]]:
     from dpokit.config.loading import read_config_mapping
     from dpokit.data.loading import read_rows
     from dpokit.data.rows import RowSkip
-    from dpokit.data.vision import _image_bytes
+    from dpokit.data.vision import row_image_bytes
     from dpokit.online.sampling import read_samples
     from dpokit.online.scoring import load_function
     from dpokit.online.suites.ifeval import load_ifeval
@@ -61,7 +61,7 @@ def _readers() -> dict[str, Callable[[Path, Path], str | None]]:
 
     def image(path: Path, folder: Path) -> str | None:
         try:
-            _image_bytes(str(path), str(folder))
+            row_image_bytes(str(path), str(folder))
         except RowSkip as skip:
             return f"row skipped and counted: {skip.reason}"
         return None

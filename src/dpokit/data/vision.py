@@ -64,7 +64,7 @@ class VisionPair(TokenizedPair):
 # --- rows -------------------------------------------------------------------------------------
 
 
-def _image_bytes(value: Any, folder: str, image_roots: tuple[str, ...] = ()) -> bytes:
+def row_image_bytes(value: Any, folder: str, image_roots: tuple[str, ...] = ()) -> bytes:
     """An image's bytes; a path is the input gateway's: inside the data file's folder (or data.image_root),
     a regular file under the size limit, a readable image under the pixel limit. Anything else is a
     counted skip with its reason, never a read of /dev/zero or of ./red.png in the current directory."""
@@ -140,7 +140,7 @@ def vision_example(row: dict, where: str, folder: str, image_roots: tuple[str, .
     raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
     if len(raw) != n_parts:
         raise RowSkip(f"the row has {len(raw)} images but its prompt has {n_parts} image parts", "images")
-    images = [_image_bytes(value, folder, image_roots) for value in raw]
+    images = [row_image_bytes(value, folder, image_roots) for value in raw]
     return VisionExample(prompt=prompt, chosen=chosen, rejected=rejected, source=where, images=images)
 
 
