@@ -57,9 +57,18 @@ def test_bits_and_bytes_config_follows_qlora_and_is_refused_in_one_line_without_
     assert "pip install 'dpokit[quantization]'" in str(e.value) and "\n" not in str(e.value)
 
 
+# bitsandbytes' CPU 4-bit kernels (the AVX-512 bf16 repack) need input widths that are multiples of its 64-value
+# block and output widths that are multiples of 32: the QLoRA model is 64 wide (intermediate 128).
+QLORA = {"lora.enabled": True, "lora.r": 4, "model.quantization": "nf4"}
+
+
+def _qlora_model() -> str:
+    return str(tiny_model_dir(hidden_size=64))
+
+
 @pytest.mark.slow
 def test_qlora_trains_adapters_on_a_4bit_base_whose_adapters_off_is_the_reference(tmp_path):
-    overrides = _overrides(tmp_path, **{"lora.enabled": True, "lora.r": 4, "model.quantization": "nf4", "optim.lr": 1e-2})
+    overrides = _overrides(tmp_path, **QLORA, **{"model.name_or_path": _qlora_model(), "optim.lr": 1e-2})
     cfg = load_config(None, overrides)
     policy = load_policy(cfg)
     linears = [m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -70,6 +79,26 @@ def test_qlora_trains_adapters_on_a_4bit_base_whose_adapters_off_is_the_referenc
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA B starts at 0: policy == reference
     assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_every_4bit_layer_of_the_qlora_model_repacks_for_the_avx512_bf16_cpu_kernel():
+    """The path an Intel Xeon with AVX-512 bf16 takes at the first no-grad forward (the reference cache), run here on
+    any CPU: bitsandbytes.functional._convert_weight_packed_for_cpu, which failed on the 32-wide model with
+    "shape '[32, 0]' is invalid" (its input width was below the 64-value block)."""
+    policy = load_policy(load_config(None, {"model.name_or_path": _qlora_model(), **QLORA}))
+    linears = [m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears
+    for layer in linears:
+        packed, state = bnb.functional._convert_weight_packed_for_cpu(layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
+        assert state.packing_format_for_cpu and packed.shape == (layer.out_features, layer.in_features // 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU kernels' constraint")
+def test_4bit_widths_the_cpu_kernel_cannot_pack_are_refused_in_one_line_at_load(monkeypatch):
+    monkeypatch.setattr(bnb.functional, "has_avx512bf16", lambda: True)  # as on an Intel Xeon with AVX-512 bf16
+    with pytest.raises(ModelLoadError) as e:
+        load_policy(load_config(None, {"model.name_or_path": str(tiny_model_dir()), **QLORA}))  # 32 wide
+    assert "multiples of 64" in str(e.value) and "in_features=32" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_bf16_reference_beside_a_float32_policy_gives_a_bf16_copys_log_probs(tmp_path):

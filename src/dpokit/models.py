@@ -229,9 +229,35 @@ def load_weights(cfg: Config | ModelConfig, auto_class=None, opt_in: OptIn = TRA
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"  # bitsandbytes quantizes as it places
     try:
-        return (auto_class or AutoModelForCausalLM).from_pretrained(model.name_or_path, **kwargs)
+        loaded = (auto_class or AutoModelForCausalLM).from_pretrained(model.name_or_path, **kwargs)
     except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
         raise _load_error("the model", model, e, opt_in) from None
+    if quantization is not None and not torch.cuda.is_available():
+        check_cpu_4bit_widths(loaded)
+    return loaded
+
+
+def check_cpu_4bit_widths(model) -> None:
+    """ModelLoadError for a 4-bit layer that bitsandbytes' AVX-512 bf16 CPU kernel cannot hold.
+
+    On such a CPU (Intel Xeon with avx512_bf16) bitsandbytes repacks each 4-bit weight at the first no-grad
+    forward (the reference), reshaping its scales to (out, in // blocksize) and tiling outputs by 32: a layer
+    narrower than the 64-value block crashed there with "shape '[32, 0]' is invalid". Other CPUs take a
+    path without this limit, so only those that repack are refused. Real models are far wider.
+    """
+    import bitsandbytes
+
+    if not bitsandbytes.functional.has_avx512bf16():
+        return
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None or not hasattr(module, "in_features"):
+            continue
+        if module.in_features % state.blocksize or module.out_features % 32:
+            raise ModelLoadError(f"model.quantization=nf4 on this CPU (AVX-512 bf16): bitsandbytes' kernel needs 4-bit layer "
+                                 f"widths in multiples of {state.blocksize} (inputs) and 32 (outputs), and {name} has "
+                                 f"in_features={module.in_features}, out_features={module.out_features}; "
+                                 "use model.quantization=none, or a GPU")
 
 
 # Below this many parameters a CPU matmul is too small to share between threads: one thread is as fast on an
