@@ -54,3 +54,19 @@ def test_speed_attention_is_validated():
         assert load_config(None, {"speed.attention": value}).speed.attention == value
     with pytest.raises(ConfigError, match="'speed.attention' must be one of auto, sdpa, flex, flash; got 'flash2'"):
         load_config(None, {"speed.attention": "flash2"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FlexAttention trains on a GPU")
+@pytest.mark.parametrize("choice", [{"speed.attention": "flex"}, {"model.attn_implementation": "flex_attention"}])
+def test_flex_attention_on_cpu_is_refused_in_one_line_before_any_compute(tmp_path, choice):
+    """torch has no FlexAttention backward on CPU: the run used to die in its first backward with a torch traceback."""
+    import dpokit
+    from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(4, seed=0))
+    cfg = {"model.name_or_path": str(tiny_model_dir()), "data.path": str(data), "train.max_steps": 1,
+           "out_dir": str(tmp_path / "run"), **choice}
+    with pytest.raises(ConfigError, match="FlexAttention has no backward on CPU") as error:
+        dpokit.train(None, cfg)
+    assert "sdpa" in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()  # refused before the run directory, the data and the model

@@ -203,6 +203,17 @@ def fast_attention(attention: str, attn_implementation: str | None, dtype: torch
     return IMPLEMENTATIONS[choice]
 
 
+def flex_on_cpu_problem(attention: str, attn_implementation: str | None, cuda: bool) -> str | None:
+    """Why a training run cannot use FlexAttention here, or None: torch (2.13) has no FlexAttention backward on
+    CPU, so such a run died in its first backward with a torch traceback (the forward alone works)."""
+    asked = attn_implementation == "flex_attention" or (not attn_implementation and attention == "flex")
+    if cuda or not asked:
+        return None
+    key = "model.attn_implementation=flex_attention" if attn_implementation else "speed.attention=flex"
+    return (f"{key}: FlexAttention has no backward on CPU (torch), so it cannot train here; use sdpa "
+            "(speed.attention=sdpa or auto, model.attn_implementation unset or sdpa), or a GPU")
+
+
 def is_flash(attn_implementation: str | None) -> bool:
     name = attn_implementation or ""
     return "flash" in name or "/" in name  # flash_attention_2/3/4 and hub kernels (e.g. kernels-community/flash-attn)

@@ -14,17 +14,28 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 from accelerate.utils import broadcast_object_list
 
 from dpokit.config import Config, ConfigError, SpeedConfig
 from dpokit.data.prepare import PreparedData, format_summary
 from dpokit.data.records import DataError
 from dpokit.data.sft import prepare_side_files
+from dpokit.packed_attention import flex_on_cpu_problem
 from dpokit.ref_cache.build import ensure_reference_cache
 from dpokit.reference import make_reference
 from dpokit.steps import Step
 from dpokit.steps.token_scores import fast_path_blocker
 from dpokit.training.run_dir import RunDir, claim, set_aside_evaluation
+
+
+def refuse_before_compute(cfg: Config) -> None:
+    """ConfigError, before the run directory, the data and the model, for a run that could not train."""
+    if not cfg.data.path:
+        raise ConfigError("data.path is not set: give a preference file, a saved dataset folder or a hub id")
+    flex = flex_on_cpu_problem(cfg.speed.attention, cfg.model.attn_implementation, torch.cuda.is_available())
+    if flex:  # the forward runs on CPU; the first backward would stop the run with a torch traceback
+        raise ConfigError(flex)
 
 
 def fit_speed(cfg: Config, step: Step, policy, sharded: bool) -> tuple[Config, Step, list[str]]:
