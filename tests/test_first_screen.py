@@ -107,3 +107,14 @@ def test_vision_rows_without_pillow_say_so_in_one_line_naming_the_install(tmp_pa
     with pytest.raises(ValueError) as error:
         load_vision_preferences(str(path))
     assert "pip install 'dpokit[vision]'" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_readme_and_ci_install_with_the_constraints_that_pin_what_ci_saw():
+    """A fresh install resolves the versions CI ran (bitsandbytes 0.50.2's CPU repack broke a test that 0.49 passed)."""
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#"))
+    assert pins["torch"] == "2.13.0"  # no local tag (+cpu): pip picks the build for the machine
+    for name in ("bitsandbytes", "trl", "pillow", "transformers", "peft", "accelerate", "tensorboard", "pytest"):
+        assert name in pins, name
+    assert "dpokit" not in pins
+    command = 'pip install torch==2.13.0 -e ".[test]" -c constraints.txt'
+    assert command in (ROOT / "README.md").read_text() and command in (ROOT / ".ci" / "run").read_text()
