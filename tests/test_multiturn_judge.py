@@ -9,8 +9,7 @@ import pytest
 
 from dpokit.online.suites.answers import answer
 from dpokit.online.suites.multiturn import (
-    DEFAULT_QUESTIONS, MTBenchJudge, QuestionsError, converse, load_questions, parse_bracket_rating, parse_verdict,
-    score_pairwise, score_single)
+    DEFAULT_QUESTIONS, MTBenchJudge, QuestionsError, converse, load_questions, score_pairwise, score_single)
 from chat_server import ChatServer
 from tiny_assets import model, tokenizer  # noqa: F401  (pytest fixtures)
 
@@ -72,12 +71,6 @@ def test_pairwise_mode_swaps_positions_so_a_position_bias_cancels():
     # q1: the policy's "great" wins in both orders (1); q3: equal answers, the judge always says A -> 1/2 after the swap
     assert out["turn1_win_rate"] == pytest.approx(0.75) and out["turn2_win_rate"] == pytest.approx(0.75)
     assert out["parse_failures"] == 0 and out["unjudged"] == 0 and out["win_rate_sem"] > 0
-
-
-def test_parsers():
-    assert parse_bracket_rating("Rating: [[7]]") == 7.0 and parse_bracket_rating("so [8.5]") == 8.5
-    assert math.isnan(parse_bracket_rating("Rating: 7")) and math.isnan(parse_bracket_rating("[[11]]"))
-    assert parse_verdict("x [[B]]") == 0.0 and parse_verdict("[[C]]") == 0.5 and math.isnan(parse_verdict("A"))
 
 
 def test_the_model_answers_turn_2_after_its_own_turn_1(model, tokenizer):  # noqa: F811

@@ -10,7 +10,8 @@ import socket
 import pytest
 import torch
 
-from dpokit.online.judges import ChatClient, JudgeScorer, PairwiseJudge, parse_choice, parse_rating
+from dpokit.online.judge_grammar import parse_rating, parse_verdict
+from dpokit.online.judges import ChatClient, JudgeScorer, PairwiseJudge
 from dpokit.online.scorer import JudgeUnreachable, ScoringError
 from dpokit.online.scoring import FunctionScorer, RewardModelScorer, build_scorer, score_file
 from chat_server import ChatServer
@@ -98,7 +99,7 @@ class JudgeServer(ChatServer):
     """A tiny /v1/chat/completions server on 127.0.0.1 that plays a judge.
 
     Pointwise: "Rating: N" with N = 9 if the response has a positive word, 2 otherwise.
-    Pairwise: "A" or "B", whichever response has the positive word.
+    Pairwise: the verdict "[[A]]" or a last line "Verdict: B", whichever response has the positive word.
     `failures` is a list of (status, headers) answered, in order, before the normal replies.
     """
 
@@ -119,7 +120,7 @@ class JudgeServer(ChatServer):
         text = body["messages"][-1]["content"]
         if "[Response A]" in text:
             a = text.split("[Response A]")[1].split("[Response B]")[0]
-            return self.reply("A" if "wonderful" in a or "great" in a else "B")
+            return self.reply("[[A]]" if "wonderful" in a or "great" in a else "A is weaker.\nVerdict: B")
         response = text.split("[Response]")[1]
         return self.reply("Rating: 9" if ("wonderful" in response or "great" in response) else "I would say 2/10.")
 
@@ -198,21 +199,21 @@ def test_pairwise_judge_cancels_position_bias():
         assert judge.compare(["p", "p"], [" wonderful", " fine"], [" dull", " long"]) == [1.0, 0.0]
 
 
-def test_reply_parsing():
+def test_reply_parsing():  # the whole grammar: tests/test_judge_grammar.py
     assert parse_rating("Rating: 7") == 7.0
     assert parse_rating("I'd give it **8**/10") == 8.0
-    assert parse_rating("Rating: 12. Sorry, I meant 6") == 6.0  # out of range values are passed over
+    assert math.isnan(parse_rating("Rating: 12. Sorry, I meant 6"))  # the last rating statement is out of range
     assert math.isnan(parse_rating("no idea"))
-    assert parse_choice("A") == 1.0 and parse_choice("Response B is better") == 0.0
-    assert parse_choice("It's a tie") == 0.5 and math.isnan(parse_choice("???"))
+    assert parse_verdict("[[A]]") == 1.0 and parse_verdict("Response B is better.\nVerdict: B") == 0.0
+    assert parse_verdict("[[C]]") == 0.5 and math.isnan(parse_verdict("???")) and math.isnan(parse_verdict("A"))
 
 
 def test_an_unreadable_pairwise_verdict_is_unjudged_not_a_tie():
     """A reply with no choice was read as a tie (0.5), which pulls every win rate toward 50% without a word."""
     judge = PairwiseJudge("http://127.0.0.1:9/v1", "m", max_concurrency=1)  # one at a time: the replies come in order
-    replies = iter(["I cannot decide.", "no comment", "A", "no comment", "???", "B"])
+    replies = iter(["I cannot decide.", "no comment", "[[A]]", "no comment", "???", "[[B]]"])
     judge.client.chat = lambda messages: next(replies)
-    # item 1: neither order readable -> NaN; item 2: only the first order ("A") -> 1.0; item 3: only the swapped one ("B" -> A)
+    # item 1: neither order readable -> NaN; item 2: only the first order ([[A]]) -> 1.0; item 3: only the swapped one ([[B]] -> A)
     wins = judge.compare(["p"] * 3, ["a1", "a2", "a3"], ["b1", "b2", "b3"])
     assert math.isnan(wins[0]) and wins[1:] == [1.0, 1.0] and judge.unparsed == 4
 
@@ -221,8 +222,8 @@ def test_a_negative_rating_is_unscored_not_read_without_its_sign():
     """Issue 15: 'Rating: -3' became 3.0. A negative is out of the 1-10 range, so it counts as unscored."""
     for reply in ("Rating: -3", "rating = -3", "Rating: **-3**", "-3", "I'd say -3/10", "Rating: \u22123", "Rating: -7.5"):
         assert math.isnan(parse_rating(reply)), reply
-    assert parse_rating("Rating: -3. Sorry, I meant 6") == 6.0  # like any out-of-range value, passed over
-    assert parse_rating("Rating: 7-8") == 7.0 and parse_rating("a 1-10 scale; Rating: 4") == 4.0  # a dash is no sign
+    assert parse_rating("Rating: -3. Sorry, I meant Rating: 6") == 6.0  # the last rating statement counts
+    assert math.isnan(parse_rating("Rating: 7-8")) and parse_rating("a 1-10 scale; Rating: 4") == 4.0  # a dash is no sign
     judge = JudgeScorer("http://127.0.0.1:9/v1", "m")
     judge.client.chat = lambda messages: "Rating: -3"
     assert all(math.isnan(v) for v in judge.score(PROMPTS, COMPLETIONS)) and judge.unparsed == 3

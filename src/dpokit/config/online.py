@@ -86,7 +86,7 @@ class JudgeConfig:
     model: str = ""  # the model name sent to the endpoint
     mode: str = "pointwise"  # pointwise (a 1-10 rating) | pairwise (A or B)
     api_key_env: str = "OPENAI_API_KEY"  # environment variable read at each request; never stored
-    timeout: float = 60.0  # seconds per HTTP request
+    timeout: float = 60.0  # seconds for a whole HTTP request (connect, send, reply), each retry its own
     max_retries: int = 4  # retries after the first attempt, with exponential backoff
     backoff: float = 1.0  # seconds before the first retry, doubled each time...
     max_backoff: float = 30.0  # ...up to this

@@ -34,14 +34,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dpokit.config import ConfigError, EvalConfig, JudgeConfig, SamplingConfig
+from dpokit.config import ConfigError, EvalConfig, SamplingConfig
 from dpokit.generation import Sample, sample
-from dpokit.online.judges import PairwiseJudge
+from dpokit.online.judges import PairwiseJudge, add_judge_flags, judge_options
 from dpokit.online.loading import add_trust_flags, load_model, trust_from_args
 from dpokit.online.log_ratios import (  # noqa: F401  (kept importable from here)
     KL_ESTIMATOR, examples_of, k3_kl, kl_to_reference, log_ratios, preference_accuracy)
 from dpokit.online.prompts import Prompt, describe_counts, load_prompts, render_prompt
-from dpokit.online.scorer import ScoringError
 from dpokit.online.scoring import build_scorer
 from dpokit.online.suites.local_judge import LocalPairwiseJudge
 from dpokit.online.suites.multiturn import MTBenchJudge
@@ -250,7 +249,7 @@ directory's eval.json is shown by `dpokit report`.
 
 
 def add_cli(verbs) -> None:
-    d, judge = EvalConfig(), JudgeConfig()  # the defaults, from the one typed config
+    d = EvalConfig()  # the defaults, from the one typed config
     p = verbs.add_parser("eval", help="evaluate a policy against a baseline (score, win rate, KL, length, suites)",
                          description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="model folder, hub id or demo:sentiment-sft")
@@ -260,9 +259,7 @@ def add_cli(verbs) -> None:
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--max-prompts", type=int, default=d.max_prompts)
     p.add_argument("--scorer", help="module:function or rm:MODEL")
-    p.add_argument("--judge-url", help="OpenAI-compatible base URL for a pairwise judge")
-    p.add_argument("--judge-model")
-    p.add_argument("--api-key-env", default=judge.api_key_env)
+    add_judge_flags(p, "OpenAI-compatible base URL for a pairwise judge (and multiturn's rating judge)")
     p.add_argument("--pairs", default=d.pairs, help="held-out preference pairs for preference accuracy")
     p.add_argument("--max-pairs", type=int, metavar="N",
                    help="use only the first N pairs of --pairs (each costs a policy and a reference forward of both sides)")
@@ -286,8 +283,7 @@ def run_cli(args) -> int:
     busy = in_use(Path(args.out).parent) if args.out else None  # a run still writing there would set eval.json aside
     if busy:
         raise ConfigError(f"--out {args.out}: {Path(args.out).parent} {busy}; evaluate its final/ once that run has ended")
-    if args.judge_url and not args.judge_model:
-        raise ScoringError("--judge-url needs --judge-model")
+    client_options = judge_options(args)
     trust = trust_from_args(args)
     policy, tokenizer = load_model(args.policy, trust)
     reference = load_model(args.reference, trust)[0] if args.reference else None
@@ -295,8 +291,8 @@ def run_cli(args) -> int:
     scorer = build_scorer(args.scorer, trust) if args.scorer else None
     judge = rating_judge = None
     if args.judge_url:
-        judge = PairwiseJudge(args.judge_url, args.judge_model, api_key_env=args.api_key_env)
-        rating_judge = MTBenchJudge(args.judge_url, args.judge_model, api_key_env=args.api_key_env)
+        judge = PairwiseJudge(args.judge_url, args.judge_model, **client_options)
+        rating_judge = MTBenchJudge(args.judge_url, args.judge_model, **client_options)
     elif args.local_judge:
         judge = LocalPairwiseJudge(*load_model(args.local_judge, trust), name=f"local judge {args.local_judge}")
     metrics: dict[str, Any] = {}

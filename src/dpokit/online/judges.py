@@ -1,41 +1,140 @@
 """LLM judges behind an OpenAI-compatible /v1/chat/completions endpoint (vLLM, TGI, llama.cpp, OpenAI).
 
-  JudgeScorer    pointwise: a 1-10 rating parsed from the judge's reply (NaN when no rating can be
-                 read; counted in `unparsed`).
+  JudgeScorer    pointwise: the rating in the judge's reply on a 1-10 scale (NaN when the reply states
+                 none; counted in `unparsed`).
   PairwiseJudge  comparing two completions (A/B): `compare(prompts, a, b)` -> 1.0 (A better), 0.0
-                 (B better), 0.5 (tie), NaN (no readable verdict; counted in `unparsed`); `swap=True`
-                 asks both orders and averages the readable ones, cancelling the judge's position bias.
-                 For win rates.
+                 (B better), 0.5 (tie), NaN (no verdict; counted in `unparsed`); `swap=True` asks both
+                 orders and averages the readable ones, cancelling the judge's position bias. For win rates.
+Replies are read by the one grammar of online/judge_grammar.py ("Rating: 7", "[[A]]", ...).
 
 The API key is read from an environment variable (`api_key_env`, default OPENAI_API_KEY) at each
 request, sent only in the Authorization header, never stored on the object, logged or put in an
-error message. Requests are retried with exponential backoff on 429, 5xx, timeouts and refused
-connections (honouring Retry-After); after `max_retries` retries `JudgeUnreachable` says which URL
-could not be reached and why. Only the standard library (urllib) is used. Defaults: JudgeConfig.
+error message. `timeout` bounds each request as a whole; a reply body over MAX_REPLY_BYTES is a failed
+request. Failed requests (429, 5xx, timeouts, refused or lost connections, oversized replies) are retried
+with exponential backoff (honouring Retry-After); after `max_retries` retries `JudgeUnreachable` says which
+URL could not be reached and why. Only the standard library (urllib) is used. Defaults: JudgeConfig.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
+import io
 import json
 import math
 import os
-import re
-import socket
 import time
 import urllib.error
 import urllib.request
 from typing import Callable
 
 from dpokit.config import JudgeConfig
+from dpokit.online.judge_grammar import parse_rating, parse_verdict
 from dpokit.online.prompts import Prompt
 from dpokit.online.scorer import JudgeUnreachable, ScoringError, check_lengths
 
 _D = JudgeConfig()  # the defaults, from the one typed config
 
 
+# A chat completion with a rating or a verdict is a few KiB; a reply body over this is a failed request (retried,
+# counted in ChatClient.failed), never read into memory whole.
+MAX_REPLY_BYTES = 1 << 20
+
+
+class _DeadlineSocket:
+    """A connected socket whose every send and receive waits at most until `deadline` (time.monotonic()).
+
+    A socket timeout alone bounds each read, so a judge that sends one byte a second never trips it: here
+    each read is given only the time left of the whole request, and none is left after the deadline.
+    """
+
+    def __init__(self, sock, deadline: float):
+        self._sock, self._deadline = sock, deadline
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def time_left(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took longer than the timeout")
+        self._sock.settimeout(left)
+
+    def sendall(self, data, *flags):
+        self.time_left()
+        return self._sock.sendall(data, *flags)
+
+    def makefile(self, mode="rb", *args, **kwargs):  # http.client reads the status, headers and body from it
+        return io.BufferedReader(_DeadlineReader(self._sock.makefile("rb", buffering=0), self))
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, raw, owner: _DeadlineSocket):
+        super().__init__()
+        self._raw, self._owner = raw, owner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self._owner.time_left()
+        return self._raw.readinto(buffer)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _Deadline:
+    """An urllib handler whose connections keep one deadline for the whole request (connect, send, headers, body):
+    the request's `deadline` (time.monotonic()), set by ChatClient; one without (a redirect's) gets its timeout."""
+
+    def do_open(self, http_class, req, **kwargs):
+        deadline = getattr(req, "deadline", None) or time.monotonic() + req.timeout
+
+        def connection(host, **options):
+            conn = http_class(host, **options)
+            connect = conn.connect
+
+            def bounded_connect():
+                connect()
+                conn.sock = _DeadlineSocket(conn.sock, deadline)
+
+            conn.connect = bounded_connect
+            return conn
+
+        return super().do_open(connection, req, **kwargs)
+
+
+class _DeadlineHTTP(_Deadline, urllib.request.HTTPHandler):
+    pass
+
+
+class _DeadlineHTTPS(_Deadline, urllib.request.HTTPSHandler):
+    pass
+
+
+class _ReplyTooLarge(Exception):
+    pass
+
+
+def _read_reply(response) -> bytes:
+    """The body, at most MAX_REPLY_BYTES of it (a larger one is refused, unread where its length is declared)."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_REPLY_BYTES:
+        raise _ReplyTooLarge(f"a reply of {int(declared)} bytes, over the {MAX_REPLY_BYTES} allowed")
+    payload = response.read(MAX_REPLY_BYTES + 1)
+    if len(payload) > MAX_REPLY_BYTES:
+        raise _ReplyTooLarge(f"a reply over the {MAX_REPLY_BYTES} bytes allowed")
+    return payload
+
+
 class ChatClient:
-    """POST /chat/completions to an OpenAI-compatible server, with retries and exponential backoff."""
+    """POST /chat/completions to an OpenAI-compatible server, with retries and exponential backoff.
+
+    `timeout` bounds each attempt as a whole (connecting, sending, the headers and the body), not each socket read;
+    so one call takes at most (max_retries + 1) * timeout plus the backoff waits between attempts.
+    """
 
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -48,6 +147,8 @@ class ChatClient:
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.temperature, self.max_tokens, self.sleep = temperature, max_tokens, sleep
         self.requests = 0  # HTTP attempts made, retries included
+        self.failed = 0  # failed attempts: timeouts, lost connections, 429/5xx, oversized replies
+        self._opener = urllib.request.build_opener(_DeadlineHTTP, _DeadlineHTTPS)
 
     def __repr__(self) -> str:  # never shows the key: it is not stored here at all
         return f"ChatClient(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -70,6 +171,13 @@ class ChatClient:
                 pass
         return delay
 
+    def _post(self, messages: list[dict]) -> bytes:
+        """One attempt: the reply body, within `timeout` from now."""
+        request = self._request(messages)
+        request.deadline = time.monotonic() + self.timeout
+        with self._opener.open(request, timeout=self.timeout) as response:
+            return _read_reply(response)
+
     def chat(self, messages: list[dict]) -> str:
         """The assistant's reply text."""
         last = ""
@@ -77,22 +185,25 @@ class ChatClient:
             retry_after = None
             self.requests += 1
             try:
-                with urllib.request.urlopen(self._request(messages), timeout=self.timeout) as response:
-                    payload = response.read()
+                payload = self._post(messages)
                 try:
                     return json.loads(payload)["choices"][0]["message"]["content"] or ""
                 except (ValueError, KeyError, IndexError, TypeError):
                     raise ScoringError(f"the judge at {self.url} answered with something that is not a chat completion: {payload[:200]!r}") from None
             except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace")
+                try:
+                    detail = e.read(300).decode("utf-8", "replace")
+                except (OSError, http.client.HTTPException):
+                    detail = ""
                 if e.code not in self.RETRY_STATUS:
                     hint = f" (check the API key in ${self.api_key_env})" if e.code in (401, 403) else ""
                     raise ScoringError(f"the judge at {self.url} refused the request: HTTP {e.code}{hint}: {detail}") from None
                 last, retry_after = f"HTTP {e.code}: {detail}", e.headers.get("Retry-After") if e.headers else None
             except urllib.error.URLError as e:
                 last = f"{type(e.reason).__name__}: {e.reason}"
-            except (TimeoutError, socket.timeout, ConnectionError) as e:
+            except (OSError, http.client.HTTPException, _ReplyTooLarge) as e:  # timeouts, lost or garbled replies
                 last = f"{type(e).__name__}: {e}"
+            self.failed += 1
             if attempt < self.max_retries:
                 self.sleep(self._wait(attempt, retry_after))
         raise JudgeUnreachable(
@@ -101,64 +212,37 @@ class ChatClient:
         )
 
 
+def add_judge_flags(parser, url_help: str) -> None:
+    """The flags of a judge behind an API, the same on every verb that asks one (score, eval)."""
+    parser.add_argument("--judge-url", help=url_help)
+    parser.add_argument("--judge-model", help="model name sent to the judge endpoint")
+    parser.add_argument("--api-key-env", default=_D.api_key_env,
+                        help=f"environment variable holding the judge's API key (default {_D.api_key_env})")
+    parser.add_argument("--timeout", type=float, default=_D.timeout,
+                        help=f"seconds one judge request may take in all, reply included (default {_D.timeout:g})")
+    parser.add_argument("--max-retries", type=int, default=_D.max_retries,
+                        help=f"retries of a failed judge request (default {_D.max_retries})")
+
+
+def judge_options(args) -> dict:
+    """The ChatClient options from add_judge_flags' flags, checked before anything is loaded or asked."""
+    if args.judge_url and not args.judge_model:
+        raise ScoringError("--judge-url needs --judge-model")
+    if not args.timeout > 0 or args.max_retries < 0:
+        raise ScoringError(f"--timeout must be > 0 and --max-retries >= 0, got {args.timeout:g} and {args.max_retries}")
+    return {"api_key_env": args.api_key_env, "timeout": args.timeout, "max_retries": args.max_retries}
+
+
 POINTWISE_TEMPLATE = (
     "Rate how good the response is as a reply to the prompt, on a scale of 1 (worst) to 10 (best). "
     "Answer with the rating only, as 'Rating: N'.\n\n[Prompt]\n{prompt}\n\n[Response]\n{completion}"
 )
 PAIRWISE_TEMPLATE = (
-    "Which response is the better reply to the prompt? Answer with one letter: A or B.\n\n"
+    "Which response is the better reply to the prompt? Answer with the verdict only: \"[[A]]\" if response A is "
+    "better, \"[[B]]\" if response B is better, \"[[C]]\" for a tie.\n\n"
     "[Prompt]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}"
 )
 SYSTEM_PROMPT = "You are an impartial, careful judge of responses."
-
-# A number keeps its sign (ASCII or Unicode minus): "Rating: -3" is -3, out of range, not 3. A number
-# right after a sign, a digit or a slash is not read on its own (the 3 of "-3", the 8 of the range "7-8",
-# the 5 of "4/5"). A rating out of another scale ("4/5") is not read as a 1-10 rating: it is unscored.
-_SIGNED = r"([-+\u2212]?\d+(?:\.\d+)?)"
-_OUT_OF = r"(?:\**\s*/\s*(\d+(?:\.\d+)?))?"
-_RATING = re.compile(r"rating\s*[:=]?\s*\**\s*" + _SIGNED + _OUT_OF, re.IGNORECASE)
-_NUMBER = re.compile(r"(?<![\d.+\-\u2212/])" + _SIGNED + _OUT_OF)
-_CHOICE = re.compile(r"\b(A|B)\b")
-# Where a judge names its choice: MT-Bench's "[[A]]" ("[[C]]" a tie), "Response B", "the answer is A".
-_BRACKETED = re.compile(r"\[\[\s*(A|B|C)\s*\]\]")
-_NAMED = re.compile(r"\b(?i:response|answer|output|assistant|option|choice|winner)(?:\s+(?i:is))?\s*:?\s*\(?(A|B)\)?(?![\w'])")
-# "A" the article ("A better answer is B"): a capital A followed by a lower-case word that is not a verb of the choice.
-_ARTICLE = re.compile(r"A\s+(?!(?:is|was|wins|seems|looks|has|does|clearly|provides|gives|answers)\b)[a-z]")
-
-
-def parse_rating(reply: str, low: float = 1.0, high: float = 10.0) -> float:
-    """The 1-10 rating in a judge's reply ('Rating: 7', '7/10', '**8**', '7'); NaN if none is in range
-    (a negative rating is out of range: unscored, like 11; so is a rating out of another scale, '4/5')."""
-    for pattern in (_RATING, _NUMBER):
-        for match in pattern.finditer(reply):
-            value = float(match.group(1).replace("\u2212", "-"))
-            if match.group(2) is not None and float(match.group(2)) != high:
-                continue
-            if low <= value <= high:
-                return value
-    return math.nan
-
-
-def parse_choice(reply: str) -> float:
-    """1.0 for A, 0.0 for B, 0.5 for a tie; NaN for no readable choice (unjudged: never read as a tie).
-
-    Read in order: an MT-Bench verdict "[[A]]" / "[[B]]" / "[[C]]" (tie); a named choice ("Response B",
-    "the answer is A"); a tie; the first standalone A or B that is not the article ("A better answer is B" is B).
-    """
-    text = reply.strip()
-    bracketed = _BRACKETED.search(text)
-    if bracketed:
-        return {"A": 1.0, "B": 0.0, "C": 0.5}[bracketed.group(1)]
-    named = _NAMED.search(text)
-    if named:
-        return 1.0 if named.group(1) == "A" else 0.0
-    if re.search(r"\btie\b|\bequal(ly)?\b", text, re.IGNORECASE) and not re.match(r"^\W*(A|B)\b", text):
-        return 0.5
-    for match in _CHOICE.finditer(text):
-        if match.group(1) == "A" and _ARTICLE.match(text, match.start()):
-            continue
-        return 1.0 if match.group(1) == "A" else 0.0
-    return math.nan
 
 
 def both_orders(first: float, swapped: float) -> float:
@@ -218,7 +302,7 @@ class PairwiseJudge:
     def _ask(self, prompt, a, b) -> float:
         reply = self.client.chat([{"role": "system", "content": self.system},
                                   {"role": "user", "content": self.template.format(prompt=_prompt_text(prompt), a=a, b=b)}])
-        value = parse_choice(reply)
+        value = parse_verdict(reply)
         if math.isnan(value):
             self.unparsed += 1
         return value

@@ -18,9 +18,17 @@ from collections.abc import Sequence
 import torch
 
 from dpokit.models import ModelLoadError
-from dpokit.online.judges import PAIRWISE_TEMPLATE, SYSTEM_PROMPT
+from dpokit.online.judges import SYSTEM_PROMPT
 from dpokit.online.prompts import Prompt
 from dpokit.online.suites.answers import render_chat
+
+
+# The judge's answer is read from the next token, so it is asked for one letter: not for a verdict in the reply
+# grammar of online/judge_grammar.py ("[[A]]"), whose first token would be the brackets. It writes no reply to read.
+LETTER_TEMPLATE = (
+    "Which response is the better reply to the prompt? Answer with one letter: A or B.\n\n"
+    "[Prompt]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}"
+)
 
 
 class LocalJudgeError(ModelLoadError):
@@ -50,7 +58,7 @@ def letter_ids(tokenizer, plain: bool) -> tuple[int, int]:
 class LocalPairwiseJudge:
     """compare(prompts, a, b) -> per item the probability-weighted preference for a in [0, 1], both orders averaged."""
 
-    def __init__(self, model, tokenizer, template: str = PAIRWISE_TEMPLATE, system: str = SYSTEM_PROMPT, batch_size: int = 8,
+    def __init__(self, model, tokenizer, template: str = LETTER_TEMPLATE, system: str = SYSTEM_PROMPT, batch_size: int = 8,
                  name: str = "local judge"):
         self.model, self.tokenizer, self.template, self.system, self.batch_size = model, tokenizer, template, system, batch_size
         self.plain = not getattr(tokenizer, "chat_template", None)
