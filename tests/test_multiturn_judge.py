@@ -25,10 +25,12 @@ class MTJudgeServer(ChatServer):
     def __init__(self):
         super().__init__()
         self.requests: list[str] = []
+        self.max_tokens: list[int] = []
 
     def respond(self, body, request):
         text = body["messages"][-1]["content"]
         self.requests.append(text)
+        self.max_tokens.append(body["max_tokens"])
         if "[Assistant A]" in text:
             a, b = text.split("[Assistant A]")[1].split("[Assistant B]")
             return self.reply("[[B]]" if ("great" in b and "great" not in a) else "B is fine but my verdict: [[A]]")
@@ -59,6 +61,14 @@ def test_single_mode_rates_each_turn_and_counts_the_malformed_answers():
     # turn 2 is judged with the conversation so far: the question and answer of turn 1 come first
     turn2 = server.requests[1]
     assert "second user question" in turn2 and turn2.index("say something") < turn2.index("a great film") < turn2.index("say more")
+
+
+def test_the_rating_judge_has_room_for_its_rationale_before_the_rating():
+    """MT-Bench's judge explains, then rates: 64 tokens (the pointwise default) cut replies before 'Rating: [[N]]'."""
+    with MTJudgeServer() as server:
+        score_single(MTBenchJudge(server.url, "judge", max_retries=0), QUESTIONS[:1], CONVERSATIONS[:1])
+        score_single(MTBenchJudge(server.url, "judge", max_retries=0, max_tokens=200), QUESTIONS[:1], CONVERSATIONS[:1])
+    assert server.max_tokens == [1024, 1024, 200, 200]
 
 
 def test_pairwise_mode_swaps_positions_so_a_position_bias_cancels():

@@ -85,11 +85,17 @@ def _which(turn: int) -> tuple[str, str]:
     return ("first", "") if turn == 1 else ("second", ", taking the first turn into account")
 
 
+MT_BENCH_MAX_TOKENS = 1024  # FastChat's MT-Bench judge allows 2048; a rationale and a rating fit in far less
+
+
 class MTBenchJudge:
     """The judge of single mode: each turn's answer rated 1-10 with a rationale (`rate`); also a pairwise judge
     with MT-Bench's verdict format (`compare`, both orders). `unparsed` counts unreadable replies, as the other judges do."""
 
     def __init__(self, base_url: str, model: str, **client_options):
+        # The judge writes its rationale before the rating (MT-Bench's format): with the pointwise judges' 64
+        # tokens the reply is cut before "Rating: [[N]]" and every turn would count as unparsed.
+        client_options.setdefault("max_tokens", MT_BENCH_MAX_TOKENS)
         self.client = ChatClient(base_url, model, **client_options)
         self.name = f"MT-Bench-style judge {model} at {self.client.url}"
         self.unparsed = 0
