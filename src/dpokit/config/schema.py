@@ -156,8 +156,9 @@ class DetectorsConfig:
     early_stop_patience: Optional[int] = None  # (e) consecutive rises tolerated; more stops the run (None: never)
     # (g) forgetting: retention/nll_delta (policy minus reference NLL on data.retention_path, nats per token) above
     # both limits. +0.3 nats/token multiplies the text's perplexity by e^0.3 = 1.35; the relative limit (20% of the
-    # reference's NLL) asks more of text the reference already finds hard. On the demo the shipped config ends at
-    # 0.20 (DPO trading the SFT text's negative reviews away, as intended), beta 0.1 / lr 5e-4 at 4.0 (docs/evaluation.md)
+    # reference's NLL) asks more of text the reference already finds hard. The delta cannot tell forgetting from the
+    # alignment: on the demo's SFT text with its negative reviews the shipped config passed it on the negative words
+    # alone, so the demo's retention set is positive reviews (docs/evaluation.md, "Choosing the retention set")
     forgetting_nll_delta: float = 0.3
     forgetting_nll_delta_fraction: float = 0.2
 

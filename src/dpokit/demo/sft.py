@@ -222,24 +222,33 @@ def build_preference_data(
     return folder / "pairs-train.jsonl", folder / "pairs-eval.jsonl"
 
 
+# The demo's retention set is the reviews DPO should leave alone: positive ones (build_sft_text says why).
+RETENTION_POSITIVE_SHARE = 1.0
+
+
 def build_sft_text(cache_dir: Path | None = None, n_retention: int = 200, n_mix: int = 2000, seed: int = 0,
                    force: bool = False) -> tuple[Path, Path]:
-    """(sft-retention.jsonl, sft-mix.jsonl) of prompt/completion rows of the SFT corpus' distribution, cached like the pairs.
+    """(sft-retention.jsonl, sft-mix.jsonl) of prompt/completion rows the SFT model was trained to write, cached like the pairs.
 
-    Text the SFT model was trained to write (train openings, 40% positive): the retention set
-    (data.retention_path) measures how much of it DPO forgets, and the mix file (data.sft_mix_path)
-    is SFT data to mix into DPO. Other seeds than the SFT corpus', so neither repeats its rows.
+    The retention set (data.retention_path) holds only positive reviews: the text the aligned model
+    should keep writing, so its NLL measures forgetting of the language (grammar, the other words)
+    and not the alignment itself. A set of the corpus' own mix (60% negative) fired `forgetting` under
+    the shipped demo config, and nearly all of its rise was the negative sentiment words that DPO is
+    meant to make unlikely (docs/evaluation.md, "Choosing the retention set"). The mix file (data.sft_mix_path) is SFT data to mix into DPO, of
+    the corpus' distribution (train openings, 40% positive). Other seeds than the SFT corpus', so
+    neither repeats its rows.
     """
-    version = _version(kind="sft-text", n_retention=n_retention, n_mix=n_mix, seed=seed, positive_share=SFTConfig.positive_share)
+    version = _version(kind="sft-text", n_retention=n_retention, n_mix=n_mix, seed=seed,
+                       positive_share=SFTConfig.positive_share, retention_positive_share=RETENTION_POSITIVE_SHARE)
     final = Path(cache_dir or default_cache_dir()) / f"sentiment-sft-text-{version}"
 
-    def rows(n: int, row_seed: int) -> list[dict]:
-        corpus = world.sft_corpus(n, seed=row_seed, positive_share=SFTConfig.positive_share)
+    def rows(n: int, row_seed: int, positive_share: float) -> list[dict]:
+        corpus = world.sft_corpus(n, seed=row_seed, positive_share=positive_share)
         return [{"prompt": opening, "completion": continuation} for opening, continuation in corpus]
 
     def build(tmp: Path) -> None:
-        _write_jsonl(tmp / "sft-retention.jsonl", rows(n_retention, seed + 2_000_003))
-        _write_jsonl(tmp / "sft-mix.jsonl", rows(n_mix, seed + 3_000_017))
+        _write_jsonl(tmp / "sft-retention.jsonl", rows(n_retention, seed + 2_000_003, RETENTION_POSITIVE_SHARE))
+        _write_jsonl(tmp / "sft-mix.jsonl", rows(n_mix, seed + 3_000_017, SFTConfig.positive_share))
 
     folder = _cached_build(final, build, force)
     return folder / "sft-retention.jsonl", folder / "sft-mix.jsonl"
