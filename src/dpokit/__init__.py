@@ -1,5 +1,6 @@
 """dpokit: Direct Preference Optimization and its family for causal language models."""
 
+from dpokit import openmp  # noqa: F401 - first: OMP_WAIT_POLICY must be set before torch loads OpenMP
 from dpokit.version import __version__
 
 __all__ = ["__version__", "train"]

@@ -25,6 +25,7 @@ import warnings
 
 import torch
 
+from dpokit import openmp
 from dpokit.config import Config, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -260,26 +261,35 @@ def check_cpu_4bit_widths(model) -> None:
                                  "use model.quantization=none, or a GPU")
 
 
-# Below this many parameters a CPU matmul is too small to share between threads: one thread is as fast on an
-# idle machine and is not slowed 5-10x when another process holds a core (2 threads then spin-wait for each
-# other: the demo took 44 s idle and 323 s with one core busy). Larger models use torch's default.
+# Without OpenMP's passive wait (dpokit/openmp.py: torch was imported before dpokit, or the user chose ACTIVE),
+# two threads spin-wait for each other when another process holds a core (the demo: 44 s idle, 323 s with one
+# core busy), so a model this small gets one thread, the safe choice there. With passive waiting (the default)
+# every model keeps torch's thread count: one thread halved the speed of sequences of a few hundred tokens.
 SMALL_MODEL_PARAMETERS = 50_000_000
 
 
 def set_cpu_threads(model, requested: int = 0) -> int:
-    """torch's intra-op CPU threads for a run with `model`; returns the count set (0: left as it was).
+    """torch's intra-op CPU threads for a run with `model`; returns the count in force.
 
-    requested > 0: that many (train.num_threads). 0 (auto): one thread for a small model on CPU, else
-    unchanged. On a GPU the CPU threads do not matter and are left alone.
+    requested > 0: that many (train.num_threads). 0 (auto): torch's default (the cores it sees) when OpenMP
+    waits passively, else one thread for a model under SMALL_MODEL_PARAMETERS. A GPU run is left alone.
     """
     if requested > 0:
         torch.set_num_threads(requested)
         return requested
     on_gpu = any(p.device.type != "cpu" for p in model.parameters()) or torch.cuda.is_available()
-    if on_gpu or sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMETERS:
-        return 0
-    torch.set_num_threads(1)
-    return 1
+    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMETERS
+    if not on_gpu and small and not openmp.PASSIVE_WAIT:
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def cpu_threads_note(model) -> list[str]:
+    """The run's console line about CPU threads (none on a GPU): the count and OpenMP's wait policy behind it."""
+    if any(p.device.type != "cpu" for p in model.parameters()) or torch.cuda.is_available():
+        return []
+    wait = "passive" if openmp.PASSIVE_WAIT else "active (OMP_WAIT_POLICY set, or torch imported before dpokit)"
+    return [f"CPU threads: {torch.get_num_threads()} (OpenMP waits {wait}; train.num_threads sets them)"]
 
 
 def quantization_config(cfg: Config | ModelConfig):

@@ -124,7 +124,7 @@ def train_sft(config: SFTConfig = SFTConfig(), seed: int = 0, log: Callable[[str
         tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
         num_heads=config.num_heads, max_position_embeddings=64, seed=seed,
     )
-    set_cpu_threads(model)  # tiny: one thread, so a busy machine cannot slow the build down many times
+    set_cpu_threads(model)  # auto: torch's threads with a passive OpenMP wait, one where OpenMP spins (models.py)
     corpus = world.sft_corpus(config.n_sequences, seed=seed, positive_share=config.positive_share)
     texts = [opening + continuation for opening, continuation in corpus]
     eos = tokenizer.eos_token_id

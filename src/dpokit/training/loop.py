@@ -38,7 +38,7 @@ from dpokit.data.prepare import PreparedData
 from dpokit.data.records import DataError
 from dpokit.demo.assets import resolve_demo_assets
 from dpokit.data.token_health import context_length_problem, longest_sequence
-from dpokit.models import load_policy, load_tokenizer
+from dpokit.models import cpu_threads_note, load_policy, load_tokenizer
 from dpokit.reference import prepare_reference
 from dpokit.report import write_report
 from dpokit.steps import Step, step_for
@@ -210,7 +210,7 @@ def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerato
     with_reference = objective.needs_reference(cfg)  # reference-free losses (and SFT) build and run no reference
     cfg, sync_notes = fit_reference_sync(cfg, objective)
     cfg, objective, notes = fit_speed(cfg, objective, policy, is_sharded(accelerator))
-    for note in sync_notes + notes if accelerator.is_main_process else []:
+    for note in sync_notes + notes + cpu_threads_note(policy) if accelerator.is_main_process else []:
         print(f"[dpokit] {note}", flush=True)
     if accelerator.is_main_process:  # the config that runs, after every adjustment, each recorded
         owner.save_config(cfg, sync_notes + notes)
