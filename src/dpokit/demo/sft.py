@@ -113,6 +113,13 @@ def _batches(sequences: list[list[int]], batch_size: int, pad_id: int, generator
             yield ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX)
 
 
+# The demo's numbers are the docs' numbers (docs/demo.md), and its small model's trajectory changes with the order
+# of float sums, which changes with the thread count: one thread everywhere (the SFT build, demo.yaml's
+# train.num_threads, the demo's sampling) gives the same SFT model and the same table on any number of cores.
+# Two threads measured 58 s against 82 s for the demo from an empty cache; at this size that is all it costs.
+DEMO_THREADS = 1
+
+
 def train_sft(config: SFTConfig = SFTConfig(), seed: int = 0, log: Callable[[str], None] | None = None):
     """Train the SFT model in memory; returns (model, tokenizer, final mean loss).
 
@@ -124,7 +131,7 @@ def train_sft(config: SFTConfig = SFTConfig(), seed: int = 0, log: Callable[[str
         tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
         num_heads=config.num_heads, max_position_embeddings=64, seed=seed,
     )
-    set_cpu_threads(model)  # auto: torch's threads with a passive OpenMP wait, one where OpenMP spins (models.py)
+    set_cpu_threads(model, DEMO_THREADS)
     corpus = world.sft_corpus(config.n_sequences, seed=seed, positive_share=config.positive_share)
     texts = [opening + continuation for opening, continuation in corpus]
     eos = tokenizer.eos_token_id

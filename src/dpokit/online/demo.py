@@ -11,9 +11,12 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from dpokit.config import shipped_config
 from dpokit.demo import world
 from dpokit.demo.assets import demo_paths
+from dpokit.demo.sft import DEMO_THREADS
 from dpokit.online.demo_eval import evaluate_policy, format_table
 from dpokit.online.loading import load_model
 from dpokit.training.loop import train
@@ -30,6 +33,7 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] | None = None) -> 
     import transformers  # lazy: keeps `dpokit --help` fast; the run imports it anyway
 
     transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(DEMO_THREADS)  # the sampling too: the docs' table on any number of cores (demo/sft.py)
     started = time.time()
     print("[demo] building (or reusing) the SFT model of the review language and its preference pairs ...", flush=True)
     paths = demo_paths()
