@@ -121,3 +121,16 @@ def test_bf16_run_trains_and_logs(tmp_path, monkeypatch, fresh_accelerator_state
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0] - 0.1  # it learns the preference, in bf16 as in float32
     assert all(math.isfinite(r["rewards/margins"]) and math.isfinite(r["logps/chosen"]) for r in records)
+
+
+@pytest.mark.slow
+def test_runs_with_other_mixed_precision_follow_each_other_in_one_process(tmp_path, monkeypatch, fresh_accelerator_state):
+    """A notebook or a sweep calls dpokit.train() again with another train.mixed_precision: accelerate's one state
+    per process raised "AcceleratorState has already been initialized" on the second run."""
+    monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(12, seed=5))
+    cfg = {"model": {"name_or_path": str(tiny_model_dir())}, "data": {"path": str(data), "max_length": 32},
+           "train": {"batch_size": 6, "max_steps": 1, "progress_bar": False, "save_steps": 0}}
+    for n, precision in enumerate(["no", "bf16", "no"]):
+        result = dpokit.train({**cfg, "out_dir": str(tmp_path / f"run{n}")}, {"train.mixed_precision": precision})
+        assert math.isfinite(result.metrics["loss"])

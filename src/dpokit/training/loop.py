@@ -57,7 +57,7 @@ from dpokit.training.adaptive_beta import AdaptiveBeta
 from dpokit.training.ref_sync import check_sync, is_sync_step, sync_reference
 from dpokit.training.retention import RetentionSet, prepare_retention
 from dpokit.training.run_dir import RunDir
-from dpokit.training.setup import fit_reference_sync, fit_speed, make_run_dir, reference_for, refuse_before_compute, training_data
+from dpokit.training.setup import accelerator_for, fit_reference_sync, fit_speed, make_run_dir, reference_for, refuse_before_compute, training_data
 from dpokit.training.signals import StopSignals, TrainingInterrupted, resume_command
 from dpokit.training.step_runner import accumulate_gradients, agree, evaluate, keep_step
 from dpokit.training.tracking import accelerator_kwargs, end_trackers, init_trackers, log_diagnosis, log_metrics
@@ -184,8 +184,7 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     cfg = resolve_paths(resolve_demo_assets(cfg))  # "demo:..." paths build the embedded demo's model/data
     refuse_before_compute(cfg)  # no data.path; FlexAttention on CPU, whose first backward would fail
     # The schedule advances once per optimizer step, whatever the number of processes (see BatchStream).
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False,
-                              **accelerator_kwargs(cfg))
+    accelerator = accelerator_for(cfg, **accelerator_kwargs(cfg))  # a fresh mixed-precision state in a lone process
     set_seed(cfg.train.seed)
     owner = make_run_dir(cfg, accelerator)
     try:

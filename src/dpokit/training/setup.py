@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 
 from dpokit.config import Config, ConfigError, SpeedConfig
@@ -108,3 +111,16 @@ def training_data(cfg: Config, objective: Step, tokenizer, data: PreparedData | 
     if not data.train:
         raise DataError(f"no usable training examples in {cfg.data.path}; see the data summary above")
     return data
+
+
+def accelerator_for(cfg: Config, **kwargs) -> Accelerator:
+    """The run's Accelerator. Accelerate keeps one mixed-precision setting per process, so a second
+    `dpokit.train()` in one Python process (a notebook, a sweep, the tests) with another
+    train.mixed_precision raised "AcceleratorState has already been initialized". A single process that
+    no launcher started (WORLD_SIZE unset or 1) starts from a fresh state instead; under torchrun or
+    accelerate launch the state belongs to the launch and is left alone."""
+    state = AcceleratorState._shared_state
+    if state and int(os.environ.get("WORLD_SIZE", "1")) == 1 and state.get("_mixed_precision") != cfg.train.mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                       step_scheduler_with_optimizer=False, **kwargs)
