@@ -108,6 +108,7 @@ VERDICTS = [
     ("[[A]]\nVerdict: B", NAN),
     ("Verdict: A\nOn second thought, B is better.", NAN),  # not the last line
     ("Verdict: A is better", NAN),
+    ("Verdict: A\nVerdict: B", NAN),  # two Verdict lines that differ
     ("???", NAN),
     ("", NAN),
 ]

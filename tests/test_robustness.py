@@ -228,3 +228,57 @@ def test_every_file_option_of_every_verb_is_in_the_gateway_list():
                 if not default_ok:
                     missing.append((verb, action.option_strings or action.dest))
     assert not missing, f"add these to dpokit/inputs/catalog.py INPUTS (or to NOT_FILES with a reason): {missing}"
+
+
+def test_image_root_is_saved_resolved_like_every_other_path(tmp_path, monkeypatch):
+    from dpokit.config import load_config
+    from dpokit.config.paths import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_paths(load_config(None, {"data.image_root": ["pictures", str(tmp_path / "abs")]}))
+    assert cfg.data.image_root == [str(tmp_path / "pictures"), str(tmp_path / "abs")]
+
+
+def test_corrupt_gzip_json_and_csv_are_one_line_errors_not_tracebacks(tmp_path):
+    import gzip as gz
+
+    for name in ("rows.json.gz", "rows.csv.gz"):
+        good = gz.compress(b'[{"prompt": "Q", "chosen": "a", "rejected": "b"}]' * 50)
+        (tmp_path / name).write_bytes(good[: len(good) // 2])  # cut off mid-stream
+        with pytest.raises(DataError, match="cannot read file"):
+            load_preferences(str(tmp_path / name))
+        (tmp_path / name).write_bytes(b"this is not gzip at all")
+        with pytest.raises(DataError, match="cannot read file"):
+            load_preferences(str(tmp_path / name))
+
+
+def test_a_nul_byte_in_an_image_path_and_hub_rows_relative_paths_are_counted_skips(tmp_path, monkeypatch):
+    from PIL import Image
+
+    assert "NUL byte" in _skip_reason(_image_row("a\x00b.png"), tmp_path)
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (4, 4)).save(tmp_path / "red.png")  # in the current directory: a hub row must not reach it
+    with pytest.raises(RowSkip) as skip:
+        vision_example(_image_row("red.png"), "owner/dataset:1", None)
+    assert "no folder" in skip.value.reason
+
+
+def test_huge_integers_in_tools_are_a_counted_skip(tmp_path):
+    good = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, tools='[{"x": ' + "9" * 5000 + "}]")) + "\n")
+    examples, report = load_preferences(str(path))
+    assert len(examples) == 1 and report.rows_skipped == 1 and "cannot be read" in next(iter(report.skipped))
+
+
+def test_the_report_of_a_damaged_run_directory_notes_what_it_cannot_read(tmp_path):
+    from dpokit.report import build_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n' + "[" * 100000 + "\n" + '{"step": 2, "x": ' + "9" * 5000 + "}\n")
+    (run / "eval.json").write_text("[" * 100000)
+    (run / "config.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefg", "bcdefgh")))
+    page = Path(build_report(str(run))).read_text()  # a RecursionError / ValueError / alias bomb traceback before
+    assert "skipped 2 line(s)" in page and "could not be read" in page and "config.yaml is not shown" in page

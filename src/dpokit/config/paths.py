@@ -27,7 +27,9 @@ def resolve_paths(cfg: Config) -> Config:
         value = _get(cfg, key)
         if _is_relative_path(key, value) and (key in _MADE_BY_THE_RUN or Path(value).expanduser().exists()):
             cfg = _with(cfg, key, os.path.abspath(Path(value).expanduser()))
-    return cfg
+    # data.image_root is a list of folders, each read from the current directory like the keys above
+    roots = [os.path.abspath(Path(r).expanduser()) if isinstance(r, str) and r else r for r in cfg.data.image_root]
+    return _with(cfg, "data.image_root", roots) if roots != list(cfg.data.image_root) else cfg
 
 
 def check_paths_from(yaml_path: Path, cfg: Config, prefix: str = "") -> None:

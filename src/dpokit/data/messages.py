@@ -20,7 +20,7 @@ from typing import Any
 
 from dpokit.data.records import Conversation, Message
 from dpokit.data.rows import RowSkip
-from dpokit.inputs import JSONTooDeep, loads_bounded
+from dpokit.inputs import UnreadableJSON, loads_bounded
 
 TOOL_MESSAGE_KEYS = ("tool_call_id", "name")
 
@@ -75,8 +75,8 @@ def _tool_calls(value: Any, field: str) -> list[dict]:
         if isinstance(arguments, str):
             try:
                 arguments = loads_bounded(arguments) if arguments.strip() else {}
-            except JSONTooDeep as error:
-                raise RowSkip(f"{field} has tool call arguments {error}", field) from None
+            except UnreadableJSON as error:
+                raise RowSkip(f"{field} has tool call arguments that cannot be read: {error}", field) from None
             except json.JSONDecodeError:
                 raise RowSkip(f"{field} has tool call arguments that are not valid JSON", field) from None
         entry = dict(call) if "function" in call else {}
@@ -93,8 +93,8 @@ def parse_tools(value: Any, field: str = "tools") -> list[dict] | None:
     if isinstance(value, str):
         try:
             value = loads_bounded(value)
-        except JSONTooDeep as error:  # '['*10000: a RecursionError traceback in train and doctor before
-            raise RowSkip(f"{field} is {error}", field) from None
+        except UnreadableJSON as error:  # '['*10000: a RecursionError traceback in train and doctor before
+            raise RowSkip(f"{field} cannot be read: {error}", field) from None
         except json.JSONDecodeError:
             raise RowSkip(f"{field} is a string that is not JSON (expected a list of function schemas)", field) from None
     if isinstance(value, dict):

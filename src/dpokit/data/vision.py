@@ -64,7 +64,7 @@ class VisionPair(TokenizedPair):
 # --- rows -------------------------------------------------------------------------------------
 
 
-def row_image_bytes(value: Any, folder: str, image_roots: tuple[str, ...] = ()) -> bytes:
+def row_image_bytes(value: Any, folder: str | None, image_roots: tuple[str, ...] = ()) -> bytes:
     """An image's bytes; a path is the input gateway's: inside the data file's folder (or data.image_root),
     a regular file under the size limit, a readable image under the pixel limit. Anything else is a
     counted skip with its reason, never a read of /dev/zero or of ./red.png in the current directory."""
@@ -121,7 +121,7 @@ def _text_only(messages: list[dict]) -> list[dict]:
             for m in messages]
 
 
-def vision_example(row: dict, where: str, folder: str, image_roots: tuple[str, ...] = ()) -> VisionExample:
+def vision_example(row: dict, where: str, folder: str | None, image_roots: tuple[str, ...] = ()) -> VisionExample:
     """One row -> VisionExample; RowSkip (counted by convert_rows) for what cannot be used."""
     for name in ("prompt", "chosen", "rejected"):
         if row.get(name) is None:
@@ -147,7 +147,10 @@ def vision_example(row: dict, where: str, folder: str, image_roots: tuple[str, .
 def load_vision_preferences(path: str, split: str = "train", strict: bool = False, max_rows: int | None = None,
                             image_roots: tuple[str, ...] = ()) -> tuple[list[VisionExample], SkipReport]:
     """Every row of `path` as a VisionExample; image paths are relative to the data file's folder."""
-    folder = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    # Relative image paths mean: beside the data file, inside a dataset folder; rows from the hub have no folder,
+    # so only data.image_root is readable for them (never the current directory: the dataset is untrusted).
+    local = os.path.abspath(os.path.expanduser(path))
+    folder = local if os.path.isdir(local) else os.path.dirname(local) if os.path.lexists(local) else None
     examples, report = convert_rows(
         path, split, lambda row, where: ("vision", vision_example(row, where, folder, image_roots)), strict, max_rows)
     if not examples:

@@ -12,11 +12,11 @@ from dpokit.inputs.gateway import (
     read_bytes,
     read_text,
 )
-from dpokit.inputs.json_text import MAX_JSON_DEPTH, JSONTooDeep, loads_bounded
+from dpokit.inputs.json_text import MAX_JSON_DEPTH, JSONTooDeep, UnreadableJSON, loads_bounded
 from dpokit.inputs.row_paths import RowPathError, check_image_bytes, read_row_image, resolve_row_path
 
 __all__ = [
     "KINDS", "MAX_IMAGE_PIXELS", "MAX_JSON_DEPTH", "MAX_LINE_BYTES", "InputError", "JSONTooDeep", "RowPathError",
-    "check_file", "check_image_bytes", "iter_jsonl", "iter_lines", "loads_bounded", "open_checked", "read_bytes", "read_row_image",
-    "read_text", "resolve_row_path",
+    "UnreadableJSON", "check_file", "check_image_bytes", "iter_jsonl", "iter_lines", "loads_bounded", "open_checked",
+    "read_bytes", "read_row_image", "read_text", "resolve_row_path",
 ]

@@ -98,6 +98,8 @@ def open_checked(path: str | os.PathLike, kind: str, label: str = "") -> BinaryI
         raise InputError("cannot be read: permission denied", shown) from None
     except OSError as error:
         raise InputError(f"cannot be opened: {error.strerror or error}", shown) from None
+    except ValueError:  # an embedded NUL byte: no file has that name
+        raise InputError("not a file name (it holds a NUL byte)", shown.replace("\x00", "\\0")) from None
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
@@ -157,8 +159,11 @@ class _Capped(io.RawIOBase):
 
 def read_bytes(path: str | os.PathLike, kind: str, label: str = "") -> bytes:
     """The whole file (decompressed if it ends in .gz), within the kind's limit."""
-    with _stream(path, kind, label) as stream:
-        return stream.read()
+    try:
+        with _stream(path, kind, label) as stream:
+            return stream.read()
+    except (OSError, EOFError, zlib.error) as error:  # a truncated or non-gzip .gz, a read error
+        raise InputError(f"cannot read file: {error}", f"{label} {path}" if label else str(path)) from None
 
 
 def read_text(path: str | os.PathLike, kind: str, label: str = "") -> str:
@@ -179,8 +184,21 @@ def _stream(path: str | os.PathLike, kind: str, label: str = "") -> BinaryIO:
         return raw
     # The cap applies to the inflated bytes too: 10 MB of gzip can hold 10 GB of zeros.
     spec = _kind(kind)
-    return io.BufferedReader(_Capped(gzip.GzipFile(fileobj=raw, mode="rb"), spec,
-                                     f"{label} {path}" if label else str(path)))
+    return io.BufferedReader(_Capped(_GzipOwningFile(raw), spec, f"{label} {path}" if label else str(path)))
+
+
+class _GzipOwningFile(gzip.GzipFile):
+    """GzipFile over a stream it owns: closing it closes the file too (GzipFile(fileobj=...) leaves it open)."""
+
+    def __init__(self, raw: BinaryIO):
+        super().__init__(fileobj=raw, mode="rb")
+        self._owned = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._owned.close()
 
 
 def iter_lines(path: str | os.PathLike, kind: str, label: str = "") -> Iterator[tuple[int, bytes]]:

@@ -41,19 +41,28 @@ def json_depth(text: str | bytes, stop_at: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
-class JSONTooDeep(ValueError):
+class UnreadableJSON(ValueError):
+    """JSON that parses in principle but not here: nested too deeply, or an integer of thousands of digits."""
+
+
+class JSONTooDeep(UnreadableJSON):
     """Text nested deeper than MAX_JSON_DEPTH."""
 
 
 def loads_bounded(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     """json.loads(text), refused with JSONTooDeep (a ValueError) when nested deeper than `max_depth`.
 
-    Other malformed JSON raises json.JSONDecodeError as usual; nothing raises RecursionError.
+    Malformed JSON raises json.JSONDecodeError as usual; an integer past Python's digit limit raises
+    UnreadableJSON (JSONTooDeep's base); nothing raises RecursionError.
     """
     opens = text.count("[") + text.count("{") if isinstance(text, str) else text.count(b"[") + text.count(b"{")
     if opens > max_depth and json_depth(text, max_depth) > max_depth:  # the count is a cheap first filter
         raise JSONTooDeep(f"JSON nested more than {max_depth} levels deep (of [ or {{)")
     try:
         return json.loads(text)
+    except json.JSONDecodeError:
+        raise
     except RecursionError:  # a depth under the limit on a very small stack: still a clear error
         raise JSONTooDeep("JSON nested too deeply to read") from None
+    except ValueError as error:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise UnreadableJSON(f"JSON holds a number Python will not read ({str(error)[:60]})") from None

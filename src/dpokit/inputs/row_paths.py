@@ -26,11 +26,18 @@ def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
-def resolve_row_path(value: str, base_dir: str, allowed_roots: Iterable[str] = ()) -> str:
+def resolve_row_path(value: str, base_dir: str | None, allowed_roots: Iterable[str] = ()) -> str:
     """The real path of `value` (relative to `base_dir`), if it lies in base_dir or an allowed root."""
-    base = os.path.realpath(base_dir)
-    roots = [base] + [os.path.realpath(os.path.expanduser(r)) for r in allowed_roots]
-    joined = value if os.path.isabs(value) else os.path.join(base, value)
+    if "\x00" in value:
+        raise RowPathError("image path holds a NUL byte", value.replace("\x00", "\\0"))
+    # base_dir None: the rows came from the hub or a datasets loader, which has no folder of its own
+    # for a relative path to mean; only the allowed roots are readable then.
+    base = os.path.realpath(base_dir) if base_dir is not None else None
+    roots = ([base] if base else []) + [os.path.realpath(os.path.expanduser(r)) for r in allowed_roots]
+    if base is None and not os.path.isabs(value):
+        raise RowPathError("a relative image path in a dataset that is not a local file has no folder to be "
+                           "relative to (give absolute paths under data.image_root, or image bytes)", value)
+    joined = value if os.path.isabs(value) else os.path.join(base, value)  # base is set here (checked above)
     real = os.path.realpath(joined)
     if not any(_inside(real, root) for root in roots):
         raise RowPathError("image path is outside the data folder (set data.image_root to allow another folder)",
@@ -38,7 +45,7 @@ def resolve_row_path(value: str, base_dir: str, allowed_roots: Iterable[str] = (
     return real
 
 
-def read_row_image(value: str, base_dir: str, allowed_roots: Iterable[str] = ()) -> bytes:
+def read_row_image(value: str, base_dir: str | None, allowed_roots: Iterable[str] = ()) -> bytes:
     """The bytes of an image file named in a row, after the path, file and header checks."""
     real = resolve_row_path(value, base_dir, allowed_roots)
     try:

@@ -18,7 +18,7 @@ shows it:
 
     Pairwise verdicts:
       [[A]]  [[B]]  [[C]] (a tie; [[tie]] too)      anywhere in the reply
-      Verdict: A  (B, C, tie)                       as the reply's last line
+      Verdict: A  (B, C, tie)                       as the reply's last line (earlier ones must agree)
     Every verdict in a reply must agree. Anything else is unjudged (NaN, counted): "Response A is worse
     than B", "I prefer neither A nor B", "A", "It's a tie".
 
@@ -114,6 +114,6 @@ def parse_verdict(reply: str) -> float:
     verdicts = [_VERDICTS[m.group(1).upper()] for m in _VERDICT_BRACKET.finditer(text)]
     lines = [line for line in text.splitlines() if line.strip()]
     final = _VERDICT_LINE.match(lines[-1]) if lines else None
-    if final:
-        verdicts.append(_VERDICTS[final.group(1).upper()])
+    if final:  # "Verdict: A" ... "Verdict: B" is two verdicts: every Verdict line must agree
+        verdicts += [_VERDICTS[m.group(1).upper()] for line in lines if (m := _VERDICT_LINE.match(line))]
     return _agreed(verdicts) if verdicts else math.nan

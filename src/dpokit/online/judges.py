@@ -29,6 +29,7 @@ import urllib.request
 from typing import Callable
 
 from dpokit.config import JudgeConfig
+from dpokit.inputs import loads_bounded
 from dpokit.online.judge_grammar import parse_rating, parse_verdict
 from dpokit.online.prompts import Prompt
 from dpokit.online.scorer import JudgeUnreachable, ScoringError, check_lengths
@@ -187,8 +188,10 @@ class ChatClient:
             try:
                 payload = self._post(messages)
                 try:
-                    return json.loads(payload)["choices"][0]["message"]["content"] or ""
-                except (ValueError, KeyError, IndexError, TypeError):
+                    content = loads_bounded(payload)["choices"][0]["message"]["content"]
+                    # a reply that is not text (null, a number, a list) reads as no reply: unscored and counted
+                    return content if isinstance(content, str) else ""
+                except (ValueError, KeyError, IndexError, TypeError):  # ValueError: JSONDecodeError, too deep
                     raise ScoringError(f"the judge at {self.url} answered with something that is not a chat completion: {payload[:200]!r}") from None
             except urllib.error.HTTPError as e:
                 try:

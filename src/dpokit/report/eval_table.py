@@ -8,11 +8,13 @@ rate) has the policy's value only: the baseline's is 50% by definition.
 
 from __future__ import annotations
 
-import json
 import math
 from html import escape
 from pathlib import Path
 from typing import Any, Optional
+
+from dpokit.inputs import loads_bounded
+from dpokit.report.run_data import run_file_text
 
 EVAL_FILE = "eval.json"  # where `dpokit report` looks for a run's evaluation
 
@@ -84,10 +86,11 @@ def eval_section(run_dir: Path) -> str:
     path = Path(run_dir) / EVAL_FILE
     if not path.is_file():
         return ""
-    try:
-        metrics: Any = json.loads(path.read_text(encoding="utf-8"))
+    notes: list[str] = []
+    try:  # through the input gateway, like the run's other files: a RUN_DIR is named by the user
+        metrics: Any = loads_bounded(run_file_text(path, notes) or "null")
         table = rows(metrics)
-    except (ValueError, AttributeError, TypeError) as e:
+    except (ValueError, AttributeError, TypeError, RecursionError) as e:
         return f'<section id="evaluation"><h2>Evaluation</h2><p class="note">{escape(EVAL_FILE)} could not be read: {escape(str(e))}</p></section>'
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in table)
     return ('<section id="evaluation"><h2>Evaluation</h2><p class="source">From eval.json (`dpokit eval --out`): '

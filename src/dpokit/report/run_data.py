@@ -8,7 +8,6 @@ becomes a note that the report prints, and the rest is shown.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,8 +15,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from dpokit.config import ConfigError
+from dpokit.config.loading import load_yaml_text
 from dpokit.detectors import replay
-from dpokit.inputs import InputError, read_bytes
+from dpokit.inputs import InputError, loads_bounded, read_bytes
 
 Verdict = Literal["healthy", "warnings", "stopped", "no metrics"]
 
@@ -88,8 +89,8 @@ def read_records(path: Path, notes: list[str]) -> list[dict]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = loads_bounded(line)
+        except ValueError:  # not JSON, nested absurdly deep, a number of thousands of digits: a damaged line
             bad.append(n)
             continue
         if isinstance(record, dict):
@@ -148,7 +149,10 @@ def _load_config(run_dir: Path, run: RunData) -> None:
         return
     run.config_text = run_file_text(path, run.notes)
     try:
-        loaded = yaml.safe_load(run.config_text)
+        loaded = load_yaml_text(run.config_text, str(path))  # the config loader's alias limit: a RUN_DIR is untrusted
+    except ConfigError as e:
+        run.notes.append(f"config.yaml is not shown: {e}")
+        return
     except yaml.YAMLError as e:
         run.notes.append(f"config.yaml is not valid YAML ({e.__class__.__name__}); shown as text")
         return
@@ -161,8 +165,8 @@ def _load_summary(run_dir: Path, run: RunData) -> None:
         run.notes.append("no data_summary.json in the run directory: the data section is empty")
         return
     try:
-        summary = json.loads(run_file_text(path, run.notes) or "null")
-    except json.JSONDecodeError:
+        summary = loads_bounded(run_file_text(path, run.notes) or "null")
+    except ValueError:
         run.notes.append("data_summary.json is not valid JSON: the data section is empty")
         return
     run.data_summary = summary if isinstance(summary, dict) else None
