@@ -252,3 +252,39 @@ def _weights_of(checkpoint: Path) -> dict:
 
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_a_run_that_fails_its_checks_leaves_the_earlier_eval_in_place(tmp_path):
+    cfg = _config(tmp_path, "run")
+    dpokit.train(cfg)
+    run_dir = Path(cfg["out_dir"])
+    (run_dir / "eval.json").write_text(json.dumps({"win_rate": 0.987}))
+    with pytest.raises(Exception):  # refused after the model is loaded: the run never replaced the model
+        dpokit.train(_config(tmp_path, "run", **{"train.resume": str(tmp_path / "nowhere")}))
+    assert json.loads((run_dir / "eval.json").read_text())["win_rate"] == 0.987
+    assert not [p for p in run_dir.iterdir() if p.name.startswith("earlier-eval-")]
+
+
+def test_the_lock_is_the_kernels_flock_so_only_a_holding_process_counts(tmp_path, capsys):
+    """A lock file naming a live PID that holds no flock (the PID was reused after a SIGKILL) is free: taken over with
+    a note; a process holding the flock, however its file reads, keeps the folder."""
+    cfg = _config(tmp_path, "run")
+    run_dir = Path(cfg["out_dir"])
+    run_dir.mkdir()
+    (run_dir / MARKER).write_text("{}")
+    (run_dir / LOCK).write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename, "started": "earlier"}))
+    dpokit.train(cfg)
+    assert f"PID {os.getppid()}" in capsys.readouterr().out and not (run_dir / LOCK).exists()
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | "
+                               "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(run_dir / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cli_main(["train", _config_file(cfg, tmp_path / "again.yaml")]) == 2
+        assert "in use by another dpokit run" in _one_error_line(capsys.readouterr().err)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel dropped the killed holder's lock: the folder is free again
+    dpokit.train(_config(tmp_path, "run", **{"train.max_steps": STEPS + 1}))

@@ -188,10 +188,11 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     set_seed(cfg.train.seed)
     owner = make_run_dir(cfg, accelerator)
     try:
-        return _set_up_in(owner, cfg, data, accelerator)
+        run = _set_up_in(owner, cfg, data, accelerator)
     except BaseException:
         owner.abandon()  # a failed config or data check leaves no out_dir behind (nor its lock)
         raise
+    return owner.ready(run)  # the checks passed: now an earlier model's eval.json is set aside
 
 
 def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerator: Accelerator) -> Run:

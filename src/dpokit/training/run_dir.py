@@ -1,20 +1,22 @@
 """The run directory has one owner: a folder dpokit made, written by one run at a time.
 
     .dpokit-run.json       the marker: dpokit made this folder (written when a run first claims it)
-    .dpokit.lock           {"pid", "host", "started"}: the run writing into it now; removed on any exit
+    .dpokit.lock           {"pid", "host", "started"}: the run writing into it now, which holds flock() on it
+                           (the kernel frees it when the run ends, however); removed on a normal exit
     earlier-eval-<time>/   eval.json (dpokit eval --out RUN/eval.json) of a model a new run replaces
 
-`claim` is the one way into a run directory (dpokit train and sft, the pipeline's round runs, dpokit
-eval --out into a run directory). It refuses a folder holding files dpokit did not write (listing a
+`claim` is the one way into a run directory (dpokit train and sft, and so the pipeline's round runs);
+dpokit eval --out into a run directory asks `in_use` first. It refuses a folder holding files dpokit did not write (listing a
 few) unless train.overwrite=true: a user's folder lost final/my_weights.bin and had its config.yaml and
 metrics.jsonl overwritten without a word. It takes the lock: two runs writing into one folder mixed
-their metrics.jsonl records and one died with a FileNotFoundError. A lock whose PID is no longer
-running (a SIGKILLed run) is taken over with a note. `RunDir.abandon` undoes a claim whose run failed
+their metrics.jsonl records and one died with a FileNotFoundError. The lock of a run that ended
+without releasing it (SIGKILL) is free, and taken over with a note naming its PID. `RunDir.abandon` undoes a claim whose run failed
 its config or data checks, so a failed check leaves no out_dir behind.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -48,12 +50,21 @@ class RunDir:
     path: Path
     created: bool  # this claim made the folder: abandoning it removes it again
     held: bool = True  # this process holds its lock
+    lock_fd: Optional[int] = None  # the open lock file this process holds flock() on
+
+    def ready(self, run):
+        """The run passed its checks: an earlier model's eval.json is set aside now (not by a run that then failed)."""
+        if self.held:
+            set_aside_evaluation(self.path)
+        return run
 
     def release(self) -> None:
         if self.held:
             self.held = False
-            if (_read_lock(self.path / LOCK) or {}).get("pid") == os.getpid():  # never another run's lock
+            if self.lock_fd is not None:  # unlinked while still held, so no other run can take this inode's lock
                 (self.path / LOCK).unlink(missing_ok=True)
+                os.close(self.lock_fd)
+                self.lock_fd = None
 
     def abandon(self) -> None:
         """The run stopped before training (a config or data check failed): a folder this claim made is removed."""
@@ -87,13 +98,13 @@ def claim(path, overwrite: bool, key: str = "out_dir", names: frozenset = RUN_NA
                           f"{key}, or train.overwrite=true to write into it anyway (dpokit's files there are replaced)")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        _take_lock(path, key)
+        lock_fd = _take_lock(path, key)
         if not (path / MARKER).is_file():
             _write_atomically(path / MARKER, json.dumps({"format": 1, "made_by": f"dpokit {__version__}",
                                                          "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
     except OSError as e:
         raise ConfigError(f"{key}={str(path)!r}: cannot write the run directory: {e}") from None
-    return RunDir(path, created)
+    return RunDir(path, created, lock_fd=lock_fd)
 
 
 def foreign_entries(path: Path, names: frozenset = RUN_NAMES) -> list[str]:
@@ -124,34 +135,55 @@ def set_aside_evaluation(path: Path) -> Optional[Path]:
 
 
 def in_use(path: Path) -> Optional[str]:
-    """Why nothing else may write into the run directory `path` now (a live run holds it), or None."""
-    holder = _read_lock(Path(path) / LOCK)
-    return _held_by(path, holder) if holder and _alive(holder) else None
+    """Why nothing else may write into the run directory `path` now (a live run holds its lock), or None."""
+    lock = Path(path) / LOCK
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _held_by(path, _read_lock(lock) or {})
+    finally:
+        os.close(fd)
+    return None
 
 
 # --- the lock ----------------------------------------------------------------------------------
+# flock() on .dpokit.lock, held for the whole run: the kernel releases it when the process ends, however it
+# ends (SIGKILL included), so a dead run's lock is free by itself and no two runs can both decide to take it
+# over (unlinking a stale lock file raced: a second taker could remove the first one's new lock). The JSON in
+# the file only names the holder for the error message and the takeover note.
 
 
-def _take_lock(path: Path, key: str) -> None:
+def _take_lock(path: Path, key: str) -> int:
+    """The open, flock()ed lock file of `path` (its descriptor); ConfigError naming the holder when a live run has it."""
     lock = path / LOCK
-    for _ in range(3):  # a dead run's lock is removed, then created again; another taker may win the race
+    for _ in range(5):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(lock)
-            if holder is None and time.time() - _mtime(lock) < 10:  # being written by a run starting right now
-                time.sleep(0.2)
-                continue
-            if holder is not None and _alive(holder):
-                raise ConfigError(f"{key}={str(path)!r} {_held_by(path, holder)}: wait for it to end, or use another {key}") from None
-            who = f"PID {holder.get('pid')}" if holder else "an unreadable lock"
-            print(f"[dpokit] {path}: the run that held it ({who}) is no longer running; its lock is taken over", flush=True)
-            lock.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"{key}={str(path)!r} {_held_by(path, _read_lock(lock) or {})}: wait for it to end, "
+                              f"or use another {key}") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the holder unlinked it between our open and flock: take the new file instead
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-        return
-    raise ConfigError(f"{key}={str(path)!r}: another run took its lock at the same time; use another {key}")
+        holder = _read_lock(lock)
+        if holder and holder.get("pid") != os.getpid():
+            print(f"[dpokit] {path}: the run that held it (PID {holder.get('pid')}) is no longer running; its lock is "
+                  "taken over", flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        return fd
+    raise ConfigError(f"{key}={str(path)!r}: other runs keep taking its lock; use another {key}")
 
 
 def _held_by(path: Path, holder: dict) -> str:
@@ -164,30 +196,6 @@ def _read_lock(lock: Path) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
-
-
-def _alive(holder: dict) -> bool:
-    """Whether the lock's process still runs. On another host it cannot be told: taken as running."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    pid = holder["pid"]
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: it runs no more
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -29,7 +29,7 @@ from dpokit.ref_cache.build import ensure_reference_cache
 from dpokit.reference import make_reference
 from dpokit.steps import Step
 from dpokit.steps.token_scores import fast_path_blocker
-from dpokit.training.run_dir import RunDir, claim, set_aside_evaluation
+from dpokit.training.run_dir import RunDir, claim
 
 
 def refuse_before_compute(cfg: Config) -> None:
@@ -83,13 +83,12 @@ def reference_for(cfg: Config, step: Step, policy, tokenizer, data: PreparedData
 
 
 def make_run_dir(cfg: Config, accelerator) -> RunDir:
-    """out_dir, claimed for this run by the main process (run_dir.claim: marker, ownership, lock); an earlier model's
-    eval.json set aside. Every process gets the main process's refusal, so none waits for the others."""
+    """out_dir, claimed for this run by the main process (run_dir.claim: marker, ownership, lock; RunDir.ready sets an
+    earlier model's eval.json aside once the checks passed). Every process gets the main process's refusal."""
     owner, problem = RunDir(Path(cfg.out_dir), created=False, held=False), None
     if accelerator.is_main_process:
         try:
             owner = claim(cfg.out_dir, cfg.train.overwrite)
-            set_aside_evaluation(owner.path)
         except ConfigError as e:
             problem = str(e)
     if accelerator.num_processes > 1:
