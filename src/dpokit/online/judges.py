@@ -94,6 +94,7 @@ class _Deadline:
         deadline = getattr(req, "deadline", None) or time.monotonic() + req.timeout
 
         def connection(host, **options):
+            options["timeout"] = max(0.001, deadline - time.monotonic())  # connecting spends the same deadline
             conn = http_class(host, **options)
             connect = conn.connect
 
