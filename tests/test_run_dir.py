@@ -288,3 +288,28 @@ def test_the_lock_is_the_kernels_flock_so_only_a_holding_process_counts(tmp_path
         holder.wait()
     # the kernel dropped the killed holder's lock: the folder is free again
     dpokit.train(_config(tmp_path, "run", **{"train.max_steps": STEPS + 1}))
+
+
+def test_eval_out_into_a_run_directory_holds_its_lock_and_waits_for_no_run(tmp_path, capsys):
+    """dpokit eval --out RUN/eval.json takes the run directory's lock: refused while a run holds it (before any model
+    loads), and a run cannot start there while an evaluation writes into it."""
+    from dpokit.training.run_dir import holding
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / MARKER).write_text("{}")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | "
+                               "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(run_dir / LOCK)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = cli_main(["eval", "--policy", str(tmp_path / "no-such-model"), "--suite", "ifeval",
+                         "--out", str(run_dir / "eval.json")])
+        assert code == 2 and "in use by another dpokit run" in _one_error_line(capsys.readouterr().err)
+    finally:
+        holder.kill()
+        holder.wait()
+    with holding(run_dir, "--out"):  # an evaluation writing into it: a run is refused
+        assert cli_main(["train", _config_file(_config(tmp_path, "run"), tmp_path / "t.yaml")]) == 2
+        assert "in use by another dpokit run" in _one_error_line(capsys.readouterr().err)
+    assert not (run_dir / LOCK).exists()

@@ -46,7 +46,7 @@ from dpokit.online.suites.local_judge import LocalPairwiseJudge
 from dpokit.online.suites.multiturn import MTBenchJudge
 from dpokit.online.suites.runner import add_suite_flags, check_suite_args, options_from_args, run_suites
 from dpokit.online.suites.view import markdown, write_view
-from dpokit.training.run_dir import in_use
+from dpokit.training.run_dir import holding
 
 
 # --- the evaluation ------------------------------------------------------------------------------
@@ -280,9 +280,13 @@ def run_cli(args) -> int:
     transformers.utils.logging.disable_progress_bar()
     suites = list(dict.fromkeys(args.suite))
     check_suite_args(args)
-    busy = in_use(Path(args.out).parent) if args.out else None  # a run still writing there would set eval.json aside
-    if busy:
-        raise ConfigError(f"--out {args.out}: {Path(args.out).parent} {busy}; evaluate its final/ once that run has ended")
+    # A dpokit run directory is locked for the whole evaluation: a run starting there meanwhile would replace the
+    # model being measured, and this eval.json would then describe the earlier model (run_dir.holding).
+    with holding(Path(args.out).parent if args.out else None, "--out"):
+        return _evaluate(args, suites)
+
+
+def _evaluate(args, suites: list[str]) -> int:
     client_options = judge_options(args)
     trust = trust_from_args(args)
     policy, tokenizer = load_model(args.policy, trust)

@@ -6,7 +6,7 @@
     earlier-eval-<time>/   eval.json (dpokit eval --out RUN/eval.json) of a model a new run replaces
 
 `claim` is the one way into a run directory (dpokit train and sft, and so the pipeline's round runs);
-dpokit eval --out into a run directory asks `in_use` first. It refuses a folder holding files dpokit did not write (listing a
+dpokit eval --out into a run directory holds its lock while it runs (`holding`). It refuses a folder holding files dpokit did not write (listing a
 few) unless train.overwrite=true: a user's folder lost final/my_weights.bin and had its config.yaml and
 metrics.jsonl overwritten without a word. It takes the lock: two runs writing into one folder mixed
 their metrics.jsonl records and one died with a FileNotFoundError. The lock of a run that ended
@@ -16,6 +16,7 @@ its config or data checks, so a failed check leaves no out_dir behind.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -134,20 +135,20 @@ def set_aside_evaluation(path: Path) -> Optional[Path]:
     return aside
 
 
-def in_use(path: Path) -> Optional[str]:
-    """Why nothing else may write into the run directory `path` now (a live run holds its lock), or None."""
-    lock = Path(path) / LOCK
+@contextlib.contextmanager
+def holding(path: Optional[Path], key: str):
+    """The lock of a dpokit run directory (one with the marker) for the `with` block: another command writing into
+    it (dpokit eval --out RUN/eval.json) waits for no run and lets none start; ConfigError if a run holds it.
+    Any other folder (or None) is not dpokit's to lock: nothing is taken."""
+    if path is None or not (Path(path) / MARKER).is_file():
+        yield
+        return
+    fd = _take_lock(Path(path), key)
     try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _held_by(path, _read_lock(lock) or {})
+        yield
     finally:
+        (Path(path) / LOCK).unlink(missing_ok=True)
         os.close(fd)
-    return None
 
 
 # --- the lock ----------------------------------------------------------------------------------
