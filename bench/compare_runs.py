@@ -1,54 +1,124 @@
-"""bench/compare_runs.py A B: compare two bench/same_outputs.sh output folders file by file (the folders' own paths normalised).
-Binary files byte for byte; JSON/YAML files value by value, reporting keys added/removed apart from changed values."""
-import json, sys
+"""bench/compare_runs.py A B: the same-outputs gate. Exit 0 when two output folders of bench/same_outputs.sh hold
+the same files with the same contents; exit 1, listing every difference, otherwise.
+
+Every file is compared, at any depth: rc.txt, the consoles (*.out, *.err), report.html, the cache, checkpoints,
+weights. JSON, JSON lines and YAML are compared value by value (a changed, added or removed key is a difference,
+at any depth); every other file byte for byte, after the normalisations below. A file on one side only is a
+difference. The only exemptions, each for a value that changes between two runs of the same code:
+
+- EXEMPT_KEYS: JSON/YAML keys holding wall-clock time or when something happened;
+- VOLATILE: in text files, durations ("12.3s", "4.5 it/s") and timestamps ("2026-12-05 21:14:07", 20261205-211407);
+- the folder's own absolute path, replaced by <OUT> (same_outputs.sh runs every commit in the same folder, so
+  fingerprints that hash a path agree; the replacement covers a copy moved elsewhere).
+
+  python bench/compare_runs.py /tmp/before /tmp/after     # exit status 0: the gate passed
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
 from pathlib import Path
+
 import yaml
-A, B = Path(sys.argv[1]), Path(sys.argv[2])
-TIMING = {"wall_seconds", "train_runtime", "train_samples_per_second", "train_steps_per_second", "seconds", "elapsed"}
-def text(p, root):
-    return p.read_text().replace(str(root), "<OUT>")
-def load(p, root):
-    t = text(p, root)
-    if p.suffix == ".jsonl": return [json.loads(l) for l in t.splitlines() if l.strip()]
-    if p.suffix == ".json": return json.loads(t)
-    return yaml.safe_load(t)
-def walk(a, b, path, out):
+
+EXEMPT_KEYS = frozenset({"wall_seconds", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+                         "seconds", "elapsed", "created", "started", "saved_at", "time", "timestamp"})
+VOLATILE = [
+    (re.compile(r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?"), "<TIME>"),
+    (re.compile(r"\b\d{8}-\d{6}\b"), "<TIME>"),
+    (re.compile(r"\b\d+(\.\d+)?\s?(s|ms|it/s|s/it|min)\b"), "<DURATION>"),
+]
+STRUCTURED = (".json", ".jsonl", ".yaml", ".yml")
+
+
+def normalised_text(path: Path, root: Path) -> str:
+    text = path.read_text(errors="replace").replace(str(root), "<OUT>")
+    for pattern, token in VOLATILE:
+        text = pattern.sub(token, text)
+    return text
+
+
+def load(path: Path, root: Path):
+    text = path.read_text(errors="replace").replace(str(root), "<OUT>")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if path.suffix == ".json":
+        return json.loads(text)
+    return yaml.safe_load(text)
+
+
+def walk(a, b, where: str, out: list[str]) -> None:
+    """Every difference between two parsed values, as 'where: what' lines."""
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b), key=str):
-            if k in TIMING: continue
-            if k not in a: out["added"].add(f"{path}{k}")
-            elif k not in b: out["removed"].add(f"{path}{k}")
-            else: walk(a[k], b[k], f"{path}{k}.", out)
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)): walk(x, y, f"{path}[{i}].", out)
-    elif a != b:
-        out["changed"].append(f"{path.rstrip('.')}: {str(a)[:60]!r} -> {str(b)[:60]!r}")
-total = dict(binary_same=0, binary_diff=0, structured_same=0, structured_diff=0)
-added_all = set()
-for run in ["demo_run", "dpo_live", "dpo_cache", "kto", "sft", "pipeline"]:
-    if not (A / run).exists() or not (B / run).exists():
-        print(f"{run}: missing on one side"); continue
-    fa = {p.relative_to(A) for p in (A / run).rglob("*") if p.is_file()}
-    fb = {p.relative_to(B) for p in (B / run).rglob("*") if p.is_file()}
-    if fa ^ fb: print(f"{run}: files on one side only: {sorted(map(str, fa ^ fb))}")
-    for rel in sorted(fa & fb):
-        if rel.name == "report.html": continue  # rendered with the time and the dpokit version
-        pa, pb = A / rel, B / rel
-        if rel.suffix in (".json", ".jsonl", ".yaml"):
-            out = {"added": set(), "removed": set(), "changed": []}
-            walk(load(pa, A), load(pb, B), "", out)
-            if out["changed"] or out["removed"]:
-                total["structured_diff"] += 1; print(f"CHANGED {rel}: {out['changed'][:5]} removed={sorted(out['removed'])[:5]}")
+        for key in sorted(set(a) | set(b), key=str):
+            if key in EXEMPT_KEYS:
+                continue
+            if key not in a:
+                out.append(f"{where}{key}: only in B")
+            elif key not in b:
+                out.append(f"{where}{key}: only in A")
             else:
-                total["structured_same"] += 1
-            added_all |= {k.split(".")[-1] if "." in k else k for k in out["added"]}
-        else:
-            same = (text(pa, A) == text(pb, B)) if rel.suffix in (".md", ".txt", ".jinja") else pa.read_bytes() == pb.read_bytes()
-            total["binary_same" if same else "binary_diff"] += 1
-            if not same: print(f"DIFFERS {rel}")
-    print(f"{run}: {len(fa & fb)} files compared")
-table = lambda p: [l for l in p.read_text().splitlines() if "%" in l or "nats" in l or "length" in l or "[positive]" in l or "[negative]" in l or "round" in l.lower()]
-print("demo stdout (table and samples) identical:", table(A / "demo.out") == table(B / "demo.out"))
-if (A / "pipeline.out").exists() and (B / "pipeline.out").exists():
-    print("pipeline stdout round table identical:", [l for l in text(A / "pipeline.out", A).splitlines() if l.startswith("|")] == [l for l in text(B / "pipeline.out", B).splitlines() if l.startswith("|")])
-print(total, "keys only in B (any depth, last name):", sorted(added_all))
+                walk(a[key], b[key], f"{where}{key}.", out)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            out.append(f"{where.rstrip('.')}: {len(a)} items -> {len(b)}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            walk(x, y, f"{where}[{i}].", out)
+    elif a != b and not (isinstance(a, str) and isinstance(b, str) and _same_text(a, b)):
+        out.append(f"{where.rstrip('.')}: {str(a)[:60]!r} -> {str(b)[:60]!r}")
+
+
+def _same_text(a: str, b: str) -> bool:
+    for pattern, token in VOLATILE:
+        a, b = pattern.sub(token, a), pattern.sub(token, b)
+    return a == b
+
+
+def compare(a_root: Path, b_root: Path) -> list[str]:
+    """Every difference between two output folders; empty when they are the same."""
+    files_a = {p.relative_to(a_root) for p in a_root.rglob("*") if p.is_file()}
+    files_b = {p.relative_to(b_root) for p in b_root.rglob("*") if p.is_file()}
+    found = [f"{rel}: only in A" for rel in sorted(files_a - files_b)]
+    found += [f"{rel}: only in B" for rel in sorted(files_b - files_a)]
+    for rel in sorted(files_a & files_b):
+        pa, pb = a_root / rel, b_root / rel
+        if rel.suffix in STRUCTURED:
+            try:
+                out: list[str] = []
+                walk(load(pa, a_root), load(pb, b_root), "", out)
+                found += [f"{rel}: {line}" for line in out]
+                continue
+            except (ValueError, yaml.YAMLError):
+                pass  # not parseable: compared as text below
+        if pa.read_bytes() == pb.read_bytes():
+            continue
+        try:
+            same = normalised_text(pa, a_root) == normalised_text(pb, b_root)
+        except UnicodeDecodeError:
+            same = False
+        if not same:
+            found.append(f"{rel}: contents differ")
+    return found
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__.split("\n\n")[0], file=sys.stderr)
+        return 2
+    a_root, b_root = Path(argv[0]).resolve(), Path(argv[1]).resolve()
+    for root in (a_root, b_root):
+        if not root.is_dir():
+            print(f"compare_runs: {root} is not a folder", file=sys.stderr)
+            return 2
+    found = compare(a_root, b_root)
+    for line in found:
+        print(f"DIFFERS {line}")
+    n = sum(1 for p in a_root.rglob("*") if p.is_file())
+    print(f"compare_runs: {len(found)} difference(s) over {n} files" + ("" if found else ": the same outputs"))
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
