@@ -7,7 +7,11 @@ at any depth); every other file byte for byte, after the normalisations below. A
 difference. The only exemptions, each for a value that changes between two runs of the same code:
 
 - EXEMPT_KEYS: JSON/YAML keys holding wall-clock time or when something happened;
-- VOLATILE: in text files, durations ("12.3s", "4.5 it/s") and timestamps ("2026-12-05 21:14:07", 20261205-211407);
+- EXEMPT_FILES: the reference cache's memo of file hashes, keyed by each file's modification time;
+- VOLATILE: in text files, progress-bar redraws (how often a bar redraws depends on timing), durations
+  ("12.3s", "4.5 it/s") and timestamps ("2026-12-05 21:14:07", 20261205-211407);
+- a .safetensors file is its header's values and its data bytes (the writer orders the metadata keys at
+  random, so the bytes of two identical files differ);
 - the folder's own absolute path, replaced by <OUT> (same_outputs.sh runs every commit in the same folder, so
   fingerprints that hash a path agree; the replacement covers a copy moved elsewhere).
 
@@ -16,16 +20,20 @@ difference. The only exemptions, each for a value that changes between two runs 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import struct
 import sys
 from pathlib import Path
 
 import yaml
 
 EXEMPT_KEYS = frozenset({"wall_seconds", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-                         "seconds", "elapsed", "created", "started", "saved_at", "time", "timestamp"})
+                         "seconds", "elapsed", "created", "started", "saved_at", "time", "timestamp", "build_seconds"})
+EXEMPT_FILES = frozenset({"file_hashes.json"})
 VOLATILE = [
+    (re.compile(r"^[^\n]*\d+/\d+ \[[\d:]+<[^\n]*$", re.MULTILINE), "<PROGRESS>"),
     (re.compile(r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?"), "<TIME>"),
     (re.compile(r"\b\d{8}-\d{6}\b"), "<TIME>"),
     (re.compile(r"\b\d+(\.\d+)?\s?(s|ms|it/s|s/it|min)\b"), "<DURATION>"),
@@ -37,7 +45,7 @@ def normalised_text(path: Path, root: Path) -> str:
     text = path.read_text(errors="replace").replace(str(root), "<OUT>")
     for pattern, token in VOLATILE:
         text = pattern.sub(token, text)
-    return text
+    return re.sub(r"(<PROGRESS>\n)+", "<PROGRESS>\n", text)  # a bar is one line however often it redrew
 
 
 def load(path: Path, root: Path):
@@ -76,6 +84,13 @@ def _same_text(a: str, b: str) -> bool:
     return a == b
 
 
+def _safetensors(path: Path) -> dict:
+    """A safetensors file as {header: parsed JSON, data: the tensor bytes' digest}."""
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    return {"header": json.loads(raw[8 : 8 + size]), "data": hashlib.sha256(raw[8 + size :]).hexdigest()}
+
+
 def compare(a_root: Path, b_root: Path) -> list[str]:
     """Every difference between two output folders; empty when they are the same."""
     files_a = {p.relative_to(a_root) for p in a_root.rglob("*") if p.is_file()}
@@ -84,6 +99,16 @@ def compare(a_root: Path, b_root: Path) -> list[str]:
     found += [f"{rel}: only in B" for rel in sorted(files_b - files_a)]
     for rel in sorted(files_a & files_b):
         pa, pb = a_root / rel, b_root / rel
+        if rel.name in EXEMPT_FILES:
+            continue
+        if rel.suffix == ".safetensors" and pa.read_bytes() != pb.read_bytes():
+            try:
+                out = []
+                walk(*(_safetensors(p) for p in (pa, pb)), "", out)
+                found += [f"{rel}: {line}" for line in out]
+            except (ValueError, struct.error):  # not a readable safetensors file: its bytes differ, that is all
+                found.append(f"{rel}: contents differ")
+            continue
         if rel.suffix in STRUCTURED:
             try:
                 out: list[str] = []

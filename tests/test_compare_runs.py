@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "compare_runs.py"
 spec = importlib.util.spec_from_file_location("compare_runs", BENCH)
@@ -29,7 +31,8 @@ def _outputs(root: Path, wall: float = 12.5, when: str = "2026-12-05 21:14:07") 
     (root / "dpo_live" / "config.yaml").write_text(f"out_dir: {root}/dpo_live\nloss:\n  beta: 0.5\n")
     (root / "dpo_live" / ".dpokit-run.json").write_text(json.dumps({"format": 1, "created": when}))
     (root / "dpo_live" / "report.html").write_text(f"<p>written {when}</p><p>loss 0.68</p>")
-    (root / "dpo_live" / "final" / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    save_file({"w": torch.arange(64, dtype=torch.float32)}, str(root / "dpo_live" / "final" / "model.safetensors"),
+              metadata={"format": "pt", "step": "2"})
     return root
 
 
@@ -54,8 +57,12 @@ PLANTS = {
     "the console": lambda r: (r / "demo.out").write_text((r / "demo.out").read_text().replace("94.9%", "95.0%")),
     "the report": lambda r: (r / "dpo_live" / "report.html").write_text(
         (r / "dpo_live" / "report.html").read_text().replace("0.68", "0.67")),
-    "one weight byte": lambda r: (r / "dpo_live" / "final" / "model.safetensors").write_bytes(
-        bytes([1]) + (r / "dpo_live" / "final" / "model.safetensors").read_bytes()[1:]),
+    "one weight": lambda r: save_file({"w": torch.arange(64, dtype=torch.float32) + (torch.arange(64) == 7)},
+                                      str(r / "dpo_live" / "final" / "model.safetensors"),
+                                      metadata={"format": "pt", "step": "2"}),
+    "weights' metadata": lambda r: save_file({"w": torch.arange(64, dtype=torch.float32)},
+                                             str(r / "dpo_live" / "final" / "model.safetensors"),
+                                             metadata={"format": "pt", "step": "3"}),
     "a file on one side only": lambda r: (r / "dpo_live" / "extra.txt").write_text("x"),
     "a removed file": lambda r: (r / "rc.txt").unlink(),
 }
