@@ -6,9 +6,11 @@ special token is one id, looked up in `vocab`.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,7 +41,14 @@ def tiny_model_dir(hidden_size: int = 32, seed: int = 0) -> Path:
     """A saved tiny Llama + word tokenizer folder, built once per test session."""
     tokenizer = word_tokenizer()
     model = build_tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=2, num_heads=4, seed=seed)
-    return save_tiny(model, tokenizer, Path(tempfile.mkdtemp(prefix="dpokit-tiny-")) / "model")
+    return save_tiny(model, tokenizer, session_folder("dpokit-tiny-") / "model")
+
+
+def session_folder(prefix: str) -> Path:
+    """A temporary folder removed when the test session's process ends (tests share it through lru_cache)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 PROMPT_WORDS = "the film was a movie it is and plot acting".split()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import functools
 import json
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
 from dpokit.tiny_vision import build_tiny_llava_dir
+from tiny_assets import session_folder
 
 WORDS = "user assistant what colour is the square it is red blue green a picture of"
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
@@ -18,7 +18,7 @@ COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
 @functools.lru_cache(maxsize=None)
 def tiny_llava_dir(seed: int = 0) -> Path:
     """A saved tiny LLaVA folder (model, processor, tokenizer), built once per test session and seed."""
-    return build_tiny_llava_dir(Path(tempfile.mkdtemp(prefix="dpokit-llava-")) / "model", WORDS, seed=seed)
+    return build_tiny_llava_dir(session_folder("dpokit-llava-") / "model", WORDS, seed=seed)
 
 
 def write_images(folder: Path) -> dict[str, Path]:
