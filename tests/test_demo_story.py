@@ -120,20 +120,6 @@ def test_before_and_after_samples_come_from_their_own_model_for_the_same_prompts
         assert f"SFT: ...{sft}" in table and f"DPO: ...{dpo}" in table and prompt in table
 
 
-def test_demo_evaluates_the_two_models_with_different_seeds(monkeypatch, tmp_path):
-    import dpokit.online.demo as demo
-
-    seeds = []
-    monkeypatch.setattr(demo, "demo_paths", lambda: {"sentiment-sft": "sft", "sentiment-eval": str(tmp_path / "e.jsonl")})
-    (tmp_path / "e.jsonl").write_text("")
-    monkeypatch.setattr(demo, "train", lambda *a, **k: type("R", (), {"model_dir": tmp_path, "run_dir": tmp_path, "metrics": {}})())
-    monkeypatch.setattr(demo, "load_model", lambda *a, **k: (object(), object()))
-    monkeypatch.setattr(demo, "evaluate_policy", lambda *a, seed, **k: seeds.append(seed) or {"examples": []})
-    monkeypatch.setattr(demo, "format_table", lambda before, after: "")
-    demo.run_demo(str(tmp_path))
-    assert len(seeds) == 2 and seeds[0] != seeds[1]
-
-
 def test_the_python_api_writes_report_html(tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(16, seed=1))
     result = dpokit.train({
