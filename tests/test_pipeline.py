@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from dpokit.config import ConfigError, load_config, load_pipeline_config
+from dpokit.config import ConfigError, PipelineConfig, load_config, load_pipeline_config
 from dpokit.online.pipeline import Pipeline, resolve_prompts
 
 HAS_REF_KEY = "ref_name_or_path" in {f.name for f in dataclasses.fields(load_config().model)}
@@ -160,3 +160,26 @@ def test_fixed_reference_keeps_the_sft_model(finished_run, small_sft, tmp_path):
     assert round2.model.ref_name_or_path == small_sft
     assert round2.model.name_or_path == str(fixed / "round_1" / "dpo" / "final")
     assert records[2]["eval"]["mean_score"] > records[0]["eval"]["mean_score"]
+
+
+def test_the_pipeline_folder_is_owned_like_a_run_directory(tmp_path, capsys):
+    """A folder of user files is refused in one line and left as it was; a pipeline folder written before folders
+    were marked resumes; one pipeline at a time (issue 20: the run directory has one owner)."""
+    from dpokit.config import ConfigError
+    from dpokit.online.pipeline import claim_pipeline_dir
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(ConfigError, match=r"holds files dpokit did not write \(notes.txt\)"):
+        claim_pipeline_dir(PipelineConfig(out_dir=str(mine)))
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    claim_pipeline_dir(PipelineConfig(out_dir=str(mine), overwrite=True)).release()
+
+    earlier = tmp_path / "earlier"  # a pipeline folder from before the marker: resumes
+    (earlier / "round_1" / "dpo").mkdir(parents=True)
+    (earlier / "pipeline.yaml").write_text("rounds: 2\n")
+    owner = claim_pipeline_dir(PipelineConfig(out_dir=str(earlier)))
+    with pytest.raises(ConfigError, match="in use by another dpokit run"):
+        claim_pipeline_dir(PipelineConfig(out_dir=str(earlier)))
+    owner.release()

@@ -116,6 +116,7 @@ class PipelineConfig:
     train: Union[str, dict[str, Any]] = field(default_factory=dict)  # a dpokit train config: mapping, YAML path or shipped name
     eval: EvalConfig = field(default_factory=EvalConfig)
     out_dir: str = "runs/pipeline"
+    overwrite: bool = False  # write into an out_dir holding files dpokit did not write (refused otherwise)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

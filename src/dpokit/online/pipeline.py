@@ -51,6 +51,7 @@ from dpokit.online.prompts import describe_counts, load_prompts
 from dpokit.online.sampling import sample_to_file
 from dpokit.online.scoring import build_scorer, score_file
 from dpokit.training.loop import train
+from dpokit.training.run_dir import LOCK, MARKER, claim
 
 def resolve_prompts(source: Union[str, list], column: str = "prompt") -> list:
     """A list of prompts from a list, a data file, or demo:openings-train / demo:openings-eval (the review world)."""
@@ -227,16 +228,30 @@ class Pipeline:
         return record
 
     def run(self) -> list[dict]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
-        records = [self.run_round_zero()]
-        for k in range(1, self.cfg.rounds + 1):
-            records.append(self.run_round(k))
-        rows = [summary_row(r) for r in records]
-        _write_json(self.out / "summary.json", rows)
-        (self.out / "summary.md").write_text(format_summary_table(rows) + "\n")
-        self.log(format_summary_table(rows))
-        return records
+        owner = claim_pipeline_dir(self.cfg)  # marked, checked for files dpokit did not write, locked
+        try:
+            (self.out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+            records = [self.run_round_zero()]
+            for k in range(1, self.cfg.rounds + 1):
+                records.append(self.run_round(k))
+            rows = [summary_row(r) for r in records]
+            _write_json(self.out / "summary.json", rows)
+            (self.out / "summary.md").write_text(format_summary_table(rows) + "\n")
+            self.log(format_summary_table(rows))
+            return records
+        finally:
+            owner.release()
+
+
+PIPELINE_NAMES = frozenset({"pipeline.yaml", "summary.json", "summary.md", ".summary.json.tmp", MARKER, LOCK})
+
+
+def claim_pipeline_dir(cfg: PipelineConfig):
+    """The pipeline's out_dir, owned as a run directory is (training/run_dir.py): a folder of files dpokit did not
+    write is refused in one line (overwrite=true goes on), and one pipeline at a time writes into it. A folder from
+    before dpokit marked folders (only the pipeline's names, with its pipeline.yaml or a finished round) resumes."""
+    return claim(cfg.out_dir, cfg.overwrite, names=PIPELINE_NAMES, prefixes=("round_",),
+                 was_ours=lambda path: (path / "pipeline.yaml").is_file() or any(path.glob("round_*/round.json")))
 
 
 def _eval_line(m: dict) -> str:

@@ -25,7 +25,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -83,16 +83,18 @@ class RunDir:
         _write_atomically(self.path / "config.yaml", header + yaml.safe_dump(resolve_paths(cfg).to_dict(), sort_keys=False))
 
 
-def claim(path, overwrite: bool, key: str = "out_dir", names: frozenset = RUN_NAMES) -> RunDir:
+def claim(path, overwrite: bool, key: str = "out_dir", names: frozenset = RUN_NAMES, prefixes: tuple = RUN_PREFIXES,
+          was_ours: Callable[[Path], bool] = lambda p: bool(list_checkpoints(p))) -> RunDir:
     """Make or take `path` for one run: marker, ownership check, lock. ConfigError (one line) when it is not ours to write.
 
-    `names`: the top-level entries dpokit writes in this kind of folder (a run directory, a pipeline folder).
+    `names`, `prefixes`: the top-level entries dpokit writes in this kind of folder (a run directory, a pipeline
+    folder); `was_ours`: how a folder dpokit wrote before it marked folders is recognised (a run: a checkpoint).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{key}={str(path)!r} is a file, not a folder")
     created = not path.exists()
-    foreign = [] if created else foreign_entries(path, names)
+    foreign = [] if created else foreign_entries(path, names, prefixes, was_ours)
     if foreign and not overwrite:
         shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
         raise ConfigError(f"{key}={str(path)!r} holds files dpokit did not write ({shown}); nothing was written: use another "
@@ -108,15 +110,16 @@ def claim(path, overwrite: bool, key: str = "out_dir", names: frozenset = RUN_NA
     return RunDir(path, created, lock_fd=lock_fd)
 
 
-def foreign_entries(path: Path, names: frozenset = RUN_NAMES) -> list[str]:
+def foreign_entries(path: Path, names: frozenset = RUN_NAMES, prefixes: tuple = RUN_PREFIXES,
+                    was_ours: Callable[[Path], bool] = lambda p: bool(list_checkpoints(p))) -> list[str]:
     """Top-level entries of `path` that dpokit did not write ("final/" for a folder), sorted.
 
     A folder without the marker is dpokit's only when it holds a checkpoint and nothing but dpokit's names:
     a run directory written before dpokit marked them, which must still resume.
     """
     entries = sorted(path.iterdir())
-    ours = [e for e in entries if e.name in names or e.name.startswith(RUN_PREFIXES)]
-    if not (path / MARKER).is_file() and not (len(ours) == len(entries) and list_checkpoints(path)):
+    ours = [e for e in entries if e.name in names or e.name.startswith(prefixes)]
+    if not (path / MARKER).is_file() and not (len(ours) == len(entries) and was_ours(path)):
         ours = []
     return [e.name + ("/" if e.is_dir() else "") for e in entries if e not in ours]
 
