@@ -282,3 +282,20 @@ def test_the_report_of_a_damaged_run_directory_notes_what_it_cannot_read(tmp_pat
         f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefg", "bcdefgh")))
     page = Path(build_report(str(run))).read_text()  # a RecursionError / ValueError / alias bomb traceback before
     assert "skipped 2 line(s)" in page and "could not be read" in page and "config.yaml is not shown" in page
+
+
+def test_the_table_writer_reads_its_page_through_the_gateway_before_any_work(tmp_path, fifo):
+    """`python -m dpokit.robustness --write PAGE`: a device or a FIFO is refused at once (before the 30 s table), and
+    a page elsewhere without the table's markers is refused and left as it was."""
+    from dpokit.inputs import InputError
+    from dpokit.robustness import main as write_table
+
+    for page in ("/dev/zero", str(fifo)):
+        with pytest.raises(InputError, match="not a regular file"):
+            write_table(["--write", page])
+    elsewhere = tmp_path / "outside" / "notes.md"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("my own notes\n")
+    with pytest.raises(InputError, match="markers"):
+        write_table(["--write", str(elsewhere)])
+    assert elsewhere.read_text() == "my own notes\n"

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from dpokit.inputs import InputError, read_text
 from dpokit.inputs.catalog import INPUTS, Input
 
 SUFFIX = {"config": ".yaml", "data": ".jsonl", "whole_data": ".json", "samples": ".jsonl", "suite": ".jsonl",
@@ -33,8 +34,8 @@ def _make_cases(folder: Path, suffix: str) -> dict[str, Path]:
             os.unlink(path)
     os.mkfifo(fifo)
     os.symlink("/dev/zero", link)
-    with open(sparse, "wb") as f:
-        f.truncate(10 * 1024**3)  # 10 GB of zeros that take no disk: the size check, then the line cap
+    sparse.touch()
+    os.truncate(sparse, 10 * 1024**3)  # 10 GB of zeros that take no disk: the size check, then the line cap
     locked.write_text("{}\n")
     os.chmod(locked, 0)
     outside = folder / f"outside{suffix}"
@@ -177,6 +178,12 @@ BEGIN, END = "<!-- robustness table: begin (python -m dpokit.robustness --write)
 
 def main(argv: list[str]) -> int:
     """Print the table (--full: every message), or rewrite it between the markers of a page (--write PAGE)."""
+    page = old = None
+    if argv[:1] == ["--write"]:  # the page first, through the gateway: a wrong PAGE fails before the 30 s table
+        page = Path(argv[1])
+        old = read_text(page, "docs", "--write")
+        if BEGIN not in old or END not in old:
+            raise InputError(f"holds no robustness table markers ({BEGIN} ... {END})", str(page))
     folder = Path(tempfile.mkdtemp(prefix="dpokit-robustness-"))
     try:
         rows = table(folder)
@@ -185,15 +192,11 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--full"]:
         for entry, case, verdict, message in rows:
             print(f"{entry.name} | {case} | {verdict} | {message.replace(str(folder), 'DIR')}")
-        return 0
-    text = markdown(rows)
-    if argv[:1] == ["--write"]:
-        page = Path(argv[1])
-        old = page.read_text()
+    elif page is not None:
         start, end = old.index(BEGIN) + len(BEGIN), old.index(END)
-        page.write_text(old[:start] + "\n" + text + "\n" + old[end:])
+        page.write_text(old[:start] + "\n" + markdown(rows) + "\n" + old[end:])
     else:
-        print(text)
+        print(markdown(rows))
     return 0
 
 

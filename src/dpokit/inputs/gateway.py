@@ -64,6 +64,7 @@ KINDS: dict[str, InputKind] = {k.name: k for k in (
     InputKind("module", 16 * MiB, "Python scorer files (path/to/file.py:function)"),
     InputKind("image", 64 * MiB, "image files named in data rows"),
     InputKind("run", 4 * GiB, "a run directory's own files read back (metrics.jsonl, config.yaml, summaries)"),
+    InputKind("docs", 16 * MiB, "a docs page rewritten between its markers (python -m dpokit.robustness --write)"),
 )}
 
 MAX_LINE_BYTES = 64 * MiB  # one JSON line; a row over this is a file of zeros, not a preference pair (nor an image row)
