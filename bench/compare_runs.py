@@ -41,11 +41,15 @@ VOLATILE = [
 STRUCTURED = (".json", ".jsonl", ".yaml", ".yml")
 
 
-def normalised_text(path: Path, root: Path) -> str:
-    text = path.read_text(errors="replace").replace(str(root), "<OUT>")
+def normalised(text: str) -> str:
+    """`text` with its VOLATILE parts replaced by tokens."""
     for pattern, token in VOLATILE:
         text = pattern.sub(token, text)
     return re.sub(r"(<PROGRESS>\n)+", "<PROGRESS>\n", text)  # a bar is one line however often it redrew
+
+
+def normalised_text(path: Path, root: Path) -> str:
+    return normalised(path.read_text(errors="replace").replace(str(root), "<OUT>"))
 
 
 def load(path: Path, root: Path):
@@ -74,14 +78,8 @@ def walk(a, b, where: str, out: list[str]) -> None:
             out.append(f"{where.rstrip('.')}: {len(a)} items -> {len(b)}")
         for i, (x, y) in enumerate(zip(a, b)):
             walk(x, y, f"{where}[{i}].", out)
-    elif a != b and not (isinstance(a, str) and isinstance(b, str) and _same_text(a, b)):
+    elif a != b and not (isinstance(a, str) and isinstance(b, str) and normalised(a) == normalised(b)):
         out.append(f"{where.rstrip('.')}: {str(a)[:60]!r} -> {str(b)[:60]!r}")
-
-
-def _same_text(a: str, b: str) -> bool:
-    for pattern, token in VOLATILE:
-        a, b = pattern.sub(token, a), pattern.sub(token, b)
-    return a == b
 
 
 def _safetensors(path: Path) -> dict:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dpokit.config import load_config
-from dpokit.models import SMALL_MODEL_PARAMETERS, load_policy, set_cpu_threads
+from dpokit.cpu_threads import SMALL_MODEL_PARAMETERS, set_cpu_threads
+from dpokit.models import load_policy
 from tiny_assets import tiny_model_dir
 
 

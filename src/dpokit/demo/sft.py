@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from dpokit.demo import world
 from dpokit.data.collate import IGNORE_INDEX
-from dpokit.models import set_cpu_threads
+from dpokit.cpu_threads import set_cpu_threads
 from dpokit.tiny import build_tiny_llama, build_tokenizer, save_tiny
 
 

@@ -38,7 +38,8 @@ from dpokit.data.prepare import PreparedData
 from dpokit.data.records import DataError
 from dpokit.demo.assets import resolve_demo_assets
 from dpokit.data.token_health import context_length_problem, longest_sequence
-from dpokit.models import cpu_threads_note, load_policy, load_tokenizer
+from dpokit.cpu_threads import cpu_threads_note
+from dpokit.models import load_policy, load_tokenizer
 from dpokit.reference import prepare_reference
 from dpokit.report import write_report
 from dpokit.steps import Step, step_for

@@ -146,12 +146,11 @@ def holding(path: Optional[Path], key: str):
     if path is None or not (Path(path) / MARKER).is_file():
         yield
         return
-    fd = _take_lock(Path(path), key)
+    owner = RunDir(Path(path), created=False, lock_fd=_take_lock(Path(path), key))
     try:
         yield
     finally:
-        (Path(path) / LOCK).unlink(missing_ok=True)
-        os.close(fd)
+        owner.release()
 
 
 # --- the lock ----------------------------------------------------------------------------------
