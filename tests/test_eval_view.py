@@ -120,9 +120,13 @@ def test_eval_suite_keys_are_checked_and_a_pipeline_refuses_suites_it_would_not_
     from dpokit.config import ConfigError, EvalConfig
     from dpokit.config.loading import load_pipeline_config
 
+    from dpokit.online.suites.runner import check_suite_names, run_suites
+
     assert EvalConfig().suites == [] and EvalConfig().multiturn_mode == "single"
-    with pytest.raises(ConfigError, match="did you mean 'ifeval'"):
-        EvalConfig(suites=["ifevl"])
+    with pytest.raises(ConfigError, match="did you mean 'ifeval'"):  # the names are the suite table's (runner.SUITES)
+        check_suite_names(["ifevl"])
+    with pytest.raises(ConfigError, match="did you mean 'ifeval'"):  # refused before any model runs
+        run_suites(["ifevl"], policy=None, tokenizer=None, cfg=EvalConfig(suites=["ifevl"]))
     with pytest.raises(ConfigError, match="eval.lc_bootstrap"):
         EvalConfig(lc_bootstrap=-1)
     with pytest.raises(ConfigError, match="'eval.suites' is for `dpokit eval --suite ...` only"):

@@ -15,7 +15,6 @@ SAMPLING_BACKENDS = ("auto", "hf", "vllm")
 PAIRING_STRATEGIES = ("best_worst", "all_pairs")
 LENGTH_BALANCES = ("none", "closest")
 JUDGE_MODES = ("pointwise", "pairwise")
-EVAL_SUITES = ("ifeval", "lc_winrate", "multiturn")
 MULTITURN_MODES = ("single", "pairwise")
 
 
@@ -67,7 +66,7 @@ class EvalConfig:
     pairs: Optional[str] = None  # held-out preference pairs for the implicit-reward accuracy
     # `dpokit eval --suite` (online/suites/, docs/evaluation.md), each run on the policy and the baseline; a pipeline
     # refuses suites (its per-round eval does not run them):
-    suites: list[str] = field(default_factory=list)  # any of ifeval, lc_winrate, multiturn
+    suites: list[str] = field(default_factory=list)  # names in online.suites.runner.SUITES (checked there)
     ifeval_prompts: Optional[str] = None  # IFEval-format JSONL; None: the shipped 48-prompt set
     multiturn_questions: Optional[str] = None  # two-turn questions JSONL; None: the shipped 10
     multiturn_mode: str = "single"  # single: an API judge rates each turn 1-10 | pairwise: policy vs baseline per turn
@@ -143,8 +142,6 @@ def check_pairing(p: PairingConfig) -> None:
 
 
 def check_eval(e: EvalConfig) -> None:
-    for suite in e.suites:
-        check_choice("eval.suites", suite, EVAL_SUITES)
     check_choice("eval.multiturn_mode", e.multiturn_mode, MULTITURN_MODES)
     if e.suite_max_new_tokens < 1:
         raise ConfigError(f"config key 'eval.suite_max_new_tokens' must be >= 1, got {e.suite_max_new_tokens}")

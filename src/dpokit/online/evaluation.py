@@ -44,7 +44,7 @@ from dpokit.online.prompts import Prompt, describe_counts, load_prompts, render_
 from dpokit.online.scoring import build_scorer
 from dpokit.online.suites.local_judge import LocalPairwiseJudge
 from dpokit.online.suites.multiturn import MTBenchJudge
-from dpokit.online.suites.runner import add_suite_flags, check_suite_args, options_from_args, run_suites
+from dpokit.online.suites.runner import add_suite_flags, check_suite_args, run_suites, suite_rows
 from dpokit.online.suites.view import markdown, write_view
 from dpokit.training.run_dir import holding
 
@@ -274,19 +274,28 @@ def add_cli(verbs) -> None:
     p.set_defaults(func=run_cli)
 
 
+def config_from_args(args) -> EvalConfig:
+    """The EvalConfig of `dpokit eval`'s flags, checked as a config is (a bad value is a ConfigError naming its key)."""
+    return EvalConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed, max_prompts=args.max_prompts, pairs=args.pairs,
+                      suites=list(dict.fromkeys(args.suite)), ifeval_prompts=args.ifeval_prompts,
+                      multiturn_questions=args.multiturn_questions, multiturn_mode=args.multiturn_mode,
+                      suite_max_new_tokens=args.suite_max_new_tokens, lc_bootstrap=args.lc_bootstrap)
+
+
 def run_cli(args) -> int:
     import transformers  # lazy: keeps `dpokit --help` fast; loading the models imports it anyway
 
     transformers.utils.logging.disable_progress_bar()
-    suites = list(dict.fromkeys(args.suite))
     check_suite_args(args)
+    cfg = config_from_args(args)
     # A dpokit run directory is locked for the whole evaluation: a run starting there meanwhile would replace the
     # model being measured, and this eval.json would then describe the earlier model (run_dir.holding).
     with holding(Path(args.out).parent if args.out else None, "--out"):
-        return _evaluate(args, suites)
+        return _evaluate(args, cfg)
 
 
-def _evaluate(args, suites: list[str]) -> int:
+def _evaluate(args, cfg: EvalConfig) -> int:
     client_options = judge_options(args)
     trust = trust_from_args(args)
     policy, tokenizer = load_model(args.policy, trust)
@@ -310,10 +319,11 @@ def _evaluate(args, suites: list[str]) -> int:
                            max_new_tokens=args.max_new_tokens, seed=args.seed, samples_out=samples_out, max_pairs=args.max_pairs,
                            progress=True, judgments=judgments)
         print(format_report(metrics))
-    if suites:
+    if cfg.suites:
         suite_baseline = reference if isinstance(baseline, str) else baseline  # "reference": the default
-        metrics["suites"] = run_suites(suites, policy, tokenizer, suite_baseline, options=options_from_args(args), judgments=judgments,
+        metrics["suites"] = run_suites(cfg.suites, policy, tokenizer, suite_baseline, cfg=cfg, judgments=judgments,
                                        rating_judge=rating_judge, pairwise_judge=rating_judge or judge)
+        metrics["suite_rows"] = suite_rows(cfg.suites)  # how eval.md and `dpokit report` show each suite's results
         metrics["baseline"] = args.baseline or args.reference
         print(markdown(metrics))
     if args.out:

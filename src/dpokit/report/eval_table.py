@@ -30,6 +30,8 @@ BASE_ROWS = [
     ("samples", "held-out preference accuracy", "preference_accuracy", None, "{:.1%}"),
     ("samples", "mean length (tokens)", "mean_length", "baseline_mean_length", "{:.1f}"),
 ]
+# The shipped suites' rows (online/suites/runner.py's table names them); eval.json carries every suite's rows as
+# "suite_rows", so a suite added since shows too. These serve the eval.json files written before it did.
 SUITE_ROWS = {
     "ifeval": [("prompt-level strict", "prompt_level_strict_acc", "{:.1%}"), ("instruction-level strict", "inst_level_strict_acc", "{:.1%}"),
                ("prompt-level loose", "prompt_level_loose_acc", "{:.1%}"), ("instruction-level loose", "inst_level_loose_acc", "{:.1%}")],
@@ -40,6 +42,16 @@ SUITE_ROWS = {
                   ("turn 1 win rate", "turn1_win_rate", "{:.1%}"), ("turn 2 win rate", "turn2_win_rate", "{:.1%}"),
                   ("win rate", "win_rate", "{:.1%}"), ("unjudged verdicts", "unjudged", "{:d}")],
 }
+
+
+FORMATS = ("{:.1%}", "{:.1f}", "{:+.1f}", "{:.2f}", "{:.3f}", "{:d}")  # a row's format, from eval.json, is one of these
+
+
+def _suite_rows(metrics: dict, suite: str) -> list:
+    """(label, key, format) of a suite's rows: those eval.json carries, else the shipped suite's; a row whose format
+    is not one of FORMATS (eval.json is a file like any other) is left out."""
+    carried = (metrics.get("suite_rows") or {}).get(suite)
+    return [row for row in (carried or SUITE_ROWS.get(suite, [])) if len(row) == 3 and row[2] in FORMATS]
 
 
 def _cell(results: Optional[dict], key: Optional[str], fmt: str) -> str:
@@ -62,7 +74,7 @@ def rows(metrics: dict) -> list[tuple[str, str, str, str]]:
         if metrics.get(key) is not None:
             out.append((suite, label, _cell(metrics, key, fmt), _cell(metrics, base_key, fmt)))
     for suite, result in (metrics.get("suites") or {}).items():
-        for label, key, fmt in SUITE_ROWS.get(suite, []):
+        for label, key, fmt in _suite_rows(metrics, suite):
             policy, baseline = result.get("policy", result), result.get("baseline")
             if policy.get(key) is not None:
                 out.append((suite, label, _cell(policy, key, fmt), _cell(baseline, key, fmt)))
