@@ -232,7 +232,8 @@ EVAL_HELP = """\
 Evaluate a policy on held-out prompts against a baseline: mean score of its samples, win rate,
 KL(policy || reference) in nats (from the policy's own samples), mean completion length and its
 change, and held-out preference accuracy of the implicit reward. --suite adds the evaluations DPO
-users report (docs/evaluation.md): ifeval, lc_winrate, multiturn, each on the policy and the baseline.
+users report (docs/evaluation.md; the suites are listed under --suite below), each on the policy and
+the baseline.
 
   dpokit eval --policy runs/dpo/final --reference runs/sft/final --prompts heldout.jsonl \\
               --scorer mypkg.rewards:exact_match --pairs heldout_pairs.jsonl
