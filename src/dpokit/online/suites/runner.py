@@ -8,6 +8,7 @@ suite is its own module and one line here.
                 the sampled evaluation (`evaluate(..., judgments=...)`: a judge, the local judge or a scorer)
     multiturn   both models hold the two-turn conversations; single mode: the judge rates each model's turns,
                 pairwise: the judge compares the policy's turns with the baseline's
+    length_stats  both models answer the IFEval-style prompts; the answers' length: mean, median, 90th percentile
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Optional
 from dpokit.config import EvalConfig
 from dpokit.config.errors import check_choice
 from dpokit.config.online import MULTITURN_MODES
+from dpokit.online.suites import length_stats
 from dpokit.online.suites.ifeval import load_ifeval, run_ifeval
 from dpokit.online.suites.lc_winrate import lc_win_rate
 from dpokit.online.suites.multiturn import converse, load_questions, score_pairwise, score_single
@@ -103,6 +105,7 @@ SUITES: dict[str, Suite] = {
     "lc_winrate": Suite("length-controlled win rate, from the win-rate judgments of --prompts", _lc_winrate,
                         SUITE_ROWS["lc_winrate"], _lc_winrate_lacks),
     "multiturn": Suite("two-turn conversations, judged", _multiturn, SUITE_ROWS["multiturn"], _multiturn_lacks),
+    "length_stats": length_stats.SUITE,
 }
 
 
