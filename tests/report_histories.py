@@ -39,7 +39,10 @@ def healthy_records(steps: int = 60, every: int = 2, eval_every: int = 10) -> li
             "entropy": 1.9 - 0.2 * progress, "mean_token_accuracy": 0.42 + 0.05 * progress,
             "grad_norm": 2.5 * math.exp(-step / 25) + 0.4 + _wiggle(step, 0.1),
             "step": step, "epoch": round(step / steps, 4), "learning_rate": 5e-6 * (1 - (step - every) / steps),
+            "tokens_per_second": 1800.0 + _wiggle(step, 60.0), "padding_fraction": 0.04, "mfu": 0.31 + _wiggle(step, 0.01),
         })
+        if step == every:  # the run-level peak, written once (training/throughput.py)
+            records[-1].update(mfu_peak=989e12, mfu_peak_source="table: NVIDIA H100 80GB HBM3, bf16 dense")
         if step % eval_every == 0:
             records.append({"step": step, "eval_loss": 0.70 - 0.42 * progress,
                             "eval_rewards/chosen": 0.35 * progress, "eval_rewards/rejected": -1.2 * progress,

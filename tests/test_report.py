@@ -31,7 +31,8 @@ from report_histories import (
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 CHROMIUM = Path("/usr/bin/chromium")
-ALL_CHARTS = {"loss", "rewards", "margins", "accuracies", "logps", "kl", "entropy", "lengths", "learning_rate", "grad_norm"}
+ALL_CHARTS = {"loss", "rewards", "margins", "accuracies", "logps", "kl", "entropy", "lengths", "learning_rate", "grad_norm",
+              "throughput"}
 
 
 def charts(html: str) -> set[str]:
@@ -61,7 +62,8 @@ def test_healthy_run_reads_healthy_with_every_chart(tmp_path):
     assert charts(html) == ALL_CHARTS
     drawn = series(html)
     assert {"loss", "eval_loss", "rewards/chosen", "eval_rewards/rejected", "kl/chosen", "learning_rate",
-            "grad_norm", "eval_mean_length"} <= set(drawn)
+            "grad_norm", "eval_mean_length", "tokens_per_second"} <= set(drawn)
+    assert '<div class="label">tokens/s</div>' in html and '<div class="label">MFU</div>' in html
     assert all(d.startswith("M") and d.count("L") > 1 for d in drawn.values())
     assert 'id="notes"' not in html  # nothing missing, nothing to explain
     assert "The failure detectors found nothing" in html and "were replayed over the logged metrics" in html
@@ -133,8 +135,9 @@ def test_missing_files_and_keys_give_notes_not_a_crash(tmp_path):
     notes = load_run(run_dir).notes
     for expected in ("no config.yaml", "no data_summary.json", "not JSON objects (line 20)", "no eval records", "no final/"):
         assert any(expected in note for note in notes), expected
-    assert charts(html) == ALL_CHARTS - {"margins", "lengths", "entropy"}
+    assert charts(html) == ALL_CHARTS - {"margins", "lengths", "entropy", "throughput"}
     assert "no rewards/margins logged" in html and "set train.eval_generate=N" in html
+    assert "not logged in this run (runs from before throughput metrics)" in html
     assert "kl" in series(html) and not any(k.startswith("eval_") for k in series(html))
     assert "No resolved config" in html and "No data summary" in html
 
@@ -173,6 +176,7 @@ def test_svg_helpers():
     assert nice_ticks(0.0, 1.0) == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert nice_ticks(-0.93, 0.31) == [-0.5, 0.0]
     assert [fmt(v) for v in (0, 5e-6, 0.6931, 12.0, 250000.0)] == ["0", "5e-6", "0.693", "12", "2.5e5"]
+    assert [fmt(v) for v in (999.4, 1839.4, -1839.4, 12345.0)] == ["999", "1840", "-1840", "12300"]
     flat = line_chart(Chart("c", [Series("x", "x", [(1, 2.0), (2, 2.0)], "#000")]))  # a flat line gets a range
     assert 'data-series="x" d="M' in flat and "nan" not in flat.lower()
     single = line_chart(Chart("c", [Series("x", "x", [(5, 1.0)], "#000")]))  # one point: a dot, not nothing
@@ -221,7 +225,8 @@ def test_report_of_a_real_tiny_run(tiny_run):
     assert_self_contained(html)
     run = load_run(tiny_run)
     assert run.verdict in ("healthy", "warnings") and run.last_step == 12 and not run.notes
-    assert charts(html) == ALL_CHARTS - {"lengths"}  # no eval_generate: lengths are explained, not drawn
+    # no eval_generate: lengths are explained, not drawn; throughput: drawn once the loop hook logs tokens_per_second
+    assert charts(html) == ALL_CHARTS - {"lengths", "throughput"}
     drawn = series(html)
     paired = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl/chosen")
     for key in paired + ("learning_rate", "grad_norm"):

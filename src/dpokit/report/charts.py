@@ -90,6 +90,12 @@ PLOTS = (
     Plot("grad_norm", "Gradient norm", (Line("grad_norm", "grad norm", PURPLE),),
          "Global gradient norm before clipping. Spikes precede NaN losses; a norm that sits at the clipping "
          "threshold means every step is clipped."),
+    Plot("throughput", "Throughput (tokens/s)", (Line("tokens_per_second", "tokens/s", TEAL),),
+         "Real (unpadded) tokens trained per second over each logging window, all processes together: prompt + chosen "
+         "and prompt + rejected per pair, as num_tokens counts them, whatever the packing. padding_fraction and mfu "
+         "(model FLOPs over the devices' peak, named by mfu_peak_source in the first record) are logged beside it "
+         "(docs/performance.md). A dip is a slower window: an evaluation or checkpoint inside it, or longer sequences.",
+         missing="not logged in this run (runs from before throughput metrics)"),
 )
 
 # The charts that show each failure mode's evidence.

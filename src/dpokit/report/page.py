@@ -26,9 +26,10 @@ VERDICT_TEXT = {
     "no metrics": "Nothing has been logged yet.",
 }
 
-TILES = (  # (label, key) for the headline numbers: the last finite value logged
+TILES = (  # (label, key[, format]) for the headline numbers: the last finite value logged
     ("loss", "loss"), ("accuracy", "rewards/accuracies"), ("margin", "rewards/margins"), ("KL over chosen (kl/chosen)", "kl/chosen"),
     ("eval loss", "eval_loss"), ("eval accuracy", "eval_rewards/accuracies"), ("eval length", "eval_mean_length"),
+    ("tokens/s", "tokens_per_second", "{:,.0f}"), ("MFU", "mfu", "{:.1%}"),
 )  # fmt: skip
 
 
@@ -55,7 +56,7 @@ def _header(run: RunData) -> str:
     last, planned = run.last_step, run.planned_steps
     steps = "-" if last is None else f"{last}" + (f" / {planned}" if planned else "")
     tiles = [("steps", steps)]
-    tiles += [(label, fmt(value)) for label, key in TILES
+    tiles += [(label, form[0].format(value) if form else fmt(value)) for label, key, *form in TILES
               if (value := _last(run.eval if key.startswith("eval_") else run.train, key)) is not None]
     tiles_html = "".join(f'<div class="tile"><div class="label">{escape(label)}</div><div class="value">{escape(v)}</div></div>'
                          for label, v in tiles)

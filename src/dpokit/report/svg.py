@@ -61,6 +61,8 @@ def fmt(value: float) -> str:
         mantissa, exponent = f"{value:.2e}".split("e")
         mantissa = mantissa.rstrip("0").rstrip(".")
         return f"{mantissa}e{int(exponent)}"
+    if abs(value) >= 1e3:  # 1839.4 -> "1840" (tokens/s), where "{:.3g}" would print "1.84e+03"
+        return f"{round(value, 2 - math.floor(math.log10(abs(value)))):.0f}"
     return f"{value:.3g}"
 
 

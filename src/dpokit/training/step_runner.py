@@ -13,11 +13,12 @@ from dpokit.data.batching import BatchStream, micro_batch, pad_id, to_device
 from dpokit.steps import PairedStep, Step
 from dpokit.steps.sft_mix import MixedBatches, SFTMix
 from dpokit.training.metrics import MetricSums
+from dpokit.training.throughput import Throughput
 
 
 def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums,
                          objective: Step = PairedStep(), examples_in_step: Optional[int] = None, dummies: Optional[list[bool]] = None,
-                         beta=None, mixed: Optional[MixedBatches] = None) -> None:
+                         beta=None, mixed: Optional[MixedBatches] = None, throughput: Optional[Throughput] = None) -> None:
     """Backward over one optimizer step's micro-batches; per-example metrics are added to `sums`.
 
     The loss of each micro-batch is its per-example loss sum divided by the examples in the
@@ -30,6 +31,7 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
     `beta` (training/adaptive_beta.AdaptiveBeta, loss.beta_schedule=adaptive) gives each micro-batch its beta.
     `mixed` (steps/sft_mix.py): one SFT batch per micro-batch, whose NLL sum joins that micro-batch's loss
     at `mixed.scale` (the step's token mean, times loss.sft_mix_weight) before the one backward.
+    `throughput` (training/throughput.py) counts the tokens, positions and model FLOPs of the micro-batches.
     """
     dummies = dummies or [False] * len(micro_batches)
     if examples_in_step is None:
@@ -38,6 +40,8 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
         scale = accelerator.num_processes / examples_in_step
     scale *= accelerator.gradient_accumulation_steps  # undo Accelerate's (and DeepSpeed's) own division by it
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if throughput is not None:
+        throughput.add_step(micro_batches, dummies, with_reference, mixed)
     for i, (batch, dummy) in enumerate(zip(micro_batches, dummies)):
         batch = to_device(batch, accelerator.device)
         last = i == len(micro_batches) - 1
