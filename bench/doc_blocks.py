@@ -56,7 +56,7 @@ RUNS = {
     "eval": Run((OPENINGS,
                  f"dpokit eval --policy {WORK}/demo/final --reference demo:sentiment-sft "
                  f"--prompts {WORK}/openings.jsonl --scorer dpokit.demo.world:sentiment "
-                 f"--suite ifeval --suite lc_winrate --out {WORK}/demo/eval.json"),
+                 f"--suite ifeval --suite lc_winrate --suite length_stats --out {WORK}/demo/eval.json"),
                 needs=("demo",)),
 }
 

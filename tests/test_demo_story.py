@@ -68,7 +68,7 @@ def test_cli_eval_max_pairs_uses_the_first_n_and_says_so(tmp_path, capsys):
     assert main(["eval", "--policy", model, "--reference", model, "--prompts", str(prompts), "--pairs", str(pairs),
                  "--max-pairs", "2", "-n", "2", "--max-new-tokens", "3", "--out", str(out)]) == 0
     m = json.loads(out.read_text())
-    assert m["pairs_used"] == 2 and m["pairs_total"] == 5 and m["preference_accuracy"] == 0.5
+    assert m["pairs_used"] == 2 and m["pairs_total"] == 5 and m["preference_accuracy"] == 0.0  # ties
     captured = capsys.readouterr()
     assert "(on 2 of 5 pairs)" in captured.out
     # the progress bars: count and time left, on stderr

@@ -140,7 +140,7 @@ def test_evaluate_policy_against_itself(tiny_setup):
     prompts = world.eval_prompts(4, seed=0)
     for reference in (model, copy.deepcopy(model)):
         m = evaluate.evaluate_policy(model, reference, tok, prompts, pairs, num_samples=2, seed=0, max_new_tokens=8)
-        assert m["kl_to_reference"] == 0.0 and m["preference_accuracy"] == 0.5
+        assert m["kl_to_reference"] == 0.0 and m["preference_accuracy"] == 0.0  # every pair ties
     assert 0 <= m["positive_share"] <= 1 and 0 <= m["well_formed_share"] <= 1 and m["num_samples"] == 8
     assert len(m["examples"]) == 3 and m["examples"][0][0] == prompts[0]  # [prompt, completion] of prompts 0, 1, 2
     table = evaluate.format_table(m, m)

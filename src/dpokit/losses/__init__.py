@@ -8,6 +8,8 @@ per-example losses are summed with `loss.weights`. KTO, which is unpaired, is `k
 `loss.type: kto` (UNPAIRED_LOSSES), trained through `dpokit.steps.unpaired` rather than the table.
 
     base.py            LossConfig, PairLogps, LossOutput; log-ratios, LD-DPO, NLL, WPO weights
+    accuracy.py        preference_correct: a pair is correct when chosen > rejected strictly (a tie is 0), for
+                       training's rewards/accuracies and dpokit eval's preference_accuracy
     fdiv.py            f-DPO divergences (f_divergence_type)
     paired.py          reference-based paired losses
     reference_free.py  simpo, cpo, orpo, sft
@@ -16,6 +18,7 @@ per-example losses are summed with `loss.weights`. KTO, which is unpaired, is `k
     table.py           LOSSES, REFERENCE_FREE, UNPAIRED_LOSSES, get_loss, validate_loss_config, compute_loss
 """
 
+from dpokit.losses.accuracy import preference_correct
 from dpokit.losses.adaptive_beta import BETA_FLOOR, adaptive_beta, moved_threshold
 from dpokit.losses.base import LossConfig, LossFn, LossOutput, PairLogps, shared_prefix_logps, wpo_weights
 from dpokit.losses.fdiv import F_DIVERGENCES
@@ -48,6 +51,7 @@ __all__ = [
     "LossFn",
     "LossOutput",
     "PairLogps",
+    "preference_correct",
     "compute_loss",
     "get_loss",
     "is_unpaired",

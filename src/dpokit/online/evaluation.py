@@ -14,8 +14,9 @@ From the policy's own samples (temperature 1, top_p 1 by default, so they are dr
                         next-token KL(pi(.|x,y<t) || ref(.|x,y<t)) (same expectation, Rao-Blackwellised)
   mean_length           completion tokens (EOS excluded), with the baseline's and the change
   finished_share        samples that ended with EOS within max_new_tokens
-  preference_accuracy   on held-out pairs: share whose chosen side gets the higher implicit reward
-                        log pi/ref (ties 1/2; a policy equal to its reference scores exactly 0.5);
+  preference_accuracy   on held-out pairs: share whose chosen side gets the strictly higher implicit reward
+                        log pi/ref; a tie counts as not chosen, 0, as in training's rewards/accuracies (one
+                        definition, losses.preference_correct), so a policy equal to its reference scores 0;
                         max_pairs keeps the first N pairs (pairs_used of pairs_total are reported)
 Each mean comes with its standard error (`*_sem`) where it is a sample mean.
 KL from samples at another temperature or top_p is not an unbiased estimate; it is still reported

@@ -17,6 +17,7 @@ from dpokit.data.records import PreferenceExample
 from dpokit.data.tokenization import render_ids
 from dpokit.generation import Sample
 from dpokit.logprobs import token_kl, token_logps
+from dpokit.losses import preference_correct
 
 
 # --- log-ratios and KL ---------------------------------------------------------------------------
@@ -95,18 +96,19 @@ def examples_of(pairs) -> list:
 
 
 def preference_accuracy(policy, reference, tokenizer, pairs, progress=None) -> float:
-    """Share of pairs whose chosen completion gets the higher implicit reward, ties counting 1/2.
+    """Share of pairs whose chosen completion gets the strictly higher implicit reward; a tie counts as not chosen (0).
 
-    DPO's implicit reward is beta * log(pi/ref); beta > 0 does not change the ordering, so it is
-    left out. Completions are tokenised exactly as for training (`tokenization.render_ids`:
-    prompt + completion + EOS, or the chat template). A policy equal to its reference ties on
-    every pair and scores exactly 0.5. progress: a bar advanced by 2 per pair (chosen, rejected).
+    The one definition of training's rewards/accuracies (`losses.preference_correct`, as TRL counts). DPO's implicit
+    reward is beta * log(pi/ref); beta > 0 does not change the ordering, so it is left out. Completions are
+    tokenised exactly as for training (`tokenization.render_ids`: prompt + completion + EOS, or the chat template).
+    A policy equal to its reference ties on every pair and scores exactly 0. progress: a bar advanced by 2 per pair
+    (chosen, rejected).
     """
     examples = examples_of(pairs)
     if not examples:
         return float("nan")
     prompts, chosen, rejected = zip(*(render_ids(ex, tokenizer) for ex in examples))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    margin = (log_ratios(policy, reference, list(prompts), list(chosen), pad, progress=progress)[0]
-              - log_ratios(policy, reference, list(prompts), list(rejected), pad, progress=progress)[0])
-    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean().item()
+    chosen_ratio = log_ratios(policy, reference, list(prompts), list(chosen), pad, progress=progress)[0]
+    rejected_ratio = log_ratios(policy, reference, list(prompts), list(rejected), pad, progress=progress)[0]
+    return preference_correct(chosen_ratio, rejected_ratio).mean().item()

@@ -22,7 +22,7 @@ from dpokit.data.packing import collate_packed, count_pairs
 from dpokit.data.prepare import prepare_data
 from dpokit.data.vision import vision_inputs
 from dpokit.logprobs import auto_chunk_size, token_entropy_top1, token_kl, token_logps, token_sq_prob_logsumexp
-from dpokit.losses import PairLogps, compute_loss, shared_prefix_logps
+from dpokit.losses import PairLogps, compute_loss, preference_correct, shared_prefix_logps
 from dpokit.losses.base import log_ratios
 from dpokit.reference import reference_mode
 from dpokit.steps.base import Step
@@ -61,7 +61,7 @@ def _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits
             "rewards/chosen": out.chosen_rewards,
             "rewards/rejected": out.rejected_rewards,
             "rewards/margins": out.chosen_rewards - out.rejected_rewards,
-            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "rewards/accuracies": preference_correct(out.chosen_rewards, out.rejected_rewards),  # a tie is 0
             "logps/chosen": pair.policy_chosen.detach(),
             "logps/rejected": pair.policy_rejected.detach(),
             "logits/chosen": mean_logits[:n],
