@@ -169,6 +169,7 @@ class Evaluator:
         self.scorer = FunctionScorer(world.sentiment)
 
     def __call__(self, model_dir: str, out_json: Path) -> dict:
+        from dpokit.config import EvalConfig
         from dpokit.demo import world
         from dpokit.online.evaluation import evaluate
         from dpokit.online.loading import load_model
@@ -178,8 +179,8 @@ class Evaluator:
             return json.loads(out_json.read_text())
         policy = self.reference if model_dir is None else load_model(model_dir)[0]
         samples_path = out_json.with_name(out_json.stem + "_samples.jsonl")
-        m = evaluate(policy, self.tokenizer, self.prompts, reference=self.reference, baseline=None, scorer=self.scorer,
-                     num_samples=self.s.eval_samples, max_new_tokens=self.s.max_new_tokens, seed=self.s.seed + 7,
+        cfg = EvalConfig(num_samples=self.s.eval_samples, max_new_tokens=self.s.max_new_tokens, seed=self.s.seed + 7)
+        m = evaluate(policy, self.tokenizer, self.prompts, cfg, reference=self.reference, baseline=None, scorer=self.scorer,
                      batch_size=self.s.sample_batch, samples_out=samples_path)
         rows = read_samples(samples_path)
         m["well_formed_share"] = sum(bool(r["finished"]) and world.is_well_formed(r["completion"]) for r in rows) / max(1, len(rows))

@@ -11,7 +11,7 @@ import torch
 
 import dpokit
 import dpokit.report
-from dpokit.config import SpeedConfig
+from dpokit.config import EvalConfig, SpeedConfig
 from dpokit.demo import world
 from dpokit.online.demo_eval import evaluate_policy, format_table
 from dpokit.online.evaluation import evaluate, format_report, k3_kl
@@ -48,8 +48,8 @@ def test_eval_kl_of_a_near_identical_policy_is_not_negative_and_names_its_estima
     with torch.no_grad():  # a policy a hair away from its reference: the plain mean of log pi/ref is often < 0
         for p in model.parameters():
             p.add_(1e-3 * torch.randn_like(p))
-    m = evaluate(model, tokenizer, world.eval_prompts(8, seed=0), reference=reference, baseline=None, num_samples=4,
-                 max_new_tokens=6, seed=3)
+    m = evaluate(model, tokenizer, world.eval_prompts(8, seed=0), EvalConfig(num_samples=4, max_new_tokens=6, seed=3),
+                 reference=reference, baseline=None)
     assert m["kl_to_reference"] >= 0 and m["kl_tokenwise"] >= 0
     assert "k3" in m["kl_estimator"]
     text = format_report(m)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from dpokit.config import EvalConfig
 from dpokit.demo import world
 from dpokit.online.evaluation import evaluate, format_report, kl_to_reference, log_ratios, preference_accuracy
 from dpokit.generation import sample
@@ -40,8 +41,8 @@ PROMPTS = world.eval_prompts(16, seed=0)
 
 def test_a_policy_against_itself(model, tokenizer):
     pairs = world.preference_pairs(8, seed=0, split="eval")
-    m = evaluate(model, tokenizer, PROMPTS[:4], reference=copy.deepcopy(model), baseline=model, scorer=FunctionScorer(world.sentiment),
-                 pairs=pairs, num_samples=3, max_new_tokens=6)
+    m = evaluate(model, tokenizer, PROMPTS[:4], EvalConfig(num_samples=3, max_new_tokens=6), reference=copy.deepcopy(model),
+                 baseline=model, scorer=FunctionScorer(world.sentiment), pairs=pairs)
     assert m["kl_to_reference"] == 0.0 and m["kl_tokenwise"] == pytest.approx(0.0, abs=1e-6)
     assert m["preference_accuracy"] == 0.0 and m["win_rate"] == 0.5  # every pair ties: a tie is not chosen and m["length_change"] == 0.0
     assert m["num_samples"] == 12 and 0.0 <= m["mean_score"] <= 1.0 and not m["kl_estimator_biased"]
@@ -58,7 +59,8 @@ def test_kl_estimates_match_the_exact_kl(model, tokenizer):
     policy, reference = model, copy.deepcopy(model)
     handles = [fix_distribution(policy, tokenizer, p), fix_distribution(reference, tokenizer, q)]
     try:
-        m = evaluate(policy, tokenizer, PROMPTS[:8], reference=reference, baseline=None, num_samples=32, max_new_tokens=T, seed=0)
+        m = evaluate(policy, tokenizer, PROMPTS[:8], EvalConfig(num_samples=32, max_new_tokens=T, seed=0), reference=reference,
+                     baseline=None)
     finally:
         for h in handles:
             h.remove()
@@ -80,7 +82,8 @@ def test_win_rate_length_change_and_preference_accuracy(model, tokenizer):
                   "rejected": [{"role": "assistant", "content": "dull"}]}]
         assert preference_accuracy(model, reference, tokenizer, pairs[:1]) == 1.0
         assert preference_accuracy(model, reference, tokenizer, pairs) == pytest.approx(2 / 3)
-        m = evaluate(model, tokenizer, PROMPTS, reference=reference, scorer=FunctionScorer(world.sentiment), num_samples=4, max_new_tokens=8)
+        m = evaluate(model, tokenizer, PROMPTS, EvalConfig(num_samples=4, max_new_tokens=8), reference=reference,
+                     scorer=FunctionScorer(world.sentiment))
     finally:
         for h in handles:
             h.remove()
@@ -99,7 +102,7 @@ def test_pairwise_judge_win_rate(model, tokenizer):
     reference = copy.deepcopy(model)
     handles = [fix_distribution(model, tokenizer, 0.05), fix_distribution(reference, tokenizer, 0.6)]
     try:
-        m = evaluate(model, tokenizer, PROMPTS[:8], reference=reference, judge=LongerWins(), num_samples=2, max_new_tokens=8)
+        m = evaluate(model, tokenizer, PROMPTS[:8], EvalConfig(num_samples=2, max_new_tokens=8), reference=reference, judge=LongerWins())
     finally:
         for h in handles:
             h.remove()
@@ -133,3 +136,17 @@ def test_cli_eval(tmp_path, capsys):
     assert m["kl_to_reference"] == 0.0 and m["preference_accuracy" if "preference_accuracy" in m else "win_rate"] is not None
     assert m["num_samples"] == 4 and (tmp_path / "eval.samples.jsonl").exists()
     assert "KL(policy || reference)" in capsys.readouterr().out
+
+
+def test_evaluate_takes_its_settings_from_one_eval_config(model, tokenizer):
+    # Issue 23: evaluate() took 15 keyword arguments, five of them EvalConfig's fields under the same names; the
+    # settings are now the EvalConfig (the pipeline passes its eval: section, dpokit eval the one its flags make).
+    pairs = world.preference_pairs(5, seed=0, split="eval")
+    cfg = EvalConfig(num_samples=2, max_new_tokens=3, temperature=0.7, top_p=0.9, seed=5, max_pairs=2)
+    m = evaluate(model, tokenizer, PROMPTS[:3], cfg, reference=copy.deepcopy(model), baseline=None, pairs=pairs)
+    assert (m["num_samples"], m["max_new_tokens"], m["temperature"], m["top_p"]) == (6, 3, 0.7, 0.9)
+    assert m["pairs_used"] == 2 and m["pairs_total"] == 5 and m["kl_estimator_biased"]
+    again = evaluate(model, tokenizer, PROMPTS[:3], cfg, baseline=None)
+    assert again["examples"] == m["examples"]  # the seed is the config's: the same samples
+    with pytest.raises(Exception, match="eval.max_pairs"):
+        EvalConfig(max_pairs=0)

@@ -64,13 +64,14 @@ class EvalConfig:
     seed: int = 0
     max_prompts: Optional[int] = None
     pairs: Optional[str] = None  # held-out preference pairs for the implicit-reward accuracy
+    max_pairs: Optional[int] = None  # only the first N of those pairs (each costs a policy and a reference forward of both sides)
     # `dpokit eval --suite` (online/suites/, docs/evaluation.md), each run on the policy and the baseline; a pipeline
     # refuses suites (its per-round eval does not run them):
     suites: list[str] = field(default_factory=list)  # names in online.suites.runner.SUITES (checked there)
     ifeval_prompts: Optional[str] = None  # IFEval-format JSONL; None: the shipped 48-prompt set
     multiturn_questions: Optional[str] = None  # two-turn questions JSONL; None: the shipped 10
     multiturn_mode: str = "single"  # single: an API judge rates each turn 1-10 | pairwise: policy vs baseline per turn
-    suite_max_new_tokens: int = 256  # tokens per answer in ifeval and multiturn (greedy)
+    suite_max_new_tokens: int = 256  # tokens per answer in the suites that answer prompts (greedy)
     lc_bootstrap: int = 200  # bootstrap resamples of the prompts for the LC win rate's standard error
 
     def __post_init__(self) -> None:
@@ -142,6 +143,8 @@ def check_pairing(p: PairingConfig) -> None:
 
 
 def check_eval(e: EvalConfig) -> None:
+    if e.max_pairs is not None and e.max_pairs < 1:
+        raise ConfigError(f"config key 'eval.max_pairs' must be >= 1 or null (all pairs), got {e.max_pairs}")
     check_choice("eval.multiturn_mode", e.multiturn_mode, MULTITURN_MODES)
     if e.suite_max_new_tokens < 1:
         raise ConfigError(f"config key 'eval.suite_max_new_tokens' must be >= 1, got {e.suite_max_new_tokens}")

@@ -26,6 +26,7 @@ KL from samples at another temperature or top_p is not an unbiased estimate; it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -86,112 +87,111 @@ def draw(model, tokenizer, prompts: Sequence[Prompt], num_samples: int = 4, temp
                       max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, on_batch=bar.update)
 
 
-def evaluate(
-    policy,
-    tokenizer,
-    prompts: Sequence[Prompt],
-    *,
-    reference=None,
-    baseline: Any = "reference",
-    scorer=None,
-    judge=None,
-    pairs=None,
-    num_samples: int = 4,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 128,
-    seed: int = 0,
-    batch_size: int = 64,
-    samples_out: str | Path | None = None,
-    max_pairs: int | None = None,
-    progress: bool = False,
-    judgments: list | None = None,
-) -> dict:
+def evaluate(policy, tokenizer, prompts: Sequence[Prompt], cfg: EvalConfig | None = None, *, reference=None,
+             baseline: Any = "reference", scorer=None, judge=None, pairs=None, batch_size: int = 64,
+             samples_out: str | Path | None = None, progress: bool = False, judgments: list | None = None) -> dict:
     """Sample the policy on `prompts` and measure it (see the module docstring for each metric).
 
+    cfg: the evaluation's settings (EvalConfig; default EvalConfig()): num_samples, temperature, top_p,
+      max_new_tokens (None: SamplingConfig's), seed, max_pairs (only the first N held-out pairs; pairs_used
+      and pairs_total say how many of how many); the suite fields are run_suites'.
     reference: the model KL and the implicit reward are measured against (usually the SFT model).
     baseline: what the win rate and length change compare to: "reference" (default), another model,
       a list of its `Sample`s (num_samples per prompt, prompt-major, e.g. from an earlier call), or None.
     scorer: a `Scorer` for mean_score and (without a judge) the win rate; judge: a PairwiseJudge.
-    pairs: held-out preference rows or file for preference_accuracy (needs the reference);
-      max_pairs: only the first N of them (pairs_used and pairs_total say how many of how many).
-    samples_out: write the policy's samples (with scores) there as JSONL.
+    pairs: held-out preference rows or file for preference_accuracy (needs the reference); None: cfg.pairs.
+    batch_size: sequences per generation batch. samples_out: write the policy's samples (with scores) there as JSONL.
     progress: progress bars on stderr (count, rate, time left) for sampling and the log-prob passes.
     judgments: a list to which each win-rate judgment is appended as {"prompt_index", "win", "length_diff"}
       (policy minus baseline tokens; "win" None where a score was missing, NaN where the judge's verdict was unreadable): the length-controlled win rate's input.
     """
+    cfg = cfg or EvalConfig()
+    if cfg.max_new_tokens is None:
+        cfg = dataclasses.replace(cfg, max_new_tokens=SamplingConfig().max_new_tokens)
     prompts = list(prompts)
     bar = (lambda what: f"[eval] {what}") if progress else (lambda what: None)
-    samples = draw(policy, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed, batch_size,
-                   progress=bar("sampling the policy"))
-    sample_prompts = [p for p in prompts for _ in range(num_samples)]
-    out: dict[str, Any] = {"num_prompts": len(prompts), "num_samples": len(samples), "temperature": temperature, "top_p": top_p,
-                           "max_new_tokens": max_new_tokens}
-    lengths = [completion_length(s) for s in samples]
-    out["mean_length"], out["mean_length_sem"] = _mean_sem(lengths)
+    samples = draw(policy, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed,
+                   batch_size, progress=bar("sampling the policy"))
+    sample_prompts = [p for p in prompts for _ in range(cfg.num_samples)]
+    out: dict[str, Any] = {"num_prompts": len(prompts), "num_samples": len(samples), "temperature": cfg.temperature,
+                           "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
+    out["mean_length"], out["mean_length_sem"] = _mean_sem([completion_length(s) for s in samples])
     out["finished_share"] = sum(s.finished for s in samples) / max(1, len(samples))
     scores = None
     if scorer is not None:
         scores = scorer.score(sample_prompts, [s.completion for s in samples])
         out["mean_score"], out["mean_score_sem"] = _mean_sem(scores)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if reference is not None:
-        with progress_bar(len(samples), bar("KL to the reference") or "", "sample", progress) as kl_bar:
-            ratios, tokenwise = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples],
-                                           pad, tokenwise=True, progress=kl_bar)
-        out["kl_to_reference"], out["kl_to_reference_sem"] = _mean_sem(k3_kl(ratios).tolist())
-        out["kl_estimator"] = KL_ESTIMATOR
-        out["kl_tokenwise"], out["kl_tokenwise_sem"] = _mean_sem(tokenwise.tolist())
-        out["kl_estimator_biased"] = not (temperature == 1.0 and top_p == 1.0)
-        if pairs is not None:
-            examples = examples_of(pairs)
-            used = examples if max_pairs is None else examples[:max_pairs]
-            out["pairs_used"], out["pairs_total"] = len(used), len(examples)
-            with progress_bar(2 * len(used), bar("held-out pairs (chosen + rejected)") or "", "seq", progress) as pair_bar:
-                out["preference_accuracy"] = preference_accuracy(policy, reference, tokenizer, used, progress=pair_bar)
+        out.update(_against_reference(policy, reference, tokenizer, samples, cfg, pairs if pairs is not None else cfg.pairs,
+                                      bar, progress))
     if isinstance(baseline, str) and baseline == "reference":
         baseline = reference
     if baseline is not None:
-        if isinstance(baseline, (list, tuple)):
-            base_samples = list(baseline)
-        elif baseline is policy:
-            base_samples = samples
-        else:
-            base_samples = draw(baseline, tokenizer, prompts, num_samples, temperature, top_p, max_new_tokens, seed + 1, batch_size,
-                                progress=bar("sampling the baseline"))
-        if len(base_samples) != len(samples):
-            raise ValueError(f"baseline has {len(base_samples)} samples, the policy {len(samples)}")
-        out["baseline_mean_length"], _ = _mean_sem([completion_length(s) for s in base_samples])
+        base_samples = (list(baseline) if isinstance(baseline, (list, tuple)) else samples if baseline is policy
+                        else draw(baseline, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                                  cfg.seed + 1, batch_size, progress=bar("sampling the baseline")))
+        out.update(_against_baseline(samples, base_samples, sample_prompts, scores, scorer, judge, cfg.num_samples, judgments))
         out["length_change"] = out["mean_length"] - out["baseline_mean_length"]
-        if judge is not None:
-            wins = judge.compare(sample_prompts, [s.completion for s in samples], [s.completion for s in base_samples])
-            out["win_rate_by"] = getattr(judge, "name", "pairwise judge")
-        elif scorer is not None:
-            base_scores = scorer.score(sample_prompts, [s.completion for s in base_samples])
-            out["baseline_mean_score"], out["baseline_mean_score_sem"] = _mean_sem(base_scores)
-            wins = [None if a is None or b is None or not (math.isfinite(a) and math.isfinite(b))
-                    else 1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores, base_scores)]
-            out["win_rate_by"] = getattr(scorer, "name", "scorer")
-        else:
-            wins = None
-        if wins is not None:
-            out["win_rate"], out["win_rate_sem"] = _mean_sem(wins)
-            out["win_rate_unjudged"] = sum(w is None or not math.isfinite(w) for w in wins)  # left out of the win rate
-            if judgments is not None:
-                judgments.extend({"prompt_index": i // num_samples, "win": w, "length_diff": completion_length(a) - completion_length(b)}
-                                 for i, (w, a, b) in enumerate(zip(wins, samples, base_samples)))
-    out["examples"] = [s.prompt + s.completion for s in samples[:: max(1, num_samples)][:2]]
+    out["examples"] = [s.prompt + s.completion for s in samples[:: max(1, cfg.num_samples)][:2]]
     if samples_out is not None:
-        path = Path(samples_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for i, s in enumerate(samples):
-                row = {"prompt": sample_prompts[i], "sample_index": i % num_samples, "completion": s.completion,
-                       "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(s.completion_ids), "finished": s.finished}
-                if scores is not None:
-                    row["score"] = scores[i]
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _write_samples(Path(samples_out), samples, sample_prompts, scores, cfg.num_samples)
     return out
+
+
+def _against_reference(policy, reference, tokenizer, samples: list[Sample], cfg: EvalConfig, pairs, bar, progress: bool) -> dict:
+    """The KL estimates from the policy's samples and, with held-out pairs, the implicit reward's preference accuracy."""
+    out: dict[str, Any] = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with progress_bar(len(samples), bar("KL to the reference") or "", "sample", progress) as kl_bar:
+        ratios, tokenwise = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples],
+                                       pad, tokenwise=True, progress=kl_bar)
+    out["kl_to_reference"], out["kl_to_reference_sem"] = _mean_sem(k3_kl(ratios).tolist())
+    out["kl_estimator"] = KL_ESTIMATOR
+    out["kl_tokenwise"], out["kl_tokenwise_sem"] = _mean_sem(tokenwise.tolist())
+    out["kl_estimator_biased"] = not (cfg.temperature == 1.0 and cfg.top_p == 1.0)
+    if pairs is not None:
+        examples = examples_of(pairs)
+        used = examples if cfg.max_pairs is None else examples[: cfg.max_pairs]
+        out["pairs_used"], out["pairs_total"] = len(used), len(examples)
+        with progress_bar(2 * len(used), bar("held-out pairs (chosen + rejected)") or "", "seq", progress) as pair_bar:
+            out["preference_accuracy"] = preference_accuracy(policy, reference, tokenizer, used, progress=pair_bar)
+    return out
+
+
+def _against_baseline(samples, base_samples, sample_prompts, scores, scorer, judge, num_samples: int, judgments) -> dict:
+    """The baseline's mean length (and score), and the win rate by the judge or else the scorer."""
+    if len(base_samples) != len(samples):
+        raise ValueError(f"baseline has {len(base_samples)} samples, the policy {len(samples)}")
+    out: dict[str, Any] = {}
+    out["baseline_mean_length"], _ = _mean_sem([completion_length(s) for s in base_samples])
+    if judge is not None:
+        wins = judge.compare(sample_prompts, [s.completion for s in samples], [s.completion for s in base_samples])
+        out["win_rate_by"] = getattr(judge, "name", "pairwise judge")
+    elif scorer is not None:
+        base_scores = scorer.score(sample_prompts, [s.completion for s in base_samples])
+        out["baseline_mean_score"], out["baseline_mean_score_sem"] = _mean_sem(base_scores)
+        wins = [None if a is None or b is None or not (math.isfinite(a) and math.isfinite(b))
+                else 1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores, base_scores)]
+        out["win_rate_by"] = getattr(scorer, "name", "scorer")
+    else:
+        return out
+    out["win_rate"], out["win_rate_sem"] = _mean_sem(wins)
+    out["win_rate_unjudged"] = sum(w is None or not math.isfinite(w) for w in wins)  # left out of the win rate
+    if judgments is not None:
+        judgments.extend({"prompt_index": i // num_samples, "win": w, "length_diff": completion_length(a) - completion_length(b)}
+                         for i, (w, a, b) in enumerate(zip(wins, samples, base_samples)))
+    return out
+
+
+def _write_samples(path: Path, samples: list[Sample], sample_prompts: list, scores, num_samples: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i, s in enumerate(samples):
+            row = {"prompt": sample_prompts[i], "sample_index": i % num_samples, "completion": s.completion,
+                   "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(s.completion_ids), "finished": s.finished}
+            if scores is not None:
+                row["score"] = scores[i]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 _ROWS = [
@@ -279,7 +279,7 @@ def add_cli(verbs) -> None:
 def config_from_args(args) -> EvalConfig:
     """The EvalConfig of `dpokit eval`'s flags, checked as a config is (a bad value is a ConfigError naming its key)."""
     return EvalConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed, max_prompts=args.max_prompts, pairs=args.pairs,
+                      top_p=args.top_p, seed=args.seed, max_prompts=args.max_prompts, pairs=args.pairs, max_pairs=args.max_pairs,
                       suites=list(dict.fromkeys(args.suite)), ifeval_prompts=args.ifeval_prompts,
                       multiturn_questions=args.multiturn_questions, multiturn_mode=args.multiturn_mode,
                       suite_max_new_tokens=args.suite_max_new_tokens, lc_bootstrap=args.lc_bootstrap)
@@ -316,10 +316,8 @@ def _evaluate(args, cfg: EvalConfig) -> int:
         prompts, counts = load_prompts(args.prompts, column=args.prompt_column, max_prompts=args.max_prompts)
         print(f"[eval] {args.prompts}: {describe_counts(counts)}", flush=True)
         samples_out = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
-        metrics = evaluate(policy, tokenizer, prompts, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
-                           pairs=args.pairs, num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
-                           max_new_tokens=args.max_new_tokens, seed=args.seed, samples_out=samples_out, max_pairs=args.max_pairs,
-                           progress=True, judgments=judgments)
+        metrics = evaluate(policy, tokenizer, prompts, cfg, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
+                           samples_out=samples_out, progress=True, judgments=judgments)
         print(format_report(metrics))
     if cfg.suites:
         suite_baseline = reference if isinstance(baseline, str) else baseline  # "reference": the default

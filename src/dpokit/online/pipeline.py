@@ -121,15 +121,13 @@ class Pipeline:
         return random.Random(self.cfg.seed * 1_000_003 + k).sample(self.prompts, n)
 
     def _eval(self, k: int, policy, tokenizer) -> dict:
-        e = self.cfg.eval
-        max_new = e.max_new_tokens or self.cfg.sampling.max_new_tokens
+        e = dataclasses.replace(self.cfg.eval, max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.sampling.max_new_tokens)
         reference, _ = self.sft()
         if self._baseline_samples is None:  # the SFT model's samples: the baseline of every round, drawn once
             self._baseline_samples = draw(reference, tokenizer, self.eval_prompts, e.num_samples, e.temperature, e.top_p,
-                                          max_new, e.seed + 1, self.cfg.sampling.batch_size)
-        return evaluate(policy, tokenizer, self.eval_prompts, reference=reference, baseline=self._baseline_samples,
-                        scorer=self.scorer, pairs=self.eval_pairs, num_samples=e.num_samples, temperature=e.temperature,
-                        top_p=e.top_p, max_new_tokens=max_new, seed=e.seed, batch_size=self.cfg.sampling.batch_size,
+                                          e.max_new_tokens, e.seed + 1, self.cfg.sampling.batch_size)
+        return evaluate(policy, tokenizer, self.eval_prompts, e, reference=reference, baseline=self._baseline_samples,
+                        scorer=self.scorer, pairs=self.eval_pairs, batch_size=self.cfg.sampling.batch_size,
                         samples_out=self.round_dir(k) / "eval_samples.jsonl")
 
     def _train_config(self):
