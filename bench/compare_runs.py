@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 
 EXEMPT_KEYS = frozenset({"wall_seconds", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-                         "seconds", "elapsed", "created", "started", "saved_at", "time", "timestamp", "build_seconds"})
+                         "seconds", "elapsed", "created", "started", "saved_at", "time", "timestamp", "build_seconds",
+                         "tokens_per_second", "mfu", "mfu_peak", "mfu_peak_source"})  # the clock and the machine (training/throughput.py)
 EXEMPT_FILES = frozenset({"file_hashes.json"})
 VOLATILE = [
     (re.compile(r"^[^\n]*\d+/\d+ \[[\d:]+<[^\n]*$", re.MULTILINE), "<PROGRESS>"),

@@ -355,7 +355,7 @@ def child_dpokit(args) -> None:
     speed = cfg.speed
     said = io.StringIO()
     with contextlib.redirect_stdout(said):
-        reference, data = reference_for(cfg, task, policy, tokenizer, data, accelerator, with_reference)
+        policy, reference, data = reference_for(cfg, task, policy, tokenizer, data, accelerator, with_reference)
     assert "computed" not in said.getvalue(), "run the precompute variant first"
     policy.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]

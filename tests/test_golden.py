@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import dpokit
+from dpokit.training.throughput import VOLATILE as THROUGHPUT_VOLATILE
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 GOLDEN = Path(__file__).with_name("golden") / "dpo_tiny.json"
@@ -42,7 +43,7 @@ def _run(tmp_path: Path) -> dict:
     weights = load_file(str(Path(result.model_dir) / "model.safetensors"))
     summary = {name: [float(t.double().sum()), float(t.double().pow(2).sum()), float(t.flatten()[0]),
                       float(t.flatten()[-1])] for name, t in sorted(weights.items())}
-    volatile = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch_seconds", "wall_seconds"}
+    volatile = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch_seconds", "wall_seconds", *THROUGHPUT_VOLATILE}
     return {"metrics": [{k: v for k, v in r.items() if k not in volatile} for r in records], "weights": summary}
 
 

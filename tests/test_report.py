@@ -226,7 +226,7 @@ def test_report_of_a_real_tiny_run(tiny_run):
     run = load_run(tiny_run)
     assert run.verdict in ("healthy", "warnings") and run.last_step == 12 and not run.notes
     # no eval_generate: lengths are explained, not drawn; throughput: drawn once the loop hook logs tokens_per_second
-    assert charts(html) == ALL_CHARTS - {"lengths", "throughput"}
+    assert charts(html) == ALL_CHARTS - {"lengths"}
     drawn = series(html)
     paired = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl/chosen")
     for key in paired + ("learning_rate", "grad_norm"):

@@ -144,7 +144,6 @@ def test_a_window_of_8_tokens_in_2_seconds_is_4_tokens_per_second_per_process(pr
     assert record == {"tokens_per_second": 8.0 * processes, "padding_fraction": 0.0, "mfu": pytest.approx(flops / 16_000)}
 
 
-@pytest.mark.skip(reason="needs the loop hook")
 def test_every_logged_training_record_has_the_three_throughput_metrics(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(24, seed=1))
     cfg = {"model": {"name_or_path": str(tiny_model_dir())}, "data": {"path": str(train), "max_length": 32, "max_prompt_length": 16},

@@ -77,8 +77,7 @@ def prepare_reference(reference, accelerator):
     """Place the frozen reference for the distributed setup; None stays None.
 
     - one process / DDP: a plain replica on each device (no gradients, so no DDP wrapper);
-    - FSDP: wrapped in FSDP with the policy's plugin (full shard), so each GPU holds only its
-      shard of the reference too (`prepare_model` without `evaluation_mode`, which would replicate it);
+    - train.fsdp: not here; training/setup.py shards it like the policy (training/fsdp.py);
     - DeepSpeed: its own inference engine with the same ZeRO stage (ZeRO-3 shards it), as TRL does;
       lower stages keep a replica.
     """
@@ -86,9 +85,7 @@ def prepare_reference(reference, accelerator):
         return None
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        reference = accelerator.prepare_model(reference)
-    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         reference = _deepspeed_reference(reference, accelerator)
     else:
         reference = accelerator.prepare_model(reference, evaluation_mode=True)

@@ -110,6 +110,7 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | never | path of a checkpoint folder
     overwrite: bool = False  # write into an out_dir holding files dpokit did not write (refused otherwise; docs/training.md)
     max_skipped_steps: int = 5  # optimizer steps skipped on a NaN/Inf loss or gradient before the run stops
+    fsdp: bool = False  # FSDP2 full sharding of the policy (and a live reference) over the launched processes (docs/distributed.md)
     num_threads: int = 0  # torch CPU threads; 0 = auto: torch's default with OpenMP's passive wait (dpokit/openmp.py), else 1 under 50M parameters
     push_to_hub: Optional[str] = None  # a Hub model repo id: final/ (model, tokenizer, README.md card) is uploaded there after saving
     hub_private: bool = True  # a repo push_to_hub creates is private (an existing repo keeps its visibility)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 import warnings
@@ -81,18 +82,35 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfi
             mine = sum(len(order[s : s + batch_size]) for b, s in enumerate(range(0, len(order), batch_size)) if b % world == rank)
             with tqdm(total=mine, desc=progress, unit="pair", disable=progress is None or rank != 0, dynamic_ncols=True,
                       file=sys.stderr) as bar:
-                for b, start in enumerate(range(0, len(order), batch_size)):
-                    if b % world != rank:
-                        continue
-                    idx = order[start : start + batch_size]
+                for b in _my_batches(len(order), batch_size, rank, world, lockstep=_sharded(model)):
+                    idx = order[max(b, 0) * batch_size : (max(b, 0) + 1) * batch_size]
                     batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_token_id).items()}
                     logps, shared = reference_sequence_logps(ref, batch, speed)
+                    if b == FILLER:  # a sharded model's extra forward: every process takes part in every all-gather
+                        continue
                     n = len(idx)
                     out[idx] = torch.stack([logps[:n], logps[n:], shared[:n], shared[n:]], dim=1).float().cpu()
                     bar.update(n)
     finally:
         model.train(was_training)
     return out
+
+
+FILLER = -1  # a batch index in _my_batches: one more forward of batch 0, whose values are dropped
+
+
+def _my_batches(n: int, batch_size: int, rank: int, world: int, lockstep: bool) -> list[int]:
+    """This process's batches rank, rank + world, ... of the one-process batching of n pairs. With lockstep (a sharded
+    model, whose forward is a collective) a process with fewer of them than the others ends with a FILLER."""
+    count = math.ceil(n / batch_size)
+    mine = list(range(rank, count, world))
+    rounds = math.ceil(count / world) if lockstep else len(mine)
+    return mine + [FILLER] * (rounds - len(mine))
+
+
+def _sharded(model) -> bool:
+    """FSDP2 (train.fsdp): every forward all-gathers the shards, so every process must run the same number of them."""
+    return hasattr(next(model.parameters()), "full_tensor")
 
 
 @dataclass

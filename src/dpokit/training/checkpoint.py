@@ -40,6 +40,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dpokit.config import ConfigError
 from dpokit.training.disk_space import DISK_FULL, disk_full_code, filled_up, no_space
+from dpokit.training.fsdp import DCP_FOLDER, is_fsdp, load_sharded, save_sharded
 from dpokit.training.manifest import MANIFEST, write_manifest
 from dpokit.training.metrics import MetricSums
 
@@ -142,15 +143,19 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimiz
         if is_sharded(accelerator):
             accelerator.wait_for_everyone()
             accelerator.save_state(str(tmp / "accelerate"))  # sharded weights and optimizer, every process
+        elif is_fsdp(policy):  # train.fsdp: every process writes its shards into dcp/ (torch.distributed.checkpoint)
+            accelerator.wait_for_everyone()
+            save_sharded(tmp, policy, optimizer)
     except (OSError, SafetensorError) as e:
         problem = _disk_full(e, run_dir, final, needed, free)
     if many:  # also the barrier after the sharded save
         problem = next((p for p in gather_object([problem]) if p), None)
     if is_main and not problem:
         try:
-            if not is_sharded(accelerator):
+            if not is_sharded(accelerator) and not is_fsdp(policy):
                 _write_weights(accelerator.unwrap_model(policy), tmp)
                 _write_optimizer(optimizer.state_dict(), tmp)
+            if not is_sharded(accelerator):
                 _write_json(tmp / "scheduler.json", scheduler.state_dict())
             if reference is not None:
                 save_model(reference, str(tmp / REFERENCE_FILE))  # tied weights once, no pickle
@@ -186,7 +191,7 @@ def checkpoint_bytes(accelerator, run_dir: Path, policy, optimizer) -> int:
     Under FSDP/DeepSpeed the parameters a process sees are shards (or empty), so the size of the latest
     checkpoint stands in (none yet: 0, and only a full disk while writing is caught).
     """
-    if is_sharded(accelerator):
+    if is_sharded(accelerator) or is_fsdp(policy):
         previous = list_checkpoints(run_dir)
         return sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else 0
     model = accelerator.unwrap_model(policy)
@@ -325,6 +330,10 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, refer
     try:
         if is_sharded(accelerator):
             accelerator.load_state(str(path / "accelerate"))
+        elif is_fsdp(policy) or (path / DCP_FOLDER).is_dir():
+            _check_format(path, is_fsdp(policy))
+            load_sharded(path, policy, optimizer)
+            scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         else:
             _load_weights(accelerator.unwrap_model(policy), path)
             optimizer.load_state_dict(_read_optimizer(path))
@@ -339,6 +348,14 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, refer
               "random states (LoRA dropout) will not replay exactly", flush=True)
     set_rng_state(rng[min(accelerator.process_index, len(rng) - 1)])
     return state
+
+
+def _check_format(path: Path, fsdp: bool) -> None:
+    """A sharded (dcp/) checkpoint resumes under train.fsdp only, and a one-file one without it: one line otherwise."""
+    if fsdp != (path / DCP_FOLDER).is_dir():
+        written, now = ("with", "without") if not fsdp else ("without", "with")
+        raise CheckpointError(f"{path} was written {written} train.fsdp and this run is {now} it: resume with "
+                              f"train.fsdp={'true' if not fsdp else 'false'} (any number of processes)")
 
 
 def _load_weights(model, folder: Path) -> None:

@@ -14,8 +14,9 @@ from safetensors import SafetensorError
 
 from dpokit.config import Config
 from dpokit.models import load_policy, load_processor
-from dpokit.training.checkpoint import CheckpointError, fsync_tree, list_checkpoints, remove_atomically
+from dpokit.training.checkpoint import CheckpointError, fsync_tree, is_sharded, list_checkpoints, remove_atomically
 from dpokit.training.disk_space import disk_full_code, filled_up, no_space
+from dpokit.training.fsdp import full_state_dict, is_fsdp
 from dpokit.training.model_card import RunFacts, write_card
 
 # What an upload raises when the Hub cannot be reached or refuses it: the HTTP library's errors (requests' are
@@ -80,6 +81,14 @@ def push_to_hub(model_dir: Path, repo_id: str, private: bool) -> str:
         return (f"[dpokit] train.push_to_hub: uploading to {repo_id} failed ({type(e).__name__}: {reason}); the model is saved "
                 f"locally at {model_dir}; upload it later with: hf upload {repo_id} {shlex.quote(str(model_dir))}{private_flag}")
     return f"[dpokit] pushed {model_dir} to https://huggingface.co/{repo_id}"
+
+
+def gathered_state(accelerator, policy) -> Optional[dict]:
+    """The whole model's weights when the policy is sharded (FSDP2, Accelerate's FSDP or DeepSpeed), else None: a
+    collective that every process calls; the main process gets them on CPU."""
+    if is_fsdp(policy):
+        return full_state_dict(policy)
+    return accelerator.get_state_dict(policy) if is_sharded(accelerator) else None
 
 
 def final_bytes(model, state_dict: Optional[dict] = None) -> int:

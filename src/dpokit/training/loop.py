@@ -19,14 +19,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -40,130 +36,31 @@ from dpokit.demo.assets import resolve_demo_assets
 from dpokit.data.token_health import context_length_problem, longest_sequence
 from dpokit.cpu_threads import cpu_threads_note
 from dpokit.models import load_policy, load_tokenizer
-from dpokit.reference import prepare_reference
-from dpokit.report import write_report
 from dpokit.steps import Step, step_for
 from dpokit.steps.sft_mix import SFTMix
-from dpokit.training.checkpoint import RunState, is_sharded, save_checkpoint
+from dpokit.training.checkpoint import is_sharded
 from dpokit.detectors import FailureDetectors
 from dpokit.training.empty_data import EmptyDataGuard, step_completion_tokens
-from dpokit.training.eval_generation import eval_prompts, generation_metrics
-from dpokit.training.export import save_final
-from dpokit.training.metrics import MetricsLog, MetricSums
+from dpokit.training.eval_generation import eval_prompts
+from dpokit.training.export import gathered_state, save_final
+from dpokit.training.fsdp import clip_grad_norm
+from dpokit.training.metrics import MetricSums
 from dpokit.training.model_card import RunFacts
 from dpokit.training.non_finite import likely_cause
 from dpokit.training.optim import make_optimizer, make_schedule, total_steps_for
 from dpokit.training.resume import start_or_resume
 from dpokit.training.adaptive_beta import AdaptiveBeta
 from dpokit.training.ref_sync import check_sync, is_sync_step, sync_reference
-from dpokit.training.retention import RetentionSet, prepare_retention
+from dpokit.training.retention import prepare_retention
+from dpokit.training.run import Run, StepOutcome, TrainResult
 from dpokit.training.run_dir import RunDir
-from dpokit.training.setup import accelerator_for, fit_reference_sync, fit_speed, make_run_dir, reference_for, refuse_before_compute, training_data
-from dpokit.training.signals import StopSignals, TrainingInterrupted, resume_command
+from dpokit.training.setup import (accelerator_for, fit_reference_sync, fit_speed, make_run_dir, prepare, reference_for, refuse_before_compute,
+                                   training_data)
+from dpokit.training.signals import TrainingInterrupted, resume_command
 from dpokit.training.step_runner import accumulate_gradients, agree, evaluate, keep_step
-from dpokit.training.tracking import accelerator_kwargs, end_trackers, init_trackers, log_diagnosis, log_metrics
+from dpokit.training.tracking import accelerator_kwargs, end_trackers, init_trackers
 
 __all__ = ["Step", "TrainResult", "TrainingInterrupted", "accumulate_gradients", "evaluate", "likely_cause", "save_final", "train"]
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    metrics: dict  # last logged training metrics, plus eval_* from the final evaluation
-    model_dir: Path
-    stop_reason: Optional[str] = None  # None: finished; else why the run stopped early (no final model then)
-
-
-@dataclass
-class Run:
-    """One training run, from setup to the final model: what it trains, with what, and where it is."""
-
-    cfg: Config
-    accelerator: Accelerator
-    run_dir: Path
-    tokenizer: Any
-    objective: Step
-    data: PreparedData
-    policy: Any
-    reference: Any  # None: reference-free, or reference log-probs from the cache
-    with_reference: bool
-    optimizer: Any
-    scheduler: Any
-    total_steps: int
-    micro_per_epoch: int  # global micro-batches per epoch
-    params: list  # what clip_grad_norm_ clips
-    detectors: FailureDetectors
-    state: RunState
-    window: MetricSums  # sums of every applied micro-batch since the last log
-    log: MetricsLog  # metrics.jsonl (continued on resume)
-    last_logged: dict  # the last record with a training loss
-    gen_prompts: list  # train.eval_generate: the same eval prompts (and seed) at every evaluation
-    empty_data: EmptyDataGuard  # stops a run whose first steps have nothing to learn from
-    retention: Optional[RetentionSet] = None  # data.retention_path: retention/* at every evaluation
-    mix: Optional[SFTMix] = None  # data.sft_mix_path: SFT rows mixed into every step
-    stream: Optional[BatchStream] = None
-    progress: Any = None
-    signals: StopSignals = field(default_factory=StopSignals)
-    started: float = 0.0
-    step: int = 0  # the last optimizer step taken
-    bad_loss: bool = False  # the last step's loss was non-finite on some process
-    saved_at: Optional[Path] = None  # the last checkpoint written
-    beta_schedule: Optional[AdaptiveBeta] = None  # loss.beta_schedule=adaptive: beta-DPO's per-batch beta
-    owner: Optional[RunDir] = None  # run_dir holds this run's lock until train() returns or raises
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def log_and_diagnose(self, record: dict) -> None:
-        # Every rank sees the same reduced record, so all ranks agree on should_stop.
-        self.log.write(record)
-        log_metrics(self.accelerator, record, record["step"])
-        for diagnosis in self.detectors.update(record):
-            if self.is_main:
-                tqdm.write(str(diagnosis))
-                self.log.write({"step": diagnosis.step, "diagnosis": dataclasses.asdict(diagnosis)})
-            log_diagnosis(self.accelerator, diagnosis)
-
-    def generate_on_eval(self) -> dict:
-        if not self.gen_prompts:
-            return {}
-        # Every rank samples (cheap, and sharded models need all ranks in generate); same seed, same numbers.
-        with self.accelerator.autocast():
-            return generation_metrics(self.accelerator.unwrap_model(self.policy), self.tokenizer, self.gen_prompts, self.cfg.train.eval_generate,
-                                      self.cfg.train.seed, max_new_tokens=self.cfg.data.max_length - self.cfg.data.max_prompt_length)
-
-    @property
-    def evaluates(self) -> bool:
-        return bool(self.data.eval) or self.retention is not None
-
-    def retention_metrics(self) -> dict:
-        return self.retention.metrics(self.policy, self.accelerator) if self.retention is not None else {}
-
-    def eval_record(self, step: int) -> dict:
-        metrics = evaluate(self.policy, self.reference, self.data.eval, self.cfg, self.accelerator, self.with_reference, self.objective)
-        return {"step": step, **metrics, **self.generate_on_eval(), **self.retention_metrics()}
-
-    def checkpoint(self) -> Path:
-        moved = self.accelerator.unwrap_model(self.reference) if self.state.ref_syncs > 0 else None  # TR-DPO
-        return save_checkpoint(self.accelerator, self.run_dir, self.state, self.policy, self.optimizer, self.scheduler, self.window,
-                               self.cfg.train.save_total_limit, reference=moved)
-
-    def result(self, metrics: dict, stop_reason: Optional[str]) -> TrainResult:
-        if self.is_main:  # report.html in every run directory, also for dpokit.train(...) and the demo (issue 15.17)
-            write_report(self.run_dir)
-        return TrainResult(run_dir=self.run_dir, metrics=metrics, model_dir=self.run_dir / "final", stop_reason=stop_reason)
-
-
-@dataclass
-class StepOutcome:
-    loss: float  # this process's mean loss over the step
-    grad_norm: float  # before clipping; nan when the backend does not report it
-    learning_rate: float  # the one the update used
-    bad: bool  # a non-finite loss or gradient: the update was skipped
-    overflow: bool  # ... by the fp16 loss scaler, which is its business, not a fault
-    stop_requested: bool  # SIGTERM/SIGINT on some process
-    completion_tokens: Optional[int]  # trained on, over all processes; counted while the empty-data guard watches only
 
 
 def train(config, overrides=None, data: PreparedData | None = None) -> TrainResult:
@@ -183,9 +80,9 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
     """The run directory, data, policy and reference, optimizer and schedule, and the state resumed from (or fresh)."""
     transformers.utils.logging.disable_progress_bar()  # keep the console for our own summary and progress
     cfg = resolve_paths(resolve_demo_assets(cfg))  # "demo:..." paths build the embedded demo's model/data
-    refuse_before_compute(cfg)  # no data.path; FlexAttention on CPU, whose first backward would fail
     # The schedule advances once per optimizer step, whatever the number of processes (see BatchStream).
     accelerator = accelerator_for(cfg, **accelerator_kwargs(cfg))  # a fresh mixed-precision state in a lone process
+    refuse_before_compute(cfg, accelerator.distributed_type.value)  # no data.path; FlexAttention on CPU; sharding's limits
     set_seed(cfg.train.seed)
     owner = make_run_dir(cfg, accelerator)
     try:
@@ -210,22 +107,22 @@ def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerato
         raise ConfigError(problem)
     with_reference = objective.needs_reference(cfg)  # reference-free losses (and SFT) build and run no reference
     cfg, sync_notes = fit_reference_sync(cfg, objective)
-    cfg, objective, notes = fit_speed(cfg, objective, policy, is_sharded(accelerator))
+    sharded = is_sharded(accelerator) or cfg.train.fsdp
+    cfg, objective, notes = fit_speed(cfg, objective, policy, sharded)
     for note in sync_notes + notes + cpu_threads_note(policy) if accelerator.is_main_process else []:
         print(f"[dpokit] {note}", flush=True)
     if accelerator.is_main_process:  # the config that runs, after every adjustment, each recorded
         owner.save_config(cfg, sync_notes + notes)
-    reference, data = reference_for(cfg, objective, policy, tokenizer, data, accelerator, with_reference)
+    policy, reference, data = reference_for(cfg, objective, policy, tokenizer, data, accelerator, with_reference)  # train.fsdp: sharded
     if cfg.loss.ref_sync_steps > 0:
-        check_sync(cfg, reference, policy, is_sharded(accelerator))
+        check_sync(cfg, reference, policy, sharded)
     policy.train()
 
-    optimizer = make_optimizer(cfg, policy, is_sharded(accelerator))
+    optimizer = make_optimizer(cfg, policy, sharded)
     micro_per_epoch = math.ceil(len(data.train) / (cfg.train.batch_size * accelerator.num_processes))
     total_steps = total_steps_for(cfg, micro_per_epoch)
     scheduler = make_schedule(cfg, optimizer, total_steps)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    reference = prepare_reference(reference, accelerator)
+    policy, optimizer, scheduler, reference = prepare(accelerator, cfg, policy, optimizer, scheduler, reference)
     retention = prepare_retention(cfg, tokenizer, policy, reference, with_reference and cfg.speed.ref_cache and objective.reads_reference_cache,
                                   accelerator, data.side.get("retention"))  # before a checkpoint's weights are loaded: the reference's NLL
     # Under FSDP, Accelerate clips through the wrapper, which it recognises by its whole parameter list.
@@ -291,8 +188,8 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
     step_sums = MetricSums()
     accumulate_gradients(run.policy, run.reference, [m.batch for m in micro], cfg, accelerator, run.with_reference, step_sums, objective,
                          examples_in_step=sum(m.examples for m in micro), dummies=[m.dummy for m in micro], beta=run.beta_schedule,
-                         mixed=run.mix.draw(step, run.tokenizer.pad_token_id) if run.mix is not None else None)
-    grad_norm = accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf)
+                         mixed=run.mix.draw(step, run.tokenizer.pad_token_id) if run.mix is not None else None, throughput=run.throughput)
+    grad_norm = clip_grad_norm(accelerator, run.policy, run.params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf)
     grad_norm = math.nan if grad_norm is None else float(grad_norm)
     local_loss = step_sums.sums.get("loss", 0.0) / max(step_sums.counts.get("loss", 0.0), 1.0)
     run.bad_loss, stop_requested = agree(accelerator, not math.isfinite(local_loss), run.signals.signum is not None)
@@ -328,6 +225,7 @@ def log_window(run: Run, step: int, learning_rate: float) -> None:
     run.window.clear()
     record.update(step=step, epoch=round(run.stream.position / run.micro_per_epoch, 4), learning_rate=learning_rate, skipped_steps=state.skipped_steps)
     record["num_tokens"] = state.tokens_seen  # TRL's running count of the input tokens trained on
+    record.update(run.throughput.record(run.accelerator, run.policy))  # tokens_per_second, padding_fraction, mfu
     if state.overflow_steps:
         record["overflow_steps"] = state.overflow_steps
     run.log_and_diagnose(record)
@@ -391,7 +289,7 @@ def finish(run: Run) -> TrainResult:
         if run.is_main:
             print(f"[dpokit] stopped on a non-finite loss or gradient; no final model saved to {model_dir}", flush=True)
         return run.result(final, "non_finite")
-    full_state = accelerator.get_state_dict(run.policy) if is_sharded(accelerator) else None  # a collective: every process
+    full_state = gathered_state(accelerator, run.policy)  # FSDP/DeepSpeed: a collective, every process
     if run.is_main:
         facts = RunFacts(run.data.summary, final, list(run.detectors.fired), accelerator.num_processes, run.step)  # for the model card
         save_final(accelerator.unwrap_model(run.policy), run.tokenizer, cfg, model_dir, full_state, facts)

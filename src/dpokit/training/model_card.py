@@ -20,6 +20,7 @@ from typing import Optional
 import huggingface_hub
 import yaml
 
+from dpokit.training.throughput import VOLATILE
 from dpokit.version import __version__
 from dpokit.config import Config
 from dpokit.losses import LossConfig, loss_names
@@ -29,7 +30,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DATA_FILE = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".txt", ".arrow")
 # TRL's headline metrics first; the rest follow in name order.
 _FIRST = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-_NOT_A_RESULT = {"train_runtime"}  # wall time: it would make two identical runs write different cards
+_NOT_A_RESULT = {"train_runtime", *VOLATILE}  # wall time and the machine: two identical runs would write different cards
 
 
 @dataclass

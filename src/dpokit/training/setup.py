@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from dpokit.config import Config, ConfigError, SpeedConfig
 from dpokit.data.prepare import PreparedData, format_summary
@@ -26,16 +27,20 @@ from dpokit.data.records import DataError
 from dpokit.data.sft import prepare_side_files
 from dpokit.packed_attention import flex_on_cpu_problem
 from dpokit.ref_cache.build import ensure_reference_cache
-from dpokit.reference import make_reference
+from dpokit.reference import make_reference, prepare_reference
 from dpokit.steps import Step
 from dpokit.steps.token_scores import fast_path_blocker
-from dpokit.training.run_dir import RunDir, claim
+from dpokit.training.fsdp import fsdp_problem, resharded, shard
+from dpokit.training.run_dir import MARKER, RunDir, claim
 
 
-def refuse_before_compute(cfg: Config) -> None:
+def refuse_before_compute(cfg: Config, distributed_type: str = "NO") -> None:
     """ConfigError, before the run directory, the data and the model, for a run that could not train."""
     if not cfg.data.path:
         raise ConfigError("data.path is not set: give a preference file, a saved dataset folder or a hub id")
+    problem = fsdp_problem(cfg, distributed_type)
+    if problem:
+        raise ConfigError(problem)
     flex = flex_on_cpu_problem(cfg.speed.attention, cfg.model.attn_implementation, torch.cuda.is_available())
     if flex:  # the forward runs on CPU; the first backward would stop the run with a torch traceback
         raise ConfigError(flex)
@@ -67,19 +72,37 @@ def fit_reference_sync(cfg: Config, step: Step) -> tuple[Config, list[str]]:
 
 
 def reference_for(cfg: Config, step: Step, policy, tokenizer, data: PreparedData, accelerator, with_reference: bool):
-    """(reference model or None, data): reference log-probs from the on-disk cache when the step can use them
-    (built on a miss with the untrained policy, which is the reference), else a live reference (reference.make_reference)."""
+    """(policy, reference model or None, data): reference log-probs from the on-disk cache when the step can use them
+    (built on a miss with the untrained policy, which is the reference), else a live reference (reference.make_reference).
+    Under train.fsdp the policy comes back sharded (fsdp.shard), and so does a live reference; the cache is then built
+    by the sharded policy, every process scoring its share of the pairs in step with the others."""
     if not (with_reference and cfg.speed.ref_cache and step.reads_reference_cache):
-        return make_reference(policy, cfg, with_reference), data
+        reference = make_reference(policy, cfg, with_reference)  # a copy of the whole model, before sharding
+        if cfg.train.fsdp:
+            policy = shard(policy, cfg, accelerator.device)
+            reference = shard(reference, cfg, accelerator.device, trainable=False) if reference is not None else None
+        return policy, reference, data
+    policy = shard(policy, cfg, accelerator.device) if cfg.train.fsdp else policy
     # A missing cache is built by every process, each scoring its shard; rank 0 gathers and writes it (ref_cache.build).
     cache, data = ensure_reference_cache(cfg, tokenizer, data, model=policy.to(accelerator.device), device=accelerator.device,
                                          accelerator=accelerator)
+    policy = resharded(policy) if cfg.train.fsdp else policy  # before the optimizer takes its parameters
     if accelerator.is_main_process:
         how = f"computed in {cache.seconds:.1f}s and cached in" if cache.built else "read from the cache"
         kl = ("kl/chosen is logged at evaluation only (eval_kl/chosen, adapters off)" if cfg.lora.enabled
               else "kl/chosen is not logged (speed.ref_cache=false logs it)")
         print(f"[dpokit] reference log-probs {how} {cache.folder}: no reference model in memory; {kl}", flush=True)
-    return None, data
+    return policy, None, data
+
+
+def prepare(accelerator, cfg: Config, policy, optimizer, scheduler, reference):
+    """Accelerate's placement: (policy, optimizer, scheduler, reference). A policy FSDP2 sharded (train.fsdp) is not
+    given to Accelerate, which would wrap it in DDP; its optimizer and schedule are."""
+    if cfg.train.fsdp:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        return policy, optimizer, scheduler, reference
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    return policy, optimizer, scheduler, prepare_reference(reference, accelerator)
 
 
 def make_run_dir(cfg: Config, accelerator) -> RunDir:
@@ -93,9 +116,21 @@ def make_run_dir(cfg: Config, accelerator) -> RunDir:
             problem = str(e)
     if accelerator.num_processes > 1:
         problem = broadcast_object_list([problem])[0]
+        if not problem:  # several machines: the checkpoints every process reads back must be where every one sees them
+            problem = next((p for p in gather_object([_unseen_marker(cfg.out_dir)]) if p), None)
     if problem:
+        owner.abandon()  # the main process's claim, when it made one (elsewhere a no-op)
         raise ConfigError(problem)
     return owner
+
+
+def _unseen_marker(out_dir: str) -> str | None:
+    """None when this process sees the main process's run-directory marker, else why that matters (one line)."""
+    if (Path(out_dir) / MARKER).is_file():
+        return None
+    return (f"out_dir={out_dir} is not on a filesystem every process sees: process {os.environ.get('RANK', '?')} on "
+            f"{socket.gethostname()} cannot read {MARKER} that process 0 wrote there. Put out_dir on a shared filesystem "
+            "(NFS, Lustre, a mounted bucket): each process writes its checkpoint shards there and reads them back on resume")
 
 
 def training_data(cfg: Config, objective: Step, tokenizer, data: PreparedData | None, run_dir: Path, is_main: bool) -> PreparedData:

@@ -1,0 +1,160 @@
+"""train.fsdp=true: FSDP2 full sharding of the policy (and of a live reference) with torch's own engine.
+
+    shard                every decoder layer (the model's `_no_split_modules` classes) is its own unit, then the
+                         root; parameters become DTensor shards over all processes (gloo on CPU, NCCL on GPU:
+                         the process group is the launcher's, set up by Accelerate)
+    fsdp_problem         the one-line refusal of a setting FSDP2 cannot serve here
+    clip_gradients       the global gradient norm over the shards, then clipping (torch's DTensor-aware utilities)
+    save_sharded, load_sharded  model and optimizer shards through torch.distributed.checkpoint (DCP): every
+                         process writes its own shard; the manifest names each shard's owner, so a checkpoint
+                         written by N processes loads on M (resharding is DCP's)
+    full_state_dict      the whole model gathered to the main process's CPU memory, for final/
+
+Accelerate refuses its FSDP plugin without an accelerator, so dpokit calls `fully_shard` itself:
+one code path, exercised on CPU in the tests and unchanged on GPUs. The policy is not passed to
+`accelerator.prepare` (that would wrap it in DDP); the optimizer and schedule still are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dpokit.config import Config
+
+DCP_FOLDER = "dcp"  # checkpoint-<step>/dcp/: .metadata and one __<rank>_0.distcp per process
+_PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fsdp_problem(cfg: Config, distributed_type: str) -> str | None:
+    """Why train.fsdp cannot run with these settings, or Accelerate's FSDP plugin asks for sharding (None: it can run)."""
+    if distributed_type == "FSDP":
+        return ("Accelerate's FSDP plugin is not how dpokit shards: launch with a plain multi-process config (torchrun, or "
+                "accelerate launch --multi_gpu) and set train.fsdp=true, which shards with torch's FSDP2 (docs/distributed.md)")
+    if not cfg.train.fsdp:
+        return None
+    if distributed_type == "DEEPSPEED":
+        return ("train.fsdp=true shards with torch's FSDP2 itself; launch with a plain multi-process config (torchrun, or "
+                "accelerate launch without an FSDP/DeepSpeed config)")
+    if cfg.train.mixed_precision == "fp16":
+        return "train.fsdp=true with train.mixed_precision=fp16: the fp16 loss scaler does not handle sharded gradients; use bf16"
+    if cfg.train.eval_generate > 0:
+        return ("train.fsdp=true with train.eval_generate: sampling from a sharded model needs every process in every decoding "
+                "step; set train.eval_generate=0 and sample the final model with `dpokit sample`")
+    if cfg.data.retention_path:
+        return "train.fsdp=true with data.retention_path is not supported yet: drop data.retention_path or use DDP"
+    if cfg.optim.name != "adamw":
+        return f"train.fsdp=true with optim.name={cfg.optim.name}: bitsandbytes' 8-bit AdamW does not take DTensor shards; use adamw"
+    return None
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated blocks to shard one by one: modules of the model's `_no_split_modules` classes (a PEFT model's base too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard(model, cfg: Config, device: torch.device, trainable: bool = True):
+    """FSDP2 full sharding in place: each decoder layer, then the root; returns the model (now an FSDPModule).
+
+    Mixed precision follows train.mixed_precision (parameters computed in bf16, gradients reduced in float32)
+    through MixedPrecisionPolicy; otherwise the model's own dtype (model.dtype) is kept.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():  # one process that no launcher started: a group of one, in memory
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    param_dtype = _PARAM_DTYPES.get(cfg.train.mixed_precision)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"train.fsdp=true: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard by")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def resharded(model):
+    """The model with every unit's parameters back to their shards: FSDP2 leaves the root's unsharded after a forward
+    without backward (a reference-cache build, an evaluation), and the optimizer and torch.distributed.checkpoint
+    know the sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
+def is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def clip_grad_norm(accelerator, policy, params: list[torch.Tensor], max_norm: float):
+    """The step's gradient clipping: over FSDP2 shards here, else Accelerate's (DDP, DeepSpeed, one process)."""
+    return clip_gradients(params, max_norm) if is_fsdp(policy) else accelerator.clip_grad_norm_(params, max_norm)
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip sharded gradients to the global norm max_norm (inf: only measure); returns that norm (a plain tensor)."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = get_total_norm(grads)
+    total = total.full_tensor() if hasattr(total, "full_tensor") else total
+    if max_norm != float("inf"):
+        clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    return total
+
+
+def _trainable_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_sharded(folder: Path, model, optimizer) -> None:
+    """Every process writes its shard of the trainable weights and their AdamW state into folder/dcp (a collective).
+
+    Under LoRA only the adapters are saved (the frozen base is re-read from model.name_or_path), as
+    in the one-process format."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(resharded(model), _inner(optimizer))
+    keep = _trainable_names(model)
+    dcp.save({"model": {k: v for k, v in model_state.items() if k in keep}, "optim": optim_state},
+             checkpoint_id=str(Path(folder) / DCP_FOLDER))
+
+
+def load_sharded(folder: Path, model, optimizer) -> None:
+    """The shards of folder/dcp into this process's model and optimizer, whatever the number of processes that wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(resharded(model), _inner(optimizer))
+    keep = _trainable_names(model)
+    state = {"model": {k: v for k, v in model_state.items() if k in keep}, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(Path(folder) / DCP_FOLDER))
+    set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights on the main process's CPU (other processes get {}); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(resharded(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _inner(optimizer):
+    """The torch optimizer inside Accelerate's AcceleratedOptimizer."""
+    return getattr(optimizer, "optimizer", optimizer)

@@ -1,0 +1,133 @@
+"""What one training run holds between setup, its steps and its end: `Run`, with the few things it does itself
+(log and diagnose a record, evaluate, checkpoint, report), what one optimizer step came to (`StepOutcome`), and
+what `dpokit.train` returns (`TrainResult`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from dpokit.config import Config
+from dpokit.data.batching import BatchStream
+from dpokit.data.prepare import PreparedData
+from dpokit.detectors import FailureDetectors
+from dpokit.report import write_report
+from dpokit.steps import Step
+from dpokit.steps.sft_mix import SFTMix
+from dpokit.training.adaptive_beta import AdaptiveBeta
+from dpokit.training.checkpoint import RunState, save_checkpoint
+from dpokit.training.empty_data import EmptyDataGuard
+from dpokit.training.eval_generation import generation_metrics
+from dpokit.training.metrics import MetricsLog, MetricSums
+from dpokit.training.retention import RetentionSet
+from dpokit.training.run_dir import RunDir
+from dpokit.training.signals import StopSignals
+from dpokit.training.step_runner import evaluate
+from dpokit.training.throughput import Throughput
+from dpokit.training.tracking import log_diagnosis, log_metrics
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict  # last logged training metrics, plus eval_* from the final evaluation
+    model_dir: Path
+    stop_reason: Optional[str] = None  # None: finished; else why the run stopped early (no final model then)
+
+
+@dataclass
+class Run:
+    """One training run, from setup to the final model: what it trains, with what, and where it is."""
+
+    cfg: Config
+    accelerator: Accelerator
+    run_dir: Path
+    tokenizer: Any
+    objective: Step
+    data: PreparedData
+    policy: Any
+    reference: Any  # None: reference-free, or reference log-probs from the cache
+    with_reference: bool
+    optimizer: Any
+    scheduler: Any
+    total_steps: int
+    micro_per_epoch: int  # global micro-batches per epoch
+    params: list  # what clip_grad_norm_ clips
+    detectors: FailureDetectors
+    state: RunState
+    window: MetricSums  # sums of every applied micro-batch since the last log
+    log: MetricsLog  # metrics.jsonl (continued on resume)
+    last_logged: dict  # the last record with a training loss
+    gen_prompts: list  # train.eval_generate: the same eval prompts (and seed) at every evaluation
+    empty_data: EmptyDataGuard  # stops a run whose first steps have nothing to learn from
+    retention: Optional[RetentionSet] = None  # data.retention_path: retention/* at every evaluation
+    mix: Optional[SFTMix] = None  # data.sft_mix_path: SFT rows mixed into every step
+    stream: Optional[BatchStream] = None
+    progress: Any = None
+    signals: StopSignals = field(default_factory=StopSignals)
+    started: float = 0.0
+    step: int = 0  # the last optimizer step taken
+    bad_loss: bool = False  # the last step's loss was non-finite on some process
+    saved_at: Optional[Path] = None  # the last checkpoint written
+    beta_schedule: Optional[AdaptiveBeta] = None  # loss.beta_schedule=adaptive: beta-DPO's per-batch beta
+    owner: Optional[RunDir] = None  # run_dir holds this run's lock until train() returns or raises
+    throughput: Throughput = field(default_factory=Throughput)  # tokens/s, padding, MFU of the logging window
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log_and_diagnose(self, record: dict) -> None:
+        # Every rank sees the same reduced record, so all ranks agree on should_stop.
+        self.log.write(record)
+        log_metrics(self.accelerator, record, record["step"])
+        for diagnosis in self.detectors.update(record):
+            if self.is_main:
+                tqdm.write(str(diagnosis))
+                self.log.write({"step": diagnosis.step, "diagnosis": dataclasses.asdict(diagnosis)})
+            log_diagnosis(self.accelerator, diagnosis)
+
+    def generate_on_eval(self) -> dict:
+        if not self.gen_prompts:
+            return {}
+        # Every rank samples (cheap, and sharded models need all ranks in generate); same seed, same numbers.
+        with self.accelerator.autocast():
+            return generation_metrics(self.accelerator.unwrap_model(self.policy), self.tokenizer, self.gen_prompts, self.cfg.train.eval_generate,
+                                      self.cfg.train.seed, max_new_tokens=self.cfg.data.max_length - self.cfg.data.max_prompt_length)
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.data.eval) or self.retention is not None
+
+    def retention_metrics(self) -> dict:
+        return self.retention.metrics(self.policy, self.accelerator) if self.retention is not None else {}
+
+    def eval_record(self, step: int) -> dict:
+        metrics = evaluate(self.policy, self.reference, self.data.eval, self.cfg, self.accelerator, self.with_reference, self.objective)
+        return {"step": step, **metrics, **self.generate_on_eval(), **self.retention_metrics()}
+
+    def checkpoint(self) -> Path:
+        moved = self.accelerator.unwrap_model(self.reference) if self.state.ref_syncs > 0 else None  # TR-DPO
+        return save_checkpoint(self.accelerator, self.run_dir, self.state, self.policy, self.optimizer, self.scheduler, self.window,
+                               self.cfg.train.save_total_limit, reference=moved)
+
+    def result(self, metrics: dict, stop_reason: Optional[str]) -> TrainResult:
+        if self.is_main:  # report.html in every run directory, also for dpokit.train(...) and the demo (issue 15.17)
+            write_report(self.run_dir)
+        return TrainResult(run_dir=self.run_dir, metrics=metrics, model_dir=self.run_dir / "final", stop_reason=stop_reason)
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # this process's mean loss over the step
+    grad_norm: float  # before clipping; nan when the backend does not report it
+    learning_rate: float  # the one the update used
+    bad: bool  # a non-finite loss or gradient: the update was skipped
+    overflow: bool  # ... by the fp16 loss scaler, which is its business, not a fault
+    stop_requested: bool  # SIGTERM/SIGINT on some process
+    completion_tokens: Optional[int]  # trained on, over all processes; counted while the empty-data guard watches only

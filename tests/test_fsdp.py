@@ -1,0 +1,203 @@
+"""train.fsdp=true: FSDP2 over gloo, on CPU, trains like one process with the same global batch.
+
+Each run below is a real `dpokit.train` under `torch.distributed.run` (torchrun) with 2 processes, or
+two torchrun launchers with --nnodes 2 (two "machines" on 127.0.0.1). The policy's parameters are
+DTensor shards; the gradients are reduce-scattered (averaged), as DDP all-reduces them, so the loss
+curve, metrics and final weights match 1 process x batch 8 up to float summation order (1e-5).
+Checkpoints are torch.distributed.checkpoint shards (checkpoint-N/dcp/): a SIGKILL after step 2 and a
+relaunch give the uninterrupted run exactly, and a checkpoint of 2 processes resumes on 1 and one
+of 1 process on 2 (DCP reshards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpokit
+from dpokit.training.checkpoint import list_checkpoints
+from dpokit.training.metrics import read_metrics
+from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
+
+TESTS = Path(__file__).resolve().parent
+STEPS = 4
+_RUN = """
+import json, os, signal, sys
+sys.path.insert(0, {tests!r})
+cfg, kill_at = json.loads(sys.argv[1]), int(sys.argv[2])
+if kill_at:
+    import dpokit.training.loop
+    original, calls = dpokit.training.loop.accumulate_gradients, []
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == kill_at and os.environ.get("RANK", "0") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint: the launcher takes the others down
+        return original(*args, **kwargs)
+    dpokit.training.loop.accumulate_gradients = dying
+import dpokit
+dpokit.train(cfg)
+"""
+
+
+def _config(tmp_path: Path, name: str, batch_size: int, **extra) -> dict:
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, synthetic_pairs(33, seed=1))
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir())},
+        "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
+        "loss": {"beta": 0.5},
+        "optim": {"lr": 3e-3, "scheduler": "linear", "warmup_steps": 1},
+        "speed": {"ref_cache_dir": str(tmp_path / f"cache-{name}")},
+        "train": {"batch_size": batch_size, "max_steps": STEPS, "logging_steps": 1, "save_steps": 2, "progress_bar": False},
+        "out_dir": str(tmp_path / name),
+    }
+    for key, value in extra.items():
+        section, field = key.split(".")
+        cfg.setdefault(section, {})[field] = value
+    return cfg
+
+
+def _launch(tmp_path: Path, cfg: dict, procs: int = 2, kill_at: int = 0, nodes: int = 1) -> subprocess.CompletedProcess:
+    """torchrun with `procs` processes on one node, or `nodes` launchers of one process each on 127.0.0.1."""
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(_RUN.format(tests=str(TESTS)))
+    port = str(29600 + os.getpid() % 300 + 7 * len(list(tmp_path.iterdir())) % 100)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    args = [str(script), json.dumps(cfg), str(kill_at)]
+    if nodes == 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(rank),
+                                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in range(nodes)]
+    outs = [p.communicate(timeout=300) for p in launchers]
+    code = max(abs(p.returncode) for p in launchers)
+    return subprocess.CompletedProcess(launchers[0].args, code, "".join(o for o, _ in outs), "".join(e for _, e in outs))
+
+
+def _final_weights(run_dir: Path) -> dict:
+    folder = Path(run_dir) / "final"
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(folder / name))
+
+
+def _curve(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
+def _assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
+    curves = _curve(a), _curve(b)
+    assert [r["step"] for r in curves[0]] == [r["step"] for r in curves[1]] == list(range(1, STEPS + 1))
+    for x, y in zip(*curves):
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm", "learning_rate", "epoch"):
+            assert x[key] == pytest.approx(y[key], abs=tol, rel=0), (x["step"], key)
+    wa, wb = _final_weights(a), _final_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wb:
+        assert torch.allclose(wa[name], wb[name], atol=tol, rtol=0), name
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_fsdp_full_fine_tuning_matches_one_process_and_resumes_after_sigkill(tmp_path):
+    one = dpokit.train(_config(tmp_path, "one", batch_size=8)).run_dir  # plain, one process, batch 8
+    cfg = _config(tmp_path, "two", batch_size=4, **{"train.fsdp": True})
+    _ok(_launch(tmp_path, cfg))
+    two = tmp_path / "two"
+    _assert_same_run(two, one)
+    assert sorted(p.name for p in (two / "checkpoints" / "checkpoint-2" / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # The reference cache was built by the two sharded processes (each its batches, in step): the one-process table.
+    built = {p.name: load_file(str(p)) for p in (tmp_path / "cache-two").rglob("*.safetensors")}
+    alone = {p.name: load_file(str(p)) for p in (tmp_path / "cache-one").rglob("*.safetensors")}
+    assert built.keys() == alone.keys() and built
+    for name in alone:
+        assert torch.allclose(built[name]["logps"], alone[name]["logps"], atol=1e-5, rtol=0), name
+    # final/ is one ordinary HF folder, as one process saves it: same files, same config
+    assert sorted(p.name for p in (two / "final").iterdir()) == sorted(p.name for p in (Path(one) / "final").iterdir())
+    assert json.loads((two / "final" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+    killed_cfg = _config(tmp_path, "killed", batch_size=4, **{"train.fsdp": True})
+    killed = _launch(tmp_path, killed_cfg, kill_at=3)  # rank 0 SIGKILLed in step 3, after checkpoint-2
+    assert killed.returncode != 0
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["checkpoint-2"]
+    resumed = _launch(tmp_path, killed_cfg)
+    _ok(resumed)
+    assert "checkpoint-2" in resumed.stdout
+    _assert_same_run(tmp_path / "killed", two, tol=0.0)  # the same shards, the same order of sums: exact
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_reshard_two_to_one_and_one_to_two_processes(tmp_path):
+    fsdp = {"train.fsdp": True, "speed.ref_cache": False}  # a live reference, sharded like the policy
+    two = _config(tmp_path, "two", batch_size=4, **fsdp)
+    _ok(_launch(tmp_path, two))
+    # 2 -> 1: the step-2 checkpoint of two processes, resumed by one process (batch 8: the same global batch)
+    shutil.copytree(tmp_path / "two", tmp_path / "to-one", ignore=shutil.ignore_patterns("checkpoint-4", "final", ".dpokit.lock"))
+    resumed = _launch(tmp_path, _config(tmp_path, "to-one", batch_size=8, **fsdp), procs=1)
+    _ok(resumed)
+    assert "checkpoint-2" in resumed.stdout
+    _assert_same_run(tmp_path / "to-one", tmp_path / "two")
+    # 1 -> 2: one process killed after its step-2 checkpoint, then two processes go on from it
+    one = _config(tmp_path, "one", batch_size=8, **fsdp)
+    assert _launch(tmp_path, one, procs=1, kill_at=3).returncode != 0
+    one["train"]["batch_size"] = 4
+    _ok(_launch(tmp_path, one))
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_fsdp_lora_matches_one_process(tmp_path):
+    lora = {"lora.enabled": True, "lora.r": 4, "lora.dropout": 0.0}  # the reference is the base with adapters off
+    one = dpokit.train(_config(tmp_path, "one", batch_size=8, **lora)).run_dir
+    _ok(_launch(tmp_path, _config(tmp_path, "two", batch_size=4, **lora, **{"train.fsdp": True})))
+    _assert_same_run(tmp_path / "two", one)
+    assert (tmp_path / "two" / "final" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_machines_simulated_train_like_one_process(tmp_path, fsdp):
+    one = dpokit.train(_config(tmp_path, "one", batch_size=8)).run_dir
+    proc = _launch(tmp_path, _config(tmp_path, "two", batch_size=4, **{"train.fsdp": fsdp}), nodes=2)
+    _ok(proc)
+    _assert_same_run(tmp_path / "two", one)
+    assert proc.stdout.count("model saved to") == 1  # node 0's rank 0 alone writes the run directory
+
+
+@pytest.mark.slow
+def test_an_out_dir_that_another_machine_cannot_see_is_refused_in_one_line(tmp_path):
+    """Process 1 looks for the run-directory marker under another folder (as a machine without the shared mount would)."""
+    script = tmp_path / "unseen.py"
+    script.write_text(_RUN.format(tests=str(TESTS)).replace(
+        "import dpokit\n", "import dpokit, dpokit.training.setup as s\n"
+        "if os.environ['RANK'] == '1':\n    s.MARKER = 'not-here.json'\n", 1))
+    cfg = _config(tmp_path, "two", batch_size=4, **{"train.fsdp": True})
+    port = str(29900 + os.getpid() % 90)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(script),
+                           json.dumps(cfg), "0"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    assert "is not on a filesystem every process sees" in proc.stderr and "process 1" in proc.stderr
+    assert not (tmp_path / "two").exists()  # the main process's claim is taken back
+
+
+def test_fsdp_refuses_settings_it_cannot_serve_in_one_line(tmp_path):
+    from dpokit.config import ConfigError
+
+    for extra, words in [({"train.mixed_precision": "fp16"}, "fp16"), ({"train.eval_generate": 2}, "eval_generate"),
+                         ({"loss.ref_sync_steps": 2, "speed.ref_cache": False}, "ref_sync_steps")]:
+        with pytest.raises(ConfigError, match=words):
+            dpokit.train(_config(tmp_path, "refused", batch_size=4, **{"train.fsdp": True}, **extra))
+        assert not (tmp_path / "refused").exists()
