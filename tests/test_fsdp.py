@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +190,25 @@ def test_an_out_dir_that_another_machine_cannot_see_is_refused_in_one_line(tmp_p
     assert proc.returncode != 0
     assert "is not on a filesystem every process sees" in proc.stderr and "process 1" in proc.stderr
     assert not (tmp_path / "two").exists()  # the main process's claim is taken back
+
+
+@pytest.mark.slow
+def test_precompute_under_two_sharded_processes_writes_the_one_process_cache(tmp_path):
+    from dpokit.ref_cache.build import precompute_reference
+
+    alone = precompute_reference(_config(tmp_path, "one", batch_size=3))  # 33 pairs / 3: 11 batches, an odd split over 2
+    cfg = tmp_path / "precompute.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path, "two", batch_size=3, **{"train.fsdp": True})))  # JSON is YAML
+    port = str(29950 + os.getpid() % 40)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m",
+                           "dpokit.cli", "precompute", str(cfg)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _ok(proc)
+    assert proc.stdout.count("reference log-probs of 33 train") == 1  # the main process reports, once
+    built = {p.name: load_file(str(p)) for p in (tmp_path / "cache-two").rglob("*.safetensors")}
+    assert built.keys() == {p.name for p in alone.rglob("*.safetensors")} and built
+    for p in alone.rglob("*.safetensors"):
+        assert torch.allclose(built[p.name]["logps"], load_file(str(p))["logps"], atol=1e-5, rtol=0), p.name
 
 
 def test_fsdp_refuses_settings_it_cannot_serve_in_one_line(tmp_path):

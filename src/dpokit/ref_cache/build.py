@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -40,6 +41,7 @@ from dpokit.models import load_policy, load_tokenizer
 from dpokit.ref_cache.fingerprint import fingerprint, reference_model_config
 from dpokit.ref_cache.store import SPLITS, CacheCorrupt, attach, cache_root, read_split, write_split
 from dpokit.reference import reference_mode
+from dpokit.sharding import is_fsdp, shard
 from dpokit.steps import step_for
 from dpokit.steps.paired import make_collate
 from dpokit.steps.token_scores import reference_sequence_logps
@@ -82,7 +84,7 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfi
             mine = sum(len(order[s : s + batch_size]) for b, s in enumerate(range(0, len(order), batch_size)) if b % world == rank)
             with tqdm(total=mine, desc=progress, unit="pair", disable=progress is None or rank != 0, dynamic_ncols=True,
                       file=sys.stderr) as bar:
-                for b in _my_batches(len(order), batch_size, rank, world, lockstep=_sharded(model)):
+                for b in _my_batches(len(order), batch_size, rank, world, lockstep=is_fsdp(model)):
                     idx = order[max(b, 0) * batch_size : (max(b, 0) + 1) * batch_size]
                     batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_token_id).items()}
                     logps, shared = reference_sequence_logps(ref, batch, speed)
@@ -106,11 +108,6 @@ def _my_batches(n: int, batch_size: int, rank: int, world: int, lockstep: bool) 
     mine = list(range(rank, count, world))
     rounds = math.ceil(count / world) if lockstep else len(mine)
     return mine + [FILLER] * (rounds - len(mine))
-
-
-def _sharded(model) -> bool:
-    """FSDP2 (train.fsdp): every forward all-gathers the shards, so every process must run the same number of them."""
-    return hasattr(next(model.parameters()), "full_tensor")
 
 
 @dataclass
@@ -226,6 +223,8 @@ def _load_reference(cfg, device=None):
         model.to(device)
     elif torch.cuda.is_available():
         model.to("cuda")
+    if cfg.train.fsdp:  # every process keeps its shard; each forward gathers the layers in turn (dpokit/sharding.py)
+        model = shard(model, cfg, next(model.parameters()).device, trainable=False)
     return model
 
 
@@ -246,8 +245,20 @@ def precompute_reference(cfg, overrides=None) -> Path:
                           "log-probs to precompute (KTO's KL baseline depends on the batch; reference-free losses need none)")
     tokenizer = load_tokenizer(cfg)
     data = step_for(cfg).prepare(cfg, tokenizer)  # the step's own preparation: image rows (data.vision) have theirs
-    cache, _ = ensure_reference_cache(cfg, tokenizer, data)
+    accelerator = _launched()
+    cache, _ = ensure_reference_cache(cfg, tokenizer, data, device=accelerator.device if accelerator else None, accelerator=accelerator)
     n_train, n_eval = len(data.train), len(data.eval)
     verb = f"built in {cache.seconds:.1f}s" if cache.built else "already up to date"
-    print(f"[dpokit] reference log-probs of {n_train} train / {n_eval} eval pairs {verb}: {cache.folder}", flush=True)
+    if accelerator is None or accelerator.is_main_process:
+            print(f"[dpokit] reference log-probs of {n_train} train / {n_eval} eval pairs {verb}: {cache.folder}", flush=True)
     return cache.folder
+
+
+def _launched():
+    """Under torchrun / accelerate launch with several processes, their Accelerator: each process scores its share
+    of the pairs (with train.fsdp, a shard of the reference) and the main process writes the one cache; else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())

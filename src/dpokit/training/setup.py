@@ -30,7 +30,8 @@ from dpokit.ref_cache.build import ensure_reference_cache
 from dpokit.reference import make_reference, prepare_reference
 from dpokit.steps import Step
 from dpokit.steps.token_scores import fast_path_blocker
-from dpokit.training.fsdp import fsdp_problem, resharded, shard
+from dpokit.sharding import resharded, shard
+from dpokit.training.fsdp import fsdp_problem
 from dpokit.training.run_dir import MARKER, RunDir, claim
 
 
