@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from dpokit.config import Config, ModelConfig
+from dpokit.config import Config, ConfigError, ModelConfig
 from dpokit.cpu_threads import set_cpu_threads
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -342,11 +342,16 @@ def apply_lora(model, cfg: Config):
     targets = cfg.lora.target_modules
     if cfg.data.vision and targets == "all-linear":
         targets = language_model_linears(model)
+    targets, parameters = expert_parameter_targets(model, targets)
+    if parameters and cfg.lora.dropout:
+        raise ConfigError(f"lora.target_modules names the experts' weights ({', '.join(parameters)}), which peft adapts only "
+                          f"without dropout: set lora.dropout=0 (got {cfg.lora.dropout})")
     peft_config = PeftLoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=targets,
+        target_parameters=parameters,
         task_type="CAUSAL_LM",
     )
     if cfg.train.gradient_checkpointing:
@@ -356,6 +361,23 @@ def apply_lora(model, cfg: Config):
         # message about peft's code that the user can do nothing about, printed at every LoRA run.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, peft_config)
+
+
+def expert_parameter_targets(model, targets):
+    """(target_modules, target_parameters) for peft: names in lora.target_modules that are a mixture-of-experts layer's
+    3D expert weights (transformers 5 keeps the experts of Mixtral, Qwen-MoE, ... as `experts.gate_up_proj` and
+    `experts.down_proj` parameters, not as linear modules) go to peft's target_parameters; a name that is also a
+    linear module (Qwen2-MoE's shared expert's down_proj) stays a module target too. None: no expert weight named.
+    A string (all-linear, a regex) is peft's: linear modules only, the experts' 3D weights untouched."""
+    if isinstance(targets, str):
+        return targets, None
+    experts = {name for name, param in model.named_parameters() if param.dim() == 3}
+    parameters = [t for t in targets if any(name == t or name.endswith(f".{t}") for name in experts)]
+    if not parameters:
+        return targets, None
+    modules = {name for name, _ in model.named_modules()}
+    kept = [t for t in targets if t not in parameters or any(name == t or name.endswith(f".{t}") for name in modules)]
+    return kept, parameters
 
 
 def language_model_linears(model) -> list[str]:

@@ -3,7 +3,9 @@
 Reads the model's config.json only (no weights) and the run's settings, and counts bytes:
 
     weights      parameters x bytes of model.dtype; QLoRA: the decoder's linear layers at 4.127 bits
-                 (NF4 + double-quantised scales), embeddings and norms as loaded; + LoRA adapters in float32
+                 (NF4 + double-quantised scales), embeddings and norms as loaded; + LoRA adapters in float32.
+                 A mixture-of-experts model holds every expert (the note gives the parameters active per token:
+                 top-k of the experts); its 3D expert weights are not linear modules, so NF4 leaves them as loaded
     gradients    trainable parameters x their bytes
     optimizer    trainable parameters x 2 moments in their dtype (AdamW) or ~2.03 bytes (adamw_8bit)
     reference    a live copy (model.ref_dtype or model.dtype); 0 with LoRA (adapters off), with the
@@ -50,7 +52,7 @@ RUNTIME_BYTES = int(0.75 * GIB)  # CUDA context, cuBLAS workspace, allocator fra
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What config.json says about a decoder-only transformer."""
+    """What config.json says about a decoder-only transformer, mixture-of-experts layers included."""
 
     vocab: int
     hidden: int
@@ -60,21 +62,44 @@ class ModelShape:
     kv_heads: int
     tied: bool
     gated: bool = True  # SwiGLU (gate, up, down) rather than a two-matrix MLP
+    head_dim: int = 0  # 0: hidden // heads
+    experts: int = 0  # routed experts per MoE layer (0: a dense model)
+    experts_per_token: int = 0  # top-k
+    expert_intermediate: int = 0  # one expert's MLP width
+    shared_intermediate: int = 0  # Qwen2-MoE's shared expert (and its sigmoid gate); 0: none
+    moe_layers: int = 0  # layers whose MLP is the experts; the others are dense
+    extra_per_layer: int = 0  # attention biases, q/k norms
+
+    kv_dim = property(lambda self: (self.head_dim or self.hidden // self.heads) * self.kv_heads)
+    q_dim = property(lambda self: (self.head_dim or self.hidden // self.heads) * self.heads)
 
     @property
-    def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+    def matrices(self) -> list[tuple[str, int, int, int, bool]]:
+        """(name, in, out, copies in the model, is an nn.Linear) of every weight matrix of the decoder layers.
+
+        The experts of transformers 5's MoE models are 3D parameters (`experts.gate_up_proj`, `experts.down_proj`),
+        not linear modules: peft adapts them by name (models.expert_parameter_targets), NF4 leaves them as loaded.
+        """
+        h, q, kv, i, n = self.hidden, self.q_dim, self.kv_dim, self.intermediate, self.layers
+        dense = n - self.moe_layers
+        out = [("q_proj", h, q, n, True), ("k_proj", h, kv, n, True), ("v_proj", h, kv, n, True), ("o_proj", q, h, n, True)]
+        mlp = [("gate_proj", h, i, dense, True), ("up_proj", h, i, dense, True), ("down_proj", i, h, dense, True)] if self.gated \
+            else [("fc1", h, i, dense, True), ("fc2", i, h, dense, True)]
+        out += [m for m in mlp if m[3]]
+        if self.moe_layers:
+            e, s, m = self.expert_intermediate, self.shared_intermediate, self.moe_layers
+            out += [("gate_up_proj", h, 2 * e, m * self.experts, False), ("down_proj", e, h, m * self.experts, False)]
+            if s:
+                out += [("gate_proj", h, s, m, True), ("up_proj", h, s, m, True), ("down_proj", s, h, m, True),
+                        ("shared_expert_gate", h, 1, m, True)]
+        return out
 
     @property
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of every linear layer of one decoder layer (what LoRA's all-linear and NF4 touch)."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        mlp = [(h, i), (h, i), (i, h)] if self.gated else [(h, i), (i, h)]
-        return [(h, h), (h, kv), (h, kv), (h, h)] + mlp
+    def linear_params(self) -> int:
+        """Parameters of the decoder layers' linear modules (what NF4 quantises)."""
+        return sum(a * b * c for _, a, b, c, linear in self.matrices if linear)
 
-    @property
-    def layer_linear_params(self) -> int:
-        return sum(a * b for a, b in self.linear_shapes)
+    layer_linear_params = property(lambda self: self.linear_params // self.layers)  # per layer (an MoE model's: the mean)
 
     @property
     def embedding_params(self) -> int:
@@ -83,7 +108,25 @@ class ModelShape:
     @property
     def params(self) -> int:
         norms = self.layers * 2 * self.hidden + self.hidden
-        return self.embedding_params + self.layers * self.layer_linear_params + norms
+        router = self.moe_layers * self.experts * self.hidden
+        weights = sum(a * b * c for _, a, b, c, _ in self.matrices)
+        return self.embedding_params + weights + router + norms + self.layers * self.extra_per_layer
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: all but the experts the router does not pick for it."""
+        idle = self.experts - self.experts_per_token
+        return self.params - self.moe_layers * idle * 3 * self.hidden * self.expert_intermediate
+
+    @property
+    def mlp_activation_values(self) -> float:
+        """Values an MLP keeps per token for backward, mean over the layers: 4 x a SwiGLU's width (gate, up, SiLU(gate),
+        product); an MoE layer's top-k experts each that and their copy of the token, + router logits and probabilities."""
+        dense = (4 if self.gated else 2) * self.intermediate
+        if not self.moe_layers:
+            return dense
+        moe = self.experts_per_token * (4 * self.expert_intermediate + self.hidden) + 4 * self.shared_intermediate + 2 * self.experts
+        return (dense * (self.layers - self.moe_layers) + moe * self.moe_layers) / self.layers
 
 
 def _first(config: dict, *keys, default=None):
@@ -95,17 +138,38 @@ def _first(config: dict, *keys, default=None):
     return default
 
 
+def _moe_fields(config: dict, layers: int) -> dict:
+    """The ModelShape fields of a mixture-of-experts config (Mixtral, Qwen2/3-MoE, OLMoE names); {} for a dense one."""
+    experts = _first(config, "num_local_experts", "num_experts", "n_routed_experts", default=0)
+    if not experts:
+        return {}
+    step, dense_only = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
+    moe_layers = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
+    return {"experts": experts, "experts_per_token": _first(config, "num_experts_per_tok"), "moe_layers": moe_layers,
+            "expert_intermediate": _first(config, "moe_intermediate_size", "intermediate_size"),
+            "shared_intermediate": config.get("shared_expert_intermediate_size") or 0}
+
+
 def model_shape(config: dict) -> ModelShape:
-    """The shape from a config.json dict (Llama/Qwen/Mistral/Gemma names, and GPT-2/OPT aliases)."""
+    """The shape from a config.json dict (Llama/Qwen/Mistral/Gemma names, GPT-2/OPT aliases, MoE layers)."""
     config = config.get("text_config", config)  # multimodal wrappers keep the decoder's config inside
     hidden = _first(config, "hidden_size", "n_embd", "d_model")
     heads = _first(config, "num_attention_heads", "n_head")
-    gated = config.get("model_type") not in ("gpt2", "opt", "gpt_neox", "phi", "falcon", "bloom")
+    kv_heads = _first(config, "num_key_value_heads", default=heads)
+    layers = _first(config, "num_hidden_layers", "n_layer")
+    head_dim = config.get("head_dim") or hidden // heads
+    model_type = config.get("model_type", "")
+    gated = model_type not in ("gpt2", "opt", "gpt_neox", "phi", "falcon", "bloom")
+    extra = 0
+    if config.get("attention_bias") or config.get("qkv_bias"):  # q, k, v biases (+ o's with attention_bias)
+        extra += head_dim * (heads + 2 * kv_heads) + (hidden if config.get("attention_bias") else 0)
+    if model_type in ("qwen3", "qwen3_moe"):  # RMSNorm of each query and key head
+        extra += 2 * head_dim
     return ModelShape(
-        vocab=_first(config, "vocab_size"), hidden=hidden, layers=_first(config, "num_hidden_layers", "n_layer"),
+        vocab=_first(config, "vocab_size"), hidden=hidden, layers=layers,
         intermediate=_first(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden) or 4 * hidden,
-        heads=heads, kv_heads=_first(config, "num_key_value_heads", default=heads),
-        tied=bool(config.get("tie_word_embeddings", True)), gated=gated,
+        heads=heads, kv_heads=kv_heads, tied=bool(config.get("tie_word_embeddings", True)), gated=gated,
+        head_dim=head_dim, extra_per_layer=extra, **_moe_fields(config, layers),
     )
 
 
@@ -153,14 +217,20 @@ class Plan:
         return sum(p.bytes for p in self.parts if p.name == name)
 
 
-def _lora_params(cfg: Config, shape: ModelShape) -> int:
-    """Adapter parameters: r x (in + out) per targeted linear layer of every decoder layer."""
+def _lora_matrices(cfg: Config, shape: ModelShape) -> list[tuple[str, int, int, int, bool]]:
+    """The decoder's weight matrices lora.target_modules adapts: all-linear, the linear modules (not the experts' 3D
+    weights, which only named targets reach: `gate_up_proj`, `down_proj`); other names: every linear (an upper bound)."""
     targets = cfg.lora.target_modules
-    names = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["gate_proj", "up_proj", "down_proj"] if shape.gated else ["fc1", "fc2"])
-    chosen = [i for i, n in enumerate(names) if targets == "all-linear" or n in (targets if isinstance(targets, list) else [targets])]
-    if not chosen:  # other module names: count every linear (an upper bound)
-        chosen = range(len(names))
-    return shape.layers * sum(cfg.lora.r * sum(shape.linear_shapes[i]) for i in chosen)
+    linears = [m for m in shape.matrices if m[4]]
+    if targets == "all-linear":
+        return linears
+    named = [m for m in shape.matrices if m[0] in (targets if isinstance(targets, list) else [targets])]
+    return named or linears
+
+
+def _lora_params(cfg: Config, shape: ModelShape) -> int:
+    """Adapter parameters: r x (in + out) per targeted matrix (an expert's too) of every decoder layer."""
+    return sum(cfg.lora.r * (a + b) * copies for _, a, b, copies, _ in _lora_matrices(cfg, shape))
 
 
 def _activation_bytes_per_token(cfg: Config, shape: ModelShape) -> tuple[float, float]:
@@ -168,11 +238,12 @@ def _activation_bytes_per_token(cfg: Config, shape: ModelShape) -> tuple[float, 
 
     A Llama-style layer keeps, per token, about 10 x hidden (two RMSNorms in float32 keep their input and
     normalised output; q, k, v before and after the rotary embedding; the attention output) + 4 x kv
-    + 4 x intermediate (gate, up, SiLU(gate) and their product) values for backward.
+    + 4 x intermediate (gate, up, SiLU(gate) and their product) values for backward; an MoE layer the
+    same for each of its top-k experts (`ModelShape.mlp_activation_values`).
     """
     compute = 2 if cfg.train.mixed_precision in ("bf16", "fp16") else DTYPE_BYTES[cfg.model.dtype]
-    h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
-    layer = (10 * h + 4 * kv + (4 if shape.gated else 2) * i) * compute
+    h, kv = shape.hidden, shape.kv_dim
+    layer = (10 * h + 4 * kv + shape.mlp_activation_values) * compute
     if cfg.train.gradient_checkpointing:
         return shape.layers * h * compute, 2 * layer  # each layer's input; one layer and its gradients in backward
     return shape.layers * layer, 0.0
@@ -184,6 +255,26 @@ def _moving_reference(cfg: Config) -> bool:
     return cfg.loss.ref_sync_steps > 0 and needs_reference(cfg.loss)
 
 
+def _weights_note(cfg: Config, shape: ModelShape) -> str:
+    moe = f" ({shape.active_params / 1e6:.0f}M active per token: {shape.experts_per_token} of {shape.experts} experts)"
+    nf4 = ", linears in NF4" if cfg.model.quantization == "nf4" else ""
+    return f"{shape.params / 1e6:.0f}M parameters in {cfg.model.dtype}" + nf4 + (moe if shape.experts else "")
+
+
+def _reference_part(cfg: Config, shape: ModelShape, shard: int, moving: bool) -> Part:
+    """The reference's bytes per GPU. A moving reference is always a live copy, under LoRA a merged copy of the whole
+    model (the adapters-off base cannot move); model.ref_dtype is refused with LoRA, so the copy's dtype is ref_dtype
+    or dtype either way."""
+    live_reference = needs_reference(cfg.loss) and (moving or (not cfg.lora.enabled and not cfg.speed.ref_cache))
+    ref_dtype = cfg.model.ref_dtype or cfg.model.dtype
+    ref_bytes = shape.params * DTYPE_BYTES[ref_dtype] / shard if live_reference else 0.0
+    ref_note = ((f"moving reference (loss.ref_sync_steps): {'merged ' if cfg.lora.enabled else ''}live copy in {ref_dtype}"
+                 if moving else "live copy in " + ref_dtype) if live_reference else (
+        "none (reference-free loss)" if not needs_reference(cfg.loss) else
+        "adapters off: no copy" if cfg.lora.enabled else "reference cache on disk: no model"))
+    return Part("reference", ref_bytes, ref_note)
+
+
 def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optional[float] = None,
                 runtime: float = RUNTIME_BYTES, device: str = "cuda") -> Plan:
     """Peak bytes per GPU, part by part (see the module docstring for what each part counts).
@@ -193,11 +284,11 @@ def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optio
     """
     wbytes = DTYPE_BYTES[cfg.model.dtype]
     qlora = cfg.model.quantization == "nf4"
-    linear = shape.layers * shape.layer_linear_params
+    linear = shape.linear_params
     other = shape.params - linear
     weights = (linear * NF4_BYTES + other * wbytes) if qlora else shape.params * wbytes
     trainable = shape.params
-    notes = {"weights": f"{shape.params / 1e6:.0f}M parameters in {cfg.model.dtype}" + (", linears in NF4" if qlora else "")}
+    notes = {"weights": _weights_note(cfg, shape)}
     if cfg.lora.enabled:
         trainable = _lora_params(cfg, shape)
         weights += trainable * 4
@@ -210,16 +301,7 @@ def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optio
         Part("gradients", trainable * grad_bytes / shard, f"{trainable / 1e6:.1f}M trainable"),
         Part("optimizer", trainable * optimizer_state_bytes_per_param(cfg.optim.name, grad_bytes) / shard, cfg.optim.name),
     ]
-    # A moving reference is always a live copy, under LoRA a merged copy of the whole model (the adapters-off base
-    # cannot move); model.ref_dtype is refused with LoRA, so the copy's dtype is ref_dtype or dtype either way.
-    live_reference = needs_reference(cfg.loss) and (moving or (not cfg.lora.enabled and not cfg.speed.ref_cache))
-    ref_dtype = cfg.model.ref_dtype or cfg.model.dtype
-    ref_bytes = shape.params * DTYPE_BYTES[ref_dtype] / shard if live_reference else 0.0
-    ref_note = ((f"moving reference (loss.ref_sync_steps): {'merged ' if cfg.lora.enabled else ''}live copy in {ref_dtype}"
-                 if moving else "live copy in " + ref_dtype) if live_reference else (
-        "none (reference-free loss)" if not needs_reference(cfg.loss) else
-        "adapters off: no copy" if cfg.lora.enabled else "reference cache on disk: no model"))
-    parts.append(Part("reference", ref_bytes, ref_note))
+    parts.append(_reference_part(cfg, shape, shard, moving))
     tokens = cfg.train.batch_size * 2 * cfg.data.max_length  # (2B, T) worst case: both rows fill max_length
     kept, recompute = _activation_bytes_per_token(cfg, shape)
     ckpt = "on" if cfg.train.gradient_checkpointing else "off"
@@ -240,7 +322,7 @@ def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optio
     if cfg.optim.name != "adamw" or fused:
         pass  # the fused kernel (and AdamW8bit) update in place: no temporaries
     elif device == "cpu":
-        largest = shape.vocab * shape.hidden if not cfg.lora.enabled else max(cfg.lora.r * (a + b) for a, b in shape.linear_shapes)
+        largest = shape.vocab * shape.hidden if not cfg.lora.enabled else max(cfg.lora.r * (a + b) for _, a, b, _, _ in _lora_matrices(cfg, shape))
         parts.append(Part("step", 2 * largest * 4, "optimizer temporaries of the largest tensor (per-tensor AdamW on CPU)"))
     else:
         parts.append(Part("step", trainable * grad_bytes / shard, "foreach AdamW: a temporary of every trainable parameter"))

@@ -129,6 +129,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.resume.strip() == "":
         raise ConfigError("config key 'train.resume' must be auto, never, or the path of a checkpoint folder; got ''")
     _validate_moving_reference(cfg)
+    _validate_router_aux(cfg)
     _validate_retention_and_mixing(cfg)
 
 
@@ -158,6 +159,14 @@ def _validate_moving_reference(cfg: Config) -> None:
         raise ConfigError(f"config key 'loss.beta_adaptive_alpha' must be >= 0, got {loss.beta_adaptive_alpha}")
     if not 0.0 <= loss.beta_adaptive_momentum < 1.0:
         raise ConfigError(f"config key 'loss.beta_adaptive_momentum' must be in [0, 1), got {loss.beta_adaptive_momentum}")
+
+
+def _validate_router_aux(cfg: Config) -> None:
+    """loss.router_aux_coef: a mixture-of-experts model's load-balancing loss weight (a dense model refuses > 0 at its
+    first step, steps/router_aux.py, as only the loaded model says whether it has a router)."""
+    if cfg.loss.router_aux_coef is not None and not cfg.loss.router_aux_coef >= 0:
+        raise ConfigError(f"config key 'loss.router_aux_coef' must be >= 0 (null = the model config's router_aux_loss_coef), "
+                          f"got {cfg.loss.router_aux_coef}")
 
 
 def _validate_retention_and_mixing(cfg: Config) -> None:

@@ -47,6 +47,9 @@ class LossConfig:
     # SFT mixing (with data.sft_mix_path): weight of the token-mean completion NLL of the mixed SFT rows, added to
     # the step's mean preference loss. Not RPO's NLL on the chosen answers (loss.type=[sigmoid, sft] does that).
     sft_mix_weight: float = 1.0
+    # Mixture-of-experts models: weight of the router's load-balancing loss (logged as aux_loss, steps/router_aux.py).
+    # None = the model config's router_aux_loss_coef; 0 = logged but not trained on. A dense model refuses a value > 0.
+    router_aux_coef: Optional[float] = None
 
 
 @dataclass

@@ -26,6 +26,7 @@ from dpokit.losses import PairLogps, compute_loss, preference_correct, shared_pr
 from dpokit.losses.base import log_ratios
 from dpokit.reference import reference_mode
 from dpokit.steps.base import Step
+from dpokit.steps.router_aux import add_router_aux, packed_token_weights, recording, router_for
 from dpokit.steps.token_scores import TokenScores, fast_attention_for, layout_for, per_sequence, score_tokens, shared_mask
 
 
@@ -80,7 +81,9 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (2B, T)
     n_pairs = input_ids.shape[0] // 2
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **vision_inputs(batch)}  # + pixel_values of image rows
-    logits = policy(**inputs, use_cache=False).logits  # (2B, T, V)
+    router = router_for(policy, cfg.loss)  # None for a dense model
+    with recording(policy, router) as router_logits:
+        logits = policy(**inputs, use_cache=False).logits  # (2B, T, V)
     tok_logps, mask = token_logps(logits, labels)  # (2B, T-1)
     logps, lengths = tok_logps.sum(-1), mask.sum(-1)  # (2B,)
     ref_logps = ref_logits = ref_tok_logps = None
@@ -104,6 +107,7 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
         mean_logits = (logits[:, :-1].float() * completion).sum((1, 2)) / (completion.sum((1, 2)) * logits.shape[-1])
         entropy, top1 = token_entropy_top1(logits, labels)
     out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg, beta_for)
+    add_router_aux(router, router_logits, attention_mask, out, metrics)  # MoE: + coef * aux_loss per pair
     # per completion token, [chosen; rejected] row by row: averaged over tokens, as TRL does
     metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(mask[:n_pairs].sum())])
     if ref_logits is not None:
@@ -151,7 +155,9 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
     seq, lengths = batch["score_seq"], batch["seq_lengths"]
     n_seq = lengths.shape[0]
     n_pairs = n_seq // 2
-    scores = score_tokens(policy, batch, speed, want_stats=True, want_sq=cfg.loss.use_weighting, attention=attention)
+    router = router_for(policy, cfg.loss)  # None for a dense model
+    with recording(policy, router) as router_logits:
+        scores = score_tokens(policy, batch, speed, want_stats=True, want_sq=cfg.loss.use_weighting, attention=attention)
     logps = per_sequence(scores.logp, seq, n_seq)
     ref_logps = ref_shared = ref_scores = None
     if with_reference:
@@ -173,6 +179,7 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
         entropy, top1 = scores.stats[order, 1], scores.stats[order, 2]
     out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared if cfg.loss.ld_alpha is not None else None, wpo,
                                 mean_logits, cfg, beta_for)
+    add_router_aux(router, router_logits, packed_token_weights(batch), out, metrics)  # a shared prompt weighs 2, padding 0
     metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(lengths[:n_pairs].sum())])
     if ref_scores is not None and scores.logits_of is not None and ref_scores.logits_of is not None:
         chosen_idx = torch.nonzero(seq < n_pairs).squeeze(-1)

@@ -31,6 +31,7 @@ from dpokit.data.unpaired import TokenizedCompletion
 from dpokit.logprobs import token_logps
 from dpokit.losses import LossOutput
 from dpokit.steps.base import Step
+from dpokit.steps.router_aux import add_router_aux, packed_token_weights, recording, router_for
 from dpokit.steps.token_scores import fast_attention_for, layout_for, per_sequence, score_tokens
 
 
@@ -65,13 +66,17 @@ def example_tokens(example: TokenizedCompletion) -> int:
     return len(example.completion_ids) - (0 if example.prompt_ids else 1)
 
 
-def forward_sft(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
+def forward_sft(policy, reference, batch: dict, cfg: Config, with_reference: bool, router_aux: bool = True) -> tuple:
     """-> (LossOutput with each example's summed completion NLL, metrics: name -> tensor of values).
 
-    `reference` and `with_reference` are ignored: SFT has no reference model.
+    `reference` and `with_reference` are ignored: SFT has no reference model. router_aux: an MoE policy's
+    load-balancing loss joins each example's loss (steps/router_aux.py); False for SFT rows mixed into DPO, and
+    no cfg (training/retention.py measures the NLL alone) has none either.
     """
     labels = batch["labels"]
-    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    router = router_for(policy, cfg.loss) if router_aux and cfg is not None else None  # None for a dense model
+    with recording(policy, router) as router_logits:
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     tok_logps, mask = token_logps(logits, labels)  # (B, T-1), zero off the completion
     nll = -tok_logps
     out = LossOutput(nll.sum(-1), torch.zeros(0), torch.zeros(0))
@@ -81,17 +86,22 @@ def forward_sft(policy, reference, batch: dict, cfg: Config, with_reference: boo
             "loss": nll.detach()[mask],  # one value per completion token: the window average is the token mean
             "mean_token_accuracy": correct[mask].float(),
         }
+    add_router_aux(router, router_logits, batch["attention_mask"], out, metrics, shares=mask.sum(-1))  # per token
     return out, metrics
 
 
 def forward_sft_fast(policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
     """forward_sft on a make_sft_collate batch: padding-free rows, the LM head on completion tokens only, by chunks
     with `speed.chunked_logps` (preference_step.score_tokens). Same losses, metrics and gradients (tests/test_sft.py)."""
-    scores = score_tokens(policy, batch, cfg.speed, want_stats=True, attention=fast_attention_for(cfg))
+    router = router_for(policy, cfg.loss)  # None for a dense model
+    with recording(policy, router) as router_logits:
+        scores = score_tokens(policy, batch, cfg.speed, want_stats=True, attention=fast_attention_for(cfg))
     nll = -scores.logp
     out = LossOutput(per_sequence(nll, batch["score_seq"], batch["seq_lengths"].shape[0]), torch.zeros(0), torch.zeros(0))
     order = batch["score_order"]  # forward_sft's (example, token) order
-    return out, {"loss": nll.detach()[order], "mean_token_accuracy": scores.stats[order, 2]}
+    metrics = {"loss": nll.detach()[order], "mean_token_accuracy": scores.stats[order, 2]}
+    add_router_aux(router, router_logits, packed_token_weights(batch), out, metrics, shares=batch["seq_lengths"])
+    return out, metrics
 
 
 def input_tokens(example: TokenizedCompletion) -> int:

@@ -79,5 +79,5 @@ class SFTMix:
     @staticmethod
     def loss(policy, batch: dict, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed completion NLL of the batch, with gradient; per-token NLL values for sft_mix/nll)."""
-        out, metrics = forward_sft(policy, None, batch, cfg, False)
+        out, metrics = forward_sft(policy, None, batch, cfg, False, router_aux=False)  # the pairs' batch carries aux_loss
         return out.losses.sum(), metrics["loss"]

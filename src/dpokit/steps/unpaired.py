@@ -30,6 +30,7 @@ from dpokit.logprobs import token_logps
 from dpokit.losses import LossOutput, kto_loss, validate_loss_config
 from dpokit.reference import reference_mode
 from dpokit.steps.base import Step
+from dpokit.steps.router_aux import add_router_aux, recording, router_for
 
 
 def prepare(cfg: Config, tokenizer):
@@ -89,7 +90,9 @@ def forward_unpaired(policy, reference, batch: dict, cfg: Config, with_reference
         raise ValueError("loss.type=kto needs reference log-probs: its rewards are log pi - log ref")
     _, weights = validate_loss_config(cfg.loss)
     labels = batch["label"].bool()
-    logps, logits = _sequence_logps(policy, batch)  # (B,), (B, T, V)
+    router = router_for(policy, cfg.loss)  # None for a dense model; the KL rows and the reference are not routed for it
+    with recording(policy, router) as router_logits:
+        logps, logits = _sequence_logps(policy, batch)  # (B,), (B, T, V)
     has_kl = "kl_input_ids" in batch
     kl_logps = kl_ref_logps = None
     if has_kl:
@@ -120,6 +123,7 @@ def forward_unpaired(policy, reference, batch: dict, cfg: Config, with_reference
             "logits/chosen": mean_logits[labels],
             "logits/rejected": mean_logits[~labels],
         }
+    add_router_aux(router, router_logits, batch["attention_mask"], out, metrics)  # MoE: + coef * aux_loss per example
     return out, metrics
 
 
