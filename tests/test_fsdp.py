@@ -66,6 +66,11 @@ def _config(tmp_path: Path, name: str, batch_size: int, **extra) -> dict:
     return cfg
 
 
+def _elsewhere(cfg: dict, folder: Path) -> dict:
+    """The same run (same data file) with its out_dir in `folder`."""
+    return {**cfg, "out_dir": str(folder / Path(cfg["out_dir"]).name)}
+
+
 def _launch(tmp_path: Path, cfg: dict, procs: int = 2, kill_at: int = 0, nodes: int = 1) -> subprocess.CompletedProcess:
     """torchrun with `procs` processes on one node, or `nodes` launchers of one process each on 127.0.0.1."""
     script = tmp_path / "fsdp_run.py"
@@ -110,51 +115,58 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One folder with `one` (a plain process, batch 8) and `two` (train.fsdp, 2 processes x batch 4), shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    dpokit.train(_config(tmp_path, "one", batch_size=8))
+    _ok(_launch(tmp_path, _config(tmp_path, "two", batch_size=4, **{"train.fsdp": True})))
+    return tmp_path
+
+
 @pytest.mark.slow
-def test_fsdp_full_fine_tuning_matches_one_process_and_resumes_after_sigkill(tmp_path):
-    one = dpokit.train(_config(tmp_path, "one", batch_size=8)).run_dir  # plain, one process, batch 8
-    cfg = _config(tmp_path, "two", batch_size=4, **{"train.fsdp": True})
-    _ok(_launch(tmp_path, cfg))
-    two = tmp_path / "two"
+def test_fsdp_full_fine_tuning_matches_one_process_with_the_same_global_batch(runs):
+    one, two = runs / "one", runs / "two"
     _assert_same_run(two, one)
     assert sorted(p.name for p in (two / "checkpoints" / "checkpoint-2" / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     # The reference cache was built by the two sharded processes (each its batches, in step): the one-process table.
-    built = {p.name: load_file(str(p)) for p in (tmp_path / "cache-two").rglob("*.safetensors")}
-    alone = {p.name: load_file(str(p)) for p in (tmp_path / "cache-one").rglob("*.safetensors")}
+    built = {p.name: load_file(str(p)) for p in (runs / "cache-two").rglob("*.safetensors")}
+    alone = {p.name: load_file(str(p)) for p in (runs / "cache-one").rglob("*.safetensors")}
     assert built.keys() == alone.keys() and built
     for name in alone:
         assert torch.allclose(built[name]["logps"], alone[name]["logps"], atol=1e-5, rtol=0), name
-    # final/ is one ordinary HF folder, as one process saves it: same files, same config
-    assert sorted(p.name for p in (two / "final").iterdir()) == sorted(p.name for p in (Path(one) / "final").iterdir())
-    assert json.loads((two / "final" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-
-    killed_cfg = _config(tmp_path, "killed", batch_size=4, **{"train.fsdp": True})
-    killed = _launch(tmp_path, killed_cfg, kill_at=3)  # rank 0 SIGKILLed in step 3, after checkpoint-2
-    assert killed.returncode != 0
-    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["checkpoint-2"]
-    resumed = _launch(tmp_path, killed_cfg)
-    _ok(resumed)
-    assert "checkpoint-2" in resumed.stdout
-    _assert_same_run(tmp_path / "killed", two, tol=0.0)  # the same shards, the same order of sums: exact
+    # final/ is one ordinary HF folder, as one process saves it: the same files, the same config
+    assert sorted(p.name for p in (two / "final").iterdir()) == sorted(p.name for p in (one / "final").iterdir())
+    assert json.loads((two / "final" / "config.json").read_text()) == json.loads((one / "final" / "config.json").read_text())
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoints_reshard_two_to_one_and_one_to_two_processes(tmp_path):
-    fsdp = {"train.fsdp": True, "speed.ref_cache": False}  # a live reference, sharded like the policy
-    two = _config(tmp_path, "two", batch_size=4, **fsdp)
-    _ok(_launch(tmp_path, two))
-    # 2 -> 1: the step-2 checkpoint of two processes, resumed by one process (batch 8: the same global batch)
-    shutil.copytree(tmp_path / "two", tmp_path / "to-one", ignore=shutil.ignore_patterns("checkpoint-4", "final", ".dpokit.lock"))
-    resumed = _launch(tmp_path, _config(tmp_path, "to-one", batch_size=8, **fsdp), procs=1)
+def test_fsdp_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run_exactly(runs, tmp_path):
+    cfg = _config(tmp_path, "killed", batch_size=4, **{"train.fsdp": True})
+    killed = _launch(tmp_path, cfg, kill_at=3)  # rank 0 SIGKILLed in step 3, after checkpoint-2
+    assert killed.returncode != 0
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["checkpoint-2"]
+    resumed = _launch(tmp_path, cfg)
     _ok(resumed)
     assert "checkpoint-2" in resumed.stdout
-    _assert_same_run(tmp_path / "to-one", tmp_path / "two")
-    # 1 -> 2: one process killed after its step-2 checkpoint, then two processes go on from it
-    one = _config(tmp_path, "one", batch_size=8, **fsdp)
-    assert _launch(tmp_path, one, procs=1, kill_at=3).returncode != 0
-    one["train"]["batch_size"] = 4
-    _ok(_launch(tmp_path, one))
-    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    _assert_same_run(tmp_path / "killed", runs / "two", tol=0.0)  # the same shards, the same order of sums: exact
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_reshard_two_to_one_and_one_to_two_processes(runs, tmp_path):
+    fsdp = {"train.fsdp": True, "speed.ref_cache_dir": str(runs / "cache-two")}
+    # 2 -> 1: the step-2 checkpoint of two processes, resumed by one process (batch 8: the same global batch)
+    shutil.copytree(runs / "two", tmp_path / "to-one", ignore=shutil.ignore_patterns("checkpoint-4", "final", ".dpokit.lock"))
+    resumed = _launch(tmp_path, _elsewhere(_config(runs, "to-one", batch_size=8, **fsdp, **{"train.save_steps": 1}), tmp_path), procs=1)
+    _ok(resumed)
+    assert "checkpoint-2" in resumed.stdout
+    _assert_same_run(tmp_path / "to-one", runs / "two")
+    # 1 -> 2: the step-3 checkpoint that one process wrote, resumed by two processes
+    shutil.copytree(tmp_path / "to-one", tmp_path / "to-two", ignore=shutil.ignore_patterns("checkpoint-4", "final", ".dpokit.lock"))
+    resumed = _launch(tmp_path, _elsewhere(_config(runs, "to-two", batch_size=4, **fsdp, **{"train.save_steps": 1}), tmp_path))
+    _ok(resumed)
+    assert "checkpoint-3" in resumed.stdout
+    _assert_same_run(tmp_path / "to-two", runs / "two")
 
 
 @pytest.mark.slow
@@ -170,7 +182,8 @@ def test_fsdp_lora_matches_one_process(tmp_path):
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_two_machines_simulated_train_like_one_process(tmp_path, fsdp):
     one = dpokit.train(_config(tmp_path, "one", batch_size=8)).run_dir
-    proc = _launch(tmp_path, _config(tmp_path, "two", batch_size=4, **{"train.fsdp": fsdp}), nodes=2)
+    live = {"speed.ref_cache": False}  # a live reference: replicated under DDP, sharded like the policy under FSDP
+    proc = _launch(tmp_path, _config(tmp_path, "two", batch_size=4, **live, **{"train.fsdp": fsdp}), nodes=2)
     _ok(proc)
     _assert_same_run(tmp_path / "two", one)
     assert proc.stdout.count("model saved to") == 1  # node 0's rank 0 alone writes the run directory
