@@ -7,6 +7,7 @@ clear message and exit with status 2; they never print a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -91,8 +92,9 @@ what is missing is listed in its notes. docs/report.md explains every chart.
 def _finished(result, keys: list[str]) -> int:
     """Print a run's final metrics; exit status 1 when it stopped on non-finite values (no final model), else 0."""
     shown = "  ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if isinstance(result.metrics.get(k), float))
-    print(f"[dpokit] final: {shown}")
-    print(f"[dpokit] run directory: {result.run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch every process returns here; one reports
+        print(f"[dpokit] final: {shown}")
+        print(f"[dpokit] run directory: {result.run_dir}")
     if result.stop_reason == "non_finite":
         print("dpokit: error: the run stopped on non-finite losses or gradients; no final model was saved (see above)", file=sys.stderr)
         return 1
