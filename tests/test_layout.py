@@ -10,7 +10,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dpokit"
 # Bottom to top, as docs/architecture.md draws them; a module may import only from its own layer or below.
 LAYERS = [
     {"version", "inputs", "openmp"}, {"losses"}, {"config"}, {"data"},
-    {"models", "sharding", "cpu_threads", "logprobs", "packed_attention", "generation", "optimizers", "tiny", "tiny_vision"},
+    {"models", "sharding", "cpu_threads", "logprobs", "packed_attention", "generation", "optimizers", "tiny", "tiny_vision",
+     "tiled_mlp"},
     {"reference", "detectors", "demo"}, {"steps"}, {"ref_cache"}, {"report"}, {"training"},
     {"online", "doctor", "plan"}, {"cli", "robustness"}, {"__init__", "__main__"},
 ]

@@ -27,6 +27,7 @@ import torch
 
 from dpokit.config import Config, ConfigError, ModelConfig
 from dpokit.cpu_threads import set_cpu_threads
+from dpokit.tiled_mlp import tile_mlps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -295,6 +296,7 @@ def load_policy(cfg: Config):
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    tile_mlps(model, cfg.speed.tiled_mlp)  # speed.tiled_mlp: MLPs over sequence chunks (0: off)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
     return model

@@ -128,6 +128,7 @@ class SpeedConfig:
     ref_cache: bool = True  # reference log-probs computed once, stored on disk, reused; no reference in memory
     ref_cache_dir: str = ""  # "" = $DPOKIT_CACHE/ref_logps, else ~/.cache/dpokit/ref_logps
     attention: str = "auto"  # fast-path attention when model.attn_implementation is unset: auto | sdpa | flex | flash
+    tiled_mlp: int = 0  # tokens per MLP tile: the decoder MLPs run over sequence chunks, recomputed in backward; 0 = off
 
     @property
     def any_fast_path(self) -> bool:
