@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -289,6 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=24, help="prompt words of each pair")
     parser.add_argument("--completion", type=int, default=16, help="words of each completion")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dpokit-bench"))
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (per-rank JSON, run folders with final/)")
     args = parser.parse_args(argv)
 
     from dpo_vs_trl import build_assets
@@ -311,6 +313,8 @@ def main(argv=None) -> int:
             plans[procs] = gpu, cpu
             print(f"$ dpokit plan {name}.json --gpus {procs}\n{text}", flush=True)
         ranks = launch(name, procs, cfg, work, 29500 + os.getpid() % 400 + i)
+        if not args.keep:  # the run's final/ is a whole model (~0.75 GiB at 4 layers)
+            shutil.rmtree(work / f"run-{name}", ignore_errors=True)
         for r in ranks:
             print(f"{name} rank {r['rank']} trace (MiB: point, RSS, phase peak):", flush=True)
             for x in r["trace"]:
@@ -322,6 +326,10 @@ def main(argv=None) -> int:
     print(table(rows))
     print()
     print(plan_table(rows, plans))
+    if args.keep:
+        print(f"\nper-rank JSON and run folders: {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     one = [r for r in rows if r["run"] == "fsdp-1"]
     two = [r for r in rows if r["run"] == "fsdp-2"]
     if one and two:
