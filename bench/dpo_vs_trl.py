@@ -329,7 +329,8 @@ def child_dpokit(args) -> None:
     from accelerate import Accelerator
 
     import dpokit.training.loop as trainer  # the modules a training run imports
-    from dpokit.steps import step_for
+    from dpokit.steps import StepContext, step_for
+    from dpokit.training.step_runner import StepJob
     from dpokit.training.setup import fit_speed, reference_for
     from dpokit.losses import needs_reference
     from dpokit.training.metrics import MetricSums
@@ -376,7 +377,7 @@ def child_dpokit(args) -> None:
         batch_pairs = pairs[step * args.batch_size : (step + 1) * args.batch_size]
         micro = [task.collate(batch_pairs, tokenizer.pad_token_id)]
         sums = MetricSums()
-        trainer.accumulate_gradients(policy, reference, micro, cfg, accelerator, with_reference, sums, task)
+        trainer.accumulate_gradients(StepJob(policy, reference, task, StepContext(cfg, with_reference, group=accelerator)), micro, sums)
         accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
         trace.mark(f"step {step + 1}: backward + clip")
         optimizer.step()

@@ -20,6 +20,7 @@ import dpokit
 import dpokit.training.loop
 from dpokit.config import ConfigError, load_config
 from dpokit.losses import BETA_FLOOR, LossConfig, PairLogps, adaptive_beta, compute_loss, moved_threshold
+from dpokit.steps import StepContext
 from dpokit.training.adaptive_beta import AdaptiveBeta
 from dpokit.training.checkpoint import RunState, list_checkpoints
 from dpokit.training.metrics import read_metrics
@@ -42,19 +43,24 @@ def test_the_update_on_a_hand_worked_batch():
     assert adaptive_beta(0.5, 0.6, -5.0, 0.0) == BETA_FLOOR  # 0.5 * (1 - 3) < 0: floored, never a negative beta
 
 
-def test_the_trainer_moves_m0_and_the_loss_gets_the_batch_beta():
+def test_the_step_moves_m0_and_the_loss_gets_the_batch_beta():
     state = RunState(beta_threshold=0.1)
-    schedule = AdaptiveBeta(LOSS, SimpleNamespace(num_processes=1), state)
+    run_side = AdaptiveBeta(LOSS, SimpleNamespace(num_processes=1), state)
+    threshold = run_side.for_step()  # the optimizer step's M_0, in its micro-batches' StepContext
+    ctx = StepContext(SimpleNamespace(loss=LOSS), beta=threshold, group=SimpleNamespace(num_processes=1))
     margins = LOSS.beta * ((PAIR.policy_chosen - PAIR.ref_chosen) - (PAIR.policy_rejected - PAIR.ref_rejected))
     torch.testing.assert_close(margins, torch.tensor([0.5, -0.1]))
-    beta = schedule.for_micro_batch(dummy=False)(margins)
-    assert state.beta_threshold == pytest.approx(0.11, abs=1e-7)
+    beta = threshold.batch_beta(margins, ctx)
+    assert threshold.threshold == pytest.approx(0.11, abs=1e-7)
+    assert state.beta_threshold == 0.1  # RunState moves only when the step is over
     assert beta == pytest.approx(0.527, abs=1e-7)
     out = compute_loss(PAIR, dataclasses.replace(LOSS, beta=beta))
     torch.testing.assert_close(out.losses, torch.tensor([0.46397, 0.74724]), atol=1e-5, rtol=0)
-    assert schedule.for_micro_batch(dummy=True)(margins) == LOSS.beta  # no pair anywhere: beta_0, M_0 unmoved
-    assert state.beta_threshold == pytest.approx(0.11, abs=1e-7)
-    assert schedule.for_micro_batch(dummy=False)(torch.tensor([math.nan, 1.0])) == LOSS.beta  # a non-finite batch (skipped)
+    assert threshold.batch_beta(margins, dataclasses.replace(ctx, dummy=True)) == LOSS.beta  # no pair anywhere: beta_0, M_0 unmoved
+    assert threshold.threshold == pytest.approx(0.11, abs=1e-7)
+    assert threshold.batch_beta(torch.tensor([math.nan, 1.0]), ctx) == LOSS.beta  # a non-finite batch (skipped)
+    assert threshold.threshold == pytest.approx(0.11, abs=1e-7)
+    run_side.keep(threshold)
     assert state.beta_threshold == pytest.approx(0.11, abs=1e-7)
 
 

@@ -35,6 +35,7 @@ from dpokit.data.collate import collate_pairs
 from dpokit.logprobs import chunked_token_logps, selective_log_softmax
 from dpokit.models import load_policy
 from dpokit.reference import make_reference
+from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs, forward_pairs_fast, make_collate
 from dpokit.training.metrics import read_metrics
 from test_fast_paths import SETTINGS, _cfg, _moved, _pairs
@@ -47,7 +48,7 @@ MODES = {"bf16_weights": {"model.dtype": "bfloat16"}, "bf16_autocast": {"train.m
 def _run(forward, policy, reference, batch, cfg, autocast: bool):
     policy.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
-        out, metrics = forward(policy, reference, batch, cfg, True)
+        out, metrics = forward(policy, reference, batch, StepContext(cfg))
     out.losses.sum().backward()
     return out, metrics, {n: p.grad.float() for n, p in policy.named_parameters() if p.grad is not None}
 

@@ -25,9 +25,11 @@ from dpokit.models import load_policy
 from dpokit.reference import make_reference
 from dpokit.packed_attention import allowed
 from dpokit.config import SpeedConfig
+from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs, forward_pairs_fast, make_collate
 from dpokit.steps import FastPairedStep, PairedStep, Step
 from dpokit.training.loop import accumulate_gradients
+from dpokit.training.step_runner import StepJob
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer
 
 ATOL = 1e-5
@@ -73,7 +75,7 @@ def _moved(policy, seed=1, scale=0.02):
 
 def _run(forward, policy, reference, batch, cfg):
     policy.zero_grad(set_to_none=True)
-    out, metrics = forward(policy, reference, batch, cfg, True)
+    out, metrics = forward(policy, reference, batch, StepContext(cfg))
     out.losses.sum().backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
     return out, metrics, grads
@@ -243,7 +245,7 @@ def test_accumulated_step_through_the_trainer_matches(models):
         policy.zero_grad(set_to_none=True)
         sums = MetricSums()
         micro = [task.collate(pairs[:3], 0), task.collate(pairs[3:], 0)]
-        accumulate_gradients(policy, reference, micro, cfg, Accelerator(cpu=True), True, sums, task)
+        accumulate_gradients(StepJob(policy, reference, task, StepContext(cfg, group=Accelerator(cpu=True))), micro, sums)
         results.append(({n: p.grad.clone() for n, p in policy.named_parameters()}, sums.reduce()))
     (g0, m0), (g1, m1) = results
     for name in m0:
@@ -255,7 +257,7 @@ def test_accumulated_step_through_the_trainer_matches(models):
 def test_generation_after_the_switch_to_dpokit_sdpa_is_unchanged(models):
     """The fast path switches sdpa to dpokit_sdpa, which is plain sdpa for calls without units."""
     policy, reference = models
-    forward_pairs_fast(policy, reference, make_collate(SpeedConfig())(_pairs(4), 0), _cfg(SpeedConfig()), True)
+    forward_pairs_fast(policy, reference, make_collate(SpeedConfig())(_pairs(4), 0), StepContext(_cfg(SpeedConfig())))
     batch = collate_pairs(_pairs(4), 0)
     with torch.no_grad():
         before_cfg = policy.config._attn_implementation

@@ -22,6 +22,7 @@ from dpokit.data.tokenization import TokenizedPair
 from dpokit.models import load_policy
 from dpokit.packed_attention import flex_block_mask, allowed
 from dpokit.reference import make_reference
+from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs, forward_pairs_fast, make_collate
 from test_fast_paths import ATOL, _cfg, _compare, _moved, _pairs, _run
 
@@ -51,9 +52,9 @@ def test_flex_forward_matches_the_plain_step(models, name):
     speed = LAYOUTS[name]
     torch.compiler.reset()
     with torch.no_grad():
-        out0, m0 = forward_pairs(policy, reference, collate_pairs(_pairs(), 0), _cfg(), True)
+        out0, m0 = forward_pairs(policy, reference, collate_pairs(_pairs(), 0), StepContext(_cfg()))
         batch = make_collate(speed, "flex_attention")(_pairs(), 0)
-        out1, m1 = forward_pairs_fast(_flex_policy(policy), reference, batch, _cfg(speed), True)
+        out1, m1 = forward_pairs_fast(_flex_policy(policy), reference, batch, StepContext(_cfg(speed)))
     assert batch["input_ids"].shape[0] > 1  # several packed rows: the BlockMask has a batch dimension
     torch.testing.assert_close(out1.losses, out0.losses, rtol=0, atol=ATOL)
     assert m0.keys() == m1.keys()
@@ -70,8 +71,8 @@ def test_speed_attention_flex_switches_a_default_model_to_flex(models):
     fresh.load_state_dict(policy.state_dict())
     torch.compiler.reset()
     with torch.no_grad():
-        out0, _ = forward_pairs(policy, reference, collate_pairs(_pairs(), 0), _cfg(), True)
-        out1, _ = forward_pairs_fast(fresh, reference, make_collate(speed, "flex_attention")(_pairs(), 0), _cfg(speed), True)
+        out0, _ = forward_pairs(policy, reference, collate_pairs(_pairs(), 0), StepContext(_cfg()))
+        out1, _ = forward_pairs_fast(fresh, reference, make_collate(speed, "flex_attention")(_pairs(), 0), StepContext(_cfg(speed)))
     assert fresh.config._attn_implementation == "flex_attention"
     torch.testing.assert_close(out1.losses, out0.losses, rtol=0, atol=ATOL)
 

@@ -53,6 +53,7 @@ def test_fast_step_equals_plain_step_in_bf16(attention):
     from dpokit.data.tokenization import TokenizedPair
     from dpokit.models import load_policy
     from dpokit.reference import make_reference
+    from dpokit.steps.base import StepContext
     from dpokit.steps import FastPairedStep, PairedStep
 
     cfg = load_config(None, {"model.name_or_path": str(tiny_model_dir()), "model.dtype": "bfloat16",
@@ -65,7 +66,7 @@ def test_fast_step_equals_plain_step_in_bf16(attention):
     results = []
     for step in (PairedStep(), FastPairedStep(cfg.speed, attention)):
         batch = {k: v.cuda() for k, v in step.collate(pairs, 0).items()}
-        out, metrics = step.forward(policy, reference, batch, cfg, True)
+        out, metrics = step.forward(policy, reference, batch, StepContext(cfg))
         results.append((out.losses.float(), metrics["logps/chosen"].float()))
     (plain_loss, plain_logps), (fast_loss, fast_logps) = results
     torch.testing.assert_close(fast_loss, plain_loss, rtol=0, atol=2e-2)

@@ -19,6 +19,7 @@ from dpokit.data.prepare import prepare_data
 from dpokit.models import ModelLoadError, load_policy, load_tokenizer, quantization_config
 from dpokit.optimizers import build_optimizer
 from dpokit.reference import make_reference
+from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs
 from dpokit.training.metrics import read_metrics
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
@@ -110,11 +111,11 @@ def test_a_bf16_reference_beside_a_float32_policy_gives_a_bf16_copys_log_probs(t
     tokenizer = load_tokenizer(cfg)
     batch = collate_pairs(prepare_data(cfg, tokenizer).train[:4], tokenizer.pad_token_id)
     by_hand = copy.deepcopy(policy).to(torch.bfloat16).eval()
-    out, metrics = forward_pairs(policy, reference, batch, cfg, True)
-    out_hand, metrics_hand = forward_pairs(policy, by_hand, batch, cfg, True)
+    out, metrics = forward_pairs(policy, reference, batch, StepContext(cfg))
+    out_hand, metrics_hand = forward_pairs(policy, by_hand, batch, StepContext(cfg))
     torch.testing.assert_close(out.losses, out_hand.losses, rtol=0, atol=0)
     torch.testing.assert_close(metrics["rewards/chosen"], metrics_hand["rewards/chosen"], rtol=0, atol=0)
-    full, _ = forward_pairs(policy, make_reference(policy, load_config(cfg, {"model.ref_dtype": None}), True), batch, cfg, True)
+    full, _ = forward_pairs(policy, make_reference(policy, load_config(cfg, {"model.ref_dtype": None}), True), batch, StepContext(cfg))
     assert not torch.equal(full.losses, out.losses)  # the rounding is real: the option changes the reference
 
 

@@ -22,9 +22,11 @@ from dpokit.data.tokenization import tokenize_pairs
 from dpokit.data.unpaired import TokenizedCompletion
 from dpokit.models import apply_lora
 from dpokit.plan import model_shape, plan_memory
+from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs, forward_pairs_fast, make_collate
-from dpokit.steps.sft import collate_sft, forward_sft, forward_sft_fast, make_sft_collate
-from dpokit.steps.unpaired import collate_unpaired, forward_unpaired
+from dpokit.steps import FastSFTStep, SFTStep, UnpairedStep
+from dpokit.steps.sft import collate_sft, make_sft_collate
+from dpokit.steps.unpaired import collate_unpaired
 from dpokit.tiny import save_tiny
 from dpokit.training.metrics import read_metrics
 from tiny_assets import session_folder, synthetic_pairs, tiny_model_dir, vocab_ids, word_tokenizer, write_jsonl
@@ -79,7 +81,7 @@ def _router_grads(model) -> torch.Tensor:
 
 def _run(forward, model, batch, cfg, reference=None):
     model.zero_grad(set_to_none=True)
-    out, metrics = forward(model, reference, batch, cfg, reference is not None)
+    out, metrics = forward(model, reference, batch, StepContext(cfg, reference is not None))
     out.losses.sum().backward()
     return out.losses.detach(), metrics, _router_grads(model)
 
@@ -94,7 +96,7 @@ def test_aux_loss_is_transformers_load_balancing_loss_over_the_real_tokens(kind)
     model = tiny_moe(kind)
     batch = collate_pairs(_pairs(), word_tokenizer().pad_token_id)
     assert not bool(batch["attention_mask"].all())  # the batch has padding
-    _, metrics = forward_pairs(model, None, batch, _cfg(**{"loss.type": "simpo"}), False)
+    _, metrics = forward_pairs(model, None, batch, StepContext(_cfg(**{"loss.type": "simpo"}), False))
     expected = _transformers_aux(model, batch)
     torch.testing.assert_close(metrics["aux_loss"], expected.detach().expand(len(metrics["loss"])), rtol=1e-5, atol=1e-6)
     with_padding = model(input_ids=batch["input_ids"], output_router_logits=True).aux_loss.detach()
@@ -152,19 +154,19 @@ def test_sft_and_kto_steps_add_the_aux_loss():
     examples = [TokenizedCompletion(vocab_ids("it is"), vocab_ids("fine"), True, 9),
                 TokenizedCompletion(vocab_ids("the film was"), vocab_ids("very good <|im_end|>"), False, 9),
                 TokenizedCompletion(vocab_ids("how are you"), vocab_ids("bad and awful plot"), True, 9)]
-    plain = _run(forward_sft, model, collate_sft(examples, 0), cfg)
-    fast = _run(forward_sft_fast, model, make_sft_collate(cfg.speed, "sdpa")(examples, 0), cfg)
+    plain = _run(SFTStep().forward, model, collate_sft(examples, 0), cfg)
+    fast = _run(FastSFTStep(cfg.speed, "sdpa").forward, model, make_sft_collate(cfg.speed, "sdpa")(examples, 0), cfg)
     aux = float(_transformers_aux(model, collate_sft(examples, 0)))
     for name in ("aux_loss", "loss"):
         torch.testing.assert_close(fast[1][name], plain[1][name], rtol=1e-5, atol=1e-5, msg=name)
     assert float(plain[1]["aux_loss"][0]) == pytest.approx(aux, rel=1e-5)
     tokens = torch.tensor([1, 3, 4])  # completion tokens per example: the SFT loss is a token mean
-    no_aux = _run(forward_sft, model, collate_sft(examples, 0), _cfg(**{"loss.router_aux_coef": 0.0}))
+    no_aux = _run(SFTStep().forward, model, collate_sft(examples, 0), _cfg(**{"loss.router_aux_coef": 0.0}))
     torch.testing.assert_close(plain[0] - no_aux[0], 0.3 * aux * tokens.float(), rtol=1e-4, atol=1e-6)
     kto = _cfg(**{"loss.type": "kto", "loss.router_aux_coef": 0.3})
     batch = collate_unpaired(examples, 0)
-    with_aux = _run(forward_unpaired, model, batch, kto, copy.deepcopy(model))
-    without = _run(forward_unpaired, model, batch, _cfg(**{"loss.type": "kto", "loss.router_aux_coef": 0.0}), copy.deepcopy(model))
+    with_aux = _run(UnpairedStep().forward, model, batch, kto, copy.deepcopy(model))
+    without = _run(UnpairedStep().forward, model, batch, _cfg(**{"loss.type": "kto", "loss.router_aux_coef": 0.0}), copy.deepcopy(model))
     torch.testing.assert_close(with_aux[0] - without[0], torch.full((3,), 0.3 * aux), rtol=1e-4, atol=1e-6)
 
 
@@ -173,10 +175,10 @@ def test_a_dense_model_logs_no_aux_loss_and_refuses_a_coefficient():
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
     batch = collate_pairs(_pairs(), 0)
-    _, metrics = forward_pairs(model, None, batch, _cfg(**{"loss.type": "simpo", "loss.router_aux_coef": 0.0}), False)
+    _, metrics = forward_pairs(model, None, batch, StepContext(_cfg(**{"loss.type": "simpo", "loss.router_aux_coef": 0.0}), False))
     assert "aux_loss" not in metrics and "loss" in metrics
     with pytest.raises(ConfigError, match="loss.router_aux_coef"):
-        forward_pairs(model, None, batch, _cfg(**{"loss.type": "simpo", "loss.router_aux_coef": 0.1}), False)
+        forward_pairs(model, None, batch, StepContext(_cfg(**{"loss.type": "simpo", "loss.router_aux_coef": 0.1}), False))
     with pytest.raises(ConfigError, match="loss.router_aux_coef"):
         _cfg(**{"loss.router_aux_coef": -1.0})
 

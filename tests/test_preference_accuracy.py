@@ -13,6 +13,7 @@ from dpokit.data.records import PreferenceExample
 from dpokit.data.tokenization import tokenize_pairs
 from dpokit.losses import preference_correct
 from dpokit.online.evaluation import preference_accuracy
+from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs
 from dpokit.tiny import build_tiny_llama
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer
@@ -26,7 +27,7 @@ def _training_accuracy(policy, reference, examples) -> float:
     cfg = load_config(None, {"model.name_or_path": str(tiny_model_dir()), "loss.beta": 0.5})
     pairs, _ = tokenize_pairs(examples, word_tokenizer(), max_length=32, max_prompt_length=16)
     with torch.no_grad():
-        _, metrics = forward_pairs(policy, reference, collate_pairs(pairs, 0), cfg, True)
+        _, metrics = forward_pairs(policy, reference, collate_pairs(pairs, 0), StepContext(cfg))
     return metrics["rewards/accuracies"].mean().item()
 
 

@@ -18,6 +18,7 @@ from dpokit.data.prepare import prepare_data
 from dpokit.models import load_policy, load_tokenizer
 from dpokit.reference import make_reference
 from dpokit.config import SpeedConfig
+from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs, forward_pairs_fast, make_collate
 from dpokit.ref_cache.build import ensure_reference_cache, precompute_reference
 from dpokit.ref_cache.store import CacheMismatch, attach, read_split
@@ -91,14 +92,14 @@ def test_cached_values_equal_a_live_reference_and_training_from_them_matches(tmp
             p.add_(0.02 * torch.randn_like(p))
     pairs = data.train[:5]
     policy.zero_grad()
-    out_live, m_live = forward_pairs(policy, reference, collate_pairs(pairs, 0), cfg, True)
+    out_live, m_live = forward_pairs(policy, reference, collate_pairs(pairs, 0), StepContext(cfg))
     out_live.losses.sum().backward()
     g_live = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
     speed = SpeedConfig()
     batch = make_collate(speed)(cached.train[:5], 0)
     assert "ref_logps" in batch
-    out_cached, m_cached = forward_pairs_fast(policy, None, batch, cfg, True)  # no reference model at all
+    out_cached, m_cached = forward_pairs_fast(policy, None, batch, StepContext(cfg))  # no reference model at all
     out_cached.losses.sum().backward()
     torch.testing.assert_close(out_cached.losses, out_live.losses, rtol=0, atol=1e-5)
     for name in ("rewards/chosen", "rewards/rejected", "logps/chosen"):
@@ -169,7 +170,7 @@ def test_lora_policy_builds_the_cache_with_adapters_off(tmp_path):
     assert policy.training  # handed back in the mode it came in
     base = load_policy(_config(tmp_path))
     base_ref = make_reference(base, _config(tmp_path), True)
-    _, m = forward_pairs(base, base_ref, collate_pairs(data.train[:4], 0), _config(tmp_path), True)
+    _, m = forward_pairs(base, base_ref, collate_pairs(data.train[:4], 0), StepContext(_config(tmp_path)))
     cached = torch.tensor([p.reference[0] for p in from_lora.train[:4]])
     torch.testing.assert_close(cached, m["logps/chosen"], rtol=0, atol=1e-5)
 
@@ -227,5 +228,5 @@ def test_a_separate_reference_model_is_the_one_cached(tmp_path):
     plain, _ = ensure_reference_cache(_config(tmp_path), tokenizer, data, model=policy)
     assert cache.folder != plain.folder
     reference = make_reference(policy, cfg, True)
-    _, m = forward_pairs(reference, copy.deepcopy(reference), collate_pairs(data.train[:4], 0), cfg, True)
+    _, m = forward_pairs(reference, copy.deepcopy(reference), collate_pairs(data.train[:4], 0), StepContext(cfg))
     torch.testing.assert_close(torch.tensor([p.reference[0] for p in cached.train[:4]]), m["logps/chosen"], rtol=0, atol=1e-5)

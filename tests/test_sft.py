@@ -12,11 +12,13 @@ from dpokit.config import load_config
 from dpokit.data.records import DataError
 from dpokit.logprobs import IGNORE_INDEX
 from dpokit.data.sft import load_sft, prepare_sft
+from dpokit.steps.base import StepContext
 from dpokit.steps import FastSFTStep, SFTStep, step_for
 from dpokit.steps.sft import collate_sft, count_tokens, example_tokens, forward_sft
 
 SFT = SFTStep()
 from dpokit.training.loop import accumulate_gradients
+from dpokit.training.step_runner import StepJob
 from tiny_assets import assistant, synthetic_pairs, tiny_model_dir, user, vocab_ids, word_tokenizer, write_jsonl
 
 
@@ -132,7 +134,7 @@ def test_gradient_is_independent_of_micro_batching(tmp_path):
     grads = []
     for micro in ([data.train], [[e] for e in data.train]):
         policy = copy.deepcopy(model)
-        accumulate_gradients(policy, None, [collate_sft(m, 0) for m in micro], cfg, accelerator, False, MetricSums(), objective=SFT)
+        accumulate_gradients(StepJob(policy, None, SFT, StepContext(cfg, False, group=accelerator)), [collate_sft(m, 0) for m in micro], MetricSums())
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -149,7 +151,7 @@ def test_a_local_loop_learns_the_completions_not_the_prompts(tmp_path):
     batch = SFT.collate(data.train, word_tokenizer().pad_token_id)
     first = None
     for _ in range(30):
-        out, metrics = SFT.forward(model, None, batch, None, False)
+        out, metrics = SFT.forward(model, None, batch, StepContext(None, False))
         (out.losses.sum() / SFT.count(batch)).backward()
         optimizer.step()
         optimizer.zero_grad()

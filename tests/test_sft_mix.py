@@ -14,11 +14,11 @@ import dpokit
 from dpokit.config import ConfigError, load_config
 from dpokit.data.batching import BatchStream, micro_batch
 from dpokit.models import load_policy, load_tokenizer
-from dpokit.steps import FastPairedStep, PairedStep
+from dpokit.steps import FastPairedStep, PairedStep, StepContext
 from dpokit.steps.sft import collate_sft
 from dpokit.steps.sft_mix import SFTMix, mix_batch_size
 from dpokit.training.metrics import MetricSums, read_metrics
-from dpokit.training.step_runner import accumulate_gradients
+from dpokit.training.step_runner import StepJob, accumulate_gradients
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 SFT_ROWS = [{"prompt": p, "completion": c} for p, c in [
@@ -53,8 +53,8 @@ def _gradients(cfg, step, policy, reference, data, tokenizer, batch_size, accum,
     mixed = SFTMix.from_config(cfg, tokenizer).draw(1, pad) if mix else None
     policy.zero_grad(set_to_none=True)
     sums = MetricSums()
-    accumulate_gradients(policy, reference, [m.batch for m in micro], cfg, Accelerator(cpu=True), True, sums, step,
-                         examples_in_step=sum(m.examples for m in micro), dummies=[m.dummy for m in micro], mixed=mixed)
+    job = StepJob(policy, reference, step, StepContext(cfg, True, mixed=mixed, group=Accelerator(cpu=True)))
+    accumulate_gradients(job, [m.batch for m in micro], sums, sum(m.examples for m in micro), [m.dummy for m in micro])
     return [p.grad.clone() for p in policy.parameters()], sums.reduce()
 
 

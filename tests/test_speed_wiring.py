@@ -14,6 +14,7 @@ import dpokit.training.setup
 import dpokit.training.loop
 from dpokit.cli import main
 from dpokit.config import load_config
+from dpokit.steps.base import StepContext
 from dpokit.steps import FastPairedStep, PairedStep, UnpairedStep, step_for
 from dpokit.training.metrics import read_metrics
 from dpokit.models import load_policy
@@ -183,12 +184,12 @@ def test_the_fast_step_matches_the_plain_step_on_other_architectures_or_is_not_u
     ids = lambda n: torch.randint(3, 100, (n,), generator=g).tolist()  # noqa: E731
     pairs = [TokenizedPair(ids(p), ids(c), ids(r), f"row {i}") for i, (p, c, r) in enumerate([(5, 4, 6), (3, 7, 2), (8, 3, 3), (4, 5, 5)])]
     cfg = load_config(None, {"loss.beta": 0.5, "model.attn_implementation": impl})
-    plain, _ = forward_pairs(model, reference, collate_pairs(pairs, 0), cfg, True)
+    plain, _ = forward_pairs(model, reference, collate_pairs(pairs, 0), StepContext(cfg))
     if arch == "falcon":
         assert "does not use transformers' attention interface" in fast_path_blocker(model)
         return
     assert fast_path_blocker(model) is None
-    fast, _ = forward_pairs_fast(model, reference, step_for(cfg).collate(pairs, 0), cfg, True)
+    fast, _ = forward_pairs_fast(model, reference, step_for(cfg).collate(pairs, 0), StepContext(cfg))
     torch.testing.assert_close(fast.losses, plain.losses, rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.chosen_rewards, plain.chosen_rewards, rtol=0, atol=1e-5)
 

@@ -12,8 +12,11 @@ from dpokit.data.tokenization import tokenize_pairs
 from dpokit.training.metrics import MetricSums
 from dpokit.models import load_policy
 from dpokit.reference import make_reference, reference_mode
+from dpokit.steps import PairedStep
+from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs
 from dpokit.training.loop import accumulate_gradients
+from dpokit.training.step_runner import StepJob
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer
 
 
@@ -35,7 +38,7 @@ def _sgd_steps(policy, reference, cfg, steps=3):
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr)
     pairs = _pairs(8)
     for _ in range(steps):
-        accumulate_gradients(policy, reference, [collate_pairs(pairs, 0)], cfg, accelerator, True, MetricSums())
+        accumulate_gradients(StepJob(policy, reference, PairedStep(), StepContext(cfg, group=accelerator)), [collate_pairs(pairs, 0)], MetricSums())
         optimizer.step()
         optimizer.zero_grad()
 
@@ -81,7 +84,7 @@ def _grads_and_loss(micro_batches, cfg):
     policy = load_policy(cfg)
     reference = make_reference(policy, cfg, needs_reference=True)
     sums = MetricSums()
-    accumulate_gradients(policy, reference, micro_batches, cfg, Accelerator(cpu=True), True, sums)
+    accumulate_gradients(StepJob(policy, reference, PairedStep(), StepContext(cfg, group=Accelerator(cpu=True))), micro_batches, sums)
     return {n: p.grad.clone() for n, p in policy.named_parameters()}, sums.reduce()
 
 
@@ -102,7 +105,7 @@ def test_metrics_at_start_of_training_match_dpo_theory():
     cfg = _cfg()
     policy = load_policy(cfg)
     reference = copy.deepcopy(policy).requires_grad_(False)
-    _, metrics = forward_pairs(policy, reference, collate_pairs(_pairs(6), 0), cfg, with_reference=True)
+    _, metrics = forward_pairs(policy, reference, collate_pairs(_pairs(6), 0), StepContext(cfg))
     torch.testing.assert_close(metrics["loss"], torch.full((6,), 0.6931472), rtol=0, atol=1e-6)
     assert metrics["rewards/margins"].abs().max() < 1e-6
     assert metrics["kl/chosen"].abs().max() < 1e-5

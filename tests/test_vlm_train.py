@@ -12,6 +12,7 @@ from vision_assets import colour_rows, tiny_llava_dir, write_images, write_rows
 from dpokit.config import load_config
 from dpokit.models import load_policy, load_tokenizer, load_weights
 from dpokit.ref_cache.build import ensure_reference_cache, precompute_reference
+from dpokit.steps.base import StepContext
 from dpokit.steps import VisionPairedStep, step_for
 from dpokit.training.loop import train
 
@@ -56,7 +57,7 @@ def per_row_dpo_loss(policy, reference, pairs) -> torch.Tensor:
 def step_loss(cfg, policy, reference, pairs) -> torch.Tensor:
     step = step_for(cfg)
     batch = step.collate(pairs, load_tokenizer(cfg).pad_token_id)
-    out, _ = step.forward(policy, reference, batch, cfg, True)
+    out, _ = step.forward(policy, reference, batch, StepContext(cfg))
     return out.losses.mean()
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dpokit.config import Config
 from dpokit.losses import is_unpaired
-from dpokit.steps.base import Step
+from dpokit.steps.base import Step, StepContext
 from dpokit.steps.paired import FastPairedStep, PairedStep
 from dpokit.steps.sft import FastSFTStep, SFTStep
 from dpokit.steps.token_scores import fast_attention_for
 from dpokit.steps.unpaired import UnpairedStep
 from dpokit.steps.vision import VisionPairedStep
 
-__all__ = ["FastPairedStep", "FastSFTStep", "PairedStep", "SFTStep", "Step", "UnpairedStep", "VisionPairedStep", "step_for"]
+__all__ = ["FastPairedStep", "FastSFTStep", "PairedStep", "SFTStep", "Step", "StepContext", "UnpairedStep", "VisionPairedStep", "step_for"]
 
 
 def step_for(cfg: Config) -> Step:

@@ -25,7 +25,7 @@ from dpokit.logprobs import auto_chunk_size, token_entropy_top1, token_kl, token
 from dpokit.losses import PairLogps, compute_loss, preference_correct, shared_prefix_logps
 from dpokit.losses.base import log_ratios
 from dpokit.reference import reference_mode
-from dpokit.steps.base import Step
+from dpokit.steps.base import Step, StepContext
 from dpokit.steps.router_aux import add_router_aux, packed_token_weights, recording, router_for
 from dpokit.steps.token_scores import TokenScores, fast_attention_for, layout_for, per_sequence, score_tokens, shared_mask
 
@@ -35,26 +35,27 @@ def _halves(x: torch.Tensor | None, n: int) -> tuple:
     return (None, None) if x is None else (x[:n], x[n:])
 
 
-def _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg: Config, beta_for=None) -> tuple:
+def _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, ctx: StepContext) -> tuple:
     """(2B,) [chosen; rejected] per-sequence sums -> (LossOutput, the TRL-named per-pair metrics).
 
     shared / ref_shared: LD-DPO shared-prefix sums (None unless loss.ld_alpha); wpo: the WPO
     weights' per-sequence sums (None unless loss.use_weighting); mean_logits: vocabulary-mean logit per
-    completion token, averaged per sequence. beta_for (loss.beta_schedule=adaptive, from the trainer):
-    the pairs' reward margins M_i = beta_0 * (r_w - r_l) (B,) -> the beta of this batch's loss; the
-    rewards stay at beta_0 = loss.beta, and the beta used is logged as `beta`.
+    completion token, averaged per sequence. ctx.beta (loss.beta_schedule=adaptive, steps/beta.py): the pairs'
+    reward margins M_i = beta_0 * (r_w - r_l) (B,) give the beta of this batch's loss; the rewards stay at
+    beta_0 = loss.beta, and the beta used is logged as `beta`.
     """
+    cfg, adaptive = ctx.cfg, ctx.beta
     n = logps.shape[0] // 2
     pair = PairLogps(*_halves(logps, n), *_halves(ref_logps, n), *_halves(lengths, n))
     pair.policy_chosen_shared, pair.policy_rejected_shared = _halves(shared, n)
     pair.ref_chosen_shared, pair.ref_rejected_shared = _halves(ref_shared, n)
     pair.policy_chosen_wpo, pair.policy_rejected_wpo = _halves(wpo, n)
     beta = cfg.loss.beta
-    if beta_for is not None:  # beta-DPO: this batch's beta from its margins (training/adaptive_beta.py)
+    if adaptive is not None:  # beta-DPO: this batch's beta from its margins (steps/beta.py)
         chosen_ratio, rejected_ratio = log_ratios(pair, cfg.loss)
-        beta = beta_for((cfg.loss.beta * (chosen_ratio - rejected_ratio)).detach())
-    out = compute_loss(pair, cfg.loss if beta_for is None else dataclasses.replace(cfg.loss, beta=beta))
-    if beta_for is not None:
+        beta = adaptive.batch_beta((cfg.loss.beta * (chosen_ratio - rejected_ratio)).detach(), ctx)
+    out = compute_loss(pair, cfg.loss if adaptive is None else dataclasses.replace(cfg.loss, beta=beta))
+    if adaptive is not None:
         out.chosen_rewards, out.rejected_rewards = (cfg.loss.beta * chosen_ratio).detach(), (cfg.loss.beta * rejected_ratio).detach()
     with torch.no_grad():
         metrics = {
@@ -68,16 +69,17 @@ def _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits
             "logits/chosen": mean_logits[:n],
             "logits/rejected": mean_logits[n:],
         }
-        if beta_for is not None:
+        if adaptive is not None:
             metrics["beta"] = torch.full((n,), float(beta), device=logps.device)
     return out, metrics
 
 
-def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: bool, beta_for=None) -> tuple:
-    """Policy (and reference) log-probs of one [chosen; rejected] batch -> loss output and metrics.
+def forward_pairs(policy, reference, batch: dict, ctx: StepContext) -> tuple:
+    """Policy (and reference, when ctx.with_reference) log-probs of one [chosen; rejected] batch -> loss output and metrics.
 
     returns (LossOutput, metrics: dict name -> (B,) tensor of per-pair values)
     """
+    cfg, with_reference = ctx.cfg, ctx.with_reference
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (2B, T)
     n_pairs = input_ids.shape[0] // 2
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **vision_inputs(batch)}  # + pixel_values of image rows
@@ -106,7 +108,7 @@ def forward_pairs(policy, reference, batch: dict, cfg: Config, with_reference: b
         completion = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)  # (2B, T-1, 1)
         mean_logits = (logits[:, :-1].float() * completion).sum((1, 2)) / (completion.sum((1, 2)) * logits.shape[-1])
         entropy, top1 = token_entropy_top1(logits, labels)
-    out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, cfg, beta_for)
+    out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits, ctx)
     add_router_aux(router, router_logits, attention_mask, out, metrics)  # MoE: + coef * aux_loss per pair
     # per completion token, [chosen; rejected] row by row: averaged over tokens, as TRL does
     metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(mask[:n_pairs].sum())])
@@ -145,12 +147,13 @@ def _chunked_kl(policy: TokenScores, ref: TokenScores, idx: torch.Tensor, chunk_
     return out
 
 
-def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_reference: bool, beta_for=None) -> tuple:
+def forward_pairs_fast(policy, reference, batch: dict, ctx: StepContext) -> tuple:
     """forward_pairs on a collate_packed batch (make_collate); reference log-probs from the batch when cached.
 
     returns (LossOutput, metrics: dict name -> (B,) tensor), the same names and values as forward_pairs;
     kl/chosen only when a live reference runs (a cached reference has no next-token distributions).
     """
+    cfg, with_reference = ctx.cfg, ctx.with_reference
     speed, attention = cfg.speed, fast_attention_for(cfg)  # the backend make_collate laid the rows out for
     seq, lengths = batch["score_seq"], batch["seq_lengths"]
     n_seq = lengths.shape[0]
@@ -178,7 +181,7 @@ def forward_pairs_fast(policy, reference, batch: dict, cfg: Config, with_referen
         order = batch["score_order"]  # forward_pairs' token order
         entropy, top1 = scores.stats[order, 1], scores.stats[order, 2]
     out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared if cfg.loss.ld_alpha is not None else None, wpo,
-                                mean_logits, cfg, beta_for)
+                                mean_logits, ctx)
     add_router_aux(router, router_logits, packed_token_weights(batch), out, metrics)  # a shared prompt weighs 2, padding 0
     metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(lengths[:n_pairs].sum())])
     if ref_scores is not None and scores.logits_of is not None and ref_scores.logits_of is not None:
@@ -208,8 +211,8 @@ class PairedStep(Step):
     def tokens(self, pair) -> int:
         return pair_tokens(pair)
 
-    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool, beta_for=None) -> tuple:
-        return forward_pairs(policy, reference, batch, cfg, with_reference, beta_for)
+    def forward(self, policy, reference, batch: dict, ctx: StepContext) -> tuple:
+        return forward_pairs(policy, reference, batch, ctx)
 
 
 class FastPairedStep(PairedStep):
@@ -226,8 +229,8 @@ class FastPairedStep(PairedStep):
     def count(self, batch: dict) -> int:
         return count_pairs(batch)
 
-    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool, beta_for=None) -> tuple:
-        return forward_pairs_fast(policy, reference, batch, cfg, with_reference, beta_for)
+    def forward(self, policy, reference, batch: dict, ctx: StepContext) -> tuple:
+        return forward_pairs_fast(policy, reference, batch, ctx)
 
     def plain(self) -> Step:
         return PairedStep()

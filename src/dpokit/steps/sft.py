@@ -30,7 +30,7 @@ from dpokit.data.sft import prepare_sft
 from dpokit.data.unpaired import TokenizedCompletion
 from dpokit.logprobs import token_logps
 from dpokit.losses import LossOutput
-from dpokit.steps.base import Step
+from dpokit.steps.base import Step, StepContext
 from dpokit.steps.router_aux import add_router_aux, packed_token_weights, recording, router_for
 from dpokit.steps.token_scores import fast_attention_for, layout_for, per_sequence, score_tokens
 
@@ -129,8 +129,8 @@ class SFTStep(Step):
     def tokens(self, example: TokenizedCompletion) -> int:
         return input_tokens(example)
 
-    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
-        return forward_sft(policy, reference, batch, cfg, with_reference)
+    def forward(self, policy, reference, batch: dict, ctx: StepContext) -> tuple:
+        return forward_sft(policy, reference, batch, ctx.cfg, ctx.with_reference)
 
     def needs_reference(self, cfg: Config) -> bool:
         return False  # SFT builds no reference model
@@ -145,8 +145,8 @@ class FastSFTStep(SFTStep):
     def collate(self, examples: list[TokenizedCompletion], pad_token_id: int) -> dict:
         return self._collate(examples, pad_token_id)
 
-    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
-        return forward_sft_fast(policy, reference, batch, cfg, with_reference)
+    def forward(self, policy, reference, batch: dict, ctx: StepContext) -> tuple:
+        return forward_sft_fast(policy, reference, batch, ctx.cfg, ctx.with_reference)
 
     def plain(self) -> Step:
         return SFTStep()

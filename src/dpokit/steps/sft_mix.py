@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from dpokit.config import Config
-from dpokit.data.batching import BatchStream
+from dpokit.data.batching import BatchStream, to_device
 from dpokit.data.sft import prepare_sft_file
+from dpokit.steps.base import StepContext
 from dpokit.steps.sft import collate_sft, example_tokens, forward_sft
 
 MIX_SEED_OFFSET = 7919  # the mixed rows are shuffled independently of the pairs' order
@@ -44,6 +45,16 @@ class MixedBatches:
     batches: list[dict]
     dummies: list[bool]  # a process left without an example scores one with weight 0, so it joins every collective
     scale: float  # loss.sft_mix_weight / completion tokens mixed into the whole step (all processes)
+
+    def loss(self, policy, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(micro-batch ctx.index's term of the step's loss, with gradient; its per-token NLL values for sft_mix/nll).
+
+        As the pairs' ctx.scale, the term undoes the processes' and Accelerate's averaging of the gradients.
+        """
+        dummy, group = self.dummies[ctx.index], ctx.group
+        nll_sum, nll = SFTMix.loss(policy, to_device(self.batches[ctx.index], group.device), ctx.cfg)
+        scale = self.scale * group.num_processes * group.gradient_accumulation_steps
+        return nll_sum * (0.0 if dummy else scale), nll[:0] if dummy else nll
 
 
 class SFTMix:

@@ -29,7 +29,7 @@ from dpokit.data.collate import IGNORE_INDEX
 from dpokit.logprobs import token_logps
 from dpokit.losses import LossOutput, kto_loss, validate_loss_config
 from dpokit.reference import reference_mode
-from dpokit.steps.base import Step
+from dpokit.steps.base import Step, StepContext
 from dpokit.steps.router_aux import add_router_aux, recording, router_for
 
 
@@ -144,5 +144,5 @@ class UnpairedStep(Step):
     def tokens(self, example: TokenizedCompletion) -> int:
         return len(example.prompt_ids) + len(example.completion_ids)  # the KL rows are not counted
 
-    def forward(self, policy, reference, batch: dict, cfg: Config, with_reference: bool) -> tuple:
-        return forward_unpaired(policy, reference, batch, cfg, with_reference)
+    def forward(self, policy, reference, batch: dict, ctx: StepContext) -> tuple:
+        return forward_unpaired(policy, reference, batch, ctx.cfg, ctx.with_reference)

@@ -186,9 +186,9 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
              for _ in range(cfg.train.grad_accum)]
     tokens = step_completion_tokens(accelerator, [m.batch for m in micro if not m.dummy]) if run.empty_data.watching(step) else None
     step_sums = MetricSums()
-    accumulate_gradients(run.policy, run.reference, [m.batch for m in micro], cfg, accelerator, run.with_reference, step_sums, objective,
-                         examples_in_step=sum(m.examples for m in micro), dummies=[m.dummy for m in micro], beta=run.beta_schedule,
-                         mixed=run.mix.draw(step, run.tokenizer.pad_token_id) if run.mix is not None else None, throughput=run.throughput)
+    job = run.step_job(step)  # the models, the step, and its context: mixed SFT batches, beta-DPO's M_0, throughput
+    accumulate_gradients(job, [m.batch for m in micro], step_sums, sum(m.examples for m in micro), [m.dummy for m in micro])
+    run.end_step(job)
     grad_norm = clip_grad_norm(accelerator, run.policy, run.params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf)
     grad_norm = math.nan if grad_norm is None else float(grad_norm)
     local_loss = step_sums.sums.get("loss", 0.0) / max(step_sums.counts.get("loss", 0.0), 1.0)

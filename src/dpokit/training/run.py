@@ -18,6 +18,7 @@ from dpokit.data.prepare import PreparedData
 from dpokit.detectors import FailureDetectors
 from dpokit.report import write_report
 from dpokit.steps import Step
+from dpokit.steps.base import StepContext
 from dpokit.steps.sft_mix import SFTMix
 from dpokit.training.adaptive_beta import AdaptiveBeta
 from dpokit.training.checkpoint import RunState, save_checkpoint
@@ -27,7 +28,7 @@ from dpokit.training.metrics import MetricsLog, MetricSums
 from dpokit.training.retention import RetentionSet
 from dpokit.training.run_dir import RunDir
 from dpokit.training.signals import StopSignals
-from dpokit.training.step_runner import evaluate
+from dpokit.training.step_runner import StepJob, evaluate
 from dpokit.training.throughput import Throughput
 from dpokit.training.tracking import log_diagnosis, log_metrics
 
@@ -74,7 +75,7 @@ class Run:
     step: int = 0  # the last optimizer step taken
     bad_loss: bool = False  # the last step's loss was non-finite on some process
     saved_at: Optional[Path] = None  # the last checkpoint written
-    beta_schedule: Optional[AdaptiveBeta] = None  # loss.beta_schedule=adaptive: beta-DPO's per-batch beta
+    beta_schedule: Optional[AdaptiveBeta] = None  # loss.beta_schedule=adaptive: beta-DPO's M_0 into each step and back
     owner: Optional[RunDir] = None  # run_dir holds this run's lock until train() returns or raises
     throughput: Throughput = field(default_factory=Throughput)  # tokens/s, padding, MFU of the logging window
 
@@ -107,8 +108,22 @@ class Run:
     def retention_metrics(self) -> dict:
         return self.retention.metrics(self.policy, self.accelerator) if self.retention is not None else {}
 
+    def job(self, ctx: StepContext) -> StepJob:
+        return StepJob(self.policy, self.reference, self.objective, ctx, self.throughput)
+
+    def step_job(self, step: int) -> StepJob:
+        """Optimizer step `step`'s job: its context holds the step's mixed SFT batches and beta-DPO's M_0."""
+        mixed = self.mix.draw(step, self.tokenizer.pad_token_id) if self.mix is not None else None
+        beta = self.beta_schedule.for_step() if self.beta_schedule is not None else None
+        return self.job(StepContext(self.cfg, self.with_reference, beta=beta, mixed=mixed, group=self.accelerator))
+
+    def end_step(self, job: StepJob) -> None:
+        """After the step's micro-batches: beta-DPO's M_0, as they moved it, into RunState (checkpoints carry it)."""
+        if self.beta_schedule is not None:
+            self.beta_schedule.keep(job.ctx.beta)
+
     def eval_record(self, step: int) -> dict:
-        metrics = evaluate(self.policy, self.reference, self.data.eval, self.cfg, self.accelerator, self.with_reference, self.objective)
+        metrics = evaluate(self.job(StepContext(self.cfg, self.with_reference, group=self.accelerator)), self.data.eval)
         return {"step": step, **metrics, **self.generate_on_eval(), **self.retention_metrics()}
 
     def checkpoint(self) -> Path:

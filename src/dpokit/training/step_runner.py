@@ -3,22 +3,41 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from accelerate.utils import DistributedType
 
-from dpokit.config import Config
 from dpokit.data.batching import BatchStream, micro_batch, pad_id, to_device
-from dpokit.steps import PairedStep, Step
-from dpokit.steps.sft_mix import MixedBatches, SFTMix
+from dpokit.steps import Step
+from dpokit.steps.base import StepContext
 from dpokit.training.metrics import MetricSums
 from dpokit.training.throughput import Throughput
 
 
-def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Config, accelerator, with_reference: bool, sums: MetricSums,
-                         objective: Step = PairedStep(), examples_in_step: Optional[int] = None, dummies: Optional[list[bool]] = None,
-                         beta=None, mixed: Optional[MixedBatches] = None, throughput: Optional[Throughput] = None) -> None:
+@dataclass(frozen=True)
+class StepJob:
+    """What one optimizer step's micro-batches run with: the models, the step, its context, the throughput counter.
+
+    ctx: the config, with_reference, the accelerator (ctx.group), the step's beta-DPO threshold (ctx.beta) and
+    mixed SFT batches (ctx.mixed); each micro-batch gets it with its own position, dummy flag and loss weight.
+    """
+
+    policy: Any
+    reference: Any  # None: reference-free, or reference log-probs from the cache (LoRA: the adapters off)
+    objective: Step
+    ctx: StepContext
+    throughput: Optional[Throughput] = None  # training/throughput.py: tokens, positions and FLOPs of the micro-batches
+
+    @property
+    def accelerator(self):
+        return self.ctx.group
+
+
+def accumulate_gradients(job: StepJob, micro_batches: list[dict], sums: MetricSums, examples_in_step: Optional[int] = None,
+                         dummies: Optional[list[bool]] = None) -> None:
     """Backward over one optimizer step's micro-batches; per-example metrics are added to `sums`.
 
     The loss of each micro-batch is its per-example loss sum divided by the examples in the
@@ -28,11 +47,10 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
     the gradients of the processes, each one's loss is scaled by the number of processes.
     A dummy micro-batch (a process with no example left at the end of an epoch) runs forward and
     backward with weight 0, so every process takes part in every collective, and adds no metric.
-    `beta` (training/adaptive_beta.AdaptiveBeta, loss.beta_schedule=adaptive) gives each micro-batch its beta.
-    `mixed` (steps/sft_mix.py): one SFT batch per micro-batch, whose NLL sum joins that micro-batch's loss
-    at `mixed.scale` (the step's token mean, times loss.sft_mix_weight) before the one backward.
-    `throughput` (training/throughput.py) counts the tokens, positions and model FLOPs of the micro-batches.
+    What a micro-batch's loss holds besides its examples' (beta-DPO's beta, the mixed SFT rows) is the step's
+    business (`Step.loss`), through job.ctx.
     """
+    objective, accelerator = job.objective, job.accelerator
     dummies = dummies or [False] * len(micro_batches)
     if examples_in_step is None:
         scale = 1.0 / sum(objective.count(b) for b, dummy in zip(micro_batches, dummies) if not dummy)
@@ -40,49 +58,37 @@ def accumulate_gradients(policy, reference, micro_batches: list[dict], cfg: Conf
         scale = accelerator.num_processes / examples_in_step
     scale *= accelerator.gradient_accumulation_steps  # undo Accelerate's (and DeepSpeed's) own division by it
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if throughput is not None:
-        throughput.add_step(micro_batches, dummies, with_reference, mixed)
+    if job.throughput is not None:
+        job.throughput.add_step(micro_batches, dummies, job.ctx.with_reference, job.ctx.mixed)
     for i, (batch, dummy) in enumerate(zip(micro_batches, dummies)):
         batch = to_device(batch, accelerator.device)
         last = i == len(micro_batches) - 1
         if deepspeed:  # the engine reduces, clips and steps inside backward, at the step's last micro-batch
             accelerator.sync_gradients = last
         # Gradients are all-reduced across processes only on the last micro-batch of the step.
-        sync = contextlib.nullcontext() if last or deepspeed else accelerator.no_sync(policy)
+        sync = contextlib.nullcontext() if last or deepspeed else accelerator.no_sync(job.policy)
+        ctx = dataclasses.replace(job.ctx, dummy=dummy, scale=scale, index=i)
         with sync:
             with accelerator.autocast():
-                extra = {} if beta is None else {"beta_for": beta.for_micro_batch(dummy)}
-                out, metrics = objective.forward(policy, reference, batch, cfg, with_reference, **extra)
-                loss = out.losses.sum() * (0.0 if dummy else scale)
-                if mixed is not None:  # as the pairs' scale: undo the processes' and Accelerate's averaging
-                    mix_dummy = mixed.dummies[i]
-                    nll_sum, nll = SFTMix.loss(policy, to_device(mixed.batches[i], accelerator.device), cfg)
-                    mix_scale = mixed.scale * accelerator.num_processes * accelerator.gradient_accumulation_steps
-                    loss = loss + nll_sum * (0.0 if mix_dummy else mix_scale)
-                    metrics = {**metrics, "sft_mix/nll": nll[:0] if mix_dummy else nll}
+                loss, metrics = objective.loss(job.policy, job.reference, batch, ctx)
             accelerator.backward(loss)
         for name, values in metrics.items():
             sums.add(name, values[:0] if dummy else values)  # a dummy registers the names, with no values
 
 
 @torch.no_grad()
-def evaluate(policy, reference, pairs, cfg: Config, accelerator, with_reference: bool, objective: Step = PairedStep()) -> dict:
-    """Metrics over every held-out example, each process scoring its slice of each global batch."""
+def evaluate(job: StepJob, pairs) -> dict:
+    """Metrics over every held-out example, each process scoring its slice of each global batch (job.ctx: no beta, no mix)."""
+    policy, accelerator, cfg = job.policy, job.accelerator, job.ctx.cfg
     was_training = policy.training
     policy.eval()
     sums = MetricSums()
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     stream = BatchStream(len(pairs), batch_size, 0, shuffle=False, rank=accelerator.process_index, world=accelerator.num_processes)
-    # LoRA training from the reference cache: the reference (adapters off) costs no memory, so evaluation runs it
-    # live instead of reading the cache, and eval records keep eval_kl/chosen, which a cache cannot give.
-    live_reference = with_reference and reference is None and cfg.lora.enabled
     for _ in range(stream.per_epoch):
-        micro = micro_batch(pairs, stream, objective.collate, pad_id(policy))
-        batch = micro.batch
-        if live_reference:
-            batch = {k: v for k, v in batch.items() if k not in ("ref_logps", "ref_shared_logps")}
+        micro = micro_batch(pairs, stream, job.objective.collate, pad_id(policy))
         with accelerator.autocast():
-            _, metrics = objective.forward(policy, reference, to_device(batch, accelerator.device), cfg, with_reference)
+            metrics = job.objective.evaluate(policy, job.reference, to_device(micro.batch, accelerator.device), job.ctx)
         for name, values in metrics.items():
             sums.add(name, values[:0] if micro.dummy else values)
     policy.train(was_training)
