@@ -56,7 +56,8 @@ PIPELINE_SECTIONS = _sections(PipelineConfig)
 def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: Union[list[str], dict, None] = None) -> Config:
     """Build a Config from defaults, then a YAML file / dict / Config, then overrides.
 
-    overrides: ["a.b=value", ...] (command line) or {"a.b": value} (Python).
+    overrides: ["a.b=value", ...] (command line; a ("a.b", value) pair in the list is taken as typed) or
+    {"a.b": value} (Python).
     """
     return _load_train_config(source, overrides, prefix="")
 
@@ -209,6 +210,9 @@ def _parse_overrides(overrides) -> list[tuple[str, Any]]:
         raise ConfigError(f"overrides are a list of key=value strings, got the single string {excerpt(overrides)}")
     out = []
     for item in overrides:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            out.append(item)  # (key, value) already typed: a command-line flag that aliases the key (config/flags.py)
+            continue
         if not isinstance(item, str):
             raise ConfigError(f"override {excerpt(item)} is not a key=value string (e.g. loss.beta=0.05)")
         if "=" not in item:
@@ -369,6 +373,10 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     if cfg.eval.suites:  # the per-round eval does not run them: say so rather than ignore the key
         raise ConfigError("config key 'eval.suites' is for `dpokit eval --suite ...` only; a pipeline's per-round eval does "
                           "not run suites (run dpokit eval on the final policy)")
+    for key in ("baseline", "local_judge"):  # the per-round eval's baseline is the SFT model's samples, judged by the scorer
+        if getattr(cfg.eval, key) is not None:
+            raise ConfigError(f"config key 'eval.{key}' is for `dpokit eval` only; a pipeline compares every round with "
+                              "its SFT model, by its scorer")
     # The train section is a whole dpokit train config: checked now, not at the end of round 1's sampling.
     source = cfg.train if isinstance(cfg.train, dict) else resolve_config_path(cfg.train)
     _load_train_config(source, None, prefix="train.")

@@ -73,6 +73,9 @@ class EvalConfig:
     multiturn_mode: str = "single"  # single: an API judge rates each turn 1-10 | pairwise: policy vs baseline per turn
     suite_max_new_tokens: int = 256  # tokens per answer in the suites that answer prompts (greedy)
     lc_bootstrap: int = 200  # bootstrap resamples of the prompts for the LC win rate's standard error
+    # `dpokit eval` only (a pipeline compares every round with its SFT model's samples, and refuses these):
+    baseline: Optional[str] = None  # the model compared with; None: the reference (model.ref_name_or_path)
+    local_judge: Optional[str] = None  # a local HF model as the pairwise judge when judge.base_url is unset
 
     def __post_init__(self) -> None:
         check_eval(self)
@@ -94,6 +97,29 @@ class JudgeConfig:
     max_tokens: int = 64
     max_concurrency: int = 4  # requests in flight
     swap: bool = True  # pairwise: ask both orders and average (cancels position bias)
+
+
+@dataclass
+class ScoringConfig:
+    """`dpokit score` and `dpokit eval`'s scorer (a pipeline names its own, `scorer`)."""
+
+    scorer: Optional[str] = None  # module:function, path/file.py:function, or rm:MODEL (a reward model)
+
+
+@dataclass
+class FilesConfig:
+    """The files `dpokit sample`, `score`, `pair` and `eval` read and write (a pipeline names its own)."""
+
+    prompts: Optional[str] = None  # sample, eval: the prompts, a data file (anything data.path accepts)
+    split: str = "train"  # sample: the prompts' split when they are a dataset with splits
+    prompt_column: str = "prompt"  # sample, eval: the column holding the prompt (text or chat messages)
+    max_prompts: Optional[int] = None  # sample: only the first N prompts (dpokit eval: eval.max_prompts)
+    input: Optional[str] = None  # score, pair: the samples (scored samples) JSONL read
+    out: Optional[str] = None  # sample, score, pair: the JSONL written (resumed); eval: the metrics JSON
+
+    def __post_init__(self) -> None:
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"config key 'io.max_prompts' must be >= 1 or null (all prompts), got {self.max_prompts}")
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The training config: every section's settings with their defaults (model, lora, data, loss, optim, train,
-speed, detectors, doctor) and the Config that holds them."""
+"""The one config: every section's settings with their defaults (model, lora, data, loss, optim, train,
+speed, detectors, doctor; the online verbs' sampling, scoring, pairing, eval, judge, io) and the Config that holds them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 import yaml
 
+from dpokit.config.online import EvalConfig, FilesConfig, JudgeConfig, PairingConfig, SamplingConfig, ScoringConfig
 from dpokit.losses import LossConfig
 
 
@@ -200,6 +201,13 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     detectors: DetectorsConfig = field(default_factory=DetectorsConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    # the online verbs' sections (config/online.py): dpokit sample, score, pair and eval read them; training does not
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    io: FilesConfig = field(default_factory=FilesConfig)
     out_dir: str = "runs/dpo"
 
     def to_dict(self) -> dict:
