@@ -5,7 +5,8 @@ shell blocks and every `dpokit.train(...)` call (code blocks and inline code) an
 against the code that reads it:
   - the command line parses with `dpokit`'s own argument parser (verb, flags, arguments);
   - its key=value overrides name real config keys with valid values (train, sft, precompute,
-    config, doctor: the training config; pipeline: the pipeline config);
+    config, doctor: the training config; sample, score, pair, eval: the config their flags and
+    key=value make);
   - a Python call binds to `dpokit.train`'s signature, and its overrides are valid config keys.
 Placeholders (CONFIG, `...`, `[key=value ...]`) and console output are not commands.
 """
@@ -21,13 +22,15 @@ from pathlib import Path
 import pytest
 
 import dpokit
-from dpokit.cli import build_parser
+from dpokit.cli import build_parser, parse_command_line, verbs
 from dpokit.config import load_config
+from dpokit.config.flags import config_from_args
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")
 TRAINING_VERBS = ("train", "sft", "precompute", "config", "doctor")
+FLAG_VERBS = {verb.name: verb for verb in verbs() if verb.flags}  # sample, score, pair, eval: flags are config keys
 
 
 def _blocks(text: str):
@@ -96,12 +99,14 @@ def test_the_docs_hold_commands_and_calls():
 def test_documented_command_parses(where, command):
     words = shlex.split(command, comments=True)[1:]
     try:
-        args = build_parser().parse_args(words)
+        args = parse_command_line(words)  # as `dpokit` reads it: key=value after an option is an override too
     except SystemExit as e:
         pytest.fail(f"{where}: the parser rejects it (exit {e.code})")
     overrides = [w for w in getattr(args, "overrides", None) or [] if "=" in w]
     if args.verb in TRAINING_VERBS and overrides:
         load_config(None, overrides)  # unknown keys and bad values raise ConfigError naming the key
+    if args.verb in FLAG_VERBS and (not args.config or "=" in args.config):  # (a documented CONFIG is not here to read)
+        config_from_args(args, FLAG_VERBS[args.verb].flags)  # its flags and key=value make a valid config
 
 
 @pytest.mark.parametrize("where,call", CALLS, ids=[w for w, _ in CALLS])

@@ -114,12 +114,12 @@ def _command(verb: str, tmp_path: Path, kind: str) -> list[str]:
     return ["pipeline", str(_pipeline_yaml(tmp_path, _policy(tmp_path, kind), f["rewards"]))]
 
 
-# What each verb's refusal names: train's config keys, the online verbs' flags, the pipeline's keys.
+# What each verb's refusal names: the one trust switch (model.* keys; the online verbs' flags are its aliases), the pipeline's keys.
 SETTING = {
     "train": {"pickle": "model.allow_pickle=true", "code": "model.trust_remote_code=true"},
-    "sample": {"pickle": "--allow-pickle", "code": "--trust-remote-code"},
-    "eval": {"pickle": "--allow-pickle", "code": "--trust-remote-code"},
-    "score": {"pickle": "--allow-pickle", "code": "--trust-remote-code"},
+    "sample": {"pickle": "model.allow_pickle=true (--allow-pickle)", "code": "model.trust_remote_code=true (--trust-remote-code)"},
+    "eval": {"pickle": "model.allow_pickle=true (--allow-pickle)", "code": "model.trust_remote_code=true (--trust-remote-code)"},
+    "score": {"pickle": "model.allow_pickle=true (--allow-pickle)", "code": "model.trust_remote_code=true (--trust-remote-code)"},
     "pipeline": {"pickle": "allow_pickle=true (a pipeline key)", "code": "trust_remote_code=true (a pipeline key)"},
 }
 
@@ -145,11 +145,19 @@ def test_sample_and_score_accept_pickle_weights_when_allowed(tmp_path, capsys):
     assert "2 rows scored" in capsys.readouterr().out
 
 
-def test_eval_runs_model_code_only_when_trusted(tmp_path, capsys):
+@pytest.mark.parametrize("switch", ["--trust-remote-code", "model.trust_remote_code=true"])
+def test_eval_runs_model_code_only_when_trusted(switch, tmp_path, capsys):
     command = _command("eval", tmp_path, "code")
-    assert main(command + ["--trust-remote-code"]) == 0
+    assert main(command + [switch]) == 0  # the flag is an alias of the one key
     assert "mean length" in capsys.readouterr().out
     assert list(tmp_path.glob("*-code-ran.txt")), "trusted: the model's code was what loaded it"
+
+
+def test_score_takes_the_pickle_opt_in_from_its_config_file(tmp_path, capsys):
+    config = tmp_path / "score.yaml"
+    config.write_text("model:\n  allow_pickle: true\n")
+    assert main(_command("score", tmp_path, "pickle") + [str(config)]) == 0
+    assert "2 rows scored" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from dpokit.config import resolve_config_path
+from dpokit.config.flags import Verb, add_config_arguments
 
 TRAIN_HELP = """\
 Train a policy with DPO (or another loss of the family) on preference pairs.
@@ -211,79 +212,106 @@ def _cmd_doctor(args) -> int:
     return 1 if report.verdict == "fail" else 0
 
 
+PLAN_HELP = """\
+Predict the peak memory per GPU of `dpokit train CONFIG` from the model's config.json (no weights
+loaded), say whether it fits, and what to change if not (docs/performance.md). Exit status 1 when
+it does not fit.
+"""
+
+
+def _config_positionals(config_help: str, overrides_help: str = "config overrides"):
+    """CONFIG key=value...: the arguments of the verbs that read a training config."""
+    def add(p) -> None:
+        p.add_argument("config", metavar="CONFIG", help=config_help)
+        p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    return add
+
+
+def _plan_arguments(p) -> None:
+    _config_positionals("YAML file or shipped config name", "config overrides, as for train")(p)
+    p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs; N > 1 assumes FSDP/ZeRO-3 sharding (default: 1)")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB or 24GiB")
+
+
+def _demo_arguments(p) -> None:
+    p.add_argument("--out-dir", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config, e.g. loss.beta=0.2")
+
+
+def _config_arguments(p) -> None:
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML file or shipped config name")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--from", dest="from_file", metavar="FILE",
+                   help="translate an Axolotl DPO YAML or TRL DPOConfig arguments (YAML/JSON) into a dpokit YAML on stdout")
+
+
+def _doctor_arguments(p) -> None:
+    p.add_argument("data", metavar="DATA", help="preference file, saved dataset folder or hub id (anything data.path accepts)")
+    p.add_argument("--model", help="model folder or hub id for the token and reference checks (default: the config's model.name_or_path)")
+    p.add_argument("--config", help="YAML file or shipped config name whose data.* settings apply")
+    p.add_argument("--sample", type=int, default=256, metavar="N", help="pairs scored by the reference model (default: 256; 0: do not load it)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=2048")
+
+
+def _report_arguments(p) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (out_dir of `dpokit train`)")
+    p.add_argument("--out", metavar="FILE", help="where to write the page (default: RUN_DIR/report.html)")
+
+
+def verbs() -> tuple[Verb, ...]:
+    """Every verb, in `dpokit --help`'s order: the one table a verb is registered in."""
+    from dpokit.online import evaluation, pairing, pipeline, sampling, scoring  # lazy: only when the parser is built
+
+    return (
+        Verb("train", "train on preference pairs", TRAIN_HELP, _cmd_train,
+             _config_positionals("YAML file or shipped config name (demo)")),
+        Verb("sft", "supervised fine-tuning (completion-only loss)", SFT_HELP, _cmd_sft,
+             _config_positionals("YAML file or shipped config name")),
+        Verb("precompute", "cache the reference log-probs of a training config", PRECOMPUTE_HELP, _cmd_precompute,
+             _config_positionals("YAML file or shipped config name (the one you will train with)", "config overrides, as for train")),
+        Verb("plan", "predict peak GPU memory of a training config, part by part", PLAN_HELP, _cmd_plan, _plan_arguments),
+        sampling.VERB, scoring.VERB, pairing.VERB, pipeline.VERB, evaluation.VERB,
+        Verb("demo", "offline end-to-end demo with a before/after table", DEMO_HELP, _cmd_demo, _demo_arguments),
+        Verb("config", "print the resolved config (every key with its value)",
+             "Print the resolved config: defaults, then CONFIG, then key=value overrides.", _cmd_config, _config_arguments),
+        Verb("doctor", "check preference data (and a model) before training", DOCTOR_HELP, _cmd_doctor, _doctor_arguments),
+        Verb("report", "write a run's HTML report (curves, diagnoses, data, config)", REPORT_HELP, _cmd_report, _report_arguments),
+    )
+
+
+def _on_config(verb: Verb):
+    """A verb with flags runs on the Config its command line makes (CONFIG, then the flags, then key=value), after the
+    input gateway has checked every file that config names, however it was given."""
+    def run(args) -> int:
+        from dpokit.config.flags import config_from_args, resolved_args
+        from dpokit.inputs.catalog import check_cli_inputs
+
+        cfg = config_from_args(args, verb.flags)
+        check_cli_inputs(verb.name, resolved_args(cfg, verb.flags))
+        return verb.run(cfg)
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dpokit",
         description="Align causal language models with Direct Preference Optimization and its family.",
         epilog="Run `dpokit VERB --help` for each verb. Docs: docs/ in the repository.",
     )
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
-    train = verbs.add_parser("train", help="train on preference pairs", description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("config", metavar="CONFIG", help="YAML file or shipped config name (demo)")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    train.set_defaults(func=_cmd_train)
-
-    sft = verbs.add_parser("sft", help="supervised fine-tuning (completion-only loss)", description=SFT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sft.add_argument("config", metavar="CONFIG", help="YAML file or shipped config name")
-    sft.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    sft.set_defaults(func=_cmd_sft)
-
-    precompute = verbs.add_parser("precompute", help="cache the reference log-probs of a training config", description=PRECOMPUTE_HELP,
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb in verbs():
+        p = subparsers.add_parser(verb.name, help=verb.help, description=verb.description,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    precompute.add_argument("config", metavar="CONFIG", help="YAML file or shipped config name (the one you will train with)")
-    precompute.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
-    precompute.set_defaults(func=_cmd_precompute)
-
-    plan = verbs.add_parser("plan", help="predict peak GPU memory of a training config, part by part",
-                            description="Predict the peak memory per GPU of `dpokit train CONFIG` from the model's config.json "
-                            "(no weights loaded), say whether it fits, and what to change if not (docs/performance.md). "
-                            "Exit status 1 when it does not fit.")
-    plan.add_argument("config", metavar="CONFIG", help="YAML file or shipped config name")
-    plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
-    plan.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs; N > 1 assumes FSDP/ZeRO-3 sharding (default: 1)")
-    plan.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB or 24GiB")
-    plan.set_defaults(func=_cmd_plan)
-
-    from dpokit.online import evaluation, pairing, pipeline, sampling, scoring
-
-    for module in (sampling, scoring, pairing, pipeline, evaluation):
-        module.add_cli(verbs)  # sample, score, pair, pipeline, eval
-
-    demo = verbs.add_parser("demo", help="offline end-to-end demo with a before/after table", description=DEMO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--out-dir", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo config, e.g. loss.beta=0.2")
-    demo.set_defaults(func=_cmd_demo)
-
-    config = verbs.add_parser("config", help="print the resolved config (every key with its value)", description="Print the resolved config: defaults, then CONFIG, then key=value overrides.")
-    config.add_argument("config", nargs="?", metavar="CONFIG", help="YAML file or shipped config name")
-    config.add_argument("overrides", nargs="*", metavar="key=value")
-    config.add_argument("--from", dest="from_file", metavar="FILE",
-                        help="translate an Axolotl DPO YAML or TRL DPOConfig arguments (YAML/JSON) into a dpokit YAML on stdout")
-    config.set_defaults(func=_cmd_config)
-
-    doctor = verbs.add_parser("doctor", help="check preference data (and a model) before training", description=DOCTOR_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    doctor.add_argument("data", metavar="DATA", help="preference file, saved dataset folder or hub id (anything data.path accepts)")
-    doctor.add_argument("--model", help="model folder or hub id for the token and reference checks (default: the config's model.name_or_path)")
-    doctor.add_argument("--config", help="YAML file or shipped config name whose data.* settings apply")
-    doctor.add_argument("--sample", type=int, default=256, metavar="N", help="pairs scored by the reference model (default: 256; 0: do not load it)")
-    doctor.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    doctor.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=2048")
-    doctor.set_defaults(func=_cmd_doctor)
-
-    report = verbs.add_parser("report", help="write a run's HTML report (curves, diagnoses, data, config)", description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (out_dir of `dpokit train`)")
-    report.add_argument("--out", metavar="FILE", help="where to write the page (default: RUN_DIR/report.html)")
-    report.set_defaults(func=_cmd_report)
+        if verb.flags:
+            add_config_arguments(p, verb.flags)
+        if verb.arguments:
+            verb.arguments(p)
+        p.set_defaults(func=_on_config(verb) if verb.flags else verb.run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dpokit.config import ConfigError
-    from dpokit.inputs import InputError
-    from dpokit.inputs.catalog import check_cli_inputs
-    from dpokit.models import ModelLoadError
-    from dpokit.online.scorer import ScoringError
-
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value after an option (`doctor DATA --sample 0 data.max_length=256`): argparse has already
@@ -293,8 +321,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides, extra = args.overrides + late, [a for a in extra if a not in late]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dpokit.config import ConfigError
+    from dpokit.inputs import InputError
+    from dpokit.inputs.catalog import check_cli_inputs
+    from dpokit.models import ModelLoadError
+    from dpokit.online.scorer import ScoringError
+
+    args = parse_command_line(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        build_parser().print_help()
         return 2
     try:
         check_cli_inputs(args.verb, args)  # the input gateway, before any model or data is touched

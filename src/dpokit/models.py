@@ -72,8 +72,8 @@ def _missing_parts(path: str, needs: tuple[str, ...]) -> list[str]:
 class OptIn:
     """How the user says yes to a model's own code or its pickle weights, as the refusals name it.
 
-    `dpokit train` reads its config's model.* keys; the online verbs have flags (--trust-remote-code) and
-    the pipeline its own keys, so each refusal names the setting of the verb that loaded the model.
+    Every verb reads the config's model.* keys (the online verbs' --trust-remote-code / --allow-pickle are their
+    aliases) and the pipeline its own keys, so each refusal names the setting of the verb that loaded the model.
     """
 
     trust_remote_code: str = "model.trust_remote_code=true"

@@ -31,7 +31,8 @@ class Input:
 _TRAINING = ("train", "sft", "precompute", "plan", "config", "doctor")
 
 INPUTS: tuple[Input, ...] = (
-    Input(_TRAINING[:5], "CONFIG", "config", "config", dest="config", also="a shipped config name (demo)"),
+    Input(_TRAINING[:5] + ("sample", "score", "pair", "eval"), "CONFIG", "config", "config", dest="config",
+          also="a shipped config name (demo)"),
     Input(("doctor",), "--config", "config", "config", dest="config", also="a shipped config name"),
     Input(("pipeline",), "CONFIG", "config", "pipeline_config", dest="config", also="a shipped pipeline name"),
     Input(("config",), "--from", "config", "config_from", dest="from_file", also="an Axolotl or TRL config"),

@@ -25,7 +25,6 @@ KL from samples at another temperature or top_p is not an unbiased estimate; it 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -36,17 +35,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dpokit.config import ConfigError, EvalConfig, SamplingConfig
+from dpokit.config import Config, ConfigError, EvalConfig, SamplingConfig
+from dpokit.config.flags import Flag, Verb, require, resolved_args
 from dpokit.generation import Sample, sample
-from dpokit.online.judges import PairwiseJudge, add_judge_flags, judge_options
-from dpokit.online.loading import add_trust_flags, load_model, trust_from_args
+from dpokit.online.judges import PairwiseJudge, judge_flags, judge_options
+from dpokit.online.loading import TRUST_FLAGS, ModelTrust, load_model
 from dpokit.online.log_ratios import (  # noqa: F401  (kept importable from here)
     KL_ESTIMATOR, examples_of, k3_kl, kl_to_reference, log_ratios, preference_accuracy)
 from dpokit.online.prompts import Prompt, describe_counts, load_prompts, render_prompt
 from dpokit.online.scoring import build_scorer
 from dpokit.online.suites.local_judge import LocalPairwiseJudge
 from dpokit.online.suites.multiturn import MTBenchJudge
-from dpokit.online.suites.runner import add_suite_flags, check_suite_args, run_suites, suite_rows
+from dpokit.online.suites.runner import SUITE_FLAGS, check_suite_args, run_suites, suite_rows
 from dpokit.online.suites.view import markdown, write_view
 from dpokit.training.run_dir import holding
 
@@ -247,86 +247,94 @@ win rate is by a pairwise judge (both orders asked) and the mean score by --scor
 --local-judge MODEL does the pairwise judging with a local model instead. --out FILE.json also
 writes FILE.md, the table of every number (policy vs baseline, with standard errors); a run
 directory's eval.json is shown by `dpokit report`.
+
+Every flag is an alias of a config key (shown in its help: model.*, eval.*, io.*, scoring.scorer,
+judge.*), so the settings can come from a YAML file and key=value overrides too, as for `dpokit train`:
+
+  dpokit eval eval.yaml model.name_or_path=runs/dpo/final eval.suites=[ifeval]
 """
 
 
-def add_cli(verbs) -> None:
-    d = EvalConfig()  # the defaults, from the one typed config
-    p = verbs.add_parser("eval", help="evaluate a policy against a baseline (score, win rate, KL, length, suites)",
-                         description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", required=True, help="model folder, hub id or demo:sentiment-sft")
-    p.add_argument("--reference", help="reference model for KL and implicit rewards (usually the SFT model)")
-    p.add_argument("--baseline", help="model to compare with (default: the reference)")
-    p.add_argument("--prompts", help="held-out prompts (a data file) for the sampled evaluation; needed unless only suites run")
-    p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--max-prompts", type=int, default=d.max_prompts)
-    p.add_argument("--scorer", help="module:function or rm:MODEL")
-    add_judge_flags(p, "OpenAI-compatible base URL for a pairwise judge (and multiturn's rating judge)")
-    p.add_argument("--pairs", default=d.pairs, help="held-out preference pairs for preference accuracy")
-    p.add_argument("--max-pairs", type=int, metavar="N",
-                   help="use only the first N pairs of --pairs (each costs a policy and a reference forward of both sides)")
-    p.add_argument("-n", "--num-samples", type=int, default=d.num_samples)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens or SamplingConfig().max_new_tokens)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", help="write the metrics as JSON here, the table as markdown beside it (.md), and the samples (.samples.jsonl)")
-    add_suite_flags(p, d)
-    add_trust_flags(p)  # for every model it loads: policy, reference, baseline, reward model, local judge
-    p.set_defaults(func=run_cli)
+EVAL_FLAGS = (
+    Flag(("--policy",), "model.name_or_path", "model folder, hub id or demo:sentiment-sft (required)", dest="policy"),
+    Flag(("--reference",), "model.ref_name_or_path", "reference model for KL and implicit rewards (usually the SFT model)",
+         dest="reference"),
+    Flag(("--baseline",), "eval.baseline", "model to compare with (none: the reference)"),
+    Flag(("--prompts",), "io.prompts", "held-out prompts (a data file) for the sampled evaluation; needed unless only suites run"),
+    Flag(("--prompt-column",), "io.prompt_column"),
+    Flag(("--max-prompts",), "eval.max_prompts"),
+    Flag(("--scorer",), "scoring.scorer", "module:function or rm:MODEL"),
+    *judge_flags("OpenAI-compatible base URL for a pairwise judge (and multiturn's rating judge)"),
+    Flag(("--pairs",), "eval.pairs", "held-out preference pairs for preference accuracy"),
+    Flag(("--max-pairs",), "eval.max_pairs",
+         "use only the first N pairs of --pairs (each costs a policy and a reference forward of both sides)", metavar="N"),
+    Flag(("-n", "--num-samples"), "eval.num_samples"),
+    Flag(("--temperature",), "eval.temperature"),
+    Flag(("--top-p",), "eval.top_p"),
+    Flag(("--max-new-tokens",), "eval.max_new_tokens", "none: sampling.max_new_tokens"),
+    Flag(("--seed",), "eval.seed"),
+    Flag(("--out",), "io.out",
+         "write the metrics as JSON here, the table as markdown beside it (.md), and the samples (.samples.jsonl)", dest="out"),
+    *SUITE_FLAGS,
+    *TRUST_FLAGS,  # for every model it loads: policy, reference, baseline, reward model, local judge
+)
 
 
-def config_from_args(args) -> EvalConfig:
-    """The EvalConfig of `dpokit eval`'s flags, checked as a config is (a bad value is a ConfigError naming its key)."""
-    return EvalConfig(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed, max_prompts=args.max_prompts, pairs=args.pairs, max_pairs=args.max_pairs,
-                      suites=list(dict.fromkeys(args.suite)), ifeval_prompts=args.ifeval_prompts,
-                      multiturn_questions=args.multiturn_questions, multiturn_mode=args.multiturn_mode,
-                      suite_max_new_tokens=args.suite_max_new_tokens, lc_bootstrap=args.lc_bootstrap)
+def eval_settings(cfg: Config) -> EvalConfig:
+    """The EvalConfig `dpokit eval` runs with: cfg.eval, each suite once, max_new_tokens none -> sampling.max_new_tokens."""
+    return dataclasses.replace(cfg.eval, suites=list(dict.fromkeys(cfg.eval.suites)),
+                               max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens)
 
 
-def run_cli(args) -> int:
+def run_cli(cfg: Config) -> int:
+    """`dpokit eval` on its config: model.* (policy, reference, trust), eval.*, io.prompts/prompt_column/out,
+    scoring.scorer, judge.*."""
     import transformers  # lazy: keeps `dpokit --help` fast; loading the models imports it anyway
 
+    require(cfg, "model.name_or_path", "--policy", "the policy to evaluate")
     transformers.utils.logging.disable_progress_bar()
-    check_suite_args(args)
-    cfg = config_from_args(args)
+    check_suite_args(resolved_args(cfg, EVAL_FLAGS))
     # A dpokit run directory is locked for the whole evaluation: a run starting there meanwhile would replace the
     # model being measured, and this eval.json would then describe the earlier model (run_dir.holding).
-    with holding(Path(args.out).parent if args.out else None, "--out"):
-        return _evaluate(args, cfg)
+    with holding(Path(cfg.io.out).parent if cfg.io.out else None, "--out"):
+        return _evaluate(cfg, eval_settings(cfg))
 
 
-def _evaluate(args, cfg: EvalConfig) -> int:
-    client_options = judge_options(args)
-    trust = trust_from_args(args)
-    policy, tokenizer = load_model(args.policy, trust)
-    reference = load_model(args.reference, trust)[0] if args.reference else None
-    baseline = load_model(args.baseline, trust)[0] if args.baseline else "reference"
-    scorer = build_scorer(args.scorer, trust) if args.scorer else None
+def _evaluate(cfg: Config, e: EvalConfig) -> int:
+    client_options = judge_options(cfg.judge)
+    trust = ModelTrust.of(cfg.model)
+    judge_url, judge_model, out = cfg.judge.base_url, cfg.judge.model, cfg.io.out
+    policy, tokenizer = load_model(cfg.model.name_or_path, trust)
+    reference = load_model(cfg.model.ref_name_or_path, trust)[0] if cfg.model.ref_name_or_path else None
+    baseline = load_model(e.baseline, trust)[0] if e.baseline else "reference"
+    scorer = build_scorer(cfg.scoring.scorer, trust) if cfg.scoring.scorer else None
     judge = rating_judge = None
-    if args.judge_url:
-        judge = PairwiseJudge(args.judge_url, args.judge_model, **client_options)
-        rating_judge = MTBenchJudge(args.judge_url, args.judge_model, **client_options)
-    elif args.local_judge:
-        judge = LocalPairwiseJudge(*load_model(args.local_judge, trust), name=f"local judge {args.local_judge}")
+    if judge_url:
+        judge = PairwiseJudge(judge_url, judge_model, **client_options)
+        rating_judge = MTBenchJudge(judge_url, judge_model, **client_options)
+    elif e.local_judge:
+        judge = LocalPairwiseJudge(*load_model(e.local_judge, trust), name=f"local judge {e.local_judge}")
     metrics: dict[str, Any] = {}
     judgments: list[dict] = []
-    if args.prompts:
-        prompts, counts = load_prompts(args.prompts, column=args.prompt_column, max_prompts=args.max_prompts)
-        print(f"[eval] {args.prompts}: {describe_counts(counts)}", flush=True)
-        samples_out = Path(args.out).with_suffix(".samples.jsonl") if args.out else None
-        metrics = evaluate(policy, tokenizer, prompts, cfg, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
+    if cfg.io.prompts:
+        prompts, counts = load_prompts(cfg.io.prompts, column=cfg.io.prompt_column, max_prompts=e.max_prompts)
+        print(f"[eval] {cfg.io.prompts}: {describe_counts(counts)}", flush=True)
+        samples_out = Path(out).with_suffix(".samples.jsonl") if out else None
+        metrics = evaluate(policy, tokenizer, prompts, e, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
                            samples_out=samples_out, progress=True, judgments=judgments)
         print(format_report(metrics))
-    if cfg.suites:
+    if e.suites:
         suite_baseline = reference if isinstance(baseline, str) else baseline  # "reference": the default
-        metrics["suites"] = run_suites(cfg.suites, policy, tokenizer, suite_baseline, cfg=cfg, judgments=judgments,
+        metrics["suites"] = run_suites(e.suites, policy, tokenizer, suite_baseline, cfg=e, judgments=judgments,
                                        rating_judge=rating_judge, pairwise_judge=rating_judge or judge)
-        metrics["suite_rows"] = suite_rows(cfg.suites)  # how eval.md and `dpokit report` show each suite's results
-        metrics["baseline"] = args.baseline or args.reference
+        metrics["suite_rows"] = suite_rows(e.suites)  # how eval.md and `dpokit report` show each suite's results
+        metrics["baseline"] = e.baseline or cfg.model.ref_name_or_path
         print(markdown(metrics))
-    if args.out:
-        write_view(metrics, args.out)
-        print(f"[eval] metrics written to {args.out} and {Path(args.out).with_suffix('.md')}")
+    if out:
+        write_view(metrics, out)
+        print(f"[eval] metrics written to {out} and {Path(out).with_suffix('.md')}")
     return 0
+
+
+VERB = Verb("eval", "evaluate a policy against a baseline (score, win rate, KL, length, suites)", EVAL_HELP, run_cli,
+            flags=EVAL_FLAGS)

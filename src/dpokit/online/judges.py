@@ -29,6 +29,7 @@ import urllib.request
 from typing import Callable
 
 from dpokit.config import JudgeConfig
+from dpokit.config.flags import Flag
 from dpokit.inputs import loads_bounded
 from dpokit.online.judge_grammar import parse_rating, parse_verdict
 from dpokit.online.prompts import Prompt
@@ -216,25 +217,25 @@ class ChatClient:
         )
 
 
-def add_judge_flags(parser, url_help: str) -> None:
-    """The flags of a judge behind an API, the same on every verb that asks one (score, eval)."""
-    parser.add_argument("--judge-url", help=url_help)
-    parser.add_argument("--judge-model", help="model name sent to the judge endpoint")
-    parser.add_argument("--api-key-env", default=_D.api_key_env,
-                        help=f"environment variable holding the judge's API key (default {_D.api_key_env})")
-    parser.add_argument("--timeout", type=float, default=_D.timeout,
-                        help=f"seconds one judge request may take in all, reply included (default {_D.timeout:g})")
-    parser.add_argument("--max-retries", type=int, default=_D.max_retries,
-                        help=f"retries of a failed judge request (default {_D.max_retries})")
+def judge_flags(url_help: str) -> tuple[Flag, ...]:
+    """The flags of a judge behind an API, the same on every verb that asks one (score, eval): aliases of judge.*."""
+    return (
+        Flag(("--judge-url",), "judge.base_url", url_help),
+        Flag(("--judge-model",), "judge.model", "model name sent to the judge endpoint"),
+        Flag(("--api-key-env",), "judge.api_key_env", "environment variable holding the judge's API key"),
+        Flag(("--timeout",), "judge.timeout", "seconds one judge request may take in all, reply included"),
+        Flag(("--max-retries",), "judge.max_retries", "retries of a failed judge request"),
+    )
 
 
-def judge_options(args) -> dict:
-    """The ChatClient options from add_judge_flags' flags, checked before anything is loaded or asked."""
-    if args.judge_url and not args.judge_model:
-        raise ScoringError("--judge-url needs --judge-model")
-    if not args.timeout > 0 or args.max_retries < 0:
-        raise ScoringError(f"--timeout must be > 0 and --max-retries >= 0, got {args.timeout:g} and {args.max_retries}")
-    return {"api_key_env": args.api_key_env, "timeout": args.timeout, "max_retries": args.max_retries}
+def judge_options(judge: JudgeConfig) -> dict:
+    """The ChatClient options of a config's judge section, checked before anything is loaded or asked."""
+    if judge.base_url and not judge.model:
+        raise ScoringError("--judge-url needs --judge-model (judge.base_url needs judge.model)")
+    if not judge.timeout > 0 or judge.max_retries < 0:
+        raise ScoringError(f"--timeout must be > 0 and --max-retries >= 0 (judge.timeout, judge.max_retries), "
+                           f"got {judge.timeout:g} and {judge.max_retries}")
+    return {"api_key_env": judge.api_key_env, "timeout": judge.timeout, "max_retries": judge.max_retries}
 
 
 POINTWISE_TEMPLATE = (

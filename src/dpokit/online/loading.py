@@ -7,10 +7,10 @@ pickle-only weights, unless the user opts in. The checkpoint's own dtype is kept
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 from dpokit.config import ModelConfig
+from dpokit.config.flags import Flag
 from dpokit.data.records import DataError
 from dpokit.demo.assets import PREFIX, demo_paths
 from dpokit.models import OptIn, load_model as load_checked_model, load_tokenizer as load_checked_tokenizer
@@ -22,14 +22,28 @@ class ModelTrust:
 
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    where: str = "cli"  # cli: --trust-remote-code / --allow-pickle | pipeline: its trust_remote_code / allow_pickle keys
+    where: str = "cli"  # cli: model.trust_remote_code / model.allow_pickle (or their flags) | pipeline: its keys
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> "ModelTrust":
+        """The opt-ins of a config's model section: the one trust switch every verb reads."""
+        return cls(trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle)
 
 
-# The online verbs opt in with their own settings, and dpokit.models' refusals name them.
+# The refusals of dpokit.models name the setting of the verb that loaded the model.
 OPT_IN = {
-    "cli": OptIn(trust_remote_code="--trust-remote-code", allow_pickle="--allow-pickle"),
+    "cli": OptIn(trust_remote_code="model.trust_remote_code=true (--trust-remote-code)",
+                 allow_pickle="model.allow_pickle=true (--allow-pickle)"),
     "pipeline": OptIn(trust_remote_code="trust_remote_code=true (a pipeline key)", allow_pickle="allow_pickle=true (a pipeline key)"),
 }
+
+# The online verbs' trust flags: aliases of the model.* keys `dpokit train` reads.
+TRUST_FLAGS = (
+    Flag(("--trust-remote-code",), "model.trust_remote_code",
+         "run the Python code a model folder ships (auto_map); only for code you have read and trust"),
+    Flag(("--allow-pickle",), "model.allow_pickle",
+         "load pickle-based weights (pytorch_model.bin) when there are no safetensors; only from a trusted source"),
+)
 
 
 def resolve_model_path(spec: str) -> str:
@@ -57,15 +71,3 @@ def load_model(spec: str, trust: ModelTrust = ModelTrust(), auto_class=None, dev
 def load_tokenizer(spec: str, trust: ModelTrust = ModelTrust()):
     """The tokenizer alone (vLLM loads the weights itself), after the same checks."""
     return load_checked_tokenizer(inference_settings(spec, trust), OPT_IN[trust.where])
-
-
-def add_trust_flags(parser: argparse.ArgumentParser) -> None:
-    """--trust-remote-code and --allow-pickle: for a verb's models, the opt-ins of `dpokit train`'s model.* keys."""
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the Python code a model folder ships (auto_map); only for code you have read and trust")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="load pickle-based weights (pytorch_model.bin) when there are no safetensors; only from a trusted source")
-
-
-def trust_from_args(args: argparse.Namespace) -> ModelTrust:
-    return ModelTrust(trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)

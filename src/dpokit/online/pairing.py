@@ -29,14 +29,14 @@ margin, chosen_tokens and rejected_tokens for inspection.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 from collections import Counter
 from pathlib import Path
 
-from dpokit.config import LENGTH_BALANCES, PAIRING_STRATEGIES, PairingConfig
+from dpokit.config import LENGTH_BALANCES, PAIRING_STRATEGIES, Config, PairingConfig
+from dpokit.config.flags import Flag, Verb, require
 from dpokit.online.sampling import samples_by_prompt
 
 
@@ -184,26 +184,31 @@ different lengths are dropped and counted. The output trains directly with `dpok
 
   dpokit pair --in scored.jsonl --out pairs.jsonl
   dpokit pair --in scored.jsonl --out pairs.jsonl --strategy all_pairs --min-margin 1 --max-length-ratio 1.5
+  dpokit pair pair.yaml pairing.min_margin=1 io.out=pairs.jsonl
+
+Every flag is an alias of a config key (shown in its help: io.*, pairing.*), so the settings can come
+from a YAML file and key=value overrides too, as for `dpokit train`.
 """
 
 
-def add_cli(verbs) -> None:
-    d = PairingConfig()  # the defaults, from the one typed config
-    p = verbs.add_parser("pair", help="build preference pairs from scored samples", description=PAIR_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--in", dest="in_path", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--strategy", choices=PAIRING_STRATEGIES, default=d.strategy)
-    p.add_argument("--min-margin", type=float, default=d.min_margin)
-    p.add_argument("--length-balance", choices=LENGTH_BALANCES, default=d.length_balance)
-    p.add_argument("--max-length-ratio", type=float, default=d.max_length_ratio)
-    p.add_argument("--max-pairs-per-prompt", type=int, default=d.max_pairs_per_prompt)
-    p.add_argument("--drop-unfinished", action="store_true", default=d.drop_unfinished)
-    p.set_defaults(func=run_cli)
+PAIR_FLAGS = (
+    Flag(("--in",), "io.input", "scored samples JSONL, dpokit score's output (required)", dest="in_path"),
+    Flag(("--out",), "io.out", "pairs JSONL, with <out>.summary.json beside it (required)", dest="out"),
+    Flag(("--strategy",), "pairing.strategy", choices=PAIRING_STRATEGIES),
+    Flag(("--min-margin",), "pairing.min_margin"),
+    Flag(("--length-balance",), "pairing.length_balance", choices=LENGTH_BALANCES),
+    Flag(("--max-length-ratio",), "pairing.max_length_ratio"),
+    Flag(("--max-pairs-per-prompt",), "pairing.max_pairs_per_prompt"),
+    Flag(("--drop-unfinished",), "pairing.drop_unfinished"),
+)
 
 
-def run_cli(args) -> int:
-    cfg = PairingConfig(args.strategy, args.min_margin, args.length_balance, args.max_length_ratio,
-                        args.max_pairs_per_prompt, args.drop_unfinished)
-    print(format_summary(pair_file(args.in_path, args.out, cfg)))
+def run_cli(cfg: Config) -> int:
+    """`dpokit pair` on its config: io.input, io.out, pairing.*."""
+    in_path = require(cfg, "io.input", "--in", "the scored samples file")
+    out = require(cfg, "io.out", "--out", "the output file")
+    print(format_summary(pair_file(in_path, out, cfg.pairing)))
     return 0
+
+
+VERB = Verb("pair", "build preference pairs from scored samples", PAIR_HELP, run_cli, flags=PAIR_FLAGS)

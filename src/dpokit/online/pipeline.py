@@ -31,7 +31,6 @@ The config (PipelineConfig, load_pipeline_config) is in config.py, loaded like `
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -42,6 +41,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from dpokit.config import ConfigError, PipelineConfig, load_pipeline_config, resolve_config_path
+from dpokit.config.flags import Verb
 from dpokit.demo import world
 from dpokit.online.backends import make_backend, vllm_available
 from dpokit.online.evaluation import draw, evaluate
@@ -298,12 +298,9 @@ CONFIG is a YAML file or a shipped name. docs/pipeline.md lists every key.
 """
 
 
-def add_cli(verbs) -> None:
-    p = verbs.add_parser("pipeline", help="online DPO: K rounds of sample, score, pair, train, evaluate",
-                         description=PIPELINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _arguments(p) -> None:
     p.add_argument("config", metavar="CONFIG", help="pipeline YAML file or shipped name (pipeline_demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
@@ -314,3 +311,6 @@ def run_cli(args) -> int:
     records = Pipeline(cfg).run()
     print(f"[pipeline] done: {len(records) - 1} rounds; summary in {Path(cfg.out_dir) / 'summary.md'}")
     return 0
+
+
+VERB = Verb("pipeline", "online DPO: K rounds of sample, score, pair, train, evaluate", PIPELINE_HELP, run_cli, _arguments)

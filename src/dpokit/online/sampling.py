@@ -23,12 +23,13 @@ other settings is refused (use another --out, or delete the file).
 
 Backends (online/backends.py): Hugging Face `generate` (default), or vLLM when it is installed and a
 GPU is present. Prompts are read and rendered by online/prompts.py; the model is loaded by
-online/loading.py, with the safety checks of `dpokit train` (--trust-remote-code, --allow-pickle).
+online/loading.py, with the safety checks of `dpokit train` (model.trust_remote_code, model.allow_pickle; or
+--trust-remote-code, --allow-pickle). Every setting is a config key (sampling.*, io.*, model.*): the flags are
+their aliases (SAMPLE_FLAGS), and `dpokit sample CONFIG key=value` reads them from a YAML file too.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -37,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dpokit.config import SAMPLING_BACKENDS, SamplingConfig
+from dpokit.config import SAMPLING_BACKENDS, Config, SamplingConfig
+from dpokit.config.flags import Flag, Verb, require
 from dpokit.data.records import DataError
 from dpokit.inputs import iter_lines, loads_bounded
 from dpokit.online.backends import make_backend
-from dpokit.online.loading import add_trust_flags, trust_from_args
+from dpokit.online.loading import TRUST_FLAGS, ModelTrust
 from dpokit.online.prompts import Prompt, describe_counts, load_prompts, prompt_key, render_prompt
 
 
@@ -220,43 +222,51 @@ rerun the same command and the prompts already in --out are not generated again.
 Prompts come from a `prompt` column (text or chat messages; --prompt-column renames it),
 a `messages` column (the last assistant turn is left out), or any preference layout.
 Conversational prompts go through the model's chat template.
+
+Every flag is an alias of a config key (shown in its help), so the settings can come from a YAML
+file and key=value overrides too, as for `dpokit train` (the flags win over CONFIG, key=value over both):
+
+  dpokit sample sample.yaml sampling.num_samples=8 io.out=samples.jsonl
 """
 
 
-def add_cli(verbs) -> None:
-    d = SamplingConfig()  # the defaults, from the one typed config
-    p = verbs.add_parser("sample", help="sample N completions per prompt (resumable)", description=SAMPLE_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder, hub id, or demo:sentiment-sft")
-    p.add_argument("--prompts", required=True, help="data file with prompts (anything data.path accepts)")
-    p.add_argument("--out", required=True, help="output JSONL (appended to; resumable)")
-    p.add_argument("-n", "--num-samples", type=int, default=d.num_samples)
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per generate call (default {d.batch_size})")
-    p.add_argument("--backend", choices=SAMPLING_BACKENDS, default=d.backend)
-    p.add_argument("--split", default="train")
-    p.add_argument("--prompt-column", default="prompt")
-    p.add_argument("--max-prompts", type=int, default=None)
-    add_trust_flags(p)
-    p.set_defaults(func=run_cli)
+SAMPLE_FLAGS = (
+    Flag(("--model",), "model.name_or_path", "model folder, hub id, or demo:sentiment-sft (required)", dest="model"),
+    Flag(("--prompts",), "io.prompts", "data file with prompts, anything data.path accepts (required)", dest="prompts"),
+    Flag(("--out",), "io.out", "output JSONL, appended to; resumable (required)", dest="out"),
+    Flag(("-n", "--num-samples"), "sampling.num_samples", "completions per prompt"),
+    Flag(("--temperature",), "sampling.temperature", "0: greedy"),
+    Flag(("--top-p",), "sampling.top_p"),
+    Flag(("--max-new-tokens",), "sampling.max_new_tokens"),
+    Flag(("--seed",), "sampling.seed"),
+    Flag(("--batch-size",), "sampling.batch_size", "sequences per generate call"),
+    Flag(("--backend",), "sampling.backend", choices=SAMPLING_BACKENDS),
+    Flag(("--split",), "io.split", "the prompts' split when they are a dataset with splits"),
+    Flag(("--prompt-column",), "io.prompt_column"),
+    Flag(("--max-prompts",), "io.max_prompts", "only the first N prompts"),
+    *TRUST_FLAGS,
+)
 
 
-def run_cli(args) -> int:
+def run_cli(cfg: Config) -> int:
+    """`dpokit sample` on its config: model.*, sampling.*, io.prompts, io.split, io.prompt_column, io.max_prompts, io.out."""
     import transformers  # lazy: keeps `dpokit --help` fast; every verb that runs a model imports it anyway
 
+    model = require(cfg, "model.name_or_path", "--model", "the model to sample")
+    prompts_path = require(cfg, "io.prompts", "--prompts", "the prompts file")
+    out = require(cfg, "io.out", "--out", "the output file")
     transformers.utils.logging.disable_progress_bar()
-    cfg = SamplingConfig(args.num_samples, args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size, args.backend)
-    prompts, counts = load_prompts(args.prompts, args.split, args.prompt_column, args.max_prompts)
+    prompts, counts = load_prompts(prompts_path, cfg.io.split, cfg.io.prompt_column, cfg.io.max_prompts)
     print(f"[sample] {describe_counts(counts)}", flush=True)
-    backend = make_backend(cfg, args.model, trust=trust_from_args(args))
+    backend = make_backend(cfg.sampling, model, trust=ModelTrust.of(cfg.model))
 
     def progress(done: int, total: int) -> None:
         print(f"[sample] {done}/{total} prompts", flush=True)
 
-    report = sample_to_file(prompts, args.out, cfg, backend, model_id=args.model, progress=progress)
+    report = sample_to_file(prompts, out, cfg.sampling, backend, model_id=model, progress=progress)
     print(f"[sample] {report.generated} prompts generated, {report.already_done} already done; "
           f"{report.rows} rows in {report.path} ({report.seconds:.1f}s, backend {backend.name})")
     return 0
+
+
+VERB = Verb("sample", "sample N completions per prompt (resumable)", SAMPLE_HELP, run_cli, flags=SAMPLE_FLAGS)

@@ -21,7 +21,6 @@ resumably.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import importlib.util
@@ -33,10 +32,11 @@ from typing import Any, Callable, Union
 
 import torch
 
-from dpokit.config import JudgeConfig
+from dpokit.config import Config, JudgeConfig
+from dpokit.config.flags import Flag, Verb, require
 from dpokit.models import ModelLoadError
-from dpokit.online.judges import JudgeScorer, PairwiseJudge, add_judge_flags, judge_options
-from dpokit.online.loading import ModelTrust, add_trust_flags, load_model, trust_from_args
+from dpokit.online.judges import JudgeScorer, PairwiseJudge, judge_flags, judge_options
+from dpokit.online.loading import TRUST_FLAGS, ModelTrust, load_model
 from dpokit.inputs import InputError, check_file
 from dpokit.online.prompts import Prompt, prompt_key
 from dpokit.online.sampling import append_rows, read_samples
@@ -289,30 +289,39 @@ request takes at most --timeout seconds in all (a slow reply too) and is retried
 times (with backoff), so an unanswered request costs at most (retries + 1) x timeout plus the
 backoff waits. How replies are read: docs/evaluation.md, "Judge replies".
 A progress line (count, elapsed, time left) is printed after every chunk of rows.
+
+Every flag is an alias of a config key (shown in its help: io.*, scoring.scorer, judge.*), so the
+settings can come from a YAML file and key=value overrides too, as for `dpokit train`:
+
+  dpokit score score.yaml io.input=samples.jsonl io.out=scored.jsonl
 """
 
 
-def add_cli(verbs) -> None:
-    d = JudgeConfig()  # the judge's defaults, from the one typed config
-    p = verbs.add_parser("score", help="score sampled completions (rule, reward model or LLM judge)", description=SCORE_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--in", dest="in_path", required=True, help="samples JSONL (dpokit sample's output)")
-    p.add_argument("--out", required=True, help="scored JSONL (resumable)")
-    p.add_argument("--scorer", help="module:function or rm:MODEL")
-    add_judge_flags(p, "OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--concurrency", type=int, default=d.max_concurrency, help="judge requests in flight")
-    add_trust_flags(p)  # for a reward model (rm:MODEL)
-    p.set_defaults(func=run_cli)
+SCORE_FLAGS = (
+    Flag(("--in",), "io.input", "samples JSONL, dpokit sample's output (required)", dest="in_path"),
+    Flag(("--out",), "io.out", "scored JSONL, resumable (required)", dest="out"),
+    Flag(("--scorer",), "scoring.scorer", "module:function or rm:MODEL"),
+    *judge_flags("OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"),
+    Flag(("--concurrency",), "judge.max_concurrency", "judge requests in flight"),
+    *TRUST_FLAGS,  # for a reward model (rm:MODEL)
+)
 
 
-def run_cli(args) -> int:
-    if bool(args.scorer) == bool(args.judge_url):
-        raise ScoringError("give exactly one of --scorer and --judge-url")
-    if args.judge_url:
-        scorer = JudgeScorer(args.judge_url, args.judge_model, max_concurrency=args.concurrency, **judge_options(args))
+def run_cli(cfg: Config) -> int:
+    """`dpokit score` on its config: io.input, io.out, scoring.scorer or judge.*, model.trust_remote_code/allow_pickle."""
+    in_path = require(cfg, "io.input", "--in", "the samples file")
+    out = require(cfg, "io.out", "--out", "the output file")
+    if bool(cfg.scoring.scorer) == bool(cfg.judge.base_url):
+        raise ScoringError("give exactly one of --scorer and --judge-url (scoring.scorer, judge.base_url)")
+    if cfg.judge.base_url:
+        scorer = JudgeScorer(cfg.judge.base_url, cfg.judge.model, max_concurrency=cfg.judge.max_concurrency,
+                             **judge_options(cfg.judge))
     else:
-        scorer = build_scorer(args.scorer, trust_from_args(args))
-    report = score_file(args.in_path, args.out, scorer, chunk_size=SCORE_CHUNK_SIZE, progress=ProgressLine("score"))
+        scorer = build_scorer(cfg.scoring.scorer, ModelTrust.of(cfg.model))
+    report = score_file(in_path, out, scorer, chunk_size=SCORE_CHUNK_SIZE, progress=ProgressLine("score"))
     print(f"[score] {report['scored']} rows scored, {report['already_scored']} already scored, "
-          f"{report['unscored']} without a score; written to {args.out}")
+          f"{report['unscored']} without a score; written to {out}")
     return 0
+
+
+VERB = Verb("score", "score sampled completions (rule, reward model or LLM judge)", SCORE_HELP, run_cli, flags=SCORE_FLAGS)

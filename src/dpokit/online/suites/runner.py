@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from dpokit.config import EvalConfig
 from dpokit.config.errors import check_choice
+from dpokit.config.flags import Flag
 from dpokit.config.online import MULTITURN_MODES
 from dpokit.online.suites import length_stats
 from dpokit.online.suites.ifeval import load_ifeval, run_ifeval
@@ -27,7 +28,7 @@ from dpokit.online.suites.multiturn import converse, load_questions, score_pairw
 from dpokit.online.suites.suite import Suite, SuiteError, SuiteRun
 from dpokit.report.eval_table import SUITE_ROWS
 
-__all__ = ["SUITES", "Suite", "SuiteError", "SuiteRun", "add_suite_flags", "check_suite_args", "check_suite_names",
+__all__ = ["SUITES", "Suite", "SuiteError", "SuiteRun", "SUITE_FLAGS", "check_suite_args", "check_suite_names",
            "lc_from_judgments", "run_suites", "suite_rows"]
 
 _SINGLE_NEEDS_API = ("multiturn single mode needs a judge behind an API: --judge-url and --judge-model "
@@ -148,21 +149,23 @@ def suite_rows(names: Sequence[str]) -> dict[str, list]:
     return {name: [list(row) for row in SUITES[name].rows] for name in names}
 
 
-def add_suite_flags(p, d) -> None:
-    """`dpokit eval`'s suite flags; d: the EvalConfig defaults."""
-    p.add_argument("--suite", action="append", choices=tuple(SUITES), default=list(d.suites), metavar="NAME",
-                   help="also run a suite (repeatable): " + ", ".join(f"{name} ({s.help})" for name, s in SUITES.items()))
-    p.add_argument("--ifeval-prompts", default=d.ifeval_prompts, metavar="FILE",
-                   help="IFEval-format JSONL (key, prompt, instruction_id_list, kwargs); default: the shipped 48 prompts")
-    p.add_argument("--multiturn-questions", default=d.multiturn_questions, metavar="FILE",
-                   help="two-turn questions, JSONL rows with \"turns\": [q1, q2]; default: the shipped 10")
-    p.add_argument("--multiturn-mode", choices=MULTITURN_MODES, default=d.multiturn_mode,
-                   help="single: the judge rates each turn 1-10 (needs --judge-url); pairwise: policy vs baseline per turn")
-    p.add_argument("--suite-max-new-tokens", type=int, default=d.suite_max_new_tokens, metavar="N",
-                   help="tokens per answer in the suites that answer prompts (greedy decoding)")
-    p.add_argument("--lc-bootstrap", type=int, default=d.lc_bootstrap, metavar="N",
-                   help="bootstrap resamples for the LC win rate's standard error (0: none)")
-    p.add_argument("--local-judge", metavar="MODEL",
-                   help="a local HF model as the pairwise judge (log-probability of 'A' vs 'B', both orders) when no "
-                        "--judge-url is given: for the win rate, lc_winrate and multiturn pairwise")
+# `dpokit eval`'s suite flags: aliases of eval.* keys (config/flags.py)
+SUITE_FLAGS = (
+    Flag(("--suite",), "eval.suites", lambda: "also run a suite (repeatable): " + ", ".join(f"{name} ({s.help})" for name, s in SUITES.items()),
+         dest="suite", metavar="NAME", choices=lambda: tuple(SUITES), repeat=True),
+    Flag(("--ifeval-prompts",), "eval.ifeval_prompts",
+         "IFEval-format JSONL (key, prompt, instruction_id_list, kwargs); none: the shipped 48 prompts", metavar="FILE"),
+    Flag(("--multiturn-questions",), "eval.multiturn_questions",
+         "two-turn questions, JSONL rows with \"turns\": [q1, q2]; none: the shipped 10", metavar="FILE"),
+    Flag(("--multiturn-mode",), "eval.multiturn_mode",
+         "single: the judge rates each turn 1-10 (needs --judge-url); pairwise: policy vs baseline per turn",
+         choices=MULTITURN_MODES),
+    Flag(("--suite-max-new-tokens",), "eval.suite_max_new_tokens",
+         "tokens per answer in the suites that answer prompts (greedy decoding)", metavar="N"),
+    Flag(("--lc-bootstrap",), "eval.lc_bootstrap", "bootstrap resamples for the LC win rate's standard error (0: none)",
+         metavar="N"),
+    Flag(("--local-judge",), "eval.local_judge",
+         "a local HF model as the pairwise judge (log-probability of 'A' vs 'B', both orders) when no "
+         "--judge-url is given: for the win rate, lc_winrate and multiturn pairwise", metavar="MODEL"),
+)
 
