@@ -30,7 +30,9 @@ def _outputs(root: Path, wall: float = 12.5, when: str = "2026-12-05 21:14:07") 
     (root / "dpo_live" / "data_summary.json").write_text(json.dumps({"train": {"rows_read": 402, "skipped": {"empty": 1}}}))
     (root / "dpo_live" / "config.yaml").write_text(f"out_dir: {root}/dpo_live\nloss:\n  beta: 0.5\n")
     (root / "dpo_live" / ".dpokit-run.json").write_text(json.dumps({"format": 1, "created": when}))
-    (root / "dpo_live" / "report.html").write_text(f"<p>written {when}</p><p>loss 0.68</p>")
+    clock = f'<!--clock--><div class="tile">tokens/s {1000 / wall:.0f}</div><!--/clock-->'  # report/page.py marks these
+    (root / "dpo_live" / "report.html").write_text(f"<p>written {when}</p><p>loss 0.68</p>{clock}")
+    (root / "dpo_live" / "final" / "README.md").write_text(f"Trained with dpokit 0.9.0 on {when[:10]}.\nloss 0.68\n")
     save_file({"w": torch.arange(64, dtype=torch.float32)}, str(root / "dpo_live" / "final" / "model.safetensors"),
               metadata={"format": "pt", "step": "2"})
     return root
@@ -83,3 +85,12 @@ def test_a_missing_run_on_one_side_fails_the_gate(tmp_path):
     b = _outputs(tmp_path / "b")
     shutil.rmtree(b / "dpo_live")
     assert any("only in A" in line for line in compare_runs.compare(a, b))
+
+
+def test_the_report_numbers_of_the_clock_and_the_cards_date_are_exempt_and_nothing_else(tmp_path):
+    a = _outputs(tmp_path / "a", wall=12.5, when="2026-12-05 23:59:58")
+    b = _outputs(tmp_path / "b", wall=13.9, when="2026-12-06 00:00:03")  # tokens/s and the day differ
+    assert compare_runs.compare(a, b) == []
+    report = b / "dpo_live" / "report.html"
+    report.write_text(report.read_text().replace("loss 0.68", "loss 0.67"))  # outside the marked part
+    assert len(compare_runs.compare(a, b)) == 1

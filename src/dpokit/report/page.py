@@ -26,6 +26,7 @@ VERDICT_TEXT = {
     "no metrics": "Nothing has been logged yet.",
 }
 
+CLOCK_KEYS = frozenset({"tokens_per_second", "mfu"})  # metrics of the clock and the machine (training/throughput.py's)
 TILES = (  # (label, key[, format]) for the headline numbers: the last finite value logged
     ("loss", "loss"), ("accuracy", "rewards/accuracies"), ("margin", "rewards/margins"), ("KL over chosen (kl/chosen)", "kl/chosen"),
     ("eval loss", "eval_loss"), ("eval accuracy", "eval_rewards/accuracies"), ("eval length", "eval_mean_length"),
@@ -55,11 +56,11 @@ def _header(run: RunData) -> str:
     meta_html = " &middot; ".join(f"{label} <b>{escape(text)}</b>" for label, text in meta if text)
     last, planned = run.last_step, run.planned_steps
     steps = "-" if last is None else f"{last}" + (f" / {planned}" if planned else "")
-    tiles = [("steps", steps)]
-    tiles += [(label, form[0].format(value) if form else fmt(value)) for label, key, *form in TILES
+    tiles = [("steps", steps, "")]
+    tiles += [(label, form[0].format(value) if form else fmt(value), key) for label, key, *form in TILES
               if (value := _last(run.eval if key.startswith("eval_") else run.train, key)) is not None]
-    tiles_html = "".join(f'<div class="tile"><div class="label">{escape(label)}</div><div class="value">{escape(v)}</div></div>'
-                         for label, v in tiles)
+    tiles_html = "".join(clock(f'<div class="tile"><div class="label">{escape(label)}</div><div class="value">{escape(v)}</div></div>',
+                               key in CLOCK_KEYS) for label, v, key in tiles)
     stops = [d for d in run.diagnoses if d.get("severity") == "stop"]
     detail = VERDICT_TEXT[verdict]
     if stops:
@@ -144,7 +145,17 @@ def _legend(chart) -> str:
     return f'<div class="legend">{"".join(items)}</div>'
 
 
+def clock(html: str, volatile: bool) -> str:
+    """`html` between <!--clock--> markers when it shows wall-clock numbers (tokens/s, MFU): two runs of the same
+    commit differ there and nowhere else, and bench/compare_runs.py leaves the marked parts out."""
+    return f"<!--clock-->{html}<!--/clock-->" if volatile else html
+
+
 def _plot(plot: Plot, run: RunData, keys: set[str]) -> str:
+    return clock(_plot_card(plot, run, keys), any(line.key in CLOCK_KEYS for line in plot.lines))
+
+
+def _plot_card(plot: Plot, run: RunData, keys: set[str]) -> str:
     chart = build_chart(plot, run)
     head = f'<div class="card plot" id="plot-{plot.key}"><h3>{escape(plot.title)}</h3>'
     if chart is None:
