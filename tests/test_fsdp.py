@@ -170,10 +170,14 @@ def test_fsdp_checkpoints_reshard_two_to_one_and_one_to_two_processes(runs, tmp_
 
 
 @pytest.mark.slow
-def test_fsdp_lora_matches_one_process(tmp_path):
+def test_fsdp_lora_killed_and_resumed_matches_one_process(tmp_path):
     lora = {"lora.enabled": True, "lora.r": 4, "lora.dropout": 0.0}  # the reference is the base with adapters off
     one = dpokit.train(_config(tmp_path, "one", batch_size=8, **lora)).run_dir
-    _ok(_launch(tmp_path, _config(tmp_path, "two", batch_size=4, **lora, **{"train.fsdp": True})))
+    cfg = _config(tmp_path, "two", batch_size=4, **lora, **{"train.fsdp": True})
+    assert _launch(tmp_path, cfg, kill_at=3).returncode != 0  # after checkpoint-2: the adapters' shards and their AdamW state
+    saved = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "checkpoint-2" / "dcp").iterdir())
+    assert saved == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    _ok(_launch(tmp_path, cfg))
     _assert_same_run(tmp_path / "two", one)
     assert (tmp_path / "two" / "final" / "adapter_config.json").is_file()
 

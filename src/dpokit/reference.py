@@ -4,7 +4,8 @@
   re-read from disk), so both start identical even when the checkpoint was modified on load;
   with model.ref_dtype that copy is cast to it (e.g. a bfloat16 reference beside a float32 policy:
   half the reference's memory, log-probs of the rounded weights).
-- model.ref_name_or_path: that model, loaded with the policy's settings through models.load_policy.
+- model.ref_name_or_path: that model, loaded with the policy's settings through models.load_policy
+  (whole under DeepSpeed ZeRO-3, as the policy: `loaded_whole`).
 - LoRA (peft): the same model with its adapters disabled (`reference_mode`); no second copy. With a
   moving reference (loss.ref_sync_steps, TR-DPO) a frozen copy of the merged model instead (`_merged_copy`).
 - Reference-free losses: no reference at all.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import os
 
 import torch
 
@@ -36,7 +38,8 @@ def make_reference(policy, cfg: Config, needs_reference: bool):
         ref_cfg = dataclasses.replace(cfg, model=ref_model, lora=dataclasses.replace(cfg.lora, enabled=False),
                                       train=dataclasses.replace(cfg.train, gradient_checkpointing=False))
         try:
-            reference = load_policy(ref_cfg)
+            with loaded_whole():
+                reference = load_policy(ref_cfg)
         except ModelLoadError as e:
             raise ModelLoadError(f"the reference (model.ref_name_or_path): {e}") from None
         if reference.get_input_embeddings().weight.shape[0] != policy.get_input_embeddings().weight.shape[0]:
@@ -58,6 +61,37 @@ def make_reference(policy, cfg: Config, needs_reference: bool):
     reference.eval()
     reference.requires_grad_(False)
     return reference
+
+
+@contextlib.contextmanager
+def loaded_whole():
+    """Models loaded inside come whole, also under DeepSpeed ZeRO-3 with zero3_init_flag false (the shipped config).
+
+    Accelerate registers its ZeRO-3 config with transformers whatever zero3_init_flag says, so from_pretrained would
+    partition the weights as it loads them (deepspeed.zero.Init): the reference's deep copy would hold empty tensors
+    and a vocabulary check would read 0 rows. The registration is lifted for the load and restored after it
+    (transformers reads it elsewhere, e.g. generate's synced_gpus). Outside DeepSpeed: nothing, and no import.
+    """
+    plugin = _deepspeed_plugin()
+    if plugin is None or plugin.zero3_init_flag:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def _deepspeed_plugin():
+    """Accelerate's active DeepSpeed plugin, or None (no DeepSpeed launch, or no Accelerator made yet)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    from accelerate.state import AcceleratorState
+
+    return AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
 
 
 def _merged_copy(peft_policy):

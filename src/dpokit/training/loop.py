@@ -36,6 +36,7 @@ from dpokit.demo.assets import resolve_demo_assets
 from dpokit.data.token_health import context_length_problem, longest_sequence
 from dpokit.cpu_threads import cpu_threads_note
 from dpokit.models import load_policy, load_tokenizer
+from dpokit.reference import loaded_whole
 from dpokit.steps import Step, step_for
 from dpokit.steps.sft_mix import SFTMix
 from dpokit.training.checkpoint import is_sharded
@@ -100,7 +101,8 @@ def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerato
     tokenizer = load_tokenizer(cfg)
     objective = step_for(cfg)
     data = training_data(cfg, objective, tokenizer, data, run_dir, accelerator.is_main_process)
-    policy = load_policy(cfg)
+    with loaded_whole():  # under DeepSpeed ZeRO-3 too: the reference is its deep copy, partitioned after
+        policy = load_policy(cfg)
     longest = longest_sequence(data.train + data.eval)
     problem = context_length_problem(cfg.data.max_length, getattr(policy, "config", None), longest)
     if problem:  # before any forward: past its context a model computes what it never learned (or raises IndexError)
@@ -108,7 +110,7 @@ def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerato
     with_reference = objective.needs_reference(cfg)  # reference-free losses (and SFT) build and run no reference
     cfg, sync_notes = fit_reference_sync(cfg, objective)
     sharded = is_sharded(accelerator) or cfg.train.fsdp
-    cfg, objective, notes = fit_speed(cfg, objective, policy, is_sharded(accelerator))  # FSDP2 gathers the head in its forward
+    cfg, objective, notes = fit_speed(cfg, objective, policy, sharded)
     for note in sync_notes + notes + cpu_threads_note(policy) if accelerator.is_main_process else []:
         print(f"[dpokit] {note}", flush=True)
     if accelerator.is_main_process:  # the config that runs, after every adjustment, each recorded

@@ -19,6 +19,9 @@ def make_optimizer(cfg: Config, policy, sharded: bool = False) -> torch.optim.Op
         {"params": [p for p in trainable if id(p) not in no_decay]},
         {"params": [p for p in trainable if id(p) in no_decay], "weight_decay": 0.0},
     ]
+    # Only groups with parameters: LoRA has no trainable bias or norm, and ZeRO-3 drops an empty group, leaving the
+    # schedule one learning rate too many (ValueError in its first step).
+    groups = [g for g in groups if g["params"]]
     return build_optimizer(cfg, groups, sharded)  # optim.name: AdamW (fused unless sharded), or bitsandbytes' 8-bit AdamW
 
 

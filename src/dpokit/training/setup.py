@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object
 
 from dpokit.config import Config, ConfigError, SpeedConfig
 from dpokit.data.prepare import PreparedData, format_summary
@@ -153,9 +153,25 @@ def accelerator_for(cfg: Config, **kwargs) -> Accelerator:
     `dpokit.train()` in one Python process (a notebook, a sweep, the tests) with another
     train.mixed_precision raised "AcceleratorState has already been initialized". A single process that
     no launcher started (WORLD_SIZE unset or 1) starts from a fresh state instead; under torchrun or
-    accelerate launch the state belongs to the launch and is left alone."""
+    accelerate launch the state belongs to the launch and is left alone.
+
+    Under DeepSpeed (accelerate launch with a DeepSpeed config) without CUDA, DeepSpeed's CPU accelerator runs it over
+    gloo; on any device its "auto" micro-batch becomes train.batch_size."""
     state = AcceleratorState._shared_state
     if state and int(os.environ.get("WORLD_SIZE", "1")) == 1 and state.get("_mixed_precision") != cfg.train.mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
-                       step_scheduler_with_optimizer=False, **kwargs)
+    on_cpu = not torch.cuda.is_available()
+    deepspeed_on_cpu = on_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed_on_cpu:  # with cpu=True Accelerate would silently run DDP; without gloo every process is rank 0 of 1
+        kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=on_cpu and not deepspeed_on_cpu,
+                              step_scheduler_with_optimizer=False, **kwargs)
+    _fill_micro_batch(accelerator.state.deepspeed_plugin, cfg.train.batch_size)
+    return accelerator
+
+
+def _fill_micro_batch(plugin, batch_size: int) -> None:
+    """DeepSpeed's micro-batch is train.batch_size: prepare() gets no dataloader, so Accelerate cannot fill the
+    config's "auto" and would stop with a ValueError (any device). train_batch_size follows from it."""
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
