@@ -110,7 +110,7 @@ def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerato
     with_reference = objective.needs_reference(cfg)  # reference-free losses (and SFT) build and run no reference
     cfg, sync_notes = fit_reference_sync(cfg, objective)
     sharded = is_sharded(accelerator) or cfg.train.fsdp
-    cfg, objective, notes = fit_speed(cfg, objective, policy, sharded)
+    cfg, objective, notes = fit_speed(cfg, objective, policy, is_sharded(accelerator))  # FSDP2 gathers the head in its forward
     for note in sync_notes + notes + cpu_threads_note(policy) if accelerator.is_main_process else []:
         print(f"[dpokit] {note}", flush=True)
     if accelerator.is_main_process:  # the config that runs, after every adjustment, each recorded
