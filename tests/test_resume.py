@@ -26,6 +26,7 @@ import dpokit
 import dpokit.training.checkpoint
 import dpokit.training.loop
 from dpokit.training.checkpoint import CheckpointError, list_checkpoints
+from dpokit.training.manifest import write_manifest
 from dpokit.training.signals import TrainingInterrupted
 from dpokit.cli import main as cli_main
 from dpokit.training.metrics import read_metrics
@@ -206,6 +207,12 @@ def test_lora_resume_restores_adapter_and_dropout_rng(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         dpokit.train(_config(tmp_path, "run", **lora))
     monkeypatch.undo()
+    # Written as before make_optimizer dropped empty groups: LoRA's empty no-decay group still saved
+    saved = list_checkpoints(tmp_path / "run")[-1]
+    meta = json.loads((saved / "optimizer.json").read_text())
+    meta["param_groups"].append({**meta["param_groups"][0], "params": [], "weight_decay": 0.0})
+    (saved / "optimizer.json").write_text(json.dumps(meta))
+    write_manifest(saved)
     result = dpokit.train(_config(tmp_path, "run", **lora))  # resume=auto is the default
     _assert_same_weights(_weights(result.run_dir), _weights(reference))
     _assert_same_metrics(result.run_dir, reference)

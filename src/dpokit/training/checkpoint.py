@@ -22,17 +22,14 @@ nothing of the new checkpoint is left.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from safetensors import SafetensorError
@@ -43,6 +40,7 @@ from dpokit.training.disk_space import DISK_FULL, disk_full_code, filled_up, no_
 from dpokit.training.fsdp import DCP_FOLDER, is_fsdp, load_sharded, save_sharded
 from dpokit.training.manifest import MANIFEST, write_manifest
 from dpokit.training.metrics import MetricSums
+from dpokit.training.rng import rng_state, set_rng_state
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -284,37 +282,6 @@ def _rotate(run_dir: Path, keep: int) -> None:
         remove_atomically(path)
 
 
-def rng_state() -> dict:
-    version, internal, gauss = random.getstate()
-    np_state = numpy.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": _b64(torch.get_rng_state()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    numpy.random.set_state((name, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
-
-
-def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
-
-
 # --- restoring ---------------------------------------------------------------------------------
 
 
@@ -336,7 +303,7 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, refer
             scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         else:
             _load_weights(accelerator.unwrap_model(policy), path)
-            optimizer.load_state_dict(_read_optimizer(path))
+            optimizer.load_state_dict(_groups_of(_read_optimizer(path), optimizer))
             scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         rng = json.loads((path / "rng_state.json").read_text())
     except CheckpointError:
@@ -378,6 +345,14 @@ def _load_weights(model, folder: Path) -> None:
     untied = [k for k in missing if own[k].data_ptr() not in loaded]  # tied weights are saved once
     if unexpected or untied:
         raise CheckpointError(f"{folder}: weights do not fit this model (missing {untied[:5]}, unexpected {unexpected[:5]})")
+
+
+def _groups_of(saved: dict, optimizer) -> dict:
+    """A LoRA checkpoint from before make_optimizer dropped empty parameter groups has one more group (the empty
+    no-decay one): it is left out, so the checkpoint resumes as it did."""
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        saved = {**saved, "param_groups": [g for g in saved["param_groups"] if g["params"]]}
+    return saved
 
 
 def _read_optimizer(folder: Path) -> dict:
