@@ -28,6 +28,8 @@ LLAMA32_1B = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads
                                "original_max_position_embeddings": 8192}}
 
 LONG = {"prompt": (50, 600), "completion": (20, 400)}
+# issue 22.2's long-context workload: the Qwen2.5-0.5B layer shape, 4 layers, a 32k vocabulary, pairs of 3k-6k tokens
+LONG_CONTEXT = {**QWEN25_05B, "num_hidden_layers": 4, "max_position_embeddings": 131072}
 REAL = {"prompt": (64, 256), "completion": (32, 192), "batch": 4}
 WORKLOADS = {
     "a": {"vocab": 8192, "prompt": (64, 64), "completion": (64, 64), "desc": "short uniform pairs (64/64/64)"},
@@ -36,6 +38,8 @@ WORKLOADS = {
     "g": {"vocab": 32000, **LONG, "desc": "GPU: ~0.5B Llama, bf16, b's lengths", "dims": GPU_MODEL},
     "q05": {"vocab": 151936, **REAL, "arch": "qwen2", "dims": QWEN25_05B,
             "desc": "Qwen2.5-0.5B shape (random weights), prompt 64-256, completions 32-192"},
+    "long": {"vocab": 32000, "prompt": (2000, 3000), "completion": (500, 1500), "batch": 2, "arch": "qwen2",
+             "dims": LONG_CONTEXT, "desc": "long context: Qwen2.5-0.5B layers x 4, 32k vocabulary, prompt 2k-3k, completions 0.5k-1.5k"},
     "l1b": {"vocab": 128256, **REAL, "arch": "llama", "dims": LLAMA32_1B,
             "desc": "Llama-3.2-1B shape (random weights), prompt 64-256, completions 32-192"},
 }
