@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import dpokit
+import dpokit.training.loop
 from dpokit.training.checkpoint import list_checkpoints
 from dpokit.training.metrics import read_metrics
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
@@ -228,11 +229,42 @@ def test_precompute_under_two_sharded_processes_writes_the_one_process_cache(tmp
         assert torch.allclose(built[p.name]["logps"], load_file(str(p))["logps"], atol=1e-5, rtol=0), p.name
 
 
-def test_fsdp_refuses_settings_it_cannot_serve_in_one_line(tmp_path):
+def test_fsdp_refuses_settings_it_cannot_serve_in_one_line(tmp_path, monkeypatch):
     from dpokit.config import ConfigError
 
+    loads = []
+    monkeypatch.setattr(dpokit.training.loop, "load_policy", lambda cfg: loads.append(cfg))
     for extra, words in [({"train.mixed_precision": "fp16"}, "fp16"), ({"train.eval_generate": 2}, "eval_generate"),
-                         ({"loss.ref_sync_steps": 2, "speed.ref_cache": False}, "ref_sync_steps")]:
+                         ({"loss.ref_sync_steps": 2, "speed.ref_cache": False}, "ref_sync_steps"),
+                         ({"model.quantization": "nf4", "lora.enabled": True}, "4-bit")]:
         with pytest.raises(ConfigError, match=words):
             dpokit.train(_config(tmp_path, "refused", batch_size=4, **{"train.fsdp": True}, **extra))
         assert not (tmp_path / "refused").exists()
+    assert not loads  # each refused before any model loads
+
+
+def test_a_lone_fsdp_run_leaves_no_process_group_behind(tmp_path):
+    import torch.distributed as dist
+
+    dpokit.train(_config(tmp_path, "lone", batch_size=8, **{"train.fsdp": True, "train.max_steps": 1, "train.save_steps": 0}))
+    assert not dist.is_initialized()  # its group of one is gone: a next run in this process starts clean
+    cache = tmp_path / "cache-lone"
+    plain = dpokit.train(_config(tmp_path, "plain", batch_size=8, **{"train.max_steps": 1, "train.save_steps": 0,
+                                                                    "speed.ref_cache_dir": str(cache)}))
+    assert plain.metrics["loss"] == pytest.approx(0.6931, abs=1e-3)  # float32 both: the cache the FSDP run built fits
+
+
+def test_sharding_rules_that_need_no_model():
+    from dpokit.config import load_config
+    from dpokit.ref_cache.fingerprint import weights_fingerprint
+    from dpokit.training.fsdp import fsdp_problem
+
+    base = {"model": {"name_or_path": str(tiny_model_dir())}, "data": {"path": "x.jsonl"}}
+    tiled = load_config({**base, "speed": {"tiled_mlp": 4}})
+    assert "tiles" in fsdp_problem(tiled, "DEEPSPEED")  # ZeRO-3 gathers per call: a collective count per tile
+    assert fsdp_problem(tiled, "MULTI_CPU") is None  # FSDP2 and DDP gather (or not) per layer
+    assert "train.fsdp=true" in fsdp_problem(load_config(base), "FSDP")  # Accelerate's plugin: the one way is named
+    # FSDP2 casts the weights to bf16 (norms included), autocast does not: the two must not share a reference cache
+    keys = [weights_fingerprint(load_config({**base, "train": {"mixed_precision": "bf16", "fsdp": fsdp}})) for fsdp in (False, True)]
+    assert keys[0] != keys[1]
+    assert weights_fingerprint(load_config({**base, "train": {"fsdp": True}})) == weights_fingerprint(load_config(base))  # fp32: same

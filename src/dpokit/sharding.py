@@ -9,6 +9,17 @@ import torch
 from dpokit.config import Config
 
 _PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_OWN_GROUP: list[bool] = []  # set while a group of one that `shard` made exists (no launcher made one)
+
+
+def release_process_group() -> None:
+    """Destroy the group of one `shard` made for a lone process, at the end of its run: a notebook or a sweep that
+    trains again in the same process starts clean (a launcher's group is the launcher's, left alone)."""
+    import torch.distributed as dist
+
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP.clear()
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -30,6 +41,7 @@ def shard(model, cfg: Config, device: torch.device, trainable: bool = True):
 
     if not dist.is_initialized():  # one process that no launcher started: a group of one, in memory
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        _OWN_GROUP.append(True)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     param_dtype = _PARAM_DTYPES.get(cfg.train.mixed_precision)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)

@@ -41,7 +41,7 @@ from dpokit.models import load_policy, load_tokenizer
 from dpokit.ref_cache.fingerprint import fingerprint, reference_model_config
 from dpokit.ref_cache.store import SPLITS, CacheCorrupt, attach, cache_root, read_split, write_split
 from dpokit.reference import reference_mode
-from dpokit.sharding import is_fsdp, shard
+from dpokit.sharding import is_fsdp, release_process_group, shard
 from dpokit.steps import step_for
 from dpokit.steps.paired import make_collate
 from dpokit.steps.token_scores import reference_sequence_logps
@@ -246,7 +246,11 @@ def precompute_reference(cfg, overrides=None) -> Path:
     tokenizer = load_tokenizer(cfg)
     data = step_for(cfg).prepare(cfg, tokenizer)  # the step's own preparation: image rows (data.vision) have theirs
     accelerator = _launched()
-    cache, _ = ensure_reference_cache(cfg, tokenizer, data, device=accelerator.device if accelerator else None, accelerator=accelerator)
+    try:
+        cache, _ = ensure_reference_cache(cfg, tokenizer, data, device=accelerator.device if accelerator else None,
+                                          accelerator=accelerator)
+    finally:
+        release_process_group()  # train.fsdp in a lone process: the group of one its shard made
     n_train, n_eval = len(data.train), len(data.eval)
     verb = f"built in {cache.seconds:.1f}s" if cache.built else "already up to date"
     if accelerator is None or accelerator.is_main_process:

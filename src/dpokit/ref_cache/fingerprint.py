@@ -97,7 +97,8 @@ def state_dict_digest(model) -> str:
     """Hash of every tensor (name, dtype, shape, bytes) of a model's state dict."""
     h = hashlib.blake2b(digest_size=20)
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # an FSDP2 shard: the whole tensor
+        t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -109,6 +110,8 @@ def weights_fingerprint(cfg, model=None) -> Optional[dict]:
                 "mixed_precision": cfg.train.mixed_precision}
     if cfg.model.quantization != "none":  # a 4-bit base has other log-probs (keys of unquantized caches stay as they were)
         settings["quantization"] = cfg.model.quantization
+    if cfg.train.fsdp and cfg.train.mixed_precision != "no":  # FSDP2 casts the weights themselves (sharding.py), where
+        settings["fsdp_param_dtype"] = cfg.train.mixed_precision  # autocast keeps float32 norms: other log-probs
     folder = _local_model_dir(cfg)
     if folder is not None:
         files = _files_of(folder, WEIGHT_SUFFIXES)

@@ -319,6 +319,9 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, refer
 
 def _check_format(path: Path, fsdp: bool) -> None:
     """A sharded (dcp/) checkpoint resumes under train.fsdp only, and a one-file one without it: one line otherwise."""
+    if fsdp and (path / "accelerate").is_dir():
+        raise CheckpointError(f"{path} was written under DeepSpeed (accelerate/): resume it with the same accelerate launch "
+                              "--config_file and train.fsdp=false")
     if fsdp != (path / DCP_FOLDER).is_dir():
         written, now = ("with", "without") if not fsdp else ("without", "with")
         raise CheckpointError(f"{path} was written {written} train.fsdp and this run is {now} it: resume with "

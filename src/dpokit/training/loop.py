@@ -36,6 +36,7 @@ from dpokit.demo.assets import resolve_demo_assets
 from dpokit.data.token_health import context_length_problem, longest_sequence
 from dpokit.cpu_threads import cpu_threads_note
 from dpokit.models import load_policy, load_tokenizer
+from dpokit.sharding import release_process_group
 from dpokit.reference import loaded_whole
 from dpokit.steps import Step, step_for
 from dpokit.steps.sft_mix import SFTMix
@@ -72,6 +73,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
         return finish(run)
     finally:
         run.owner.release()  # the run directory's lock goes on any exit (run_dir.py)
+        release_process_group()  # train.fsdp in a lone process made a group of one
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -90,6 +92,7 @@ def setup(cfg: Config, data: PreparedData | None) -> Run:
         run = _set_up_in(owner, cfg, data, accelerator)
     except BaseException:
         owner.abandon()  # a failed config or data check leaves no out_dir behind (nor its lock)
+        release_process_group()
         raise
     return owner.ready(run)  # the checks passed: now an earlier model's eval.json is set aside
 
