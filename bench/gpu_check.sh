@@ -7,10 +7,12 @@
 #   0. wheels: .whl/*.whl installed with --no-index --no-deps into a target folder put first on PYTHONPATH (absent: SKIP,
 #      the interpreter's own packages are used); imports of dpokit, trl, datasets, bitsandbytes, with versions and origins
 #   1. pytest -m gpu (tests/test_gpu.py), one line per test: the fast paired step equals the plain step in bf16 for sdpa,
-#      flex_attention (torch.compile) and flash-attention varlen (when flash_attn is installed); Accelerate FSDP (v1) and
-#      DeepSpeed ZeRO-3 one process, checkpoint at step 3 + resume = the uninterrupted run's weights; QLoRA (4-bit NF4) 5 steps
-#   2. FSDP2 (train.fsdp=true), one process under torchrun on CUDA: `dpokit train` 5 steps (tiny model, bf16), checkpoint
-#      at step 3, a resume from it, final weights equal to the uninterrupted run's exactly (SKIP if dpokit has no such key)
+#      flex_attention (torch.compile) and flash-attention varlen (when flash_attn is installed); FSDP2 (train.fsdp=true,
+#      one process under torchrun) and DeepSpeed ZeRO-3 (one process under accelerate launch), checkpoint at step 3 +
+#      resume = the uninterrupted run's weights exactly; QLoRA (4-bit NF4) 5 steps. (Accelerate's FSDP plugin is refused:
+#      dpokit shards with train.fsdp=true, torch's FSDP2.)
+#   2. FSDP2 (train.fsdp=true), one process under torchrun on CUDA: the `dpokit train` command line, 5 steps (tiny model,
+#      bf16), checkpoint at step 3 (dcp/ shards), a resume from it, final weights equal to the uninterrupted run's exactly
 #   3. bench/dpo_vs_trl.py --gpu on the Qwen2.5-0.5B shape: pairs/s, tokens/s, MFU, peak memory, dpokit against TRL
 # --dry-run: the wheels go into a temporary target (with the device's cp312 tags when this Python is not 3.12), part 1
 # only collects the tests, parts 2 and 3 run their commands on CPU with tiny settings (float32; bench workload a, 1 layer).
@@ -119,7 +121,7 @@ if skipped pytest; then :
 elif [ $DRY = 1 ]; then
   "$PY" -m pytest -m gpu --collect-only -o addopts= -q -p no:cacheprovider tests/test_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
   expected="test_fast_step_equals_plain_step_in_bf16[sdpa] test_fast_step_equals_plain_step_in_bf16[flex_attention]
-    test_one_process_sharded_run_resumes_exactly[fsdp] test_one_process_sharded_run_resumes_exactly[deepspeed_zero3]
+    test_one_process_sharded_run_resumes_exactly[fsdp2] test_one_process_sharded_run_resumes_exactly[deepspeed_zero3]
     test_qlora_trains_five_steps"
   missing=$(for t in $expected; do grep -qF "::$t" "$OUT/pytest_gpu.txt" || printf '%s ' "$t"; done)
   if [ -z "$missing" ]; then say "PASS: collected $(grep -c '::' "$OUT/pytest_gpu.txt") GPU tests (dry run: not run)"
@@ -137,7 +139,7 @@ fi
 say "== 2. FSDP2 (train.fsdp=true), one process, checkpoint at step 3 and resume [${SECONDS}s]"
 if skipped fsdp2; then :
 elif ! "$PY" -c "from dpokit.config import load_config; load_config(None, {'train.fsdp': True})" > "$WORK/key.txt" 2>&1; then
-  say "SKIP: dpokit has no train.fsdp key here ($(tail -n 1 "$WORK/key.txt"))"
+  fail "dpokit does not take train.fsdp=true: $(tail -n 1 "$WORK/key.txt")"
 elif [ "$(left)" -lt 40 ]; then
   say "SKIP: the ${BUDGET}s budget is spent"
 else
@@ -192,7 +194,7 @@ elif [ "$(left)" -lt 60 ]; then
   say "SKIP: the ${BUDGET}s budget is spent"
 else
   if [ $DRY = 1 ]; then
-    bench=(--workloads a --layers 1 --steps 1 --warmup 1 --batch-size 2 --variants trl,dpokit); t=$(timeout_for 120)
+    bench=(--workloads a --layers 1 --steps 1 --warmup 1 --batch-size 2 --variants trl,precompute,dpokit); t=$(timeout_for 120)
   else
     bench=(--gpu --workloads q05 --steps 3 --warmup 1 --variants trl,precompute,dpokit); t=$(timeout_for 150)
   fi
