@@ -21,6 +21,11 @@ PATH_KEYS = ("model.name_or_path", "model.ref_name_or_path", "data.path", "data.
 _MADE_BY_THE_RUN = ("out_dir", "speed.ref_cache_dir")  # folders the run creates: resolved even before they exist
 
 
+def cache_home() -> Path:
+    """$DPOKIT_CACHE, else ~/.cache/dpokit: the one root of dpokit's caches (demo assets, reference log-probs, file hashes)."""
+    return Path(os.environ.get("DPOKIT_CACHE") or Path.home() / ".cache" / "dpokit")
+
+
 def resolve_paths(cfg: Config) -> Config:
     """`cfg` with every relative local path absolute (hub ids, `demo:` names and train.resume=auto|never as they are)."""
     for key in PATH_KEYS:

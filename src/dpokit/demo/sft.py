@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dpokit.config.paths import cache_home
 from dpokit.demo import world
 from dpokit.data.collate import IGNORE_INDEX
 from dpokit.cpu_threads import set_cpu_threads
@@ -54,11 +55,6 @@ class SFTConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.01
     positive_share: float = 0.4  # share of positive reviews in the SFT corpus
-
-
-def default_cache_dir() -> Path:
-    """$DPOKIT_CACHE, else ~/.cache/dpokit."""
-    return Path(os.environ.get("DPOKIT_CACHE") or Path.home() / ".cache" / "dpokit")
 
 
 def _version(**settings) -> str:
@@ -182,7 +178,7 @@ def build_sft_model(
     sft_info.json (settings, final loss, build seconds). A second call returns at
     once; force=True rebuilds. Tests pass a smaller `config` to build in seconds.
     """
-    final = Path(cache_dir or default_cache_dir()) / f"sentiment-sft-{sft_version(config, seed)}"
+    final = Path(cache_dir or cache_home()) / f"sentiment-sft-{sft_version(config, seed)}"
 
     def build(tmp: Path) -> None:
         from transformers.utils import logging as hf_logging
@@ -219,7 +215,7 @@ def build_preference_data(
     files use different seeds so that no pair is repeated across them.
     """
     version = _version(kind="pairs", n_train=n_train, n_eval=n_eval, seed=seed)
-    final = Path(cache_dir or default_cache_dir()) / f"sentiment-pairs-{version}"
+    final = Path(cache_dir or cache_home()) / f"sentiment-pairs-{version}"
 
     def build(tmp: Path) -> None:
         _write_jsonl(tmp / "pairs-train.jsonl", world.preference_pairs(n_train, seed=seed, split="train"))
@@ -247,7 +243,7 @@ def build_sft_text(cache_dir: Path | None = None, n_retention: int = 200, n_mix:
     """
     version = _version(kind="sft-text", n_retention=n_retention, n_mix=n_mix, seed=seed,
                        positive_share=SFTConfig.positive_share, retention_positive_share=RETENTION_POSITIVE_SHARE)
-    final = Path(cache_dir or default_cache_dir()) / f"sentiment-sft-text-{version}"
+    final = Path(cache_dir or cache_home()) / f"sentiment-sft-text-{version}"
 
     def rows(n: int, row_seed: int, positive_share: float) -> list[dict]:
         corpus = world.sft_corpus(n, seed=row_seed, positive_share=positive_share)

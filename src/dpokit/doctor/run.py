@@ -73,7 +73,7 @@ def run_doctor(
     cfg = load_config(config_path, overrides)
     thresholds = thresholds or cfg.doctor
     model_name = model or cfg.model.name_or_path or None
-    data_path, model_name = _resolve_demo_paths(cfg, data_path, model_name)
+    data_path, model_name = _resolve_demo_paths(data_path, model_name)
     report = DoctorReport(data_path=data_path, model=model_name)
     try:
         if cfg.data.vision:  # image rows: read as dpokit train reads them (prompt/images/chosen/rejected)
@@ -114,14 +114,12 @@ def run_doctor(
     return report
 
 
-def _resolve_demo_paths(cfg: Config, data_path: str, model_name: str | None) -> tuple[str, str | None]:
+def _resolve_demo_paths(data_path: str, model_name: str | None) -> tuple[str, str | None]:
     """`demo:` names (as in the shipped demo config) -> the built demo assets, exactly as training resolves them."""
-    from dpokit.demo.assets import PREFIX, resolve_demo_assets
+    from dpokit.demo.assets import resolve_demo_names
 
-    if not (data_path.startswith(PREFIX) or (model_name or "").startswith(PREFIX)):
-        return data_path, model_name
-    resolved = resolve_demo_assets(load_config(cfg, {"data.path": data_path, "model.name_or_path": model_name or ""}))
-    return resolved.data.path, resolved.model.name_or_path or None
+    resolved = resolve_demo_names({"data.path": data_path, "model.name_or_path": model_name})
+    return resolved["data.path"], resolved["model.name_or_path"]
 
 
 def _with_model(cfg: Config, model_name: str, **extra: Any) -> Config:

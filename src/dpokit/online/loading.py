@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from dpokit.config import ModelConfig
 from dpokit.config.flags import Flag
 from dpokit.data.records import DataError
-from dpokit.demo.assets import PREFIX, demo_paths
+from dpokit.demo.assets import resolve_demo_name
 from dpokit.models import OptIn, load_model as load_checked_model, load_tokenizer as load_checked_tokenizer
 
 
@@ -48,13 +48,7 @@ TRUST_FLAGS = (
 
 def resolve_model_path(spec: str) -> str:
     """`demo:sentiment-sft` (the embedded demo's SFT model, built on first use) or a folder / hub id as given."""
-    if spec.startswith(PREFIX):
-        paths = demo_paths()
-        key = spec[len(PREFIX) :]
-        if key not in paths:
-            raise DataError(f"unknown demo asset {spec!r}; known: {', '.join(PREFIX + k for k in paths)}")
-        return paths[key]
-    return spec
+    return resolve_demo_name(spec, DataError)  # the one resolver of demo: names (demo/assets.py)
 
 
 def inference_settings(spec: str, trust: ModelTrust = ModelTrust(), dtype: str = "auto") -> ModelConfig:

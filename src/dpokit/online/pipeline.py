@@ -36,7 +36,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -67,12 +67,6 @@ def resolve_prompts(source: Union[str, list], column: str = "prompt") -> list:
     return prompts
 
 
-def _resolve_pairs(path: Optional[str]) -> Optional[str]:
-    if path and path.startswith("demo:"):
-        return resolve_model_path(path)
-    return path
-
-
 def _write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
@@ -93,7 +87,7 @@ class Pipeline:
         self.eval_prompts = None if cfg.eval_prompts is None else resolve_prompts(cfg.eval_prompts, cfg.prompt_column)
         if self.eval_prompts is not None and cfg.eval.max_prompts is not None:
             self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
-        self.eval_pairs = _resolve_pairs(cfg.eval.pairs)
+        self.eval_pairs = cfg.eval.pairs and resolve_model_path(cfg.eval.pairs)  # demo:sentiment-eval: the built pairs
         self._sft = None  # (model, tokenizer), loaded once
         self._baseline_samples = None
 

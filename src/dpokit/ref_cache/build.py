@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from dpokit.config import ConfigError, SpeedConfig, load_config
+from dpokit.config import ConfigError, SpeedConfig
 from dpokit.data.tokenization import TokenizedPair
 from dpokit.data.vision import images_digest
-from dpokit.demo.assets import resolve_demo_assets
+from dpokit.demo.assets import load_resolved_config
 from dpokit.losses import is_unpaired, needs_reference
 from dpokit.models import load_policy, load_tokenizer
 from dpokit.ref_cache.fingerprint import fingerprint, reference_model_config
@@ -236,7 +236,7 @@ def precompute_reference(cfg, overrides=None) -> Path:
     returns the cache folder.
     """
 
-    cfg = resolve_demo_assets(load_config(cfg, overrides))
+    cfg = load_resolved_config(cfg, overrides)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # as in training: our own one-line summary

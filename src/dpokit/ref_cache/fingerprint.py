@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from dpokit.config.paths import cache_home
 from dpokit.ref_cache.store import FORMAT_VERSION
 from dpokit.steps.token_scores import causal_lm
 
@@ -35,8 +36,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def _memo_path() -> Path:
-    base = os.environ.get("DPOKIT_CACHE") or Path.home() / ".cache" / "dpokit"
-    return Path(base) / "file_hashes.json"
+    return cache_home() / "file_hashes.json"
 
 
 def file_digest(path: Path) -> str:

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from dpokit.config import SpeedConfig
+from dpokit.config.paths import cache_home
 from dpokit.data.packing import pair_hash
 from dpokit.data.tokenization import TokenizedPair
 
@@ -54,8 +55,7 @@ class CachedPair(TokenizedPair):
 def cache_root(speed: SpeedConfig) -> Path:
     if speed.ref_cache_dir:
         return Path(speed.ref_cache_dir)
-    base = os.environ.get("DPOKIT_CACHE") or Path.home() / ".cache" / "dpokit"
-    return Path(base) / "ref_logps"
+    return cache_home() / "ref_logps"
 
 
 def _split_file(folder: Path, split: str) -> Path:

@@ -28,11 +28,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from dpokit.config import Config, ConfigError, load_config, resolve_paths
+from dpokit.config import Config, ConfigError, resolve_paths
 from dpokit.data.batching import BatchStream, micro_batch
 from dpokit.data.prepare import PreparedData
 from dpokit.data.records import DataError
-from dpokit.demo.assets import resolve_demo_assets
+from dpokit.demo.assets import load_resolved_config
 from dpokit.data.token_health import context_length_problem, longest_sequence
 from dpokit.cpu_threads import cpu_threads_note
 from dpokit.models import load_policy, load_tokenizer
@@ -67,7 +67,7 @@ __all__ = ["Step", "TrainResult", "TrainingInterrupted", "accumulate_gradients",
 
 def train(config, overrides=None, data: PreparedData | None = None) -> TrainResult:
     """Run one DPO job. `config`: a Config, a dict, or a YAML path; `overrides`: ["key=value"] or {key: value}."""
-    run = setup(load_config(config, overrides), data)
+    run = setup(load_resolved_config(config, overrides), data)  # "demo:..." paths build the embedded demo's model/data
     try:
         run_steps(run)
         return finish(run)
@@ -82,7 +82,7 @@ def train(config, overrides=None, data: PreparedData | None = None) -> TrainResu
 def setup(cfg: Config, data: PreparedData | None) -> Run:
     """The run directory, data, policy and reference, optimizer and schedule, and the state resumed from (or fresh)."""
     transformers.utils.logging.disable_progress_bar()  # keep the console for our own summary and progress
-    cfg = resolve_paths(resolve_demo_assets(cfg))  # "demo:..." paths build the embedded demo's model/data
+    cfg = resolve_paths(cfg)  # demo: paths were resolved as the config was loaded (train)
     # The schedule advances once per optimizer step, whatever the number of processes (see BatchStream).
     accelerator = accelerator_for(cfg, **accelerator_kwargs(cfg))  # a fresh mixed-precision state in a lone process
     refuse_before_compute(cfg, accelerator.distributed_type.value)  # no data.path; FlexAttention on CPU; sharding's limits
