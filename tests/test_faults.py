@@ -21,7 +21,6 @@ import dpokit.training.loop
 from dpokit.training.checkpoint import list_checkpoints
 from dpokit.config import load_config
 from dpokit.training.metrics import read_metrics
-from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs
 from dpokit.steps import PairedStep
 from dpokit.training.loop import likely_cause
@@ -44,8 +43,8 @@ def inject(monkeypatch, bad_steps: set[int], kind: str = "loss") -> None:
     """Corrupt every micro-batch of the given optimizer steps (grad_accum 1: one forward per step)."""
     calls = []
 
-    def forward(policy, reference, batch, cfg, with_reference):
-        out, metrics = forward_pairs(policy, reference, batch, StepContext(cfg, with_reference))
+    def forward(policy, reference, batch, ctx):
+        out, metrics = forward_pairs(policy, reference, batch, ctx)
         if not torch.is_grad_enabled():  # evaluation
             return out, metrics
         calls.append(1)
