@@ -169,7 +169,8 @@ def child(out: str, cfg: dict) -> None:
 def short_pairs(path: Path, vocab: int, n: int, prompt: int, completion: int, seed: int = 0) -> Path:
     """n text pairs of the word-level tokenizer's words: prompt words, then two completions (EOS appended by dpokit)."""
     rng = random.Random(seed)
-    text = lambda k: " ".join(f"t{rng.randrange(vocab - 5)}" for _ in range(k))
+    def text(k):
+        return " ".join(f"t{rng.randrange(vocab - 5)}" for _ in range(k))
     path.write_text("".join(json.dumps({"prompt": text(prompt), "chosen": " " + text(completion), "rejected": " " + text(completion)}) + "\n"
                             for _ in range(n)))
     return path
@@ -333,7 +334,8 @@ def main(argv=None) -> int:
     one = [r for r in rows if r["run"] == "fsdp-1"]
     two = [r for r in rows if r["run"] == "fsdp-2"]
     if one and two:
-        wga = lambda r: r["w"] + r["g"] + r["a"]
+        def wga(r):
+            return r["w"] + r["g"] + r["a"]
         print(f"\nfsdp-2 / fsdp-1 per rank: tensors W+G+A {sum(map(wga, two)) / len(two) / wga(one[0]):.3f}, "
               f"RSS at step 2 backward {sum(r['bwd2'] for r in two) / len(two) / one[0]['bwd2']:.3f}, "
               f"RSS at step 2 end {sum(r['end2'] for r in two) / len(two) / one[0]['end2']:.3f}, "

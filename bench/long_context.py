@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dpo_vs_trl as base  # noqa: E402 (bench/ is sys.path[0])
 from memtrace import format_trace  # noqa: E402
-from workloads import WORKLOADS, memory_floor, param_counts  # noqa: E402
+from workloads import WORKLOADS, memory_floor  # noqa: E402
 
 TILE = 1024
 CACHE = Path(tempfile.gettempdir()) / "dpokit-bench-long"

@@ -16,10 +16,11 @@ from dpokit.steps.base import StepContext
 from dpokit.steps import FastSFTStep, SFTStep, step_for
 from dpokit.steps.sft import collate_sft, count_tokens, example_tokens, forward_sft
 
-SFT = SFTStep()
 from dpokit.training.loop import accumulate_gradients
 from dpokit.training.step_runner import StepJob
 from tiny_assets import assistant, synthetic_pairs, tiny_model_dir, user, vocab_ids, word_tokenizer, write_jsonl
+
+SFT = SFTStep()
 
 
 def load(tmp_path, rows, **options):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import Any
 
 from dpokit.inputs.gateway import check_file
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dpokit.config import Config, ConfigError, EvalConfig, SamplingConfig
+from dpokit.config import Config, EvalConfig, SamplingConfig
 from dpokit.config.flags import Flag, Verb, require, resolved_args
 from dpokit.generation import Sample, sample
 from dpokit.online.judges import PairwiseJudge, judge_flags, judge_options

@@ -99,7 +99,8 @@ def lc_win_rate(wins: Sequence[float], length_diff: Sequence[float], groups: Seq
         resampled = fit_lc(y[rows], delta[rows], draw_groups)
         lc_draws.append(resampled.lc_win_rate)
         raw_draws.append(resampled.raw_win_rate)
-    sem = (lambda draws: float(np.std(draws, ddof=1)) if len(draws) > 1 else math.nan)
+    def sem(draws):
+        return (float(np.std(draws, ddof=1)) if len(draws) > 1 else math.nan)
     return {"lc_win_rate": fit.lc_win_rate, "lc_win_rate_sem": sem(lc_draws), "raw_win_rate": fit.raw_win_rate,
             "raw_win_rate_sem": sem(raw_draws), "lc_theta": fit.theta, "lc_length_coef": fit.phi, "num_judgments": len(y),
             "num_prompts": len(members), "mean_length_diff": float(delta.mean())}
