@@ -43,8 +43,9 @@ if kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint: the launcher takes the others down
         return original(*args, **kwargs)
     dpokit.training.loop.accumulate_gradients = dying
-import dpokit
+import dpokit, torch.distributed
 dpokit.train(cfg)
+torch.distributed.destroy_process_group()  # as `dpokit train` does before its process exits (cli._end_process_group)
 """
 
 
@@ -199,7 +200,7 @@ def test_an_out_dir_that_another_machine_cannot_see_is_refused_in_one_line(tmp_p
     """Process 1 looks for the run-directory marker under another folder (as a machine without the shared mount would)."""
     script = tmp_path / "unseen.py"
     script.write_text(_RUN.format(tests=str(TESTS)).replace(
-        "import dpokit\n", "import dpokit, dpokit.training.setup as s\n"
+        "import dpokit, torch.distributed\n", "import dpokit, torch.distributed, dpokit.training.setup as s\n"
         "if os.environ['RANK'] == '1':\n    s.MARKER = 'not-here.json'\n", 1))
     cfg = _config(tmp_path, "two", batch_size=4, **{"train.fsdp": True})
     port = str(29900 + os.getpid() % 90)

@@ -344,6 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpokit: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """A verb launched by torchrun / accelerate launch ends its process group before the process exits, as torch asks:
+    left to the interpreter's teardown, gloo's threads can abort a process that has finished its work."""
+    dist = sys.modules.get("torch.distributed")
+    if os.environ.get("WORLD_SIZE") and dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
