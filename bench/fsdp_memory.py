@@ -145,8 +145,8 @@ def child(out: str, cfg: dict) -> None:
     def step_done(result, run, step):
         trace.mark(f"step {step} end")
         if step == 2:
-            record["bytes"]["params"] = _storage_bytes(run.policy.parameters())
-            record["bytes"]["adamw"] = _storage_bytes(_optimizer_tensors(run.optimizer))
+            record["bytes"]["params"] = _storage_bytes(run.setup.policy.parameters())
+            record["bytes"]["adamw"] = _storage_bytes(_optimizer_tensors(run.setup.optimizer))
             record["trace"] = trace.rows
             Path(out, f"rank{rank}.json").write_text(json.dumps(record, indent=1))
 
