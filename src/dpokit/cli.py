@@ -335,9 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         build_parser().print_help()
         return 2
+    finished = False
     try:
         check_cli_inputs(args.verb, args)  # the input gateway, before any model or data is touched
-        return args.func(args)
+        status = args.func(args)
+        finished = True
+        return status
     except (ConfigError, InputError, ModelLoadError, ScoringError) as e:  # DataError is an InputError
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
@@ -345,14 +348,17 @@ def main(argv: list[str] | None = None) -> int:
         print("dpokit: interrupted", file=sys.stderr)
         return 130
     finally:
-        _end_process_group()
+        _end_process_group(finished)
 
 
-def _end_process_group() -> None:
+def _end_process_group(finished: bool) -> None:
     """A verb launched by torchrun / accelerate launch ends its process group before the process exits, as torch asks:
-    left to the interpreter's teardown, gloo's threads can abort a process that has finished its work."""
+    left to the interpreter's teardown, gloo's threads can abort a process that has finished its work. After a verb
+    that finished, the processes first meet (a barrier), so none tears down while another still talks to it."""
     dist = sys.modules.get("torch.distributed")
     if os.environ.get("WORLD_SIZE") and dist is not None and dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
