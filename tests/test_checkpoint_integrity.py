@@ -18,6 +18,8 @@ import shutil
 import struct
 from pathlib import Path
 
+import os
+
 import pytest
 import torch
 import yaml
@@ -205,3 +207,27 @@ def test_a_disk_that_fills_up_while_writing_the_optimizer_stops_the_same_way(roo
     assert cli_main(["train", _config_file(cfg)]) == 2
     line = _assert_stopped_cleanly(run_dir, capsys.readouterr().err)
     assert "the disk filled up while writing it (No space left on device); the partial folder was removed" in line
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "outside"])
+def test_a_checkpoint_file_that_is_a_fifo_a_device_or_a_link_outside_is_refused_in_one_line(tmp_path, kind):
+    """The checkpoint's JSON files go through the input gateway: a FIFO or /dev/zero in place of trainer_state.json is
+    refused at once (never a hang, never read until memory runs out); a link to a file outside is read as the file it
+    names, and the manifest (checked before any resume) is what ties the folder's files together."""
+    from dpokit.training.checkpoint import STATE_FILE, read_state
+
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    state = folder / STATE_FILE
+    if kind == "fifo":
+        os.mkfifo(state)
+    elif kind == "device":
+        state.symlink_to("/dev/zero")
+    else:
+        outside = tmp_path / "elsewhere.json"
+        outside.write_text('{"step": 3}')
+        state.symlink_to(outside)
+        assert read_state(folder).step == 3
+        return
+    with pytest.raises(CheckpointError, match="not a complete dpokit checkpoint"):
+        read_state(folder)

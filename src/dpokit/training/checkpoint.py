@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from dpokit.config import ConfigError
+from dpokit.inputs import read_text
 from dpokit.training.disk_space import DISK_FULL, disk_full_code, filled_up, no_space
 from dpokit.training.fsdp import DCP_FOLDER, is_fsdp, load_sharded, save_sharded
 from dpokit.training.manifest import MANIFEST, write_manifest
@@ -90,7 +91,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def read_state(path: Path) -> RunState:
     try:
-        raw = json.loads((Path(path) / STATE_FILE).read_text())
+        raw = _read_json(Path(path) / STATE_FILE)
         return RunState(**raw)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not a complete dpokit checkpoint ({type(e).__name__}: {e})") from None
@@ -300,12 +301,12 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, refer
         elif is_fsdp(policy) or (path / DCP_FOLDER).is_dir():
             _check_format(path, is_fsdp(policy))
             load_sharded(path, policy, optimizer)
-            scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         else:
             _load_weights(accelerator.unwrap_model(policy), path)
             optimizer.load_state_dict(_groups_of(_read_optimizer(path), optimizer))
-            scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-        rng = json.loads((path / "rng_state.json").read_text())
+        if not is_sharded(accelerator):  # the schedule of both dpokit formats (DeepSpeed's is in accelerate/)
+            scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+        rng = _read_json(path / "rng_state.json")
     except CheckpointError:
         raise
     except Exception as e:  # a damaged or foreign folder: say which, never a traceback
@@ -350,6 +351,12 @@ def _load_weights(model, folder: Path) -> None:
         raise CheckpointError(f"{folder}: weights do not fit this model (missing {untied[:5]}, unexpected {unexpected[:5]})")
 
 
+def _read_json(path: Path):
+    """A checkpoint's JSON file, through the input gateway (a regular file within the run-file limit: a FIFO or a
+    device put in its place is refused at once, never read until memory runs out)."""
+    return json.loads(read_text(path, "run", "checkpoint file"))
+
+
 def _groups_of(saved: dict, optimizer) -> dict:
     """A LoRA checkpoint from before make_optimizer dropped empty parameter groups has one more group (the empty
     no-decay one): it is left out, so the checkpoint resumes as it did."""
@@ -359,7 +366,7 @@ def _groups_of(saved: dict, optimizer) -> dict:
 
 
 def _read_optimizer(folder: Path) -> dict:
-    meta = json.loads((folder / "optimizer.json").read_text())
+    meta = _read_json(folder / "optimizer.json")
     state: dict = {}
     for key, value in list(load_file(str(folder / "optimizer.safetensors")).items()) + list(meta["scalars"].items()):
         index, name = key.split("/", 1)
