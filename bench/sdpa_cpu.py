@@ -13,6 +13,7 @@ matrix would have (heads x T^2 x 4 B).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -20,6 +21,27 @@ import threading
 import time
 
 HEADS, DIM = 14, 64
+
+
+@contextlib.contextmanager
+def _peak_rss():
+    """Yields [bytes]: the peak RSS above the start while the block ran (sampled every millisecond), set at its end."""
+    result, before, running = [0], _rss(), [True]
+    peak = [before]
+
+    def sample():
+        while running[0]:
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        yield result
+    finally:
+        running[0] = False
+        thread.join()
+        result[0] = peak[0] - before
 
 
 def _rss() -> int:
@@ -37,24 +59,13 @@ def measure(t: int) -> dict:
     b, p = t // 4, t // 2
     qr, kr, vr = (torch.randn(1, HEADS, n, DIM, requires_grad=True) for n in (b, p + b, p + b))
     mask = torch.ones(b, p + b, dtype=torch.bool).tril(diagonal=p)
-    peak, before, running = [0], _rss(), [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with _peak_rss() as peak_above, profile(activities=[ProfilerActivity.CPU]) as prof:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out.sum().backward()
         out_r = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask)
         out_r.sum().backward()
-    running[0] = False
-    thread.join()
     kernels = sorted({e.key for e in prof.key_averages() if "attention" in e.key and e.key.startswith("aten::_")})
-    return {"tokens": t, "kernels": kernels, "peak_above_mib": (peak[0] - before) / 2**20,
+    return {"tokens": t, "kernels": kernels, "peak_above_mib": peak_above[0] / 2**20,
             "score_matrix_mib": HEADS * t * t * 4 / 2**20}
 
 
@@ -66,20 +77,10 @@ def masked(b: int, keys: int) -> str:
     q = torch.randn(1, HEADS, b, DIM, requires_grad=True)
     k, v = (torch.randn(1, HEADS, keys, DIM, requires_grad=True) for _ in range(2))
     mask = torch.ones(b, keys, dtype=torch.bool).tril(diagonal=keys - b)
-    peak, before, running = [0], _rss(), [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
-    running[0] = False
-    thread.join()
+    with _peak_rss() as peak_above:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
     linear = (2 * b + 4 * keys) * HEADS * DIM * 4 / 2**20  # q, its gradient, k, v, their gradients
-    return (f"{b} queries over {keys} keys: peak {(peak[0] - before) / 2**20:.0f} MiB above the start; q, k, v and their "
+    return (f"{b} queries over {keys} keys: peak {peak_above[0] / 2**20:.0f} MiB above the start; q, k, v and their "
             f"gradients {linear:.0f} MiB; the mask {mask.numel() / 2**20:.0f} MiB as bool, {4 * mask.numel() / 2**20:.0f} as float")
 
 
