@@ -35,6 +35,7 @@ import dataclasses
 import json
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
@@ -65,6 +66,14 @@ def resolve_prompts(source: Union[str, list], column: str = "prompt") -> list:
     prompts, counts = load_prompts(source, column=column)
     print(f"[pipeline] {source}: {describe_counts(counts)}", flush=True)
     return prompts
+
+
+@contextmanager
+def _timed(timings: dict, stage: str):
+    """timings[stage]: the seconds the block took."""
+    started = time.time()
+    yield
+    timings[stage] = round(time.time() - started, 1)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -156,9 +165,25 @@ class Pipeline:
         started = time.time()
         record: dict = {"round": k, "policy_in": self.policy_path(k - 1)}
         timings: dict = {}
+        with _timed(timings, "sample"):
+            record["sampling"] = self.sample_round(k)
+        with _timed(timings, "score"):
+            record["scoring"] = score_file(rdir / "samples.jsonl", rdir / "scored.jsonl", self.scorer)
+        record["pairs"] = self.pair_round(k)
+        with _timed(timings, "dpo"):
+            record["train"] = self.dpo_round(k)
+        if self.eval_prompts is not None:
+            with _timed(timings, "eval"):
+                record["eval"] = self.eval_round(k)
+            self.log(f"[pipeline] round {k}: {_eval_line(record['eval'])}")
+        record["policy_out"] = self.policy_path(k)
+        record["seconds"] = timings
+        record["wall_seconds"] = round(time.time() - started, 1)
+        _write_json(done, record)
+        return record
 
-        # sample
-        t = time.time()
+    def sample_round(self, k: int) -> dict:
+        """policy_{k-1} samples the round's prompts into samples.jsonl (prompts sampled before are kept)."""
         sampling = dataclasses.replace(self.cfg.sampling, seed=self.cfg.sampling.seed + 1000 * k)
         model_dir = self.policy_path(k - 1)
         if sampling.backend == "vllm" or (sampling.backend == "auto" and vllm_available()):
@@ -166,58 +191,44 @@ class Pipeline:
         else:
             model, tokenizer = self.sft() if k == 1 else self._load(model_dir)
             backend = make_backend(sampling, model_dir, model=model, tokenizer=tokenizer)
-        report = sample_to_file(self.round_prompts(k), rdir / "samples.jsonl", sampling, backend, model_id=model_dir)
-        record["sampling"] = {"prompts": report.prompts, "generated": report.generated, "already_done": report.already_done, "rows": report.rows}
-        timings["sample"] = round(time.time() - t, 1)
+        out = self.round_dir(k) / "samples.jsonl"
+        report = sample_to_file(self.round_prompts(k), out, sampling, backend, model_id=model_dir)
+        return {"prompts": report.prompts, "generated": report.generated, "already_done": report.already_done, "rows": report.rows}
 
-        # score
-        t = time.time()
-        record["scoring"] = score_file(rdir / "samples.jsonl", rdir / "scored.jsonl", self.scorer)
-        timings["score"] = round(time.time() - t, 1)
-
-        # pair
+    def pair_round(self, k: int) -> dict:
+        """scored.jsonl -> pairs.jsonl; a round without a single pair stops the pipeline."""
+        rdir = self.round_dir(k)
         summary = pair_file(rdir / "scored.jsonl", rdir / "pairs.jsonl", self.cfg.pairing)
-        record["pairs"] = summary
         self.log(f"[pipeline] round {k}: {format_summary(summary)}")
         if summary["pairs"] == 0:
             raise ConfigError(f"round {k}: no preference pairs (every prompt tied or below the margin); see {rdir / 'pairs.jsonl.summary.json'}")
+        return summary
 
-        # dpo
-        t = time.time()
-        final = rdir / "dpo" / "final"
+    def dpo_round(self, k: int) -> dict:
+        """`dpokit train` on the round's pairs from policy_{k-1} into round_k/dpo; its metrics (a saved model is kept)."""
+        rdir = self.round_dir(k)
         metrics_path = rdir / "dpo" / "train_result.json"
-        if (final / "config.json").exists() and metrics_path.exists():
-            record["train"] = json.loads(metrics_path.read_text())
-        else:
-            overrides = {"model.name_or_path": model_dir, "data.path": str(rdir / "pairs.jsonl"), "out_dir": str(rdir / "dpo")}
-            if self.cfg.reference == "fixed" and k > 1:
-                overrides["model.ref_name_or_path"] = self.sft_path
-            for key in ("trust_remote_code", "allow_pickle"):  # the pipeline's opt-ins cover the models training loads
-                if getattr(self.cfg, key):
-                    overrides[f"model.{key}"] = True
-            result = train(self._train_config(), overrides)
-            record["train"] = result.metrics
-            _write_json(metrics_path, result.metrics)
-        timings["dpo"] = round(time.time() - t, 1)
-        del backend
+        if (Path(self.policy_path(k)) / "config.json").exists() and metrics_path.exists():
+            return json.loads(metrics_path.read_text())
+        overrides = {"model.name_or_path": self.policy_path(k - 1), "data.path": str(rdir / "pairs.jsonl"), "out_dir": str(rdir / "dpo")}
+        if self.cfg.reference == "fixed" and k > 1:
+            overrides["model.ref_name_or_path"] = self.sft_path
+        for key in ("trust_remote_code", "allow_pickle"):  # the pipeline's opt-ins cover the models training loads
+            if getattr(self.cfg, key):
+                overrides[f"model.{key}"] = True
+        result = train(self._train_config(), overrides)
+        _write_json(metrics_path, result.metrics)
+        return result.metrics
 
-        # eval
-        if self.eval_prompts is not None:
-            t = time.time()
-            eval_path = rdir / "eval.json"
-            if eval_path.exists():
-                record["eval"] = json.loads(eval_path.read_text())
-            else:
-                policy, tokenizer = self._load(str(final))
-                record["eval"] = self._eval(k, policy, tokenizer)
-                _write_json(eval_path, record["eval"])
-            timings["eval"] = round(time.time() - t, 1)
-            self.log(f"[pipeline] round {k}: {_eval_line(record['eval'])}")
-        record["policy_out"] = str(final)
-        record["seconds"] = timings
-        record["wall_seconds"] = round(time.time() - started, 1)
-        _write_json(done, record)
-        return record
+    def eval_round(self, k: int) -> dict:
+        """policy_k on the held-out prompts against the SFT model, into eval.json (a written one is kept)."""
+        eval_path = self.round_dir(k) / "eval.json"
+        if eval_path.exists():
+            return json.loads(eval_path.read_text())
+        policy, tokenizer = self._load(self.policy_path(k))
+        metrics = self._eval(k, policy, tokenizer)
+        _write_json(eval_path, metrics)
+        return metrics
 
     def run(self) -> list[dict]:
         owner = claim_pipeline_dir(self.cfg)  # marked, checked for files dpokit did not write, locked
