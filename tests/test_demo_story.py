@@ -14,7 +14,8 @@ import dpokit.report
 from dpokit.config import EvalConfig, SpeedConfig
 from dpokit.demo import world
 from dpokit.online.demo_eval import evaluate_policy, format_table
-from dpokit.online.evaluation import evaluate, format_report, k3_kl
+from dpokit.online.eval_metrics import format_report
+from dpokit.online.evaluation import evaluate, k3_kl
 from dpokit.ref_cache.build import compute_reference_logps
 from tiny_assets import model, synthetic_pairs, tiny_model_dir, tokenizer, write_jsonl  # noqa: F401 (model, tokenizer: fixtures)
 

@@ -10,7 +10,8 @@ import torch
 
 from dpokit.config import EvalConfig
 from dpokit.demo import world
-from dpokit.online.evaluation import evaluate, format_report, kl_to_reference, log_ratios, preference_accuracy
+from dpokit.online.eval_metrics import format_report
+from dpokit.online.evaluation import evaluate, kl_to_reference, log_ratios, preference_accuracy
 from dpokit.generation import sample
 from dpokit.online.scoring import FunctionScorer
 from tiny_assets import model, tokenizer  # noqa: F401 (pytest fixtures)

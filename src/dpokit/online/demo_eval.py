@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dpokit.demo import world
-from dpokit.online.evaluation import kl_to_reference, preference_accuracy, progress_bar  # general pieces, kept importable from here
+from dpokit.online.eval_metrics import progress_bar
+from dpokit.online.evaluation import kl_to_reference, preference_accuracy  # general pieces, kept importable from here
 from dpokit.generation import sample
 
 MAX_NEW_TOKENS = 24  # reviews are at most 14 words + EOS; room to see a policy that rambles

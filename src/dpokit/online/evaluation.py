@@ -27,17 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from dpokit.config import Config, EvalConfig, SamplingConfig
 from dpokit.config.flags import Flag, Verb, require, resolved_args
 from dpokit.generation import Sample, sample
+from dpokit.online.eval_metrics import against_baseline, against_reference, completion_length, format_report, progress_bar
 from dpokit.online.judges import PairwiseJudge, judge_flags, judge_options
 from dpokit.online.loading import TRUST_FLAGS, ModelTrust, load_model
 from dpokit.online.log_ratios import (  # noqa: F401  (kept importable from here)
@@ -47,32 +44,12 @@ from dpokit.online.scoring import build_scorer
 from dpokit.online.suites.local_judge import LocalPairwiseJudge
 from dpokit.online.suites.multiturn import MTBenchJudge
 from dpokit.online.suites.runner import SUITE_FLAGS, check_suite_args, run_suites, suite_rows
+from dpokit.online.suites.stats import mean_sem
 from dpokit.online.suites.view import markdown, write_view
 from dpokit.training.run_dir import holding
 
 
 # --- the evaluation ------------------------------------------------------------------------------
-
-
-def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
-    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
-
-
-def completion_length(s: Sample) -> int:
-    """Generated tokens without the EOS."""
-    return len(s.completion_ids) - (1 if s.finished else 0)
-
-
-def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm:
-    """A bar on stderr with the count, the rate and the time left, for a phase that would otherwise be silent."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
 def draw(model, tokenizer, prompts: Sequence[Prompt], num_samples: int = 4, temperature: float = 1.0, top_p: float = 1.0,
@@ -105,32 +82,26 @@ def evaluate(policy, tokenizer, prompts: Sequence[Prompt], cfg: EvalConfig | Non
     judgments: a list to which each win-rate judgment is appended as {"prompt_index", "win", "length_diff"}
       (policy minus baseline tokens; "win" None where a score was missing, NaN where the judge's verdict was unreadable): the length-controlled win rate's input.
     """
-    cfg = cfg or EvalConfig()
-    if cfg.max_new_tokens is None:
-        cfg = dataclasses.replace(cfg, max_new_tokens=SamplingConfig().max_new_tokens)
+    cfg = _with_max_new_tokens(cfg or EvalConfig())
     prompts = list(prompts)
     bar = (lambda what: f"[eval] {what}") if progress else (lambda what: None)
-    samples = draw(policy, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed,
-                   batch_size, progress=bar("sampling the policy"))
+    samples = _draw_as(cfg, policy, tokenizer, prompts, cfg.seed, batch_size, bar("sampling the policy"))
     sample_prompts = [p for p in prompts for _ in range(cfg.num_samples)]
-    out: dict[str, Any] = {"num_prompts": len(prompts), "num_samples": len(samples), "temperature": cfg.temperature,
-                           "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
-    out["mean_length"], out["mean_length_sem"] = _mean_sem([completion_length(s) for s in samples])
-    out["finished_share"] = sum(s.finished for s in samples) / max(1, len(samples))
-    scores = None
-    if scorer is not None:
-        scores = scorer.score(sample_prompts, [s.completion for s in samples])
-        out["mean_score"], out["mean_score_sem"] = _mean_sem(scores)
+    out, scores = _own_metrics(prompts, samples, sample_prompts, cfg, scorer)
     if reference is not None:
-        out.update(_against_reference(policy, reference, tokenizer, samples, cfg, pairs if pairs is not None else cfg.pairs,
-                                      bar, progress))
+        pairs = pairs if pairs is not None else cfg.pairs
+        out.update(against_reference(policy, reference, tokenizer, samples, cfg, pairs, bar, progress))
     if isinstance(baseline, str) and baseline == "reference":
         baseline = reference
     if baseline is not None:
-        base_samples = (list(baseline) if isinstance(baseline, (list, tuple)) else samples if baseline is policy
-                        else draw(baseline, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                                  cfg.seed + 1, batch_size, progress=bar("sampling the baseline")))
-        out.update(_against_baseline(samples, base_samples, sample_prompts, scores, scorer, judge, cfg.num_samples, judgments))
+        if isinstance(baseline, (list, tuple)):
+            base_samples = list(baseline)
+        elif baseline is policy:
+            base_samples = samples
+        else:
+            shown = bar("sampling the baseline")
+            base_samples = _draw_as(cfg, baseline, tokenizer, prompts, cfg.seed + 1, batch_size, shown)
+        out.update(against_baseline(samples, base_samples, sample_prompts, scores, scorer, judge, cfg.num_samples, judgments))
         out["length_change"] = out["mean_length"] - out["baseline_mean_length"]
     out["examples"] = [s.prompt + s.completion for s in samples[:: max(1, cfg.num_samples)][:2]]
     if samples_out is not None:
@@ -138,49 +109,33 @@ def evaluate(policy, tokenizer, prompts: Sequence[Prompt], cfg: EvalConfig | Non
     return out
 
 
-def _against_reference(policy, reference, tokenizer, samples: list[Sample], cfg: EvalConfig, pairs, bar, progress: bool) -> dict:
-    """The KL estimates from the policy's samples and, with held-out pairs, the implicit reward's preference accuracy."""
-    out: dict[str, Any] = {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with progress_bar(len(samples), bar("KL to the reference") or "", "sample", progress) as kl_bar:
-        ratios, tokenwise = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples],
-                                       pad, tokenwise=True, progress=kl_bar)
-    out["kl_to_reference"], out["kl_to_reference_sem"] = _mean_sem(k3_kl(ratios).tolist())
-    out["kl_estimator"] = KL_ESTIMATOR
-    out["kl_tokenwise"], out["kl_tokenwise_sem"] = _mean_sem(tokenwise.tolist())
-    out["kl_estimator_biased"] = not (cfg.temperature == 1.0 and cfg.top_p == 1.0)
-    if pairs is not None:
-        examples = examples_of(pairs)
-        used = examples if cfg.max_pairs is None else examples[: cfg.max_pairs]
-        out["pairs_used"], out["pairs_total"] = len(used), len(examples)
-        with progress_bar(2 * len(used), bar("held-out pairs (chosen + rejected)") or "", "seq", progress) as pair_bar:
-            out["preference_accuracy"] = preference_accuracy(policy, reference, tokenizer, used, progress=pair_bar)
-    return out
+def _with_max_new_tokens(cfg: EvalConfig) -> EvalConfig:
+    """cfg, with SamplingConfig's max_new_tokens where it has none."""
+    if cfg.max_new_tokens is None:
+        return dataclasses.replace(cfg, max_new_tokens=SamplingConfig().max_new_tokens)
+    return cfg
 
 
-def _against_baseline(samples, base_samples, sample_prompts, scores, scorer, judge, num_samples: int, judgments) -> dict:
-    """The baseline's mean length (and score), and the win rate by the judge or else the scorer."""
-    if len(base_samples) != len(samples):
-        raise ValueError(f"baseline has {len(base_samples)} samples, the policy {len(samples)}")
-    out: dict[str, Any] = {}
-    out["baseline_mean_length"], _ = _mean_sem([completion_length(s) for s in base_samples])
-    if judge is not None:
-        wins = judge.compare(sample_prompts, [s.completion for s in samples], [s.completion for s in base_samples])
-        out["win_rate_by"] = getattr(judge, "name", "pairwise judge")
-    elif scorer is not None:
-        base_scores = scorer.score(sample_prompts, [s.completion for s in base_samples])
-        out["baseline_mean_score"], out["baseline_mean_score_sem"] = _mean_sem(base_scores)
-        wins = [None if a is None or b is None or not (math.isfinite(a) and math.isfinite(b))
-                else 1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores, base_scores)]
-        out["win_rate_by"] = getattr(scorer, "name", "scorer")
-    else:
-        return out
-    out["win_rate"], out["win_rate_sem"] = _mean_sem(wins)
-    out["win_rate_unjudged"] = sum(w is None or not math.isfinite(w) for w in wins)  # left out of the win rate
-    if judgments is not None:
-        judgments.extend({"prompt_index": i // num_samples, "win": w, "length_diff": completion_length(a) - completion_length(b)}
-                         for i, (w, a, b) in enumerate(zip(wins, samples, base_samples)))
-    return out
+def _draw_as(cfg: EvalConfig, model, tokenizer, prompts: list[Prompt], seed: int, batch_size: int,
+             progress: str | None) -> list[Sample]:
+    """`draw` with the evaluation's sampling settings (num_samples, temperature, top_p, max_new_tokens)."""
+    return draw(model, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed,
+                batch_size, progress=progress)
+
+
+def _own_metrics(prompts: list[Prompt], samples: list[Sample], sample_prompts: list[Prompt], cfg: EvalConfig,
+                 scorer) -> tuple[dict[str, Any], list | None]:
+    """What was sampled, the samples' mean length and finished share, and with a scorer their scores (returned too)
+    and mean score."""
+    out: dict[str, Any] = {"num_prompts": len(prompts), "num_samples": len(samples), "temperature": cfg.temperature,
+                           "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
+    out["mean_length"], out["mean_length_sem"] = mean_sem([completion_length(s) for s in samples])
+    out["finished_share"] = sum(s.finished for s in samples) / max(1, len(samples))
+    scores = None
+    if scorer is not None:
+        scores = scorer.score(sample_prompts, [s.completion for s in samples])
+        out["mean_score"], out["mean_score_sem"] = mean_sem(scores)
+    return out, scores
 
 
 def _write_samples(path: Path, samples: list[Sample], sample_prompts: list, scores, num_samples: int) -> None:
@@ -192,39 +147,6 @@ def _write_samples(path: Path, samples: list[Sample], sample_prompts: list, scor
             if scores is not None:
                 row["score"] = scores[i]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-_ROWS = [
-    ("mean_score", "mean score", "{:.3f}"),
-    ("baseline_mean_score", "baseline mean score", "{:.3f}"),
-    ("win_rate", "win rate vs baseline", "{:.1%}"),
-    ("win_rate_unjudged", "unjudged (left out of the win rate)", "{:d}"),
-    ("kl_to_reference", "KL(policy || reference), nats/completion, k3 from the policy's samples", "{:.2f}"),
-    ("kl_tokenwise", "KL(policy || reference), nats/completion, exact next-token KL summed along the samples", "{:.2f}"),
-    ("preference_accuracy", "held-out preference accuracy", "{:.1%}"),
-    ("mean_length", "mean length (tokens)", "{:.1f}"),
-    ("baseline_mean_length", "baseline mean length", "{:.1f}"),
-    ("length_change", "length change", "{:+.1f}"),
-    ("finished_share", "finished (EOS) share", "{:.1%}"),
-    ("num_samples", "samples", "{:d}"),
-]
-
-
-def format_report(metrics: Mapping) -> str:
-    rows = []
-    for key, label, fmt in _ROWS:
-        value = metrics.get(key)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            continue
-        text = fmt.format(value)
-        sem = metrics.get(f"{key}_sem")
-        if isinstance(sem, float) and math.isfinite(sem):
-            text += " ± " + (fmt.format(sem) if "%" in fmt else f"{sem:.3f}" if "3f" in fmt else f"{sem:.2f}")
-        if key == "preference_accuracy" and "pairs_used" in metrics:
-            text += f"  (on {metrics['pairs_used']} of {metrics['pairs_total']} pairs)"
-        rows.append((label, text))
-    width = max((len(r[0]) for r in rows), default=0)
-    return "\n".join(f"{label:<{width}}  {text}" for label, text in rows)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -62,8 +62,8 @@ def _pair_row(prompt, chosen: dict, rejected: dict) -> dict:
             "chosen_tokens": _length(chosen), "rejected_tokens": _length(rejected)}
 
 
-def pairs_for_prompt(rows: list[dict], cfg: PairingConfig, counts: Counter) -> list[dict]:
-    """The pairs of one prompt's scored completions; every drop is counted in `counts`."""
+def _usable(rows: list[dict], cfg: PairingConfig, counts: Counter) -> list[dict]:
+    """The completions that can be paired, in sample order: scored and (with drop_unfinished) finished."""
     kept = []
     for row in sorted(rows, key=lambda r: r.get("sample_index", 0)):
         if math.isnan(_score(row)):
@@ -72,14 +72,12 @@ def pairs_for_prompt(rows: list[dict], cfg: PairingConfig, counts: Counter) -> l
             counts["completions_unfinished"] += 1
         else:
             kept.append(row)
-    if len(kept) < 2:
-        counts["prompts_fewer_than_two"] += 1
-        return []
-    if len({_score(r) for r in kept}) == 1:
-        counts["prompts_all_tied"] += 1
-        counts["tied_pairs"] += len(kept) * (len(kept) - 1) // 2
-        return []
-    candidates = []  # (margin, length difference, i, j)
+    return kept
+
+
+def _candidates(kept: list[dict], cfg: PairingConfig) -> tuple[list[tuple], Counter]:
+    """Every pair passing the rules, as (margin, length difference, chosen index, rejected index), and the drops."""
+    candidates = []
     reasons: Counter = Counter()
     for i, a in enumerate(kept):
         for j, b in enumerate(kept):
@@ -102,16 +100,20 @@ def pairs_for_prompt(rows: list[dict], cfg: PairingConfig, counts: Counter) -> l
                 reasons["pairs_length_ratio"] += 1
                 continue
             candidates.append((margin, abs(la - lb), hi, lo))
-    counts.update(reasons)
-    if not candidates:
-        # Say why this prompt gave nothing: the margin when no pair reached it, else the length ratio.
-        if reasons["pairs_length_ratio"]:
-            counts["prompts_length_ratio"] += 1
-        elif reasons["pairs_below_margin"]:
-            counts["prompts_below_margin"] += 1
-        else:
-            counts["prompts_identical"] += 1
-        return []
+    return candidates, reasons
+
+
+def _why_unpaired(reasons: Counter) -> str:
+    """Why a prompt gave nothing: the margin when no pair reached it, else the length ratio."""
+    if reasons["pairs_length_ratio"]:
+        return "prompts_length_ratio"
+    if reasons["pairs_below_margin"]:
+        return "prompts_below_margin"
+    return "prompts_identical"
+
+
+def _chosen(kept: list[dict], candidates: list[tuple], cfg: PairingConfig, counts: Counter) -> list[dict]:
+    """The pair rows the strategy takes from the candidates."""
     prompt = kept[0]["prompt"]
     if cfg.strategy == "best_worst":
         index = lambda c: (kept[c[2]].get("sample_index", c[2]), kept[c[3]].get("sample_index", c[3]))  # noqa: E731
@@ -125,6 +127,24 @@ def pairs_for_prompt(rows: list[dict], cfg: PairingConfig, counts: Counter) -> l
         counts["pairs_over_cap"] += max(0, len(ordered) - cfg.max_pairs_per_prompt)
         ordered = ordered[: cfg.max_pairs_per_prompt]
     return [_pair_row(prompt, kept[c[2]], kept[c[3]]) for c in ordered]
+
+
+def pairs_for_prompt(rows: list[dict], cfg: PairingConfig, counts: Counter) -> list[dict]:
+    """The pairs of one prompt's scored completions; every drop is counted in `counts`."""
+    kept = _usable(rows, cfg, counts)
+    if len(kept) < 2:
+        counts["prompts_fewer_than_two"] += 1
+        return []
+    if len({_score(r) for r in kept}) == 1:
+        counts["prompts_all_tied"] += 1
+        counts["tied_pairs"] += len(kept) * (len(kept) - 1) // 2
+        return []
+    candidates, reasons = _candidates(kept, cfg)
+    counts.update(reasons)
+    if not candidates:
+        counts[_why_unpaired(reasons)] += 1
+        return []
+    return _chosen(kept, candidates, cfg, counts)
 
 
 def build_pairs(groups: list[list[dict]], cfg: PairingConfig = PairingConfig()) -> tuple[list[dict], dict]:

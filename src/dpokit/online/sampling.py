@@ -135,6 +135,46 @@ def _check_settings(out: Path, settings: dict) -> None:
     side.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def _distinct(prompts: list[Prompt]) -> tuple[list[str], list[Prompt]]:
+    """The prompts without repeats (each kept where it first comes) and their keys."""
+    keys, unique = [], []
+    seen: set[str] = set()
+    for p in prompts:
+        k = prompt_key(p)
+        if k not in seen:
+            seen.add(k)
+            keys.append(k)
+            unique.append(p)
+    return keys, unique
+
+
+def _whole_prompts(out: Path, keys: list[str], num_samples: int) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The prompts already complete in `out` (by key) and the rows of those not among `keys` (an earlier, longer list).
+
+    Torn or partial groups are cut from the file, so it holds only whole prompts.
+    """
+    rows = read_samples(out)
+    done = complete_groups(rows, num_samples)
+    asked = set(keys)
+    kept = [r for k in keys if k in done for r in done[k]]
+    extra = [r for k, g in done.items() if k not in asked for r in g]
+    if len(kept) + len(extra) != len(rows):
+        _rewrite(out, kept + extra)
+    return done, extra
+
+
+def _rows(todo: list[tuple[int, Prompt]], samples: list, num_samples: int) -> list[dict]:
+    """The file's rows for a chunk's (prompt index, prompt)s, from the backend's samples (num_samples per prompt)."""
+    rows = []
+    for n, (index, prompt) in enumerate(todo):
+        for j in range(num_samples):
+            s = samples[n * num_samples + j]
+            rows.append({"prompt": prompt, "prompt_index": index, "sample_index": j, "completion": s.completion,
+                         "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(s.completion_ids),
+                         "finished": bool(s.finished)})
+    return rows
+
+
 def sample_to_file(
     prompts: list[Prompt],
     out_path: str | Path,
@@ -154,20 +194,8 @@ def sample_to_file(
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or getattr(backend, "tokenizer", None)
     _check_settings(out, _settings(cfg, model_id))
-    keys, unique = [], []
-    seen: set[str] = set()
-    for p in prompts:
-        k = prompt_key(p)
-        if k not in seen:
-            seen.add(k)
-            keys.append(k)
-            unique.append(p)
-    rows = read_samples(out)
-    done = complete_groups(rows, cfg.num_samples)
-    kept = [r for k in keys if k in done for r in done[k]]
-    extra = [r for k, g in done.items() if k not in seen for r in g]  # prompts of an earlier, longer list
-    if len(kept) + len(extra) != len(rows):  # torn or partial groups: keep only whole prompts
-        _rewrite(out, kept + extra)
+    keys, unique = _distinct(prompts)
+    done, extra = _whole_prompts(out, keys, cfg.num_samples)
     already = sum(k in done for k in keys)
     step = cfg.prompts_per_chunk
     calls = generated = 0
@@ -180,14 +208,7 @@ def sample_to_file(
         calls += 1
         if len(samples) != len(todo) * cfg.num_samples:
             raise RuntimeError(f"backend returned {len(samples)} samples for {len(todo)} prompts x {cfg.num_samples}")
-        new_rows = []
-        for n, (index, prompt) in enumerate(todo):
-            for j in range(cfg.num_samples):
-                s = samples[n * cfg.num_samples + j]
-                new_rows.append({"prompt": prompt, "prompt_index": index, "sample_index": j, "completion": s.completion,
-                                 "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(s.completion_ids),
-                                 "finished": bool(s.finished)})
-        append_rows(out, new_rows)
+        append_rows(out, _rows(todo, samples, cfg.num_samples))
         generated += len(todo)
         if progress is not None:
             progress(already + generated, len(unique))
