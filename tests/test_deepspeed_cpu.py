@@ -33,7 +33,7 @@ from dpokit.models import load_policy
 from dpokit.training.checkpoint import list_checkpoints
 from dpokit.training.metrics import read_metrics
 from dpokit.training.optim import make_optimizer
-from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
+from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, write_jsonl
 
 # A test extra (pyproject.toml); not imported here, only the launched processes use it.
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -105,7 +105,7 @@ def _assert_zero3_shards(checkpoint: Path) -> None:
 def _launch(tmp_path: Path, cfg: dict, crash_at: int = 0) -> subprocess.CompletedProcess:
     script = tmp_path / "zero3_run.py"
     script.write_text(_LAUNCHED)
-    port = str(29500 + (os.getpid() + 500) % 1000)
+    port = free_port()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}

@@ -24,7 +24,7 @@ import dpokit
 from dpokit.training.checkpoint import list_checkpoints
 from dpokit.training.metrics import read_metrics
 from dpokit.training.loop import BatchStream
-from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
+from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, write_jsonl
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 6
@@ -68,7 +68,7 @@ def _config(tmp_path: Path, name: str, batch_size: int, **extra) -> dict:
 def _torchrun(tmp_path: Path, cfg: dict, crash_at: int = 0) -> subprocess.CompletedProcess:
     script = tmp_path / "ddp_run.py"
     script.write_text(_RUN.format(tests=str(TESTS)))
-    port = str(29500 + os.getpid() % 1000)
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                str(script), json.dumps(cfg), str(crash_at)]

@@ -27,7 +27,7 @@ import dpokit
 import dpokit.training.loop
 from dpokit.training.checkpoint import list_checkpoints
 from dpokit.training.metrics import read_metrics
-from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
+from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, write_jsonl
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 4
@@ -79,7 +79,7 @@ def _launch(tmp_path: Path, cfg: dict, procs: int = 2, kill_at: int = 0, nodes: 
     """torchrun with `procs` processes on one node, or `nodes` launchers of one process each on 127.0.0.1."""
     script = tmp_path / "fsdp_run.py"
     script.write_text(_RUN.format(tests=str(TESTS)))
-    port = str(29600 + os.getpid() % 300 + 7 * len(list(tmp_path.iterdir())) % 100)
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = [str(script), json.dumps(cfg), str(kill_at)]
     if nodes == 1:
@@ -214,7 +214,7 @@ def test_an_out_dir_that_another_machine_cannot_see_is_refused_in_one_line(tmp_p
         "import dpokit, torch.distributed\n", "import dpokit, torch.distributed, dpokit.training.setup as s\n"
         "if os.environ['RANK'] == '1':\n    s.MARKER = 'not-here.json'\n", 1))
     cfg = _config(tmp_path, "two", batch_size=4, **{"train.fsdp": True})
-    port = str(29900 + os.getpid() % 90)
+    port = free_port()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(script),
                            json.dumps(cfg), "0"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
@@ -229,7 +229,7 @@ def test_precompute_under_two_sharded_processes_writes_the_one_process_cache(tmp
     alone = precompute_reference(_config(tmp_path, "one", batch_size=3))  # 33 pairs / 3: 11 batches, an odd split over 2
     cfg = tmp_path / "precompute.yaml"
     cfg.write_text(json.dumps(_config(tmp_path, "two", batch_size=3, **{"train.fsdp": True})))  # JSON is YAML
-    port = str(29950 + os.getpid() % 40)
+    port = free_port()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m",
                            "dpokit.cli", "precompute", str(cfg)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -25,7 +25,7 @@ from dpokit.models import load_tokenizer
 from dpokit.ref_cache.build import ensure_reference_cache
 from dpokit.ref_cache.store import CacheCorrupt, read_split
 from dpokit.training.metrics import read_metrics
-from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
+from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, write_jsonl
 
 TESTS = Path(__file__).resolve().parent
 
@@ -118,7 +118,7 @@ def test_two_processes_share_the_build_and_write_the_bytes_one_process_writes(tm
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED.format(tests=str(TESTS)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    port = str(29700 + os.getpid() % 1000)
+    port = free_port()
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(script),
                           json.dumps(_cfg(tmp_path, cache="cache2", **{"train.batch_size": 1})), str(tmp_path)],
                          capture_output=True, text=True, env=env, timeout=300)

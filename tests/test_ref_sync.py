@@ -26,7 +26,7 @@ from dpokit.tiny import build_tiny_llama
 from dpokit.training.checkpoint import CheckpointError, list_checkpoints
 from dpokit.training.metrics import read_metrics
 from dpokit.training.ref_sync import policy_weights, sync_reference
-from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer, write_jsonl
+from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, word_tokenizer, write_jsonl
 
 STEPS = 5
 
@@ -196,7 +196,7 @@ def test_two_processes_sync_like_one_process(tmp_path):
     one = dpokit.train(_config(tmp_path, "one", **{**extra, "train.batch_size": 8})).run_dir
     script = tmp_path / "ddp_run.py"
     script.write_text(_DDP_RUN.format(tests=str(Path(__file__).resolve().parent)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                str(script), json.dumps(_config(tmp_path, "two", **{**extra, "train.batch_size": 4}))]
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

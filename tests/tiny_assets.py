@@ -11,6 +11,7 @@ import functools
 import json
 import random
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,13 @@ def session_folder(prefix: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def free_port() -> str:
+    """A TCP port free right now on 127.0.0.1, for a launcher's rendezvous (tests may run in parallel workers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 PROMPT_WORDS = "the film was a movie it is and plot acting".split()
