@@ -18,17 +18,23 @@ import yaml
 from safetensors.torch import load_file
 
 from dpokit.cli import main
+from dpokit.config import load_pipeline_config
+from dpokit.models import ModelLoadError
+from dpokit.online.pipeline import Pipeline
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer, write_jsonl
 
 # The custom code is harmless, but records that it ran: refused, it must never run.
 CUSTOM_CODE = """
 from pathlib import Path
 Path({marker!r}).write_text("the model's own code ran")
-from transformers import {config_class}, {model_class}
+from transformers import AutoModel, LlamaModel, {config_class}, {model_class}
 class CustomConfig({config_class}):
     model_type = "custom_llama"
 class CustomModel({model_class}):
     config_class = CustomConfig
+class CustomBase(LlamaModel):  # what a sequence-classification head builds its body from (AutoModel.from_config)
+    config_class = CustomConfig
+AutoModel.register(CustomConfig, CustomBase, exist_ok=True)
 """
 
 
@@ -88,12 +94,12 @@ def _train_yaml(tmp_path: Path, model: Path) -> Path:
     return path
 
 
-def _pipeline_yaml(tmp_path: Path, policy: Path, rewards: Path, **keys) -> Path:
+def _pipeline_yaml(tmp_path: Path, policy: Path, scorer: str, model: dict | None = None, **keys) -> Path:
+    """A 1-round pipeline; `model`: its train section's model keys (the one trust switch)."""
+    train = {"data": {"max_length": 32, "max_prompt_length": 16}, "train": {"batch_size": 4, "max_steps": 1, "progress_bar": False}}
     cfg = {"policy": str(policy), "prompts": ["the film was", "it is", "the plot was", "a movie is"], "rounds": 1,
-           "scorer": f"{rewards}:text_hash", "sampling": {"num_samples": 4, "max_new_tokens": 4, "backend": "hf"},
-           "train": {"data": {"max_length": 32, "max_prompt_length": 16},
-                     "train": {"batch_size": 4, "max_steps": 1, "progress_bar": False}},
-           "out_dir": str(tmp_path / "pipeline"), **keys}
+           "scorer": scorer, "sampling": {"num_samples": 4, "max_new_tokens": 4, "backend": "hf"},
+           "train": {**train, "model": model} if model else train, "out_dir": str(tmp_path / "pipeline"), **keys}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -111,16 +117,17 @@ def _command(verb: str, tmp_path: Path, kind: str) -> list[str]:
     if verb == "score":
         return ["score", "--in", str(f["samples"]), "--out", str(tmp_path / "scored.jsonl"), "--scorer", f"rm:{_reward_model(tmp_path, kind)}"]
     assert verb == "pipeline"
-    return ["pipeline", str(_pipeline_yaml(tmp_path, _policy(tmp_path, kind), f["rewards"]))]
+    return ["pipeline", str(_pipeline_yaml(tmp_path, _policy(tmp_path, kind), f"{f['rewards']}:text_hash"))]
 
 
-# What each verb's refusal names: the one trust switch (model.* keys; the online verbs' flags are its aliases), the pipeline's keys.
+# What each verb's refusal names: the one trust switch (model.* keys; the online verbs' flags are its aliases; in a
+# pipeline, its train section's).
 SETTING = {
     "train": {"pickle": "model.allow_pickle=true", "code": "model.trust_remote_code=true"},
     "sample": {"pickle": "model.allow_pickle=true (--allow-pickle)", "code": "model.trust_remote_code=true (--trust-remote-code)"},
     "eval": {"pickle": "model.allow_pickle=true (--allow-pickle)", "code": "model.trust_remote_code=true (--trust-remote-code)"},
     "score": {"pickle": "model.allow_pickle=true (--allow-pickle)", "code": "model.trust_remote_code=true (--trust-remote-code)"},
-    "pipeline": {"pickle": "allow_pickle=true (a pipeline key)", "code": "trust_remote_code=true (a pipeline key)"},
+    "pipeline": {"pickle": "train.model.allow_pickle=true", "code": "train.model.trust_remote_code=true"},
 }
 
 
@@ -160,11 +167,53 @@ def test_score_takes_the_pickle_opt_in_from_its_config_file(tmp_path, capsys):
     assert "2 rows scored" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_a_pipeline_that_allows_pickle_weights_trains_on_them(tmp_path, capsys):
+# A pipeline's one trust switch is its train section's model.trust_remote_code / model.allow_pickle: on, it covers the
+# policy (sampled and evaluated), a reward model and training; off, each refuses (the policy: the test above).
+SWITCH = {"pickle": "allow_pickle", "code": "trust_remote_code"}
+
+
+@pytest.mark.parametrize("kind", ["pickle", "code"])
+def test_a_pipeline_refuses_a_reward_model_without_the_switch(kind, tmp_path, capsys):
+    config = _pipeline_yaml(tmp_path, tiny_model_dir(), f"rm:{_reward_model(tmp_path, kind)}")
+    assert main(["pipeline", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert SETTING["pipeline"][kind] in err and "Traceback" not in err, err
+    assert not list(tmp_path.glob("*-code-ran.txt")), "the reward model's own code ran"
+
+
+@pytest.mark.parametrize("kind", ["pickle", "code"])
+def test_a_pipeline_trains_only_with_the_switch(kind, tmp_path):
+    """Training in a pipeline reads the same switch: off, round 1's DPO refuses the policy it starts from."""
     f = _files(tmp_path)
-    config = _pipeline_yaml(tmp_path, _policy(tmp_path, "pickle"), f["rewards"])
-    assert main(["pipeline", str(config), "allow_pickle=true"]) == 0  # sampling, and training (model.allow_pickle passed on)
+    pipeline = Pipeline(load_pipeline_config(_pipeline_yaml(tmp_path, _policy(tmp_path, kind), f"{f['rewards']}:text_hash")))
+    pipeline.round_dir(1).mkdir(parents=True)
+    write_jsonl(pipeline.round_dir(1) / "pairs.jsonl", synthetic_pairs(16, seed=1))
+    with pytest.raises(ModelLoadError, match="only pickle-based weights" if kind == "pickle" else "ships its own Python code"):
+        pipeline.dpo_round(1)
+    assert not list(tmp_path.glob("*-code-ran.txt")), "the model's own code ran"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pickle", "code"])
+def test_the_switch_covers_every_model_a_pipeline_loads(kind, tmp_path, capsys):
+    policy, reward_model = _policy(tmp_path, kind), _reward_model(tmp_path, kind)
+    config = _pipeline_yaml(tmp_path, policy, f"rm:{reward_model}", model={SWITCH[kind]: True}, eval_prompts=["the film was"])
+    assert main(["pipeline", str(config)]) == 0, capsys.readouterr().err
+    round1 = tmp_path / "pipeline" / "round_1"
+    assert json.loads((round1 / "round.json").read_text())["scoring"]["scored"] == 16  # the reward model scored
+    assert yaml.safe_load((round1 / "dpo" / "config.yaml").read_text())["model"][SWITCH[kind]] is True
+    assert (round1 / "dpo" / "final" / "config.json").exists() and (round1 / "eval.json").exists()
+    if kind == "code":  # the policy's and the reward model's own code loaded them
+        assert sorted(p.name for p in tmp_path.glob("*-code-ran.txt")) == ["policy-code-code-ran.txt", "rm-code-code-ran.txt"]
+
+
+@pytest.mark.slow
+def test_the_deprecated_pipeline_key_still_switches_trust_on(tmp_path, capsys):
+    """The top-level allow_pickle / trust_remote_code of before: accepted for one release, with a warning naming the key."""
+    f = _files(tmp_path)
+    config = _pipeline_yaml(tmp_path, _policy(tmp_path, "pickle"), f"{f['rewards']}:text_hash")
+    with pytest.warns(FutureWarning, match=r"config key 'allow_pickle' of a pipeline is deprecated.*set train.model.allow_pickle: true"):
+        assert main(["pipeline", str(config), "allow_pickle=true"]) == 0  # sampling, and training (model.allow_pickle passed on)
     round1 = yaml.safe_load((tmp_path / "pipeline" / "round_1" / "dpo" / "config.yaml").read_text())
     assert round1["model"]["allow_pickle"] is True
     assert (tmp_path / "pipeline" / "round_1" / "dpo" / "final" / "config.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -122,6 +123,9 @@ class FilesConfig:
             raise ConfigError(f"config key 'io.max_prompts' must be >= 1 or null (all prompts), got {self.max_prompts}")
 
 
+DEPRECATED_TRUST_KEYS = ("trust_remote_code", "allow_pickle")  # PipelineConfig's own, before the one switch
+
+
 @dataclass
 class PipelineConfig:
     """`dpokit pipeline CONFIG`: K rounds of sample -> score -> pair -> DPO -> eval (online/pipeline.py)."""
@@ -135,14 +139,23 @@ class PipelineConfig:
     prompts_per_round: Optional[int] = None  # a fresh seeded subset of the prompts each round; None: all
     prompt_column: str = "prompt"
     seed: int = 0
-    trust_remote_code: bool = False  # models the pipeline loads (policy, reward model, training) may run their own code
-    allow_pickle: bool = False  # ...may have pickle-based weights (pytorch_model.bin) only
+    # deprecated (for one release; they still switch trust on, with a warning): train.model.trust_remote_code and
+    # train.model.allow_pickle are the one trust switch, and cover every model the pipeline loads
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
     train: Union[str, dict[str, Any]] = field(default_factory=dict)  # a dpokit train config: mapping, YAML path or shipped name
     eval: EvalConfig = field(default_factory=EvalConfig)
     out_dir: str = "runs/pipeline"
     overwrite: bool = False  # write into an out_dir holding files dpokit did not write (refused otherwise)
+
+    def __post_init__(self) -> None:
+        for key in DEPRECATED_TRUST_KEYS:
+            if getattr(self, key):
+                warnings.warn(f"config key {key!r} of a pipeline is deprecated and goes in the next release; set "
+                              f"train.model.{key}: true instead, the one trust switch (it covers the policy, a reward "
+                              "model and training)", FutureWarning, stacklevel=3)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

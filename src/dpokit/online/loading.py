@@ -22,7 +22,7 @@ class ModelTrust:
 
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    where: str = "cli"  # cli: model.trust_remote_code / model.allow_pickle (or their flags) | pipeline: its keys
+    where: str = "cli"  # cli: model.trust_remote_code / model.allow_pickle (or their flags) | pipeline: train.model.*
 
     @classmethod
     def of(cls, model: ModelConfig) -> "ModelTrust":
@@ -34,7 +34,7 @@ class ModelTrust:
 OPT_IN = {
     "cli": OptIn(trust_remote_code="model.trust_remote_code=true (--trust-remote-code)",
                  allow_pickle="model.allow_pickle=true (--allow-pickle)"),
-    "pipeline": OptIn(trust_remote_code="trust_remote_code=true (a pipeline key)", allow_pickle="allow_pickle=true (a pipeline key)"),
+    "pipeline": OptIn(trust_remote_code="train.model.trust_remote_code=true", allow_pickle="train.model.allow_pickle=true"),
 }
 
 # The online verbs' trust flags: aliases of the model.* keys `dpokit train` reads.

@@ -41,7 +41,7 @@ from typing import Any, Union
 
 import yaml
 
-from dpokit.config import ConfigError, PipelineConfig, load_pipeline_config, resolve_config_path
+from dpokit.config import ConfigError, PipelineConfig, load_config, load_pipeline_config, resolve_config_path
 from dpokit.config.flags import Verb
 from dpokit.demo import world
 from dpokit.online.backends import make_backend, vllm_available
@@ -82,14 +82,26 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
+def train_source(cfg: PipelineConfig):
+    """The pipeline's dpokit train config: its mapping, or the path of its YAML file or shipped name."""
+    return resolve_config_path(cfg.train) if isinstance(cfg.train, str) else dict(cfg.train or {})
+
+
+def model_trust(cfg: PipelineConfig) -> ModelTrust:
+    """The one trust switch, train.model.trust_remote_code / train.model.allow_pickle (the keys every verb reads):
+    it covers every model the pipeline loads (the policies it samples and evaluates, a reward model) and training's.
+    The deprecated top-level keys it replaces (PipelineConfig warns) still switch it on, for one release."""
+    model = load_config(train_source(cfg)).model
+    return ModelTrust(model.trust_remote_code or cfg.trust_remote_code, model.allow_pickle or cfg.allow_pickle, where="pipeline")
+
+
 class Pipeline:
     """Runs (or resumes) the rounds of a PipelineConfig; `run()` returns the per-round summary."""
 
     def __init__(self, cfg: PipelineConfig, log=print):
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out_dir)
-        # every model the pipeline loads itself (policies, a reward model) gets the pipeline's opt-ins
-        self.trust = ModelTrust(cfg.trust_remote_code, cfg.allow_pickle, where="pipeline")
+        self.trust = model_trust(cfg)  # the one trust switch: every model the pipeline loads, and training's
         self.sft_path = resolve_model_path(cfg.policy)
         self.scorer = build_scorer(cfg.scorer, self.trust)
         self.prompts = resolve_prompts(cfg.prompts, cfg.prompt_column)
@@ -132,10 +144,6 @@ class Pipeline:
         return evaluate(policy, tokenizer, self.eval_prompts, e, reference=reference, baseline=self._baseline_samples,
                         scorer=self.scorer, pairs=self.eval_pairs, batch_size=self.cfg.sampling.batch_size,
                         samples_out=self.round_dir(k) / "eval_samples.jsonl")
-
-    def _train_config(self):
-        train = self.cfg.train
-        return resolve_config_path(train) if isinstance(train, str) else dict(train or {})
 
     # -- rounds ----------------------------------------------------------------------------------
 
@@ -213,10 +221,10 @@ class Pipeline:
         overrides = {"model.name_or_path": self.policy_path(k - 1), "data.path": str(rdir / "pairs.jsonl"), "out_dir": str(rdir / "dpo")}
         if self.cfg.reference == "fixed" and k > 1:
             overrides["model.ref_name_or_path"] = self.sft_path
-        for key in ("trust_remote_code", "allow_pickle"):  # the pipeline's opt-ins cover the models training loads
-            if getattr(self.cfg, key):
+        for key in ("trust_remote_code", "allow_pickle"):  # the switch as resolved (a deprecated top-level key too)
+            if getattr(self.trust, key):
                 overrides[f"model.{key}"] = True
-        result = train(self._train_config(), overrides)
+        result = train(train_source(self.cfg), overrides)
         _write_json(metrics_path, result.metrics)
         return result.metrics
 
