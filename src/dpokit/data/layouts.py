@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpokit.data.messages import has_text_or_call, messages_of, parse_tools
+from dpokit.data.fields import Field, check_completion, check_same_kind, check_unicode, required, required_text, text_or_messages
+from dpokit.data.messages import messages_of, parse_tools
 from dpokit.data.reasoning_steps import from_step_dpo
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport
 from dpokit.data.rows import RowSkip, convert_rows, no_usable_rows_message
@@ -31,8 +32,6 @@ EXPECTED_COLUMNS = (
 )
 HH_ASSISTANT_TURN = "\n\nAssistant:"
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-Field = str | Conversation
 
 
 def detect_layout(row: dict) -> str | None:
@@ -114,16 +113,6 @@ def row_tools(row: dict, completion: Field) -> list[dict] | None:
     return tools
 
 
-def check_unicode(value: Field, field: str) -> None:
-    """JSON can escape half of a surrogate pair ("\\ud800"): such text cannot be encoded or tokenised."""
-    texts = [value] if isinstance(value, str) else [t for m in value for t in (m["role"], m["content"])]  # tool-call names/arguments are JSON-checked
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RowSkip(f"{field} holds text that is not valid Unicode (an unpaired surrogate such as \\ud800)", field) from None
-
-
 def rename_columns(row: dict, columns: dict[str, str]) -> dict:
     """Keep only the standard columns, read from the user's names (unmapped ones keep their name)."""
     renamed = {}
@@ -136,51 +125,6 @@ def rename_columns(row: dict, columns: dict[str, str]) -> dict:
     if "tools" in row:
         renamed["tools"] = row["tools"]
     return renamed
-
-
-# --- field checks ---------------------------------------------------------------------------
-
-
-def _required(row: dict, field: str) -> Any:
-    if row.get(field) is None:
-        raise RowSkip(f"{field} is missing", field)
-    return row[field]
-
-
-def _required_text(row: dict, field: str) -> str:
-    value = _required(row, field)
-    if not isinstance(value, str):
-        raise RowSkip(f"{field} must be a string, got {type(value).__name__}", field)
-    return value
-
-
-def text_or_messages(row: dict, field: str) -> Field:
-    value = _required(row, field)
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return messages_of(value, field)
-    raise RowSkip(f"{field} must be a string or a list of messages, got {type(value).__name__}", field)
-
-
-def _check_same_kind(prompt: Field, chosen: Field, rejected: Field) -> None:
-    conversational = isinstance(chosen, list)
-    for field, value in (("rejected", rejected), ("prompt", prompt)):
-        if isinstance(value, list) != conversational:
-            raise RowSkip("prompt, chosen and rejected mix text and message lists", field)
-
-
-def check_completion(value: Field, field: str) -> None:
-    if isinstance(value, str):
-        if not value.strip():
-            raise RowSkip(f"{field} is empty or whitespace-only", field)
-        return
-    if not value:
-        raise RowSkip(f"{field} is an empty conversation", field)
-    if value[0]["role"] != "assistant":
-        raise RowSkip(f"{field} does not start with an assistant message", field)
-    if not any(has_text_or_call(message) for message in value):
-        raise RowSkip(f"{field} is empty or whitespace-only", field)
 
 
 def _shared_prefix_length(first: str | list, second: str | list) -> int:
@@ -202,7 +146,7 @@ def _from_prompt_chosen_rejected(row: dict) -> tuple[Field, Field, Field]:
     prompt = text_or_messages(row, "prompt")
     chosen = text_or_messages(row, "chosen")
     rejected = text_or_messages(row, "rejected")
-    _check_same_kind(prompt, chosen, rejected)
+    check_same_kind(prompt, chosen, rejected)
     check_completion(chosen, "chosen")
     check_completion(rejected, "rejected")
     return prompt, chosen, rejected
@@ -235,14 +179,14 @@ def _from_implicit_prompt(row: dict) -> tuple[Field, Field, Field]:
 
 
 def _from_sharegpt(row: dict) -> tuple[Field, Field, Field]:
-    prompt = messages_of(_required(row, "conversations"), "conversations", SHAREGPT_ROLES)
+    prompt = messages_of(required(row, "conversations"), "conversations", SHAREGPT_ROLES)
     chosen = _sharegpt_response(row, "chosen")
     rejected = _sharegpt_response(row, "rejected")
     return prompt, chosen, rejected
 
 
 def _sharegpt_response(row: dict, field: str) -> Conversation:
-    value = _required(row, field)
+    value = required(row, field)
     if isinstance(value, str):
         value = {"from": "gpt", "value": value}
     messages = messages_of([value] if isinstance(value, dict) else value, field, SHAREGPT_ROLES)
@@ -251,28 +195,28 @@ def _sharegpt_response(row: dict, field: str) -> Conversation:
 
 
 def _from_openai(row: dict) -> tuple[Field, Field, Field]:
-    request = _required(row, "input")
+    request = required(row, "input")
     if not isinstance(request, dict):
         raise RowSkip("input must be an object with a messages list", "input")
     prompt = messages_of(request.get("messages"), "input.messages")
     # OpenAI's "developer" role is its system role; chat templates only know "system".
     prompt = [{**message, "role": "system"} if message["role"] == "developer" else message for message in prompt]
-    chosen = messages_of(_required(row, "preferred_output"), "preferred_output")
-    rejected = messages_of(_required(row, "non_preferred_output"), "non_preferred_output")
+    chosen = messages_of(required(row, "preferred_output"), "preferred_output")
+    rejected = messages_of(required(row, "non_preferred_output"), "non_preferred_output")
     check_completion(chosen, "preferred_output")
     check_completion(rejected, "non_preferred_output")
     return prompt, chosen, rejected
 
 
 def _from_alpaca(row: dict) -> tuple[Field, Field, Field]:
-    instruction = _required_text(row, "instruction")
+    instruction = required_text(row, "instruction")
     if not instruction.strip():
         raise RowSkip("instruction is empty or whitespace-only", "instruction")
     extra_input = row.get("input") or ""
     if not isinstance(extra_input, str):
         raise RowSkip(f"input must be a string, got {type(extra_input).__name__}", "input")
-    chosen = _required_text(row, "chosen")
-    rejected = _required_text(row, "rejected")
+    chosen = required_text(row, "chosen")
+    rejected = required_text(row, "rejected")
     check_completion(chosen, "chosen")
     check_completion(rejected, "rejected")
     request = instruction + ("\n\n" + extra_input if extra_input.strip() else "")
@@ -284,11 +228,11 @@ def _from_alpaca(row: dict) -> tuple[Field, Field, Field]:
 
 
 def _from_stack_exchange(row: dict) -> tuple[Field, Field, Field]:
-    question = _required_text(row, "question")
+    question = required_text(row, "question")
     if not question.strip():
         raise RowSkip("question is empty or whitespace-only", "question")
-    chosen = _required_text(row, "response_j")
-    rejected = _required_text(row, "response_k")
+    chosen = required_text(row, "response_j")
+    rejected = required_text(row, "response_k")
     check_completion(chosen, "response_j")
     check_completion(rejected, "response_k")
     return question, chosen, rejected

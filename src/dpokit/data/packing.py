@@ -125,75 +125,94 @@ def collate_packed_sequences(sequences: list[tuple[list[int], list[int]]], pad_t
 def _pack(units: list[tuple], n_seq: int, pad_token_id: int, layout: Layout) -> dict[str, torch.Tensor]:
     """Units (see `_units`) into rows: the tensors collate_packed documents, but pair_hash."""
     rows, width = _assign_rows([len(u[0]) for u in units], layout)
-    n_rows = len(rows)
-    input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
-    segment_ids = torch.full((n_rows, width), PAD_SEGMENT, dtype=torch.long)
-    branch = torch.zeros((n_rows, width), dtype=torch.int8)
+    shape = (len(rows), width)
+    batch = {
+        "input_ids": torch.full(shape, pad_token_id, dtype=torch.long),
+        "position_ids": torch.zeros(shape, dtype=torch.long),
+        "segment_ids": torch.full(shape, PAD_SEGMENT, dtype=torch.long),
+        "branch": torch.zeros(shape, dtype=torch.int8),
+    }
     unit_table = []
-    pos_parts, tgt_parts, seq_parts, ord_parts = [], [], [], []
-    seq_lengths = [0] * n_seq
+    scored = _ScoredTokens(n_seq, width)
+    for r, members in enumerate(rows):
+        cursor = 0
+        for u in members:
+            unit_table.append(_place_unit(batch, units[u], u, r, cursor))
+            scored.add_unit(units[u], r, cursor)
+            cursor += len(units[u][0])
+        if cursor < width:  # padding: its own run of positions, so varlen kernels see it as one more sequence
+            batch["position_ids"][r, cursor:] = torch.arange(width - cursor)
+    batch["units"] = torch.tensor(unit_table, dtype=torch.long).reshape(-1, 5)
+    return {**batch, **scored.tensors()}
 
-    def score(seq: int, row: int, predictors: range, targets: list[int], offset: int = 0) -> None:
+
+def _place_unit(batch: dict[str, torch.Tensor], unit: tuple, index: int, row: int, start: int) -> tuple[int, ...]:
+    """Write unit `index` into `row` from column `start` (tokens, segment, positions, branches); its `units` entry."""
+    tokens, p, a, b, _, _ = unit
+    s, n = start, len(tokens)
+    batch["input_ids"][row, s : s + n] = torch.tensor(tokens, dtype=torch.long)
+    batch["segment_ids"][row, s : s + n] = index
+    batch["position_ids"][row, s : s + p + a] = torch.arange(p + a)
+    if b != 0:  # a shared unit: the rejected tokens' positions continue from the prompt end
+        batch["branch"][row, s + p : s + p + a] = FIRST
+        batch["branch"][row, s + p + a : s + n] = SECOND
+        batch["position_ids"][row, s + p + a : s + n] = torch.arange(p, p + b)
+    return row, s, p, a, b
+
+
+class _ScoredTokens:
+    """The scored completion tokens of a batch (collate_packed's score_* and seq_lengths), unit by unit."""
+
+    def __init__(self, n_seq: int, width: int) -> None:
+        self.width = width
+        self.positions: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.seqs: list[torch.Tensor] = []
+        self.ordinals: list[torch.Tensor] = []
+        self.seq_lengths = [0] * n_seq
+
+    def add_unit(self, unit: tuple, row: int, start: int) -> None:
+        """Score a unit placed at `start` of `row`: each completion token is predicted by the position before it."""
+        tokens, p, a, b, first_seq, second_seq = unit
+        s, n = start, len(tokens)
+        first = tokens[p : p + a]
+        # completion token k is predicted by position s + p + k - 1; after an empty prompt the first has no predictor
+        skip = 1 if p == 0 else 0
+        self._add(first_seq, row, range(s + p - 1 + skip, s + p + a - 1), first[skip:])
+        if b == 0:
+            return
+        second = tokens[p + a :]
+        # the rejected's first token is predicted by the prompt's last token, the rest by the rejected's own
+        if p > 0:
+            self._add(second_seq, row, range(s + p - 1, s + p), second[:1])
+        self._add(second_seq, row, range(s + p + a, s + n - 1), second[1:], offset=1 if p > 0 else 0)
+
+    def _add(self, seq: int, row: int, predictors: range, targets: list[int], offset: int = 0) -> None:
         # offset: tokens of this completion already scored (1-based ordinals continue from there)
         n = len(targets)
         if n == 0:
             return
-        base = row * width
-        pos_parts.append(torch.tensor(predictors, dtype=torch.long) + base)
-        tgt_parts.append(torch.tensor(targets, dtype=torch.long))
-        seq_parts.append(torch.full((n,), seq, dtype=torch.long))
-        ord_parts.append(torch.arange(offset + 1, offset + n + 1, dtype=torch.long))
-        seq_lengths[seq] += n
+        self.positions.append(torch.tensor(predictors, dtype=torch.long) + row * self.width)
+        self.targets.append(torch.tensor(targets, dtype=torch.long))
+        self.seqs.append(torch.full((n,), seq, dtype=torch.long))
+        self.ordinals.append(torch.arange(offset + 1, offset + n + 1, dtype=torch.long))
+        self.seq_lengths[seq] += n
 
-    for r, members in enumerate(rows):
-        cursor = 0
-        for u in members:
-            tokens, p, a, b, first_seq, second_seq = units[u]
-            n = len(tokens)
-            s = cursor
-            input_ids[r, s : s + n] = torch.tensor(tokens, dtype=torch.long)
-            segment_ids[r, s : s + n] = u
-            position_ids[r, s : s + p + a] = torch.arange(p + a)
-            unit_table.append((r, s, p, a, b))
-            first = tokens[p : p + a]
-            if b == 0:
-                # plain sequence: completion token k is predicted by position s + p + k - 1
-                skip = 1 if p == 0 else 0
-                score(first_seq, r, range(s + p - 1 + skip, s + p + a - 1), first[skip:])
-            else:
-                branch[r, s + p : s + p + a] = FIRST
-                branch[r, s + p + a : s + n] = SECOND
-                position_ids[r, s + p + a : s + n] = torch.arange(p, p + b)
-                second = tokens[p + a :]
-                skip = 1 if p == 0 else 0
-                score(first_seq, r, range(s + p - 1 + skip, s + p + a - 1), first[skip:])
-                # the rejected's first token is predicted by the prompt's last token, the rest by the rejected's own
-                if p > 0:
-                    score(second_seq, r, range(s + p - 1, s + p), second[:1])
-                score(second_seq, r, range(s + p + a, s + n - 1), second[1:], offset=1 if p > 0 else 0)
-            cursor += n
-        if cursor < width:  # padding: its own run of positions, so varlen kernels see it as one more sequence
-            position_ids[r, cursor:] = torch.arange(width - cursor)
-    empty = torch.zeros(0, dtype=torch.long)
-    seq = torch.cat(seq_parts) if seq_parts else empty
-    ordinal = torch.cat(ord_parts) if ord_parts else empty
-    # rows hold units in packing order; this permutation puts the scored tokens in (sequence, token) order,
-    # the order of the plain padded batch, for the per-token metrics
-    order = torch.argsort(seq * (int(ordinal.max()) + 1 if ordinal.numel() else 1) + ordinal)
-    return {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "segment_ids": segment_ids,
-        "branch": branch,
-        "units": torch.tensor(unit_table, dtype=torch.long).reshape(-1, 5),
-        "score_pos": torch.cat(pos_parts) if pos_parts else empty,
-        "score_target": torch.cat(tgt_parts) if tgt_parts else empty,
-        "score_seq": seq,
-        "score_ordinal": ordinal,
-        "score_order": order,
-        "seq_lengths": torch.tensor(seq_lengths, dtype=torch.long),
-    }
+    def tensors(self) -> dict[str, torch.Tensor]:
+        empty = torch.zeros(0, dtype=torch.long)
+        seq = torch.cat(self.seqs) if self.seqs else empty
+        ordinal = torch.cat(self.ordinals) if self.ordinals else empty
+        # rows hold units in packing order; this permutation puts the scored tokens in (sequence, token) order,
+        # the order of the plain padded batch, for the per-token metrics
+        order = torch.argsort(seq * (int(ordinal.max()) + 1 if ordinal.numel() else 1) + ordinal)
+        return {
+            "score_pos": torch.cat(self.positions) if self.positions else empty,
+            "score_target": torch.cat(self.targets) if self.targets else empty,
+            "score_seq": seq,
+            "score_ordinal": ordinal,
+            "score_order": order,
+            "seq_lengths": torch.tensor(self.seq_lengths, dtype=torch.long),
+        }
 
 
 def count_pairs(batch: dict) -> int:

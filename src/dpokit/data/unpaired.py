@@ -23,8 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from dpokit.data.layouts import LAYOUTS, check_completion, messages_of, text_or_messages, check_unicode, load_preference_groups, row_tools
+from dpokit.data.fields import check_completion, check_unicode, text_or_messages
+from dpokit.data.layouts import LAYOUTS, load_preference_groups, row_tools
 from dpokit.data.loading import read_rows
+from dpokit.data.messages import messages_of
 from dpokit.data.prepare import PreparedData, load_train_and_eval, refuse_empty_renders, split_summary
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport, Text
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 
 from dpokit.data.collate import attach_cached_reference, collate_pairs
-from dpokit.data.layouts import check_completion
+from dpokit.data.fields import check_completion
 from dpokit.data.prepare import PreparedData, load_train_and_eval, split_summary
 from dpokit.data.records import DataError, PreferenceExample, SkipReport
 from dpokit.data.rows import RowSkip, cap_rows, convert_rows, no_usable_rows_message
@@ -116,7 +116,7 @@ def _messages(value: Any, field_name: str) -> tuple[list[dict], int]:
 
 
 def _text_only(messages: list[dict]) -> list[dict]:
-    """layouts.check_completion reads string contents; a text-part list is joined for the check."""
+    """fields.check_completion reads string contents; a text-part list is joined for the check."""
     return [{**m, "content": m["content"] if isinstance(m["content"], str) else "".join(p.get("text", "") for p in m["content"])}
             for m in messages]
 

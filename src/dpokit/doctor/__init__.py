@@ -5,7 +5,7 @@
     print(format_report(report))      # table: check | verdict | numbers, then what to do
     report.to_json()                  # the same, for machines
 
-Modules: text_checks (rows only), token_checks (tokenizer), reference_checks
+Modules: text_checks (rows only), token_scan and token_checks (tokenizer), reference_checks
 (reference model), report (results and the table), run (the order); thresholds: config.DoctorConfig (the `doctor:` section).
 docs/diagnosis.md describes every check.
 """

@@ -15,7 +15,7 @@ from typing import Any
 
 from dpokit.config import Config, load_config
 from dpokit.data.layouts import load_preferences
-from dpokit.data.records import DataError, PreferenceExample
+from dpokit.data.records import DataError, PreferenceExample, SkipReport
 from dpokit.data.token_health import measure_token_health, model_context_length, paired_rows
 from dpokit.data.vision import load_vision_preferences
 from dpokit.doctor.reference_checks import reference_logps_check, reference_preference_check, sample_pairs, score_pairs
@@ -30,16 +30,15 @@ from dpokit.doctor.text_checks import (
 )
 from dpokit.config import DoctorConfig
 from dpokit.doctor.token_checks import (
-    TokenScan,
     completion_end_check,
     context_length_check,
-    scan_tokens,
     special_tokens_check,
     template_prefix_check,
     token_health_check,
     truncation_check,
     unknown_tokens_check,
 )
+from dpokit.doctor.token_scan import TokenScan, scan_tokens
 from dpokit.doctor.tool_checks import completion_render_check, tools_check
 from dpokit.models import ModelLoadError, load_model_config, load_policy, load_tokenizer
 
@@ -75,16 +74,10 @@ def run_doctor(
     model_name = model or cfg.model.name_or_path or None
     data_path, model_name = _resolve_demo_paths(data_path, model_name)
     report = DoctorReport(data_path=data_path, model=model_name)
-    try:
-        if cfg.data.vision:  # image rows: read as dpokit train reads them (prompt/images/chosen/rejected)
-            examples, load_skips = load_vision_preferences(data_path, cfg.data.split, image_roots=tuple(cfg.data.image_root))
-        else:
-            examples, load_skips = load_preferences(data_path, split=cfg.data.split, columns=cfg.data.columns or None,
-                                                    layout=cfg.data.layout)
-    except DataError as error:
-        report.add(CheckResult("load", "fail", str(error), "Nothing in this file can be trained on; fix the problem "
-                               "named above (see the expected columns) or map renamed columns with data.columns."))
+    loaded = _load_rows(report, data_path, cfg)
+    if loaded is None:
         return report
+    examples, load_skips = loaded
     report.add(layouts_check(load_skips, examples))
     if cfg.data.vision:
         return _image_rows_report(report, examples, load_skips, cfg, thresholds, reference_model, model_name)
@@ -95,23 +88,40 @@ def run_doctor(
     report.add(identical_pairs_check(examples))
     report.add(duplicates_check(examples))
     if scan is not None:
-        health = measure_token_health(paired_rows(examples, scan.pairs), tokenizer)
-        report.add(token_health_check(health))
-        report.add(unknown_tokens_check(health, cfg.data.max_unknown_token_rate, thresholds.unknown_token_warn_rate))
-        report.add(length_bias_check(scan.chosen_lengths, scan.rejected_lengths, "tokens", thresholds))
-        report.add(truncation_check(scan, cfg.data.max_length, cfg.data.max_prompt_length, thresholds,
-                                    _model_context(cfg, reference_model, model_name)))
-        report.add(template_prefix_check(scan))
-        report.add(special_tokens_check(scan))
-        report.add(completion_end_check(scan))
-        report.add(completion_render_check(scan.skips, scan.rows))
-        report.add(tools_check(examples, tokenizer))
+        _token_checks(report, scan, examples, tokenizer, cfg, thresholds, _model_context(cfg, reference_model, model_name))
     else:
         report.add(length_bias_check(*word_lengths(examples), "words", thresholds))
         _skip(report, TOKEN_CHECKS, "needs a tokenizer")
     _context_check(report, cfg, reference_model, model_name)
     _reference_checks(report, scan, tokenizer, reference_model, model_name, cfg, sample_size, seed, thresholds, batch_size)
     return report
+
+
+def _load_rows(report: DoctorReport, data_path: str, cfg: Config) -> tuple[list[PreferenceExample], SkipReport] | None:
+    """The rows as dpokit train reads them; None, with the `load` check failed, when nothing in the file can be read."""
+    try:
+        if cfg.data.vision:  # image rows: read as dpokit train reads them (prompt/images/chosen/rejected)
+            return load_vision_preferences(data_path, cfg.data.split, image_roots=tuple(cfg.data.image_root))
+        return load_preferences(data_path, split=cfg.data.split, columns=cfg.data.columns or None, layout=cfg.data.layout)
+    except DataError as error:
+        report.add(CheckResult("load", "fail", str(error), "Nothing in this file can be trained on; fix the problem "
+                               "named above (see the expected columns) or map renamed columns with data.columns."))
+        return None
+
+
+def _token_checks(report: DoctorReport, scan: TokenScan, examples: list[PreferenceExample], tokenizer, cfg: Config,
+                  thresholds: DoctorConfig, context: int | None) -> None:
+    """The tokenizer's checks (TOKEN_CHECKS, and length_bias counted in tokens), in report order."""
+    health = measure_token_health(paired_rows(examples, scan.pairs), tokenizer)
+    report.add(token_health_check(health))
+    report.add(unknown_tokens_check(health, cfg.data.max_unknown_token_rate, thresholds.unknown_token_warn_rate))
+    report.add(length_bias_check(scan.chosen_lengths, scan.rejected_lengths, "tokens", thresholds))
+    report.add(truncation_check(scan, cfg.data.max_length, cfg.data.max_prompt_length, thresholds, context))
+    report.add(template_prefix_check(scan))
+    report.add(special_tokens_check(scan))
+    report.add(completion_end_check(scan))
+    report.add(completion_render_check(scan.skips, scan.rows))
+    report.add(tools_check(examples, tokenizer))
 
 
 def _resolve_demo_paths(data_path: str, model_name: str | None) -> tuple[str, str | None]:

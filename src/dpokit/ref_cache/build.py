@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -66,36 +67,43 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfi
     """
 
     speed = dataclasses.replace(speed, ref_cache=False)
-    device = device or next(model.parameters()).device
-    out = torch.zeros(len(pairs), 4, dtype=torch.float32)
+    device = torch.device(device or next(model.parameters()).device)
+    with _as_reference(model, device, mixed_precision) as ref:
+        if any(getattr(p, "image_digest", "") for p in pairs):  # image rows: the plain forward with pixel values
+            return vision_reference_logps(ref, pairs, pad_token_id, length_order(pairs), batch_size, device, rank, world)
+        out = torch.zeros(len(pairs), 4, dtype=torch.float32)
+        attn = getattr(getattr(ref, "config", None), "_attn_implementation", None)
+        collate = make_collate(speed, attn)
+        order = length_order(pairs)
+        mine = sum(len(order[s : s + batch_size]) for b, s in enumerate(range(0, len(order), batch_size)) if b % world == rank)
+        with tqdm(total=mine, desc=progress, unit="pair", disable=progress is None or rank != 0, dynamic_ncols=True,
+                  file=sys.stderr) as bar:
+            for b in _my_batches(len(order), batch_size, rank, world, lockstep=is_fsdp(model)):
+                idx = order[max(b, 0) * batch_size : (max(b, 0) + 1) * batch_size]
+                batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_token_id).items()}
+                logps, shared = reference_sequence_logps(ref, batch, speed)
+                if b == FILLER:  # a sharded model's extra forward: every process takes part in every all-gather
+                    continue
+                n = len(idx)
+                out[idx] = torch.stack([logps[:n], logps[n:], shared[:n], shared[n:]], dim=1).float().cpu()
+                bar.update(n)
+        return out
+
+
+@contextmanager
+def _as_reference(model, device: torch.device, mixed_precision: str):
+    """`model` as the reference (a PEFT policy with its adapters off) in eval mode, under training's autocast;
+    its training mode is restored after."""
     is_peft = hasattr(getattr(model, "module", model), "disable_adapter")
     was_training = model.training
     model.eval()
-    device = torch.device(device)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     try:
         with reference_mode(model, None if is_peft else model) as ref, autocast:
-            if any(getattr(p, "image_digest", "") for p in pairs):  # image rows: the plain forward with pixel values
-                return vision_reference_logps(ref, pairs, pad_token_id, length_order(pairs), batch_size, device, rank, world)
-            attn = getattr(getattr(ref, "config", None), "_attn_implementation", None)
-            collate = make_collate(speed, attn)
-            order = length_order(pairs)
-            mine = sum(len(order[s : s + batch_size]) for b, s in enumerate(range(0, len(order), batch_size)) if b % world == rank)
-            with tqdm(total=mine, desc=progress, unit="pair", disable=progress is None or rank != 0, dynamic_ncols=True,
-                      file=sys.stderr) as bar:
-                for b in _my_batches(len(order), batch_size, rank, world, lockstep=is_fsdp(model)):
-                    idx = order[max(b, 0) * batch_size : (max(b, 0) + 1) * batch_size]
-                    batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_token_id).items()}
-                    logps, shared = reference_sequence_logps(ref, batch, speed)
-                    if b == FILLER:  # a sharded model's extra forward: every process takes part in every all-gather
-                        continue
-                    n = len(idx)
-                    out[idx] = torch.stack([logps[:n], logps[n:], shared[:n], shared[n:]], dim=1).float().cpu()
-                    bar.update(n)
+            yield ref
     finally:
         model.train(was_training)
-    return out
 
 
 FILLER = -1  # a batch index in _my_batches: one more forward of batch 0, whose values are dropped
@@ -130,41 +138,20 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
     the main process gathers them, writes the files, and then every process reads them.
     A damaged cache (unreadable file, values that fail their checksum) is moved aside with a warning and rebuilt.
     """
-    ranks = (accelerator.process_index, accelerator.num_processes) if accelerator is not None and accelerator.num_processes > 1 else (0, 1)
-    speed = cfg.speed
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None and accelerator.num_processes > 1 else (0, 1)
     if getattr(cfg.model, "ref_name_or_path", None):
         model = None  # the policy is not the reference
-    images = images_digest(data.train + data.eval)  # None for text data: its fingerprint is unchanged
-    found = fingerprint(cfg, tokenizer, model, images)
-    loaded = None
-    if found is None:  # weights not on disk where we can hash them: the loaded weights are the key
-        loaded = model or _load_reference(cfg, device)
-        found = fingerprint(cfg, tokenizer, loaded, images)
-    digest, parts = found
-    folder = cache_root(speed) / digest[:24]
+    digest, parts, loaded = _cache_key(cfg, tokenizer, model, data, device)
+    folder = cache_root(cfg.speed) / digest[:24]
     splits = {"train": data.train, "eval": data.eval}
-    rank, world = ranks
     missing = [s for s in SPLITS if splits[s]] if rank else _missing_splits(folder, digest, splits)
-    if world > 1:
-        missing = _broadcast(accelerator, missing)  # the main process decides, so every process takes part in the same gathers
-    built = False
+    if world > 1:  # the main process decides, so every process takes part in the same gathers
+        missing = _broadcast(accelerator, missing)
     started = time.time()
     if missing:
-        ref_model = model or loaded or _load_reference(cfg, device)
         pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-        batch_size = max(cfg.train.eval_batch_size, cfg.train.batch_size)
-        for s in missing:
-            shown = f"[dpokit] reference log-probs ({s})" if cfg.train.progress_bar else None
-            logps = compute_reference_logps(ref_model, splits[s], speed, pad, batch_size, device, cfg.train.mixed_precision, rank, world,
-                                            progress=shown)
-            if world > 1:
-                logps = _gather_shards(accelerator, logps, rank, world, batch_size, splits[s])
-            if rank == 0:
-                write_split(folder, s, digest, splits[s], logps)
-        if rank == 0:
-            (folder / "meta.json").write_text(json.dumps({"fingerprint": digest, "parts": parts}, indent=1, default=str))
-        built = True
-        del ref_model
+        _build_splits(cfg, model or loaded, folder, (digest, parts), {s: splits[s] for s in missing}, pad, device,
+                      accelerator, rank, world)
     if world > 1:
         accelerator.wait_for_everyone()
     tables = {s: read_split(folder, s, digest) if splits[s] else None for s in SPLITS}
@@ -174,7 +161,39 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
         train=attach(data.train, tables["train"], "train") if data.train else [],
         eval=attach(data.eval, tables["eval"], "eval") if data.eval else [],
     )
-    return ReferenceCache(folder, digest, built, time.time() - started), attached
+    return ReferenceCache(folder, digest, bool(missing), time.time() - started), attached
+
+
+def _cache_key(cfg, tokenizer, model, data, device) -> tuple[str, dict, object]:
+    """The cache's fingerprint (digest, parts), and the reference loaded to compute it when its weights are not on
+    disk where they can be hashed (else None)."""
+    images = images_digest(data.train + data.eval)  # None for text data: its fingerprint is unchanged
+    found = fingerprint(cfg, tokenizer, model, images)
+    loaded = None
+    if found is None:  # weights not on disk where we can hash them: the loaded weights are the key
+        loaded = model or _load_reference(cfg, device)
+        found = fingerprint(cfg, tokenizer, loaded, images)
+    digest, parts = found
+    return digest, parts, loaded
+
+
+def _build_splits(cfg, reference, folder: Path, key: tuple[str, dict], splits: dict, pad_token_id: int, device,
+                  accelerator, rank: int, world: int) -> None:
+    """Score the pairs of `splits` with the reference (loaded here if None, freed on return); the main process
+    writes their tables and meta.json."""
+    digest, parts = key
+    reference = reference or _load_reference(cfg, device)
+    batch_size = max(cfg.train.eval_batch_size, cfg.train.batch_size)
+    for s, pairs in splits.items():
+        shown = f"[dpokit] reference log-probs ({s})" if cfg.train.progress_bar else None
+        logps = compute_reference_logps(reference, pairs, cfg.speed, pad_token_id, batch_size, device, cfg.train.mixed_precision,
+                                        rank, world, progress=shown)
+        if world > 1:
+            logps = _gather_shards(accelerator, logps, rank, world, batch_size, pairs)
+        if rank == 0:
+            write_split(folder, s, digest, pairs, logps)
+    if rank == 0:
+        (folder / "meta.json").write_text(json.dumps({"fingerprint": digest, "parts": parts}, indent=1, default=str))
 
 
 def _missing_splits(folder, digest: str, splits: dict) -> list[str]:
