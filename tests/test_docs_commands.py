@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 import dpokit
-from dpokit.cli import build_parser, parse_command_line, verbs
+from dpokit.cli import build_parser, parse_command_line
+from dpokit.commands import verbs
 from dpokit.config import load_config
 from dpokit.config.flags import config_from_args
 

@@ -13,7 +13,7 @@ LAYERS = [
     {"models", "sharding", "cpu_threads", "logprobs", "packed_attention", "generation", "optimizers", "tiny", "tiny_vision",
      "tiled_mlp"},
     {"reference", "detectors", "demo"}, {"steps"}, {"ref_cache"}, {"report"}, {"training"},
-    {"online", "doctor", "plan"}, {"cli", "robustness"}, {"__init__", "__main__"},
+    {"online", "doctor", "plan"}, {"cli", "commands", "robustness"}, {"__init__", "__main__"},
 ]
 
 

@@ -1,6 +1,6 @@
 """dpokit sample, score, pair and eval read the one Config: a YAML file, key=value overrides, and their flags,
 which are aliases of config keys built from the dataclasses (config/flags.py), so a flag cannot drift from its key.
-Every verb is registered one way (cli.verbs())."""
+Every verb is registered one way (commands.verbs())."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import typing
 import pytest
 import yaml
 
-from dpokit.cli import build_parser, main, parse_command_line, verbs
+from dpokit.cli import build_parser, main, parse_command_line
+from dpokit.commands import verbs
 from dpokit.config import Config, ConfigError, load_config
 from dpokit.config.flags import config_from_args, get_key, key_field
 from dpokit.online.loading import ModelTrust

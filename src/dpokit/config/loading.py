@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
-import types
 import typing
 from importlib import resources
 from pathlib import Path
@@ -24,6 +22,7 @@ from dpokit.config.online import PipelineConfig
 from dpokit.config.paths import check_paths_from
 from dpokit.config.schema import Config
 from dpokit.config.translate import foreign_kind
+from dpokit.config.typed import build_dataclass
 from dpokit.config.validate import validate
 from dpokit.inputs import KINDS, InputError, read_text
 from dpokit.inputs.catalog import check_config_paths
@@ -76,7 +75,7 @@ def load_pipeline_config(source: Union[str, Path, dict, PipelineConfig, None],
         merged["train"] = _read_yaml(Path(resolve_config_path(merged["train"])))
     for key, value in items:
         _set_dotted(merged, key, value, PIPELINE_SECTIONS)
-    cfg = _build(PipelineConfig, merged, prefix="")
+    cfg = build_dataclass(PipelineConfig, merged, prefix="")
     validate_pipeline(cfg)
     return cfg
 
@@ -86,7 +85,7 @@ def _load_train_config(source, overrides, prefix: str) -> Config:
     merged = _defaults_and(Config, source, prefix)
     for key, value in _parse_overrides(overrides):
         _set_dotted(merged, key, value, SECTIONS)
-    cfg = _build(Config, merged, prefix=prefix)
+    cfg = build_dataclass(Config, merged, prefix=prefix)
     if isinstance(source, (str, Path)):
         check_paths_from(Path(source), cfg, prefix)
     try:
@@ -281,79 +280,6 @@ def _all_keys(merged: dict, sections: tuple[str, ...]) -> list[str]:
         else:
             keys.append(k)
     return keys
-
-
-def _build(cls, raw: dict, prefix: str):
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        value = raw[f.name]
-        if dataclasses.is_dataclass(hints[f.name]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {key!r} must be a mapping of {f.name} settings, got {excerpt(value)}")
-            kwargs[f.name] = _build(hints[f.name], value, prefix=f"{key}.")
-        else:
-            kwargs[f.name] = _coerce(value, hints[f.name], key)
-    return cls(**kwargs)
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(value: Any, tp, key: str):
-    """Check `value` against the annotation `tp`; allow only lossless conversions (int -> float)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"config key {key!r} must be {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {excerpt(value)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"config key {key!r}: expected null, got {excerpt(value)}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r} must be a list, got {excerpt(value)}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {excerpt(value)}")
-        return {str(k): _coerce(v, typing.get_args(tp)[1], f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:  # an int too large for a float
-                number = math.inf
-        elif isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):
-                raise ConfigError(f"config key {key!r} must be a finite number, got {excerpt(value)}")
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is Any:
-        return value
-    raise ConfigError(f"config key {key!r} must be {_type_name(tp)}, got {excerpt(value)} ({type(value).__name__})")
 
 
 def validate_pipeline(cfg: PipelineConfig) -> None:

@@ -17,7 +17,27 @@ MAX_BETA = 100.0
 
 
 def validate(cfg: Config) -> None:
-    """Check every setting; also resolves data.max_prompt_length=null to max_length // 2, so readers get an int."""
+    """Check every setting; also resolves data.max_prompt_length=null to max_length // 2, so readers get an int.
+
+    The checks run in this order, and the first that fails is the error a user sees."""
+    _validate_model(cfg)
+    _validate_modes(cfg)
+    _validate_combinations(cfg)
+    _validate_loss_type(cfg)
+    _validate_sizes(cfg)
+    _validate_fractions(cfg)
+    _validate_run_length(cfg)
+    _validate_counts(cfg)
+    _validate_optimizer(cfg)
+    _validate_lora(cfg)
+    _validate_outputs(cfg)
+    _validate_moving_reference(cfg)
+    _validate_router_aux(cfg)
+    _validate_retention_and_mixing(cfg)
+
+
+def _validate_model(cfg: Config) -> None:
+    """model.dtype, model.ref_dtype and model.quantization, and whether lora.enabled allows them; lora.save."""
     check_choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16", "auto"))
     check_choice("lora.save", cfg.lora.save, ("adapter", "merged"))
     if cfg.model.ref_dtype is not None:
@@ -28,11 +48,19 @@ def validate(cfg: Config) -> None:
     check_choice("model.quantization", cfg.model.quantization, ("none", "nf4"))
     if cfg.model.quantization != "none" and not cfg.lora.enabled:
         raise ConfigError("model.quantization=nf4 trains LoRA adapters on a frozen 4-bit base (QLoRA): set lora.enabled=true")
+
+
+def _validate_modes(cfg: Config) -> None:
+    """The settings that name one of a few modes: optimizer, scheduler, precision, task, attention kernel."""
     check_choice("optim.name", cfg.optim.name, ("adamw", "adamw_8bit"))
     check_choice("optim.scheduler", cfg.optim.scheduler, ("linear", "cosine", "constant"))
     check_choice("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
     check_choice("train.task", cfg.train.task, ("preference", "sft"))
     check_choice("speed.attention", cfg.speed.attention, ("auto", "sdpa", "flex", "flash"))
+
+
+def _validate_combinations(cfg: Config) -> None:
+    """What data.vision and model.ref_name_or_path cannot be combined with (yet)."""
     if cfg.data.vision and (cfg.train.task == "sft" or is_unpaired(cfg.loss)):
         raise ConfigError("data.vision=true trains paired (DPO-family) losses only; image rows are not supported by "
                           "train.task=sft or KTO yet")
@@ -45,6 +73,10 @@ def validate(cfg: Config) -> None:
     if cfg.model.ref_name_or_path and cfg.lora.enabled:
         raise ConfigError("model.ref_name_or_path cannot be combined with lora.enabled: with LoRA the reference is the "
                           "policy's base model with its adapters disabled")
+
+
+def _validate_loss_type(cfg: Config) -> None:
+    """loss.type: every name a known loss (with the closest one suggested), and the losses' own settings."""
     valid_losses = sorted(set(LOSSES) | UNPAIRED_LOSSES)
     for name in loss_names(cfg.loss):
         if name not in valid_losses:
@@ -55,6 +87,11 @@ def validate(cfg: Config) -> None:
         validate_loss_config(cfg.loss)
     except ValueError as e:
         raise ConfigError(f"config key 'loss.type': {e}" if "unknown loss.type" in str(e) else str(e)) from None
+
+
+def _validate_sizes(cfg: Config) -> None:
+    """The sizes that must be positive, loss.beta at most MAX_BETA, and room for a completion in data.max_length;
+    resolves data.max_prompt_length=null first."""
     if cfg.data.max_prompt_length is None:
         cfg.data.max_prompt_length = max(1, cfg.data.max_length // 2)  # half the budget for the prompt
     positive = {
@@ -78,6 +115,10 @@ def validate(cfg: Config) -> None:
             f"data.max_prompt_length ({cfg.data.max_prompt_length}) must be smaller than data.max_length "
             f"({cfg.data.max_length}), or no completion token would fit"
         )
+
+
+def _validate_fractions(cfg: Config) -> None:
+    """Rates and fractions of the data and the doctor: each within [0, 1]."""
     if not 0.0 <= cfg.doctor.unknown_token_warn_rate <= 1.0:
         raise ConfigError(f"config key 'doctor.unknown_token_warn_rate' must be in [0, 1], got {cfg.doctor.unknown_token_warn_rate}")
     if not 0.0 <= cfg.data.max_unknown_token_rate <= 1.0:
@@ -86,12 +127,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.max_empty_render_fraction' must be in [0, 1], got {cfg.data.max_empty_render_fraction}")
     if not 0.0 <= cfg.data.eval_fraction < 1.0:
         raise ConfigError(f"config key 'data.eval_fraction' must be in [0, 1), got {cfg.data.eval_fraction}")
+
+
+def _validate_run_length(cfg: Config) -> None:
+    """optim.lr, and how long training runs (train.max_steps or train.epochs)."""
     if cfg.optim.lr <= 0:
         raise ConfigError(f"config key 'optim.lr' must be > 0, got {cfg.optim.lr}")
     if cfg.train.max_steps == 0 or cfg.train.max_steps < -1:
         raise ConfigError(f"config key 'train.max_steps' must be -1 (use train.epochs) or > 0, got {cfg.train.max_steps}")
     if cfg.train.epochs <= 0:
         raise ConfigError(f"config key 'train.epochs' must be > 0, got {cfg.train.epochs}")
+
+
+def _validate_counts(cfg: Config) -> None:
+    """Counts and coefficients that cannot be negative, data.max_rows, and train.seed's range."""
     at_least_zero = {
         "train.eval_steps": cfg.train.eval_steps,
         "train.eval_batch_size": cfg.train.eval_batch_size,
@@ -113,6 +162,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.max_rows' must be > 0 or null (all rows), got {cfg.data.max_rows}")
     if not 0 <= cfg.train.seed < 2**32:
         raise ConfigError(f"config key 'train.seed' must be in [0, 2**32), got {cfg.train.seed}")
+
+
+def _validate_optimizer(cfg: Config) -> None:
+    """optim.*: warmup ratio and Adam's betas and epsilon."""
     if not 0.0 <= cfg.optim.warmup_ratio <= 1.0:
         raise ConfigError(f"config key 'optim.warmup_ratio' must be in [0, 1], got {cfg.optim.warmup_ratio}")
     for key, value in (("optim.adam_beta1", cfg.optim.adam_beta1), ("optim.adam_beta2", cfg.optim.adam_beta2)):
@@ -120,17 +173,23 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} must be in [0, 1), got {value}")
     if cfg.optim.adam_eps <= 0:
         raise ConfigError(f"config key 'optim.adam_eps' must be > 0, got {cfg.optim.adam_eps}")
+
+
+def _validate_lora(cfg: Config) -> None:
+    """lora.*: rank, alpha and dropout."""
     if cfg.lora.r <= 0 or cfg.lora.alpha <= 0:
         raise ConfigError(f"config keys 'lora.r' and 'lora.alpha' must be > 0, got r={cfg.lora.r}, alpha={cfg.lora.alpha}")
     if cfg.lora.dropout >= 1.0:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+
+
+def _validate_outputs(cfg: Config) -> None:
+    """Where the run goes and comes from: train.push_to_hub (a Hub repo id) and train.resume."""
     if cfg.train.push_to_hub is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", cfg.train.push_to_hub):
         raise ConfigError(f"config key 'train.push_to_hub' must be a Hub repo id (owner/name, or name in your own namespace), got {excerpt(cfg.train.push_to_hub)}")
     if cfg.train.resume.strip() == "":
         raise ConfigError("config key 'train.resume' must be auto, never, or the path of a checkpoint folder; got ''")
-    _validate_moving_reference(cfg)
-    _validate_router_aux(cfg)
-    _validate_retention_and_mixing(cfg)
+
 
 
 def _validate_moving_reference(cfg: Config) -> None:
