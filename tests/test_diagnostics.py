@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from dpokit.detectors import MITIGATIONS, Diagnosis, FailureDetectors, replay
+from dpokit.detectors import Diagnosis, FailureDetectors, replay
+from dpokit.mitigations import MITIGATIONS
 from dpokit.training.metrics import MetricsLog, read_metrics
 
 

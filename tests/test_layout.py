@@ -11,8 +11,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dpokit"
 LAYERS = [
     {"version", "inputs", "openmp"}, {"losses"}, {"config"}, {"data"},
     {"models", "sharding", "cpu_threads", "logprobs", "packed_attention", "generation", "optimizers", "tiny", "tiny_vision",
-     "tiled_mlp"},
-    {"reference", "detectors", "demo"}, {"steps"}, {"ref_cache"}, {"report"}, {"training"},
+     "tiled_mlp", "model_source", "model_shape"},
+    {"reference", "detectors", "mitigations", "demo"}, {"steps"}, {"ref_cache"}, {"report"}, {"training"},
     {"online", "doctor", "plan"}, {"cli", "commands", "robustness"}, {"__init__", "__main__"},
 ]
 

@@ -16,7 +16,8 @@ import dpokit
 from dpokit.config import ConfigError, load_config
 from dpokit.data.collate import collate_pairs
 from dpokit.data.prepare import prepare_data
-from dpokit.models import ModelLoadError, load_policy, load_tokenizer, quantization_config
+from dpokit.model_source import ModelLoadError
+from dpokit.models import load_policy, load_tokenizer, quantization_config
 from dpokit.optimizers import build_optimizer
 from dpokit.reference import make_reference
 from dpokit.steps.base import StepContext

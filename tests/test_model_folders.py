@@ -12,7 +12,8 @@ import pytest
 
 from dpokit.cli import main
 from dpokit.config import load_config
-from dpokit.models import ModelLoadError, load_policy, load_tokenizer
+from dpokit.model_source import ModelLoadError
+from dpokit.models import load_policy, load_tokenizer
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 

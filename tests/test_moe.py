@@ -20,8 +20,9 @@ from dpokit.data.collate import collate_pairs
 from dpokit.data.records import PreferenceExample
 from dpokit.data.tokenization import tokenize_pairs
 from dpokit.data.unpaired import TokenizedCompletion
+from dpokit.model_shape import model_shape
 from dpokit.models import apply_lora
-from dpokit.plan import model_shape, plan_memory
+from dpokit.plan import plan_memory
 from dpokit.steps.base import StepContext
 from dpokit.steps.paired import forward_pairs, forward_pairs_fast, make_collate
 from dpokit.steps import FastSFTStep, SFTStep, UnpairedStep

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from dpokit.config import load_config
-from dpokit.plan import format_plan, model_shape, parse_size, plan_memory, read_model_shape, suggestions
+from dpokit.model_shape import model_shape
+from dpokit.plan import format_plan, parse_size, plan_memory, read_model_shape, suggestions
 from tiny_assets import WORDS, word_tokenizer, write_jsonl
 
 CHILD = """

@@ -22,7 +22,8 @@ import yaml
 import dpokit
 from dpokit.cli import main as cli_main
 from dpokit.config import load_config
-from dpokit.models import ModelLoadError, check_model_source, load_policy, load_tokenizer
+from dpokit.model_source import ModelLoadError, check_model_source
+from dpokit.models import load_policy, load_tokenizer
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 EVIL_CODE = """

@@ -11,7 +11,8 @@ from dpokit.data.collate import IGNORE_INDEX
 from dpokit.data.records import DataError, SkipReport
 from dpokit.data.vision import (IMAGE_TRUNCATION, collate_vision_pairs, load_vision_preferences, prepare_vision_data,
                                 tokenize_vision_pairs)
-from dpokit.models import ModelLoadError, load_processor
+from dpokit.model_source import ModelLoadError
+from dpokit.models import load_processor
 from dpokit.tiny_vision import IMAGE_TOKENS
 
 N_IMAGE = IMAGE_TOKENS  # 16 image tokens per 16x16 image in 4x4 patches

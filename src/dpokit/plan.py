@@ -1,6 +1,6 @@
 """`dpokit plan CONFIG`: the peak memory a training run will need per GPU, part by part, before loading anything.
 
-Reads the model's config.json only (no weights) and the run's settings, and counts bytes:
+Reads the model's config.json only (no weights; model_shape.py) and the run's settings, and counts bytes:
 
     weights      parameters x bytes of model.dtype; QLoRA: the decoder's linear layers at 4.127 bits
                  (NF4 + double-quantised scales), embeddings and norms as loaded; + LoRA adapters in float32.
@@ -42,135 +42,13 @@ from typing import Optional
 from dpokit.config import Config, ConfigError
 from dpokit.logprobs import auto_chunk_size
 from dpokit.losses import needs_reference
+from dpokit.model_shape import ModelShape, model_shape
 from dpokit.optimizers import optimizer_state_bytes_per_param
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # "auto": most checkpoints are half precision
 NF4_BYTES = 4.127 / 8  # 4-bit codes + an 8-bit scale per 64 weights + a float32 per 256 scales (double quantisation)
 RUNTIME_BYTES = int(0.75 * GIB)  # CUDA context, cuBLAS workspace, allocator fragmentation
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What config.json says about a decoder-only transformer, mixture-of-experts layers included."""
-
-    vocab: int
-    hidden: int
-    layers: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    tied: bool
-    gated: bool = True  # SwiGLU (gate, up, down) rather than a two-matrix MLP
-    head_dim: int = 0  # 0: hidden // heads
-    experts: int = 0  # routed experts per MoE layer (0: a dense model)
-    experts_per_token: int = 0  # top-k
-    expert_intermediate: int = 0  # one expert's MLP width
-    shared_intermediate: int = 0  # Qwen2-MoE's shared expert (and its sigmoid gate); 0: none
-    moe_layers: int = 0  # layers whose MLP is the experts; the others are dense
-    extra_per_layer: int = 0  # attention biases, q/k norms
-
-    kv_dim = property(lambda self: (self.head_dim or self.hidden // self.heads) * self.kv_heads)
-    q_dim = property(lambda self: (self.head_dim or self.hidden // self.heads) * self.heads)
-
-    @property
-    def matrices(self) -> list[tuple[str, int, int, int, bool]]:
-        """(name, in, out, copies in the model, is an nn.Linear) of every weight matrix of the decoder layers.
-
-        The experts of transformers 5's MoE models are 3D parameters (`experts.gate_up_proj`, `experts.down_proj`),
-        not linear modules: peft adapts them by name (models.expert_parameter_targets), NF4 leaves them as loaded.
-        """
-        h, q, kv, i, n = self.hidden, self.q_dim, self.kv_dim, self.intermediate, self.layers
-        dense = n - self.moe_layers
-        out = [("q_proj", h, q, n, True), ("k_proj", h, kv, n, True), ("v_proj", h, kv, n, True), ("o_proj", q, h, n, True)]
-        mlp = [("gate_proj", h, i, dense, True), ("up_proj", h, i, dense, True), ("down_proj", i, h, dense, True)] if self.gated \
-            else [("fc1", h, i, dense, True), ("fc2", i, h, dense, True)]
-        out += [m for m in mlp if m[3]]
-        if self.moe_layers:
-            e, s, m = self.expert_intermediate, self.shared_intermediate, self.moe_layers
-            out += [("gate_up_proj", h, 2 * e, m * self.experts, False), ("down_proj", e, h, m * self.experts, False)]
-            if s:
-                out += [("gate_proj", h, s, m, True), ("up_proj", h, s, m, True), ("down_proj", s, h, m, True),
-                        ("shared_expert_gate", h, 1, m, True)]
-        return out
-
-    @property
-    def linear_params(self) -> int:
-        """Parameters of the decoder layers' linear modules (what NF4 quantises)."""
-        return sum(a * b * c for _, a, b, c, linear in self.matrices if linear)
-
-    layer_linear_params = property(lambda self: self.linear_params // self.layers)  # per layer (an MoE model's: the mean)
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    @property
-    def params(self) -> int:
-        norms = self.layers * 2 * self.hidden + self.hidden
-        router = self.moe_layers * self.experts * self.hidden
-        weights = sum(a * b * c for _, a, b, c, _ in self.matrices)
-        return self.embedding_params + weights + router + norms + self.layers * self.extra_per_layer
-
-    @property
-    def active_params(self) -> int:
-        """Parameters one token runs through: all but the experts the router does not pick for it."""
-        idle = self.experts - self.experts_per_token
-        return self.params - self.moe_layers * idle * 3 * self.hidden * self.expert_intermediate
-
-    @property
-    def mlp_activation_values(self) -> float:
-        """Values an MLP keeps per token for backward, mean over the layers: 4 x a SwiGLU's width (gate, up, SiLU(gate),
-        product); an MoE layer's top-k experts each that and their copy of the token, + router logits and probabilities."""
-        dense = (4 if self.gated else 2) * self.intermediate
-        if not self.moe_layers:
-            return dense
-        moe = self.experts_per_token * (4 * self.expert_intermediate + self.hidden) + 4 * self.shared_intermediate + 2 * self.experts
-        return (dense * (self.layers - self.moe_layers) + moe * self.moe_layers) / self.layers
-
-
-def _first(config: dict, *keys, default=None):
-    for key in keys:
-        if config.get(key) is not None:
-            return config[key]
-    if default is None:
-        raise ConfigError(f"config.json has none of {', '.join(keys)}: dpokit plan cannot size this model")
-    return default
-
-
-def _moe_fields(config: dict, layers: int) -> dict:
-    """The ModelShape fields of a mixture-of-experts config (Mixtral, Qwen2/3-MoE, OLMoE names); {} for a dense one."""
-    experts = _first(config, "num_local_experts", "num_experts", "n_routed_experts", default=0)
-    if not experts:
-        return {}
-    step, dense_only = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
-    moe_layers = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
-    return {"experts": experts, "experts_per_token": _first(config, "num_experts_per_tok"), "moe_layers": moe_layers,
-            "expert_intermediate": _first(config, "moe_intermediate_size", "intermediate_size"),
-            "shared_intermediate": config.get("shared_expert_intermediate_size") or 0}
-
-
-def model_shape(config: dict) -> ModelShape:
-    """The shape from a config.json dict (Llama/Qwen/Mistral/Gemma names, GPT-2/OPT aliases, MoE layers)."""
-    config = config.get("text_config", config)  # multimodal wrappers keep the decoder's config inside
-    hidden = _first(config, "hidden_size", "n_embd", "d_model")
-    heads = _first(config, "num_attention_heads", "n_head")
-    kv_heads = _first(config, "num_key_value_heads", default=heads)
-    layers = _first(config, "num_hidden_layers", "n_layer")
-    head_dim = config.get("head_dim") or hidden // heads
-    model_type = config.get("model_type", "")
-    gated = model_type not in ("gpt2", "opt", "gpt_neox", "phi", "falcon", "bloom")
-    extra = 0
-    if config.get("attention_bias") or config.get("qkv_bias"):  # q, k, v biases (+ o's with attention_bias)
-        extra += head_dim * (heads + 2 * kv_heads) + (hidden if config.get("attention_bias") else 0)
-    if model_type in ("qwen3", "qwen3_moe"):  # RMSNorm of each query and key head
-        extra += 2 * head_dim
-    return ModelShape(
-        vocab=_first(config, "vocab_size"), hidden=hidden, layers=layers,
-        intermediate=_first(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden) or 4 * hidden,
-        heads=heads, kv_heads=kv_heads, tied=bool(config.get("tie_word_embeddings", True)), gated=gated,
-        head_dim=head_dim, extra_per_layer=extra, **_moe_fields(config, layers),
-    )
 
 
 def read_model_shape(name_or_path: str, revision: Optional[str] = None) -> ModelShape:
@@ -275,37 +153,22 @@ def _reference_part(cfg: Config, shape: ModelShape, shard: int, moving: bool) ->
     return Part("reference", ref_bytes, ref_note)
 
 
-def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optional[float] = None,
-                runtime: float = RUNTIME_BYTES, device: str = "cuda") -> Plan:
-    """Peak bytes per GPU, part by part (see the module docstring for what each part counts).
-
-    device="cpu" predicts a CPU run's growth of resident memory (tests check it against measured peak RSS):
-    no runtime allowance is implied by it, and the optimizer step works tensor by tensor.
-    """
+def _weights_part(cfg: Config, shape: ModelShape, trainable: int, shard: int) -> Part:
+    """The model's weights: model.dtype, the decoder's linears in NF4 under QLoRA, + the LoRA adapters in float32."""
     wbytes = DTYPE_BYTES[cfg.model.dtype]
-    qlora = cfg.model.quantization == "nf4"
-    linear = shape.linear_params
-    other = shape.params - linear
-    weights = (linear * NF4_BYTES + other * wbytes) if qlora else shape.params * wbytes
-    trainable = shape.params
-    notes = {"weights": _weights_note(cfg, shape)}
+    if cfg.model.quantization == "nf4":
+        weights = shape.linear_params * NF4_BYTES + (shape.params - shape.linear_params) * wbytes
+    else:
+        weights = shape.params * wbytes
+    note = _weights_note(cfg, shape)
     if cfg.lora.enabled:
-        trainable = _lora_params(cfg, shape)
         weights += trainable * 4
-        notes["weights"] += f" + {trainable / 1e6:.1f}M LoRA"
-    grad_bytes = 4 if cfg.lora.enabled else wbytes  # peft keeps adapters in float32 under a half-precision base
-    moving = _moving_reference(cfg)
-    shard = gpus if gpus > 1 and not moving else 1  # FSDP full shard / ZeRO-3; a moving reference: DDP, every GPU holds all
-    parts = [
-        Part("weights", weights / shard, notes["weights"]),
-        Part("gradients", trainable * grad_bytes / shard, f"{trainable / 1e6:.1f}M trainable"),
-        Part("optimizer", trainable * optimizer_state_bytes_per_param(cfg.optim.name, grad_bytes) / shard, cfg.optim.name),
-    ]
-    parts.append(_reference_part(cfg, shape, shard, moving))
-    tokens = cfg.train.batch_size * 2 * cfg.data.max_length  # (2B, T) worst case: both rows fill max_length
-    kept, recompute = _activation_bytes_per_token(cfg, shape)
-    ckpt = "on" if cfg.train.gradient_checkpointing else "off"
-    parts.append(Part("activations", tokens * (kept + recompute), f"{tokens} tokens, gradient checkpointing {ckpt}"))
+        note += f" + {trainable / 1e6:.1f}M LoRA"
+    return Part("weights", weights / shard, note)
+
+
+def _logits_part(cfg: Config, shape: ModelShape, tokens: int) -> Part:
+    """The LM head's float32 logits, their log-softmax and its gradient, for as many tokens as the head sees at once."""
     fast = cfg.speed.packing or cfg.speed.prefix_sharing or cfg.speed.chunked_logps or cfg.speed.ref_cache
     completion = tokens  # worst case again: (almost) every token is a completion token
     if fast and cfg.speed.chunked_logps:
@@ -315,17 +178,48 @@ def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optio
         logits, head = 3 * completion * shape.vocab * 4, f"{completion} completion tokens x {shape.vocab}"
     else:
         logits, head = 3 * tokens * shape.vocab * 4, f"every position: {tokens} x {shape.vocab}"
-    parts.append(Part("logits", logits, head + " (float32 logits, log-softmax, gradient)"))
-    if not cfg.lora.enabled:
-        parts.append(Part("backward", 2 * shape.vocab * shape.hidden * grad_bytes / shard, "embedding and LM-head gradients before accumulation"))
+    return Part("logits", logits, head + " (float32 logits, log-softmax, gradient)")
+
+
+def _step_part(cfg: Config, shape: ModelShape, trainable: int, grad_bytes: int, shard: int,
+               device: str) -> Optional[Part]:
+    """The optimizer step's temporaries; None for the fused AdamW and adamw_8bit, which update in place."""
     fused = cfg.optim.fused and shard == 1  # optimizers.build_optimizer: for-each under FSDP / ZeRO-3
     if cfg.optim.name != "adamw" or fused:
-        pass  # the fused kernel (and AdamW8bit) update in place: no temporaries
-    elif device == "cpu":
+        return None  # the fused kernel (and AdamW8bit) update in place: no temporaries
+    if device == "cpu":
         largest = shape.vocab * shape.hidden if not cfg.lora.enabled else max(cfg.lora.r * (a + b) for _, a, b, _, _ in _lora_matrices(cfg, shape))
-        parts.append(Part("step", 2 * largest * 4, "optimizer temporaries of the largest tensor (per-tensor AdamW on CPU)"))
-    else:
-        parts.append(Part("step", trainable * grad_bytes / shard, "foreach AdamW: a temporary of every trainable parameter"))
+        return Part("step", 2 * largest * 4, "optimizer temporaries of the largest tensor (per-tensor AdamW on CPU)")
+    return Part("step", trainable * grad_bytes / shard, "foreach AdamW: a temporary of every trainable parameter")
+
+
+def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optional[float] = None,
+                runtime: float = RUNTIME_BYTES, device: str = "cuda") -> Plan:
+    """Peak bytes per GPU, part by part (see the module docstring for what each part counts).
+
+    device="cpu" predicts a CPU run's growth of resident memory (tests check it against measured peak RSS):
+    no runtime allowance is implied by it, and the optimizer step works tensor by tensor.
+    """
+    trainable = _lora_params(cfg, shape) if cfg.lora.enabled else shape.params
+    grad_bytes = 4 if cfg.lora.enabled else DTYPE_BYTES[cfg.model.dtype]  # peft keeps adapters in float32 under a half-precision base
+    moving = _moving_reference(cfg)
+    shard = gpus if gpus > 1 and not moving else 1  # FSDP full shard / ZeRO-3; a moving reference: DDP, every GPU holds all
+    parts = [
+        _weights_part(cfg, shape, trainable, shard),
+        Part("gradients", trainable * grad_bytes / shard, f"{trainable / 1e6:.1f}M trainable"),
+        Part("optimizer", trainable * optimizer_state_bytes_per_param(cfg.optim.name, grad_bytes) / shard, cfg.optim.name),
+        _reference_part(cfg, shape, shard, moving),
+    ]
+    tokens = cfg.train.batch_size * 2 * cfg.data.max_length  # (2B, T) worst case: both rows fill max_length
+    kept, recompute = _activation_bytes_per_token(cfg, shape)
+    ckpt = "on" if cfg.train.gradient_checkpointing else "off"
+    parts.append(Part("activations", tokens * (kept + recompute), f"{tokens} tokens, gradient checkpointing {ckpt}"))
+    parts.append(_logits_part(cfg, shape, tokens))
+    if not cfg.lora.enabled:
+        parts.append(Part("backward", 2 * shape.vocab * shape.hidden * grad_bytes / shard, "embedding and LM-head gradients before accumulation"))
+    step = _step_part(cfg, shape, trainable, grad_bytes, shard, device)
+    if step is not None:
+        parts.append(step)
     if runtime:
         parts.append(Part("runtime", runtime, "CUDA context, workspaces, allocator slack"))
     return Plan(parts, gpus, gpu_memory, device)

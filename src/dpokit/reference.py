@@ -22,7 +22,8 @@ import os
 import torch
 
 from dpokit.config import Config
-from dpokit.models import DTYPES, ModelLoadError, load_policy
+from dpokit.model_source import ModelLoadError
+from dpokit.models import DTYPES, load_policy
 
 
 def make_reference(policy, cfg: Config, needs_reference: bool):

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 from dpokit.data.tokenization import TokenizedPair
-from dpokit.detectors import MITIGATIONS
+from dpokit.mitigations import MITIGATIONS
 from dpokit.doctor.report import CheckResult
 from dpokit.config import DoctorConfig
 from dpokit.logprobs import completion_logps

@@ -13,7 +13,7 @@ import statistics
 from collections import Counter
 
 from dpokit.data.records import PreferenceExample, SkipReport
-from dpokit.detectors import MITIGATIONS
+from dpokit.mitigations import MITIGATIONS
 from dpokit.doctor.report import CheckResult
 from dpokit.config import DoctorConfig
 

@@ -34,7 +34,7 @@ import torch
 
 from dpokit.config import Config, JudgeConfig
 from dpokit.config.flags import Flag, Verb, require
-from dpokit.models import ModelLoadError
+from dpokit.model_source import ModelLoadError
 from dpokit.online.judges import JudgeScorer, PairwiseJudge, judge_flags, judge_options
 from dpokit.online.loading import TRUST_FLAGS, ModelTrust, load_model
 from dpokit.inputs import InputError, check_file

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dpokit.models import ModelLoadError
+from dpokit.model_source import ModelLoadError
 from dpokit.online.judges import SYSTEM_PROMPT
 from dpokit.online.prompts import Prompt
 from dpokit.online.suites.answers import render_chat
