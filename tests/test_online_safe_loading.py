@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from dpokit.cli import main
 from dpokit.config import load_pipeline_config
-from dpokit.models import ModelLoadError
+from dpokit.model_source import ModelLoadError
 from dpokit.online.pipeline import Pipeline
 from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer, write_jsonl
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpokit.config import ConfigError
     from dpokit.inputs import InputError
     from dpokit.inputs.catalog import check_cli_inputs
-    from dpokit.models import ModelLoadError
+    from dpokit.model_source import ModelLoadError
     from dpokit.online.scorer import ScoringError
 
     args = parse_command_line(argv)

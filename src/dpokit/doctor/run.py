@@ -40,7 +40,8 @@ from dpokit.doctor.token_checks import (
 )
 from dpokit.doctor.token_scan import TokenScan, scan_tokens
 from dpokit.doctor.tool_checks import completion_render_check, tools_check
-from dpokit.models import ModelLoadError, load_model_config, load_policy, load_tokenizer
+from dpokit.model_source import ModelLoadError
+from dpokit.models import load_model_config, load_policy, load_tokenizer
 
 TOKEN_CHECKS = ("token_health", "unknown_tokens", "truncation", "template_prefix", "special_tokens", "completion_end",
                 "completion_render", "tools")

@@ -13,7 +13,8 @@ from dpokit.config import ModelConfig
 from dpokit.config.flags import Flag
 from dpokit.data.records import DataError
 from dpokit.demo.assets import resolve_demo_name
-from dpokit.models import OptIn, load_model as load_checked_model, load_tokenizer as load_checked_tokenizer
+from dpokit.model_source import OptIn
+from dpokit.models import load_model as load_checked_model, load_tokenizer as load_checked_tokenizer
 
 
 @dataclass(frozen=True)
