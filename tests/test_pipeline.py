@@ -70,11 +70,30 @@ def test_shipped_demo_config_loads():
     load_config(cfg.train)  # its train section is a valid dpokit config
 
 
-def test_demo_prompt_sets():
+def test_demo_prompt_sets_come_from_the_one_demo_resolver(monkeypatch):
+    from dpokit.demo import assets, world
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a prompt set builds no demo asset")
+
+    monkeypatch.setattr(assets, "demo_paths", no_build)
+    for split in ("train", "eval", "all"):  # the same prompts in the same order as world.all_openings
+        assert resolve_prompts(f"demo:openings-{split}") == world.all_openings(split)
     train, held_out = resolve_prompts("demo:openings-train"), resolve_prompts("demo:openings-eval")
     assert len(train) > 1000 and len(held_out) > 100 and not set(train) & set(held_out)
-    with pytest.raises(ConfigError):
-        resolve_prompts("demo:openings-test")
+    pipeline = Pipeline(load_pipeline_config(base_config(eval_prompts="demo:openings-eval")))
+    assert pipeline.prompts == train and pipeline.eval_prompts == held_out
+    # an unknown name: the resolver's one error, naming the key and every known name
+    with pytest.raises(ConfigError) as unknown:
+        resolve_prompts("demo:openings-test", key="eval_prompts")
+    with pytest.raises(ConfigError) as same:
+        assets.resolve_demo_names({"eval_prompts": "demo:openings-test"}, ConfigError, prompt_sets=True)
+    assert str(unknown.value) == str(same.value)
+    assert str(unknown.value).startswith("unknown demo asset 'demo:openings-test' in eval_prompts; known: demo:sentiment-sft, ")
+    assert str(unknown.value).endswith("demo:openings-train, demo:openings-eval, demo:openings-all")
+    # a key that takes a file takes no prompt set
+    with pytest.raises(ValueError, match="unknown demo asset 'demo:openings-train' in data.path; known: demo:sentiment-sft"):
+        assets.resolve_demo_names({"data.path": "demo:openings-train"})
 
 
 # --- a 2-round run on a small SFT model ----------------------------------------------------------

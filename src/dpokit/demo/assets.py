@@ -7,7 +7,9 @@
     data.sft_mix_path:   demo:sentiment-sft-mix  -> more such rows, to mix into DPO
 
 so the shipped demo config runs through `dpokit train` exactly like any other,
-offline, on a fresh machine.
+offline, on a fresh machine. Where a list of prompts is taken (a pipeline's `prompts` and
+`eval_prompts`), demo:openings-train, demo:openings-eval and demo:openings-all name the review
+world's openings of that split (world.all_openings), nothing built.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from typing import Any
 
 from dpokit.config import Config, load_config
 from dpokit.config.paths import cache_home
+from dpokit.demo import world
 
 ASSET_KEYS = ("model.name_or_path", "data.path", "data.eval_path", "data.retention_path", "data.sft_mix_path")
 PREFIX = "demo:"
+ASSETS = ("sentiment-sft", "sentiment-pairs", "sentiment-eval", "sentiment-sft-text", "sentiment-sft-mix")  # built files
+PROMPT_SETS = {"openings-train": "train", "openings-eval": "eval", "openings-all": "all"}  # name -> world split
 N_TRAIN_PAIRS = 2000
 N_EVAL_PAIRS = 200
 
@@ -30,32 +35,32 @@ def demo_paths(seed: int = 0) -> dict[str, str]:
     model = build_sft_model(cache_home(), seed=seed)
     train, held_out = build_preference_data(cache_home(), N_TRAIN_PAIRS, N_EVAL_PAIRS, seed=seed)
     retention, mix = build_sft_text(cache_home(), seed=seed)
-    return {"sentiment-sft": str(model), "sentiment-pairs": str(train), "sentiment-eval": str(held_out),
-            "sentiment-sft-text": str(retention), "sentiment-sft-mix": str(mix)}
+    return dict(zip(ASSETS, (str(path) for path in (model, train, held_out, retention, mix))))
 
 
-def resolve_demo_names(specs: dict[str, Any], error: type[Exception] = ValueError) -> dict[str, Any]:
-    """The one resolver of `demo:` names: {where: spec} with each demo: spec replaced by its built asset's path.
+def resolve_demo_names(specs: dict[str, Any], error: type[Exception] = ValueError, prompt_sets: bool = False) -> dict[str, Any]:
+    """The one resolver of `demo:` names: {where: spec} with each demo: spec replaced by its built asset's path, or,
+    where the places take a list of prompts (prompt_sets), by a prompt set's prompts (world.all_openings, in order).
 
-    Other specs pass through; the assets are built (or found) once, and only when a demo: name is there.
+    Other specs pass through; the assets are built (or found) once, and only when a demo: asset is named.
     `where` is named in the error for an unknown name (a config key, or "" for a bare name).
     """
-    wanted = [where for where, spec in specs.items() if isinstance(spec, str) and spec.startswith(PREFIX)]
-    if not wanted:
-        return dict(specs)
-    paths, resolved = demo_paths(), dict(specs)
-    for where in wanted:
-        key = specs[where][len(PREFIX) :]
-        if key not in paths:
+    known = ASSETS + (tuple(PROMPT_SETS) if prompt_sets else ())
+    wanted = {where: spec[len(PREFIX) :] for where, spec in specs.items() if isinstance(spec, str) and spec.startswith(PREFIX)}
+    for where, name in wanted.items():
+        if name not in known:
             raise error(f"unknown demo asset {specs[where]!r}{f' in {where}' if where else ''}; "
-                        f"known: {', '.join(PREFIX + k for k in paths)}")
-        resolved[where] = paths[key]
+                        f"known: {', '.join(PREFIX + k for k in known)}")
+    paths = demo_paths() if any(name in ASSETS for name in wanted.values()) else {}
+    resolved = dict(specs)
+    for where, name in wanted.items():
+        resolved[where] = paths[name] if name in ASSETS else world.all_openings(PROMPT_SETS[name])
     return resolved
 
 
-def resolve_demo_name(spec: str, error: type[Exception] = ValueError) -> str:
-    """One `demo:` name -> its built asset's path; a folder, hub id or file as given."""
-    return resolve_demo_names({"": spec}, error)[""]
+def resolve_demo_name(spec: str, error: type[Exception] = ValueError, prompt_sets: bool = False) -> Any:
+    """One `demo:` name -> its built asset's path (or a prompt set's prompts); a folder, hub id or file as given."""
+    return resolve_demo_names({"": spec}, error, prompt_sets)[""]
 
 
 def resolve_demo_assets(cfg: Config) -> Config:

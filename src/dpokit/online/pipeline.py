@@ -43,7 +43,7 @@ import yaml
 
 from dpokit.config import ConfigError, PipelineConfig, load_config, load_pipeline_config, resolve_config_path
 from dpokit.config.flags import Verb
-from dpokit.demo import world
+from dpokit.demo.assets import resolve_demo_names
 from dpokit.online.backends import make_backend, vllm_available
 from dpokit.online.evaluation import draw, evaluate
 from dpokit.online.loading import ModelTrust, load_model, resolve_model_path
@@ -54,16 +54,15 @@ from dpokit.online.scoring import build_scorer, score_file
 from dpokit.training.loop import train
 from dpokit.training.run_dir import LOCK, MARKER, claim
 
-def resolve_prompts(source: Union[str, list], column: str = "prompt") -> list:
-    """A list of prompts from a list, a data file, or demo:openings-train / demo:openings-eval (the review world)."""
+def resolve_prompts(source: Union[str, list], column: str = "prompt", key: str = "prompts") -> list:
+    """A list of prompts from a list, a data file, or a demo: name (demo:openings-train|eval|all: the review world's
+    openings), resolved by the one resolver of demo: names; `key` is the config key named in its errors."""
     if isinstance(source, list):
         return list(source)
-    if source.startswith("demo:openings-"):
-        split = source[len("demo:openings-") :]
-        if split not in ("train", "eval", "all"):
-            raise ConfigError(f"unknown demo prompt set {source!r}; use demo:openings-train or demo:openings-eval")
-        return world.all_openings(split)
-    prompts, counts = load_prompts(source, column=column)
+    resolved = resolve_demo_names({key: source}, ConfigError, prompt_sets=True)[key]
+    if isinstance(resolved, list):
+        return resolved
+    prompts, counts = load_prompts(resolved, column=column)
     print(f"[pipeline] {source}: {describe_counts(counts)}", flush=True)
     return prompts
 
@@ -105,7 +104,7 @@ class Pipeline:
         self.sft_path = resolve_model_path(cfg.policy)
         self.scorer = build_scorer(cfg.scorer, self.trust)
         self.prompts = resolve_prompts(cfg.prompts, cfg.prompt_column)
-        self.eval_prompts = None if cfg.eval_prompts is None else resolve_prompts(cfg.eval_prompts, cfg.prompt_column)
+        self.eval_prompts = None if cfg.eval_prompts is None else resolve_prompts(cfg.eval_prompts, cfg.prompt_column, "eval_prompts")
         if self.eval_prompts is not None and cfg.eval.max_prompts is not None:
             self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
         self.eval_pairs = cfg.eval.pairs and resolve_model_path(cfg.eval.pairs)  # demo:sentiment-eval: the built pairs
