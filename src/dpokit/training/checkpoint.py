@@ -1,4 +1,4 @@
-"""Checkpoints: write one atomically, read one back exactly, keep the last few; the RNG states.
+"""Checkpoints: write one atomically, find them, keep the last few (restore.py reads one back exactly).
 
     out_dir/checkpoints/checkpoint-<step>/
         model.safetensors (+ config.json)     full fine-tuning: every policy weight (loads with from_pretrained)
@@ -33,15 +33,15 @@ from typing import Optional
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import save_file, save_model
 
 from dpokit.config import ConfigError
 from dpokit.inputs import read_text
 from dpokit.training.disk_space import DISK_FULL, disk_full_code, filled_up, no_space
-from dpokit.training.fsdp import DCP_FOLDER, is_fsdp, load_sharded, save_sharded
+from dpokit.training.fsdp import is_fsdp, save_sharded
 from dpokit.training.manifest import MANIFEST, write_manifest
 from dpokit.training.metrics import MetricSums
-from dpokit.training.rng import rng_state, set_rng_state
+from dpokit.training.rng import rng_state
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -91,10 +91,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def read_state(path: Path) -> RunState:
     try:
-        raw = _read_json(Path(path) / STATE_FILE)
+        raw = read_json(Path(path) / STATE_FILE)
         return RunState(**raw)
     except (OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not a complete dpokit checkpoint ({type(e).__name__}: {e})") from None
+
+
+def read_json(path: Path):
+    """A checkpoint's JSON file, through the input gateway (a regular file within the run-file limit: a FIFO or a
+    device put in its place is refused at once, never read until memory runs out)."""
+    return json.loads(read_text(path, "run", "checkpoint file"))
 
 
 def remove_atomically(path: Path) -> None:
@@ -120,52 +126,25 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimiz
     """
     root = Path(run_dir) / CHECKPOINTS
     final, tmp = root / f"checkpoint-{state.step}", root / f".tmp-checkpoint-{state.step}"
-    many, is_main = accelerator.num_processes > 1, accelerator.is_main_process
-    rng = gather_object([rng_state()]) if many else [rng_state()]
-    windows = gather_object([{"sums": window.sums, "counts": window.counts}]) if many else [{"sums": window.sums, "counts": window.counts}]
-    state.window = _sum_windows(windows)
+    is_main = accelerator.is_main_process
+    rng = _gathered(accelerator, rng_state())
+    state.window = _sum_windows(_gathered(accelerator, {"sums": window.sums, "counts": window.counts}))
     state.world_size = accelerator.num_processes
     if final.is_dir() and (final / STATE_FILE).is_file():  # same step saved before (resumed at it): identical
         accelerator.wait_for_everyone()
         return final
-    needed, free = checkpoint_bytes(accelerator, run_dir, policy, optimizer), shutil.disk_usage(run_dir).free
-    needed += _tensor_bytes(list(reference.state_dict().values())) if reference is not None else 0
-    # The rotation deletes old checkpoints only after the new one is complete, so it needs its whole size free.
-    problem = _from_main(accelerator, _no_space(run_dir, final, needed, free, "nothing was written") if free < needed else None)
-    if problem:
-        raise CheckpointError(problem)
+    needed, free = _ensure_space(accelerator, run_dir, final, policy, optimizer, reference)
+    problem = None
     try:
-        if is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        if is_sharded(accelerator):
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(tmp / "accelerate"))  # sharded weights and optimizer, every process
-        elif is_fsdp(policy):  # train.fsdp: every process writes its shards into dcp/ (torch.distributed.checkpoint)
-            accelerator.wait_for_everyone()
-            save_sharded(tmp, policy, optimizer)
+        _write_shards(accelerator, tmp, policy, optimizer)
     except (OSError, SafetensorError) as e:
         problem = _disk_full(e, run_dir, final, needed, free)
-    if many:  # also the barrier after the sharded save
+    if accelerator.num_processes > 1:  # also the barrier after the sharded save
         problem = next((p for p in gather_object([problem]) if p), None)
     if is_main and not problem:
         try:
-            if not is_sharded(accelerator) and not is_fsdp(policy):
-                _write_weights(accelerator.unwrap_model(policy), tmp)
-                _write_optimizer(optimizer.state_dict(), tmp)
-            if not is_sharded(accelerator):
-                _write_json(tmp / "scheduler.json", scheduler.state_dict())
-            if reference is not None:
-                save_model(reference, str(tmp / REFERENCE_FILE))  # tied weights once, no pickle
-            _write_json(tmp / "rng_state.json", rng)
-            _write_json(tmp / STATE_FILE, asdict(state))  # its presence marks a complete folder
-            fsync_tree(tmp)
-            write_manifest(tmp)  # last: the checksums of the files just written, read back from the page cache
-            _fsync(tmp / MANIFEST)
-            _fsync(tmp)
-            os.replace(tmp, final)
-            _fsync(root)
+            _write_files(accelerator, tmp, policy, optimizer, scheduler, reference, rng, state)
+            _publish(tmp, final)
         except (OSError, SafetensorError) as e:
             problem = _disk_full(e, run_dir, final, needed, free)
     problem = _from_main(accelerator, problem)
@@ -177,6 +156,56 @@ def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimiz
         _rotate(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _ensure_space(accelerator, run_dir: Path, final: Path, policy, optimizer, reference) -> tuple[int, int]:
+    """(bytes the checkpoint needs, bytes free); CheckpointError on every process, before anything is written, when
+    they do not fit."""
+    needed, free = checkpoint_bytes(accelerator, run_dir, policy, optimizer), shutil.disk_usage(run_dir).free
+    needed += _tensor_bytes(list(reference.state_dict().values())) if reference is not None else 0
+    # The rotation deletes old checkpoints only after the new one is complete, so it needs its whole size free.
+    problem = _from_main(accelerator, _no_space(run_dir, final, needed, free, "nothing was written") if free < needed else None)
+    if problem:
+        raise CheckpointError(problem)
+    return needed, free
+
+
+def _write_shards(accelerator, tmp: Path, policy, optimizer) -> None:
+    """The fresh temporary folder (main process); under FSDP/DeepSpeed or train.fsdp, every process's shards into it."""
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if is_sharded(accelerator):
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "accelerate"))  # sharded weights and optimizer, every process
+    elif is_fsdp(policy):  # train.fsdp: every process writes its shards into dcp/ (torch.distributed.checkpoint)
+        accelerator.wait_for_everyone()
+        save_sharded(tmp, policy, optimizer)
+
+
+def _write_files(accelerator, tmp: Path, policy, optimizer, scheduler, reference, rng: list, state: RunState) -> None:
+    """The main process's files: the weights and optimizer (unless sharded), the schedule, a moved reference, every
+    process's RNG state, and trainer_state.json last, whose presence marks a complete folder."""
+    if not is_sharded(accelerator) and not is_fsdp(policy):
+        _write_weights(accelerator.unwrap_model(policy), tmp)
+        _write_optimizer(optimizer.state_dict(), tmp)
+    if not is_sharded(accelerator):
+        _write_json(tmp / "scheduler.json", scheduler.state_dict())
+    if reference is not None:
+        save_model(reference, str(tmp / REFERENCE_FILE))  # tied weights once, no pickle
+    _write_json(tmp / "rng_state.json", rng)
+    _write_json(tmp / STATE_FILE, asdict(state))  # its presence marks a complete folder
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Flushed to disk, checksummed (manifest.json), then renamed to its real name in one step."""
+    fsync_tree(tmp)
+    write_manifest(tmp)  # last: the checksums of the files just written, read back from the page cache
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    os.replace(tmp, final)
+    _fsync(final.parent)
 
 
 # --- disk space --------------------------------------------------------------------------------
@@ -223,6 +252,11 @@ def _no_space(run_dir: Path, final: Path, needed: int, free: int, what_happened:
 def _from_main(accelerator, value):
     """The main process's value, on every process."""
     return broadcast_object_list([value])[0] if accelerator.num_processes > 1 else value
+
+
+def _gathered(accelerator, value) -> list:
+    """Every process's value, in process order, on every process."""
+    return gather_object([value]) if accelerator.num_processes > 1 else [value]
 
 
 def _sum_windows(windows: list[dict]) -> dict:
@@ -281,105 +315,3 @@ def _rotate(run_dir: Path, keep: int) -> None:
         return
     for path in list_checkpoints(run_dir)[:-keep]:
         remove_atomically(path)
-
-
-# --- restoring ---------------------------------------------------------------------------------
-
-
-def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, reference=None) -> RunState:
-    """Restore weights (or adapter), optimizer, schedule and this process's RNG; call on every process. `reference`: gets a moved one."""
-    path = Path(path)
-    state = read_state(path)
-    if state.ref_syncs > 0:  # the reference had moved: continuing with the original one would be another run
-        if reference is None:
-            raise CheckpointError(f"{path}: its reference moved during training (loss.ref_sync_steps, {state.ref_syncs} syncs), "
-                                  "and this run has no separate reference to restore it into: resume with loss.ref_sync_steps > 0")
-        load_reference(reference, path)
-    try:
-        if is_sharded(accelerator):
-            accelerator.load_state(str(path / "accelerate"))
-        elif is_fsdp(policy) or (path / DCP_FOLDER).is_dir():
-            _check_format(path, is_fsdp(policy))
-            load_sharded(path, policy, optimizer)
-        else:
-            _load_weights(accelerator.unwrap_model(policy), path)
-            optimizer.load_state_dict(_groups_of(_read_optimizer(path), optimizer))
-        if not is_sharded(accelerator):  # the schedule of both dpokit formats (DeepSpeed's is in accelerate/)
-            scheduler.load_state_dict(_read_json(path / "scheduler.json"))
-        rng = _read_json(path / "rng_state.json")
-    except CheckpointError:
-        raise
-    except Exception as e:  # a damaged or foreign folder: say which, never a traceback
-        raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
-    if len(rng) != accelerator.num_processes and accelerator.is_main_process:
-        print(f"[dpokit] the checkpoint was written by {len(rng)} process(es), this run has {accelerator.num_processes}: "
-              "random states (LoRA dropout) will not replay exactly", flush=True)
-    set_rng_state(rng[min(accelerator.process_index, len(rng) - 1)])
-    return state
-
-
-def _check_format(path: Path, fsdp: bool) -> None:
-    """A sharded (dcp/) checkpoint resumes under train.fsdp only, and a one-file one without it: one line otherwise."""
-    if fsdp and (path / "accelerate").is_dir():
-        raise CheckpointError(f"{path} was written under DeepSpeed (accelerate/): resume it with the same accelerate launch "
-                              "--config_file and train.fsdp=false")
-    if fsdp != (path / DCP_FOLDER).is_dir():
-        written, now = ("with", "without") if not fsdp else ("without", "with")
-        raise CheckpointError(f"{path} was written {written} train.fsdp and this run is {now} it: resume with "
-                              f"train.fsdp={'true' if not fsdp else 'false'} (any number of processes)")
-
-
-def _load_weights(model, folder: Path) -> None:
-    if (folder / "adapter_model.safetensors").is_file():
-        from peft import set_peft_model_state_dict  # lazy: slow to import, and only a LoRA resume needs it
-
-        result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(f"{folder}: adapter weights do not fit this model: {result.unexpected_keys[:5]}")
-        return
-    files = sorted(folder.glob("model*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{folder}: no model weights (model.safetensors or adapter_model.safetensors)")
-    weights = {}
-    for file in files:
-        weights.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    own = model.state_dict()
-    loaded = {own[k].data_ptr() for k in weights if k in own}
-    untied = [k for k in missing if own[k].data_ptr() not in loaded]  # tied weights are saved once
-    if unexpected or untied:
-        raise CheckpointError(f"{folder}: weights do not fit this model (missing {untied[:5]}, unexpected {unexpected[:5]})")
-
-
-def _read_json(path: Path):
-    """A checkpoint's JSON file, through the input gateway (a regular file within the run-file limit: a FIFO or a
-    device put in its place is refused at once, never read until memory runs out)."""
-    return json.loads(read_text(path, "run", "checkpoint file"))
-
-
-def _groups_of(saved: dict, optimizer) -> dict:
-    """A LoRA checkpoint from before make_optimizer dropped empty parameter groups has one more group (the empty
-    no-decay one): it is left out, so the checkpoint resumes as it did."""
-    if len(saved["param_groups"]) != len(optimizer.param_groups):
-        saved = {**saved, "param_groups": [g for g in saved["param_groups"] if g["params"]]}
-    return saved
-
-
-def _read_optimizer(folder: Path) -> dict:
-    meta = _read_json(folder / "optimizer.json")
-    state: dict = {}
-    for key, value in list(load_file(str(folder / "optimizer.safetensors")).items()) + list(meta["scalars"].items()):
-        index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def load_reference(reference, folder: Path) -> None:
-    """The moved reference of a checkpoint into `reference` (the unwrapped model); CheckpointError when missing or not fitting."""
-    path = Path(folder) / REFERENCE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: the reference had moved (loss.ref_sync_steps) but {REFERENCE_FILE} is missing")
-    try:
-        load_model(reference, str(path), device=str(next(reference.parameters()).device))
-    except (RuntimeError, OSError, SafetensorError) as e:
-        raise CheckpointError(f"{path}: does not fit this reference ({type(e).__name__}: {e})") from None

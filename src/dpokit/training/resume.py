@@ -22,10 +22,11 @@ from accelerate.utils import broadcast_object_list
 
 from dpokit.config import PATH_KEYS, Config
 from dpokit.training.checkpoint import (
-    CHECKPOINTS, STATE_FILE, CheckpointError, RunState, list_checkpoints, load_checkpoint, read_state, remove_atomically,
+    CHECKPOINTS, STATE_FILE, CheckpointError, RunState, list_checkpoints, read_state, remove_atomically,
 )  # fmt: skip
 from dpokit.training.manifest import MANIFEST, damage, has_manifest
 from dpokit.training.metrics import MetricsLog, MetricSums
+from dpokit.training.restore import load_checkpoint
 
 # Settings that fix what a step computes and which examples it sees: resuming across a change in
 # one of them would not continue the same run. Anything else (lr, beta, logging...) may change, with a notice.
@@ -63,45 +64,63 @@ def _flat(d: dict, prefix: str = "") -> dict:
             out[f"{prefix}{k}"] = v
     return out
 
+
 def choose_resume(cfg: Config, run_dir: Path, structure: dict, total_steps: int) -> Optional[Path]:
     """The checkpoint `train.resume` asks for, or None for a fresh start (main process only)."""
     mode = cfg.train.resume
     if mode == "never":
         return None
     if mode == "auto":
-        found = list_checkpoints(run_dir)
-        if not found:
-            return None
-        path = latest_intact(run_dir, found, own=True)
-        state = read_state(path)
-        changed = _structural_changes(state, structure)
-        if state.finished and (changed or total_steps <= state.step) and not final_intact(run_dir):
-            # final/ failed to be written (a full disk): this checkpoint is the only copy of the trained weights
-            if changed:
-                raise CheckpointError(f"{run_dir}: its run finished training but final/ is missing or damaged, and {path.name} is "
-                                      "the only copy of its trained weights: rerun it with its own settings to write final/, or "
-                                      "use another out_dir (train.resume=never would delete it)")
-            print(f"[dpokit] {run_dir}: its run finished training but final/ is missing or damaged: resuming from {path.name} "
-                  "to write it (no step is trained again)", flush=True)
-            return path
-        if state.finished and (changed or total_steps <= state.step):
-            print(f"[dpokit] {run_dir} holds a finished run ({path.name}); starting a new run "
-                  f"(train.resume={path} would continue that one)", flush=True)
-            return None
-    else:
-        path = Path(mode).expanduser()
-        if not (path / STATE_FILE).is_file() and list_checkpoints(path):  # a run directory: its latest intact checkpoint
-            path = latest_intact(path, list_checkpoints(path), own=path.resolve() == Path(run_dir).resolve())
-        elif (path / STATE_FILE).is_file():
-            problem = damage(path)
-            if problem:
-                raise CheckpointError(f"train.resume={mode!r}: the checkpoint is damaged ({problem}); resume from an "
-                                      "earlier checkpoint of that run, or start over with train.resume=never")
-            _say_if_unverified(path)
-        if not path.is_dir():
-            raise CheckpointError(f"train.resume={mode!r}: no such checkpoint folder")
-        state = read_state(path)
-        changed = _structural_changes(state, structure)
+        return _auto_resume(cfg, run_dir, structure, total_steps)
+    path = _named_checkpoint(mode, run_dir)
+    state = read_state(path)
+    return _same_run(cfg, path, state, _structural_changes(state, structure))
+
+
+def _auto_resume(cfg: Config, run_dir: Path, structure: dict, total_steps: int) -> Optional[Path]:
+    """train.resume=auto: the latest intact checkpoint of out_dir; None when there is none, or when it ends a finished
+    run (a new run starts), unless final/ is missing, which that checkpoint is then resumed to write."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    path = latest_intact(run_dir, found, own=True)
+    state = read_state(path)
+    changed = _structural_changes(state, structure)
+    if not (state.finished and (changed or total_steps <= state.step)):
+        return _same_run(cfg, path, state, changed)
+    if final_intact(run_dir):
+        print(f"[dpokit] {run_dir} holds a finished run ({path.name}); starting a new run "
+              f"(train.resume={path} would continue that one)", flush=True)
+        return None
+    # final/ failed to be written (a full disk): this checkpoint is the only copy of the trained weights
+    if changed:
+        raise CheckpointError(f"{run_dir}: its run finished training but final/ is missing or damaged, and {path.name} is "
+                              "the only copy of its trained weights: rerun it with its own settings to write final/, or "
+                              "use another out_dir (train.resume=never would delete it)")
+    print(f"[dpokit] {run_dir}: its run finished training but final/ is missing or damaged: resuming from {path.name} "
+          "to write it (no step is trained again)", flush=True)
+    return path
+
+
+def _named_checkpoint(mode: str, run_dir: Path) -> Path:
+    """train.resume=PATH: that checkpoint folder (refused when damaged), or a run directory's latest intact checkpoint."""
+    path = Path(mode).expanduser()
+    if not (path / STATE_FILE).is_file() and list_checkpoints(path):  # a run directory: its latest intact checkpoint
+        path = latest_intact(path, list_checkpoints(path), own=path.resolve() == Path(run_dir).resolve())
+    elif (path / STATE_FILE).is_file():
+        problem = damage(path)
+        if problem:
+            raise CheckpointError(f"train.resume={mode!r}: the checkpoint is damaged ({problem}); resume from an "
+                                  "earlier checkpoint of that run, or start over with train.resume=never")
+        _say_if_unverified(path)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={mode!r}: no such checkpoint folder")
+    return path
+
+
+def _same_run(cfg: Config, path: Path, state: RunState, changed: list[tuple]) -> Path:
+    """`path`, when its run had the same structural settings (else CheckpointError); the other settings that changed
+    are said in one line."""
     if changed:
         details = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed)
         raise CheckpointError(
