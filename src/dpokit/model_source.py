@@ -58,7 +58,7 @@ class OptIn:
     """How the user says yes to a model's own code or its pickle weights, as the refusals name it.
 
     Every verb reads the config's model.* keys (the online verbs' --trust-remote-code / --allow-pickle are their
-    aliases) and the pipeline its own keys, so each refusal names the setting of the verb that loaded the model.
+    aliases); the pipeline reads its train section's (train.model.*), so each refusal names the setting the user wrote.
     """
 
     trust_remote_code: str = "model.trust_remote_code=true"

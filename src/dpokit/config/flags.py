@@ -7,7 +7,7 @@ cannot drift from the config it stands for. `dpokit sample --num-samples 8` and
 
     CONFIG (YAML)  <  flags  <  key=value      (each later one wins)
 
-`Verb` is how every verb is registered (cli.py's table): its name, its help, the function that adds
+`Verb` is how every verb is registered (the table in commands.py, `verbs()`): its name, its help, the function that adds
 its arguments and the one that runs it; a verb with `flags` also takes [CONFIG] [key=value ...].
 """
 
