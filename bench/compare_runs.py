@@ -37,7 +37,7 @@ VOLATILE = [
     (re.compile(r"<!--clock-->.*?<!--/clock-->", re.DOTALL), "<CLOCK>"),  # report.html's tokens/s and MFU (report/page.py)
     (re.compile(r"(Trained with dpokit \S+ on )\d{4}-\d{2}-\d{2}"), r"\1<DATE>"),  # the model card's date
     (re.compile(r"^[^\n]*\d+/\d+ \[[\d:]+<[^\n]*$", re.MULTILINE), "<PROGRESS>"),
-    (re.compile(r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(\.\d+)?"), "<TIME>"),
+    (re.compile(r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}([.,]\d+)?"), "<TIME>"),  # logging writes ",351"
     (re.compile(r"\b\d{8}-\d{6}\b"), "<TIME>"),
     (re.compile(r"\b\d+(\.\d+)?\s?(s|ms|it/s|s/it|min)\b"), "<DURATION>"),
 ]

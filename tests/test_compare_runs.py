@@ -24,7 +24,8 @@ def _outputs(root: Path, wall: float = 12.5, when: str = "2026-12-05 21:14:07") 
     """A small output folder: what same_outputs.sh leaves, in miniature, with this run's times in it."""
     (root / "dpo_live" / "final").mkdir(parents=True)
     (root / "rc.txt").write_text("demo rc 0\ndpo_live rc 0\n")
-    (root / "demo.out").write_text(f"[demo] ready in {wall}s\npositive share 45.9% -> 94.9%\n[demo] wall time {wall:.0f}s\n")
+    logged = f"[{when},{int(wall * 37) % 1000:03d}] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU."
+    (root / "demo.out").write_text(f"[demo] ready in {wall}s\n{logged}\npositive share 45.9% -> 94.9%\n[demo] wall time {wall:.0f}s\n")
     (root / "dpo_live" / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss": 0.69 - s / 100, "train_runtime": wall}) + "\n" for s in (1, 2)))
     (root / "dpo_live" / "data_summary.json").write_text(json.dumps({"train": {"rows_read": 402, "skipped": {"empty": 1}}}))
