@@ -27,9 +27,10 @@ the default sdpa is switched to the backend `speed.attention` resolves to, `fast
   sdpa (default on CPU, and on GPU without flash-attn): the model is switched once to `dpokit_sdpa`, a registered
       attention function that is exactly transformers' `sdpa_attention_forward` unless the
       call carries `dpokit_units`; then it runs one SDPA call per unit segment (`is_causal`
-      on [prompt, chosen] and a small bottom-right causal mask for the rejected branch over
-      [prompt, rejected]). Cost is sum(unit^2)/2, not rows x width^2 as with a dense mask
-      (measured 3.5x faster attention on CPU for 5 units per row), so rows can be as long as the
+      on [prompt, chosen] and a bottom-right causal mask for the rejected branch over
+      [prompt, rejected], built in linear memory: `rejected_branch_sdpa`). Cost is sum(unit^2)/2,
+      not rows x width^2 as with a dense mask (measured 3.5x faster attention on CPU for 5 units
+      per row), so rows can be as long as the
       whole micro-batch: by default every unit goes into one row and there is no padding at all.
       The 4D mask passed alongside is a (rows, 1, 1, 1) placeholder: no dense mask is built.
   eager: the dense rule as an additive float mask.
@@ -43,7 +44,6 @@ the default sdpa is switched to the backend `speed.attention` resolves to, `fast
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
@@ -66,10 +66,25 @@ def register() -> None:
     _registered = True
 
 
-@functools.lru_cache(maxsize=512)
-def _branch_mask(b: int, p: int, device: torch.device) -> torch.Tensor:
-    """(b, p + b) bool: rejected token j sees the p prompt tokens and rejected tokens 0..j."""
-    return torch.ones(b, p + b, dtype=torch.bool, device=device).tril(diagonal=p)
+def rejected_branch_sdpa(query, key, value, prompt_key, prompt_value, dropout: float = 0.0, scale=None):
+    """SDPA of a rejected branch: query, key, value (..., b, D) its b tokens, prompt_key, prompt_value (..., p, D)
+    its prompt's; rejected token i sees every prompt key and the rejected keys 0..i (causal, bottom right).
+
+    The mask takes linear memory: with the rejected keys first and in reverse order (key j is token b - 1 - j), then
+    the prompt's, query i sees key j iff i + j >= b - 1 (every prompt key, j >= b, is seen), so the additive mask
+    is mask[i, j] = edge[i + j], a (b, b + p) view with strides (1, 1) of one vector of 2b + p elements (-inf, then
+    0). torch's CPU flash kernel reads the view in place, where a dense bool mask, b x (p + b), was turned into a
+    float one by SDPA and kept for the backward: quadratic in the length (docs/benchmarks.md, "The rejected
+    branch's mask: linear memory"). On CUDA the efficient kernel copies the view into an aligned dense bias, as it
+    did the bool mask: correct, quadratic there as before.
+    """
+    b, p = query.shape[-2], prompt_key.shape[-2]
+    keys = torch.cat((key.flip(-2), prompt_key), dim=-2)
+    values = torch.cat((value.flip(-2), prompt_value), dim=-2)
+    edge = torch.full((2 * b + p,), float("-inf"), dtype=query.dtype, device=query.device)
+    edge[max(b - 1, 0) :] = 0
+    mask = edge.as_strided((b, b + p), (1, 1))
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -86,60 +101,71 @@ def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: flo
     returns ((R, L, Hq, D), None) like transformers' sdpa_attention_forward.
     """
     if dpokit_units is None:  # every call but dpokit's own (generation, evaluation helpers): plain sdpa
-        placeholder = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2:] == (1, 1)
-        if placeholder and query.shape[2] > 1:  # dpokit's placeholder mask arrived without its units
-            raise RuntimeError(f"{type(module).__name__} did not pass dpokit's packed-attention arguments to its attention "
-                               "function; run it on the plain step: speed.packing=false speed.prefix_sharing=false "
-                               "speed.chunked_logps=false speed.ref_cache=false")
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _plain_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     n_rep = getattr(module, "num_key_value_groups", 1)
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
-    n_rows, heads, width, dim = query.shape
+    n_rows = query.shape[0]
     by_row: list[list[tuple]] = [[] for _ in range(n_rows)]
     for unit in dpokit_units:
         by_row[unit[0]].append(unit)
+    rows = zip(query.unbind(0), key.unbind(0), value.unbind(0), by_row)
+    out_rows = [_row_attention(q, k, v, units, dropout, scaling) for q, k, v, units in rows]
+    out = torch.stack(out_rows) if n_rows > 1 else out_rows[0][None]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _plain_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """transformers' sdpa_attention_forward, after refusing dpokit's placeholder mask that arrived without its units."""
+    placeholder = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2:] == (1, 1)
+    if placeholder and query.shape[2] > 1:
+        raise RuntimeError(f"{type(module).__name__} did not pass dpokit's packed-attention arguments to its attention "
+                           "function; run it on the plain step: speed.packing=false speed.prefix_sharing=false "
+                           "speed.chunked_logps=false speed.ref_cache=false")
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _row_runs(units, width: int) -> tuple[list[int], list]:
+    """One row's runs in order: (sizes, kinds), kind None for padding, (prompt, first, second) for a unit's
+    [prompt + first] run, "second" for its [second] run (present when second > 0)."""
+    sizes, kinds, cursor = [], [], 0
+    for _, start, p, a, b in sorted(units, key=lambda u: u[1]):
+        if start > cursor:
+            sizes.append(start - cursor)
+            kinds.append(None)
+        sizes.append(p + a)
+        kinds.append((p, a, b))
+        if b:
+            sizes.append(b)
+            kinds.append("second")
+        cursor = start + p + a + b
+    if cursor < width:
+        sizes.append(width - cursor)
+        kinds.append(None)
+    return sizes, kinds
+
+
+def _row_attention(q, k, v, units, dropout, scaling) -> torch.Tensor:
+    """One row (H, L, D) and its units: causal SDPA per [prompt + first] run, the rejected branch's rule per
+    [second] run."""
+    sizes, kinds = _row_runs(units, q.shape[1])
     # Split once into unit-sized pieces (rows, then [prompt + first] and [second] runs): the backward of a
     # split is one concatenation, where slicing the full tensor per unit would zero-fill a full-size
     # gradient per slice (quadratic in the number of units).
-    q_rows, k_rows, v_rows = query.unbind(0), key.unbind(0), value.unbind(0)
-    out_rows = []
-    for r in range(n_rows):
-        units = sorted(by_row[r], key=lambda u: u[1])
-        sizes, kinds, cursor = [], [], 0
-        for _, start, p, a, b in units:
-            if start > cursor:
-                sizes.append(start - cursor)
-                kinds.append(None)
-            sizes.append(p + a)
-            kinds.append((p, a, b))
-            if b:
-                sizes.append(b)
-                kinds.append("second")
-            cursor = start + p + a + b
-        if cursor < width:
-            sizes.append(width - cursor)
-            kinds.append(None)
-        qs, ks, vs = (t.split(sizes, dim=1) for t in (q_rows[r], k_rows[r], v_rows[r]))
-        pieces = []
-        for i, kind in enumerate(kinds):
-            if kind is None:  # padding: nothing reads its outputs
-                pieces.append(qs[i].new_zeros(heads, sizes[i], dim))
-            elif kind == "second":
-                p, b = kinds[i - 1][0], sizes[i]
-                # rejected branch: keys = prompt + rejected, causal aligned to the bottom right
-                kk = torch.cat((ks[i - 1][:, :p], ks[i]), dim=1)
-                vv = torch.cat((vs[i - 1][:, :p], vs[i]), dim=1)
-                mask = _branch_mask(b, p, query.device)
-                pieces.append(F.scaled_dot_product_attention(qs[i][None], kk[None], vv[None], attn_mask=mask,
-                                                             dropout_p=dropout, scale=scaling)[0])
-            else:
-                pieces.append(F.scaled_dot_product_attention(qs[i][None], ks[i][None], vs[i][None], dropout_p=dropout,
-                                                             is_causal=True, scale=scaling)[0])
-        out_rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
-    out = torch.stack(out_rows) if n_rows > 1 else out_rows[0][None]
-    return out.transpose(1, 2).contiguous(), None
+    qs, ks, vs = (t.split(sizes, dim=1) for t in (q, k, v))
+    pieces = []
+    for i, kind in enumerate(kinds):
+        if kind is None:  # padding: nothing reads its outputs
+            pieces.append(qs[i].new_zeros(q.shape[0], sizes[i], q.shape[2]))
+        elif kind == "second":  # rejected branch: keys = prompt + rejected, causal aligned to the bottom right
+            p = kinds[i - 1][0]
+            branch = (qs[i], ks[i], vs[i], ks[i - 1][:, :p], vs[i - 1][:, :p])
+            pieces.append(rejected_branch_sdpa(*(t[None] for t in branch), dropout, scaling)[0])
+        else:
+            pieces.append(F.scaled_dot_product_attention(qs[i][None], ks[i][None], vs[i][None], dropout_p=dropout,
+                                                         is_causal=True, scale=scaling)[0])
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
 
 
 def allowed(segment_ids: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
