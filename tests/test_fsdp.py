@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import dpokit
@@ -204,6 +205,18 @@ def test_two_machines_simulated_train_like_one_process(tmp_path, fsdp):
     _ok(proc)
     _assert_same_run(tmp_path / "two", one)
     assert proc.stdout.count("model saved to") == 1  # node 0's rank 0 alone writes the run directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_the_tiled_mlp_under_two_processes_trains_like_one_untiled_process(tmp_path, fsdp):
+    """speed.tiled_mlp's autograd function takes the MLP's parameters as inputs: DDP's gradient hooks and FSDP2's
+    gathered parameters must see the same gradients as the untiled layer (issue 22: tiling under DDP/FSDP)."""
+    one = dpokit.train(_config(tmp_path, "one", batch_size=8)).run_dir
+    proc = _launch(tmp_path, _config(tmp_path, "two", batch_size=4, **{"speed.tiled_mlp": 8, "train.fsdp": fsdp}))
+    _ok(proc)
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["speed"]["tiled_mlp"] == 8  # it ran tiled
+    _assert_same_run(tmp_path / "two", one)
 
 
 @pytest.mark.slow
