@@ -29,12 +29,32 @@ from pathlib import Path
 
 import yaml
 
-EXEMPT_KEYS = frozenset({"wall_seconds", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-                         "seconds", "elapsed", "created", "started", "saved_at", "time", "timestamp", "build_seconds",
-                         "tokens_per_second", "mfu", "mfu_peak", "mfu_peak_source"})  # the clock and the machine (training/throughput.py)
+EXEMPT_KEYS = frozenset(
+    {
+        "wall_seconds",
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+        "seconds",
+        "elapsed",
+        "created",
+        "started",
+        "saved_at",
+        "time",
+        "timestamp",
+        "build_seconds",
+        "tokens_per_second",
+        "mfu",
+        "mfu_peak",
+        "mfu_peak_source",
+    }
+)  # the clock and the machine (training/throughput.py)
 EXEMPT_FILES = frozenset({"file_hashes.json"})
 VOLATILE = [
-    (re.compile(r"<!--clock-->.*?<!--/clock-->", re.DOTALL), "<CLOCK>"),  # report.html's tokens/s and MFU (report/page.py)
+    (
+        re.compile(r"<!--clock-->.*?<!--/clock-->", re.DOTALL),
+        "<CLOCK>",
+    ),  # report.html's tokens/s and MFU (report/page.py)
     (re.compile(r"(Trained with dpokit \S+ on )\d{4}-\d{2}-\d{2}"), r"\1<DATE>"),  # the model card's date
     (re.compile(r"^[^\n]*\d+/\d+ \[[\d:]+<[^\n]*$", re.MULTILINE), "<PROGRESS>"),
     (re.compile(r"\b\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}([.,]\d+)?"), "<TIME>"),  # logging writes ",351"

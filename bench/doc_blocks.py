@@ -25,7 +25,7 @@ FRESH_CACHE = f"export DPOKIT_CACHE={WORK}/cache   # new and empty: the demo's S
 RETENTION = "data.retention_path=demo:sentiment-sft-text"  # the demo's retention set (docs/evaluation.md)
 AGGRESSIVE = f"{RETENTION} loss.beta=0.1 optim.lr=5e-4 train.max_steps=120"  # docs/demo.md's first config
 OPENINGS = (
-    "python -c \"import json; from dpokit.demo import world; "
+    'python -c "import json; from dpokit.demo import world; '
     "print('\\n'.join(json.dumps({'prompt': p}) for p in world.eval_prompts(32)))\" > " + f"{WORK}/openings.jsonl"
 )
 
@@ -46,18 +46,28 @@ RUNS = {
     "shipped": Run((f"dpokit train demo {RETENTION} out_dir={WORK}/shipped",)),
     "aggressive": Run((f"dpokit train demo {AGGRESSIVE} out_dir={WORK}/aggressive",)),
     "mix": Run((f"dpokit train demo {AGGRESSIVE} data.sft_mix_path=demo:sentiment-sft-mix out_dir={WORK}/mix",)),
-    "mix02": Run((f"dpokit train demo {AGGRESSIVE} data.sft_mix_path=demo:sentiment-sft-mix loss.sft_mix_weight=0.2 "
-                  f"out_dir={WORK}/mix02",)),
+    "mix02": Run(
+        (
+            f"dpokit train demo {AGGRESSIVE} data.sft_mix_path=demo:sentiment-sft-mix loss.sft_mix_weight=0.2 "
+            f"out_dir={WORK}/mix02",
+        )
+    ),
     "split": Run(
-        (f"python bench/retention_split.py --policy {WORK}/shipped/final --corpus-mix > {WORK}/split-corpus-mix.txt",
-         f"python bench/retention_split.py --policy {WORK}/shipped/final > {WORK}/split-shipped.txt"),
+        (
+            f"python bench/retention_split.py --policy {WORK}/shipped/final --corpus-mix > {WORK}/split-corpus-mix.txt",
+            f"python bench/retention_split.py --policy {WORK}/shipped/final > {WORK}/split-shipped.txt",
+        ),
         needs=("shipped",),
     ),
-    "eval": Run((OPENINGS,
-                 f"dpokit eval --policy {WORK}/demo/final --reference demo:sentiment-sft "
-                 f"--prompts {WORK}/openings.jsonl --scorer dpokit.demo.world:sentiment "
-                 f"--suite ifeval --suite lc_winrate --suite length_stats --out {WORK}/demo/eval.json"),
-                needs=("demo",)),
+    "eval": Run(
+        (
+            OPENINGS,
+            f"dpokit eval --policy {WORK}/demo/final --reference demo:sentiment-sft "
+            f"--prompts {WORK}/openings.jsonl --scorer dpokit.demo.world:sentiment "
+            f"--suite ifeval --suite lc_winrate --suite length_stats --out {WORK}/demo/eval.json",
+        ),
+        needs=("demo",),
+    ),
 }
 
 
@@ -90,14 +100,16 @@ class Runner:
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
         print(f"[refresh_docs] running {name} ...", flush=True)
         load, started = os.getloadavg()[0], time.time()
-        proc = subprocess.run(["bash", "-c", script], cwd=self.root, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            ["bash", "-c", script], cwd=self.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         (self.work / f"{name}.log").write_text(proc.stdout)
         if proc.returncode != 0:
             tail = proc.stdout[-3000:]
             raise SystemExit(f"[refresh_docs] {name} failed (exit {proc.returncode}); its output ends:\n{tail}")
         self.done[name] = Done(proc.stdout, time.time() - started, load)
         return self.done[name]
+
 
 def commands(runs: tuple[str, ...], reuse_cache: bool) -> list[str]:
     """The shell lines of `runs` and of the runs they need, in the order they run, each once."""
@@ -111,8 +123,18 @@ def commands(runs: tuple[str, ...], reuse_cache: bool) -> list[str]:
 def machine() -> str:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "CPU",
+        )
+        if Path("/proc/cpuinfo").exists()
+        else "CPU"
+    )
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu} ({os.cpu_count()} cores{gpu}), torch {torch.__version__}"
 
@@ -131,11 +153,16 @@ class BlockSpec:
     def render(self, runner: Runner) -> str:
         for name in self.runs:
             runner.run(name)
-        walls = ", ".join(_wall(name, runner.done[name]) for name in runner.done
-                          if name in self.runs or any(name in RUNS[r].needs for r in self.runs))
+        walls = ", ".join(
+            _wall(name, runner.done[name])
+            for name in runner.done
+            if name in self.runs or any(name in RUNS[r].needs for r in self.runs)
+        )
         today = datetime.date.today().isoformat()
-        header = (f"Measured by `python bench/refresh_docs.py --only {self.name}` on {today}, {machine()}; "
-                  f"wall time {walls}. From the repository root:")
+        header = (
+            f"Measured by `python bench/refresh_docs.py --only {self.name}` on {today}, {machine()}; "
+            f"wall time {walls}. From the repository root:"
+        )
         script = "\n".join(commands(self.runs, runner.reuse_cache))
         return f"{header}\n\n```bash\n{script}\n```\n\n{self.measured(runner)}\n"
 
@@ -171,16 +198,20 @@ RETENTION_ROWS = (
 def retention_table(runner: Runner) -> str:
     from dpokit.config import DetectorsConfig
 
-    lines = ["| run | `retention/nll_delta` at step 25 / 50 / 100 / end | `forgetting` | eval accuracy (end) | "
-             "`eval_kl/chosen` (end) |", "|---|---|---|---|---|"]
+    lines = [
+        "| run | `retention/nll_delta` at step 25 / 50 / 100 / end | `forgetting` | eval accuracy (end) | "
+        "`eval_kl/chosen` (end) |",
+        "|---|---|---|---|---|",
+    ]
     refs = set()
     for name, label in RETENTION_ROWS:
         records = _records(runner.work / name)
         delta = {r["step"]: r["retention/nll_delta"] for r in records if "retention/nll_delta" in r}
         refs |= {round(r["retention/nll_ref"], 3) for r in records if "retention/nll_ref" in r}
         deltas = " / ".join(f"{delta[s]:.3f}" if s in delta else "-" for s in (25, 50, 100, max(delta)))
-        fired = re.search(r"warn: forgetting at step (\d+): retention/nll_delta=([\d.]+) .*?above ([\d.]+)",
-                          runner.done[name].log)
+        fired = re.search(
+            r"warn: forgetting at step (\d+): retention/nll_delta=([\d.]+) .*?above ([\d.]+)", runner.done[name].log
+        )
         fired_text = f"yes, at step {fired.group(1)} ({fired.group(2)} > {fired.group(3)})" if fired else "no"
         accuracy = [r["eval_rewards/accuracies"] for r in records if "eval_rewards/accuracies" in r][-1]
         kl = [r["eval_kl/chosen"] for r in records if "eval_kl/chosen" in r][-1]
@@ -188,21 +219,28 @@ def retention_table(runner: Runner) -> str:
     d = DetectorsConfig()
     ref = sorted(refs)[0] if len(refs) == 1 else None
     mix = [r["sft_mix/nll"] for r in _records(runner.work / "mix") if "sft_mix/nll" in r]
-    limit = (f"the reference's retention NLL is {ref:.3f} nats per token in each run, so the limit is max("
-             f"{d.forgetting_nll_delta:g}, {d.forgetting_nll_delta_fraction:g} x {ref:.3f}) = "
-             f"{max(d.forgetting_nll_delta, d.forgetting_nll_delta_fraction * ref):.3f}" if ref is not None
-             else f"the reference's retention NLL differs between runs: {sorted(refs)}")
-    return "\n".join(lines) + (f"\n\n({limit}; `sft_mix/nll`, the mixed term before its weight, stays between "
-                               f"{min(mix):.2f} and {max(mix):.2f} in the weight-1.0 run.)")
+    limit = (
+        f"the reference's retention NLL is {ref:.3f} nats per token in each run, so the limit is max("
+        f"{d.forgetting_nll_delta:g}, {d.forgetting_nll_delta_fraction:g} x {ref:.3f}) = "
+        f"{max(d.forgetting_nll_delta, d.forgetting_nll_delta_fraction * ref):.3f}"
+        if ref is not None
+        else f"the reference's retention NLL differs between runs: {sorted(refs)}"
+    )
+    return "\n".join(lines) + (
+        f"\n\n({limit}; `sft_mix/nll`, the mixed term before its weight, stays between "
+        f"{min(mix):.2f} and {max(mix):.2f} in the weight-1.0 run.)"
+    )
 
 
 def retention_split_tables(runner: Runner) -> str:
     corpus_mix = (runner.work / "split-corpus-mix.txt").read_text().strip()
     shipped = (runner.work / "split-shipped.txt").read_text().strip()
-    return (f"```text\nThe SFT corpus' own mix (--corpus-mix: 40% positive reviews, the set the demo used to ship):\n"
-            f"{corpus_mix}\n\n"
-            "The shipped retention set (demo:sentiment-sft-text: the same 200 reviews, drawn positive):\n"
-            f"{shipped}\n```")
+    return (
+        f"```text\nThe SFT corpus' own mix (--corpus-mix: 40% positive reviews, the set the demo used to ship):\n"
+        f"{corpus_mix}\n\n"
+        "The shipped retention set (demo:sentiment-sft-text: the same 200 reviews, drawn positive):\n"
+        f"{shipped}\n```"
+    )
 
 
 def diagnoses(runner: Runner, name: str = "aggressive") -> str:
@@ -212,9 +250,11 @@ def diagnoses(runner: Runner, name: str = "aggressive") -> str:
     delta = ""
     if "retention/nll_delta" in last:
         delta = f", retention/nll_delta {last['retention/nll_delta']:.3f} nats per token"
-    return ("```\n" + "\n".join(fired or ["(no diagnosis)"]) + f"\n```\n\nAt the end (step {last['step']}): held-out "
-            f"preference accuracy {100 * last['eval_rewards/accuracies']:.1f}%, "
-            f"eval_kl/chosen {last['eval_kl/chosen']:.2f} nats per sequence{delta}.")
+    return (
+        "```\n" + "\n".join(fired or ["(no diagnosis)"]) + f"\n```\n\nAt the end (step {last['step']}): held-out "
+        f"preference accuracy {100 * last['eval_rewards/accuracies']:.1f}%, "
+        f"eval_kl/chosen {last['eval_kl/chosen']:.2f} nats per sequence{delta}."
+    )
 
 
 def eval_table(runner: Runner) -> str:

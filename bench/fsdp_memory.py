@@ -152,7 +152,9 @@ def child(out: str, cfg: dict) -> None:
 
     wrap("load_policy", after=loaded)
     wrap("shard", after=sharded, module=setup)  # train.fsdp: the policy, in reference_for
-    wrap("ensure_reference_cache", after=cached, module=setup)  # the reference log-probs, computed by the (sharded) policy
+    wrap(
+        "ensure_reference_cache", after=cached, module=setup
+    )  # the reference log-probs, computed by the (sharded) policy
     wrap("clip_grad_norm", before=backward_done)
     wrap("optimizer_step", before=step_begin, after=step_done)
     import dpokit
@@ -169,10 +171,17 @@ def child(out: str, cfg: dict) -> None:
 def short_pairs(path: Path, vocab: int, n: int, prompt: int, completion: int, seed: int = 0) -> Path:
     """n text pairs of the word-level tokenizer's words: prompt words, then two completions (EOS appended by dpokit)."""
     rng = random.Random(seed)
+
     def text(k):
         return " ".join(f"t{rng.randrange(vocab - 5)}" for _ in range(k))
-    path.write_text("".join(json.dumps({"prompt": text(prompt), "chosen": " " + text(completion), "rejected": " " + text(completion)}) + "\n"
-                            for _ in range(n)))
+
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": text(prompt), "chosen": " " + text(completion), "rejected": " " + text(completion)})
+            + "\n"
+            for _ in range(n)
+        )
+    )
     return path
 
 
@@ -183,7 +192,14 @@ def run_config(model: Path, data: Path, work: Path, name: str, fsdp: bool, args)
         "loss": {"type": "sigmoid", "beta": 0.1},
         "optim": {"lr": 1e-4, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
         "speed": {"ref_cache_dir": str(work / f"cache-{name}")},
-        "train": {"batch_size": 1, "max_steps": 2, "logging_steps": 1, "save_steps": 0, "progress_bar": False, "fsdp": fsdp},
+        "train": {
+            "batch_size": 1,
+            "max_steps": 2,
+            "logging_steps": 1,
+            "save_steps": 0,
+            "progress_bar": False,
+            "fsdp": fsdp,
+        },
         "out_dir": str(work / f"run-{name}"),
     }
 
@@ -193,10 +209,27 @@ def launch(name: str, procs: int, cfg: dict, work: Path, port: int) -> list[dict
     out.mkdir(parents=True, exist_ok=True)
     script = work / "fsdp_memory_child.py"
     script.write_text(CHILD.format(bench=str(ROOT / "bench")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(port),
-               str(script), str(out), json.dumps(cfg)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(procs),
+        "--master_port",
+        str(port),
+        str(script),
+        str(out),
+        json.dumps(cfg),
+    ]
     started = time.time()
     proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -213,8 +246,13 @@ def plan_parts(cfg_path: Path, gpus: int) -> tuple[dict, dict, str]:
     from dpokit.config import load_config
     from dpokit.plan import plan_memory, read_model_shape
 
-    text = subprocess.run([sys.executable, "-m", "dpokit.cli", "plan", str(cfg_path), "--gpus", str(gpus)], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "dpokit.cli", "plan", str(cfg_path), "--gpus", str(gpus)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+    ).stdout
     cfg = load_config(str(cfg_path))
     shape = read_model_shape(cfg.model.name_or_path)
     gpu = {p.name: p.bytes for p in plan_memory(cfg, shape, gpus).parts}
@@ -232,21 +270,35 @@ def summarise(name: str, ranks: list[dict]) -> list[dict]:
     for r in ranks:
         t, b = r["trace"], r["bytes"]
         base = _row(t, "imports")["rss_mib"]
+
         def at(point, key="rss_mib", t=t, base=base):
             return (_row(t, point) or {key: math.nan})[key] - base
 
         steps = [x for x in t if x["at"].startswith("step ")]
         setup = [x for x in t if not x["at"].startswith(("step ", "end"))]
-        rows.append({
-            "run": name, "rank": r["rank"], "world": r["world"], "base": base,
-            "load": at("load"), "load_file": at("load", "rssfile"),
-            "shard_peak": at("shard", "max_mib"), "shard": at("shard"),
-            "cache_peak": at("reference cache", "max_mib"), "cache": at("reference cache"),
-            "setup_peak": max(x["max_mib"] for x in setup) - base,
-            "bwd2": at("step 2 backward"), "end2": at("step 2 end"), "end2_anon": at("step 2 end", "rssanon"),
-            "train_peak": max(x["max_mib"] for x in steps) - base, "hwm": at("step 2 end", "vmhwm"),
-            "w": b["params"] / MIB, "g": b["grads"] / MIB, "a": b["adamw"] / MIB,
-        })
+        rows.append(
+            {
+                "run": name,
+                "rank": r["rank"],
+                "world": r["world"],
+                "base": base,
+                "load": at("load"),
+                "load_file": at("load", "rssfile"),
+                "shard_peak": at("shard", "max_mib"),
+                "shard": at("shard"),
+                "cache_peak": at("reference cache", "max_mib"),
+                "cache": at("reference cache"),
+                "setup_peak": max(x["max_mib"] for x in setup) - base,
+                "bwd2": at("step 2 backward"),
+                "end2": at("step 2 end"),
+                "end2_anon": at("step 2 end", "rssanon"),
+                "train_peak": max(x["max_mib"] for x in steps) - base,
+                "hwm": at("step 2 end", "vmhwm"),
+                "w": b["params"] / MIB,
+                "g": b["grads"] / MIB,
+                "a": b["adamw"] / MIB,
+            }
+        )
     return rows
 
 
@@ -255,22 +307,32 @@ def _f(x: float, sign: str = "+") -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [("| run | rank | baseline RSS (after imports) | after load | sharding: phase peak / after | reference cache: phase peak / after"
-              " | step 2 backward (grads live) | step 2 end | peak in steps 1-2 | weights | grads | AdamW state | W+G+A |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| run | rank | baseline RSS (after imports) | after load | sharding: phase peak / after | reference cache: phase peak / after"
+            " | step 2 backward (grads live) | step 2 end | peak in steps 1-2 | weights | grads | AdamW state | W+G+A |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         shard = "no sharding" if math.isnan(r["shard"]) else f"{_f(r['shard_peak'])} / {_f(r['shard'])}"
-        lines.append(f"| {r['run']} | {r['rank']} | {r['base']:.0f} | {_f(r['load'])} | {shard} |"
-                     f" {_f(r['cache_peak'])} / {_f(r['cache'])} | {_f(r['bwd2'])} | {_f(r['end2'])} | {_f(r['train_peak'])} |"
-                     f" {r['w']:.0f} | {r['g']:.0f} | {r['a']:.0f} | {r['w'] + r['g'] + r['a']:.0f} |")
+        lines.append(
+            f"| {r['run']} | {r['rank']} | {r['base']:.0f} | {_f(r['load'])} | {shard} |"
+            f" {_f(r['cache_peak'])} / {_f(r['cache'])} | {_f(r['bwd2'])} | {_f(r['end2'])} | {_f(r['train_peak'])} |"
+            f" {r['w']:.0f} | {r['g']:.0f} | {r['a']:.0f} | {r['w'] + r['g'] + r['a']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def plan_table(rows: list[dict], plans: dict) -> str:
     """`dpokit plan --gpus N` against the measured tensors per rank (weights + grads + AdamW) and the measured peak."""
-    lines = [("| run | `dpokit plan` | plan W+G+A per process | measured W+G+A per process (tensors) | plan / measured"
-              " | W+G+A over all processes | plan peak, CPU mode | measured peak in steps 1-2 (RSS growth) | plan / measured |"),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| run | `dpokit plan` | plan W+G+A per process | measured W+G+A per process (tensors) | plan / measured"
+            " | W+G+A over all processes | plan peak, CPU mode | measured peak in steps 1-2 (RSS growth) | plan / measured |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in dict.fromkeys(r["run"] for r in rows):
         ranks = [r for r in rows if r["run"] == name]
         gpu, cpu = plans[ranks[0]["world"]]
@@ -278,8 +340,10 @@ def plan_table(rows: list[dict], plans: dict) -> str:
         wga = sum(r["w"] + r["g"] + r["a"] for r in ranks) / len(ranks)
         peak = sum(r["train_peak"] for r in ranks) / len(ranks)
         plan_peak = sum(cpu.values()) / MIB
-        lines.append(f"| {name} | --gpus {ranks[0]['world']} | {plan_wga:.0f} | {wga:.0f} | {plan_wga / wga:.2f} |"
-                     f" {sum(r['w'] + r['g'] + r['a'] for r in ranks):.0f} | {plan_peak:.0f} | {peak:.0f} | {plan_peak / peak:.2f} |")
+        lines.append(
+            f"| {name} | --gpus {ranks[0]['world']} | {plan_wga:.0f} | {wga:.0f} | {plan_wga / wga:.2f} |"
+            f" {sum(r['w'] + r['g'] + r['a'] for r in ranks):.0f} | {plan_peak:.0f} | {peak:.0f} | {plan_peak / peak:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -291,7 +355,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=24, help="prompt words of each pair")
     parser.add_argument("--completion", type=int, default=16, help="words of each completion")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dpokit-bench"))
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (per-rank JSON, run folders with final/)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work folder (per-rank JSON, run folders with final/)"
+    )
     args = parser.parse_args(argv)
 
     from dpo_vs_trl import build_assets
@@ -299,7 +365,9 @@ def main(argv=None) -> int:
     from workloads import WORKLOADS
 
     cache = Path(args.cache)
-    model, _ = build_assets(args.workload, cache, 4, layers=args.layers)  # the model folder (its own long pairs are not used)
+    model, _ = build_assets(
+        args.workload, cache, 4, layers=args.layers
+    )  # the model folder (its own long pairs are not used)
     print(format_floor(args.workload, model), flush=True)
     work = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
     data = short_pairs(work / "pairs.jsonl", WORKLOADS[args.workload]["vocab"], 8, args.prompt, args.completion)
@@ -319,11 +387,16 @@ def main(argv=None) -> int:
         for r in ranks:
             print(f"{name} rank {r['rank']} trace (MiB: point, RSS, phase peak):", flush=True)
             for x in r["trace"]:
-                print(f"  {x['at']:<32} {x['rss_mib']:8.0f} {x['max_mib']:8.0f}  anon {x['rssanon']:6.0f}  file {x['rssfile']:6.0f}"
-                      f"  VmHWM {x['vmhwm']:6.0f}", flush=True)
+                print(
+                    f"  {x['at']:<32} {x['rss_mib']:8.0f} {x['max_mib']:8.0f}  anon {x['rssanon']:6.0f}  file {x['rssfile']:6.0f}"
+                    f"  VmHWM {x['vmhwm']:6.0f}",
+                    flush=True,
+                )
         rows += summarise(name, ranks)
-    print(f"\nMiB; RSS columns are growth over the baseline (RSS after imports); {os.cpu_count()} cores, OMP_NUM_THREADS=1, "
-          f"load average {os.getloadavg()[0]:.2f} at the end\n")
+    print(
+        f"\nMiB; RSS columns are growth over the baseline (RSS after imports); {os.cpu_count()} cores, OMP_NUM_THREADS=1, "
+        f"load average {os.getloadavg()[0]:.2f} at the end\n"
+    )
     print(table(rows))
     print()
     print(plan_table(rows, plans))
@@ -334,12 +407,16 @@ def main(argv=None) -> int:
     one = [r for r in rows if r["run"] == "fsdp-1"]
     two = [r for r in rows if r["run"] == "fsdp-2"]
     if one and two:
+
         def wga(r):
             return r["w"] + r["g"] + r["a"]
-        print(f"\nfsdp-2 / fsdp-1 per rank: tensors W+G+A {sum(map(wga, two)) / len(two) / wga(one[0]):.3f}, "
-              f"RSS at step 2 backward {sum(r['bwd2'] for r in two) / len(two) / one[0]['bwd2']:.3f}, "
-              f"RSS at step 2 end {sum(r['end2'] for r in two) / len(two) / one[0]['end2']:.3f}, "
-              f"peak in steps 1-2 {sum(r['train_peak'] for r in two) / len(two) / one[0]['train_peak']:.3f}")
+
+        print(
+            f"\nfsdp-2 / fsdp-1 per rank: tensors W+G+A {sum(map(wga, two)) / len(two) / wga(one[0]):.3f}, "
+            f"RSS at step 2 backward {sum(r['bwd2'] for r in two) / len(two) / one[0]['bwd2']:.3f}, "
+            f"RSS at step 2 end {sum(r['end2'] for r in two) / len(two) / one[0]['end2']:.3f}, "
+            f"peak in steps 1-2 {sum(r['train_peak'] for r in two) / len(two) / one[0]['train_peak']:.3f}"
+        )
     return 0
 
 

@@ -76,24 +76,57 @@ def child(args) -> None:
     {"trl": base.child_trl, "precompute": base.child_precompute}.get(args.child, base.child_dpokit)(args)
 
 
-def run_child(variant: str, model: Path, data: Path, args, batch: int, tokens: int | None = None, cap: float | None = None) -> dict:
+def run_child(
+    variant: str, model: Path, data: Path, args, batch: int, tokens: int | None = None, cap: float | None = None
+) -> dict:
     import subprocess
 
-    cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data", str(data), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch-size", str(batch), "--tile", str(args.tile)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(batch),
+        "--tile",
+        str(args.tile),
+    ]
     cap = args.cap_gib if cap is None else cap
     if cap:
         cmd += ["--cap-gib", str(cap)]
-    env = dict(os.environ, DPOKIT_CACHE=str(data.parent / "dpokit-cache"), TOKENIZERS_PARALLELISM="false",
-               TRANSFORMERS_VERBOSITY="error", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        DPOKIT_CACHE=str(data.parent / "dpokit-cache"),
+        TOKENIZERS_PARALLELISM="false",
+        TRANSFORMERS_VERBOSITY="error",
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+    )
     load, started = os.getloadavg()[0], time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
-    result = {"variant": variant, "tokens": tokens, "load_before": load, "wall_s": time.time() - started, "model": str(model),
-              "cap_gib": cap, "fits": proc.returncode == 0 and bool(lines)}
+    result = {
+        "variant": variant,
+        "tokens": tokens,
+        "load_before": load,
+        "wall_s": time.time() - started,
+        "model": str(model),
+        "cap_gib": cap,
+        "fits": proc.returncode == 0 and bool(lines),
+    }
     if not result["fits"]:
         tail = (proc.stdout[-1500:] + proc.stderr[-3000:]).strip().splitlines()
-        result["error"] = next((line for line in reversed(tail) if "Error" in line or "alloc" in line), tail[-1] if tail else "")
+        result["error"] = next(
+            (line for line in reversed(tail) if "Error" in line or "alloc" in line), tail[-1] if tail else ""
+        )
         if not cap:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
             raise SystemExit(f"{variant} failed (exit {proc.returncode})")
@@ -135,10 +168,14 @@ def mode_lengths(args, lengths: list[int]) -> list[dict]:
     for tokens in lengths:
         variants = args.variants.split(",")
         if any(v.startswith("dpokit") for v in variants) and "precompute" not in variants:
-            variants.insert(0, "precompute")  # the reference cache the dpokit children read (no cap: built once per data)
+            variants.insert(
+                0, "precompute"
+            )  # the reference cache the dpokit children read (no cap: built once per data)
         model, data = _assets(fixed_workload(tokens), args.warmup + args.steps, "precompute" in variants)
         for variant in variants:
-            out.append(run_child(variant, model, data, args, 1, tokens, cap=0.0 if variant == "precompute" else args.cap_gib))
+            out.append(
+                run_child(variant, model, data, args, 1, tokens, cap=0.0 if variant == "precompute" else args.cap_gib)
+            )
             _record(args, out[-1])
     return out
 
@@ -165,8 +202,11 @@ def step_peak(r: dict) -> tuple[float, float]:
 
 def slope_table(results: list[dict]) -> str:
     """Per variant: forward/backward peak and process peak at each length, above the floor, and the slope in KiB per token."""
-    lines = ["| run | tokens per pair | peak RSS MiB | imports MiB | peak above floor MiB | last step's forward + backward"
-             " above its start MiB | slope KiB/token |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | tokens per pair | peak RSS MiB | imports MiB | peak above floor MiB | last step's forward + backward"
+        " above its start MiB | slope KiB/token |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for variant in dict.fromkeys(r["variant"] for r in results if r["variant"] != "precompute" and r.get("fits")):
         rows = [r for r in results if r["variant"] == variant and r.get("fits")]
         xs, ys = [r["tokens"] for r in rows], [step_peak(r)[1] for r in rows]
@@ -176,7 +216,9 @@ def slope_table(results: list[dict]) -> str:
             imports = r["memtrace"][0]["rss_mib"]
             above = r["peak_rss_mib"] - floor_mib(Path(r["model"]), variant, imports)
             cell = f"**{slope * 1024:.0f}**" if i == len(rows) - 1 else ""
-            lines.append(f"| {variant} | {r['tokens']} | {r['peak_rss_mib']:.0f} | {imports:.0f} | {above:.0f} | {ys[i]:.0f} | {cell} |")
+            lines.append(
+                f"| {variant} | {r['tokens']} | {r['peak_rss_mib']:.0f} | {imports:.0f} | {above:.0f} | {ys[i]:.0f} | {cell} |"
+            )
     return "\n".join(lines)
 
 
@@ -186,13 +228,17 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="trl,precompute,dpokit,dpokit-tiled")
     parser.add_argument("--lengths", default="1500,3000,6000", help="slope: tokens per pair (multiples of 4)")
     parser.add_argument("--tokens", type=int, default=0, help="cap: tokens per pair")
-    parser.add_argument("--cap-gib", type=float, default=0.0, help="RLIMIT_AS of each child (`ulimit -v`), GiB; 0 = none")
+    parser.add_argument(
+        "--cap-gib", type=float, default=0.0, help="RLIMIT_AS of each child (`ulimit -v`), GiB; 0 = none"
+    )
     parser.add_argument("--steps", type=int, default=1, help="measured steps after --warmup")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2, help="run: pairs per step (slope and cap: 1)")
     parser.add_argument("--tile", type=int, default=TILE, help="speed.tiled_mlp of dpokit-tiled")
     parser.add_argument("--out", default="", help="append every result as a JSON line to this file")
-    parser.add_argument("--table", default="", help="slope: print the table of the results in these JSON-lines files (comma-separated)")
+    parser.add_argument(
+        "--table", default="", help="slope: print the table of the results in these JSON-lines files (comma-separated)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -204,13 +250,19 @@ def main(argv=None) -> int:
         results = mode_run(args)
         print(base.format_table([{**r, "workload": "long"} for r in results]))
     elif args.mode == "slope" and args.table:
-        print(slope_table([json.loads(line) for p in args.table.split(",") for line in Path(p).read_text().splitlines() if line]))
+        print(
+            slope_table(
+                [json.loads(line) for p in args.table.split(",") for line in Path(p).read_text().splitlines() if line]
+            )
+        )
     elif args.mode == "slope":
         args.cap_gib = 0.0
         print(slope_table(mode_lengths(args, [int(t) for t in args.lengths.split(",")])))
     else:
         for r in mode_lengths(args, [args.tokens]):
-            print(f"{r['variant']}: {r['tokens']} tokens under {args.cap_gib} GiB: {'fits' if r['fits'] else 'fails: ' + r.get('error', '')}")
+            print(
+                f"{r['variant']}: {r['tokens']} tokens under {args.cap_gib} GiB: {'fits' if r['fits'] else 'fails: ' + r.get('error', '')}"
+            )
     return 0
 
 

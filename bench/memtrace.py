@@ -54,9 +54,11 @@ def format_floor(workload: str, model: Path) -> str:
     config = AutoConfig.from_pretrained(model)
     n, f = param_counts(config), memory_floor(config)
     gib = {k: f"{v / 2**30:.2f}" for k, v in f.items() if k != "params"}
-    return (f"{workload}: {n['total'] / 1e6:.1f}M parameters (embedding {n['embed'] / 1e6:.1f}M, {n['layers']} layers x "
-            f"{n['layer'] / 1e6:.2f}M); fp32 GiB: weights {gib['weights']}, grads {gib['grads']}, AdamW {gib['adamw']}, "
-            f"reference copy {gib['reference']}, floor (weights+grads+AdamW) {gib['floor']}")
+    return (
+        f"{workload}: {n['total'] / 1e6:.1f}M parameters (embedding {n['embed'] / 1e6:.1f}M, {n['layers']} layers x "
+        f"{n['layer'] / 1e6:.2f}M); fp32 GiB: weights {gib['weights']}, grads {gib['grads']}, AdamW {gib['adamw']}, "
+        f"reference copy {gib['reference']}, floor (weights+grads+AdamW) {gib['floor']}"
+    )
 
 
 def format_trace(r: dict) -> str:

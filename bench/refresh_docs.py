@@ -166,8 +166,10 @@ def main(argv=None) -> int:
         if not args.check:
             page.write_text(replace_block(page.read_text(encoding="utf-8"), name, new_body), encoding="utf-8")
     if args.check and moved:
-        print("[refresh_docs] numbers moved past their tolerance: run bench/refresh_docs.py (without --check) and "
-              "commit the pages, after reading why they moved")
+        print(
+            "[refresh_docs] numbers moved past their tolerance: run bench/refresh_docs.py (without --check) and "
+            "commit the pages, after reading why they moved"
+        )
         return 1
     return 0
 

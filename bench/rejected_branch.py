@@ -81,8 +81,13 @@ def measure(method: str, p: int, b: int, repeats: int) -> dict:
         if len(times) == 1:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # the peak counts only if the first call set it (else it was reached before, and the number would be too low)
-    return {"method": method, "p": p, "b": b, "seconds": min(times),
-            "peak_mib": (peak - before) / 2**20 if peak > peak_before else None}
+    return {
+        "method": method,
+        "p": p,
+        "b": b,
+        "seconds": min(times),
+        "peak_mib": (peak - before) / 2**20 if peak > peak_before else None,
+    }
 
 
 def _child(method: str, p: int, b: int, repeats: int) -> dict:

@@ -95,24 +95,30 @@ def split(policy_dir: str, retention_path: str) -> dict:
         return {"tokens": n, "nll_ref": ref / n, "nll": pol / n, "delta": delta / n, "share_of_delta": delta / total}
 
     return {
-        "retention_path": retention_path, "tokens": total, "nll_ref": sums["all"][0] / total,
+        "retention_path": retention_path,
+        "tokens": total,
+        "nll_ref": sums["all"][0] / total,
         "delta": (sums["all"][1] - sums["all"][0]) / total,
         "by_token": {kind: summary(sums["token:" + kind]) for kind in TOKEN_KINDS if "token:" + kind in sums},
-        "by_row": {kind: summary(sums["row:" + kind]) for kind in (*ROW_KINDS.values(), "ties")
-                   if "row:" + kind in sums},
+        "by_row": {
+            kind: summary(sums["row:" + kind]) for kind in (*ROW_KINDS.values(), "ties") if "row:" + kind in sums
+        },
     }
 
 
 def format_split(result: dict) -> str:
     """A plain-text table: one line per kind of token, then per kind of row."""
-    lines = [f"retention/nll_delta {result['delta']:.3f} nats per token over {result['tokens']} completion tokens "
-             f"(reference NLL {result['nll_ref']:.3f})",
-             f"{'tokens of':<16} {'count':>6} {'ref NLL':>8} {'policy NLL':>10} {'delta/token':>11} "
-             f"{'share of delta':>14}"]
+    lines = [
+        f"retention/nll_delta {result['delta']:.3f} nats per token over {result['tokens']} completion tokens "
+        f"(reference NLL {result['nll_ref']:.3f})",
+        f"{'tokens of':<16} {'count':>6} {'ref NLL':>8} {'policy NLL':>10} {'delta/token':>11} {'share of delta':>14}",
+    ]
     for group in ("by_token", "by_row"):
         for kind, s in result[group].items():
-            lines.append(f"{kind:<16} {s['tokens']:>6} {s['nll_ref']:>8.3f} {s['nll']:>10.3f} {s['delta']:>+11.3f} "
-                         f"{s['share_of_delta']:>+14.3f}")
+            lines.append(
+                f"{kind:<16} {s['tokens']:>6} {s['nll_ref']:>8.3f} {s['nll']:>10.3f} {s['delta']:>+11.3f} "
+                f"{s['share_of_delta']:>+14.3f}"
+            )
     return "\n".join(lines)
 
 

@@ -65,8 +65,12 @@ def measure(t: int) -> dict:
         out_r = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask)
         out_r.sum().backward()
     kernels = sorted({e.key for e in prof.key_averages() if "attention" in e.key and e.key.startswith("aten::_")})
-    return {"tokens": t, "kernels": kernels, "peak_above_mib": peak_above[0] / 2**20,
-            "score_matrix_mib": HEADS * t * t * 4 / 2**20}
+    return {
+        "tokens": t,
+        "kernels": kernels,
+        "peak_above_mib": peak_above[0] / 2**20,
+        "score_matrix_mib": HEADS * t * t * 4 / 2**20,
+    }
 
 
 def masked(b: int, keys: int) -> str:
@@ -80,8 +84,10 @@ def masked(b: int, keys: int) -> str:
     with _peak_rss() as peak_above:
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
     linear = (2 * b + 4 * keys) * HEADS * DIM * 4 / 2**20  # q, its gradient, k, v, their gradients
-    return (f"{b} queries over {keys} keys: peak {peak_above[0] / 2**20:.0f} MiB above the start; q, k, v and their "
-            f"gradients {linear:.0f} MiB; the mask {mask.numel() / 2**20:.0f} MiB as bool, {4 * mask.numel() / 2**20:.0f} as float")
+    return (
+        f"{b} queries over {keys} keys: peak {peak_above[0] / 2**20:.0f} MiB above the start; q, k, v and their "
+        f"gradients {linear:.0f} MiB; the mask {mask.numel() / 2**20:.0f} MiB as bool, {4 * mask.numel() / 2**20:.0f} as float"
+    )
 
 
 def main() -> int:
@@ -92,11 +98,17 @@ def main() -> int:
         print("SDPA " + json.dumps(measure(int(sys.argv[2]))), flush=True)
         return 0
     lengths = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "2048,4096,8192").split(",")]
-    print("| tokens | kernels | fwd+bwd peak above start MiB | a T x T fp32 score matrix would be MiB |\n|---:|---|---:|---:|")
+    print(
+        "| tokens | kernels | fwd+bwd peak above start MiB | a T x T fp32 score matrix would be MiB |\n|---:|---|---:|---:|"
+    )
     for t in lengths:
-        out = subprocess.run([sys.executable, __file__, "--child", str(t)], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(t)], capture_output=True, text=True, check=True
+        ).stdout
         r = json.loads(next(line for line in out.splitlines() if line.startswith("SDPA "))[5:])
-        print(f"| {t} | {', '.join(r['kernels'])} | {r['peak_above_mib']:.0f} | {r['score_matrix_mib']:.0f} |", flush=True)
+        print(
+            f"| {t} | {', '.join(r['kernels'])} | {r['peak_above_mib']:.0f} | {r['score_matrix_mib']:.0f} |", flush=True
+        )
     return 0
 
 

@@ -37,8 +37,16 @@ SETTINGS = {
 
 
 def run(config: Path, steps: int, env: dict, overrides: list[str], out: Path) -> tuple[float, str]:
-    cmd = [str(Path(sys.executable).with_name("dpokit")), "train", str(config), f"train.max_steps={steps}", f"out_dir={out}",
-           "train.overwrite=true", "train.resume=never", *overrides]
+    cmd = [
+        str(Path(sys.executable).with_name("dpokit")),
+        "train",
+        str(config),
+        f"train.max_steps={steps}",
+        f"out_dir={out}",
+        "train.overwrite=true",
+        "train.resume=never",
+        *overrides,
+    ]
     start = time.monotonic()
     done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
     seconds = time.monotonic() - start
@@ -57,8 +65,10 @@ def main(argv=None) -> int:
     model, data = build_assets("b", Path(args.cache), n_pairs=80)
     work = Path(tempfile.mkdtemp(prefix="dpokit-threads-"))
     config = work / "b.yaml"
-    config.write_text(f"model: {{name_or_path: {model}}}\ndata: {{path: {data}, max_length: 1024}}\n"
-                      "train: {batch_size: 4, save_steps: 0, progress_bar: false}\n")
+    config.write_text(
+        f"model: {{name_or_path: {model}}}\ndata: {{path: {data}, max_length: 1024}}\n"
+        "train: {batch_size: 4, save_steps: 0, progress_bar: false}\n"
+    )
     print("| setting | load | threads used | s/step (20 minus 4 steps) | whole run, 20 steps (s) |")
     print("|---|---|---|---:|---:|")
     for load in args.loads.split(","):

@@ -14,18 +14,52 @@ Both: prompts 64-256 tokens, completions 32-192, 4 pairs a batch.
 
 from __future__ import annotations
 
-CPU_MODEL = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
-             "intermediate_size": 704}
-GPU_MODEL = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
-             "intermediate_size": 4096}
-QWEN25_05B = {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-              "intermediate_size": 4864, "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-              "max_position_embeddings": 32768, "hidden_act": "silu"}
-LLAMA32_1B = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-              "head_dim": 64, "intermediate_size": 8192, "tie_word_embeddings": True, "rms_norm_eps": 1e-5,
-              "max_position_embeddings": 131072, "hidden_act": "silu", "rope_theta": 500000.0,
-              "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                               "original_max_position_embeddings": 8192}}
+CPU_MODEL = {
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 704,
+}
+GPU_MODEL = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "intermediate_size": 4096,
+}
+QWEN25_05B = {
+    "hidden_size": 896,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "intermediate_size": 4864,
+    "tie_word_embeddings": True,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 32768,
+    "hidden_act": "silu",
+}
+LLAMA32_1B = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "intermediate_size": 8192,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 131072,
+    "hidden_act": "silu",
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
 
 LONG = {"prompt": (50, 600), "completion": (20, 400)}
 # issue 22.2's long-context workload: the Qwen2.5-0.5B layer shape, 4 layers, a 32k vocabulary, pairs of 3k-6k tokens
@@ -36,12 +70,29 @@ WORKLOADS = {
     "b": {"vocab": 8192, **LONG, "desc": "realistic: prompt 50-600, completions 20-400"},
     "c": {"vocab": 32000, **LONG, "desc": "b with a 32k vocabulary"},
     "g": {"vocab": 32000, **LONG, "desc": "GPU: ~0.5B Llama, bf16, b's lengths", "dims": GPU_MODEL},
-    "q05": {"vocab": 151936, **REAL, "arch": "qwen2", "dims": QWEN25_05B,
-            "desc": "Qwen2.5-0.5B shape (random weights), prompt 64-256, completions 32-192"},
-    "long": {"vocab": 32000, "prompt": (2000, 3000), "completion": (500, 1500), "batch": 2, "arch": "qwen2",
-             "dims": LONG_CONTEXT, "desc": "long context: Qwen2.5-0.5B layers x 4, 32k vocabulary, prompt 2k-3k, completions 0.5k-1.5k"},
-    "l1b": {"vocab": 128256, **REAL, "arch": "llama", "dims": LLAMA32_1B,
-            "desc": "Llama-3.2-1B shape (random weights), prompt 64-256, completions 32-192"},
+    "q05": {
+        "vocab": 151936,
+        **REAL,
+        "arch": "qwen2",
+        "dims": QWEN25_05B,
+        "desc": "Qwen2.5-0.5B shape (random weights), prompt 64-256, completions 32-192",
+    },
+    "long": {
+        "vocab": 32000,
+        "prompt": (2000, 3000),
+        "completion": (500, 1500),
+        "batch": 2,
+        "arch": "qwen2",
+        "dims": LONG_CONTEXT,
+        "desc": "long context: Qwen2.5-0.5B layers x 4, 32k vocabulary, prompt 2k-3k, completions 0.5k-1.5k",
+    },
+    "l1b": {
+        "vocab": 128256,
+        **REAL,
+        "arch": "llama",
+        "dims": LLAMA32_1B,
+        "desc": "Llama-3.2-1B shape (random weights), prompt 64-256, completions 32-192",
+    },
 }
 
 
@@ -58,8 +109,14 @@ def model_config(name: str, tokenizer, layers: int | None = None):
     cls = Qwen2Config if w.get("arch") == "qwen2" else LlamaConfig
     extra = {"use_sliding_window": False} if cls is Qwen2Config else {}
     assert len(tokenizer) == w["vocab"], (len(tokenizer), w["vocab"])
-    return cls(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id, **extra, **dims)
+    return cls(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+        **dims,
+    )
 
 
 def param_counts(config) -> dict:

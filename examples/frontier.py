@@ -50,9 +50,23 @@ class Settings:
     sample_batch: int = 512  # sequences per generate call
     # DPO: (beta, optimizer steps). With Adam and deterministic preferences (the best sample always
     # wins), beta alone barely moves the end point of a fixed-length run: the sweep varies both.
-    dpo_runs: list = field(default_factory=lambda: [(5.0, 15), (5.0, 30), (5.0, 60), (5.0, 120), (5.0, 240), (2.0, 60),
-                                                    (2.0, 120), (2.0, 240), (1.0, 45), (1.0, 60), (1.0, 120), (0.5, 60),
-                                                    (0.1, 60)])
+    dpo_runs: list = field(
+        default_factory=lambda: [
+            (5.0, 15),
+            (5.0, 30),
+            (5.0, 60),
+            (5.0, 120),
+            (5.0, 240),
+            (2.0, 60),
+            (2.0, 120),
+            (2.0, 240),
+            (1.0, 45),
+            (1.0, 60),
+            (1.0, 120),
+            (0.5, 60),
+            (0.1, 60),
+        ]
+    )
     dpo_lr: float = 1e-4
     pft_steps: list = field(default_factory=lambda: [15, 30, 60, 120, 240, 480])
     pft_lr: float = 1e-4
@@ -61,8 +75,15 @@ class Settings:
     seed: int = 0
 
 
-QUICK = Settings(train_prompts=128, samples_per_prompt=4, eval_prompts=32, eval_samples=2, dpo_runs=[(1.0, 8), (0.1, 16)],
-                 pft_steps=[8], best_of=[1, 2, 4])
+QUICK = Settings(
+    train_prompts=128,
+    samples_per_prompt=4,
+    eval_prompts=32,
+    eval_samples=2,
+    dpo_runs=[(1.0, 8), (0.1, 16)],
+    pft_steps=[8],
+    best_of=[1, 2, 4],
+)
 
 
 def log(msg: str) -> None:
@@ -126,15 +147,24 @@ def make_pairs(s: Settings, sft_path: str, out: Path) -> tuple[Path, dict]:
 
     prompts = random.Random(s.seed).sample(world.all_openings("train"), s.train_prompts)
     model, tokenizer = load_model(sft_path)
-    cfg = SamplingConfig(num_samples=s.samples_per_prompt, temperature=1.0, top_p=1.0, max_new_tokens=s.max_new_tokens,
-                         seed=s.seed, batch_size=s.sample_batch, backend="hf")
+    cfg = SamplingConfig(
+        num_samples=s.samples_per_prompt,
+        temperature=1.0,
+        top_p=1.0,
+        max_new_tokens=s.max_new_tokens,
+        seed=s.seed,
+        batch_size=s.sample_batch,
+        backend="hf",
+    )
     sample_to_file(prompts, out / "samples.jsonl", cfg, HFBackend(model, tokenizer), model_id=sft_path)
     score_file(out / "samples.jsonl", out / "scored.jsonl", FunctionScorer(world.sentiment))
     summary = pair_file(out / "scored.jsonl", out / "pairs.jsonl", PairingConfig(strategy="best_worst"))
     return out / "pairs.jsonl", summary
 
 
-def train_run(s: Settings, sft_path: str, pairs: Path, run_dir: Path, task: str, steps: int, lr: float, beta: float = 0.1) -> Path:
+def train_run(
+    s: Settings, sft_path: str, pairs: Path, run_dir: Path, task: str, steps: int, lr: float, beta: float = 0.1
+) -> Path:
     from dpokit.training.loop import train
 
     final = run_dir / "final"
@@ -145,8 +175,14 @@ def train_run(s: Settings, sft_path: str, pairs: Path, run_dir: Path, task: str,
         "data": {"path": str(pairs), "max_length": 48, "max_prompt_length": 16},
         "loss": {"type": "sigmoid", "beta": beta},
         "optim": {"lr": lr, "scheduler": "cosine", "warmup_ratio": 0.1},
-        "train": {"task": task, "batch_size": s.batch_size, "max_steps": steps, "logging_steps": 10,
-                  "progress_bar": False, "seed": s.seed},
+        "train": {
+            "task": task,
+            "batch_size": s.batch_size,
+            "max_steps": steps,
+            "logging_steps": 10,
+            "progress_bar": False,
+            "seed": s.seed,
+        },
         "out_dir": str(run_dir),
     }
     if task == "preference":
@@ -180,10 +216,21 @@ class Evaluator:
         policy = self.reference if model_dir is None else load_model(model_dir)[0]
         samples_path = out_json.with_name(out_json.stem + "_samples.jsonl")
         cfg = EvalConfig(num_samples=self.s.eval_samples, max_new_tokens=self.s.max_new_tokens, seed=self.s.seed + 7)
-        m = evaluate(policy, self.tokenizer, self.prompts, cfg, reference=self.reference, baseline=None, scorer=self.scorer,
-                     batch_size=self.s.sample_batch, samples_out=samples_path)
+        m = evaluate(
+            policy,
+            self.tokenizer,
+            self.prompts,
+            cfg,
+            reference=self.reference,
+            baseline=None,
+            scorer=self.scorer,
+            batch_size=self.s.sample_batch,
+            samples_out=samples_path,
+        )
         rows = read_samples(samples_path)
-        m["well_formed_share"] = sum(bool(r["finished"]) and world.is_well_formed(r["completion"]) for r in rows) / max(1, len(rows))
+        m["well_formed_share"] = sum(bool(r["finished"]) and world.is_well_formed(r["completion"]) for r in rows) / max(
+            1, len(rows)
+        )
         out_json.write_text(json.dumps(m, indent=2) + "\n")
         return m
 
@@ -197,7 +244,9 @@ def best_of_n(s: Settings, ev: Evaluator, out: Path) -> list[dict]:
     if path.exists():
         return json.loads(path.read_text())
     n_max = max(s.best_of)
-    samples = draw(ev.reference, ev.tokenizer, ev.prompts, n_max, 1.0, 1.0, s.max_new_tokens, s.seed + 11, s.sample_batch)
+    samples = draw(
+        ev.reference, ev.tokenizer, ev.prompts, n_max, 1.0, 1.0, s.max_new_tokens, s.seed + 11, s.sample_batch
+    )
     rewards = [world.sentiment(x.completion) for x in samples]
     fluent = [x.finished and world.is_well_formed(x.completion) for x in samples]
     classes = reward_classes(rewards)
@@ -213,18 +262,39 @@ def best_of_n(s: Settings, ev: Evaluator, out: Path) -> list[dict]:
                 best_fluent.append(fluent[i])
         mean = sum(best) / len(best)
         sem = math.sqrt(sum((b - mean) ** 2 for b in best) / max(1, len(best) - 1) / len(best))
-        points.append({"method": "best-of-N", "label": f"N={n}", "reward": mean, "reward_sem": sem, "kl": best_of_n_kl(n),
-                       "kl_sem": 0.0, "kl_tokenwise": None, "kl_exact": best_of_n_kl_exact(n, classes),
-                       "well_formed_share": sum(best_fluent) / len(best_fluent), "mean_length": None, "kl_note": "analytic",
-                       "reward_classes": classes})
+        points.append(
+            {
+                "method": "best-of-N",
+                "label": f"N={n}",
+                "reward": mean,
+                "reward_sem": sem,
+                "kl": best_of_n_kl(n),
+                "kl_sem": 0.0,
+                "kl_tokenwise": None,
+                "kl_exact": best_of_n_kl_exact(n, classes),
+                "well_formed_share": sum(best_fluent) / len(best_fluent),
+                "mean_length": None,
+                "kl_note": "analytic",
+                "reward_classes": classes,
+            }
+        )
     path.write_text(json.dumps(points, indent=2) + "\n")
     return points
 
 
 def _point(method: str, label: str, m: dict, **extra) -> dict:
-    return {"method": method, "label": label, "reward": m["mean_score"], "reward_sem": m["mean_score_sem"],
-            "kl": m["kl_to_reference"], "kl_sem": m["kl_to_reference_sem"], "kl_tokenwise": m["kl_tokenwise"],
-            "well_formed_share": m["well_formed_share"], "mean_length": m["mean_length"], **extra}
+    return {
+        "method": method,
+        "label": label,
+        "reward": m["mean_score"],
+        "reward_sem": m["mean_score_sem"],
+        "kl": m["kl_to_reference"],
+        "kl_sem": m["kl_to_reference_sem"],
+        "kl_tokenwise": m["kl_tokenwise"],
+        "well_formed_share": m["well_formed_share"],
+        "mean_length": m["mean_length"],
+        **extra,
+    }
 
 
 # --- the verdict ----------------------------------------------------------------------------------
@@ -275,8 +345,17 @@ def verdict(points: list[dict]) -> dict:
     for p in pft:
         at = frontier_at(hull, max(0.0, p["kl"]))
         noise = 2 * math.hypot(p["reward_sem"], max((q["reward_sem"] for q in dpo), default=0.0))
-        checks.append({"label": p["label"], "kl": p["kl"], "reward": p["reward"], "dpo_frontier": at,
-                       "margin": at - p["reward"], "within_noise": at - p["reward"] >= -noise, "noise_2se": noise})
+        checks.append(
+            {
+                "label": p["label"],
+                "kl": p["kl"],
+                "reward": p["reward"],
+                "dpo_frontier": at,
+                "margin": at - p["reward"],
+                "within_noise": at - p["reward"] >= -noise,
+                "noise_2se": noise,
+            }
+        )
     within_5 = [p for p in dpo if p["kl"] <= 5.0]
     best5 = max(within_5, key=lambda p: p["reward"]) if within_5 else None
     return {
@@ -293,9 +372,18 @@ def verdict(points: list[dict]) -> dict:
 
 # --- plot and table -------------------------------------------------------------------------------
 
-STYLE = {"DPO": ("#d62728", "o"), "Preferred-FT": ("#1f77b4", "s"), "best-of-N": ("#2ca02c", "^"), "SFT": ("#000000", "*")}
-LEGEND = {"DPO": "DPO (beta/steps; line: its frontier)", "Preferred-FT": "Preferred-FT (steps)",
-          "best-of-N": "best-of-N (KL: formula)", "SFT": "SFT"}
+STYLE = {
+    "DPO": ("#d62728", "o"),
+    "Preferred-FT": ("#1f77b4", "s"),
+    "best-of-N": ("#2ca02c", "^"),
+    "SFT": ("#000000", "*"),
+}
+LEGEND = {
+    "DPO": "DPO (beta/steps; line: its frontier)",
+    "Preferred-FT": "Preferred-FT (steps)",
+    "best-of-N": "best-of-N (KL: formula)",
+    "SFT": "SFT",
+}
 
 
 def _series(points: list[dict], method: str) -> tuple[list[dict], list[tuple[float, float]]]:
@@ -317,25 +405,53 @@ def plot_png(points: list[dict], optimum: list[tuple[float, float]], path: Path)
         return False
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     if optimum:
-        ax.plot([k for k, _ in optimum], [r for _, r in optimum], color="grey", linestyle="--", linewidth=1,
-                label="KL-optimal policy (exact)")
+        ax.plot(
+            [k for k, _ in optimum],
+            [r for _, r in optimum],
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label="KL-optimal policy (exact)",
+        )
     for method, (color, marker) in STYLE.items():
         pts, line = _series(points, method)
         if not pts:
             continue
         if len(line) > 1:
             ax.plot([k for k, _ in line], [r for _, r in line], color=color, linewidth=1.2, alpha=0.8)
-        ax.errorbar([p["kl"] for p in pts], [p["reward"] for p in pts], yerr=[p["reward_sem"] for p in pts],
-                    xerr=[p["kl_sem"] or 0 for p in pts], color=color, marker=marker, linestyle="none",
-                    markersize=10 if method == "SFT" else 6, capsize=2, label=LEGEND[method])
+        ax.errorbar(
+            [p["kl"] for p in pts],
+            [p["reward"] for p in pts],
+            yerr=[p["reward_sem"] for p in pts],
+            xerr=[p["kl_sem"] or 0 for p in pts],
+            color=color,
+            marker=marker,
+            linestyle="none",
+            markersize=10 if method == "SFT" else 6,
+            capsize=2,
+            label=LEGEND[method],
+        )
         if method == "best-of-N":
-            ax.plot([p["kl_exact"] for p in pts], [p["reward"] for p in pts], color=color, marker=marker, markerfacecolor="none",
-                    linestyle=":", label="best-of-N (KL: exact, tied rewards)")
+            ax.plot(
+                [p["kl_exact"] for p in pts],
+                [p["reward"] for p in pts],
+                color=color,
+                marker=marker,
+                markerfacecolor="none",
+                linestyle=":",
+                label="best-of-N (KL: exact, tied rewards)",
+            )
         for i, p in enumerate(pts):
             if method != "SFT":
-                ax.annotate(p.get("short", p["label"]), (p["kl"], p["reward"]), textcoords="offset points",
-                            xytext=(-4, 6) if method == "DPO" else (6, -10), ha="right" if method == "DPO" else "left",
-                            fontsize=7, color=color)
+                ax.annotate(
+                    p.get("short", p["label"]),
+                    (p["kl"], p["reward"]),
+                    textcoords="offset points",
+                    xytext=(-4, 6) if method == "DPO" else (6, -10),
+                    ha="right" if method == "DPO" else "left",
+                    fontsize=7,
+                    color=color,
+                )
     x_max = max(p["kl"] for p in points) * 1.12
     ax.set_xlim(-0.03 * x_max, x_max)
     if x_max > 5:
@@ -359,32 +475,51 @@ def plot_svg(points: list[dict], optimum: list[tuple[float, float]], path: Path)
     y_min = min(0.0, min(p["reward"] for p in points))
     sx = lambda x: left + (w - left - right) * (max(0.0, x) / x_max)  # noqa: E731
     sy = lambda y: top + (h - top - bottom) * (1 - (y - y_min) / (1.0 - y_min))  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
-             f'<rect width="{w}" height="{h}" fill="white"/>',
-             f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="13">Reward vs KL frontier, review world</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="13">Reward vs KL frontier, review world</text>',
+    ]
     for i in range(6):
         y = y_min + (1 - y_min) * i / 5
-        parts.append(f'<line x1="{left}" x2="{w - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>'
-                     f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.1f}</text>')
+        parts.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>'
+            f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.1f}</text>'
+        )
     for i in range(6):
         x = x_max * i / 5
-        parts.append(f'<line y1="{top}" y2="{h - bottom}" x1="{sx(x):.1f}" x2="{sx(x):.1f}" stroke="#ddd"/>'
-                     f'<text x="{sx(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{x:.1f}</text>')
+        parts.append(
+            f'<line y1="{top}" y2="{h - bottom}" x1="{sx(x):.1f}" x2="{sx(x):.1f}" stroke="#ddd"/>'
+            f'<text x="{sx(x):.1f}" y="{h - bottom + 16}" text-anchor="middle">{x:.1f}</text>'
+        )
     parts.append(f'<text x="{w / 2}" y="{h - 18}" text-anchor="middle">KL(policy || SFT), nats</text>')
-    parts.append(f'<text x="16" y="{h / 2}" text-anchor="middle" transform="rotate(-90 16 {h / 2})">reward (mean sentiment)</text>')
+    parts.append(
+        f'<text x="16" y="{h / 2}" text-anchor="middle" transform="rotate(-90 16 {h / 2})">reward (mean sentiment)</text>'
+    )
     if optimum:
-        parts.append('<polyline fill="none" stroke="grey" stroke-dasharray="4 3" points="'
-                     + " ".join(f"{sx(k):.1f},{sy(r):.1f}" for k, r in optimum if k <= x_max) + '"/>')
+        parts.append(
+            '<polyline fill="none" stroke="grey" stroke-dasharray="4 3" points="'
+            + " ".join(f"{sx(k):.1f},{sy(r):.1f}" for k, r in optimum if k <= x_max)
+            + '"/>'
+        )
     for k, (method, (color, _)) in enumerate(STYLE.items()):
         pts, line = _series(points, method)
         if len(line) > 1:
-            parts.append(f'<polyline fill="none" stroke="{color}" points="' + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line) + '"/>')
+            parts.append(
+                f'<polyline fill="none" stroke="{color}" points="'
+                + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line)
+                + '"/>'
+            )
         for p in pts:
             parts.append(f'<circle cx="{sx(p["kl"]):.1f}" cy="{sy(p["reward"]):.1f}" r="4" fill="{color}"/>')
             if method != "SFT":
-                parts.append(f'<text x="{sx(p["kl"]) + 5:.1f}" y="{sy(p["reward"]) + 13:.1f}" fill="{color}" font-size="9">{p.get("short", p["label"])}</text>')
-        parts.append(f'<rect x="{w - 150}" y="{h - bottom - 80 + 16 * k}" width="10" height="10" fill="{color}"/>'
-                     f'<text x="{w - 135}" y="{h - bottom - 71 + 16 * k}">{method}</text>')
+                parts.append(
+                    f'<text x="{sx(p["kl"]) + 5:.1f}" y="{sy(p["reward"]) + 13:.1f}" fill="{color}" font-size="9">{p.get("short", p["label"])}</text>'
+                )
+        parts.append(
+            f'<rect x="{w - 150}" y="{h - bottom - 80 + 16 * k}" width="10" height="10" fill="{color}"/>'
+            f'<text x="{w - 135}" y="{h - bottom - 71 + 16 * k}">{method}</text>'
+        )
     parts.append("</svg>")
     path.write_text("\n".join(parts) + "\n")
 
@@ -393,15 +528,19 @@ def table(points: list[dict]) -> str:
     def num(v, fmt):
         return "" if v is None else fmt.format(v)
 
-    lines = ["| method | setting | reward ± s.e. | KL (nats) ± s.e. | KL tokenwise | well-formed | mean length |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | setting | reward ± s.e. | KL (nats) ± s.e. | KL tokenwise | well-formed | mean length |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for p in points:
         if p.get("kl_note") == "analytic":
             kl = f"{p['kl']:.2f} (formula; exact {p['kl_exact']:.2f})"
         else:
             kl = f"{p['kl']:.2f} ± {p['kl_sem']:.2f}"
-        lines.append(f"| {p['method']} | {p['label']} | {p['reward']:.3f} ± {p['reward_sem']:.3f} | {kl} | "
-                     f"{num(p['kl_tokenwise'], '{:.2f}')} | {p['well_formed_share']:.1%} | {num(p['mean_length'], '{:.1f}')} |")
+        lines.append(
+            f"| {p['method']} | {p['label']} | {p['reward']:.3f} ± {p['reward_sem']:.3f} | {kl} | "
+            f"{num(p['kl_tokenwise'], '{:.2f}')} | {p['well_formed_share']:.1%} | {num(p['mean_length'], '{:.1f}')} |"
+        )
     return "\n".join(lines)
 
 
@@ -409,18 +548,32 @@ def _fmt(value, fmt="{:.3f}") -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
-def write_docs(docs: Path, s: Settings, points: list[dict], v: dict, pairs: dict, image: str, command: str, wall: float,
-               cpu: float, classes: dict) -> None:
+def write_docs(
+    docs: Path,
+    s: Settings,
+    points: list[dict],
+    v: dict,
+    pairs: dict,
+    image: str,
+    command: str,
+    wall: float,
+    cpu: float,
+    classes: dict,
+) -> None:
     checks = "\n".join(
         f"| {c['label']} | {c['kl']:.2f} | {c['reward']:.3f} | {c['dpo_frontier']:.3f} | {c['margin']:+.3f} | ±{c['noise_2se']:.3f} | "
-        f"{'yes' if c['margin'] >= 0 else ('within noise' if c['within_noise'] else 'no')} |" for c in v["pft_checks"])
+        f"{'yes' if c['margin'] >= 0 else ('within noise' if c['within_noise'] else 'no')} |"
+        for c in v["pft_checks"]
+    )
     n_at = sum(c["margin"] >= 0 for c in v["pft_checks"])
     n_all = len(v["pft_checks"])
     if v["dpo_at_or_above_pft"]:
         ok_pft = "yes.**"
     elif v["dpo_at_or_above_pft_within_noise"]:
-        ok_pft = (f"not strictly.** DPO is at or above Preferred-FT at {n_at} of its {n_all} points and below it at "
-                  f"{n_all - n_at}, by less than two standard errors each: within noise, the two are level.")
+        ok_pft = (
+            f"not strictly.** DPO is at or above Preferred-FT at {n_at} of its {n_all} points and below it at "
+            f"{n_all - n_at}, by less than two standard errors each: within noise, the two are level."
+        )
     else:
         ok_pft = f"no.** DPO is below Preferred-FT beyond noise at some KL (at or above at {n_at} of {n_all} points)."
     ok_09 = "yes" if v["reaches_0_9_at_kl_le_5"] else "no"
@@ -438,13 +591,13 @@ experiment on dpokit's built-in review world, offline, on a CPU:
   its samples are positive {p1:.0%}, negative {p0:.0%}, neither {ph:.0%} of the time;
 - **preference data, on-policy as in the paper**: {s.samples_per_prompt} samples of the SFT model
   for each of {s.train_prompts} training openings, scored by the reward, best vs worst per opening
-  (`dpokit sample` -> `dpokit score` -> `dpokit pair`): {pairs['pairs']} pairs
-  ({pairs['prompts_all_tied']} openings dropped because all their samples tied);
+  (`dpokit sample` -> `dpokit score` -> `dpokit pair`): {pairs["pairs"]} pairs
+  ({pairs["prompts_all_tied"]} openings dropped because all their samples tied);
 - **DPO**: `dpokit train` (sigmoid loss, lr {s.dpo_lr}, batches of {s.batch_size} pairs) on those
   pairs: {dpo_runs};
 - **Preferred-FT**: `dpokit sft` on the chosen completions of the same pairs (the paper's
-  Preferred-FT), lr {s.pft_lr}, {', '.join(str(n) for n in s.pft_steps)} steps;
-- **best-of-N**: N samples of the SFT model, the best by the reward, N = {', '.join(str(n) for n in s.best_of)};
+  Preferred-FT), lr {s.pft_lr}, {", ".join(str(n) for n in s.pft_steps)} steps;
+- **best-of-N**: N samples of the SFT model, the best by the reward, N = {", ".join(str(n) for n in s.best_of)};
   plotted at the usual formula KL = log N - (N-1)/N, which is exact for a continuous reward; for
   this reward, whose values tie, the exact KL is smaller (hollow markers, and the table);
 - **SFT**: the starting model (KL 0);
@@ -491,7 +644,7 @@ a reward bought with word salad would show there.
 {checks}
 
 - **DPO reaches reward >= 0.9 at KL <= 5 nats: {ok_09}.** (Best DPO point with KL <= 5:
-  {v['best_dpo_at_kl_le_5']}, reward {_fmt(v['best_dpo_reward_at_kl_le_5'])}, KL {_fmt(v['best_dpo_kl_at_kl_le_5'], '{:.2f}')}.)
+  {v["best_dpo_at_kl_le_5"]}, reward {_fmt(v["best_dpo_reward_at_kl_le_5"])}, KL {_fmt(v["best_dpo_kl_at_kl_le_5"], "{:.2f}")}.)
 
 {NOTES}"""
     (docs / "frontier.md").write_text(text)
@@ -538,9 +691,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="runs/frontier")
     parser.add_argument("--docs", default="docs", help="where frontier.md and the plot go ('' = not written)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
-    parser.add_argument("--docs-only", action="store_true", help="rewrite the docs from <out-dir>/frontier.json, no run")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the models are tiny, and on a busy machine a second thread mostly waits)")
+    parser.add_argument(
+        "--docs-only", action="store_true", help="rewrite the docs from <out-dir>/frontier.json, no run"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: the models are tiny, and on a busy machine a second thread mostly waits)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started, cpu_started = time.time(), time.process_time()
@@ -549,8 +708,17 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((Path(args.out_dir) / "frontier.json").read_text())
         s = Settings(**{**saved["settings"], "dpo_runs": [tuple(r) for r in saved["settings"]["dpo_runs"]]})
         classes = {float(k): v for k, v in saved["reward_classes"].items()}
-        make_docs(args, s, saved["points"], saved["verdict"], saved["pairs"], [tuple(x) for x in saved["optimal_frontier"]], classes,
-                  saved["wall_seconds"], saved["cpu_seconds"])
+        make_docs(
+            args,
+            s,
+            saved["points"],
+            saved["verdict"],
+            saved["pairs"],
+            [tuple(x) for x in saved["optimal_frontier"]],
+            classes,
+            saved["wall_seconds"],
+            saved["cpu_seconds"],
+        )
         return 0
     torch.manual_seed(s.seed)
     out = Path(args.out_dir)
@@ -589,31 +757,52 @@ def main(argv: list[str] | None = None) -> int:
         final = train_run(s, sft_path, pairs, out / name, "preference", steps, s.dpo_lr, beta)
         m = ev(str(final), out / f"eval_{name}.json")
         points.append(_point("DPO", f"β={beta:g}, {steps} st", m, beta=beta, steps=steps, short=f"{beta:g}/{steps}"))
-        log(f"DPO beta={beta} {steps} steps: reward {m['mean_score']:.3f}, KL {m['kl_to_reference']:.2f}, "
-            f"well-formed {m['well_formed_share']:.1%} ({time.time() - t:.0f}s)")
+        log(
+            f"DPO beta={beta} {steps} steps: reward {m['mean_score']:.3f}, KL {m['kl_to_reference']:.2f}, "
+            f"well-formed {m['well_formed_share']:.1%} ({time.time() - t:.0f}s)"
+        )
     for steps in s.pft_steps:
         t = time.time()
         final = train_run(s, sft_path, pairs, out / f"pft_steps{steps}", "sft", steps, s.pft_lr)
         m = ev(str(final), out / f"eval_pft_steps{steps}.json")
         points.append(_point("Preferred-FT", f"{steps} st", m, steps=steps, short=str(steps)))
-        log(f"Preferred-FT {steps} steps: reward {m['mean_score']:.3f}, KL {m['kl_to_reference']:.2f}, "
-            f"well-formed {m['well_formed_share']:.1%} ({time.time() - t:.0f}s)")
+        log(
+            f"Preferred-FT {steps} steps: reward {m['mean_score']:.3f}, KL {m['kl_to_reference']:.2f}, "
+            f"well-formed {m['well_formed_share']:.1%} ({time.time() - t:.0f}s)"
+        )
 
     v = verdict(points)
     optimum = optimal_frontier(classes, max(p["kl"] for p in points) * 1.12)
     wall, cpu = time.time() - started, time.process_time() - cpu_started
-    (out / "frontier.json").write_text(json.dumps({"settings": dataclasses.asdict(s), "points": points, "verdict": v,
-                                                   "pairs": pairs_summary, "reward_classes": classes, "optimal_frontier": optimum,
-                                                   "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1)}, indent=2) + "\n")
+    (out / "frontier.json").write_text(
+        json.dumps(
+            {
+                "settings": dataclasses.asdict(s),
+                "points": points,
+                "verdict": v,
+                "pairs": pairs_summary,
+                "reward_classes": classes,
+                "optimal_frontier": optimum,
+                "wall_seconds": round(wall, 1),
+                "cpu_seconds": round(cpu, 1),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(table(points))
-    log(f"DPO >= Preferred-FT at every KL: {v['dpo_at_or_above_pft']} (within noise: {v['dpo_at_or_above_pft_within_noise']}); "
-        f"reward >= 0.9 at KL <= 5: {v['reaches_0_9_at_kl_le_5']}; wall {wall / 60:.1f} min, CPU {cpu / 60:.1f} min")
+    log(
+        f"DPO >= Preferred-FT at every KL: {v['dpo_at_or_above_pft']} (within noise: {v['dpo_at_or_above_pft_within_noise']}); "
+        f"reward >= 0.9 at KL <= 5: {v['reaches_0_9_at_kl_le_5']}; wall {wall / 60:.1f} min, CPU {cpu / 60:.1f} min"
+    )
     if args.docs:
         make_docs(args, s, points, v, pairs_summary, optimum, classes, wall, cpu)
     return 0
 
 
-def make_docs(args, s: Settings, points: list[dict], v: dict, pairs_summary: dict, optimum, classes: dict, wall: float, cpu: float) -> None:
+def make_docs(
+    args, s: Settings, points: list[dict], v: dict, pairs_summary: dict, optimum, classes: dict, wall: float, cpu: float
+) -> None:
     global NOTES
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
@@ -622,21 +811,35 @@ def make_docs(args, s: Settings, points: list[dict], v: dict, pairs_summary: dic
     else:
         plot_svg(points, optimum, docs / "frontier.svg")
         image = "frontier.svg"
-    command = "python examples/frontier.py" + (" --quick" if args.quick else "") + (f" --out-dir {args.out_dir}" if args.out_dir != "runs/frontier" else "")
+    command = (
+        "python examples/frontier.py"
+        + (" --quick" if args.quick else "")
+        + (f" --out-dir {args.out_dir}" if args.out_dir != "runs/frontier" else "")
+    )
     best = {m: max((p for p in points if p["method"] == m), key=lambda p: p["reward"]) for m in ("DPO", "Preferred-FT")}
     d, f = best["DPO"], best["Preferred-FT"]
-    bon = next((p["reward"] for p in points if p["method"] == "best-of-N" and p["label"] == f"N={s.samples_per_prompt}"), None)
+    bon = next(
+        (p["reward"] for p in points if p["method"] == "best-of-N" and p["label"] == f"N={s.samples_per_prompt}"), None
+    )
     bound = "" if bon is None else f" (reward {bon:.3f})"
     if d["reward"] >= f["reward"]:
-        furthest = (f"- **DPO goes further.** Its best point reaches reward {d['reward']:.3f} (KL {d['kl']:.2f}); Preferred-FT's "
-                    f"best is {f['reward']:.3f} (KL {f['kl']:.2f}), and imitating the chosen texts it can at most reach the "
-                    f"best-of-{s.samples_per_prompt} policy they come from{bound}.")
+        furthest = (
+            f"- **DPO goes further.** Its best point reaches reward {d['reward']:.3f} (KL {d['kl']:.2f}); Preferred-FT's "
+            f"best is {f['reward']:.3f} (KL {f['kl']:.2f}), and imitating the chosen texts it can at most reach the "
+            f"best-of-{s.samples_per_prompt} policy they come from{bound}."
+        )
     else:
-        furthest = (f"- **Preferred-FT went further here.** Its longest run reaches reward {f['reward']:.3f} at KL {f['kl']:.2f}, "
-                    f"DPO's best {d['reward']:.3f} at KL {d['kl']:.2f}: its target, the best of {s.samples_per_prompt} SFT samples, "
-                    f"is itself almost all positive and fluent, and it pays no fluency tax on the way.")
-    NOTES = (NOTES.replace("{eval}", str(s.eval_prompts * s.eval_samples)).replace("{p1}", f"{classes.get(1.0, 0.0):.0%}")
-             .replace("{n}", str(s.samples_per_prompt)).replace("{furthest}", furthest))
+        furthest = (
+            f"- **Preferred-FT went further here.** Its longest run reaches reward {f['reward']:.3f} at KL {f['kl']:.2f}, "
+            f"DPO's best {d['reward']:.3f} at KL {d['kl']:.2f}: its target, the best of {s.samples_per_prompt} SFT samples, "
+            f"is itself almost all positive and fluent, and it pays no fluency tax on the way."
+        )
+    NOTES = (
+        NOTES.replace("{eval}", str(s.eval_prompts * s.eval_samples))
+        .replace("{p1}", f"{classes.get(1.0, 0.0):.0%}")
+        .replace("{n}", str(s.samples_per_prompt))
+        .replace("{furthest}", furthest)
+    )
     write_docs(docs, s, points, v, pairs_summary, image, command, wall, cpu, classes)
     log(f"wrote {docs / 'frontier.md'} and {docs / image}")
 

@@ -79,7 +79,7 @@ class DripServer(ChatServer):
             request.wfile.write(head)
         stop = time.monotonic() + self.limit
         try:
-            for byte in (head + data if self.headers_too else data):
+            for byte in head + data if self.headers_too else data:
                 if time.monotonic() > stop:
                     return
                 request.wfile.write(bytes([byte]))

@@ -30,26 +30,47 @@ def healthy_records(steps: int = 60, every: int = 2, eval_every: int = 10) -> li
     for step in range(every, steps + 1, every):
         progress = 1 - math.exp(-step / 18)
         margin = 1.6 * progress + _wiggle(step, 0.05)
-        records.append({
-            "loss": 0.693 - 0.45 * progress + _wiggle(step, 0.02), "rewards/chosen": 0.4 * progress,
-            "rewards/rejected": 0.4 * progress - margin, "rewards/margins": margin,
-            "rewards/accuracies": min(1.0, 0.5 + 0.45 * progress + _wiggle(step, 0.03)),
-            "logps/chosen": -42.0 + 2 * progress, "logps/rejected": -44.0 - 10 * progress,
-            "logits/chosen": -1.2, "logits/rejected": -1.3, "kl/chosen": 1.4 * progress,
-            "entropy": 1.9 - 0.2 * progress, "mean_token_accuracy": 0.42 + 0.05 * progress,
-            "grad_norm": 2.5 * math.exp(-step / 25) + 0.4 + _wiggle(step, 0.1),
-            "step": step, "epoch": round(step / steps, 4), "learning_rate": 5e-6 * (1 - (step - every) / steps),
-            "tokens_per_second": 1800.0 + _wiggle(step, 60.0), "padding_fraction": 0.04, "mfu": 0.31 + _wiggle(step, 0.01),
-        })
+        records.append(
+            {
+                "loss": 0.693 - 0.45 * progress + _wiggle(step, 0.02),
+                "rewards/chosen": 0.4 * progress,
+                "rewards/rejected": 0.4 * progress - margin,
+                "rewards/margins": margin,
+                "rewards/accuracies": min(1.0, 0.5 + 0.45 * progress + _wiggle(step, 0.03)),
+                "logps/chosen": -42.0 + 2 * progress,
+                "logps/rejected": -44.0 - 10 * progress,
+                "logits/chosen": -1.2,
+                "logits/rejected": -1.3,
+                "kl/chosen": 1.4 * progress,
+                "entropy": 1.9 - 0.2 * progress,
+                "mean_token_accuracy": 0.42 + 0.05 * progress,
+                "grad_norm": 2.5 * math.exp(-step / 25) + 0.4 + _wiggle(step, 0.1),
+                "step": step,
+                "epoch": round(step / steps, 4),
+                "learning_rate": 5e-6 * (1 - (step - every) / steps),
+                "tokens_per_second": 1800.0 + _wiggle(step, 60.0),
+                "padding_fraction": 0.04,
+                "mfu": 0.31 + _wiggle(step, 0.01),
+            }
+        )
         if step == every:  # the run-level peak, written once (training/throughput.py)
             records[-1].update(mfu_peak=989e12, mfu_peak_source="table: NVIDIA H100 80GB HBM3, bf16 dense")
         if step % eval_every == 0:
-            records.append({"step": step, "eval_loss": 0.70 - 0.42 * progress,
-                            "eval_rewards/chosen": 0.35 * progress, "eval_rewards/rejected": -1.2 * progress,
-                            "eval_rewards/margins": 1.55 * progress, "eval_rewards/accuracies": 0.5 + 0.42 * progress,
-                            "eval_logps/chosen": -41.0 + 2 * progress, "eval_logps/rejected": -43.5 - 9 * progress,
-                            "eval_kl/chosen": 1.3 * progress, "eval_mean_length": 20.0 + 2 * progress,
-                            "eval_entropy": 1.9 - 0.2 * progress})
+            records.append(
+                {
+                    "step": step,
+                    "eval_loss": 0.70 - 0.42 * progress,
+                    "eval_rewards/chosen": 0.35 * progress,
+                    "eval_rewards/rejected": -1.2 * progress,
+                    "eval_rewards/margins": 1.55 * progress,
+                    "eval_rewards/accuracies": 0.5 + 0.42 * progress,
+                    "eval_logps/chosen": -41.0 + 2 * progress,
+                    "eval_logps/rejected": -43.5 - 9 * progress,
+                    "eval_kl/chosen": 1.3 * progress,
+                    "eval_mean_length": 20.0 + 2 * progress,
+                    "eval_entropy": 1.9 - 0.2 * progress,
+                }
+            )
     return records
 
 
@@ -79,9 +100,21 @@ def stopped_records() -> list[dict]:
 
 def kto_records(steps: int = 20) -> list[dict]:
     """KTO's metrics: no rewards/margins, no kl/chosen (its KL baseline is `kl`), no eval records."""
-    return [{"loss": 0.69 - 0.01 * s, "kl": 0.05 * s, "rewards/chosen": 0.02 * s, "rewards/rejected": -0.02 * s,
-             "rewards/accuracies": 0.5 + 0.01 * s, "logps/chosen": -30.0, "logps/rejected": -31.0 - 0.1 * s,
-             "grad_norm": 1.0, "step": s, "learning_rate": 1e-5} for s in range(1, steps + 1)]
+    return [
+        {
+            "loss": 0.69 - 0.01 * s,
+            "kl": 0.05 * s,
+            "rewards/chosen": 0.02 * s,
+            "rewards/rejected": -0.02 * s,
+            "rewards/accuracies": 0.5 + 0.01 * s,
+            "logps/chosen": -30.0,
+            "logps/rejected": -31.0 - 0.1 * s,
+            "grad_norm": 1.0,
+            "step": s,
+            "learning_rate": 1e-5,
+        }
+        for s in range(1, steps + 1)
+    ]
 
 
 def with_diagnoses(records: list[dict]) -> list[dict]:
@@ -97,20 +130,35 @@ def with_diagnoses(records: list[dict]) -> list[dict]:
 
 
 def default_summary(pairs: int = 240, eval_pairs: int = 60) -> dict:
-    lengths = {"prompt": {"min": 2, "p50": 4, "p90": 5, "p99": 5, "max": 5},
-               "chosen": {"min": 2, "p50": 3, "p90": 5, "p99": 5, "max": 5},
-               "rejected": {"min": 2, "p50": 3, "p90": 5, "p99": 5, "max": 5}}
+    lengths = {
+        "prompt": {"min": 2, "p50": 4, "p90": 5, "p99": 5, "max": 5},
+        "chosen": {"min": 2, "p50": 3, "p90": 5, "p99": 5, "max": 5},
+        "rejected": {"min": 2, "p50": 3, "p90": 5, "p99": 5, "max": 5},
+    }
     split = lambda n, skipped: {  # noqa: E731
-        "rows_read": n + skipped, "rows_used": n, "rows_skipped": skipped, "held_out": 0,
+        "rows_read": n + skipped,
+        "rows_used": n,
+        "rows_skipped": skipped,
+        "held_out": 0,
         "skipped_by_reason": {"empty chosen": skipped} if skipped else {},
         "skipped_examples": {"empty chosen": ["train.jsonl:7 (chosen)"]} if skipped else {},
-        "layouts": {"prompt_chosen_rejected": n + skipped}, "pairs": n,
-        "truncated": {"prompt": 0, "chosen": 1, "rejected": 0}, "token_lengths": lengths}
+        "layouts": {"prompt_chosen_rejected": n + skipped},
+        "pairs": n,
+        "truncated": {"prompt": 0, "chosen": 1, "rejected": 0},
+        "token_lengths": lengths,
+    }
     return {"train": split(pairs, 3), "eval": split(eval_pairs, 0)}
 
 
-def write_run(run_dir: Path, records: list[dict], *, config: Optional[dict] = None, summary: Optional[dict] = None,
-              final: bool = True, cut_last_line: bool = False) -> Path:
+def write_run(
+    run_dir: Path,
+    records: list[dict],
+    *,
+    config: Optional[dict] = None,
+    summary: Optional[dict] = None,
+    final: bool = True,
+    cut_last_line: bool = False,
+) -> Path:
     """A run directory with metrics.jsonl, and config.yaml / data_summary.json / final/ unless told otherwise."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps(r) for r in records]

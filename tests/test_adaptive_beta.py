@@ -1,8 +1,8 @@
 """beta-DPO's batch-adaptive beta (loss.beta_schedule=adaptive; Wu et al. 2024, arXiv 2407.08639).
 
-    M_i  = beta_0 * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]
-    M_0 <- m * M_0 + (1 - m) * mean_i M_i          (first)
-    beta = beta_0 * (1 + alpha * (mean_i M_i - M_0)), at least 1e-3
+M_i  = beta_0 * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]
+M_0 <- m * M_0 + (1 - m) * mean_i M_i          (first)
+beta = beta_0 * (1 + alpha * (mean_i M_i - M_0)), at least 1e-3
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 #   beta = 0.5 * (1 + 0.6 * (0.2 - 0.11)) = 0.5 * 1.054 = 0.527
 #   losses -log sigma(0.527 * 1.0) = log(1 + e^-0.527) = log(1.59036) = 0.46397,
 #   -log sigma(0.527 * -0.2) = log(1 + e^0.1054) = log(2.11115) = 0.74724
-PAIR = PairLogps(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([-3.5, -5.0]), torch.tensor([-3.5, -4.2]))
+PAIR = PairLogps(
+    torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), torch.tensor([-3.5, -5.0]), torch.tensor([-3.5, -4.2])
+)
 LOSS = LossConfig(beta=0.5, beta_schedule="adaptive", beta_adaptive_alpha=0.6, beta_adaptive_momentum=0.9)
 
 
@@ -56,7 +58,9 @@ def test_the_step_moves_m0_and_the_loss_gets_the_batch_beta():
     assert beta == pytest.approx(0.527, abs=1e-7)
     out = compute_loss(PAIR, dataclasses.replace(LOSS, beta=beta))
     torch.testing.assert_close(out.losses, torch.tensor([0.46397, 0.74724]), atol=1e-5, rtol=0)
-    assert threshold.batch_beta(margins, dataclasses.replace(ctx, dummy=True)) == LOSS.beta  # no pair anywhere: beta_0, M_0 unmoved
+    assert (
+        threshold.batch_beta(margins, dataclasses.replace(ctx, dummy=True)) == LOSS.beta
+    )  # no pair anywhere: beta_0, M_0 unmoved
     assert threshold.threshold == pytest.approx(0.11, abs=1e-7)
     assert threshold.batch_beta(torch.tensor([math.nan, 1.0]), ctx) == LOSS.beta  # a non-finite batch (skipped)
     assert threshold.threshold == pytest.approx(0.11, abs=1e-7)

@@ -15,12 +15,20 @@ from test_flash_varlen_inputs import PAIRS
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
-@pytest.mark.parametrize("cuda, flash_attn, dtype, expected", [
-    (False, False, FP32, "sdpa"), (False, True, BF16, "sdpa"), (False, False, BF16, "sdpa"),  # CPU: per-unit sdpa, always
-    (True, True, BF16, "flash"), (True, True, FP16, "flash"),  # the varlen kernel, one call per layer
-    (True, True, FP32, "sdpa"), (True, True, None, "sdpa"),  # flash-attn has no float32 kernels; dtype unknown ("auto")
-    (True, False, BF16, "sdpa"), (True, False, FP32, "sdpa"),  # no flash-attn installed
-])
+@pytest.mark.parametrize(
+    "cuda, flash_attn, dtype, expected",
+    [
+        (False, False, FP32, "sdpa"),
+        (False, True, BF16, "sdpa"),
+        (False, False, BF16, "sdpa"),  # CPU: per-unit sdpa, always
+        (True, True, BF16, "flash"),
+        (True, True, FP16, "flash"),  # the varlen kernel, one call per layer
+        (True, True, FP32, "sdpa"),
+        (True, True, None, "sdpa"),  # flash-attn has no float32 kernels; dtype unknown ("auto")
+        (True, False, BF16, "sdpa"),
+        (True, False, FP32, "sdpa"),  # no flash-attn installed
+    ],
+)
 def test_auto_decision_table(cuda, flash_attn, dtype, expected):
     assert auto_attention(cuda, flash_attn, dtype) == expected
 
@@ -43,7 +51,10 @@ def test_the_user_backend_wins_and_explicit_choices_map_to_transformers_names():
 def test_on_cpu_auto_is_todays_sdpa_layout_and_flash_is_refused():
     step = step_for(load_config(None, {}))
     assert isinstance(step, FastPairedStep)
-    assert step.collate(PAIRS, 0)["input_ids"].shape == (1, 18)  # one row, prompts shared: 3 + 2 + 3, 1 + 1 + 2, 2 + 3 + 1
+    assert step.collate(PAIRS, 0)["input_ids"].shape == (
+        1,
+        18,
+    )  # one row, prompts shared: 3 + 2 + 3, 1 + 1 + 2, 2 + 3 + 1
     assert layout_for(SpeedConfig(), fast_attention("auto", None, BF16)) == Layout(single_row=True)
     with pytest.raises(ValueError, match="speed.attention=flash needs a CUDA device"):
         step_for(load_config(None, {"speed.attention": "flash"}))
@@ -64,8 +75,13 @@ def test_flex_attention_on_cpu_is_refused_in_one_line_before_any_compute(tmp_pat
     from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(4, seed=0))
-    cfg = {"model.name_or_path": str(tiny_model_dir()), "data.path": str(data), "train.max_steps": 1,
-           "out_dir": str(tmp_path / "run"), **choice}
+    cfg = {
+        "model.name_or_path": str(tiny_model_dir()),
+        "data.path": str(data),
+        "train.max_steps": 1,
+        "out_dir": str(tmp_path / "run"),
+        **choice,
+    }
     with pytest.raises(ConfigError, match="FlexAttention has no backward on CPU") as error:
         dpokit.train(None, cfg)
     assert "sdpa" in str(error.value) and "\n" not in str(error.value)

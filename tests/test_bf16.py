@@ -63,7 +63,9 @@ def test_fast_step_equals_plain_step_in_bf16_within_bf16_rounding(mode):
     _moved(policy, scale=0.1)  # policy != reference, by margins well above the rewards tolerance
     plain = _run(forward_pairs, policy, reference, collate_pairs(_pairs(), 0), cfg, autocast)
     speed = SETTINGS["all"]
-    fast = _run(forward_pairs_fast, policy, reference, make_collate(speed)(_pairs(), 0), _cfg(speed, **overrides), autocast)
+    fast = _run(
+        forward_pairs_fast, policy, reference, make_collate(speed)(_pairs(), 0), _cfg(speed, **overrides), autocast
+    )
     (out0, m0, g0), (out1, m1, g1) = plain, fast
     beta = cfg.loss.beta
     for out, m in ((out0, m0), (out1, m1)):  # reduced in float32 in both paths
@@ -72,15 +74,23 @@ def test_fast_step_equals_plain_step_in_bf16_within_bf16_rounding(mode):
     for name in ("logps/chosen", "logps/rejected"):
         torch.testing.assert_close(m1[name], m0[name], rtol=U, atol=1e-3, msg=name)
     pi = m0["logps/chosen"].abs() + m0["logps/rejected"].abs()
-    ref = (m0["logps/chosen"] - m0["rewards/chosen"] / beta).abs() + (m0["logps/rejected"] - m0["rewards/rejected"] / beta).abs()
+    ref = (m0["logps/chosen"] - m0["rewards/chosen"] / beta).abs() + (
+        m0["logps/rejected"] - m0["rewards/rejected"] / beta
+    ).abs()
     per_pair = beta * U * (pi + ref)
     assert m0["rewards/margins"].abs().max() > 5 * per_pair.max()  # the bound is tighter than the signal
-    for name, bound in (("rewards/chosen", per_pair), ("rewards/rejected", per_pair), ("rewards/margins", 2 * per_pair),
-                        ("loss", 2 * per_pair)):
+    for name, bound in (
+        ("rewards/chosen", per_pair),
+        ("rewards/rejected", per_pair),
+        ("rewards/margins", 2 * per_pair),
+        ("loss", 2 * per_pair),
+    ):
         assert ((m1[name] - m0[name]).abs() <= bound).all(), (name, (m1[name] - m0[name]).abs().max(), bound.min())
     assert ((out1.losses - out0.losses).abs() <= 2 * per_pair).all()
     torch.testing.assert_close(m1["entropy"], m0["entropy"], rtol=U, atol=U)
-    torch.testing.assert_close(m1["kl/chosen"], m0["kl/chosen"], rtol=0, atol=U * float(m0["kl/chosen"].abs().max()) + 1e-4)
+    torch.testing.assert_close(
+        m1["kl/chosen"], m0["kl/chosen"], rtol=0, atol=U * float(m0["kl/chosen"].abs().max()) + 1e-4
+    )
     assert g0.keys() == g1.keys() and g0
     for name, g in g0.items():
         assert torch.linalg.vector_norm(g1[name] - g) <= 8 * U * torch.linalg.vector_norm(g), name
@@ -113,9 +123,14 @@ def fresh_accelerator_state():
 def test_bf16_run_trains_and_logs(tmp_path, monkeypatch, fresh_accelerator_state, mode):
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(24, seed=5))
-    cfg = {"model": {"name_or_path": str(tiny_model_dir())}, "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
-           "loss": {"beta": 0.5}, "optim": {"lr": 1e-2, "scheduler": "constant"}, "out_dir": str(tmp_path / "run"),
-           "train": {"batch_size": 6, "max_steps": 4, "logging_steps": 1, "progress_bar": False, "save_steps": 0}}
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir())},
+        "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
+        "loss": {"beta": 0.5},
+        "optim": {"lr": 1e-2, "scheduler": "constant"},
+        "out_dir": str(tmp_path / "run"),
+        "train": {"batch_size": 6, "max_steps": 4, "logging_steps": 1, "progress_bar": False, "save_steps": 0},
+    }
     dpokit.train(cfg, overrides=MODES[mode])
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     losses = [r["loss"] for r in records]
@@ -125,13 +140,18 @@ def test_bf16_run_trains_and_logs(tmp_path, monkeypatch, fresh_accelerator_state
 
 
 @pytest.mark.slow
-def test_runs_with_other_mixed_precision_follow_each_other_in_one_process(tmp_path, monkeypatch, fresh_accelerator_state):
+def test_runs_with_other_mixed_precision_follow_each_other_in_one_process(
+    tmp_path, monkeypatch, fresh_accelerator_state
+):
     """A notebook or a sweep calls dpokit.train() again with another train.mixed_precision: accelerate's one state
     per process raised "AcceleratorState has already been initialized" on the second run."""
     monkeypatch.setenv("DPOKIT_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(12, seed=5))
-    cfg = {"model": {"name_or_path": str(tiny_model_dir())}, "data": {"path": str(data), "max_length": 32},
-           "train": {"batch_size": 6, "max_steps": 1, "progress_bar": False, "save_steps": 0}}
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir())},
+        "data": {"path": str(data), "max_length": 32},
+        "train": {"batch_size": 6, "max_steps": 1, "progress_bar": False, "save_steps": 0},
+    }
     for n, precision in enumerate(["no", "bf16", "no"]):
         result = dpokit.train({**cfg, "out_dir": str(tmp_path / f"run{n}")}, {"train.mixed_precision": precision})
         assert math.isfinite(result.metrics["loss"])

@@ -73,7 +73,7 @@ def _overwrite_with_nans(file: Path, n_bytes: int) -> None:
     (header_len,) = struct.unpack("<Q", raw[:8])
     data_start = 8 + header_len
     start = data_start + ((len(raw) - data_start) // 2 // 4) * 4
-    raw[start:start + n_bytes] = struct.pack("<f", float("nan")) * (n_bytes // 4)
+    raw[start : start + n_bytes] = struct.pack("<f", float("nan")) * (n_bytes // 4)
     file.write_bytes(bytes(raw))
 
 
@@ -90,7 +90,9 @@ def test_a_fresh_checkpoint_has_a_manifest_of_every_file_and_passes_it(crashed):
         assert damage(path) is None
 
 
-def test_nans_written_into_the_latest_weights_fall_back_to_the_previous_checkpoint(root, crashed, uninterrupted, capsys):
+def test_nans_written_into_the_latest_weights_fall_back_to_the_previous_checkpoint(
+    root, crashed, uninterrupted, capsys
+):
     cfg = _copy(root, crashed, "nan-weights")
     run_dir = Path(cfg["out_dir"])
     _overwrite_with_nans(run_dir / "checkpoints" / "checkpoint-6" / "model.safetensors", 4000)
@@ -98,7 +100,11 @@ def test_nans_written_into_the_latest_weights_fall_back_to_the_previous_checkpoi
     dpokit.train(cfg)
     out = capsys.readouterr().out
     [line] = _fallback_lines(out)
-    assert "checkpoint-6" in line and "model.safetensors: checksum mismatch" in line and "resuming from checkpoint-3 instead" in line
+    assert (
+        "checkpoint-6" in line
+        and "model.safetensors: checksum mismatch" in line
+        and "resuming from checkpoint-3 instead" in line
+    )
     assert "resumed from" in out and "checkpoint-3 at step 3" in out
     final = _weights(run_dir)
     assert all(torch.isfinite(t).all() for t in final.values())
@@ -123,7 +129,9 @@ def test_a_truncated_optimizer_file_falls_back_the_same_way(root, crashed, unint
     _assert_same_weights(_weights(run_dir), _weights(uninterrupted))
 
 
-def test_checkpoints_without_a_manifest_still_resume_not_verified_and_truncation_is_still_caught(root, crashed, uninterrupted, capsys):
+def test_checkpoints_without_a_manifest_still_resume_not_verified_and_truncation_is_still_caught(
+    root, crashed, uninterrupted, capsys
+):
     cfg = _copy(root, crashed, "legacy")
     run_dir = Path(cfg["out_dir"])
     for path in list_checkpoints(run_dir):
@@ -140,7 +148,9 @@ def test_checkpoints_without_a_manifest_still_resume_not_verified_and_truncation
     _assert_same_weights(_weights(run_dir), _weights(uninterrupted))
 
 
-def test_with_no_intact_checkpoint_left_the_run_stops_with_exit_2_and_keeps_them_and_a_named_one_is_not_swapped(root, crashed, capsys):
+def test_with_no_intact_checkpoint_left_the_run_stops_with_exit_2_and_keeps_them_and_a_named_one_is_not_swapped(
+    root, crashed, capsys
+):
     cfg = _copy(root, crashed, "all-damaged")
     run_dir = Path(cfg["out_dir"])
     for path in list_checkpoints(run_dir):
@@ -188,7 +198,9 @@ def test_too_little_free_space_stops_before_writing_with_one_line_and_exit_2(roo
     assert "nothing was written" in line
     needed, free = _needed_and_free(line)
     on_disk = sum(p.stat().st_size for p in (run_dir / "checkpoints" / "checkpoint-3").iterdir())
-    assert free == 10_000 and on_disk <= needed <= on_disk + (2 << 20)  # the estimate covers the checkpoint, with little slack
+    assert free == 10_000 and on_disk <= needed <= on_disk + (
+        2 << 20
+    )  # the estimate covers the checkpoint, with little slack
 
 
 def test_a_disk_that_fills_up_while_writing_the_optimizer_stops_the_same_way(root, crashed, monkeypatch, capsys):

@@ -10,7 +10,9 @@ from tiny_assets import tiny_model_dir
 
 def test_an_override_after_an_option_is_applied(capsys):
     args, extra = build_parser().parse_known_args(["doctor", "d.jsonl", "--sample", "0", "data.max_length=256"])
-    assert extra == ["data.max_length=256"]  # argparse alone leaves it over (it used to stop with "unrecognized arguments")
+    assert extra == [
+        "data.max_length=256"
+    ]  # argparse alone leaves it over (it used to stop with "unrecognized arguments")
     model = f"model.name_or_path={tiny_model_dir()}"
     main(["plan", "demo", model, "--gpus", "1", "train.batch_size=3", "data.max_length=77"])
     assert f"{3 * 2 * 77} tokens" in capsys.readouterr().out  # plan's activations line: batch x 2 rows x max_length

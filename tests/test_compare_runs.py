@@ -25,17 +25,25 @@ def _outputs(root: Path, wall: float = 12.5, when: str = "2026-12-05 21:14:07") 
     (root / "dpo_live" / "final").mkdir(parents=True)
     (root / "rc.txt").write_text("demo rc 0\ndpo_live rc 0\n")
     logged = f"[{when},{int(wall * 37) % 1000:03d}] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU."
-    (root / "demo.out").write_text(f"[demo] ready in {wall}s\n{logged}\npositive share 45.9% -> 94.9%\n[demo] wall time {wall:.0f}s\n")
+    (root / "demo.out").write_text(
+        f"[demo] ready in {wall}s\n{logged}\npositive share 45.9% -> 94.9%\n[demo] wall time {wall:.0f}s\n"
+    )
     (root / "dpo_live" / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "loss": 0.69 - s / 100, "train_runtime": wall}) + "\n" for s in (1, 2)))
-    (root / "dpo_live" / "data_summary.json").write_text(json.dumps({"train": {"rows_read": 402, "skipped": {"empty": 1}}}))
+        "".join(json.dumps({"step": s, "loss": 0.69 - s / 100, "train_runtime": wall}) + "\n" for s in (1, 2))
+    )
+    (root / "dpo_live" / "data_summary.json").write_text(
+        json.dumps({"train": {"rows_read": 402, "skipped": {"empty": 1}}})
+    )
     (root / "dpo_live" / "config.yaml").write_text(f"out_dir: {root}/dpo_live\nloss:\n  beta: 0.5\n")
     (root / "dpo_live" / ".dpokit-run.json").write_text(json.dumps({"format": 1, "created": when}))
     clock = f'<!--clock--><div class="tile">tokens/s {1000 / wall:.0f}</div><!--/clock-->'  # report/page.py marks these
     (root / "dpo_live" / "report.html").write_text(f"<p>written {when}</p><p>loss 0.68</p>{clock}")
     (root / "dpo_live" / "final" / "README.md").write_text(f"Trained with dpokit 0.9.0 on {when[:10]}.\nloss 0.68\n")
-    save_file({"w": torch.arange(64, dtype=torch.float32)}, str(root / "dpo_live" / "final" / "model.safetensors"),
-              metadata={"format": "pt", "step": "2"})
+    save_file(
+        {"w": torch.arange(64, dtype=torch.float32)},
+        str(root / "dpo_live" / "final" / "model.safetensors"),
+        metadata={"format": "pt", "step": "2"},
+    )
     return root
 
 
@@ -49,23 +57,35 @@ def test_two_runs_of_the_same_code_pass_the_gate(tmp_path):
 
 PLANTS = {
     "a metric": lambda r: (r / "dpo_live" / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": s, "loss": 0.69 - s / 100 + (1e-7 if s == 2 else 0), "train_runtime": 12.5}) + "\n"
-                for s in (1, 2))),
+        "".join(
+            json.dumps({"step": s, "loss": 0.69 - s / 100 + (1e-7 if s == 2 else 0), "train_runtime": 12.5}) + "\n"
+            for s in (1, 2)
+        )
+    ),
     "a nested count": lambda r: (r / "dpo_live" / "data_summary.json").write_text(
-        json.dumps({"train": {"rows_read": 402, "skipped": {"empty": 2}}})),
+        json.dumps({"train": {"rows_read": 402, "skipped": {"empty": 2}}})
+    ),
     "an added key": lambda r: (r / "dpo_live" / "data_summary.json").write_text(
-        json.dumps({"train": {"rows_read": 402, "skipped": {"empty": 1}, "new": 0}})),
-    "a config value": lambda r: (r / "dpo_live" / "config.yaml").write_text(f"out_dir: {r}/dpo_live\nloss:\n  beta: 0.1\n"),
+        json.dumps({"train": {"rows_read": 402, "skipped": {"empty": 1}, "new": 0}})
+    ),
+    "a config value": lambda r: (r / "dpo_live" / "config.yaml").write_text(
+        f"out_dir: {r}/dpo_live\nloss:\n  beta: 0.1\n"
+    ),
     "an exit status": lambda r: (r / "rc.txt").write_text("demo rc 0\ndpo_live rc 1\n"),
     "the console": lambda r: (r / "demo.out").write_text((r / "demo.out").read_text().replace("94.9%", "95.0%")),
     "the report": lambda r: (r / "dpo_live" / "report.html").write_text(
-        (r / "dpo_live" / "report.html").read_text().replace("0.68", "0.67")),
-    "one weight": lambda r: save_file({"w": torch.arange(64, dtype=torch.float32) + (torch.arange(64) == 7)},
-                                      str(r / "dpo_live" / "final" / "model.safetensors"),
-                                      metadata={"format": "pt", "step": "2"}),
-    "weights' metadata": lambda r: save_file({"w": torch.arange(64, dtype=torch.float32)},
-                                             str(r / "dpo_live" / "final" / "model.safetensors"),
-                                             metadata={"format": "pt", "step": "3"}),
+        (r / "dpo_live" / "report.html").read_text().replace("0.68", "0.67")
+    ),
+    "one weight": lambda r: save_file(
+        {"w": torch.arange(64, dtype=torch.float32) + (torch.arange(64) == 7)},
+        str(r / "dpo_live" / "final" / "model.safetensors"),
+        metadata={"format": "pt", "step": "2"},
+    ),
+    "weights' metadata": lambda r: save_file(
+        {"w": torch.arange(64, dtype=torch.float32)},
+        str(r / "dpo_live" / "final" / "model.safetensors"),
+        metadata={"format": "pt", "step": "3"},
+    ),
     "a file on one side only": lambda r: (r / "dpo_live" / "extra.txt").write_text("x"),
     "a removed file": lambda r: (r / "rc.txt").unlink(),
 }

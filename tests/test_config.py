@@ -80,14 +80,27 @@ def test_every_shipped_config_loads():
 
 # Names users bring from TRL's DPOConfig and HF's TrainingArguments, at the top level or under any section.
 TRL_AND_HF_NAMES = [
-    ("optim.learning_rate", "optim.lr"), ("learning_rate", "optim.lr"), ("train.learning_rate", "optim.lr"),
-    ("per_device_train_batch_size", "train.batch_size"), ("train.gradient_accumulation_steps", "train.grad_accum"),
-    ("num_train_epochs", "train.epochs"), ("max_prompt_length", "data.max_prompt_length"),
-    ("warmup_ratio", "optim.warmup_ratio"), ("train.warmup_ratio", "optim.warmup_ratio"), ("beta", "loss.beta"),
-    ("train.beta", "loss.beta"), ("max_length", "data.max_length"), ("max_steps", "train.max_steps"),
-    ("output_dir", "out_dir"), ("train.output_dir", "out_dir"), ("lr_scheduler_type", "optim.scheduler"),
-    ("weight_decay", "optim.weight_decay"), ("gradient_checkpointing", "train.gradient_checkpointing"),
-    ("seed", "train.seed"), ("logging_steps", "train.logging_steps"), ("save_steps", "train.save_steps"),
+    ("optim.learning_rate", "optim.lr"),
+    ("learning_rate", "optim.lr"),
+    ("train.learning_rate", "optim.lr"),
+    ("per_device_train_batch_size", "train.batch_size"),
+    ("train.gradient_accumulation_steps", "train.grad_accum"),
+    ("num_train_epochs", "train.epochs"),
+    ("max_prompt_length", "data.max_prompt_length"),
+    ("warmup_ratio", "optim.warmup_ratio"),
+    ("train.warmup_ratio", "optim.warmup_ratio"),
+    ("beta", "loss.beta"),
+    ("train.beta", "loss.beta"),
+    ("max_length", "data.max_length"),
+    ("max_steps", "train.max_steps"),
+    ("output_dir", "out_dir"),
+    ("train.output_dir", "out_dir"),
+    ("lr_scheduler_type", "optim.scheduler"),
+    ("weight_decay", "optim.weight_decay"),
+    ("gradient_checkpointing", "train.gradient_checkpointing"),
+    ("seed", "train.seed"),
+    ("logging_steps", "train.logging_steps"),
+    ("save_steps", "train.save_steps"),
     ("train.lr", "optim.lr"),  # a dpokit key in the wrong section finds its own
 ]
 
@@ -119,5 +132,7 @@ def test_a_pipelines_train_config_gets_the_same_suggestions_under_its_prefix():
 def test_every_mapped_name_is_a_key_of_the_config():
     from dpokit.config.names import TRL_NAMES
 
-    keys = set(load_config().to_dict()) | {f"{s}.{k}" for s, v in load_config().to_dict().items() if isinstance(v, dict) for k in v}
+    keys = set(load_config().to_dict()) | {
+        f"{s}.{k}" for s, v in load_config().to_dict().items() if isinstance(v, dict) for k in v
+    }
     assert TRL_NAMES and not {target for target in TRL_NAMES.values() if target not in keys}

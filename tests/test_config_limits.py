@@ -85,7 +85,7 @@ def _float_keys() -> list[str]:
 @pytest.mark.parametrize("key", _float_keys())
 def test_every_float_key_refuses_nan_and_infinity_naming_the_key(key):
     value = "[.nan]" if key == "loss.weights" else None
-    for text in ([value] if value else [".nan", "nan", ".inf", "-.inf", "1e400"]):
+    for text in [value] if value else [".nan", "nan", ".inf", "-.inf", "1e400"]:
         with pytest.raises(ConfigError, match=f"'{key}"):
             load_config(None, [f"{key}={text}"])
 

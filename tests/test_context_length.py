@@ -22,15 +22,34 @@ def _long_pairs(n_words: int) -> list[dict]:
 
 def _gpt2_dir(tmp_path, n_positions: int = 128):
     tokenizer = word_tokenizer()
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return save_tiny(GPT2LMHeadModel(config), tokenizer, tmp_path / "gpt2")
 
 
 def _train(tmp_path, model_dir, max_length: int, capsys, rows=None) -> tuple[int, str]:
     data = write_jsonl(tmp_path / "pairs.jsonl", rows or synthetic_pairs(16, seed=0))
-    code = main(["train", "demo", f"model.name_or_path={model_dir}", f"data.path={data}", "data.eval_path=null",
-                 f"data.max_length={max_length}", f"data.max_prompt_length={max_length // 2 + max_length // 4}", "train.max_steps=1", "train.progress_bar=false", f"out_dir={tmp_path / 'run'}"])
+    code = main(
+        [
+            "train",
+            "demo",
+            f"model.name_or_path={model_dir}",
+            f"data.path={data}",
+            "data.eval_path=null",
+            f"data.max_length={max_length}",
+            f"data.max_prompt_length={max_length // 2 + max_length // 4}",
+            "train.max_steps=1",
+            "train.progress_bar=false",
+            f"out_dir={tmp_path / 'run'}",
+        ]
+    )
     return code, capsys.readouterr().err
 
 

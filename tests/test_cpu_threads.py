@@ -57,11 +57,17 @@ def test_importing_dpokit_sets_a_passive_wait_before_torch_unless_the_user_chose
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["PASSIVE", "True"]
-    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                            capture_output=True, text=True, check=True).stdout
+    chosen = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert chosen.split() == ["ACTIVE", "False"]
-    late = subprocess.run([sys.executable, "-c", "import torch; " + code], env=env, capture_output=True, text=True,
-                          check=True).stdout
+    late = subprocess.run(
+        [sys.executable, "-c", "import torch; " + code], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert late.split()[-1] == "False"  # torch loaded OpenMP first: too late to choose its wait policy
 
 

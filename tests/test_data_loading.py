@@ -139,8 +139,17 @@ def test_bad_json_array_names_line_and_column(tmp_path):
         list(read_rows(str(path)))
 
 
-@pytest.mark.parametrize("name, content", [("a.jsonl", ""), ("b.jsonl", "\n\n"), ("c.json", " "), ("d.json", "[]"),
-                                           ("e.csv", ""), ("f.csv", "prompt,chosen,rejected\n")])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("a.jsonl", ""),
+        ("b.jsonl", "\n\n"),
+        ("c.json", " "),
+        ("d.json", "[]"),
+        ("e.csv", ""),
+        ("f.csv", "prompt,chosen,rejected\n"),
+    ],
+)
 def test_empty_files_are_errors(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)

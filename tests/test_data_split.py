@@ -17,8 +17,11 @@ SUBJECTS = "film movie plot acting sky story time colour hi hello".split()
 
 def _several_pairs_per_prompt() -> list[dict]:
     """10 prompts with 4 pairs each: a row-level split all but surely puts some prompt on both sides."""
-    return [{"prompt": f"the {subject} was", "chosen": f" good {tail}", "rejected": f" bad {tail}"}
-            for subject in SUBJECTS for tail in ("fine", "very", "plot", "acting")]
+    return [
+        {"prompt": f"the {subject} was", "chosen": f" good {tail}", "rejected": f" bad {tail}"}
+        for subject in SUBJECTS
+        for tail in ("fine", "very", "plot", "acting")
+    ]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 42])
@@ -40,8 +43,12 @@ def test_no_prompt_is_in_both_train_and_eval(tmp_path, seed):
 @pytest.mark.parametrize("prepare", [prepare_unpaired, prepare_sft], ids=["kto", "sft"])
 def test_the_unpaired_and_sft_splits_hold_out_whole_prompts_too(tmp_path, prepare):
     rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in _several_pairs_per_prompt()]
-    cfg = load_config({"data": {"path": str(write_jsonl(tmp_path / "d.jsonl", rows)), "eval_fraction": 0.25,
-                                "max_length": 32}, "loss": {"type": "kto"}})
+    cfg = load_config(
+        {
+            "data": {"path": str(write_jsonl(tmp_path / "d.jsonl", rows)), "eval_fraction": 0.25, "max_length": 32},
+            "loss": {"type": "kto"},
+        }
+    )
     data = prepare(cfg, word_tokenizer())
     decode = word_tokenizer().decode
     assert data.eval and not {decode(e.prompt_ids) for e in data.train} & {decode(e.prompt_ids) for e in data.eval}

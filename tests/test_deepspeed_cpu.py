@@ -36,8 +36,10 @@ from dpokit.training.optim import make_optimizer
 from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, write_jsonl
 
 # A test extra (pyproject.toml); not imported here, only the launched processes use it.
-needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                     reason="deepspeed is not installed: pip install -e '.[test]' -c constraints.txt")
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed: pip install -e '.[test]' -c constraints.txt",
+)
 TESTS = Path(__file__).resolve().parent
 ACCELERATE_CONFIG = TESTS.parent / "src" / "dpokit" / "configs" / "accelerate" / "deepspeed_zero3.yaml"
 STEPS = 4
@@ -74,10 +76,21 @@ def _config(tmp_path: Path, name: str, batch_size: int, lora: bool = False) -> d
         "model": {"name_or_path": str(tiny_model_dir())},
         "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
         "loss": {"beta": 0.5},
-        "optim": {"lr": 3e-3, "scheduler": "linear", "warmup_steps": 1, "max_grad_norm": 1.0},  # = the config's gradient_clipping
+        "optim": {
+            "lr": 3e-3,
+            "scheduler": "linear",
+            "warmup_steps": 1,
+            "max_grad_norm": 1.0,
+        },  # = the config's gradient_clipping
         "speed": {"ref_cache": False},  # full fine-tuning: a live reference, its own ZeRO-3 inference engine
         "lora": {"enabled": lora, "r": 4, "dropout": 0.0},  # no dropout: 2 processes draw other masks than 1
-        "train": {"batch_size": batch_size, "max_steps": STEPS, "logging_steps": 1, "save_steps": 2, "progress_bar": False},
+        "train": {
+            "batch_size": batch_size,
+            "max_steps": STEPS,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "progress_bar": False,
+        },
         "out_dir": str(tmp_path / name),
     }
 
@@ -87,7 +100,15 @@ def _assert_same_run(two: Path, one: Path, weights: str = "model.safetensors", t
     curves = [[r for r in read_metrics(Path(d) / "metrics.jsonl") if "loss" in r] for d in (two, one)]
     assert [r["step"] for r in curves[0]] == [r["step"] for r in curves[1]] == list(range(1, STEPS + 1))
     for a, b in zip(*curves):
-        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm", "learning_rate", "epoch"):
+        for key in (
+            "loss",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "grad_norm",
+            "learning_rate",
+            "epoch",
+        ):
             assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key)
     w2, w1 = (load_file(str(Path(d) / "final" / weights)) for d in (two, one))
     assert w2.keys() == w1.keys() and w1
@@ -98,19 +119,37 @@ def _assert_same_run(two: Path, one: Path, weights: str = "model.safetensors", t
 def _assert_zero3_shards(checkpoint: Path) -> None:
     """ZeRO-3 ran (not a silent DDP fallback): each process wrote its own partition of the weights and AdamW state."""
     shards = checkpoint / "accelerate" / "pytorch_model"
-    assert sorted(p.name for p in shards.iterdir()) == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1)
-                                                        for kind in ("model", "optim")]
+    assert sorted(p.name for p in shards.iterdir()) == [
+        f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")
+    ]
 
 
 def _launch(tmp_path: Path, cfg: dict, crash_at: int = 0) -> subprocess.CompletedProcess:
     script = tmp_path / "zero3_run.py"
     script.write_text(_LAUNCHED)
     port = free_port()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
-               "--num_processes", "2", "--main_process_port", port, str(script), json.dumps(cfg), str(crash_at)]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE_CONFIG),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        port,
+        str(script),
+        json.dumps(cfg),
+        str(crash_at),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert not (tmp_path / "torch_extensions").exists(), "a DeepSpeed op was JIT-compiled"
     return done
@@ -148,4 +187,6 @@ def test_lora_optimizer_has_no_empty_parameter_group(tmp_path):
     policy = load_policy(cfg)
     optimizer = make_optimizer(cfg, policy)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.optim.weight_decay]
-    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in policy.parameters() if p.requires_grad}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for p in policy.parameters() if p.requires_grad
+    }

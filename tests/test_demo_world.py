@@ -60,7 +60,15 @@ def test_continuations_are_grammatical_and_labelled():
 
 
 @pytest.mark.parametrize(
-    "text", ["", " great great great", " really great and", " the plot was great", " great and the plot was", " great and i zzz it"]
+    "text",
+    [
+        "",
+        " great great great",
+        " really great and",
+        " the plot was great",
+        " great and the plot was",
+        " great and i zzz it",
+    ],
 )
 def test_ill_formed_completions_are_rejected(text):
     assert not world.is_well_formed(text)
@@ -144,7 +152,12 @@ def test_evaluate_policy_against_itself(tiny_setup):
     assert 0 <= m["positive_share"] <= 1 and 0 <= m["well_formed_share"] <= 1 and m["num_samples"] == 8
     assert len(m["examples"]) == 3 and m["examples"][0][0] == prompts[0]  # [prompt, completion] of prompts 0, 1, 2
     table = evaluate.format_table(m, m)
-    assert "SFT (before)" in table and "DPO (after)" in table and "KL" in table and f"SFT: ...{m['examples'][1][1]}" in table
+    assert (
+        "SFT (before)" in table
+        and "DPO (after)" in table
+        and "KL" in table
+        and f"SFT: ...{m['examples'][1][1]}" in table
+    )
 
 
 def test_kl_is_positive_for_a_different_policy(tiny_setup):
@@ -152,7 +165,9 @@ def test_kl_is_positive_for_a_different_policy(tiny_setup):
     policy = copy.deepcopy(model)
     with torch.no_grad():
         policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
-    m = evaluate.evaluate_policy(policy, model, tok, world.eval_prompts(4, 0), [], num_samples=4, seed=0, max_new_tokens=8)
+    m = evaluate.evaluate_policy(
+        policy, model, tok, world.eval_prompts(4, 0), [], num_samples=4, seed=0, max_new_tokens=8
+    )
     assert m["kl_to_reference"] > 0.01
 
 
@@ -177,7 +192,9 @@ def test_small_sft_model_learns_the_language(tmp_path):
 
 def test_the_sft_build_shows_a_progress_bar_with_a_count(tmp_path, capsys):
     """The demo's SFT build printed nothing for 30 s (minutes on a busy machine); now a bar counts its steps (15.13)."""
-    small = sft.SFTConfig(hidden_size=16, num_layers=1, num_heads=2, n_sequences=32, steps=12, batch_size=8, warmup_steps=2)
+    small = sft.SFTConfig(
+        hidden_size=16, num_layers=1, num_heads=2, n_sequences=32, steps=12, batch_size=8, warmup_steps=2
+    )
     sft.build_sft_model(tmp_path, config=small)
     err = capsys.readouterr().err
     assert "[demo] SFT model" in err and "12/12" in err

@@ -60,7 +60,9 @@ def test_likelihood_displacement_chosen_falls_while_margins_grow():
 
 def test_displacement_threshold_scales_with_long_completions():
     def history(drop_per_record):
-        return [_train(i, **{"logps/chosen": -300.0 - drop_per_record * i, "rewards/margins": 0.2 * i}) for i in range(12)]
+        return [
+            _train(i, **{"logps/chosen": -300.0 - drop_per_record * i, "rewards/margins": 0.2 * i}) for i in range(12)
+        ]
 
     assert _run(history(2.0))[1] == []  # -20 nats of -300: within batch noise of long completions
     assert _modes(_run(history(5.0))[1]) == ["likelihood_displacement"]  # -45 nats: more than 10% of the start
@@ -130,7 +132,9 @@ def test_small_jitter_or_a_falling_loss_is_not_oscillation():
 
 def test_eval_loss_rising_warns_then_stops_past_patience():
     detectors = FailureDetectors(eval_rise_count=2, early_stop_patience=2)
-    answers = [detectors.update({"step": s, "eval_loss": loss}) for s, loss in enumerate([0.6, 0.5, 0.55, 0.58, 0.6, 0.61])]
+    answers = [
+        detectors.update({"step": s, "eval_loss": loss}) for s, loss in enumerate([0.6, 0.5, 0.55, 0.58, 0.6, 0.61])
+    ]
     assert [[d.severity for d in a] for a in answers] == [[], [], [], ["warn"], ["stop"], []]
     assert detectors.should_stop and "more than early_stop_patience=2" in answers[4][0].evidence
 
@@ -158,7 +162,9 @@ def test_nan_written_to_metrics_jsonl_is_caught_on_replay(tmp_path):
 
 def test_kl_hovering_around_a_threshold_fires_each_level_once():
     kls = [6.0, 11.0, 9.0, 10.5, 9.5, 12.0]
-    _, fired = _run([_train(i, **{"kl/chosen": kl}) for i, kl in enumerate(kls)] + [{"step": 9, "eval_kl/chosen": 11.0}])
+    _, fired = _run(
+        [_train(i, **{"kl/chosen": kl}) for i, kl in enumerate(kls)] + [{"step": 9, "eval_kl/chosen": 11.0}]
+    )
     assert [d.step for d in fired] == [0, 1]
 
 
@@ -180,7 +186,13 @@ def test_every_diagnosis_has_numbers_and_the_guides_advice():
         + [_train(30, grad_norm=float("nan"))]
     )  # fmt: skip
     fired = replay(crafted)
-    assert set(_modes(fired)) >= {"likelihood_displacement", "kl_drift", "eval_loss_rising", "length_drift", "non_finite"}
+    assert set(_modes(fired)) >= {
+        "likelihood_displacement",
+        "kl_drift",
+        "eval_loss_rising",
+        "length_drift",
+        "non_finite",
+    }
     for diagnosis in fired:
         assert any(ch.isdigit() for ch in diagnosis.evidence) and diagnosis.mitigation
         assert diagnosis.severity in ("warn", "stop") and str(diagnosis).startswith("[dpokit]")

@@ -56,7 +56,13 @@ def _config(tmp_path: Path, name: str, batch_size: int, **extra) -> dict:
         "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
         "loss": {"beta": 0.5},
         "optim": {"lr": 3e-3, "scheduler": "linear", "warmup_steps": 1},
-        "train": {"batch_size": batch_size, "max_steps": STEPS, "logging_steps": 1, "save_steps": 3, "progress_bar": False},
+        "train": {
+            "batch_size": batch_size,
+            "max_steps": STEPS,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "progress_bar": False,
+        },
         "out_dir": str(tmp_path / name),
     }
     for key, value in extra.items():
@@ -70,8 +76,18 @@ def _torchrun(tmp_path: Path, cfg: dict, crash_at: int = 0) -> subprocess.Comple
     script.write_text(_RUN.format(tests=str(TESTS)))
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               str(script), json.dumps(cfg), str(crash_at)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        str(script),
+        json.dumps(cfg),
+        str(crash_at),
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -85,7 +101,15 @@ def _assert_same_run(two: Path, one: Path, tol: float = 1e-5) -> None:
     curves = [[r for r in read_metrics(Path(d) / "metrics.jsonl") if "loss" in r] for d in (two, one)]
     assert [r["step"] for r in curves[0]] == [r["step"] for r in curves[1]] == list(range(1, STEPS + 1))
     for a, b in zip(*curves):
-        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm", "learning_rate", "epoch"):
+        for key in (
+            "loss",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "grad_norm",
+            "learning_rate",
+            "epoch",
+        ):
             assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key)
     w2, w1 = _final_weights(two), _final_weights(one)
     assert w2.keys() == w1.keys()

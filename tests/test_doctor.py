@@ -46,7 +46,9 @@ def _conversation(question: str, chosen: str, rejected: str) -> dict:
 
 def _doctor(tmp_path, rows, tokenizer=None, reference_model=None, overrides=SHORT, **kwargs):
     path = write_jsonl(tmp_path / "data.jsonl", rows)
-    return run_doctor(str(path), overrides=list(overrides), tokenizer=tokenizer, reference_model=reference_model, **kwargs)
+    return run_doctor(
+        str(path), overrides=list(overrides), tokenizer=tokenizer, reference_model=reference_model, **kwargs
+    )
 
 
 def _tokenizer_with(template: str | None = None, add_bos: bool = False):
@@ -94,7 +96,10 @@ def test_unusable_file_is_one_failing_load_check(tmp_path):
 
 
 def test_dropped_rows_are_counted_by_reason(tmp_path):
-    rows = synthetic_pairs(6, seed=1) + [{"prompt": "the film", "chosen": " good"}, {"prompt": "it", "chosen": " ", "rejected": " bad"}]
+    rows = synthetic_pairs(6, seed=1) + [
+        {"prompt": "the film", "chosen": " good"},
+        {"prompt": "it", "chosen": " ", "rejected": " bad"},
+    ]
     check = _doctor(tmp_path, rows, word_tokenizer(), sample_size=0).check("dropped_rows")
     assert check.verdict == "warn" and check.numbers["dropped"] == 2
     assert set(check.numbers["by_reason"]) == {"rejected is missing", "chosen is empty or whitespace-only"}
@@ -116,14 +121,24 @@ def test_identical_chosen_and_rejected_are_flagged(tmp_path):
 def test_duplicate_and_contradictory_pairs_are_flagged(tmp_path):
     pair = {"prompt": "the film", "chosen": " good", "rejected": " bad"}
     swapped = {"prompt": "the film", "chosen": " bad", "rejected": " good"}
-    check = _doctor(tmp_path, [pair, pair, swapped, {"prompt": "it", "chosen": " fine", "rejected": " awful"}]).check("duplicates")
+    check = _doctor(tmp_path, [pair, pair, swapped, {"prompt": "it", "chosen": " fine", "rejected": " awful"}]).check(
+        "duplicates"
+    )
     assert check.verdict == "warn"
-    assert check.numbers == {"distinct_prompts": 2, "repeated_prompts": 2, "duplicate_pairs": 1, "contradictory_pairs": 3}
+    assert check.numbers == {
+        "distinct_prompts": 2,
+        "repeated_prompts": 2,
+        "duplicate_pairs": 1,
+        "contradictory_pairs": 3,
+    }
     assert "label_smoothing=0.1" in check.advice
 
 
 def test_repeated_prompts_do_not_warn_now_that_eval_holds_out_whole_prompts(tmp_path):
-    rows = [{"prompt": "the film", "chosen": " good", "rejected": " bad"}, {"prompt": "the film", "chosen": " fine", "rejected": " awful"}]
+    rows = [
+        {"prompt": "the film", "chosen": " good", "rejected": " bad"},
+        {"prompt": "the film", "chosen": " fine", "rejected": " awful"},
+    ]
     assert _doctor(tmp_path, rows).check("duplicates").verdict == "ok"
     held_out = _doctor(tmp_path, rows, overrides=SHORT + ["data.eval_fraction=0.5"]).check("duplicates")
     assert held_out.verdict == "ok" and held_out.numbers["repeated_prompts"] == 1
@@ -143,7 +158,9 @@ def test_planted_length_bias_is_flagged(tmp_path, with_tokenizer):
 
 def test_truncation_rate_at_the_configured_limits(tmp_path):
     long_prompt = " ".join(["the film was"] * 6)  # 18 tokens
-    rows = [{"prompt": long_prompt, "chosen": " good " + "very " * 20, "rejected": " bad"}] * 3 + synthetic_pairs(3, seed=1)
+    rows = [{"prompt": long_prompt, "chosen": " good " + "very " * 20, "rejected": " bad"}] * 3 + synthetic_pairs(
+        3, seed=1
+    )
     check = _doctor(tmp_path, rows, word_tokenizer(), sample_size=0).check("truncation")
     assert check.numbers["share"] == {"prompt": 0.5, "chosen": 0.5, "rejected": 0.0}
     assert check.verdict == "warn" and check.numbers["p99_total_tokens"] == 18 + 22
@@ -155,7 +172,9 @@ def test_truncation_advice_stays_within_the_model_s_context(tmp_path):
     from dpokit.tiny import build_tiny_llama
 
     long_prompt = " ".join(["the film was"] * 6)  # 18 tokens
-    rows = [{"prompt": long_prompt, "chosen": " good " + "very " * 20, "rejected": " bad"}] * 3 + synthetic_pairs(3, seed=1)
+    rows = [{"prompt": long_prompt, "chosen": " good " + "very " * 20, "rejected": " bad"}] * 3 + synthetic_pairs(
+        3, seed=1
+    )
     small = build_tiny_llama(word_tokenizer(), hidden_size=16, num_layers=1, num_heads=2, max_position_embeddings=32)
     report = _doctor(tmp_path, rows, word_tokenizer(), reference_model=small, sample_size=0)
     check = report.check("truncation")
@@ -167,16 +186,23 @@ def test_truncation_advice_stays_within_the_model_s_context(tmp_path):
 def test_template_whose_prompt_render_is_not_a_prefix_fails(tmp_path):
     # A default system turn added only when the conversation does not end with the assistant: the prompt render
     # (ending with the user turn) then starts differently from the full conversation.
-    template = "{% if messages[-1]['role'] != 'assistant' %}{{ '<|im_start|>system\nhi<|im_end|>\n' }}{% endif %}" + CHATML_TEMPLATE
-    report = _doctor(tmp_path, [_conversation("what colour sky", "blue", "green")] * 2, _tokenizer_with(template), sample_size=0)
+    template = (
+        "{% if messages[-1]['role'] != 'assistant' %}{{ '<|im_start|>system\nhi<|im_end|>\n' }}{% endif %}"
+        + CHATML_TEMPLATE
+    )
+    report = _doctor(
+        tmp_path, [_conversation("what colour sky", "blue", "green")] * 2, _tokenizer_with(template), sample_size=0
+    )
     check = report.check("template_prefix")
     assert check.verdict == "fail" and check.numbers["not_prefix"] == 2
     assert "at token 1" in check.summary and report.verdict == "fail"
 
 
 def test_end_of_turn_already_in_the_completion_text_is_doubled(tmp_path):
-    rows = [_conversation("what colour sky", "blue<|im_end|>", "green"),  # the template adds a second <|im_end|>
-            {"prompt": "the film", "chosen": " good<|im_end|>\n", "rejected": " bad"}]  # dpokit appends EOS after "\n"
+    rows = [
+        _conversation("what colour sky", "blue<|im_end|>", "green"),  # the template adds a second <|im_end|>
+        {"prompt": "the film", "chosen": " good<|im_end|>\n", "rejected": " bad"},
+    ]  # dpokit appends EOS after "\n"
     check = _doctor(tmp_path, rows, word_tokenizer(), sample_size=0).check("special_tokens")
     assert check.verdict == "warn" and check.numbers["doubled_eos"] == 2 and check.numbers["doubled_bos"] == 0
     assert check.examples == ["%s:1 (chosen)" % (tmp_path / "data.jsonl"), "%s:2 (chosen)" % (tmp_path / "data.jsonl")]
@@ -185,7 +211,10 @@ def test_end_of_turn_already_in_the_completion_text_is_doubled(tmp_path):
 def test_bos_in_pre_rendered_prompt_text_is_doubled_by_a_bos_adding_tokenizer(tmp_path):
     tokenizer = _tokenizer_with(add_bos=True)
     assert tokenizer("<s> the film")["input_ids"][:2] == vocab_ids("<s> <s>")  # the real mechanism
-    rows = [{"prompt": "<s> the film was", "chosen": " good", "rejected": " bad"}, {"prompt": "it is", "chosen": " fine", "rejected": " awful"}]
+    rows = [
+        {"prompt": "<s> the film was", "chosen": " good", "rejected": " bad"},
+        {"prompt": "it is", "chosen": " fine", "rejected": " awful"},
+    ]
     check = _doctor(tmp_path, rows, tokenizer, sample_size=0).check("special_tokens")
     assert check.verdict == "warn" and check.numbers["doubled_bos"] == 1 and "remove BOS" in check.advice
 
@@ -196,7 +225,9 @@ def test_template_that_leaves_the_last_assistant_turn_open_misses_eos(tmp_path):
         "{% if not (loop.last and message['role'] == 'assistant') %}{{ '<|im_end|>\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
-    report = _doctor(tmp_path, [_conversation("what colour sky", "blue", "green")], _tokenizer_with(open_last_turn), sample_size=0)
+    report = _doctor(
+        tmp_path, [_conversation("what colour sky", "blue", "green")], _tokenizer_with(open_last_turn), sample_size=0
+    )
     check = report.check("completion_end")
     assert check.verdict == "warn" and check.numbers == {"missing_end": 2, "completions": 2}
 
@@ -238,7 +269,9 @@ def test_completions_the_reference_finds_unlikely_warn_of_distribution_shift(tmp
 
 def test_thresholds_are_adjustable(tmp_path):
     strict = DoctorConfig(min_token_logp=-0.01)
-    check = _doctor(tmp_path, synthetic_pairs(10, seed=1), word_tokenizer(), PLAUSIBLE, thresholds=strict).check("reference_logps")
+    check = _doctor(tmp_path, synthetic_pairs(10, seed=1), word_tokenizer(), PLAUSIBLE, thresholds=strict).check(
+        "reference_logps"
+    )
     assert check.verdict == "warn"
 
 
@@ -246,7 +279,9 @@ def test_thresholds_are_adjustable(tmp_path):
 
 
 def test_table_and_json_carry_verdicts_numbers_and_advice(tmp_path):
-    rows = [{"prompt": "the film", "chosen": " good very good plot", "rejected": " bad"}] * 8  # 8 of 8 longer: sign test p < 0.01
+    rows = [
+        {"prompt": "the film", "chosen": " good very good plot", "rejected": " bad"}
+    ] * 8  # 8 of 8 longer: sign test p < 0.01
     report = _doctor(tmp_path, rows)
     text = format_report(report)
     assert "length_bias" in text and "WARN" in text and "What to do:" in text and "overall: WARN" in text
@@ -290,7 +325,9 @@ def test_sign_test_matches_the_binomial_by_hand():
     assert sign_test_p(4, 4) == pytest.approx(2 / 16)  # 4 of 4 one way: P = 2 * (1/2)^4
     assert sign_test_p(1, 4) == pytest.approx(2 * 5 / 16)  # at least 3 of 4 either way
     assert sign_test_p(50, 100) == 1.0
-    assert sign_test_p(1200, 2000) == pytest.approx(2 * 0.5 * math.erfc((1200 - 0.5 - 1000) / math.sqrt(500) / math.sqrt(2)))
+    assert sign_test_p(1200, 2000) == pytest.approx(
+        2 * 0.5 * math.erfc((1200 - 0.5 - 1000) / math.sqrt(500) / math.sqrt(2))
+    )
 
 
 def test_long_paths_are_never_broken_across_lines(tmp_path):

@@ -22,11 +22,16 @@ from test_tool_rows import PROMPT, call, ids, tool_row, tool_tokenizer
 from tiny_assets import write_jsonl
 
 IGNORES_CALLS = CHATML_TEMPLATE  # renders message['content'] only: tool_calls vanish
-TEXT_ROW = {"prompt": PROMPT, "chosen": [{"role": "assistant", "content": "Sunny."}],
-            "rejected": [{"role": "assistant", "content": "sunny"}]}
+TEXT_ROW = {
+    "prompt": PROMPT,
+    "chosen": [{"role": "assistant", "content": "Sunny."}],
+    "rejected": [{"role": "assistant", "content": "sunny"}],
+}
 # A template that keeps only what follows </think> in an assistant turn (as reasoning templates do for history).
 DROPS_THINKING = CHATML_TEMPLATE.replace(
-    "message['content']", "(message['content'].split('</think>')[-1] if message['role'] == 'assistant' else message['content'])")
+    "message['content']",
+    "(message['content'].split('</think>')[-1] if message['role'] == 'assistant' else message['content'])",
+)
 
 
 def _pairs(tmp_path, rows, template=TOOLS_CHATML_TEMPLATE):
@@ -56,11 +61,15 @@ def test_a_completion_rendered_as_only_the_end_marker_is_a_counted_skip(tmp_path
 
 
 def test_kto_and_sft_completions_are_checked_alike(tmp_path):
-    rows = [{"prompt": PROMPT, "completion": [call("get_weather", {"city": "Paris"})], "label": True},
-            {"prompt": PROMPT, "completion": [{"role": "assistant", "content": "Sunny."}], "label": False}]
+    rows = [
+        {"prompt": PROMPT, "completion": [call("get_weather", {"city": "Paris"})], "label": True},
+        {"prompt": PROMPT, "completion": [{"role": "assistant", "content": "Sunny."}], "label": False},
+    ]
     groups, report = load_unpaired(str(write_jsonl(tmp_path / "kto.jsonl", rows)))
     examples, _ = tokenize_groups(groups, tool_tokenizer(IGNORES_CALLS), 512, 256, report)
-    assert [e.label for e in examples] == [False] and report.skipped == {TOOL_CALLS_IGNORED: 1} and report.rows_used == 1
+    assert (
+        [e.label for e in examples] == [False] and report.skipped == {TOOL_CALLS_IGNORED: 1} and report.rows_used == 1
+    )
 
 
 def test_preparing_stops_past_data_max_empty_render_fraction(tmp_path):
@@ -84,9 +93,16 @@ def test_train_exits_2_with_one_line_when_the_template_ignores_tool_calls(tmp_pa
     tokenizer.save_pretrained(model_dir)
     data = write_jsonl(tmp_path / "d.jsonl", [tool_row()] * 2 + [TEXT_ROW] * 2)
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)}, "out_dir": str(tmp_path / "run"),
-                                      "data": {"path": str(data), "max_length": 256},
-                                      "train": {"max_steps": 1, "batch_size": 2, "progress_bar": False}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(model_dir)},
+                "out_dir": str(tmp_path / "run"),
+                "data": {"path": str(data), "max_length": 256},
+                "train": {"max_steps": 1, "batch_size": 2, "progress_bar": False},
+            }
+        )
+    )
     capsys.readouterr()
     assert cli_main(["train", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -20,14 +20,48 @@ def _judge_dir() -> Path:
 
 
 def test_eval_suites_offline_with_a_local_judge_write_the_view_and_the_report_shows_it(tmp_path, capsys):
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the film was"}, {"prompt": "it is"}, {"prompt": "the plot"}])
+    prompts = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "the film was"}, {"prompt": "it is"}, {"prompt": "the plot"}]
+    )
     policy, reference = str(tiny_model_dir(seed=0)), str(tiny_model_dir(seed=1))
     run = tmp_path / "run"
     out = run / "eval.json"
-    assert main(["eval", "--policy", policy, "--reference", reference, "--prompts", str(prompts), "--local-judge", str(_judge_dir()),
-                 "--suite", "ifeval", "--suite", "lc_winrate", "--suite", "multiturn", "--multiturn-mode", "pairwise",
-                 "--max-prompts", "3", "--suite-max-new-tokens", "6", "-n", "2", "--max-new-tokens", "4", "--lc-bootstrap", "5",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                policy,
+                "--reference",
+                reference,
+                "--prompts",
+                str(prompts),
+                "--local-judge",
+                str(_judge_dir()),
+                "--suite",
+                "ifeval",
+                "--suite",
+                "lc_winrate",
+                "--suite",
+                "multiturn",
+                "--multiturn-mode",
+                "pairwise",
+                "--max-prompts",
+                "3",
+                "--suite-max-new-tokens",
+                "6",
+                "-n",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--lc-bootstrap",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads(out.read_text())
     suites = m["suites"]
     assert set(suites) == {"ifeval", "lc_winrate", "multiturn"} and m["win_rate_by"].startswith("local judge")
@@ -47,10 +81,20 @@ def test_eval_suites_offline_with_a_local_judge_write_the_view_and_the_report_sh
 
 
 def test_rows_put_policy_and_baseline_side_by_side_with_standard_errors():
-    metrics = {"mean_length": 10.0, "mean_length_sem": 0.5, "baseline_mean_length": 8.0, "win_rate": 0.75, "win_rate_sem": 0.1,
-               "suites": {"ifeval": {"policy": {"prompt_level_strict_acc": 0.5, "prompt_level_strict_acc_sem": 0.25},
-                                     "baseline": {"prompt_level_strict_acc": 0.25, "prompt_level_strict_acc_sem": math.nan}},
-                          "multiturn": {"policy": {"score": 6.0, "score_sem": 1.5, "parse_failures": 2}, "baseline": None}}}
+    metrics = {
+        "mean_length": 10.0,
+        "mean_length_sem": 0.5,
+        "baseline_mean_length": 8.0,
+        "win_rate": 0.75,
+        "win_rate_sem": 0.1,
+        "suites": {
+            "ifeval": {
+                "policy": {"prompt_level_strict_acc": 0.5, "prompt_level_strict_acc_sem": 0.25},
+                "baseline": {"prompt_level_strict_acc": 0.25, "prompt_level_strict_acc_sem": math.nan},
+            },
+            "multiturn": {"policy": {"score": 6.0, "score_sem": 1.5, "parse_failures": 2}, "baseline": None},
+        },
+    }
     assert rows(metrics) == [
         ("samples", "win rate vs baseline", "75.0% ± 10.0%", ""),
         ("samples", "mean length (tokens)", "10.0 ± 0.5", "8.0"),
@@ -60,7 +104,9 @@ def test_rows_put_policy_and_baseline_side_by_side_with_standard_errors():
     ]
     assert "| ifeval | prompt-level strict | 50.0% ± 25.0% | 25.0% |" in markdown(metrics)
     kl = markdown({"kl_to_reference": 1.5})
-    assert "| samples | KL(policy \\|\\| reference), nats, k3 of the sampled log-ratio | 1.50 |  |" in kl  # escaped: 4 columns, not 6
+    assert (
+        "| samples | KL(policy \\|\\| reference), nats, k3 of the sampled log-ratio | 1.50 |  |" in kl
+    )  # escaped: 4 columns, not 6
 
 
 def test_a_run_without_eval_json_has_no_section_and_a_broken_one_says_so(tmp_path):
@@ -75,13 +121,38 @@ def test_multiturn_single_mode_through_the_cli_with_a_local_api_judge(tmp_path):
     model = str(tiny_model_dir(seed=0))
     out = tmp_path / "eval.json"
     with MTJudgeServer() as server:
-        assert main(["eval", "--policy", model, "--reference", str(tiny_model_dir(seed=1)), "--judge-url", server.url,
-                     "--judge-model", "judge", "--suite", "multiturn", "--max-prompts", "2", "--suite-max-new-tokens", "4",
-                     "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--policy",
+                    model,
+                    "--reference",
+                    str(tiny_model_dir(seed=1)),
+                    "--judge-url",
+                    server.url,
+                    "--judge-model",
+                    "judge",
+                    "--suite",
+                    "multiturn",
+                    "--max-prompts",
+                    "2",
+                    "--suite-max-new-tokens",
+                    "4",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     assert len(server.requests) == 8  # 2 questions x 2 turns x (policy, baseline)
     result = json.loads(out.read_text())["suites"]["multiturn"]
     for side in ("policy", "baseline"):  # the seeded tiny models' greedy answers have no "great": every turn rated 3
-        assert result[side]["turn1_score"] == 3.0 and result[side]["turn2_score"] == 3.0 and result[side]["parse_failures"] == 0
+        assert (
+            result[side]["turn1_score"] == 3.0
+            and result[side]["turn2_score"] == 3.0
+            and result[side]["parse_failures"] == 0
+        )
     assert "| multiturn | turn 1 score (1-10) | 3.00 ± 0.00 | 3.00 ± 0.00 |" in out.with_suffix(".md").read_text()
 
 
@@ -97,7 +168,9 @@ def test_the_table_shows_the_exact_kl_with_its_estimator_and_the_sampled_one_bes
     # reached the console only.
     from dpokit.online.suites.view import markdown
 
-    table = markdown({"kl_to_reference": 6.04, "kl_to_reference_sem": 5.23, "kl_tokenwise": 1.47, "kl_tokenwise_sem": 0.15})
+    table = markdown(
+        {"kl_to_reference": 6.04, "kl_to_reference_sem": 5.23, "kl_tokenwise": 1.47, "kl_tokenwise_sem": 0.15}
+    )
     lines = [line for line in table.splitlines() if line.startswith("| samples | KL")]
     assert len(lines) == 2 and "exact next-token" in lines[0] and "1.47 ± 0.15" in lines[0]
     assert "k3" in lines[1] and "6.04 ± 5.23" in lines[1] and "same expectation" in table
@@ -106,9 +179,17 @@ def test_the_table_shows_the_exact_kl_with_its_estimator_and_the_sampled_one_bes
 def test_eval_names_the_missing_option_before_any_model_loads(capsys):
     # Issue 20: --suite lc_winrate with --prompts and --scorer but no --reference said "give --prompts and a judge
     # or --scorer" after sampling; what it lacks is a baseline to judge the policy's samples against.
-    assert main(["eval", "--policy", "no/such/model", "--prompts", "p.jsonl", "--scorer", "m:f", "--suite", "lc_winrate"]) == 2
+    assert (
+        main(["eval", "--policy", "no/such/model", "--prompts", "p.jsonl", "--scorer", "m:f", "--suite", "lc_winrate"])
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "lc_winrate needs a baseline" in err[0] and "--reference" in err[0] and "--scorer" not in err[0]
+    assert (
+        len(err) == 1
+        and "lc_winrate needs a baseline" in err[0]
+        and "--reference" in err[0]
+        and "--scorer" not in err[0]
+    )
     # --pairs without --reference: preference accuracy cannot be measured, which was left out without a word
     assert main(["eval", "--policy", "no/such/model", "--prompts", "p.jsonl", "--pairs", "pairs.jsonl"]) == 2
     assert "--pairs needs --reference" in capsys.readouterr().err

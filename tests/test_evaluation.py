@@ -17,8 +17,6 @@ from dpokit.online.scoring import FunctionScorer
 from tiny_assets import model, tokenizer  # noqa: F401 (pytest fixtures)
 
 
-
-
 def fix_distribution(model, tokenizer, p_eos: float, boost: dict | None = None):
     """Every step: EOS with probability p_eos, else a uniform ordinary word (logits += boost[word] if given)."""
     vocab = len(tokenizer)
@@ -28,7 +26,9 @@ def fix_distribution(model, tokenizer, p_eos: float, boost: dict | None = None):
 
     def hook(module, inputs, logits):
         logits = torch.zeros_like(logits)
-        logits[..., tokenizer.all_special_ids] = -1e4  # finite: log-probs at masked (pad) positions must stay 0 * finite
+        logits[
+            ..., tokenizer.all_special_ids
+        ] = -1e4  # finite: log-probs at masked (pad) positions must stay 0 * finite
         logits[..., tokenizer.eos_token_id] = eos_logit
         for word, value in (boost or {}).items():
             logits[..., ids[word]] += value
@@ -42,10 +42,20 @@ PROMPTS = world.eval_prompts(16, seed=0)
 
 def test_a_policy_against_itself(model, tokenizer):
     pairs = world.preference_pairs(8, seed=0, split="eval")
-    m = evaluate(model, tokenizer, PROMPTS[:4], EvalConfig(num_samples=3, max_new_tokens=6), reference=copy.deepcopy(model),
-                 baseline=model, scorer=FunctionScorer(world.sentiment), pairs=pairs)
+    m = evaluate(
+        model,
+        tokenizer,
+        PROMPTS[:4],
+        EvalConfig(num_samples=3, max_new_tokens=6),
+        reference=copy.deepcopy(model),
+        baseline=model,
+        scorer=FunctionScorer(world.sentiment),
+        pairs=pairs,
+    )
     assert m["kl_to_reference"] == 0.0 and m["kl_tokenwise"] == pytest.approx(0.0, abs=1e-6)
-    assert m["preference_accuracy"] == 0.0 and m["win_rate"] == 0.5  # every pair ties: a tie is not chosen and m["length_change"] == 0.0
+    assert (
+        m["preference_accuracy"] == 0.0 and m["win_rate"] == 0.5
+    )  # every pair ties: a tie is not chosen and m["length_change"] == 0.0
     assert m["num_samples"] == 12 and 0.0 <= m["mean_score"] <= 1.0 and not m["kl_estimator_biased"]
     assert "KL(policy || reference)" in format_report(m) and "win rate" in format_report(m)
 
@@ -60,8 +70,14 @@ def test_kl_estimates_match_the_exact_kl(model, tokenizer):
     policy, reference = model, copy.deepcopy(model)
     handles = [fix_distribution(policy, tokenizer, p), fix_distribution(reference, tokenizer, q)]
     try:
-        m = evaluate(policy, tokenizer, PROMPTS[:8], EvalConfig(num_samples=32, max_new_tokens=T, seed=0), reference=reference,
-                     baseline=None)
+        m = evaluate(
+            policy,
+            tokenizer,
+            PROMPTS[:8],
+            EvalConfig(num_samples=32, max_new_tokens=T, seed=0),
+            reference=reference,
+            baseline=None,
+        )
     finally:
         for h in handles:
             h.remove()
@@ -75,16 +91,30 @@ def test_kl_estimates_match_the_exact_kl(model, tokenizer):
 
 def test_win_rate_length_change_and_preference_accuracy(model, tokenizer):
     reference = copy.deepcopy(model)
-    handles = [fix_distribution(model, tokenizer, 0.2, boost={"great": 6.0}), fix_distribution(reference, tokenizer, 0.4)]
+    handles = [
+        fix_distribution(model, tokenizer, 0.2, boost={"great": 6.0}),
+        fix_distribution(reference, tokenizer, 0.4),
+    ]
     try:
-        pairs = [{"prompt": "the film was", "chosen": " great", "rejected": " dull"},
-                 {"prompt": "the film was", "chosen": " dull", "rejected": " great"},
-                 {"prompt": [{"role": "user", "content": "the film was"}], "chosen": [{"role": "assistant", "content": "great"}],
-                  "rejected": [{"role": "assistant", "content": "dull"}]}]
+        pairs = [
+            {"prompt": "the film was", "chosen": " great", "rejected": " dull"},
+            {"prompt": "the film was", "chosen": " dull", "rejected": " great"},
+            {
+                "prompt": [{"role": "user", "content": "the film was"}],
+                "chosen": [{"role": "assistant", "content": "great"}],
+                "rejected": [{"role": "assistant", "content": "dull"}],
+            },
+        ]
         assert preference_accuracy(model, reference, tokenizer, pairs[:1]) == 1.0
         assert preference_accuracy(model, reference, tokenizer, pairs) == pytest.approx(2 / 3)
-        m = evaluate(model, tokenizer, PROMPTS, EvalConfig(num_samples=4, max_new_tokens=8), reference=reference,
-                     scorer=FunctionScorer(world.sentiment))
+        m = evaluate(
+            model,
+            tokenizer,
+            PROMPTS,
+            EvalConfig(num_samples=4, max_new_tokens=8),
+            reference=reference,
+            scorer=FunctionScorer(world.sentiment),
+        )
     finally:
         for h in handles:
             h.remove()
@@ -103,7 +133,14 @@ def test_pairwise_judge_win_rate(model, tokenizer):
     reference = copy.deepcopy(model)
     handles = [fix_distribution(model, tokenizer, 0.05), fix_distribution(reference, tokenizer, 0.6)]
     try:
-        m = evaluate(model, tokenizer, PROMPTS[:8], EvalConfig(num_samples=2, max_new_tokens=8), reference=reference, judge=LongerWins())
+        m = evaluate(
+            model,
+            tokenizer,
+            PROMPTS[:8],
+            EvalConfig(num_samples=2, max_new_tokens=8),
+            reference=reference,
+            judge=LongerWins(),
+        )
     finally:
         for h in handles:
             h.remove()
@@ -116,7 +153,9 @@ def test_kl_to_reference_is_the_demo_function(model, tokenizer):
     assert demo_evaluate.kl_to_reference is kl_to_reference and demo_evaluate.preference_accuracy is preference_accuracy
     samples = sample(model, tokenizer, PROMPTS[:2], num_samples=2, max_new_tokens=4)
     assert kl_to_reference(model, model, samples, tokenizer.pad_token_id) == 0.0
-    ratios, tokenwise = log_ratios(model, model, [s.prompt_ids for s in samples], [s.completion_ids for s in samples], 0, tokenwise=True)
+    ratios, tokenwise = log_ratios(
+        model, model, [s.prompt_ids for s in samples], [s.completion_ids for s in samples], 0, tokenwise=True
+    )
     assert ratios.shape == tokenwise.shape == (4,)
 
 
@@ -131,10 +170,33 @@ def test_cli_eval(tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the film was"}, {"prompt": "it is"}])
     model = str(tiny_model_dir())
     out = tmp_path / "eval.json"
-    assert main(["eval", "--policy", model, "--reference", model, "--prompts", str(prompts), "--scorer", "dpokit.demo.world:sentiment",
-                 "-n", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                model,
+                "--reference",
+                model,
+                "--prompts",
+                str(prompts),
+                "--scorer",
+                "dpokit.demo.world:sentiment",
+                "-n",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     m = json.loads(out.read_text())
-    assert m["kl_to_reference"] == 0.0 and m["preference_accuracy" if "preference_accuracy" in m else "win_rate"] is not None
+    assert (
+        m["kl_to_reference"] == 0.0
+        and m["preference_accuracy" if "preference_accuracy" in m else "win_rate"] is not None
+    )
     assert m["num_samples"] == 4 and (tmp_path / "eval.samples.jsonl").exists()
     assert "KL(policy || reference)" in capsys.readouterr().out
 

@@ -18,11 +18,16 @@ def judged(chosen, rejected) -> dict:
     return {"role": "assistant", "chosen": chosen, "rejected": rejected}
 
 
-CONVERSATION = {"messages": [  # judged at turns 1 and 3; turn 2 is context
-    user("hi"), judged("hello", "no"),
-    user("how are you"), assistant("i am fine"),
-    user("tell me story"), judged("once upon time", "no"),
-]}
+CONVERSATION = {
+    "messages": [  # judged at turns 1 and 3; turn 2 is context
+        user("hi"),
+        judged("hello", "no"),
+        user("how are you"),
+        assistant("i am fine"),
+        user("tell me story"),
+        judged("once upon time", "no"),
+    ]
+}
 ONE_TURN = {"messages": [user("what colour sky"), judged("blue", "green")]}
 PLAIN = {"prompt": "the film was", "chosen": " good", "rejected": " bad"}
 
@@ -41,14 +46,27 @@ def test_a_conversation_expands_to_one_pair_per_judged_turn_with_the_chosen_hist
     first, second = groups[0]
     assert (first.turn, second.turn, first.source, second.source) == (1, 2, f"{path}:1", f"{path}:1")
     assert first.prompt == [user("hi")]
-    assert second.prompt == [user("hi"), assistant("hello"), user("how are you"), assistant("i am fine"), user("tell me story")]
+    assert second.prompt == [
+        user("hi"),
+        assistant("hello"),
+        user("how are you"),
+        assistant("i am fine"),
+        user("tell me story"),
+    ]
     assert (second.chosen, second.rejected) == ([assistant("once upon time")], [assistant("no")])
 
     pairs, _ = tokenize_pairs([first, second], word_tokenizer(), max_length=64, max_prompt_length=48)
     assert pairs[0].prompt_ids == vocab_ids(f"{turn('user', 'hi')} <|im_start|> assistant")
     assert pairs[0].chosen_ids == vocab_ids(f"hello {EOS}") and pairs[0].rejected_ids == vocab_ids(f"no {EOS}")
-    history = " ".join([turn("user", "hi"), turn("assistant", "hello"), turn("user", "how are you"),
-                        turn("assistant", "i am fine"), turn("user", "tell me story")])
+    history = " ".join(
+        [
+            turn("user", "hi"),
+            turn("assistant", "hello"),
+            turn("user", "how are you"),
+            turn("assistant", "i am fine"),
+            turn("user", "tell me story"),
+        ]
+    )
     assert pairs[1].prompt_ids == vocab_ids(f"{history} <|im_start|> assistant")
     assert pairs[1].chosen_ids == vocab_ids(f"once upon time {EOS}") and pairs[1].rejected_ids == vocab_ids(f"no {EOS}")
     # token health matches each pair to its own turn's text, though the pairs share their source row
@@ -79,8 +97,13 @@ def test_malformed_judged_turns_skip_the_whole_conversation_with_the_reason(tmp_
     _, report = load_preference_groups(str(write_jsonl(tmp_path / "d.jsonl", rows)))
     assert (report.rows_used, report.rows_skipped, report.turn_pairs) == (1, 5, 2)
     reasons = " | ".join(report.skipped)
-    for words in ("has chosen but no rejected", "its role is 'user'", "content as well as chosen/rejected",
-                  "no prompt before it", "chosen is empty"):
+    for words in (
+        "has chosen but no rejected",
+        "its role is 'user'",
+        "content as well as chosen/rejected",
+        "no prompt before it",
+        "chosen is empty",
+    ):
         assert words in reasons, words
 
 
@@ -99,10 +122,12 @@ def test_every_turn_rows_train(tmp_path):
     import dpokit
 
     rows = [CONVERSATION, ONE_TURN] * 4
-    cfg = {"model": {"name_or_path": str(tiny_model_dir())},
-           "data": {"path": str(write_jsonl(tmp_path / "d.jsonl", rows)), "max_length": 64},
-           "train": {"batch_size": 4, "max_steps": 2, "logging_steps": 1, "progress_bar": False},
-           "out_dir": str(tmp_path / "run")}
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir())},
+        "data": {"path": str(write_jsonl(tmp_path / "d.jsonl", rows)), "max_length": 64},
+        "train": {"batch_size": 4, "max_steps": 2, "logging_steps": 1, "progress_bar": False},
+        "out_dir": str(tmp_path / "run"),
+    }
     result = dpokit.train(cfg)
     summary = json.loads((result.run_dir / "data_summary.json").read_text())
     assert summary["train"]["every_turn"] == {"conversations": 8, "pairs": 12} and summary["train"]["pairs"] == 12
@@ -113,8 +138,10 @@ def test_kto_and_sft_count_the_expansion_and_keep_a_conversation_in_one_split(tm
     from dpokit.data.unpaired import prepare_unpaired
 
     rows = [CONVERSATION, ONE_TURN, PLAIN] * 4
-    cfg = load_config(None, {"data.path": str(write_jsonl(tmp_path / "d.jsonl", rows)), "data.max_length": 64,
-                             "data.eval_fraction": 0.25})
+    cfg = load_config(
+        None,
+        {"data.path": str(write_jsonl(tmp_path / "d.jsonl", rows)), "data.max_length": 64, "data.eval_fraction": 0.25},
+    )
     for prepare, per_pair in ((prepare_unpaired, 2), (prepare_sft, 1)):
         data = prepare(cfg, word_tokenizer())
         train, held = data.summary["train"], data.summary["eval"]

@@ -125,8 +125,16 @@ def test_layout_scores_exactly_the_plain_tokens_at_the_plain_positions():
     pairs = _pairs(6, seed=4, empty_prompt=True)
     plain = collate_pairs(pairs, 0)
     labels = plain["labels"][:, 1:]
-    expected = sorted((s, int(t), k) for s in range(labels.shape[0]) for k, t in enumerate(labels[s].tolist()) if t != IGNORE_INDEX)
-    for layout in (Layout(False, False), Layout(True, False, 40), Layout(False, True), Layout(True, True, 40), Layout(single_row=True)):
+    expected = sorted(
+        (s, int(t), k) for s in range(labels.shape[0]) for k, t in enumerate(labels[s].tolist()) if t != IGNORE_INDEX
+    )
+    for layout in (
+        Layout(False, False),
+        Layout(True, False, 40),
+        Layout(False, True),
+        Layout(True, True, 40),
+        Layout(single_row=True),
+    ):
         b = collate_packed(pairs, 0, layout)
         flat_pos = b["position_ids"].reshape(-1)
         got = sorted(zip(b["score_seq"].tolist(), b["score_target"].tolist(), flat_pos[b["score_pos"]].tolist()))
@@ -175,7 +183,12 @@ def test_chunked_lm_head_gradients_are_exact_float64():
 
 def test_wpo_ld_dpo_and_loss_mixes_match(models):
     policy, reference = models
-    overrides = {"loss.type": ["sigmoid", "sft"], "loss.weights": [1.0, 0.5], "loss.ld_alpha": 0.5, "loss.use_weighting": True}
+    overrides = {
+        "loss.type": ["sigmoid", "sft"],
+        "loss.weights": [1.0, 0.5],
+        "loss.ld_alpha": 0.5,
+        "loss.use_weighting": True,
+    }
     plain = _run(forward_pairs, policy, reference, collate_pairs(_pairs(), 0), _cfg(**overrides))
     speed = SETTINGS["all"]
     fast = _run(forward_pairs_fast, policy, reference, make_collate(speed)(_pairs(), 0), _cfg(speed, **overrides))
@@ -191,7 +204,9 @@ def test_lora_policy_with_adapters_off_as_reference():
                 p.normal_(0, 0.05)
     plain = _run(forward_pairs, policy, None, collate_pairs(_pairs(), 0), cfg)
     speed = SETTINGS["all"]
-    fast = _run(forward_pairs_fast, policy, None, make_collate(speed)(_pairs(), 0), _cfg(speed, **{"lora.enabled": True}))
+    fast = _run(
+        forward_pairs_fast, policy, None, make_collate(speed)(_pairs(), 0), _cfg(speed, **{"lora.enabled": True})
+    )
     _compare(plain, fast)
     assert any("lora" in n for n in fast[2]) and all("lora" in n for n in fast[2])
 
@@ -219,8 +234,15 @@ def test_single_varlen_row_and_grouped_query_attention():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     policy = LlamaForCausalLM(config)
     reference = _moved(copy.deepcopy(policy)).requires_grad_(False)
@@ -230,7 +252,10 @@ def test_single_varlen_row_and_grouped_query_attention():
     batch = collate_packed(_pairs(), 0, Layout(prefix_sharing=False, single_row=True))
     assert batch["input_ids"].shape[0] == 1
     _compare(plain, _run(forward_pairs_fast, policy, reference, batch, _cfg(speed)))
-    _compare(plain, _run(forward_pairs_fast, policy, reference, make_collate(SETTINGS["all"])(_pairs(), 0), _cfg(SETTINGS["all"])))
+    _compare(
+        plain,
+        _run(forward_pairs_fast, policy, reference, make_collate(SETTINGS["all"])(_pairs(), 0), _cfg(SETTINGS["all"])),
+    )
 
 
 def test_accumulated_step_through_the_trainer_matches(models):
@@ -245,7 +270,9 @@ def test_accumulated_step_through_the_trainer_matches(models):
         policy.zero_grad(set_to_none=True)
         sums = MetricSums()
         micro = [task.collate(pairs[:3], 0), task.collate(pairs[3:], 0)]
-        accumulate_gradients(StepJob(policy, reference, task, StepContext(cfg, group=Accelerator(cpu=True))), micro, sums)
+        accumulate_gradients(
+            StepJob(policy, reference, task, StepContext(cfg, group=Accelerator(cpu=True))), micro, sums
+        )
         results.append(({n: p.grad.clone() for n, p in policy.named_parameters()}, sums.reduce()))
     (g0, m0), (g1, m1) = results
     for name in m0:

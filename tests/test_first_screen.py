@@ -50,7 +50,9 @@ def test_what_the_demo_imports_and_runs_before_training_brings_in_neither_peft_n
     assert "kernels-community" not in done.stderr and "trust_remote_code" not in done.stderr
 
 
-@pytest.mark.parametrize("scheduler, warmup", [("linear", 3), ("cosine", 3), ("constant", 3), ("linear", 0), ("cosine", 0)])
+@pytest.mark.parametrize(
+    "scheduler, warmup", [("linear", 3), ("cosine", 3), ("constant", 3), ("linear", 0), ("cosine", 0)]
+)
 def test_the_schedules_give_transformers_learning_rates(scheduler, warmup):
     """make_schedule's LambdaLR (no transformers import) equals get_scheduler's, step by step, past the end too."""
     from transformers import get_scheduler
@@ -111,7 +113,11 @@ def test_vision_rows_without_pillow_say_so_in_one_line_naming_the_install(tmp_pa
 
 def test_the_readme_and_ci_install_with_the_constraints_that_pin_what_ci_saw():
     """A fresh install resolves the versions CI ran (bitsandbytes 0.50.2's CPU repack broke a test that 0.49 passed)."""
-    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert pins["torch"] == "2.13.0"  # no local tag (+cpu): pip picks the build for the machine
     for name in ("bitsandbytes", "trl", "pillow", "transformers", "peft", "accelerate", "tensorboard", "pytest"):
         assert name in pins, name

@@ -22,13 +22,19 @@ from dpokit.steps import FastPairedStep
 from dpokit.steps.token_scores import layout_for
 
 FLASH = SimpleNamespace(_attn_implementation="flash_attention_2")
-PAIRS = [TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair([13], [14], [15, 16]), TokenizedPair([17, 18], [19, 20, 21], [22])]
+PAIRS = [
+    TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12]),
+    TokenizedPair([13], [14], [15, 16]),
+    TokenizedPair([17, 18], [19, 20, 21], [22]),
+]
 # sequences in [chosen; rejected] order: prompt + chosen of pairs 0, 1, 2, then prompt + rejected of pairs 0, 1, 2
 IDS = [5, 6, 7, 8, 9, 13, 14, 17, 18, 19, 20, 21, 5, 6, 7, 10, 11, 12, 13, 15, 16, 17, 18, 22]
 POSITIONS = [0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 1, 2]
 
 
-@pytest.mark.parametrize("speed", [SpeedConfig(), SpeedConfig(pack_length=8), SpeedConfig(packing=False, prefix_sharing=True)])
+@pytest.mark.parametrize(
+    "speed", [SpeedConfig(), SpeedConfig(pack_length=8), SpeedConfig(packing=False, prefix_sharing=True)]
+)
 def test_flash_batch_is_one_row_with_restarting_positions_and_no_mask(speed):
     assert layout_for(speed, "flash_attention_2") == Layout(packing=True, prefix_sharing=False, single_row=True)
     batch = FastPairedStep(speed, "flash_attention_2").collate(PAIRS, 0)
@@ -43,7 +49,9 @@ def test_flash_batch_is_one_row_with_restarting_positions_and_no_mask(speed):
 
 
 def test_transformers_derives_the_varlen_segments_from_those_positions():
-    inputs = attention_inputs(FLASH, FastPairedStep(SpeedConfig(), "flash_attention_2").collate(PAIRS, 0), torch.bfloat16)
+    inputs = attention_inputs(
+        FLASH, FastPairedStep(SpeedConfig(), "flash_attention_2").collate(PAIRS, 0), torch.bfloat16
+    )
     assert _is_packed_sequence(inputs["position_ids"], batch_size=1)
     (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(inputs["position_ids"])
     expected = torch.tensor([0, 5, 7, 12, 18, 21, 24], dtype=torch.int32)  # 5 + 2 + 5 tokens chosen, 6 + 3 + 3 rejected

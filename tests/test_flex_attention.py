@@ -72,7 +72,9 @@ def test_speed_attention_flex_switches_a_default_model_to_flex(models):
     torch.compiler.reset()
     with torch.no_grad():
         out0, _ = forward_pairs(policy, reference, collate_pairs(_pairs(), 0), StepContext(_cfg()))
-        out1, _ = forward_pairs_fast(fresh, reference, make_collate(speed, "flex_attention")(_pairs(), 0), StepContext(_cfg(speed)))
+        out1, _ = forward_pairs_fast(
+            fresh, reference, make_collate(speed, "flex_attention")(_pairs(), 0), StepContext(_cfg(speed))
+        )
     assert fresh.config._attn_implementation == "flex_attention"
     torch.testing.assert_close(out1.losses, out0.losses, rtol=0, atol=ATOL)
 
@@ -80,7 +82,11 @@ def test_speed_attention_flex_switches_a_default_model_to_flex(models):
 @pytest.mark.parametrize("prefix_sharing", [True, False])
 def test_block_mask_rule_equals_the_dense_rule(prefix_sharing):
     """The BlockMask's mask_mod, evaluated at every (row, q, k), is `allowed` exactly: units, branches, padding."""
-    pairs = [TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12]), TokenizedPair([], [13], [14, 15]), TokenizedPair([16], [17, 18, 19], [20])]
+    pairs = [
+        TokenizedPair([5, 6, 7], [8, 9], [10, 11, 12]),
+        TokenizedPair([], [13], [14, 15]),
+        TokenizedPair([16], [17, 18, 19], [20]),
+    ]
     b = collate_packed(pairs, 0, Layout(packing=True, prefix_sharing=prefix_sharing, pack_length=12))
     rows, width = b["segment_ids"].shape
     assert rows > 1 and (b["segment_ids"] == -1).any()  # several rows, with padding

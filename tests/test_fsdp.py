@@ -62,7 +62,13 @@ def _config(tmp_path: Path, name: str, batch_size: int, **extra) -> dict:
         "loss": {"beta": 0.5},
         "optim": {"lr": 3e-3, "scheduler": "linear", "warmup_steps": 1},
         "speed": {"ref_cache_dir": str(tmp_path / f"cache-{name}")},
-        "train": {"batch_size": batch_size, "max_steps": STEPS, "logging_steps": 1, "save_steps": 2, "progress_bar": False},
+        "train": {
+            "batch_size": batch_size,
+            "max_steps": STEPS,
+            "logging_steps": 1,
+            "save_steps": 2,
+            "progress_bar": False,
+        },
         "out_dir": str(tmp_path / name),
     }
     for key, value in extra.items():
@@ -84,14 +90,47 @@ def _launch(tmp_path: Path, cfg: dict, procs: int = 2, kill_at: int = 0, nodes: 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = [str(script), json.dumps(cfg), str(kill_at)]
     if nodes == 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", port, *args]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(procs),
+            "--master_port",
+            port,
+            *args,
+        ]
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node_rank", str(rank),
-                                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, *args],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for rank in range(nodes)]
+    launchers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                str(nodes),
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(nodes)
+    ]
     outs = [p.communicate(timeout=300) for p in launchers]
     code = max(abs(p.returncode) for p in launchers)
-    return subprocess.CompletedProcess(launchers[0].args, code, "".join(o for o, _ in outs), "".join(e for _, e in outs))
+    return subprocess.CompletedProcess(
+        launchers[0].args, code, "".join(o for o, _ in outs), "".join(e for _, e in outs)
+    )
 
 
 def _final_weights(run_dir: Path) -> dict:
@@ -108,7 +147,15 @@ def _assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
     curves = _curve(a), _curve(b)
     assert [r["step"] for r in curves[0]] == [r["step"] for r in curves[1]] == list(range(1, STEPS + 1))
     for x, y in zip(*curves):
-        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "grad_norm", "learning_rate", "epoch"):
+        for key in (
+            "loss",
+            "rewards/margins",
+            "rewards/accuracies",
+            "logps/chosen",
+            "grad_norm",
+            "learning_rate",
+            "epoch",
+        ):
             assert x[key] == pytest.approx(y[key], abs=tol, rel=0), (x["step"], key)
     wa, wb = _final_weights(a), _final_weights(b)
     assert wa.keys() == wb.keys()
@@ -123,8 +170,15 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
     """The launch succeeded. One exception, rare (about 1 launch in 15 here) and outside dpokit: a rank that finished
     its work and raised nothing aborts in gloo's teardown at exit (SIGABRT, TEARDOWN_ABORT; pytorch/pytorch#179291
     describes the mechanism). It is warned about, not failed on: the caller's checks of the outputs still decide."""
-    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and "SIGABRT" in proc.stderr and "]: Traceback" not in proc.stderr:
-        warnings.warn(f"a rank aborted in gloo's teardown after its work: {TEARDOWN_ABORT}", RuntimeWarning, stacklevel=2)
+    if (
+        proc.returncode != 0
+        and TEARDOWN_ABORT in proc.stderr
+        and "SIGABRT" in proc.stderr
+        and "]: Traceback" not in proc.stderr
+    ):
+        warnings.warn(
+            f"a rank aborted in gloo's teardown after its work: {TEARDOWN_ABORT}", RuntimeWarning, stacklevel=2
+        )
         return
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -142,7 +196,11 @@ def runs(tmp_path_factory) -> Path:
 def test_fsdp_full_fine_tuning_matches_one_process_with_the_same_global_batch(runs):
     one, two = runs / "one", runs / "two"
     _assert_same_run(two, one)
-    assert sorted(p.name for p in (two / "checkpoints" / "checkpoint-2" / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (two / "checkpoints" / "checkpoint-2" / "dcp").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     # The reference cache was built by the two sharded processes (each its batches, in step): the one-process table.
     built = {p.name: load_file(str(p)) for p in (runs / "cache-two").rglob("*.safetensors")}
     alone = {p.name: load_file(str(p)) for p in (runs / "cache-one").rglob("*.safetensors")}
@@ -151,7 +209,9 @@ def test_fsdp_full_fine_tuning_matches_one_process_with_the_same_global_batch(ru
         assert torch.allclose(built[name]["logps"], alone[name]["logps"], atol=1e-5, rtol=0), name
     # final/ is one ordinary HF folder, as one process saves it: the same files, the same config
     assert sorted(p.name for p in (two / "final").iterdir()) == sorted(p.name for p in (one / "final").iterdir())
-    assert json.loads((two / "final" / "config.json").read_text()) == json.loads((one / "final" / "config.json").read_text())
+    assert json.loads((two / "final" / "config.json").read_text()) == json.loads(
+        (one / "final" / "config.json").read_text()
+    )
 
 
 @pytest.mark.slow
@@ -170,14 +230,24 @@ def test_fsdp_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run_exactly
 def test_fsdp_checkpoints_reshard_two_to_one_and_one_to_two_processes(runs, tmp_path):
     fsdp = {"train.fsdp": True, "speed.ref_cache_dir": str(runs / "cache-two")}
     # 2 -> 1: the step-2 checkpoint of two processes, resumed by one process (batch 8: the same global batch)
-    shutil.copytree(runs / "two", tmp_path / "to-one", ignore=shutil.ignore_patterns("checkpoint-4", "final", ".dpokit.lock"))
-    resumed = _launch(tmp_path, _elsewhere(_config(runs, "to-one", batch_size=8, **fsdp, **{"train.save_steps": 1}), tmp_path), procs=1)
+    shutil.copytree(
+        runs / "two", tmp_path / "to-one", ignore=shutil.ignore_patterns("checkpoint-4", "final", ".dpokit.lock")
+    )
+    resumed = _launch(
+        tmp_path,
+        _elsewhere(_config(runs, "to-one", batch_size=8, **fsdp, **{"train.save_steps": 1}), tmp_path),
+        procs=1,
+    )
     _ok(resumed)
     assert "checkpoint-2" in resumed.stdout
     _assert_same_run(tmp_path / "to-one", runs / "two")
     # 1 -> 2: the step-3 checkpoint that one process wrote, resumed by two processes
-    shutil.copytree(tmp_path / "to-one", tmp_path / "to-two", ignore=shutil.ignore_patterns("checkpoint-4", "final", ".dpokit.lock"))
-    resumed = _launch(tmp_path, _elsewhere(_config(runs, "to-two", batch_size=4, **fsdp, **{"train.save_steps": 1}), tmp_path))
+    shutil.copytree(
+        tmp_path / "to-one", tmp_path / "to-two", ignore=shutil.ignore_patterns("checkpoint-4", "final", ".dpokit.lock")
+    )
+    resumed = _launch(
+        tmp_path, _elsewhere(_config(runs, "to-two", batch_size=4, **fsdp, **{"train.save_steps": 1}), tmp_path)
+    )
     _ok(resumed)
     assert "checkpoint-3" in resumed.stdout
     _assert_same_run(tmp_path / "to-two", runs / "two")
@@ -188,7 +258,9 @@ def test_fsdp_lora_killed_and_resumed_matches_one_process(tmp_path):
     lora = {"lora.enabled": True, "lora.r": 4, "lora.dropout": 0.0}  # the reference is the base with adapters off
     one = dpokit.train(_config(tmp_path, "one", batch_size=8, **lora)).run_dir
     cfg = _config(tmp_path, "two", batch_size=4, **lora, **{"train.fsdp": True})
-    assert _launch(tmp_path, cfg, kill_at=3).returncode != 0  # after checkpoint-2: the adapters' shards and their AdamW state
+    assert (
+        _launch(tmp_path, cfg, kill_at=3).returncode != 0
+    )  # after checkpoint-2: the adapters' shards and their AdamW state
     saved = sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "checkpoint-2" / "dcp").iterdir())
     assert saved == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     _ok(_launch(tmp_path, cfg))
@@ -223,13 +295,34 @@ def test_the_tiled_mlp_under_two_processes_trains_like_one_untiled_process(tmp_p
 def test_an_out_dir_that_another_machine_cannot_see_is_refused_in_one_line(tmp_path):
     """Process 1 looks for the run-directory marker under another folder (as a machine without the shared mount would)."""
     script = tmp_path / "unseen.py"
-    script.write_text(_RUN.format(tests=str(TESTS)).replace(
-        "import dpokit, torch.distributed\n", "import dpokit, torch.distributed, dpokit.training.setup as s\n"
-        "if os.environ['RANK'] == '1':\n    s.MARKER = 'not-here.json'\n", 1))
+    script.write_text(
+        _RUN.format(tests=str(TESTS)).replace(
+            "import dpokit, torch.distributed\n",
+            "import dpokit, torch.distributed, dpokit.training.setup as s\n"
+            "if os.environ['RANK'] == '1':\n    s.MARKER = 'not-here.json'\n",
+            1,
+        )
+    )
     cfg = _config(tmp_path, "two", batch_size=4, **{"train.fsdp": True})
     port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(script),
-                           json.dumps(cfg), "0"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            str(script),
+            json.dumps(cfg),
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode != 0
     assert "is not on a filesystem every process sees" in proc.stderr and "process 1" in proc.stderr
     assert not (tmp_path / "two").exists()  # the main process's claim is taken back
@@ -239,13 +332,31 @@ def test_an_out_dir_that_another_machine_cannot_see_is_refused_in_one_line(tmp_p
 def test_precompute_under_two_sharded_processes_writes_the_one_process_cache(tmp_path):
     from dpokit.ref_cache.build import precompute_reference
 
-    alone = precompute_reference(_config(tmp_path, "one", batch_size=3))  # 33 pairs / 3: 11 batches, an odd split over 2
+    alone = precompute_reference(
+        _config(tmp_path, "one", batch_size=3)
+    )  # 33 pairs / 3: 11 batches, an odd split over 2
     cfg = tmp_path / "precompute.yaml"
     cfg.write_text(json.dumps(_config(tmp_path, "two", batch_size=3, **{"train.fsdp": True})))  # JSON is YAML
     port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, "-m",
-                           "dpokit.cli", "precompute", str(cfg)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            "-m",
+            "dpokit.cli",
+            "precompute",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     _ok(proc)
     assert proc.stdout.count("reference log-probs of 33 train") == 1  # the main process reports, once
     built = {p.name: load_file(str(p)) for p in (tmp_path / "cache-two").rglob("*.safetensors")}
@@ -259,9 +370,12 @@ def test_fsdp_refuses_settings_it_cannot_serve_in_one_line(tmp_path, monkeypatch
 
     loads = []
     monkeypatch.setattr(dpokit.training.loop, "load_policy", lambda cfg: loads.append(cfg))
-    for extra, words in [({"train.mixed_precision": "fp16"}, "fp16"), ({"train.eval_generate": 2}, "eval_generate"),
-                         ({"loss.ref_sync_steps": 2, "speed.ref_cache": False}, "ref_sync_steps"),
-                         ({"model.quantization": "nf4", "lora.enabled": True}, "4-bit")]:
+    for extra, words in [
+        ({"train.mixed_precision": "fp16"}, "fp16"),
+        ({"train.eval_generate": 2}, "eval_generate"),
+        ({"loss.ref_sync_steps": 2, "speed.ref_cache": False}, "ref_sync_steps"),
+        ({"model.quantization": "nf4", "lora.enabled": True}, "4-bit"),
+    ]:
         with pytest.raises(ConfigError, match=words):
             dpokit.train(_config(tmp_path, "refused", batch_size=4, **{"train.fsdp": True}, **extra))
         assert not (tmp_path / "refused").exists()
@@ -271,11 +385,19 @@ def test_fsdp_refuses_settings_it_cannot_serve_in_one_line(tmp_path, monkeypatch
 def test_a_lone_fsdp_run_leaves_no_process_group_behind(tmp_path):
     import torch.distributed as dist
 
-    dpokit.train(_config(tmp_path, "lone", batch_size=8, **{"train.fsdp": True, "train.max_steps": 1, "train.save_steps": 0}))
+    dpokit.train(
+        _config(tmp_path, "lone", batch_size=8, **{"train.fsdp": True, "train.max_steps": 1, "train.save_steps": 0})
+    )
     assert not dist.is_initialized()  # its group of one is gone: a next run in this process starts clean
     cache = tmp_path / "cache-lone"
-    plain = dpokit.train(_config(tmp_path, "plain", batch_size=8, **{"train.max_steps": 1, "train.save_steps": 0,
-                                                                    "speed.ref_cache_dir": str(cache)}))
+    plain = dpokit.train(
+        _config(
+            tmp_path,
+            "plain",
+            batch_size=8,
+            **{"train.max_steps": 1, "train.save_steps": 0, "speed.ref_cache_dir": str(cache)},
+        )
+    )
     assert plain.metrics["loss"] == pytest.approx(0.6931, abs=1e-3)  # float32 both: the cache the FSDP run built fits
 
 
@@ -290,6 +412,11 @@ def test_sharding_rules_that_need_no_model():
     assert fsdp_problem(tiled, "MULTI_CPU") is None  # FSDP2 and DDP gather (or not) per layer
     assert "train.fsdp=true" in fsdp_problem(load_config(base), "FSDP")  # Accelerate's plugin: the one way is named
     # FSDP2 casts the weights to bf16 (norms included), autocast does not: the two must not share a reference cache
-    keys = [weights_fingerprint(load_config({**base, "train": {"mixed_precision": "bf16", "fsdp": fsdp}})) for fsdp in (False, True)]
+    keys = [
+        weights_fingerprint(load_config({**base, "train": {"mixed_precision": "bf16", "fsdp": fsdp}}))
+        for fsdp in (False, True)
+    ]
     assert keys[0] != keys[1]
-    assert weights_fingerprint(load_config({**base, "train": {"fsdp": True}})) == weights_fingerprint(load_config(base))  # fp32: same
+    assert weights_fingerprint(load_config({**base, "train": {"fsdp": True}})) == weights_fingerprint(
+        load_config(base)
+    )  # fp32: same

@@ -16,8 +16,6 @@ from dpokit.generation import Sample, sample
 from tiny_assets import model, tokenizer  # noqa: F401 (pytest fixtures)
 
 
-
-
 def fix_next_token_distribution(model, tokenizer, p_eos: float):
     """Make every step sample EOS with probability p_eos, else a uniform ordinary word.
 

@@ -31,19 +31,40 @@ RTOL = 1e-4
 
 def _run(tmp_path: Path) -> dict:
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(32, seed=11))
-    cfg = {"model": {"name_or_path": str(tiny_model_dir())},
-           "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16, "eval_fraction": 0.25},
-           "loss": {"beta": 0.5}, "optim": {"lr": 1e-2, "scheduler": "constant"}, "out_dir": str(tmp_path / "run"),
-           "train": {"batch_size": 4, "max_steps": 4, "logging_steps": 1, "eval_steps": 2, "progress_bar": False,
-                     "save_steps": 0, "seed": 7, "num_threads": 1}}
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir())},
+        "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16, "eval_fraction": 0.25},
+        "loss": {"beta": 0.5},
+        "optim": {"lr": 1e-2, "scheduler": "constant"},
+        "out_dir": str(tmp_path / "run"),
+        "train": {
+            "batch_size": 4,
+            "max_steps": 4,
+            "logging_steps": 1,
+            "eval_steps": 2,
+            "progress_bar": False,
+            "save_steps": 0,
+            "seed": 7,
+            "num_threads": 1,
+        },
+    }
     result = dpokit.train(cfg)
     records = [json.loads(line) for line in (Path(result.run_dir) / "metrics.jsonl").read_text().splitlines()]
     from safetensors.torch import load_file
 
     weights = load_file(str(Path(result.model_dir) / "model.safetensors"))
-    summary = {name: [float(t.double().sum()), float(t.double().pow(2).sum()), float(t.flatten()[0]),
-                      float(t.flatten()[-1])] for name, t in sorted(weights.items())}
-    volatile = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "epoch_seconds", "wall_seconds", *THROUGHPUT_VOLATILE}
+    summary = {
+        name: [float(t.double().sum()), float(t.double().pow(2).sum()), float(t.flatten()[0]), float(t.flatten()[-1])]
+        for name, t in sorted(weights.items())
+    }
+    volatile = {
+        "train_runtime",
+        "train_samples_per_second",
+        "train_steps_per_second",
+        "epoch_seconds",
+        "wall_seconds",
+        *THROUGHPUT_VOLATILE,
+    }
     return {"metrics": [{k: v for k, v in r.items() if k not in volatile} for r in records], "weights": summary}
 
 
@@ -77,8 +98,10 @@ def test_four_dpo_steps_give_the_stored_metrics_and_weights(tmp_path):
         pytest.skip(f"regenerated {GOLDEN}")
     expected = json.loads(GOLDEN.read_text())
     differences = _differences(expected, got)
-    assert not differences, "changed from tests/golden/dpo_tiny.json (regenerate only for an intended change):\n" + \
-        "\n".join(differences[:40])
+    assert not differences, (
+        "changed from tests/golden/dpo_tiny.json (regenerate only for an intended change):\n"
+        + "\n".join(differences[:40])
+    )
 
 
 def test_the_comparison_finds_a_planted_change():

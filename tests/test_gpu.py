@@ -34,11 +34,15 @@ def _pairs_and_cfg(run_dir: Path, **overrides) -> dict:
     data = run_dir.parent / "pairs.jsonl"
     if not data.exists():
         write_jsonl(data, synthetic_pairs(40, seed=0))
-    cfg = {"model": {"name_or_path": str(tiny_model_dir()), "dtype": "bfloat16"},
-           "data": {"path": str(data), "max_length": 48, "max_prompt_length": 16},
-           "loss": {"beta": 0.1}, "optim": {"lr": 1e-3},
-           "train": {"batch_size": 4, "max_steps": 5, "logging_steps": 1, "progress_bar": False, "save_steps": 3},
-           "speed": {"ref_cache": False}, "out_dir": str(run_dir)}
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir()), "dtype": "bfloat16"},
+        "data": {"path": str(data), "max_length": 48, "max_prompt_length": 16},
+        "loss": {"beta": 0.1},
+        "optim": {"lr": 1e-3},
+        "train": {"batch_size": 4, "max_steps": 5, "logging_steps": 1, "progress_bar": False, "save_steps": 3},
+        "speed": {"ref_cache": False},
+        "out_dir": str(run_dir),
+    }
     for key, value in overrides.items():
         section, name = key.split(".")
         cfg.setdefault(section, {})[name] = value
@@ -57,13 +61,23 @@ def test_fast_step_equals_plain_step_in_bf16(attention):
     from dpokit.steps.base import StepContext
     from dpokit.steps import FastPairedStep, PairedStep
 
-    cfg = load_config(None, {"model.name_or_path": str(tiny_model_dir()), "model.dtype": "bfloat16",
-                             "model.attn_implementation": attention, "train.gradient_checkpointing": False})
+    cfg = load_config(
+        None,
+        {
+            "model.name_or_path": str(tiny_model_dir()),
+            "model.dtype": "bfloat16",
+            "model.attn_implementation": attention,
+            "train.gradient_checkpointing": False,
+        },
+    )
     policy = load_policy(cfg).cuda()
     reference = make_reference(policy, cfg, True)
     g = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(3, 40, (n,), generator=g).tolist()  # noqa: E731
-    pairs = [TokenizedPair(ids(p), ids(c), ids(r), f"row {i}") for i, (p, c, r) in enumerate([(6, 5, 7), (4, 8, 3), (9, 4, 4)])]
+    pairs = [
+        TokenizedPair(ids(p), ids(c), ids(r), f"row {i}")
+        for i, (p, c, r) in enumerate([(6, 5, 7), (4, 8, 3), (9, 4, 4)])
+    ]
     results = []
     for step in (PairedStep(), FastPairedStep(cfg.speed, attention)):
         batch = {k: v.cuda() for k, v in step.collate(pairs, 0).items()}
@@ -81,8 +95,15 @@ def _launch(backend: str, cfg: dict, tmp_path: Path) -> None:
     if backend == "fsdp2":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(ACCELERATE_CONFIGS / f"{backend}.yaml"), "--num_processes", "1"]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ACCELERATE_CONFIGS / f"{backend}.yaml"),
+            "--num_processes",
+            "1",
+        ]
     subprocess.run([*command, str(script), json.dumps(cfg)], check=True, cwd=ROOT, timeout=300)
 
 

@@ -86,8 +86,17 @@ def test_dpokit_eval_passes_timeout_and_max_retries_to_its_judges(tmp_path, monk
     for cls in ("PairwiseJudge", "MTBenchJudge"):
         real = getattr(evaluation, cls)
         monkeypatch.setattr(evaluation, cls, lambda *a, real=real, **kw: made.append(real(*a, **kw)) or made[-1])
-    argv = ["eval", "--policy", "p", "--prompts", str(prompts), "--judge-url", "http://127.0.0.1:9/v1",
-            "--judge-model", "m"]
+    argv = [
+        "eval",
+        "--policy",
+        "p",
+        "--prompts",
+        str(prompts),
+        "--judge-url",
+        "http://127.0.0.1:9/v1",
+        "--judge-model",
+        "m",
+    ]
     assert main(argv + ["--timeout", "2.5", "--max-retries", "0"]) == 0
     assert len(made) == 2 and all(j.client.timeout == 2.5 and j.client.max_retries == 0 for j in made)
     assert main(argv + ["--timeout", "0"]) == 2 and "--timeout must be > 0" in capsys.readouterr().err

@@ -141,9 +141,12 @@ def _judges_reading(reply: str) -> dict[str, float]:
     for judge in (scorer, pairwise, mt_bench):
         judge.client.chat = lambda messages: reply
     question = {"question_id": 1, "turns": ["q1", "q2"]}
-    return {"pointwise": scorer.score(["p"], ["c"])[0], "mt_bench_rating": mt_bench.rate(question, ["a1", "a2"], 1)[0],
-            "pairwise": pairwise.compare(["p"], ["a"], ["b"])[0],
-            "mt_bench_verdict": mt_bench.compare(["p"], ["a"], ["b"])[0]}  # both orders: the same reply to each
+    return {
+        "pointwise": scorer.score(["p"], ["c"])[0],
+        "mt_bench_rating": mt_bench.rate(question, ["a1", "a2"], 1)[0],
+        "pairwise": pairwise.compare(["p"], ["a"], ["b"])[0],
+        "mt_bench_verdict": mt_bench.compare(["p"], ["a"], ["b"])[0],
+    }  # both orders: the same reply to each
 
 
 @pytest.mark.parametrize("reply", [r for r, _ in RATINGS[:12]] + [v for v, _ in VERDICTS[:12]])
@@ -161,8 +164,9 @@ def test_unread_replies_are_counted():
     scores = scorer.score(["p"] * 4, ["c"] * 4)
     assert all(math.isnan(s) for s in scores[:3]) and scores[3] == 7.0 and scorer.unparsed == 3
     pairwise = PairwiseJudge("http://127.0.0.1:9/v1", "m", swap=False, max_concurrency=1)
-    replies = iter(["Response A is worse than B", "I prefer neither A nor B", "The better one is not A, it's B",
-                    "[[B]]"])
+    replies = iter(
+        ["Response A is worse than B", "I prefer neither A nor B", "The better one is not A, it's B", "[[B]]"]
+    )
     pairwise.client.chat = lambda messages: next(replies)
     wins = pairwise.compare(["p"] * 4, ["a"] * 4, ["b"] * 4)
     assert all(math.isnan(w) for w in wins[:3]) and wins[3] == 0.0 and pairwise.unparsed == 3

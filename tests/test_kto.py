@@ -20,7 +20,9 @@ from dpokit.logprobs import completion_logps
 from dpokit.training.metrics import read_metrics
 from tiny_assets import assistant, synthetic_pairs, tiny_model_dir, user, vocab_ids, word_tokenizer, write_jsonl
 
-SHARED_KTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "kto_unpaired_messages_label" / "kto_en_demo.json"
+SHARED_KTO = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "kto_unpaired_messages_label" / "kto_en_demo.json"
+)
 
 
 def load(tmp_path, rows, **options):
@@ -39,8 +41,12 @@ def test_prompt_completion_label_text_and_conversational(tmp_path):
         {"prompt": "it is", "completion": " fine", "label": "true"},  # CSV has only strings
     ]
     groups, report = load(tmp_path, rows)
-    assert groups == [[("the film", " good", True)], [([user("hi")], [assistant("hello")], False)],
-                      [("it is", " bad", False)], [("it is", " fine", True)]]
+    assert groups == [
+        [("the film", " good", True)],
+        [([user("hi")], [assistant("hello")], False)],
+        [("it is", " bad", False)],
+        [("it is", " fine", True)],
+    ]
     assert report.layouts == {"prompt_completion_label": 4} and report.rows_used == 4
 
 
@@ -51,17 +57,24 @@ def test_messages_label_last_assistant_turn_is_the_completion(tmp_path):
         {"completion": [user("tell me story"), assistant("once upon time")], "label": True},
     ]
     groups, report = load(tmp_path, rows)
-    assert groups == [[([user("hi"), assistant("hello"), user("how are you")], [assistant("fine thanks")], False)],
-                      [([user("tell me story")], [assistant("once upon time")], True)]]
+    assert groups == [
+        [([user("hi"), assistant("hello"), user("how are you")], [assistant("fine thanks")], False)],
+        [([user("tell me story")], [assistant("once upon time")], True)],
+    ]
     assert report.layouts == {"messages_label": 2}
 
 
 def test_paired_rows_split_into_one_desirable_and_one_undesirable(tmp_path):
-    rows = [{"prompt": "the film", "chosen": " good", "rejected": " bad"},
-            {"instruction": "tell me story", "chosen": "once", "rejected": "no"}]
+    rows = [
+        {"prompt": "the film", "chosen": " good", "rejected": " bad"},
+        {"instruction": "tell me story", "chosen": "once", "rejected": "no"},
+    ]
     groups, report = load(tmp_path, rows)
     assert groups[0] == [("the film", " good", True), ("the film", " bad", False)]
-    assert groups[1] == [([user("tell me story")], [assistant("once")], True), ([user("tell me story")], [assistant("no")], False)]
+    assert groups[1] == [
+        ([user("tell me story")], [assistant("once")], True),
+        ([user("tell me story")], [assistant("no")], False),
+    ]
     assert report.layouts == {"prompt_chosen_rejected (pairs split)": 1, "alpaca (pairs split)": 1}
 
 
@@ -125,11 +138,17 @@ def test_real_kto_en_demo_sample():
 
 def test_tokenisation_text_chat_and_truncation():
     tok = word_tokenizer()
-    groups = [[UnpairedExample("the film was", " good", True, "t:1")],
-              [UnpairedExample([user("hi")], [assistant("hello")], False, "t:2")],
-              [UnpairedExample("the film was a movie it is", " very good acting plot", True, "t:3")]]
+    groups = [
+        [UnpairedExample("the film was", " good", True, "t:1")],
+        [UnpairedExample([user("hi")], [assistant("hello")], False, "t:2")],
+        [UnpairedExample("the film was a movie it is", " very good acting plot", True, "t:3")],
+    ]
     out, stats = tokenize_groups(groups, tok, max_length=8, max_prompt_length=6)
-    assert (out[0].prompt_ids, out[0].completion_ids, out[0].label) == (vocab_ids("the film was"), vocab_ids("good <|im_end|>"), True)
+    assert (out[0].prompt_ids, out[0].completion_ids, out[0].label) == (
+        vocab_ids("the film was"),
+        vocab_ids("good <|im_end|>"),
+        True,
+    )
     assert out[0].completion_budget == 8 - 3
     assert out[1].prompt_ids == vocab_ids("<|im_start|> user hi <|im_end|> <|im_start|> assistant")
     assert out[1].completion_ids == vocab_ids("hello <|im_end|>") and out[1].label is False
@@ -141,8 +160,13 @@ def test_tokenisation_text_chat_and_truncation():
 def test_prepare_keeps_split_pairs_together_and_prints_a_summary(tmp_path):
     rows = synthetic_pairs(20, seed=3)
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    cfg = load_config({"model": {"name_or_path": "unused"}, "data": {"path": str(path), "eval_fraction": 0.25, "max_length": 32, "max_prompt_length": 16},
-                       "loss": {"type": "kto"}})
+    cfg = load_config(
+        {
+            "model": {"name_or_path": "unused"},
+            "data": {"path": str(path), "eval_fraction": 0.25, "max_length": 32, "max_prompt_length": 16},
+            "loss": {"type": "kto"},
+        }
+    )
     data = prepare_unpaired(cfg, word_tokenizer())
     assert (len(data.train), len(data.eval)) == (30, 10)
     train_sources, eval_sources = {e.source for e in data.train}, {e.source for e in data.eval}
@@ -161,7 +185,10 @@ def completions(*specs):
 
 
 def test_collate_pairs_prompt_i_with_completion_i_plus_1():
-    batch = collate_unpaired(completions(([1, 2], [10], True, 6, "a"), ([3], [11, 12], False, 6, "b"), ([4, 5, 6], [13], True, 6, "c")), pad_token_id=0)
+    batch = collate_unpaired(
+        completions(([1, 2], [10], True, 6, "a"), ([3], [11, 12], False, 6, "b"), ([4, 5, 6], [13], True, 6, "c")),
+        pad_token_id=0,
+    )
     assert batch["input_ids"].tolist() == [[1, 2, 10, 0], [3, 11, 12, 0], [4, 5, 6, 13]]
     assert batch["labels"].tolist() == [[-100, -100, 10, -100], [-100, 11, 12, -100], [-100, -100, -100, 13]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
@@ -175,7 +202,9 @@ def test_collate_pairs_prompt_i_with_completion_i_plus_1():
 
 def test_collate_kl_respects_the_budget_and_never_rematches_a_split_pair():
     # prompt 1 leaves room for 2 completion tokens (data.max_length - its length): its KL completion is cut to 2
-    batch = collate_unpaired(completions(([1], [10], True, 2, "a"), ([2, 3], [11, 12, 13, 14], False, 1, "b")), pad_token_id=0)
+    batch = collate_unpaired(
+        completions(([1], [10], True, 2, "a"), ([2, 3], [11, 12, 13, 14], False, 1, "b")), pad_token_id=0
+    )
     assert batch["kl_input_ids"].tolist() == [[1, 11, 12], [2, 3, 10]]
     assert batch["kl_labels"].tolist() == [[-100, 11, 12], [-100, -100, 10]]
     assert mismatch_shift(["p1", "p1", "p2", "p2", "p3", "p3"]) == 2  # halves of a pair side by side (eval order)
@@ -190,8 +219,11 @@ def test_step_at_initialisation_gives_half_loss_and_class_split_metrics():
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
     cfg = load_config({"loss": {"type": "kto", "beta": 0.3, "desirable_weight": 1.5, "undesirable_weight": 0.5}})
-    specs = [(vocab_ids("the film"), vocab_ids("good <|im_end|>"), True, 10, "a"), (vocab_ids("it is"), vocab_ids("bad <|im_end|>"), False, 10, "b"),
-             (vocab_ids("a movie"), vocab_ids("very bad plot <|im_end|>"), False, 10, "c")]
+    specs = [
+        (vocab_ids("the film"), vocab_ids("good <|im_end|>"), True, 10, "a"),
+        (vocab_ids("it is"), vocab_ids("bad <|im_end|>"), False, 10, "b"),
+        (vocab_ids("a movie"), vocab_ids("very bad plot <|im_end|>"), False, 10, "c"),
+    ]
     batch = collate_unpaired(completions(*specs), 0)
     out, metrics = forward_unpaired(policy, reference, batch, cfg, with_reference=True)
     # policy == reference: r = 0 and z0 = 0, so each loss is weight * (1 - sigma(0)) = weight / 2
@@ -224,7 +256,9 @@ def test_tiny_model_learns_good_from_bad_with_unpaired_labels(tmp_path):
     rows = []
     for pair in synthetic_pairs(256, seed=1):
         good = rng.random() < 0.5  # each prompt appears once, with either its good or its bad completion
-        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"] if good else pair["rejected"], "label": good})
+        rows.append(
+            {"prompt": pair["prompt"], "completion": pair["chosen"] if good else pair["rejected"], "label": good}
+        )
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     held_out_pairs = synthetic_pairs(64, seed=2)
     held_out = write_jsonl(tmp_path / "eval.jsonl", held_out_pairs)
@@ -233,7 +267,14 @@ def test_tiny_model_learns_good_from_bad_with_unpaired_labels(tmp_path):
         "data": {"path": str(train), "eval_path": str(held_out), "max_length": 32, "max_prompt_length": 16},
         "loss": {"type": "kto", "beta": 0.5},
         "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"batch_size": 16, "max_steps": 10, "logging_steps": 5, "eval_steps": 5, "eval_batch_size": 32, "progress_bar": False},
+        "train": {
+            "batch_size": 16,
+            "max_steps": 10,
+            "logging_steps": 5,
+            "eval_steps": 5,
+            "eval_batch_size": 32,
+            "progress_bar": False,
+        },
         "out_dir": str(tmp_path / "run"),
     }
     result = dpokit.train(cfg)
@@ -248,10 +289,17 @@ def test_tiny_model_learns_good_from_bad_with_unpaired_labels(tmp_path):
     prompts = [tok(p["prompt"])["input_ids"] for p in held_out_pairs]
 
     def gap(model):  # mean over held-out prompts of log p(good ...) - log p(bad ...)
-        good = completion_logps(model, prompts, [tok(p["chosen"] + "<|im_end|>")["input_ids"] for p in held_out_pairs], 0)
-        bad = completion_logps(model, prompts, [tok(p["rejected"] + "<|im_end|>")["input_ids"] for p in held_out_pairs], 0)
+        good = completion_logps(
+            model, prompts, [tok(p["chosen"] + "<|im_end|>")["input_ids"] for p in held_out_pairs], 0
+        )
+        bad = completion_logps(
+            model, prompts, [tok(p["rejected"] + "<|im_end|>")["input_ids"] for p in held_out_pairs], 0
+        )
         return (good - bad).mean().item()
 
-    before, after = gap(AutoModelForCausalLM.from_pretrained(tiny_model_dir())), gap(AutoModelForCausalLM.from_pretrained(result.model_dir))
+    before, after = (
+        gap(AutoModelForCausalLM.from_pretrained(tiny_model_dir())),
+        gap(AutoModelForCausalLM.from_pretrained(result.model_dir)),
+    )
     print(f"\nkto: eval reward gap {gaps}, held-out log p(good) - log p(bad) {before:.2f} -> {after:.2f} nats")
     assert after > before + 4.0, (before, after)

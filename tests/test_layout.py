@@ -1,5 +1,6 @@
 """The layout's rules (docs/architecture.md), checked on the source: no import circles, no import
 that runs up a layer (lazy ones included), no private name imported across modules."""
+
 from __future__ import annotations
 
 import ast
@@ -9,11 +10,32 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dpokit"
 
 # Bottom to top, as docs/architecture.md draws them; a module may import only from its own layer or below.
 LAYERS = [
-    {"version", "inputs", "openmp"}, {"losses"}, {"config"}, {"data"},
-    {"models", "sharding", "cpu_threads", "logprobs", "packed_attention", "generation", "optimizers", "tiny", "tiny_vision",
-     "tiled_mlp", "model_source", "model_shape"},
-    {"reference", "detectors", "mitigations", "demo"}, {"steps"}, {"ref_cache"}, {"report"}, {"training"},
-    {"online", "doctor", "plan"}, {"cli", "commands", "robustness"}, {"__init__", "__main__"},
+    {"version", "inputs", "openmp"},
+    {"losses"},
+    {"config"},
+    {"data"},
+    {
+        "models",
+        "sharding",
+        "cpu_threads",
+        "logprobs",
+        "packed_attention",
+        "generation",
+        "optimizers",
+        "tiny",
+        "tiny_vision",
+        "tiled_mlp",
+        "model_source",
+        "model_shape",
+    },
+    {"reference", "detectors", "mitigations", "demo"},
+    {"steps"},
+    {"ref_cache"},
+    {"report"},
+    {"training"},
+    {"online", "doctor", "plan"},
+    {"cli", "commands", "robustness"},
+    {"__init__", "__main__"},
 ]
 
 
@@ -97,8 +119,12 @@ def test_no_import_circles():
 
 
 def test_no_private_name_is_imported_across_modules():
-    private = sorted((m, t, n) for m, targets in _imports(_modules()).items() for t, n in targets
-                     if n and n.startswith("_") and not n.startswith("__"))
+    private = sorted(
+        (m, t, n)
+        for m, targets in _imports(_modules()).items()
+        for t, n in targets
+        if n and n.startswith("_") and not n.startswith("__")
+    )
     assert not private, private
 
 

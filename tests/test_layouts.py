@@ -14,8 +14,6 @@ from tiny_assets import assistant, user
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return str(path)
@@ -32,7 +30,11 @@ def convert(row: dict, columns: dict | None = None):
 
 def test_prompt_chosen_rejected_text():
     assert convert({"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}) == (
-        "prompt_chosen_rejected", "Q: 2+2?", " 4", " 5")
+        "prompt_chosen_rejected",
+        "Q: 2+2?",
+        " 4",
+        " 5",
+    )
 
 
 def test_prompt_chosen_rejected_conversational():
@@ -51,7 +53,10 @@ def test_hh_rlhf_multi_turn_prompt_ends_after_the_last_assistant_tag():
 
 def test_implicit_text_without_assistant_tag_cuts_at_the_common_prefix():
     assert convert({"chosen": "The sky is blue.", "rejected": "The sky is green."})[1:] == (
-        "The sky is ", "blue.", "green.")
+        "The sky is ",
+        "blue.",
+        "green.",
+    )
 
 
 def test_implicit_conversational_prompt_is_the_shared_message_prefix():
@@ -67,8 +72,12 @@ def test_text_prompt_column_with_full_conversations_uses_the_shared_messages():
 
 def test_sharegpt_roles_are_mapped():
     row = {
-        "conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
-                          {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Joke?"}],
+        "conversations": [
+            {"from": "system", "value": "Be kind."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "Joke?"},
+        ],
         "chosen": {"from": "gpt", "value": "Knock knock."},
         "rejected": {"from": "gpt", "value": "No."},
     }
@@ -84,15 +93,28 @@ def test_openai_preference_layout():
         "preferred_output": [assistant("4")],
         "non_preferred_output": [assistant("Five")],
     }
-    assert convert(row) == ("openai", [{"role": "system", "content": "Terse."}, user("2+2?")],
-                            [assistant("4")], [assistant("Five")])
+    assert convert(row) == (
+        "openai",
+        [{"role": "system", "content": "Terse."}, user("2+2?")],
+        [assistant("4")],
+        [assistant("Five")],
+    )
 
 
 def test_alpaca_joins_instruction_and_input_and_ignores_output():
-    row = {"instruction": "Fix grammar.", "input": "He go.", "output": "He goes.", "chosen": "He goes.",
-           "rejected": "He goes, dummy."}
-    assert convert(row) == ("alpaca", [user("Fix grammar.\n\nHe go.")], [assistant("He goes.")],
-                            [assistant("He goes, dummy.")])
+    row = {
+        "instruction": "Fix grammar.",
+        "input": "He go.",
+        "output": "He goes.",
+        "chosen": "He goes.",
+        "rejected": "He goes, dummy.",
+    }
+    assert convert(row) == (
+        "alpaca",
+        [user("Fix grammar.\n\nHe go.")],
+        [assistant("He goes.")],
+        [assistant("He goes, dummy.")],
+    )
     assert convert({"instruction": "Say hi.", "input": "", "chosen": "Hi", "rejected": "No"})[1] == [user("Say hi.")]
 
 
@@ -111,27 +133,57 @@ def test_column_mapping_overrides_detection():
     assert (example.prompt, example.chosen, example.rejected, example.source) == ("2+2?", "4", "5", "x:1")
 
 
-@pytest.mark.parametrize("row, reason, field", [
-    ({"prompt": "p", "chosen": "c"}, "rejected is missing", "rejected"),
-    ({"prompt": "p", "chosen": " \n", "rejected": "r"}, "chosen is empty or whitespace-only", "chosen"),
-    ({"prompt": [user("p")], "chosen": [{"role": "assistant"}], "rejected": [assistant("r")]},
-     "chosen has a message without text content", "chosen"),
-    ({"prompt": [{"content": "p"}], "chosen": [assistant("c")], "rejected": [assistant("r")]},
-     "prompt has a message without a role", "prompt"),
-    ({"prompt": [], "chosen": [assistant("c")], "rejected": [assistant("r")]},
-     "prompt is an empty conversation", "prompt"),
-    ({"prompt": "p", "chosen": "c", "rejected": [assistant("r")]},
-     "prompt, chosen and rejected mix text and message lists", "rejected"),
-    ({"chosen": [user("a"), assistant("c")], "rejected": [user("b"), assistant("r")]},
-     "chosen and rejected share no prompt messages", "prompt"),
-    ({"chosen": [user("a"), assistant("c")], "rejected": [user("a"), user("again"), assistant("r")]},
-     "rejected does not start with an assistant message", "rejected"),
-    ({"chosen": "same", "rejected": "same"}, "chosen has nothing left after the prompt shared with the other response",
-     "chosen"),
-    ({"conversations": [{"from": "observation", "value": "x"}], "chosen": {"from": "gpt", "value": "c"},
-      "rejected": {"from": "gpt", "value": "r"}}, "conversations has a message with unsupported role 'observation'",
-     "conversations"),
-])
+@pytest.mark.parametrize(
+    "row, reason, field",
+    [
+        ({"prompt": "p", "chosen": "c"}, "rejected is missing", "rejected"),
+        ({"prompt": "p", "chosen": " \n", "rejected": "r"}, "chosen is empty or whitespace-only", "chosen"),
+        (
+            {"prompt": [user("p")], "chosen": [{"role": "assistant"}], "rejected": [assistant("r")]},
+            "chosen has a message without text content",
+            "chosen",
+        ),
+        (
+            {"prompt": [{"content": "p"}], "chosen": [assistant("c")], "rejected": [assistant("r")]},
+            "prompt has a message without a role",
+            "prompt",
+        ),
+        (
+            {"prompt": [], "chosen": [assistant("c")], "rejected": [assistant("r")]},
+            "prompt is an empty conversation",
+            "prompt",
+        ),
+        (
+            {"prompt": "p", "chosen": "c", "rejected": [assistant("r")]},
+            "prompt, chosen and rejected mix text and message lists",
+            "rejected",
+        ),
+        (
+            {"chosen": [user("a"), assistant("c")], "rejected": [user("b"), assistant("r")]},
+            "chosen and rejected share no prompt messages",
+            "prompt",
+        ),
+        (
+            {"chosen": [user("a"), assistant("c")], "rejected": [user("a"), user("again"), assistant("r")]},
+            "rejected does not start with an assistant message",
+            "rejected",
+        ),
+        (
+            {"chosen": "same", "rejected": "same"},
+            "chosen has nothing left after the prompt shared with the other response",
+            "chosen",
+        ),
+        (
+            {
+                "conversations": [{"from": "observation", "value": "x"}],
+                "chosen": {"from": "gpt", "value": "c"},
+                "rejected": {"from": "gpt", "value": "r"},
+            },
+            "conversations has a message with unsupported role 'observation'",
+            "conversations",
+        ),
+    ],
+)
 def test_row_problems_raise_row_skip_with_reason_and_field(row, reason, field):
     with pytest.raises(RowSkip) as caught:
         to_example(row, detect_layout(row), None, "t.jsonl:1")
@@ -142,13 +194,16 @@ def test_row_problems_raise_row_skip_with_reason_and_field(row, reason, field):
 
 
 def test_skips_are_counted_with_reason_and_row(tmp_path):
-    path = write_jsonl(tmp_path / "prefs.jsonl", [
-        {"prompt": "a", "chosen": "b", "rejected": "c"},
-        {"prompt": "a", "chosen": "b"},
-        {"prompt": "a", "chosen": "", "rejected": "c"},
-        {"prompt": "a", "chosen": "b", "rejected": "  \t"},
-        {"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: go"},
-    ])
+    path = write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [
+            {"prompt": "a", "chosen": "b", "rejected": "c"},
+            {"prompt": "a", "chosen": "b"},
+            {"prompt": "a", "chosen": "", "rejected": "c"},
+            {"prompt": "a", "chosen": "b", "rejected": "  \t"},
+            {"chosen": "\n\nHuman: hi\n\nAssistant: yo", "rejected": "\n\nHuman: hi\n\nAssistant: go"},
+        ],
+    )
     examples, report = load_preferences(path)
     assert [example.source for example in examples] == [f"{path}:1", f"{path}:5"]
     assert (report.rows_read, report.rows_used, report.rows_skipped) == (5, 2, 3)
@@ -177,8 +232,10 @@ def test_explicit_layout_skips_detection(tmp_path):
 
 
 def test_strict_mode_raises_on_the_first_bad_row_naming_file_row_and_field(tmp_path):
-    path = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
-                                                   {"prompt": "a", "chosen": "b", "rejected": " "}])
+    path = write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b", "rejected": " "}],
+    )
     with pytest.raises(DataError) as caught:
         load_preferences(path, strict=True)
     assert str(caught.value) == f"{path}, row 2, field 'rejected': rejected is empty or whitespace-only"
@@ -195,8 +252,9 @@ def test_every_row_bad_is_an_error_naming_the_columns_found(tmp_path):
     assert "Columns found: label, messages" in message and "sharegpt" in message
 
 
-@pytest.mark.parametrize("options", [{"layout": "kto"}, {"columns": {"answer": "x"}},
-                                     {"columns": {"chosen": "x"}, "layout": "alpaca"}])
+@pytest.mark.parametrize(
+    "options", [{"layout": "kto"}, {"columns": {"answer": "x"}}, {"columns": {"chosen": "x"}, "layout": "alpaca"}]
+)
 def test_invalid_options_are_data_errors(tmp_path, options):
     path = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
     with pytest.raises(DataError):
@@ -217,8 +275,12 @@ def test_real_sharegpt_pairwise_sample():
     assert (report.rows_read, report.rows_used, report.rows_skipped) == (300, 300, 0)
     assert report.layouts == {"sharegpt": 300}
     first = examples[0]
-    assert first.prompt == [user("Hi! I'd like to create a new language game simulating the first person "
-                                 "perspective of a character named Angela.")]
+    assert first.prompt == [
+        user(
+            "Hi! I'd like to create a new language game simulating the first person "
+            "perspective of a character named Angela."
+        )
+    ]
     assert first.chosen[0]["content"].startswith("That sounds like a fun and engaging idea!")
     assert first.rejected[0]["content"].startswith("Hello! I'd be happy to help you")
     assert all(example.prompt[-1]["role"] == "user" for example in examples)
@@ -227,14 +289,17 @@ def test_real_sharegpt_pairwise_sample():
 
 def test_real_instruction_input_chosen_rejected_sample():
     examples, report = load_preferences(
-        shared_sample("instruction_input_chosen_rejected/instruction-data-with-preference.json"))
+        shared_sample("instruction_input_chosen_rejected/instruction-data-with-preference.json")
+    )
     assert (report.rows_read, report.rows_used, report.rows_skipped) == (1100, 1100, 0)
     assert report.layouts == {"alpaca": 1100}
     first = examples[0]
-    assert first.prompt == [user("Evaluate the following phrase by transforming it into the spelling given."
-                                 "\n\nfreind --> friend")]
-    assert first.chosen == [assistant('The spelling of the given phrase "freind" is incorrect, '
-                                      'the correct spelling is "friend".')]
+    assert first.prompt == [
+        user("Evaluate the following phrase by transforming it into the spelling given.\n\nfreind --> friend")
+    ]
+    assert first.chosen == [
+        assistant('The spelling of the given phrase "freind" is incorrect, the correct spelling is "friend".')
+    ]
     assert "flat out wrong" in first.rejected[0]["content"]
     assert examples[2].prompt == [user("Convert 45 kilometers to meters.")]  # empty input: no blank lines added
 

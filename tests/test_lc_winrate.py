@@ -73,8 +73,10 @@ def test_the_fit_solves_the_penalised_score_equations():
 def test_an_unreadable_verdict_is_skipped_and_counted_not_turned_into_a_nan_win_rate():
     from dpokit.online.suites.runner import lc_from_judgments
 
-    judgments = [{"prompt_index": i % 3, "win": w, "length_diff": d}
-                 for i, (w, d) in enumerate([(1.0, 2), (0.0, -1), (1.0, 0), (0.5, 3), (float("nan"), 1), (None, 0), (0.0, -2)])]
+    judgments = [
+        {"prompt_index": i % 3, "win": w, "length_diff": d}
+        for i, (w, d) in enumerate([(1.0, 2), (0.0, -1), (1.0, 0), (0.5, 3), (float("nan"), 1), (None, 0), (0.0, -2)])
+    ]
     out = lc_from_judgments(judgments, bootstrap=20, seed=0)
     assert out["skipped_judgments"] == 2 and math.isfinite(out["lc_win_rate"]) and math.isfinite(out["raw_win_rate"])
     assert out["raw_win_rate"] == pytest.approx((1 + 0 + 1 + 0.5 + 0) / 5)

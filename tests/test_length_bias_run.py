@@ -41,8 +41,15 @@ def test_length_detector_fires_while_training_on_the_planted_bias(tmp_path):
             "data": {"path": str(data), "eval_fraction": 0.1, "max_length": 64, "max_prompt_length": 16},
             "loss": {"beta": 0.1},
             "optim": {"lr": 1e-3},
-            "train": {"batch_size": 32, "max_steps": 100, "logging_steps": 10, "eval_steps": 20,
-                      "eval_generate": 32, "progress_bar": False, "save_steps": 0},
+            "train": {
+                "batch_size": 32,
+                "max_steps": 100,
+                "logging_steps": 10,
+                "eval_steps": 20,
+                "eval_generate": 32,
+                "progress_bar": False,
+                "save_steps": 0,
+            },
             "out_dir": str(tmp_path / "run"),
         }
     )

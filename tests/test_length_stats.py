@@ -30,13 +30,39 @@ def test_the_eos_is_not_counted():
 
 def test_length_stats_through_dpokit_eval_on_the_policy_and_the_baseline(tmp_path):
     out = tmp_path / "eval.json"
-    assert main(["eval", "--policy", str(tiny_model_dir(seed=0)), "--reference", str(tiny_model_dir(seed=1)),
-                 "--suite", "length_stats", "--max-prompts", "4", "--suite-max-new-tokens", "5", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--policy",
+                str(tiny_model_dir(seed=0)),
+                "--reference",
+                str(tiny_model_dir(seed=1)),
+                "--suite",
+                "length_stats",
+                "--max-prompts",
+                "4",
+                "--suite-max-new-tokens",
+                "5",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())["suites"]["length_stats"]
     for side in ("policy", "baseline"):
         s = result[side]
         assert s["num_answers"] == 4 and len(s["lengths"]) == 4 and max(s["lengths"]) == s["max_length"] <= 5
-        assert s["mean_length"] == sum(s["lengths"]) / 4 and min(s["lengths"]) <= s["median_length"] <= s["p90_length"] <= s["max_length"]
+        assert (
+            s["mean_length"] == sum(s["lengths"]) / 4
+            and min(s["lengths"]) <= s["median_length"] <= s["p90_length"] <= s["max_length"]
+        )
     table = out.with_suffix(".md").read_text()
-    for label in ("mean length (tokens)", "median length (tokens)", "90th percentile length (tokens)", "finished (EOS) share"):
+    for label in (
+        "mean length (tokens)",
+        "median length (tokens)",
+        "90th percentile length (tokens)",
+        "finished (EOS) share",
+    ):
         assert f"| length_stats | {label} |" in table

@@ -16,16 +16,29 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dpokit.losses import LOSSES, REFERENCE_FREE, LossConfig, PairLogps, compute_loss, get_loss, kto_loss, needs_reference, shared_prefix_logps
+from dpokit.losses import (
+    LOSSES,
+    REFERENCE_FREE,
+    LossConfig,
+    PairLogps,
+    compute_loss,
+    get_loss,
+    kto_loss,
+    needs_reference,
+    shared_prefix_logps,
+)
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
 
 
 def pair(**overrides) -> PairLogps:
     fields = dict(
-        policy_chosen=T(-4.5, -6.0), policy_rejected=T(-5.5, -4.0),
-        ref_chosen=T(-5.0, -5.0), ref_rejected=T(-5.0, -5.0),
-        chosen_lengths=torch.tensor([2, 4]), rejected_lengths=torch.tensor([5, 2]),
+        policy_chosen=T(-4.5, -6.0),
+        policy_rejected=T(-5.5, -4.0),
+        ref_chosen=T(-5.0, -5.0),
+        ref_rejected=T(-5.0, -5.0),
+        chosen_lengths=torch.tensor([2, 4]),
+        rejected_lengths=torch.tensor([5, 2]),
     )
     return PairLogps(**{**fields, **overrides})
 
@@ -166,8 +179,10 @@ def test_ld_dpo():
          rejected has 2 tokens: r_l = 1 -> h = -0.2 -> sp(0.2) = 0.7981389
     ld_alpha = 1 is plain DPO."""
     x = pair(
-        policy_chosen_shared=T(-4.5, -3.0), policy_rejected_shared=T(-2.0, -4.0),
-        ref_chosen_shared=T(-5.0, -2.0), ref_rejected_shared=T(-2.5, -5.0),
+        policy_chosen_shared=T(-4.5, -3.0),
+        policy_rejected_shared=T(-2.0, -4.0),
+        ref_chosen_shared=T(-5.0, -2.0),
+        ref_rejected_shared=T(-2.5, -5.0),
     )
     out = compute_loss(x, LossConfig(ld_alpha=0.5))
     assert_close(out.losses, T(0.6684596480, 0.7981388694))
@@ -182,8 +197,10 @@ def test_shared_prefix_logps():
     """Pair 0: chosen 2 tokens [-1, -2], rejected 3 tokens [-0.5, -0.25, -4] -> shared 2: [-3, -0.75].
     Pair 1: chosen 3 tokens [-1, -1, -1], rejected 1 token [-2] -> shared 1: [-1, -2]. Masked slots ignored."""
     token_logps = T(
-        [0.0, -1.0, -2.0, 9.0], [0.0, -1.0, -1.0, -1.0],  # chosen rows (slot 0 is a prompt position)
-        [0.0, -0.5, -0.25, -4.0], [0.0, -2.0, 9.0, 9.0],  # rejected rows
+        [0.0, -1.0, -2.0, 9.0],
+        [0.0, -1.0, -1.0, -1.0],  # chosen rows (slot 0 is a prompt position)
+        [0.0, -0.5, -0.25, -4.0],
+        [0.0, -2.0, 9.0, 9.0],  # rejected rows
     )
     mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 0, 0]])
     assert_close(shared_prefix_logps(token_logps, mask), T(-3.0, -1.0, -0.75, -2.0))
@@ -193,8 +210,11 @@ def test_wpo_weighting():
     """policy_*_wpo = sum_t [log pi(y_t) - log sum_v pi(v)^2]: chosen [-1, -2], rejected [-5, -1].
     weight = exp(-1/2 + -5/5) = e^{-1.5} = 0.2231302 and exp(-2/4 + -1/2) = e^{-1} = 0.3678794
     sigmoid: [0.6443967 * 0.2231302, 0.7981389 * 0.3678794] = [0.1437843, 0.2936189]; no gradient through the weight."""
-    x = pair(policy_chosen=T(-4.5, -6.0).requires_grad_(), policy_chosen_wpo=T(-1.0, -2.0).requires_grad_(),
-             policy_rejected_wpo=T(-5.0, -1.0))
+    x = pair(
+        policy_chosen=T(-4.5, -6.0).requires_grad_(),
+        policy_chosen_wpo=T(-1.0, -2.0).requires_grad_(),
+        policy_rejected_wpo=T(-5.0, -1.0),
+    )
     out = compute_loss(x, LossConfig(use_weighting=True))
     assert_close(out.losses.detach(), T(0.1437843300, 0.2936188812))
     out.losses.sum().backward()
@@ -266,11 +286,15 @@ def test_kto():
     undesirable (weight 1): 1 - sigma(0.1 (0.1 + 1)) = 1 - sigma(0.11) = 0.4725277
     Mismatched mean below 0 ([-0.5, -0.3] -> -0.4) clamps z0 to 0: [2 (1 - sigma(0.05)), 1 - sigma(0.1)] = [0.9750052, 0.4750208]."""
     args = dict(policy_logps=T(-4.5, -6.0), ref_logps=T(-5.0, -5.0), labels=torch.tensor([True, False]))
-    losses, rewards, kl = kto_loss(**args, kl_policy_logps=T(-3.0, -4.0), kl_ref_logps=T(-3.5, -3.7), beta=0.1, desirable_weight=2.0)
+    losses, rewards, kl = kto_loss(
+        **args, kl_policy_logps=T(-3.0, -4.0), kl_ref_logps=T(-3.5, -3.7), beta=0.1, desirable_weight=2.0
+    )
     assert_close(losses, T(0.9800026662, 0.4725276957))
     assert_close(rewards, T(0.05, -0.1))
     assert_close(kl, T(0.1)[0])
-    losses, _, kl = kto_loss(**args, kl_policy_logps=T(-3.0, -4.0), kl_ref_logps=T(-2.5, -3.7), beta=0.1, desirable_weight=2.0)
+    losses, _, kl = kto_loss(
+        **args, kl_policy_logps=T(-3.0, -4.0), kl_ref_logps=T(-2.5, -3.7), beta=0.1, desirable_weight=2.0
+    )
     assert_close(losses, T(0.9750052070, 0.4750208125))
     assert kl.item() == 0.0
 
@@ -344,8 +368,11 @@ def test_every_loss_is_finite_and_differentiable(name):
 
 
 def test_float32_and_batch_shape_preserved():
-    x = PairLogps(*(t.float() for t in (T(-4.5, -6.0), T(-5.5, -4.0), T(-5.0, -5.0), T(-5.0, -5.0))),
-                  chosen_lengths=torch.tensor([2, 4]), rejected_lengths=torch.tensor([5, 2]))
+    x = PairLogps(
+        *(t.float() for t in (T(-4.5, -6.0), T(-5.5, -4.0), T(-5.0, -5.0), T(-5.0, -5.0))),
+        chosen_lengths=torch.tensor([2, 4]),
+        rejected_lengths=torch.tensor([5, 2]),
+    )
     for name in LOSSES:
         out = compute_loss(x, replace(LossConfig(type=name), label_smoothing=0.1))
         assert out.losses.dtype == torch.float32 and out.losses.shape == (2,)

@@ -89,7 +89,11 @@ class _TokenLM(torch.nn.Module):
     def forward(self, **kwargs):
         zeros = torch.zeros_like(self.log_probs)
         return SimpleNamespace(
-            log_probs=self.log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(), log_sum_sq_probs=self.log_sum_sq_probs
+            log_probs=self.log_probs,
+            entropy=zeros,
+            mean_logits=zeros,
+            is_top1=zeros.bool(),
+            log_sum_sq_probs=self.log_sum_sq_probs,
         )
 
 
@@ -106,8 +110,15 @@ def _token_batch(seed: int, dtype=torch.float64) -> dict:
     ref = (policy + torch.randn(2 * B, width - 1, dtype=dtype, generator=g)).clamp(max=-1e-3) * shift_mask
     log_sum_sq = -torch.empty(2 * B, width - 1, dtype=dtype).uniform_(0.1, 2.0, generator=g) * shift_mask
     return dict(
-        inputs=dict(input_ids=torch.randint(5, 50, (2 * B, width), generator=g), attention_mask=attention_mask, completion_mask=completion_mask),
-        policy=policy, ref=ref, log_sum_sq=log_sum_sq, mask=shift_mask,
+        inputs=dict(
+            input_ids=torch.randint(5, 50, (2 * B, width), generator=g),
+            attention_mask=attention_mask,
+            completion_mask=completion_mask,
+        ),
+        policy=policy,
+        ref=ref,
+        log_sum_sq=log_sum_sq,
+        mask=shift_mask,
     )
 
 
@@ -118,8 +129,12 @@ def _pair(batch: dict) -> PairLogps:
     wpo = ((policy - batch["log_sum_sq"]) * mask).sum(1)
     halves = lambda t: (t[:B], t[B:])  # noqa: E731
     return PairLogps(
-        *halves(policy.sum(1)), *halves(ref.sum(1)), *halves(lengths),
-        *halves(policy_shared), *halves(ref_shared), *halves(wpo),
+        *halves(policy.sum(1)),
+        *halves(ref.sum(1)),
+        *halves(lengths),
+        *halves(policy_shared),
+        *halves(ref_shared),
+        *halves(wpo),
     )
 
 
@@ -172,27 +187,70 @@ def _check_dpo(case: str, trl_args: dict, seed: int = 0, dtype=torch.float64, rt
         _close(f"{case}/{name}", ours, theirs, rtol)
 
 
-DPO_LOSSES = ["sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-              "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "robust"]
+DPO_LOSSES = [
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+    "robust",
+]
 F_DIV_LOSSES = ["sigmoid", "hinge", "ipo", "exo_pair", "robust", "discopop", "sigmoid_norm"]
 
 CASES = (
     [(name, {"loss_type": [name]}) for name in DPO_LOSSES]
     + [("exo_pair eps=1e-3", {"loss_type": ["exo_pair"], "label_smoothing": 1e-3})]
-    + [(f"{n} eps=0.1", {"loss_type": [n], "label_smoothing": 0.1}) for n in ["robust", "exo_pair", "aot", "aot_unpaired"]]
-    + [(f"{n} beta=0.5", {"loss_type": [n], "beta": 0.5}) for n in ["sigmoid", "ipo", "sppo_hard", "apo_down", "discopop"]]
-    + [(f"{n} {f}", {"loss_type": [n], "f_divergence_type": f, "label_smoothing": 0.1 if n in ("robust", "exo_pair") else 0.0})
-       for n in F_DIV_LOSSES for f in ["forward_kl", "js_divergence"]]
-    + [(f"{n} alpha=1", {"loss_type": [n], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0})
-       for n in ["sigmoid", "ipo"]]
-    + [(f"{n} ld_alpha={a}", {"loss_type": [n], "ld_alpha": a}) for n in ["sigmoid", "ipo", "aot", "sigmoid_norm", "bco_pair"] for a in [0.0, 0.5]]
-    + [(f"{n} wpo", {"loss_type": [n], "use_weighting": True}) for n in ["sigmoid", "ipo", "bco_pair", "apo_zero", "sigmoid_norm"]]
+    + [
+        (f"{n} eps=0.1", {"loss_type": [n], "label_smoothing": 0.1})
+        for n in ["robust", "exo_pair", "aot", "aot_unpaired"]
+    ]
+    + [
+        (f"{n} beta=0.5", {"loss_type": [n], "beta": 0.5})
+        for n in ["sigmoid", "ipo", "sppo_hard", "apo_down", "discopop"]
+    ]
+    + [
+        (
+            f"{n} {f}",
+            {"loss_type": [n], "f_divergence_type": f, "label_smoothing": 0.1 if n in ("robust", "exo_pair") else 0.0},
+        )
+        for n in F_DIV_LOSSES
+        for f in ["forward_kl", "js_divergence"]
+    ]
+    + [
+        (f"{n} alpha=1", {"loss_type": [n], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0})
+        for n in ["sigmoid", "ipo"]
+    ]
+    + [
+        (f"{n} ld_alpha={a}", {"loss_type": [n], "ld_alpha": a})
+        for n in ["sigmoid", "ipo", "aot", "sigmoid_norm", "bco_pair"]
+        for a in [0.0, 0.5]
+    ]
+    + [
+        (f"{n} wpo", {"loss_type": [n], "use_weighting": True})
+        for n in ["sigmoid", "ipo", "bco_pair", "apo_zero", "sigmoid_norm"]
+    ]
     + [
         ("rpo", {"loss_type": ["sigmoid", "sft"]}),
         ("rpo weighted", {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.3]}),
         ("mpo", {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}),
-        ("ipo+hinge js ld wpo", {"loss_type": ["ipo", "hinge"], "loss_weights": [0.5, 2.0], "f_divergence_type": "js_divergence",
-                                 "ld_alpha": 0.3, "use_weighting": True}),
+        (
+            "ipo+hinge js ld wpo",
+            {
+                "loss_type": ["ipo", "hinge"],
+                "loss_weights": [0.5, 2.0],
+                "f_divergence_type": "js_divergence",
+                "ld_alpha": 0.3,
+                "use_weighting": True,
+            },
+        ),
         ("rpo ld", {"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.5}),
     ]
 )
@@ -212,8 +270,12 @@ def test_alpha_divergence_matches_trl_float32(name, coef):
     rtol 1e-6 (a few float32 ulps) on top of atol: IPO's squared losses reach ~40, and we compute
     f' with expm1 where TRL uses exp(.) - 1, which loses digits when log-ratios are near 0.
     """
-    args = {"loss_type": [name], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": coef,
-            "label_smoothing": 0.1 if name in ("robust", "exo_pair") else 0.0}
+    args = {
+        "loss_type": [name],
+        "f_divergence_type": "alpha_divergence",
+        "f_alpha_divergence_coef": coef,
+        "label_smoothing": 0.1 if name in ("robust", "exo_pair") else 0.0,
+    }
     _check_dpo(f"{name} alpha={coef} fp32", args, dtype=torch.float32, rtol=1e-6)
 
 
@@ -247,16 +309,30 @@ def test_kto_matches_trl():
 
         model.training = True
         batch = dict(
-            label=labels, input_ids=torch.ones(n, width, dtype=torch.long), attention_mask=torch.ones(n, width, dtype=torch.long),
-            completion_mask=torch.ones(n, width, dtype=torch.long), KL_input_ids=torch.ones(n, width + 1, dtype=torch.long),
-            KL_attention_mask=torch.ones(n, width + 1, dtype=torch.long), KL_completion_mask=torch.ones(n, width + 1, dtype=torch.long),
-            ref_logps=ref_logps, ref_KL_logps=ref_kl_logps,
+            label=labels,
+            input_ids=torch.ones(n, width, dtype=torch.long),
+            attention_mask=torch.ones(n, width, dtype=torch.long),
+            completion_mask=torch.ones(n, width, dtype=torch.long),
+            KL_input_ids=torch.ones(n, width + 1, dtype=torch.long),
+            KL_attention_mask=torch.ones(n, width + 1, dtype=torch.long),
+            KL_completion_mask=torch.ones(n, width + 1, dtype=torch.long),
+            ref_logps=ref_logps,
+            ref_KL_logps=ref_kl_logps,
         )
         trainer = object.__new__(KTOTrainer)
         trainer.__dict__.update(
-            model=model, accelerator=_Accelerator(), calculate_KL=True, precompute_ref_logps=True, loss_type="kto",
-            beta=0.3, desirable_weight=1.33, undesirable_weight=0.7, aux_loss_enabled=False,
-            _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+            model=model,
+            accelerator=_Accelerator(),
+            calculate_KL=True,
+            precompute_ref_logps=True,
+            loss_type="kto",
+            beta=0.3,
+            desirable_weight=1.33,
+            undesirable_weight=0.7,
+            aux_loss_enabled=False,
+            _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+            _total_train_tokens=0,
+            _tp_size=1,
         )
         with _Recorder(torch.Tensor.nanmean) as nanmeans, _Recorder(torch.Tensor.nansum) as nansums:
             trl_loss = trainer._compute_loss(model, batch, return_outputs=False)
@@ -304,26 +380,53 @@ def _logit_batch(seed: int):
 
 def _experimental_trainer(cls, **attrs):
     trainer = object.__new__(cls)
-    trainer.__dict__.update(is_encoder_decoder=False, pad_token_id=0, padding_value=0, accelerator=_Accelerator(),
-                            aux_loss_enabled=False, **{"label_smoothing": 0.0, "alpha": 0.0, **attrs})
+    trainer.__dict__.update(
+        is_encoder_decoder=False,
+        pad_token_id=0,
+        padding_value=0,
+        accelerator=_Accelerator(),
+        aux_loss_enabled=False,
+        **{"label_smoothing": 0.0, "alpha": 0.0, **attrs},
+    )
     return trainer
 
 
-@pytest.mark.parametrize("loss_type,cpo_alpha,label_smoothing", [
-    ("sigmoid", 1.0, 0.0), ("sigmoid", 0.5, 0.1), ("simpo", 0.0, 0.0), ("simpo", 0.0, 0.1), ("simpo", 0.7, 0.0),
-])
+@pytest.mark.parametrize(
+    "loss_type,cpo_alpha,label_smoothing",
+    [
+        ("sigmoid", 1.0, 0.0),
+        ("sigmoid", 0.5, 0.1),
+        ("simpo", 0.0, 0.0),
+        ("simpo", 0.0, 0.1),
+        ("simpo", 0.7, 0.0),
+    ],
+)
 def test_cpo_and_simpo_match_trl_experimental(loss_type, cpo_alpha, label_smoothing):
     for seed in (0, 1):
         batch, x, model = _logit_batch(seed)
-        trainer = _experimental_trainer(CPOTrainer, loss_type=loss_type, cpo_alpha=cpo_alpha, beta=2.0 if loss_type == "simpo" else 0.1,
-                                        simpo_gamma=1.2, label_smoothing=label_smoothing)
+        trainer = _experimental_trainer(
+            CPOTrainer,
+            loss_type=loss_type,
+            cpo_alpha=cpo_alpha,
+            beta=2.0 if loss_type == "simpo" else 0.1,
+            simpo_gamma=1.2,
+            label_smoothing=label_smoothing,
+        )
         chosen_logps, rejected_logps, *_ = trainer.concatenated_forward(model, batch)
         trl_losses, trl_chosen, trl_rejected = trainer.cpo_loss(chosen_logps, rejected_logps)
         trl_loss, _ = trainer.get_batch_loss_metrics(model, batch)
         cfg = LossConfig(beta=trainer.beta, simpo_gamma=1.2, label_smoothing=label_smoothing)
         # TRL's "CPO-SimPO" (simpo with cpo_alpha > 0) is our [simpo, sft] weighted [1, cpo_alpha].
-        name, preference_only = ("cpo", replace(cfg, type="cpo", cpo_alpha=0.0)) if loss_type == "sigmoid" else ("simpo", replace(cfg, type="simpo"))
-        full = replace(cfg, type="cpo", cpo_alpha=cpo_alpha) if name == "cpo" else replace(cfg, type=["simpo", "sft"], weights=[1.0, cpo_alpha])
+        name, preference_only = (
+            ("cpo", replace(cfg, type="cpo", cpo_alpha=0.0))
+            if loss_type == "sigmoid"
+            else ("simpo", replace(cfg, type="simpo"))
+        )
+        full = (
+            replace(cfg, type="cpo", cpo_alpha=cpo_alpha)
+            if name == "cpo"
+            else replace(cfg, type=["simpo", "sft"], weights=[1.0, cpo_alpha])
+        )
         case = f"cpo[{loss_type}, cpo_alpha={cpo_alpha}, eps={label_smoothing}]"
         out = compute_loss(x, preference_only)
         _close(case, out.losses, trl_losses)
@@ -342,7 +445,9 @@ def test_orpo_matches_trl_experimental():
         cfg = LossConfig(type="orpo", beta=0.25)
         out = compute_loss(x, cfg)
         nll = compute_loss(x, replace(cfg, type="sft")).losses
-        _close("orpo", out.losses - nll, -trl_ratio_terms)  # TRL returns +beta * log sigma(log odds); the loss subtracts it
+        _close(
+            "orpo", out.losses - nll, -trl_ratio_terms
+        )  # TRL returns +beta * log sigma(log odds); the loss subtracts it
         _close("orpo", out.chosen_rewards, trl_chosen)
         _close("orpo", out.rejected_rewards, trl_rejected)
         _close("orpo", out.losses.mean(), trl_loss)

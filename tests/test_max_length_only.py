@@ -31,20 +31,27 @@ def _transcript(rng: random.Random, prompt_words: int) -> str:
 
 def _row(rng: random.Random, prompt_words: int, chosen_words: int, rejected_words: int) -> dict:
     prompt = _transcript(rng, prompt_words) + "\n\nAssistant:"
-    return {"chosen": f"{prompt} good {_words(rng, chosen_words - 1)}", "rejected": f"{prompt} bad {_words(rng, rejected_words - 1)}"}
+    return {
+        "chosen": f"{prompt} good {_words(rng, chosen_words - 1)}",
+        "rejected": f"{prompt} bad {_words(rng, rejected_words - 1)}",
+    }
 
 
 def test_only_max_length_256_trains_on_long_transcripts_and_counts_truncation(tmp_path, capsys):
     rng = random.Random(0)
-    rows = ([_row(rng, 300, 10, 12) for _ in range(4)]  # prompt > 128 tokens: cut from the left
-            + [_row(rng, 300, 200, 12) for _ in range(2)]  # and a chosen past the 128 tokens left
-            + [_row(rng, 20, 100, 300) for _ in range(2)])  # short prompt, a rejected past its room
+    rows = (
+        [_row(rng, 300, 10, 12) for _ in range(4)]  # prompt > 128 tokens: cut from the left
+        + [_row(rng, 300, 200, 12) for _ in range(2)]  # and a chosen past the 128 tokens left
+        + [_row(rng, 20, 100, 300) for _ in range(2)]
+    )  # short prompt, a rejected past its room
     data = tmp_path / "hh.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert all(max(len(r["chosen"].split()), len(r["rejected"].split())) > 256 for r in rows)  # past max_length
     config = tmp_path / "train.yaml"
-    config.write_text(f"model:\n  name_or_path: {tiny_model_dir()}\ndata:\n  path: {data}\n  max_length: 256\n"
-                      f"train:\n  max_steps: 2\nout_dir: {tmp_path / 'run'}\n")
+    config.write_text(
+        f"model:\n  name_or_path: {tiny_model_dir()}\ndata:\n  path: {data}\n  max_length: 256\n"
+        f"train:\n  max_steps: 2\nout_dir: {tmp_path / 'run'}\n"
+    )
 
     assert cli_main(["train", str(config)]) == 0
 

@@ -32,9 +32,20 @@ def _overrides(tmp_path, **extra) -> dict:
     data = tmp_path / "pairs.jsonl"
     if not data.exists():
         write_jsonl(data, synthetic_pairs(8, seed=2))
-    cfg = {"model.name_or_path": str(tiny_model_dir()), "data.path": str(data), "data.max_length": 32, "data.max_prompt_length": 16,
-           "loss.beta": 0.5, "train.batch_size": 4, "train.max_steps": 2, "train.logging_steps": 1, "train.save_steps": 0,
-           "train.progress_bar": False, "speed.ref_cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "run")}
+    cfg = {
+        "model.name_or_path": str(tiny_model_dir()),
+        "data.path": str(data),
+        "data.max_length": 32,
+        "data.max_prompt_length": 16,
+        "loss.beta": 0.5,
+        "train.batch_size": 4,
+        "train.max_steps": 2,
+        "train.logging_steps": 1,
+        "train.save_steps": 0,
+        "train.progress_bar": False,
+        "speed.ref_cache_dir": str(tmp_path / "cache"),
+        "out_dir": str(tmp_path / "run"),
+    }
     cfg.update(extra)
     return cfg
 
@@ -51,7 +62,12 @@ def test_the_options_are_checked_where_they_are_read():
 def test_bits_and_bytes_config_follows_qlora_and_is_refused_in_one_line_without_bitsandbytes(monkeypatch):
     cfg = load_config(None, {"lora.enabled": True, "model.quantization": "nf4", "model.dtype": "bfloat16"})
     q = quantization_config(cfg)
-    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == (True, "nf4", True, torch.bfloat16)
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == (
+        True,
+        "nf4",
+        True,
+        torch.bfloat16,
+    )
     assert quantization_config(load_config(None, {})) is None
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ModelLoadError) as e:
@@ -75,8 +91,12 @@ def test_qlora_trains_adapters_on_a_4bit_base_whose_adapters_off_is_the_referenc
     policy = load_policy(cfg)
     linears = [m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linears and all(m.weight.quant_state.quant_type == "nf4" for m in linears)
-    assert {n for n, p in policy.named_parameters() if p.requires_grad} and all("lora_" in n for n, p in policy.named_parameters() if p.requires_grad)
-    assert make_reference(policy, cfg, needs_reference=True) is None  # the reference is the quantized base, adapters off
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in policy.named_parameters() if p.requires_grad
+    )
+    assert (
+        make_reference(policy, cfg, needs_reference=True) is None
+    )  # the reference is the quantized base, adapters off
     dpokit.train(cfg)  # the reference cache is built from that base, with the adapters disabled
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # LoRA B starts at 0: policy == reference
@@ -91,7 +111,9 @@ def test_every_4bit_layer_of_the_qlora_model_repacks_for_the_avx512_bf16_cpu_ker
     linears = [m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert linears
     for layer in linears:
-        packed, state = bnb.functional._convert_weight_packed_for_cpu(layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
+        packed, state = bnb.functional._convert_weight_packed_for_cpu(
+            layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state)
+        )
         assert state.packing_format_for_cpu and packed.shape == (layer.out_features, layer.in_features // 2)
 
 
@@ -116,16 +138,29 @@ def test_a_bf16_reference_beside_a_float32_policy_gives_a_bf16_copys_log_probs(t
     out_hand, metrics_hand = forward_pairs(policy, by_hand, batch, StepContext(cfg))
     torch.testing.assert_close(out.losses, out_hand.losses, rtol=0, atol=0)
     torch.testing.assert_close(metrics["rewards/chosen"], metrics_hand["rewards/chosen"], rtol=0, atol=0)
-    full, _ = forward_pairs(policy, make_reference(policy, load_config(cfg, {"model.ref_dtype": None}), True), batch, StepContext(cfg))
+    full, _ = forward_pairs(
+        policy, make_reference(policy, load_config(cfg, {"model.ref_dtype": None}), True), batch, StepContext(cfg)
+    )
     assert not torch.equal(full.losses, out.losses)  # the rounding is real: the option changes the reference
 
 
 @pytest.mark.slow
 def test_training_with_a_bf16_live_reference_runs_and_learns(tmp_path):
-    dpokit.train(load_config(None, _overrides(tmp_path, **{"model.ref_dtype": "bfloat16", "speed.ref_cache": False, "optim.lr": 3e-3,
-                                                            "train.max_steps": 4})))
+    dpokit.train(
+        load_config(
+            None,
+            _overrides(
+                tmp_path,
+                **{"model.ref_dtype": "bfloat16", "speed.ref_cache": False, "optim.lr": 3e-3, "train.max_steps": 4},
+            ),
+        )
+    )
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
-    assert all(math.isfinite(x) for x in losses) and losses[0] == pytest.approx(math.log(2), abs=0.05) and losses[-1] < losses[0]
+    assert (
+        all(math.isfinite(x) for x in losses)
+        and losses[0] == pytest.approx(math.log(2), abs=0.05)
+        and losses[-1] < losses[0]
+    )
 
 
 def test_build_optimizer_picks_by_optim_name_and_keeps_the_groups(monkeypatch):
@@ -140,7 +175,9 @@ def test_build_optimizer_picks_by_optim_name_and_keeps_the_groups(monkeypatch):
     eight.step()
     assert eight.state[params[0]]["state1"].dtype == torch.uint8  # 8-bit moments for the large tensor
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(ConfigError, match=r"optim.name=adamw_8bit needs bitsandbytes: pip install 'dpokit\[quantization\]'"):
+    with pytest.raises(
+        ConfigError, match=r"optim.name=adamw_8bit needs bitsandbytes: pip install 'dpokit\[quantization\]'"
+    ):
         build_optimizer(load_config(cfg, {"optim.name": "adamw_8bit"}), groups)
 
 

@@ -149,11 +149,19 @@ def _http_response(status: int):
     return http.Response(status, request=http.Request("POST", "https://huggingface.co/api/repos/create"))
 
 
-@pytest.mark.parametrize("make_error", [
-    lambda: hub_errors.OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled."),
-    lambda: hub_errors.HfHubHTTPError("401 Client Error: Unauthorized for url\nInvalid credentials", response=_http_response(401)),
-    lambda: hub_errors.LocalTokenNotFoundError("Token is required (`token=True`), but no token found."),
-], ids=["HF_HUB_OFFLINE", "unauthorised", "no-token"])
+@pytest.mark.parametrize(
+    "make_error",
+    [
+        lambda: hub_errors.OfflineModeIsEnabled(
+            "Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled."
+        ),
+        lambda: hub_errors.HfHubHTTPError(
+            "401 Client Error: Unauthorized for url\nInvalid credentials", response=_http_response(401)
+        ),
+        lambda: hub_errors.LocalTokenNotFoundError("Token is required (`token=True`), but no token found."),
+    ],
+    ids=["HF_HUB_OFFLINE", "unauthorised", "no-token"],
+)
 def test_push_to_hub_turns_each_hub_failure_into_one_line(tmp_path, monkeypatch, make_error):
     error = make_error()
 
@@ -169,9 +177,14 @@ def test_push_to_hub_turns_each_hub_failure_into_one_line(tmp_path, monkeypatch,
 def test_push_to_hub_creates_the_repo_and_uploads_the_folder(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id, kw)))
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw["repo_id"], kw["folder_path"])))
+    monkeypatch.setattr(
+        huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw["repo_id"], kw["folder_path"]))
+    )
     line = push_to_hub(tmp_path, "someone/tiny-dpo", private=False)
-    assert calls == [("create", "someone/tiny-dpo", {"private": False, "exist_ok": True}), ("upload", "someone/tiny-dpo", str(tmp_path))]
+    assert calls == [
+        ("create", "someone/tiny-dpo", {"private": False, "exist_ok": True}),
+        ("upload", "someone/tiny-dpo", str(tmp_path)),
+    ]
     assert line == f"[dpokit] pushed {tmp_path} to https://huggingface.co/someone/tiny-dpo"
 
 
@@ -181,7 +194,9 @@ def test_hub_ids_are_told_from_local_paths(tmp_path):
     (tmp_path / "plain").mkdir()
     assert hub_id("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B" and hub_id("gpt2") == "gpt2"
     assert hub_id(str(snapshot)) == "org/name"
-    assert hub_id(str(tmp_path / "plain")) is None and hub_id("data/pairs.jsonl") is None and hub_id("demo:pairs") is None
+    assert (
+        hub_id(str(tmp_path / "plain")) is None and hub_id("data/pairs.jsonl") is None and hub_id("demo:pairs") is None
+    )
 
 
 def test_push_to_hub_takes_a_repo_id_only():

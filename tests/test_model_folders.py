@@ -52,8 +52,16 @@ def test_dpokit_train_exits_2_with_the_line(tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(8, seed=0))
     empty = tmp_path / "empty"
     empty.mkdir()
-    code = main(["train", "demo", f"model.name_or_path={empty}", f"data.path={data}", "data.eval_path=null",
-                 f"out_dir={tmp_path / 'run'}"])
+    code = main(
+        [
+            "train",
+            "demo",
+            f"model.name_or_path={empty}",
+            f"data.path={data}",
+            "data.eval_path=null",
+            f"out_dir={tmp_path / 'run'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "is a folder without" in err and "Traceback" not in err
 

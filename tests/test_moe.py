@@ -39,14 +39,29 @@ def _config(kind: str):
     from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     tok = word_tokenizer()
-    common = dict(vocab_size=len(tok), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                  num_experts_per_tok=2, router_aux_loss_coef=COEF, max_position_embeddings=128, tie_word_embeddings=False,
-                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=COEF,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     if kind == "mixtral":
         return MixtralConfig(intermediate_size=24, num_local_experts=4, **common)
     if kind == "qwen3_moe":  # layer 1 dense (mlp_only_layers), query/key norms, head_dim != hidden / heads
-        return Qwen3MoeConfig(intermediate_size=32, moe_intermediate_size=8, num_experts=4, head_dim=12, mlp_only_layers=[1], **common)
-    return Qwen2MoeConfig(intermediate_size=32, moe_intermediate_size=8, shared_expert_intermediate_size=20, num_experts=4, **common)
+        return Qwen3MoeConfig(
+            intermediate_size=32, moe_intermediate_size=8, num_experts=4, head_dim=12, mlp_only_layers=[1], **common
+        )
+    return Qwen2MoeConfig(
+        intermediate_size=32, moe_intermediate_size=8, shared_expert_intermediate_size=20, num_experts=4, **common
+    )
 
 
 def tiny_moe(kind: str = "mixtral", seed: int = 0):
@@ -89,7 +104,9 @@ def _run(forward, model, batch, cfg, reference=None):
 
 def _transformers_aux(model, batch) -> torch.Tensor:
     """The model's own load-balancing loss of a padded batch: transformers' load_balancing_loss_func with the mask."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True).aux_loss
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True
+    ).aux_loss
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
@@ -99,7 +116,9 @@ def test_aux_loss_is_transformers_load_balancing_loss_over_the_real_tokens(kind)
     assert not bool(batch["attention_mask"].all())  # the batch has padding
     _, metrics = forward_pairs(model, None, batch, StepContext(_cfg(**{"loss.type": "simpo"}), False))
     expected = _transformers_aux(model, batch)
-    torch.testing.assert_close(metrics["aux_loss"], expected.detach().expand(len(metrics["loss"])), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        metrics["aux_loss"], expected.detach().expand(len(metrics["loss"])), rtol=1e-5, atol=1e-6
+    )
     with_padding = model(input_ids=batch["input_ids"], output_router_logits=True).aux_loss.detach()
     assert abs(float(with_padding) - float(expected)) > 1e-3  # counting the padding would give another value
 
@@ -108,8 +127,12 @@ def test_the_coefficient_adds_the_aux_loss_and_its_gradient_reaches_the_router()
     model = tiny_moe("mixtral")
     batch = collate_pairs(_pairs(), word_tokenizer().pad_token_id)
     reference = copy.deepcopy(model)
-    runs = {coef: _run(forward_pairs, model, batch, _cfg(**({} if coef is None else {"loss.router_aux_coef": coef})), reference)
-            for coef in (0.0, 0.5, None)}
+    runs = {
+        coef: _run(
+            forward_pairs, model, batch, _cfg(**({} if coef is None else {"loss.router_aux_coef": coef})), reference
+        )
+        for coef in (0.0, 0.5, None)
+    }
     model.zero_grad(set_to_none=True)
     aux = _transformers_aux(model, batch)
     aux.backward()
@@ -121,12 +144,16 @@ def test_the_coefficient_adds_the_aux_loss_and_its_gradient_reaches_the_router()
     # the router's gradient gains coef x d(aux_loss) (summed over the batch's pairs); with 0 it has none of it
     torch.testing.assert_close(grad5 - grad0, 0.5 * len(loss0) * aux_grad, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(grad_default - grad0, COEF * len(loss0) * aux_grad, rtol=1e-3, atol=1e-6)
-    assert "aux_loss" in m0 and float(m0["aux_loss"][0]) == pytest.approx(float(aux), rel=1e-5)  # logged, not trained on
+    assert "aux_loss" in m0 and float(m0["aux_loss"][0]) == pytest.approx(
+        float(aux), rel=1e-5
+    )  # logged, not trained on
     assert float(m5["loss"].mean()) == pytest.approx(float(m0["loss"].mean()) + 0.5 * float(aux), rel=1e-5)
 
 
 FAST = {
-    "packing+prefix+chunked": SpeedConfig(packing=True, prefix_sharing=True, chunked_logps=True, pack_length=48, logps_chunk_size=5),
+    "packing+prefix+chunked": SpeedConfig(
+        packing=True, prefix_sharing=True, chunked_logps=True, pack_length=48, logps_chunk_size=5
+    ),
     "packing": SpeedConfig(packing=True, prefix_sharing=False, chunked_logps=False, pack_length=48),
 }
 
@@ -152,9 +179,11 @@ def test_the_fast_step_gives_the_plain_steps_loss_aux_loss_and_router_gradient(k
 def test_sft_and_kto_steps_add_the_aux_loss():
     model = tiny_moe("mixtral")
     cfg = _cfg(**{"loss.router_aux_coef": 0.3})
-    examples = [TokenizedCompletion(vocab_ids("it is"), vocab_ids("fine"), True, 9),
-                TokenizedCompletion(vocab_ids("the film was"), vocab_ids("very good <|im_end|>"), False, 9),
-                TokenizedCompletion(vocab_ids("how are you"), vocab_ids("bad and awful plot"), True, 9)]
+    examples = [
+        TokenizedCompletion(vocab_ids("it is"), vocab_ids("fine"), True, 9),
+        TokenizedCompletion(vocab_ids("the film was"), vocab_ids("very good <|im_end|>"), False, 9),
+        TokenizedCompletion(vocab_ids("how are you"), vocab_ids("bad and awful plot"), True, 9),
+    ]
     plain = _run(SFTStep().forward, model, collate_sft(examples, 0), cfg)
     fast = _run(FastSFTStep(cfg.speed, "sdpa").forward, model, make_sft_collate(cfg.speed, "sdpa")(examples, 0), cfg)
     aux = float(_transformers_aux(model, collate_sft(examples, 0)))
@@ -167,7 +196,13 @@ def test_sft_and_kto_steps_add_the_aux_loss():
     kto = _cfg(**{"loss.type": "kto", "loss.router_aux_coef": 0.3})
     batch = collate_unpaired(examples, 0)
     with_aux = _run(UnpairedStep().forward, model, batch, kto, copy.deepcopy(model))
-    without = _run(UnpairedStep().forward, model, batch, _cfg(**{"loss.type": "kto", "loss.router_aux_coef": 0.0}), copy.deepcopy(model))
+    without = _run(
+        UnpairedStep().forward,
+        model,
+        batch,
+        _cfg(**{"loss.type": "kto", "loss.router_aux_coef": 0.0}),
+        copy.deepcopy(model),
+    )
     torch.testing.assert_close(with_aux[0] - without[0], torch.full((3,), 0.3 * aux), rtol=1e-4, atol=1e-6)
 
 
@@ -176,27 +211,38 @@ def test_a_dense_model_logs_no_aux_loss_and_refuses_a_coefficient():
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir())
     batch = collate_pairs(_pairs(), 0)
-    _, metrics = forward_pairs(model, None, batch, StepContext(_cfg(**{"loss.type": "simpo", "loss.router_aux_coef": 0.0}), False))
+    _, metrics = forward_pairs(
+        model, None, batch, StepContext(_cfg(**{"loss.type": "simpo", "loss.router_aux_coef": 0.0}), False)
+    )
     assert "aux_loss" not in metrics and "loss" in metrics
     with pytest.raises(ConfigError, match="loss.router_aux_coef"):
-        forward_pairs(model, None, batch, StepContext(_cfg(**{"loss.type": "simpo", "loss.router_aux_coef": 0.1}), False))
+        forward_pairs(
+            model, None, batch, StepContext(_cfg(**{"loss.type": "simpo", "loss.router_aux_coef": 0.1}), False)
+        )
     with pytest.raises(ConfigError, match="loss.router_aux_coef"):
         _cfg(**{"loss.router_aux_coef": -1.0})
 
 
 def _train(tmp_path, name, model_dir, **lora):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(16, seed=0))
-    cfg = {"model": {"name_or_path": str(model_dir)}, "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
-           "loss": {"beta": 0.5}, "optim": {"lr": 5e-2, "scheduler": "constant"}, "out_dir": str(tmp_path / name),
-           "train": {"batch_size": 8, "max_steps": 6, "logging_steps": 1, "progress_bar": False, "save_steps": 0}}
+    cfg = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
+        "loss": {"beta": 0.5},
+        "optim": {"lr": 5e-2, "scheduler": "constant"},
+        "out_dir": str(tmp_path / name),
+        "train": {"batch_size": 8, "max_steps": 6, "logging_steps": 1, "progress_bar": False, "save_steps": 0},
+    }
     if lora:
         cfg["lora"] = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, **lora}
     result = dpokit.train(cfg)
     return result, [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj"],
-                                     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]])
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]],
+)
 def test_lora_on_attention_or_on_the_experts_trains_and_logs_aux_loss(tmp_path, targets):
     result, records = _train(tmp_path, "moe", tiny_moe_dir("mixtral"), target_modules=targets)
     assert all("aux_loss" in r and 1.0 < r["aux_loss"] <= 4.0 for r in records)  # ~top-k when balanced, E at most

@@ -9,7 +9,14 @@ import pytest
 
 from dpokit.online.suites.answers import answer
 from dpokit.online.suites.multiturn import (
-    DEFAULT_QUESTIONS, MTBenchJudge, QuestionsError, converse, load_questions, score_pairwise, score_single)
+    DEFAULT_QUESTIONS,
+    MTBenchJudge,
+    QuestionsError,
+    converse,
+    load_questions,
+    score_pairwise,
+    score_single,
+)
 from chat_server import ChatServer
 from tiny_assets import model, tokenizer  # noqa: F401  (pytest fixtures)
 
@@ -55,12 +62,16 @@ def test_single_mode_rates_each_turn_and_counts_the_malformed_answers():
         out = score_single(judge, QUESTIONS, CONVERSATIONS)
     assert out["parse_failures"] == 2 and out["num_questions"] == 3  # q2's two replies had no rating: counted
     assert out["turn1_score"] == pytest.approx(6.0) and out["turn2_score"] == pytest.approx(6.0)  # (9+3)/2, (3+9)/2
-    assert out["score"] == pytest.approx(6.0) and out["score_sem"] == pytest.approx(3.0 / math.sqrt(4) * math.sqrt(4 / 3))
+    assert out["score"] == pytest.approx(6.0) and out["score_sem"] == pytest.approx(
+        3.0 / math.sqrt(4) * math.sqrt(4 / 3)
+    )
     assert math.isnan(out["per_question"][1]["ratings"][0]) and "cannot rate" in out["per_question"][1]["rationales"][0]
     assert out["per_question"][0]["rationales"][0].startswith("Clear and correct")
     # turn 2 is judged with the conversation so far: the question and answer of turn 1 come first
     turn2 = server.requests[1]
-    assert "second user question" in turn2 and turn2.index("say something") < turn2.index("a great film") < turn2.index("say more")
+    assert "second user question" in turn2 and turn2.index("say something") < turn2.index("a great film") < turn2.index(
+        "say more"
+    )
 
 
 def test_the_rating_judge_has_room_for_its_rationale_before_the_rating():
@@ -88,8 +99,11 @@ def test_the_model_answers_turn_2_after_its_own_turn_1(model, tokenizer):  # noq
     conversations = converse(model, tokenizer, questions, max_new_tokens=6)
     assert len(conversations) == 2 and all(len(c) == 2 for c in conversations)
     for question, (first, second) in zip(questions, conversations):
-        history = [{"role": "user", "content": question["turns"][0]}, {"role": "assistant", "content": first},
-                   {"role": "user", "content": question["turns"][1]}]
+        history = [
+            {"role": "user", "content": question["turns"][0]},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": question["turns"][1]},
+        ]
         # greedy: asking turn 2 by hand with the model's own turn-1 answer gives the same answer
         assert answer(model, tokenizer, [history], max_new_tokens=6, seed=1)[0].completion.strip() == second
 

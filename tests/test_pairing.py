@@ -13,8 +13,10 @@ from dpokit.online.pairing import build_pairs, format_summary, pair_file
 
 def group(prompt, scored):
     """Rows of one prompt: scored = [(completion, score, completion_tokens), ...]."""
-    return [{"prompt": prompt, "sample_index": j, "completion": c, "score": s, "completion_tokens": n, "finished": True}
-            for j, (c, s, n) in enumerate(scored)]
+    return [
+        {"prompt": prompt, "sample_index": j, "completion": c, "score": s, "completion_tokens": n, "finished": True}
+        for j, (c, s, n) in enumerate(scored)
+    ]
 
 
 # Scores are exact binary fractions, so every margin comparison below is exact.
@@ -76,11 +78,19 @@ def test_length_ratio_and_closest_length():
 def test_all_pairs_with_margin_and_cap():
     pairs, summary = build_pairs([FIXTURE[0]], PairingConfig(strategy="all_pairs", min_margin=0.375))
     # largest margin first, then the smaller length difference
-    assert pairs_of(pairs) == [("A", " a3", " a1"), ("A", " a0", " a1"),  # 0.75: 4 and 20 tokens apart
-                               ("A", " a0", " a4"), ("A", " a3", " a4"),  # 0.625: 1 and 15
-                               ("A", " a0", " a2"), ("A", " a3", " a2"), ("A", " a2", " a1")]  # 0.375: 2, 14, 18
+    assert pairs_of(pairs) == [
+        ("A", " a3", " a1"),
+        ("A", " a0", " a1"),  # 0.75: 4 and 20 tokens apart
+        ("A", " a0", " a4"),
+        ("A", " a3", " a4"),  # 0.625: 1 and 15
+        ("A", " a0", " a2"),
+        ("A", " a3", " a2"),
+        ("A", " a2", " a1"),
+    ]  # 0.375: 2, 14, 18
     assert summary["tied_pairs"] == 1 and summary["pairs_below_margin"] == 2  # (a4, a1) 0.125, (a2, a4) 0.25
-    capped, summary = build_pairs([FIXTURE[0]], PairingConfig(strategy="all_pairs", min_margin=0.375, max_pairs_per_prompt=2))
+    capped, summary = build_pairs(
+        [FIXTURE[0]], PairingConfig(strategy="all_pairs", min_margin=0.375, max_pairs_per_prompt=2)
+    )
     assert pairs_of(capped) == pairs_of(pairs)[:2] and summary["pairs_over_cap"] == 5
 
 
@@ -107,7 +117,11 @@ def test_pair_file_output_trains(tmp_path):
     assert summary["pairs"] == 3
     assert json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())["prompts_all_tied"] == 1
     examples, report = load_preferences(str(tmp_path / "pairs.jsonl"))  # the extra columns are ignored
-    assert [(e.prompt, e.chosen, e.rejected) for e in examples] == [("A", " a3", " a1"), ("C", " c0", " c1"), ("E", " e0", " e1")]
+    assert [(e.prompt, e.chosen, e.rejected) for e in examples] == [
+        ("A", " a3", " a1"),
+        ("C", " c0", " c1"),
+        ("E", " e0", " e1"),
+    ]
     assert report.rows_used == 3
     line = format_summary(summary)
     assert "3 pairs from 3/5 prompts" in line and "1 all tied" in line

@@ -22,13 +22,17 @@ def base_config(policy="some/model", **extra):
 
 
 def test_config_sections_overrides_and_errors():
-    cfg = load_pipeline_config(base_config(sampling={"num_samples": 8, "temperature": 1}),
-                               ["rounds=3", "pairing.min_margin=0.5", "train.loss.beta=0.2", "reference=refresh"])
+    cfg = load_pipeline_config(
+        base_config(sampling={"num_samples": 8, "temperature": 1}),
+        ["rounds=3", "pairing.min_margin=0.5", "train.loss.beta=0.2", "reference=refresh"],
+    )
     assert cfg.rounds == 3 and cfg.sampling.num_samples == 8 and cfg.sampling.temperature == 1.0
     assert cfg.pairing.min_margin == 0.5 and cfg.train == {"loss": {"beta": 0.2}} and cfg.reference == "refresh"
     with pytest.raises(ConfigError, match="did you mean 'rounds'"):
         load_pipeline_config(base_config(round=2))
-    with pytest.raises(ConfigError, match="did you mean 'sampling.num_samples'"):  # the full dotted key, as dpokit train names it
+    with pytest.raises(
+        ConfigError, match="did you mean 'sampling.num_samples'"
+    ):  # the full dotted key, as dpokit train names it
         load_pipeline_config(base_config(sampling={"num_sample": 2}))
     with pytest.raises(ConfigError, match="fixed or refresh"):
         load_pipeline_config(base_config(reference="sometimes"))
@@ -38,15 +42,18 @@ def test_config_sections_overrides_and_errors():
         load_pipeline_config({"policy": "m", "prompts": ["a"]})
 
 
-@pytest.mark.parametrize("override, message", [
-    ("sampling.num_sample=2", "unknown config key 'sampling.num_sample'; did you mean 'sampling.num_samples'?"),
-    ("evl.num_samples=2", "unknown config key 'evl.num_samples'; did you mean 'eval.num_samples'?"),
-    ("rounds=two", "config key 'rounds' must be int, got 'two'"),
-    ("sampling.top_p=0", "config key 'sampling.top_p' must be in (0, 1]"),
-    ("pairing.strategy=best_wrst", "did you mean 'best_worst'?"),
-    ("train.loss.bta=0.2", "unknown config key 'train.loss.bta'; did you mean 'train.loss.beta'?"),
-    ("train.train.batch_size=1.5", "config key 'train.train.batch_size' must be int"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sampling.num_sample=2", "unknown config key 'sampling.num_sample'; did you mean 'sampling.num_samples'?"),
+        ("evl.num_samples=2", "unknown config key 'evl.num_samples'; did you mean 'eval.num_samples'?"),
+        ("rounds=two", "config key 'rounds' must be int, got 'two'"),
+        ("sampling.top_p=0", "config key 'sampling.top_p' must be in (0, 1]"),
+        ("pairing.strategy=best_wrst", "did you mean 'best_worst'?"),
+        ("train.loss.bta=0.2", "unknown config key 'train.loss.bta'; did you mean 'train.loss.beta'?"),
+        ("train.train.batch_size=1.5", "config key 'train.train.batch_size' must be int"),
+    ],
+)
 def test_cli_config_errors_name_the_key_and_suggest_the_closest(override, message, capsys):
     from dpokit.cli import main
 
@@ -58,7 +65,9 @@ def test_cli_config_errors_name_the_key_and_suggest_the_closest(override, messag
 def test_train_section_is_checked_as_a_train_config_and_takes_overrides_by_name():
     with pytest.raises(ConfigError, match=r"in 'train' \(a dpokit train config\): .*loss.beta must be > 0"):
         load_pipeline_config(base_config(train={"loss": {"beta": -1}}))
-    cfg = load_pipeline_config(base_config(train="demo"), ["train.loss.beta=0.3"])  # a shipped name: read, then overridden
+    cfg = load_pipeline_config(
+        base_config(train="demo"), ["train.loss.beta=0.3"]
+    )  # a shipped name: read, then overridden
     assert cfg.train["loss"]["beta"] == 0.3 and load_config(cfg.train).loss.beta == 0.3
 
 
@@ -89,10 +98,14 @@ def test_demo_prompt_sets_come_from_the_one_demo_resolver(monkeypatch):
     with pytest.raises(ConfigError) as same:
         assets.resolve_demo_names({"eval_prompts": "demo:openings-test"}, ConfigError, prompt_sets=True)
     assert str(unknown.value) == str(same.value)
-    assert str(unknown.value).startswith("unknown demo asset 'demo:openings-test' in eval_prompts; known: demo:sentiment-sft, ")
+    assert str(unknown.value).startswith(
+        "unknown demo asset 'demo:openings-test' in eval_prompts; known: demo:sentiment-sft, "
+    )
     assert str(unknown.value).endswith("demo:openings-train, demo:openings-eval, demo:openings-all")
     # a key that takes a file takes no prompt set
-    with pytest.raises(ValueError, match="unknown demo asset 'demo:openings-train' in data.path; known: demo:sentiment-sft"):
+    with pytest.raises(
+        ValueError, match="unknown demo asset 'demo:openings-train' in data.path; known: demo:sentiment-sft"
+    ):
         assets.resolve_demo_names({"data.path": "demo:openings-train"})
 
 
@@ -109,12 +122,20 @@ def small_sft():
 
 def run_config(sft, out_dir, reference="refresh"):
     return base_config(
-        policy=sft, rounds=2, reference=reference, prompts_per_round=128, eval_prompts="demo:openings-eval", out_dir=str(out_dir),
+        policy=sft,
+        rounds=2,
+        reference=reference,
+        prompts_per_round=128,
+        eval_prompts="demo:openings-eval",
+        out_dir=str(out_dir),
         sampling={"num_samples": 4, "max_new_tokens": 20, "batch_size": 512},
         eval={"num_samples": 4, "max_prompts": 64, "max_new_tokens": 20},
-        train={"data": {"max_length": 40, "max_prompt_length": 16}, "loss": {"beta": 0.1},
-               "optim": {"lr": 1e-3, "scheduler": "constant"},
-               "train": {"batch_size": 16, "max_steps": 16, "logging_steps": 8, "progress_bar": False}},
+        train={
+            "data": {"max_length": 40, "max_prompt_length": 16},
+            "loss": {"beta": 0.1},
+            "optim": {"lr": 1e-3, "scheduler": "constant"},
+            "train": {"batch_size": 16, "max_steps": 16, "logging_steps": 8, "progress_bar": False},
+        },
     )
 
 
@@ -134,8 +155,17 @@ def test_two_rounds_raise_the_held_out_reward(finished_run):
     assert records[2]["eval"]["win_rate"] > 0.5
     for k in (1, 2):
         rdir = out / f"round_{k}"
-        for name in ("samples.jsonl", "scored.jsonl", "pairs.jsonl", "pairs.jsonl.summary.json", "eval.json", "round.json",
-                     "dpo/final/config.json", "dpo/metrics.jsonl", "dpo/config.yaml"):
+        for name in (
+            "samples.jsonl",
+            "scored.jsonl",
+            "pairs.jsonl",
+            "pairs.jsonl.summary.json",
+            "eval.json",
+            "round.json",
+            "dpo/final/config.json",
+            "dpo/metrics.jsonl",
+            "dpo/config.yaml",
+        ):
             assert (rdir / name).exists(), name
         assert records[k]["pairs"]["pairs"] > 50 and records[k]["sampling"]["rows"] == 128 * 4
     # each round's policy samples the next; with reference: refresh it is also the reference
@@ -167,7 +197,9 @@ def test_a_finished_round_is_skipped_on_restart(finished_run, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_REF_KEY, reason="needs the trainer/config change that adds model.ref_name_or_path (docs/pipeline.md)")
+@pytest.mark.skipif(
+    not HAS_REF_KEY, reason="needs the trainer/config change that adds model.ref_name_or_path (docs/pipeline.md)"
+)
 def test_fixed_reference_keeps_the_sft_model(finished_run, small_sft, tmp_path):
     out, _ = finished_run
     fixed = tmp_path / "fixed"

@@ -20,7 +20,12 @@ from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer
 
 
 def test_a_tie_is_not_chosen():
-    assert preference_correct(torch.tensor([1.0, 0.0, -2.0, 0.5]), torch.tensor([0.0, 0.0, -1.0, 0.5])).tolist() == [1, 0, 0, 0]
+    assert preference_correct(torch.tensor([1.0, 0.0, -2.0, 0.5]), torch.tensor([0.0, 0.0, -1.0, 0.5])).tolist() == [
+        1,
+        0,
+        0,
+        0,
+    ]
 
 
 def _training_accuracy(policy, reference, examples) -> float:
@@ -37,6 +42,8 @@ def test_training_and_eval_give_the_same_accuracy_ties_included():
     policy = build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     same = copy.deepcopy(policy)  # the reference equals the policy: every pair ties
     assert preference_accuracy(policy, same, tokenizer, examples) == 0.0 == _training_accuracy(policy, same, examples)
-    other = build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1)  # no ties: some right, some wrong
+    other = build_tiny_llama(
+        tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1
+    )  # no ties: some right, some wrong
     eval_accuracy = preference_accuracy(policy, other, tokenizer, examples)
     assert 0 < eval_accuracy < 1 and abs(eval_accuracy - _training_accuracy(policy, other, examples)) < 1e-6

@@ -33,8 +33,15 @@ def cache_dir(tmp_path, monkeypatch):
 
 def _config(tmp_path, model_dir=None, data=None, **overrides):
     data = data or write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(12, seed=3))
-    cfg = {"model.name_or_path": str(model_dir or tiny_model_dir()), "data.path": str(data), "data.max_length": 32,
-           "data.max_prompt_length": 16, "data.eval_fraction": 0.25, "loss.beta": 0.5, "train.batch_size": 4}
+    cfg = {
+        "model.name_or_path": str(model_dir or tiny_model_dir()),
+        "data.path": str(data),
+        "data.max_length": 32,
+        "data.max_prompt_length": 16,
+        "data.eval_fraction": 0.25,
+        "loss.beta": 0.5,
+        "train.batch_size": 4,
+    }
     cfg.update(overrides)
     return load_config(None, cfg)
 
@@ -55,6 +62,7 @@ class _Loads:
         for module in (dpokit.models, dpokit.reference, dpokit.ref_cache.build):  # where it is called from
             monkeypatch.setattr(module, "load_policy", load)
         if forbid:
+
             def no_reference(*args, **kwargs):
                 raise AssertionError("a reference model was built although the reference cache exists")
 
@@ -187,10 +195,15 @@ def test_training_twice_builds_no_reference_the_second_time(tmp_path, monkeypatc
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(24, seed=5))
 
     def run(name, **speed):
-        cfg = {"model": {"name_or_path": str(tiny_model_dir())}, "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
-               "loss": {"beta": 0.5}, "optim": {"lr": 1e-2, "scheduler": "constant"}, "speed": speed,
-               "train": {"batch_size": 8, "max_steps": 3, "logging_steps": 1, "progress_bar": False, "save_steps": 0},
-               "out_dir": str(tmp_path / name)}
+        cfg = {
+            "model": {"name_or_path": str(tiny_model_dir())},
+            "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
+            "loss": {"beta": 0.5},
+            "optim": {"lr": 1e-2, "scheduler": "constant"},
+            "speed": speed,
+            "train": {"batch_size": 8, "max_steps": 3, "logging_steps": 1, "progress_bar": False, "save_steps": 0},
+            "out_dir": str(tmp_path / name),
+        }
         result = dpokit.train(cfg)
         return [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
 
@@ -229,4 +242,6 @@ def test_a_separate_reference_model_is_the_one_cached(tmp_path):
     assert cache.folder != plain.folder
     reference = make_reference(policy, cfg, True)
     _, m = forward_pairs(reference, copy.deepcopy(reference), collate_pairs(data.train[:4], 0), StepContext(cfg))
-    torch.testing.assert_close(torch.tensor([p.reference[0] for p in cached.train[:4]]), m["logps/chosen"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([p.reference[0] for p in cached.train[:4]]), m["logps/chosen"], rtol=0, atol=1e-5
+    )

@@ -34,9 +34,21 @@ def _cfg(tmp_path, cache="cache", **extra) -> dict:
     data = tmp_path / "pairs.jsonl"
     if not data.exists():
         write_jsonl(data, synthetic_pairs(13, seed=3))
-    cfg = {"model.name_or_path": str(tiny_model_dir()), "data.path": str(data), "data.max_length": 32, "data.max_prompt_length": 16,
-           "data.eval_fraction": 0.25, "loss.beta": 0.5, "train.batch_size": 2, "train.max_steps": 1, "train.logging_steps": 1,
-           "train.save_steps": 0, "train.progress_bar": False, "speed.ref_cache_dir": str(tmp_path / cache), "out_dir": str(tmp_path / "run")}
+    cfg = {
+        "model.name_or_path": str(tiny_model_dir()),
+        "data.path": str(data),
+        "data.max_length": 32,
+        "data.max_prompt_length": 16,
+        "data.eval_fraction": 0.25,
+        "loss.beta": 0.5,
+        "train.batch_size": 2,
+        "train.max_steps": 1,
+        "train.logging_steps": 1,
+        "train.save_steps": 0,
+        "train.progress_bar": False,
+        "speed.ref_cache_dir": str(tmp_path / cache),
+        "out_dir": str(tmp_path / "run"),
+    }
     cfg.update(extra)
     return cfg
 
@@ -71,7 +83,9 @@ def test_flipped_bits_are_detected_the_cache_moved_aside_rebuilt_and_step_1_loss
         read_split(cache.folder, "train", cache.digest)
     with pytest.warns(RuntimeWarning, match="reference cache damaged.*rebuilding"):
         record = _step1(tmp_path, _cfg(tmp_path))
-    assert record["loss"] == pytest.approx(math.log(2), abs=1e-5) and record["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert record["loss"] == pytest.approx(math.log(2), abs=1e-5) and record["rewards/margins"] == pytest.approx(
+        0, abs=1e-5
+    )
     aside = [p.name for p in cache.folder.parent.iterdir() if p.name.startswith(cache.folder.name + ".corrupt-")]
     assert len(aside) == 1  # kept for inspection, never read again
     assert read_split(cache.folder, "train", cache.digest) is not None  # rebuilt in the original folder
@@ -119,9 +133,24 @@ def test_two_processes_share_the_build_and_write_the_bytes_one_process_writes(tm
     script.write_text(_SHARDED.format(tests=str(TESTS)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     port = free_port()
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(script),
-                          json.dumps(_cfg(tmp_path, cache="cache2", **{"train.batch_size": 1})), str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            str(script),
+            json.dumps(_cfg(tmp_path, cache="cache2", **{"train.batch_size": 1})),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = sorted((tmp_path / f"rank{i}.txt").read_text() for i in range(2) if (tmp_path / f"rank{i}.txt").exists())
     assert [line.split()[1:3] for line in lines] == [["0", "True"], ["1", "True"]]

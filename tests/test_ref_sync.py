@@ -40,7 +40,14 @@ def _config(tmp_path: Path, name: str, **extra) -> dict:
         "data": {"path": str(data), "max_length": 32},
         "loss": {"beta": 0.5, "ref_sync_steps": 2, "ref_sync_alpha": 0.5},
         "optim": {"lr": 3e-3},
-        "train": {"batch_size": 4, "max_steps": STEPS, "logging_steps": 1, "save_steps": 3, "save_total_limit": 0, "progress_bar": False},
+        "train": {
+            "batch_size": 4,
+            "max_steps": STEPS,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "save_total_limit": 0,
+            "progress_bar": False,
+        },
         "out_dir": str(tmp_path / name),
     }
     for key, value in extra.items():
@@ -68,12 +75,25 @@ def test_sync_gives_alpha_policy_plus_one_minus_alpha_reference():
 
 
 def test_lora_reference_is_a_merged_copy_and_moves_towards_the_merged_policy():
-    cfg = load_config({"model": {"name_or_path": str(tiny_model_dir())}, "lora": {"enabled": True, "r": 4},
-                       "loss": {"ref_sync_steps": 1}, "train": {"gradient_checkpointing": False}})
+    cfg = load_config(
+        {
+            "model": {"name_or_path": str(tiny_model_dir())},
+            "lora": {"enabled": True, "r": 4},
+            "loss": {"ref_sync_steps": 1},
+            "train": {"gradient_checkpointing": False},
+        }
+    )
     policy = load_policy(cfg)
     reference = make_reference(policy, cfg, needs_reference=True)
-    base = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in policy.named_parameters() if "lora_" not in n}
-    for name, value in reference.named_parameters():  # lora_B starts at zero: the copy equals the adapters-off reference
+    base = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in policy.named_parameters()
+        if "lora_" not in n
+    }
+    for (
+        name,
+        value,
+    ) in reference.named_parameters():  # lora_B starts at zero: the copy equals the adapters-off reference
         assert torch.equal(value, base[name]), name
     with torch.no_grad():  # a trained adapter
         for name, p in policy.named_parameters():
@@ -84,7 +104,9 @@ def test_lora_reference_is_a_merged_copy_and_moves_towards_the_merged_policy():
     assert ours.keys() == merged.keys()
     for name in merged:
         torch.testing.assert_close(ours[name], merged[name], msg=name)
-    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        ours["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
     before = {n: p.detach().clone() for n, p in reference.named_parameters()}
     sync_reference(reference, policy, 0.25)
     _assert_formula(dict(reference.named_parameters()), merged, before, 0.25)
@@ -94,7 +116,9 @@ def test_lora_reference_is_a_merged_copy_and_moves_towards_the_merged_policy():
 def test_a_run_syncs_every_n_steps_after_the_update(tmp_path, capsys, lora):
     extra = {"lora.enabled": True, "lora.r": 4} if lora else {}
     run_dir = dpokit.train(_config(tmp_path, "run", **{"train.max_steps": 2, "train.save_steps": 1, **extra})).run_dir
-    assert "speed.ref_cache is off" in capsys.readouterr().out  # the cache cannot hold a moving reference: said, and off
+    assert (
+        "speed.ref_cache is off" in capsys.readouterr().out
+    )  # the cache cannot hold a moving reference: said, and off
     first, second = list_checkpoints(run_dir)
     assert not (first / "reference.safetensors").exists()  # step 1: not moved yet, nothing extra saved
     reference = load_file(str(second / "reference.safetensors"))
@@ -158,7 +182,9 @@ def test_resuming_a_moved_reference_without_a_sync_is_refused(tmp_path):
     dpokit.train(cfg)
     cfg["loss"]["ref_sync_steps"] = 0
     cfg["train"]["max_steps"] = 3
-    with pytest.raises(CheckpointError, match="loss.ref_sync_steps"):  # LoRA without a sync has no reference copy to restore
+    with pytest.raises(
+        CheckpointError, match="loss.ref_sync_steps"
+    ):  # LoRA without a sync has no reference copy to restore
         dpokit.train(cfg)
 
 
@@ -196,9 +222,20 @@ def test_two_processes_sync_like_one_process(tmp_path):
     one = dpokit.train(_config(tmp_path, "one", **{**extra, "train.batch_size": 8})).run_dir
     script = tmp_path / "ddp_run.py"
     script.write_text(_DDP_RUN.format(tests=str(Path(__file__).resolve().parent)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-               str(script), json.dumps(_config(tmp_path, "two", **{**extra, "train.batch_size": 4}))]
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        free_port(),
+        str(script),
+        json.dumps(_config(tmp_path, "two", **{**extra, "train.batch_size": 4})),
+    ]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two"
     curves = [[r for r in read_metrics(Path(d) / "metrics.jsonl") if "loss" in r] for d in (two, one)]

@@ -56,25 +56,35 @@ def held_out_signal(model, pairs: list[dict]) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type, beta", [("simpo", 2.0), ("orpo", 0.1)])  # SimPO's paper beta; ORPO's (TRL's) lambda
+@pytest.mark.parametrize(
+    "loss_type, beta", [("simpo", 2.0), ("orpo", 0.1)]
+)  # SimPO's paper beta; ORPO's (TRL's) lambda
 def test_reference_free_loss_learns_the_preference_without_a_reference(tmp_path, monkeypatch, loss_type, beta):
     built = watch_reference(monkeypatch)
     held_out = synthetic_pairs(64, seed=2)
-    result = dpokit.train({
-        "model": {"name_or_path": str(tiny_model_dir())},
-        "data": {"path": str(write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(256, seed=1))),
-                 "eval_path": str(write_jsonl(tmp_path / "eval.jsonl", held_out)), "max_length": 32, "max_prompt_length": 16},
-        "loss": {"type": loss_type, "beta": beta, "simpo_gamma": 0.5 * beta},
-        "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"batch_size": 16, "max_steps": 10, "logging_steps": 5, "eval_steps": 5, "progress_bar": False},
-        "out_dir": str(tmp_path / "run"),
-    })
+    result = dpokit.train(
+        {
+            "model": {"name_or_path": str(tiny_model_dir())},
+            "data": {
+                "path": str(write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(256, seed=1))),
+                "eval_path": str(write_jsonl(tmp_path / "eval.jsonl", held_out)),
+                "max_length": 32,
+                "max_prompt_length": 16,
+            },
+            "loss": {"type": loss_type, "beta": beta, "simpo_gamma": 0.5 * beta},
+            "optim": {"lr": 3e-3, "scheduler": "constant"},
+            "train": {"batch_size": 16, "max_steps": 10, "logging_steps": 5, "eval_steps": 5, "progress_bar": False},
+            "out_dir": str(tmp_path / "run"),
+        }
+    )
     assert built == [(False, None)]  # asked for no reference, and got none
 
     before_gap, before_accuracy = held_out_signal(AutoModelForCausalLM.from_pretrained(tiny_model_dir()), held_out)
     after_gap, after_accuracy = held_out_signal(AutoModelForCausalLM.from_pretrained(result.model_dir), held_out)
     evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval_loss" in r]
-    print(f"\n{loss_type}: held-out gap {before_gap:.3f} -> {after_gap:.3f} nats/token, accuracy {before_accuracy:.2f} -> {after_accuracy:.2f}")
+    print(
+        f"\n{loss_type}: held-out gap {before_gap:.3f} -> {after_gap:.3f} nats/token, accuracy {before_accuracy:.2f} -> {after_accuracy:.2f}"
+    )
     # a random start: no preference (seen: gap 0.002, accuracy 0.52); after 10 steps a clear one
     assert abs(before_gap) < 0.1 and before_accuracy < 0.7
     assert after_gap > before_gap + 0.5 and after_accuracy >= 0.9  # seen: simpo ~2.4, orpo ~0.9
@@ -98,7 +108,9 @@ def test_no_reference_saves_one_copy_of_the_weights(tmp_path, monkeypatch):
     forward's activations.
     """
     tok = word_tokenizer()
-    model_dir = save_tiny(build_tiny_llama(tok, hidden_size=256, num_layers=4, num_heads=4, seed=0), tok, tmp_path / "model")
+    model_dir = save_tiny(
+        build_tiny_llama(tok, hidden_size=256, num_layers=4, num_heads=4, seed=0), tok, tmp_path / "model"
+    )
     data = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(8, seed=1))
     held: dict[str, int] = {}
     for loss_type in ("sigmoid", "simpo"):
@@ -111,15 +123,21 @@ def test_no_reference_saves_one_copy_of_the_weights(tmp_path, monkeypatch):
             return reference
 
         monkeypatch.setattr(dpokit.training.setup, "make_reference", make_reference)
-        dpokit.train({"model": {"name_or_path": str(model_dir)}, "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
-                      "loss": {"type": loss_type, "beta": 2.0 if loss_type == "simpo" else 0.1},
-                      "speed": {"ref_cache": False},  # a live reference (the default cache holds none in memory either)
-                      "train": {"batch_size": 8, "max_steps": 1, "logging_steps": 1, "progress_bar": False},
-                      "out_dir": str(tmp_path / loss_type)})
-        (policy_bytes, reference_bytes), = built
+        dpokit.train(
+            {
+                "model": {"name_or_path": str(model_dir)},
+                "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
+                "loss": {"type": loss_type, "beta": 2.0 if loss_type == "simpo" else 0.1},
+                "speed": {"ref_cache": False},  # a live reference (the default cache holds none in memory either)
+                "train": {"batch_size": 8, "max_steps": 1, "logging_steps": 1, "progress_bar": False},
+                "out_dir": str(tmp_path / loss_type),
+            }
+        )
+        ((policy_bytes, reference_bytes),) = built
         held[loss_type] = reference_bytes
     saved = held["sigmoid"] - held["simpo"]
-    print(f"\nreference weights: sigmoid {held['sigmoid'] / 2**20:.2f} MiB, simpo {held['simpo'] / 2**20:.2f} MiB; "
-          f"saved {saved / 2**20:.2f} MiB = the policy's {policy_bytes / 2**20:.2f} MiB of fp32 weights")
+    print(
+        f"\nreference weights: sigmoid {held['sigmoid'] / 2**20:.2f} MiB, simpo {held['simpo'] / 2**20:.2f} MiB; "
+        f"saved {saved / 2**20:.2f} MiB = the policy's {policy_bytes / 2**20:.2f} MiB of fp32 weights"
+    )
     assert held["simpo"] == 0 and saved == policy_bytes > 0
-

@@ -58,12 +58,15 @@ A_BEGIN, A_END = "<!-- refresh_docs:a begin -->\n", "<!-- refresh_docs:a end -->
 B_BEGIN = "<!-- refresh_docs:b begin -->\n"
 
 
-@pytest.mark.parametrize("broken,message", [
-    (A_BEGIN + "x\n", "refresh_docs:a has no end marker"),
-    ("x\n" + A_END, "line 2: refresh_docs:a ends without its begin"),
-    (A_BEGIN + B_BEGIN, "line 2: refresh_docs:b begins inside refresh_docs:a"),
-    (A_BEGIN + A_END + A_BEGIN + A_END, "line 3: refresh_docs:a is marked twice"),
-])
+@pytest.mark.parametrize(
+    "broken,message",
+    [
+        (A_BEGIN + "x\n", "refresh_docs:a has no end marker"),
+        ("x\n" + A_END, "line 2: refresh_docs:a ends without its begin"),
+        (A_BEGIN + B_BEGIN, "line 2: refresh_docs:b begins inside refresh_docs:a"),
+        (A_BEGIN + A_END + A_BEGIN + A_END, "line 3: refresh_docs:a is marked twice"),
+    ],
+)
 def test_markers_that_do_not_pair_up_are_an_error_naming_the_line(broken, message):
     with pytest.raises(refresh_docs.MarkerError, match=re.escape(message)):
         refresh_docs.find_blocks(broken)
@@ -74,18 +77,28 @@ def test_markers_that_do_not_pair_up_are_an_error_naming_the_line(broken, messag
 def test_check_compares_the_numbers_below_the_provenance_line_within_the_tolerance():
     old = "Measured on 2026-12-01, wall time 40 s:\n| a | 44.3% | 0.202 | 256 |\n"
     # The date and wall time on the provenance line may change; numbers inside the tolerance may too.
-    assert refresh_docs.moved_numbers(old, "Measured on 2026-12-05, wall time 95 s:\n| a | 45.9% | 0.210 | 256 |\n",
-                                      rel_tol=0.05, abs_tol=0.02) == []
+    assert (
+        refresh_docs.moved_numbers(
+            old, "Measured on 2026-12-05, wall time 95 s:\n| a | 45.9% | 0.210 | 256 |\n", rel_tol=0.05, abs_tol=0.02
+        )
+        == []
+    )
     # The issue's case: 0.202 on the page, 0.325 measured.
     moved = refresh_docs.moved_numbers(old, "Measured:\n| a | 44.3% | 0.325 | 256 |\n", rel_tol=0.05, abs_tol=0.02)
     assert moved == ["number 2: 0.202 -> 0.325 (tolerance 0.02)"]
     assert refresh_docs.moved_numbers(old, "Measured:\n| a | 44.3% | 0.202 |\n", 0.05, 0.02) == [
-        "3 numbers on the page, 2 measured now: the block's shape changed"]
+        "3 numbers on the page, 2 measured now: the block's shape changed"
+    ]
 
 
 def test_numbers_are_read_as_written():
     assert refresh_docs.numbers("44.3% and -0.043, 1,234 tokens, lr 5e-4, k3 and step-1 (r - 1)") == [
-        44.3, -0.043, 1234.0, 5e-4, 1.0]
+        44.3,
+        -0.043,
+        1234.0,
+        5e-4,
+        1.0,
+    ]
 
 
 def test_every_marked_block_in_the_docs_names_its_commands_and_a_known_block():

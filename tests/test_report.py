@@ -31,8 +31,19 @@ from report_histories import (
 from tiny_assets import synthetic_pairs, tiny_model_dir, write_jsonl
 
 CHROMIUM = Path("/usr/bin/chromium")
-ALL_CHARTS = {"loss", "rewards", "margins", "accuracies", "logps", "kl", "entropy", "lengths", "learning_rate", "grad_norm",
-              "throughput"}
+ALL_CHARTS = {
+    "loss",
+    "rewards",
+    "margins",
+    "accuracies",
+    "logps",
+    "kl",
+    "entropy",
+    "lengths",
+    "learning_rate",
+    "grad_norm",
+    "throughput",
+}
 
 
 def charts(html: str) -> set[str]:
@@ -53,7 +64,9 @@ def assert_self_contained(html: str) -> None:
 
 
 def test_healthy_run_reads_healthy_with_every_chart(tmp_path):
-    run_dir = write_run(tmp_path / "run", with_diagnoses(healthy_records()), config=demo_config(), summary=default_summary())
+    run_dir = write_run(
+        tmp_path / "run", with_diagnoses(healthy_records()), config=demo_config(), summary=default_summary()
+    )
     path = build_report(run_dir)
     html = path.read_text()
     assert path == run_dir / "report.html"
@@ -61,8 +74,17 @@ def test_healthy_run_reads_healthy_with_every_chart(tmp_path):
     assert 'id="verdict">healthy<' in html
     assert charts(html) == ALL_CHARTS
     drawn = series(html)
-    assert {"loss", "eval_loss", "rewards/chosen", "eval_rewards/rejected", "kl/chosen", "learning_rate",
-            "grad_norm", "eval_mean_length", "tokens_per_second"} <= set(drawn)
+    assert {
+        "loss",
+        "eval_loss",
+        "rewards/chosen",
+        "eval_rewards/rejected",
+        "kl/chosen",
+        "learning_rate",
+        "grad_norm",
+        "eval_mean_length",
+        "tokens_per_second",
+    } <= set(drawn)
     assert '<div class="label">tokens/s</div>' in html and '<div class="label">MFU</div>' in html
     assert all(d.startswith("M") and d.count("L") > 1 for d in drawn.values())
     assert 'id="notes"' not in html  # nothing missing, nothing to explain
@@ -73,7 +95,9 @@ def test_healthy_run_reads_healthy_with_every_chart(tmp_path):
 def test_recorded_warnings_are_listed_with_markers_and_shared_advice_once(tmp_path):
     records = with_diagnoses(drifting_records())
     recorded = [r["diagnosis"] for r in records if "diagnosis" in r]
-    html = build_report(write_run(tmp_path / "run", records, config=demo_config(), summary=default_summary())).read_text()
+    html = build_report(
+        write_run(tmp_path / "run", records, config=demo_config(), summary=default_summary())
+    ).read_text()
     run = load_run(tmp_path / "run")
     assert run.verdict == "warnings" and run.diagnoses_source == "recorded" and run.diagnoses == recorded
     assert 'id="verdict">warnings<' in html
@@ -95,8 +119,13 @@ def test_without_recorded_diagnoses_the_detectors_are_replayed(tmp_path):
 
 
 def test_a_stopped_run_shows_the_stop_and_marks_the_nan(tmp_path):
-    run_dir = write_run(tmp_path / "run", with_diagnoses(stopped_records()), config=demo_config(),
-                        summary=default_summary(), final=False)
+    run_dir = write_run(
+        tmp_path / "run",
+        with_diagnoses(stopped_records()),
+        config=demo_config(),
+        summary=default_summary(),
+        final=False,
+    )
     html = build_report(run_dir).read_text()
     assert 'id="verdict">stopped<' in html and "Stopped at step 24: non_finite" in html
     assert '<article class="card diag stop">' in html
@@ -108,8 +137,14 @@ def test_skipped_updates_are_listed_and_a_shared_step_is_not_a_resume(tmp_path):
     """The trainer skips an update on a NaN (a skipped_step record), and on too many it logs the offending
     values at the step it already logged, then the non_finite stop."""
     records = [r for r in healthy_records(20, 2, 10) if r["step"] <= 12]
-    skip = lambda step: {"step": step, "skipped_step": {"reason": "non-finite loss", "loss": None, "grad_norm": 3.0},  # noqa: E731
-                         "skipped_steps": 1}
+
+    def skip(step):
+        return {
+            "step": step,
+            "skipped_step": {"reason": "non-finite loss", "loss": None, "grad_norm": 3.0},
+            "skipped_steps": 1,
+        }
+
     records[3:3] = [skip(7)]
     records.append(skip(12))
     records.append({"step": 12, "loss": None, "grad_norm": None, "skipped_steps": 2})
@@ -133,7 +168,13 @@ def test_missing_files_and_keys_give_notes_not_a_crash(tmp_path):
     html = build_report(run_dir).read_text()
     assert_self_contained(html)
     notes = load_run(run_dir).notes
-    for expected in ("no config.yaml", "no data_summary.json", "not JSON objects (line 20)", "no eval records", "no final/"):
+    for expected in (
+        "no config.yaml",
+        "no data_summary.json",
+        "not JSON objects (line 20)",
+        "no eval records",
+        "no final/",
+    ):
         assert any(expected in note for note in notes), expected
     assert charts(html) == ALL_CHARTS - {"margins", "lengths", "entropy", "throughput"}
     assert "no rewards/margins logged" in html and "set train.eval_generate=N" in html
@@ -208,14 +249,17 @@ def tiny_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("tiny-run")
     train = write_jsonl(tmp / "train.jsonl", synthetic_pairs(64, seed=1))
     held_out = write_jsonl(tmp / "eval.jsonl", synthetic_pairs(16, seed=2))
-    result = dpokit.train({
-        "model": {"name_or_path": str(tiny_model_dir())},
-        "data": {"path": str(train), "eval_path": str(held_out), "max_length": 32, "max_prompt_length": 16},
-        "loss": {"beta": 0.5}, "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"batch_size": 8, "max_steps": 12, "logging_steps": 2, "eval_steps": 4, "progress_bar": False},
-        "speed": {"ref_cache": False},  # a live reference, so kl/chosen is logged and charted
-        "out_dir": str(tmp / "run"),
-    })
+    result = dpokit.train(
+        {
+            "model": {"name_or_path": str(tiny_model_dir())},
+            "data": {"path": str(train), "eval_path": str(held_out), "max_length": 32, "max_prompt_length": 16},
+            "loss": {"beta": 0.5},
+            "optim": {"lr": 3e-3, "scheduler": "constant"},
+            "train": {"batch_size": 8, "max_steps": 12, "logging_steps": 2, "eval_steps": 4, "progress_bar": False},
+            "speed": {"ref_cache": False},  # a live reference, so kl/chosen is logged and charted
+            "out_dir": str(tmp / "run"),
+        }
+    )
     return result.run_dir
 
 
@@ -250,9 +294,21 @@ def chromium():
 
 def browse(chromium: Path, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
     """Headless Chromium on a local file, with no network chatter and the console logged to stderr."""
-    command = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-               "--enable-logging=stderr", "--v=0", *args, page.resolve().as_uri()]
+    command = [
+        str(chromium),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+        page.resolve().as_uri(),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     return done
@@ -298,10 +354,14 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_screenshot(chromium, tmp_path):
-    run_dir = write_run(tmp_path / "run", with_diagnoses(drifting_records()), config=demo_config(), summary=default_summary())
+    run_dir = write_run(
+        tmp_path / "run", with_diagnoses(drifting_records()), config=demo_config(), summary=default_summary()
+    )
     page = build_report(run_dir)
     shot = tmp_path / "report.png"
-    done = browse(chromium, page, tmp_path / "profile", "--hide-scrollbars", "--window-size=1280,4200", f"--screenshot={shot}")
+    done = browse(
+        chromium, page, tmp_path / "profile", "--hide-scrollbars", "--window-size=1280,4200", f"--screenshot={shot}"
+    )
     assert console_messages(done.stderr) == []
     assert png_size(shot) == (1280, 4200)
     assert shot.stat().st_size > 100_000  # a blank page compresses to a few kB; charts and text do not

@@ -39,13 +39,22 @@ STEPS = 10
 def _config(tmp_path: Path, name: str, **extra) -> dict:
     data = tmp_path / "train.jsonl"
     if not data.exists():
-        write_jsonl(data, synthetic_pairs(36, seed=1))  # 36 pairs, batch 8: 5 micro-batches an epoch, the last one short
+        write_jsonl(
+            data, synthetic_pairs(36, seed=1)
+        )  # 36 pairs, batch 8: 5 micro-batches an epoch, the last one short
     cfg = {
         "model": {"name_or_path": str(tiny_model_dir())},
         "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16},
         "loss": {"beta": 0.5},
         "optim": {"lr": 3e-3, "scheduler": "cosine", "warmup_steps": 2},
-        "train": {"batch_size": 8, "max_steps": STEPS, "logging_steps": 1, "save_steps": 3, "save_total_limit": 2, "progress_bar": False},
+        "train": {
+            "batch_size": 8,
+            "max_steps": STEPS,
+            "logging_steps": 1,
+            "save_steps": 3,
+            "save_total_limit": 2,
+            "progress_bar": False,
+        },
         "out_dir": str(tmp_path / name),
     }
     for key, value in extra.items():
@@ -56,7 +65,9 @@ def _config(tmp_path: Path, name: str, **extra) -> dict:
 
 def _weights(run_dir: Path) -> dict:
     folder = Path(run_dir) / "final"
-    file = folder / ("adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors")
+    file = folder / (
+        "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors"
+    )
     return load_file(str(file))
 
 
@@ -120,7 +131,13 @@ def _launch_slow(tmp_path: Path, cfg: dict, delay: float) -> subprocess.Popen:
     cfg_path = tmp_path / "slow.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), "train", str(cfg_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(script), "train", str(cfg_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _wait_for_step(run_dir: Path, process: subprocess.Popen, step: int, timeout: float = 120.0) -> None:
@@ -128,7 +145,9 @@ def _wait_for_step(run_dir: Path, process: subprocess.Popen, step: int, timeout:
     while time.time() < deadline:
         metrics = run_dir / "metrics.jsonl"
         if metrics.exists():
-            steps = [r["step"] for r in read_metrics(metrics) if "loss" in r] if metrics.read_text().endswith("\n") else []
+            steps = (
+                [r["step"] for r in read_metrics(metrics) if "loss" in r] if metrics.read_text().endswith("\n") else []
+            )
             if steps and steps[-1] >= step:
                 return
         if process.poll() is not None:
@@ -184,7 +203,9 @@ def test_sigterm_saves_at_the_end_of_the_step_and_prints_the_exact_resume_comman
 @pytest.mark.slow
 def test_a_crash_while_writing_a_checkpoint_leaves_none_that_loads(tmp_path, monkeypatch, uninterrupted):
     cfg = _config(tmp_path, "run")
-    _fail_on_call(monkeypatch, dpokit.training.checkpoint, "_write_optimizer", call=2)  # the second checkpoint (step 6) dies midway
+    _fail_on_call(
+        monkeypatch, dpokit.training.checkpoint, "_write_optimizer", call=2
+    )  # the second checkpoint (step 6) dies midway
     with pytest.raises(RuntimeError, match="simulated crash"):
         dpokit.train(cfg)
     run_dir = Path(cfg["out_dir"])

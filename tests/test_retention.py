@@ -29,7 +29,14 @@ def _config(tmp_path, **sections):
         "data": {"path": str(train), "max_length": 32, "max_prompt_length": 16, "retention_path": str(retention)},
         "loss": {"beta": 0.1},
         "optim": {"lr": 1e-2, "scheduler": "constant"},
-        "train": {"batch_size": 16, "max_steps": 6, "logging_steps": 3, "eval_steps": 3, "progress_bar": False, "save_steps": 0},
+        "train": {
+            "batch_size": 16,
+            "max_steps": 6,
+            "logging_steps": 3,
+            "eval_steps": 3,
+            "progress_bar": False,
+            "save_steps": 0,
+        },
         "speed": {"ref_cache": False},
         "out_dir": str(tmp_path / "run"),
     }
@@ -61,12 +68,18 @@ def _retention_records(run_dir):
 def test_retention_nll_is_logged_at_every_evaluation_against_the_reference(tmp_path):
     result = dpokit.train(_config(tmp_path))
     records = _retention_records(result.run_dir)
-    assert [r["step"] for r in records] == [0, 3, 6]  # before the first step, at eval_steps, at the end (no eval pairs needed)
+    assert [r["step"] for r in records] == [
+        0,
+        3,
+        6,
+    ]  # before the first step, at eval_steps, at the end (no eval pairs needed)
     model_dir = tiny_model_dir()
     reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     expected_ref = _completion_nll(reference, tokenizer, RETENTION_ROWS[:3])
-    trained = _completion_nll(AutoModelForCausalLM.from_pretrained(result.model_dir).eval(), tokenizer, RETENTION_ROWS[:3])
+    trained = _completion_nll(
+        AutoModelForCausalLM.from_pretrained(result.model_dir).eval(), tokenizer, RETENTION_ROWS[:3]
+    )
     for r in records:
         assert r["retention/nll_ref"] == pytest.approx(expected_ref, rel=1e-5)
         assert r["retention/nll_delta"] == pytest.approx(r["retention/nll"] - r["retention/nll_ref"], abs=1e-9)
@@ -83,10 +96,15 @@ def test_rows_that_cannot_be_scored_are_counted_not_dropped_silently(tmp_path, c
     dpokit.train(cfg)
     out = capsys.readouterr().out
     assert "retention set" in out and "3 examples" in out
-    assert "[data] retention: 4 rows read, 3 examples used, 1 dropped" in out and "dropped 1: unrecognised SFT layout" in out  # the same skip report as every other input file ...
+    assert (
+        "[data] retention: 4 rows read, 3 examples used, 1 dropped" in out
+        and "dropped 1: unrecognised SFT layout" in out
+    )  # the same skip report as every other input file ...
     section = json.loads((tmp_path / "run" / "data_summary.json").read_text())["retention"]  # ... and its own section
     assert (section["rows_read"], section["rows_used"], section["rows_skipped"]) == (4, 3, 1)
-    assert list(section["skipped_by_reason"]) == ["unrecognised SFT layout (columns: text_only; expected prompt+completion or messages)"]
+    assert list(section["skipped_by_reason"]) == [
+        "unrecognised SFT layout (columns: text_only; expected prompt+completion or messages)"
+    ]
 
 
 def test_a_retention_file_with_no_usable_row_names_the_key(tmp_path):
@@ -121,7 +139,9 @@ def test_the_reference_nll_is_the_starting_model_s_when_the_policy_is_the_refere
 
 def test_reference_nll_is_cached_with_the_reference_cache_and_a_changed_file_invalidates_it(tmp_path, capsys):
     cache = tmp_path / "cache"
-    cfg = _config(tmp_path, speed={"ref_cache": True, "ref_cache_dir": str(cache)}, train={"max_steps": 2, "eval_steps": 0})
+    cfg = _config(
+        tmp_path, speed={"ref_cache": True, "ref_cache_dir": str(cache)}, train={"max_steps": 2, "eval_steps": 0}
+    )
     first = _retention_records(dpokit.train(cfg).run_dir)
     assert "computed and cached in" in capsys.readouterr().out
     stored = list((cache / "retention").glob("*.json"))
@@ -172,8 +192,15 @@ def test_the_relative_limit_holds_for_text_the_reference_finds_hard():
 def test_the_report_draws_the_retention_curves_and_marks_forgetting(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    records = [{"step": 0, **_record(0, 1.5, 0.0)}, {"step": 10, "loss": 0.6}, {"step": 10, "eval_loss": 0.6, **_record(10, 1.5, 0.4)},
-               {"step": 10, "diagnosis": {"mode": "forgetting", "step": 10, "evidence": "e", "mitigation": "m", "severity": "warn"}}]
+    records = [
+        {"step": 0, **_record(0, 1.5, 0.0)},
+        {"step": 10, "loss": 0.6},
+        {"step": 10, "eval_loss": 0.6, **_record(10, 1.5, 0.4)},
+        {
+            "step": 10,
+            "diagnosis": {"mode": "forgetting", "step": 10, "evidence": "e", "mitigation": "m", "severity": "warn"},
+        },
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     html = write_report(run).read_text()
     assert "Retention NLL (data.retention_path)" in html and "Retention drift" in html

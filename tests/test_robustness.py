@@ -50,8 +50,10 @@ def fifo(tmp_path) -> Path:
 
 
 def test_score_in_dev_zero_is_refused_in_one_line_not_read_until_memory_runs_out(tmp_path, capsys):
-    code, err = run_cli(["score", "--in", "/dev/zero", "--out", str(tmp_path / "o.jsonl"),
-                         "--scorer", "dpokit.demo.world:sentiment"], capsys)
+    code, err = run_cli(
+        ["score", "--in", "/dev/zero", "--out", str(tmp_path / "o.jsonl"), "--scorer", "dpokit.demo.world:sentiment"],
+        capsys,
+    )
     assert code == 2 and "not a regular file" in one_error_line(err) and "--in /dev/zero" in err
 
 
@@ -80,16 +82,22 @@ def test_a_data_path_that_is_a_symlink_to_a_device_fails_at_config_load_before_a
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header says width x height (a decompression bomb's header) and whose pixels are absent."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _image_row(path: str) -> dict:
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour"}]}]
-    return {"images": [path], "prompt": prompt, "chosen": [{"role": "assistant", "content": "red"}],
-            "rejected": [{"role": "assistant", "content": "blue"}]}
+    return {
+        "images": [path],
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "red"}],
+        "rejected": [{"role": "assistant", "content": "blue"}],
+    }
 
 
 def _skip_reason(row: dict, folder: Path, roots: tuple[str, ...] = ()) -> str:
@@ -192,9 +200,12 @@ def robustness_rows():
 
 
 def test_every_input_refuses_or_skips_every_hostile_file(robustness_rows):
-    wrong = [(entry.name, case, verdict, message) for entry, case, verdict, message in robustness_rows
-             if verdict not in ("refused", "skipped", "noted", "n/a")
-             or (verdict == "n/a") != (case == "path outside the data folder" and entry.reader != "image")]
+    wrong = [
+        (entry.name, case, verdict, message)
+        for entry, case, verdict, message in robustness_rows
+        if verdict not in ("refused", "skipped", "noted", "n/a")
+        or (verdict == "n/a") != (case == "path outside the data folder" and entry.reader != "image")
+    ]
     assert not wrong, wrong
 
 
@@ -202,14 +213,28 @@ def test_the_docs_table_is_the_generated_one(robustness_rows):
     from dpokit.robustness import BEGIN, END, markdown
 
     page = (ROOT / "docs" / "robustness.md").read_text()
-    shown = page[page.index(BEGIN) + len(BEGIN): page.index(END)].strip()
+    shown = page[page.index(BEGIN) + len(BEGIN) : page.index(END)].strip()
     assert shown == markdown(robustness_rows), "rerun: python -m dpokit.robustness --write docs/robustness.md"
 
 
 # Options that name something other than a file dpokit reads: models (read by transformers through
 # models.py's checks), output paths, URLs, names. A new option must be listed in INPUTS or here.
-NOT_FILES = {"model", "policy", "reference", "baseline", "local_judge", "out", "out_dir", "judge_url", "judge_model",
-             "api_key_env", "gpu_memory", "run_dir", "split", "prompt_column"}
+NOT_FILES = {
+    "model",
+    "policy",
+    "reference",
+    "baseline",
+    "local_judge",
+    "out",
+    "out_dir",
+    "judge_url",
+    "judge_model",
+    "api_key_env",
+    "gpu_memory",
+    "run_dir",
+    "split",
+    "prompt_column",
+}
 
 
 def test_every_file_option_of_every_verb_is_in_the_gateway_list():
@@ -224,7 +249,9 @@ def test_every_file_option_of_every_verb_is_in_the_gateway_list():
     for verb, parser in verbs.choices.items():
         for action in parser._actions:
             # any option that takes a value which is not a number or a fixed choice may name a file (a Path type too)
-            takes_text = action.nargs != 0 and action.type not in (int, float) and action.dest not in ("help", "overrides")
+            takes_text = (
+                action.nargs != 0 and action.type not in (int, float) and action.dest not in ("help", "overrides")
+            )
             if takes_text and not action.choices and action.dest not in NOT_FILES and (verb, action.dest) not in listed:
                 missing.append((verb, action.option_strings or action.dest))
     assert not missing, f"add these to dpokit/inputs/catalog.py INPUTS (or to NOT_FILES with a reason): {missing}"
@@ -276,10 +303,17 @@ def test_the_report_of_a_damaged_run_directory_notes_what_it_cannot_read(tmp_pat
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n' + "[" * 100000 + "\n" + '{"step": 2, "x": ' + "9" * 5000 + "}\n")
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 0.69}\n' + "[" * 100000 + "\n" + '{"step": 2, "x": ' + "9" * 5000 + "}\n"
+    )
     (run / "eval.json").write_text("[" * 100000)
-    (run / "config.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefg", "bcdefgh")))
+    (run / "config.yaml").write_text(
+        "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(
+            f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+            for p, c in zip("abcdefg", "bcdefgh")
+        )
+    )
     page = Path(build_report(str(run))).read_text()  # a RecursionError / ValueError / alias bomb traceback before
     assert "skipped 2 line(s)" in page and "could not be read" in page and "config.yaml is not shown" in page
 

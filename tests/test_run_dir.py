@@ -132,7 +132,9 @@ def test_the_lock_goes_on_any_exit_and_a_dead_runs_lock_is_taken_over_with_a_not
     assert (run_dir / "final" / "config.json").is_file() and not (run_dir / LOCK).exists()
 
 
-def test_a_full_disk_while_writing_final_stops_in_one_line_and_the_rerun_writes_it_from_the_checkpoint(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_writing_final_stops_in_one_line_and_the_rerun_writes_it_from_the_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
     # Found: disk full while writing final/ gave a traceback and left .tmp-final; the rerun said "holds a finished
     # run", deleted the only checkpoint and retrained from scratch.
     cfg = _config(tmp_path, "run")
@@ -180,11 +182,15 @@ def test_too_little_space_for_final_is_said_before_writing_it(tmp_path, monkeypa
 
 def test_failed_config_and_data_checks_leave_no_out_dir(tmp_path, capsys):
     # Found: a failed check left an out_dir holding a config.yaml.
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "the film", "chosen": "", "rejected": ""}] * 4)  # nothing to learn from
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl", [{"prompt": "the film", "chosen": "", "rejected": ""}] * 4
+    )  # nothing to learn from
     assert cli_main(["train", _config_file(_config(tmp_path, "no-data", data=str(bad)), tmp_path / "a.yaml")]) == 2
     assert not (tmp_path / "no-data").exists()
     no_checkpoint = _config(tmp_path, "no-checkpoint", **{"train.resume": str(tmp_path / "nowhere")})
-    assert cli_main(["train", _config_file(no_checkpoint, tmp_path / "b.yaml")]) == 2  # refused after the model is loaded
+    assert (
+        cli_main(["train", _config_file(no_checkpoint, tmp_path / "b.yaml")]) == 2
+    )  # refused after the model is loaded
     assert not (tmp_path / "no-checkpoint").exists()
     assert "dpokit: error: " in capsys.readouterr().err
 
@@ -234,7 +240,9 @@ def test_an_earlier_models_eval_json_is_moved_aside_when_a_new_run_starts(tmp_pa
     cfg = _config(tmp_path, "run")
     dpokit.train(cfg)
     run_dir = Path(cfg["out_dir"])
-    (run_dir / "eval.json").write_text(json.dumps({"mean_score": 0.123456, "win_rate": 0.987}))  # dpokit eval --out RUN/eval.json
+    (run_dir / "eval.json").write_text(
+        json.dumps({"mean_score": 0.123456, "win_rate": 0.987})
+    )  # dpokit eval --out RUN/eval.json
     capsys.readouterr()
     dpokit.train(_config(tmp_path, "run", **{"train.max_steps": STEPS + 1}))  # the model changes
     out = capsys.readouterr().out
@@ -276,9 +284,17 @@ def test_the_lock_is_the_kernels_flock_so_only_a_holding_process_counts(tmp_path
     dpokit.train(cfg)
     assert f"PID {os.getppid()}" in capsys.readouterr().out and not (run_dir / LOCK).exists()
 
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | "
-                               "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-                               str(run_dir / LOCK)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | "
+            "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(run_dir / LOCK),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert cli_main(["train", _config_file(cfg, tmp_path / "again.yaml")]) == 2
@@ -298,13 +314,30 @@ def test_eval_out_into_a_run_directory_holds_its_lock_and_waits_for_no_run(tmp_p
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / MARKER).write_text("{}")
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | "
-                               "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
-                               str(run_dir / LOCK)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | "
+            "os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(run_dir / LOCK),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
-        code = cli_main(["eval", "--policy", str(tmp_path / "no-such-model"), "--suite", "ifeval",
-                         "--out", str(run_dir / "eval.json")])
+        code = cli_main(
+            [
+                "eval",
+                "--policy",
+                str(tmp_path / "no-such-model"),
+                "--suite",
+                "ifeval",
+                "--out",
+                str(run_dir / "eval.json"),
+            ]
+        )
         assert code == 2 and "in use by another dpokit run" in _one_error_line(capsys.readouterr().err)
     finally:
         holder.kill()

@@ -59,7 +59,9 @@ def model_with_code(tmp_path):
     marker = tmp_path / "code-ran.txt"
     (folder / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    config.update(
+        model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    )
     (folder / "config.json").write_text(json.dumps(config))
     return folder, marker
 

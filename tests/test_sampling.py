@@ -47,7 +47,9 @@ def test_rows_and_token_counts(tiny, tmp_path):
     report = sample_to_file(PROMPTS[:3], tmp_path / "s.jsonl", CFG, HFBackend(model, tokenizer), model_id="tiny")
     rows = read_samples(tmp_path / "s.jsonl")
     assert report.rows == len(rows) == 9 and report.generate_calls == 2 and report.generated == 3
-    assert [(r["prompt"], r["prompt_index"], r["sample_index"]) for r in rows] == [(p, i, j) for i, p in enumerate(PROMPTS[:3]) for j in range(3)]
+    assert [(r["prompt"], r["prompt_index"], r["sample_index"]) for r in rows] == [
+        (p, i, j) for i, p in enumerate(PROMPTS[:3]) for j in range(3)
+    ]
     for r in rows:
         assert r["prompt_tokens"] == len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
         assert 1 <= r["completion_tokens"] <= 5
@@ -89,7 +91,9 @@ def test_torn_and_partial_writes_are_repaired(tiny, tmp_path):
     report = sample_to_file(PROMPTS[:4], out, CFG, backend)
     assert backend.prompts == ["the plot was"] and report.already_done == 3
     fixed = read_samples(out)
-    assert len(fixed) == 12 and sorted((r["prompt_index"], r["sample_index"]) for r in fixed) == [(i, j) for i in range(4) for j in range(3)]
+    assert len(fixed) == 12 and sorted((r["prompt_index"], r["sample_index"]) for r in fixed) == [
+        (i, j) for i in range(4) for j in range(3)
+    ]
 
 
 def test_other_settings_are_refused(tiny, tmp_path):
@@ -105,17 +109,29 @@ def test_duplicates_are_sampled_once_and_chat_prompts_use_the_template(tiny, tmp
     model, tokenizer = tiny
     chat = [{"role": "user", "content": "hi how are you"}]
     backend = CountingBackend(model, tokenizer)
-    report = sample_to_file(["it is", chat, "it is"], tmp_path / "s.jsonl", SamplingConfig(num_samples=2, max_new_tokens=3, batch_size=8), backend)
+    report = sample_to_file(
+        ["it is", chat, "it is"],
+        tmp_path / "s.jsonl",
+        SamplingConfig(num_samples=2, max_new_tokens=3, batch_size=8),
+        backend,
+    )
     assert report.prompts == 2 and backend.calls == 1
     assert backend.prompts == ["it is", "<|im_start|>user\nhi how are you<|im_end|>\n<|im_start|>assistant\n"]
     rows = read_samples(tmp_path / "s.jsonl")
-    assert rows[2]["prompt"] == chat and rows[2]["prompt_tokens"] == len(tokenizer(backend.prompts[1], add_special_tokens=False)["input_ids"])
+    assert rows[2]["prompt"] == chat and rows[2]["prompt_tokens"] == len(
+        tokenizer(backend.prompts[1], add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_rows_with_tools_are_skipped_and_counted_not_sampled_without_their_tools(tmp_path):
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
-    openai = {"input": {"messages": [{"role": "user", "content": "rain?"}], "tools": tools},
-              "preferred_output": [{"role": "assistant", "content": "yes"}], "non_preferred_output": [{"role": "assistant", "content": "no"}]}
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}
+    ]
+    openai = {
+        "input": {"messages": [{"role": "user", "content": "rain?"}], "tools": tools},
+        "preferred_output": [{"role": "assistant", "content": "yes"}],
+        "non_preferred_output": [{"role": "assistant", "content": "no"}],
+    }
     rows = [{"prompt": [{"role": "user", "content": "weather?"}], "tools": tools}, {"prompt": "the film was"}, openai]
     prompts, counts = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
     assert prompts == ["the film was"] and counts["rows_with_tools"] == 2
@@ -139,8 +155,13 @@ def test_load_prompts_from_layouts(tmp_path):
         {"text": "nothing here"},
     ]
     prompts, counts = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", rows)))
-    assert prompts == ["the film was", [{"role": "user", "content": "hi"}], [{"role": "user", "content": "tell me"}], "it is",
-                       "\n\nHuman: hi\n\nAssistant:"]
+    assert prompts == [
+        "the film was",
+        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "tell me"}],
+        "it is",
+        "\n\nHuman: hi\n\nAssistant:",
+    ]
     assert counts == {"rows_read": 7, "prompts": 5, "duplicates": 1, "rows_without_prompt": 1, "rows_with_tools": 0}
     assert load_prompts(str(tmp_path / "p.jsonl"), max_prompts=2)[0] == prompts[:2]
     with pytest.raises(DataError, match="no prompts found"):
@@ -160,7 +181,9 @@ def _has_verb(name: str) -> bool:
     return any(name in (getattr(action, "choices", None) or {}) for action in parser._actions)
 
 
-@pytest.mark.skipif(not _has_verb("sample"), reason="needs the cli.py change that adds the sample/score/pair verbs (docs/pipeline.md)")
+@pytest.mark.skipif(
+    not _has_verb("sample"), reason="needs the cli.py change that adds the sample/score/pair verbs (docs/pipeline.md)"
+)
 def test_cli_sample_score_pair(tmp_path, capsys):
     from dpokit.cli import main
     from tiny_assets import tiny_model_dir
@@ -169,10 +192,46 @@ def test_cli_sample_score_pair(tmp_path, capsys):
     samples, scored, pairs = tmp_path / "samples.jsonl", tmp_path / "scored.jsonl", tmp_path / "pairs.jsonl"
     rewards = tmp_path / "rewards.py"
     rewards.write_text("def length(completion):\n    return len(completion.split())\n")
-    assert main(["sample", "--model", str(tiny_model_dir()), "--prompts", str(prompts), "--out", str(samples), "-n", "3",
-                 "--max-new-tokens", "6", "--backend", "hf"]) == 0
-    assert main(["sample", "--model", str(tiny_model_dir()), "--prompts", str(prompts), "--out", str(samples), "-n", "3",
-                 "--max-new-tokens", "6", "--backend", "hf"]) == 0  # resumed: nothing left to do
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny_model_dir()),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(samples),
+                "-n",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--backend",
+                "hf",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny_model_dir()),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(samples),
+                "-n",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--backend",
+                "hf",
+            ]
+        )
+        == 0
+    )  # resumed: nothing left to do
     assert "0 prompts generated, 4 already done" in capsys.readouterr().out
     assert main(["score", "--in", str(samples), "--out", str(scored), "--scorer", f"{rewards}:length"]) == 0
     assert main(["pair", "--in", str(scored), "--out", str(pairs)]) == 0

@@ -54,9 +54,19 @@ def _tiny_reward_model(path, num_labels=1, id2label=None):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     tok = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=num_labels,
-                         id2label=id2label, label2id=None if id2label is None else {v: k for k, v in id2label.items()})
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        num_labels=num_labels,
+        id2label=id2label,
+        label2id=None if id2label is None else {v: k for k, v in id2label.items()},
+    )
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)
     model.save_pretrained(path)
@@ -175,7 +185,11 @@ def test_unreachable_endpoint(monkeypatch):
     with pytest.raises(JudgeUnreachable) as info:
         judge.score(["p"], [" x"])
     message = str(info.value)
-    assert f"127.0.0.1:{port}/v1/chat/completions" in message and "after 3 attempts" in message and "server running" in message
+    assert (
+        f"127.0.0.1:{port}/v1/chat/completions" in message
+        and "after 3 attempts" in message
+        and "server running" in message
+    )
     assert "sk-secret" not in message
     assert waits == [1.0, 2.0]
 
@@ -193,7 +207,11 @@ def test_pairwise_judge_cancels_position_bias():
         judge = build_scorer({"type": "judge", "mode": "pairwise", "base_url": server.url, "model": "m"})
         assert isinstance(judge, PairwiseJudge)
         # The server answers "B" whenever neither response is positive: asked both ways, that bias cancels to a tie.
-        assert judge.compare(["p", "p", "p"], [" wonderful", " dull", " fine"], [" dull", " great", " long"]) == [1.0, 0.0, 0.5]
+        assert judge.compare(["p", "p", "p"], [" wonderful", " dull", " fine"], [" dull", " great", " long"]) == [
+            1.0,
+            0.0,
+            0.5,
+        ]
         assert len(server.requests) == 6  # both orders asked
         judge.swap = False
         assert judge.compare(["p", "p"], [" wonderful", " fine"], [" dull", " long"]) == [1.0, 0.0]
@@ -220,10 +238,20 @@ def test_an_unreadable_pairwise_verdict_is_unjudged_not_a_tie():
 
 def test_a_negative_rating_is_unscored_not_read_without_its_sign():
     """Issue 15: 'Rating: -3' became 3.0. A negative is out of the 1-10 range, so it counts as unscored."""
-    for reply in ("Rating: -3", "rating = -3", "Rating: **-3**", "-3", "I'd say -3/10", "Rating: \u22123", "Rating: -7.5"):
+    for reply in (
+        "Rating: -3",
+        "rating = -3",
+        "Rating: **-3**",
+        "-3",
+        "I'd say -3/10",
+        "Rating: \u22123",
+        "Rating: -7.5",
+    ):
         assert math.isnan(parse_rating(reply)), reply
     assert parse_rating("Rating: -3. Sorry, I meant Rating: 6") == 6.0  # the last rating statement counts
-    assert math.isnan(parse_rating("Rating: 7-8")) and parse_rating("a 1-10 scale; Rating: 4") == 4.0  # a dash is no sign
+    assert (
+        math.isnan(parse_rating("Rating: 7-8")) and parse_rating("a 1-10 scale; Rating: 4") == 4.0
+    )  # a dash is no sign
     judge = JudgeScorer("http://127.0.0.1:9/v1", "m")
     judge.client.chat = lambda messages: "Rating: -3"
     assert all(math.isnan(v) for v in judge.score(PROMPTS, COMPLETIONS)) and judge.unparsed == 3
@@ -269,8 +297,23 @@ def test_cli_score_timeout_and_retries_bound_the_wait_for_a_silent_judge(tmp_pat
         silent.listen(8)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
         started = time.time()
-        status = main(["score", "--in", str(_samples_file(tmp_path, 1)), "--out", str(tmp_path / "scored.jsonl"),
-                       "--judge-url", url, "--judge-model", "m", "--timeout", "0.3", "--max-retries", "0"])
+        status = main(
+            [
+                "score",
+                "--in",
+                str(_samples_file(tmp_path, 1)),
+                "--out",
+                str(tmp_path / "scored.jsonl"),
+                "--judge-url",
+                url,
+                "--judge-model",
+                "m",
+                "--timeout",
+                "0.3",
+                "--max-retries",
+                "0",
+            ]
+        )
         elapsed = time.time() - started
     assert status == 2 and elapsed < 10, elapsed  # the defaults (60 s x 5 attempts) would take about 5 minutes
     assert "after 1 attempts" in capsys.readouterr().err
@@ -283,8 +326,20 @@ def test_cli_score_prints_progress_with_a_count_and_an_eta(tmp_path, capsys, mon
     monkeypatch.setattr(dpokit.online.scoring, "SCORE_CHUNK_SIZE", 2)
     rewards = tmp_path / "rewards.py"
     rewards.write_text("def length(completion):\n    return len(completion)\n")
-    assert main(["score", "--in", str(_samples_file(tmp_path)), "--out", str(tmp_path / "scored.jsonl"),
-                 "--scorer", f"{rewards}:length"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--in",
+                str(_samples_file(tmp_path)),
+                "--out",
+                str(tmp_path / "scored.jsonl"),
+                "--scorer",
+                f"{rewards}:length",
+            ]
+        )
+        == 0
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[score] ") and "/3 rows" in line]
     assert [line.split()[1] for line in lines] == ["0/3", "2/3", "3/3"], lines
     assert "left" in lines[1] and "s elapsed" in lines[1]

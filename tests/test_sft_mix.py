@@ -31,11 +31,21 @@ SFT_ROWS = [{"prompt": p, "completion": c} for p, c in [
 def _cfg(tmp_path, **sections):
     cfg = {
         "model": {"name_or_path": str(tiny_model_dir())},
-        "data": {"path": str(write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(32, seed=1))), "max_length": 32,
-                 "max_prompt_length": 16, "sft_mix_path": str(write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS))},
+        "data": {
+            "path": str(write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(32, seed=1))),
+            "max_length": 32,
+            "max_prompt_length": 16,
+            "sft_mix_path": str(write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)),
+        },
         "loss": {"beta": 0.1, "sft_mix_weight": 0.7},
-        "train": {"batch_size": 8, "max_steps": 2, "logging_steps": 1, "progress_bar": False, "save_steps": 0,
-                  "gradient_checkpointing": False},
+        "train": {
+            "batch_size": 8,
+            "max_steps": 2,
+            "logging_steps": 1,
+            "progress_bar": False,
+            "save_steps": 0,
+            "gradient_checkpointing": False,
+        },
         "speed": {"ref_cache": False},
         "out_dir": str(tmp_path / "run"),
     }
@@ -45,8 +55,11 @@ def _cfg(tmp_path, **sections):
 
 
 def _gradients(cfg, step, policy, reference, data, tokenizer, batch_size, accum, mix=True):
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size, grad_accum=accum),
-                              data=dataclasses.replace(cfg.data, sft_mix_batch_size=4 // accum))
+    cfg = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, batch_size=batch_size, grad_accum=accum),
+        data=dataclasses.replace(cfg.data, sft_mix_batch_size=4 // accum),
+    )
     stream = BatchStream(len(data.train), batch_size, cfg.train.seed)
     pad = tokenizer.pad_token_id
     micro = [micro_batch(data.train, stream, step.collate, pad, step.weight, step.tokens) for _ in range(accum)]
@@ -75,13 +88,17 @@ def test_the_mixed_term_is_the_weighted_token_mean_nll_and_accumulation_does_not
     without, _ = _gradients(cfg, plain, policy, reference, data, tokenizer, 8, 1, mix=False)
 
     # By hand: the step's 4 mixed examples (the BatchStream's first 4 of the SFT rows), their token-mean NLL, x 0.7.
-    mix = SFTMix.from_config(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sft_mix_batch_size=4)), tokenizer)
+    mix = SFTMix.from_config(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sft_mix_batch_size=4)), tokenizer
+    )
     first = BatchStream(len(mix.examples), 4, mix.seed).next()[0]
     batch = collate_sft([mix.examples[i] for i in first], tokenizer.pad_token_id)
     policy.zero_grad(set_to_none=True)
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
     (0.7 * nll).backward()
     for g_mix, g_without, p in zip(with_mix, without, policy.parameters()):
         torch.testing.assert_close(g_mix - g_without, p.grad, atol=1e-6, rtol=1e-4)
@@ -107,7 +124,9 @@ def test_a_resumed_run_draws_the_same_mixed_rows(setup):
 def test_training_logs_the_mixed_term_separately(tmp_path):
     result = dpokit.train(_cfg(tmp_path, train={"max_steps": 2, "grad_accum": 2, "batch_size": 4}))
     train = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
-    assert all(r["sft_mix/nll"] > 0 for r in train) and all(r["loss"] < 1.0 for r in train)  # loss: the preference loss alone
+    assert all(r["sft_mix/nll"] > 0 for r in train) and all(
+        r["loss"] < 1.0 for r in train
+    )  # loss: the preference loss alone
 
 
 @pytest.mark.parametrize("sections,message", [
@@ -140,8 +159,10 @@ def small_demo(tmp_path_factory):
     pairs, _ = build_preference_data(n_train=480, n_eval=8)
     _, mix = build_sft_text()
     corpus = world.sft_corpus(200, seed=2_000_003, positive_share=SFTConfig.positive_share)
-    retention = write_jsonl(tmp_path_factory.mktemp("retention") / "corpus-mix.jsonl",
-                            [{"prompt": opening, "completion": continuation} for opening, continuation in corpus])
+    retention = write_jsonl(
+        tmp_path_factory.mktemp("retention") / "corpus-mix.jsonl",
+        [{"prompt": opening, "completion": continuation} for opening, continuation in corpus],
+    )
     return {"model": str(model), "pairs": str(pairs), "retention": str(retention), "mix": str(mix)}
 
 
@@ -149,12 +170,24 @@ def test_mixing_lowers_the_retention_drift_of_an_aggressive_run_on_the_demo_lang
     def run(name, **data):
         cfg = {
             "model": {"name_or_path": small_demo["model"]},
-            "data": {"path": small_demo["pairs"], "retention_path": small_demo["retention"], "max_length": 40,
-                     "max_prompt_length": 16, **data},
+            "data": {
+                "path": small_demo["pairs"],
+                "retention_path": small_demo["retention"],
+                "max_length": 40,
+                "max_prompt_length": 16,
+                **data,
+            },
             "loss": {"beta": 0.1},
             "optim": {"lr": 5e-4, "scheduler": "constant"},  # docs/demo.md's aggressive setting
-            "train": {"batch_size": 16, "max_steps": 20, "logging_steps": 10, "eval_steps": 0, "progress_bar": False,
-                      "save_steps": 0, "gradient_checkpointing": False},
+            "train": {
+                "batch_size": 16,
+                "max_steps": 20,
+                "logging_steps": 10,
+                "eval_steps": 0,
+                "progress_bar": False,
+                "save_steps": 0,
+                "gradient_checkpointing": False,
+            },
             "out_dir": str(tmp_path / name),
         }
         records = [r for r in read_metrics(dpokit.train(cfg).run_dir / "metrics.jsonl") if "retention/nll_delta" in r]

@@ -37,10 +37,15 @@ def _raw(tmp_path, name: str, **speed) -> dict:
     data = tmp_path / "pairs.jsonl"
     if not data.exists():
         write_jsonl(data, synthetic_pairs(24, seed=5))
-    return {"model": {"name_or_path": str(tiny_model_dir())}, "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16,
-            "eval_fraction": 0.25}, "loss": {"beta": 0.5}, "optim": {"lr": 1e-2, "scheduler": "constant"}, "speed": speed,
-            "train": {"batch_size": 6, "max_steps": 3, "logging_steps": 1, "progress_bar": False, "save_steps": 0},
-            "out_dir": str(tmp_path / name)}
+    return {
+        "model": {"name_or_path": str(tiny_model_dir())},
+        "data": {"path": str(data), "max_length": 32, "max_prompt_length": 16, "eval_fraction": 0.25},
+        "loss": {"beta": 0.5},
+        "optim": {"lr": 1e-2, "scheduler": "constant"},
+        "speed": speed,
+        "train": {"batch_size": 6, "max_steps": 3, "logging_steps": 1, "progress_bar": False, "save_steps": 0},
+        "out_dir": str(tmp_path / name),
+    }
 
 
 def _yaml(tmp_path, name: str, **speed):
@@ -53,7 +58,10 @@ def test_the_fast_step_is_the_default_and_the_plain_one_when_every_path_is_off()
     assert type(step_for(load_config(None, {}))) is FastPairedStep
     assert type(step_for(load_config(None, {f"speed.{k}": v for k, v in PLAIN.items()}))) is PairedStep
     for key in PLAIN:  # any one path on is the fast step
-        assert type(step_for(load_config(None, {**{f"speed.{k}": v for k, v in PLAIN.items()}, f"speed.{key}": True}))) is FastPairedStep
+        assert (
+            type(step_for(load_config(None, {**{f"speed.{k}": v for k, v in PLAIN.items()}, f"speed.{key}": True})))
+            is FastPairedStep
+        )
     assert type(step_for(load_config(None, {"loss.type": "kto"}))) is UnpairedStep  # KTO has its own step
 
 
@@ -70,13 +78,26 @@ def test_default_training_gives_the_plain_steps_numbers(tmp_path, capsys):
     fast = dpokit.train(_raw(tmp_path, "fast"))
     out = capsys.readouterr().out
     assert "reference log-probs computed in" in out and "cached in" in out and "no reference model in memory" in out
-    rows = {name: [r for r in read_metrics(run.run_dir / "metrics.jsonl") if "loss" in r] for name, run in (("plain", plain), ("fast", fast))}
+    rows = {
+        name: [r for r in read_metrics(run.run_dir / "metrics.jsonl") if "loss" in r]
+        for name, run in (("plain", plain), ("fast", fast))
+    }
     assert [r["step"] for r in rows["fast"]] == [1, 2, 3]
     for a, b in zip(rows["plain"], rows["fast"]):
-        for key in ("loss", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected", "logits/chosen", "grad_norm"):
+        for key in (
+            "loss",
+            "rewards/margins",
+            "rewards/chosen",
+            "logps/chosen",
+            "logps/rejected",
+            "logits/chosen",
+            "grad_norm",
+        ):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
     assert rows["fast"][-1]["loss"] < rows["fast"][0]["loss"]  # it learned something in 3 steps of lr 1e-2
-    assert "kl/chosen" in rows["plain"][0] and "kl/chosen" not in rows["fast"][0]  # a cache has no next-token distributions
+    assert (
+        "kl/chosen" in rows["plain"][0] and "kl/chosen" not in rows["fast"][0]
+    )  # a cache has no next-token distributions
     from dpokit.report import build_report
 
     html = build_report(fast.run_dir).read_text()  # the KL chart says why it is empty and how to fill it
@@ -101,7 +122,12 @@ def test_sharded_training_keeps_the_fast_step_without_the_chunked_head():
     cfg = load_config(None, {"model.name_or_path": str(tiny_model_dir())})
     fitted, task, notes = fit_speed(cfg, step_for(cfg), load_policy(cfg), sharded=True)
     assert type(task) is FastPairedStep
-    assert not fitted.speed.chunked_logps and fitted.speed.packing and fitted.speed.prefix_sharing and fitted.speed.ref_cache
+    assert (
+        not fitted.speed.chunked_logps
+        and fitted.speed.packing
+        and fitted.speed.prefix_sharing
+        and fitted.speed.ref_cache
+    )
     assert "chunked_logps is off" in notes[0]
 
 
@@ -156,9 +182,17 @@ def _tiny(arch: str):
         "gemma2": lambda: transformers.Gemma2Config(**common, num_key_value_heads=2, head_dim=8),  # logit softcapping
         "phi3": lambda: transformers.Phi3Config(**common, num_key_value_heads=2, pad_token_id=0),
         "gpt2": lambda: transformers.GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4),  # learned positions
-        "opt": lambda: transformers.OPTConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                                              word_embed_proj_dim=32),
-        "falcon": lambda: transformers.FalconConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+        "opt": lambda: transformers.OPTConfig(
+            vocab_size=101,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+        ),
+        "falcon": lambda: transformers.FalconConfig(
+            vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+        ),
     }
     impl = "eager" if arch == "gemma2" else "sdpa"  # gemma2 has no sdpa in transformers 5
     torch.manual_seed(0)
@@ -182,7 +216,10 @@ def test_the_fast_step_matches_the_plain_step_on_other_architectures_or_is_not_u
             p.add_(torch.randn_like(p) * 0.02)
     g = torch.Generator().manual_seed(1)
     ids = lambda n: torch.randint(3, 100, (n,), generator=g).tolist()  # noqa: E731
-    pairs = [TokenizedPair(ids(p), ids(c), ids(r), f"row {i}") for i, (p, c, r) in enumerate([(5, 4, 6), (3, 7, 2), (8, 3, 3), (4, 5, 5)])]
+    pairs = [
+        TokenizedPair(ids(p), ids(c), ids(r), f"row {i}")
+        for i, (p, c, r) in enumerate([(5, 4, 6), (3, 7, 2), (8, 3, 3), (4, 5, 5)])
+    ]
     cfg = load_config(None, {"loss.beta": 0.5, "model.attn_implementation": impl})
     plain, _ = forward_pairs(model, reference, collate_pairs(pairs, 0), StepContext(cfg))
     if arch == "falcon":

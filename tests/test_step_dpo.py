@@ -21,8 +21,12 @@ def _tokenizer():
 
 
 def test_the_prompt_is_the_question_and_the_accepted_steps_and_only_the_next_step_is_a_completion(tmp_path):
-    row = {"prompt": "Ana has 3 bags of 5 pens.", "initial_reason_steps": ["Step 1: 3 * 5 = 15 pens.", "Step 2: 15 - 3 = 12."],
-           "chosen": "Step 3: The answer is 12.", "rejected": "Step 3: The answer is 18."}
+    row = {
+        "prompt": "Ana has 3 bags of 5 pens.",
+        "initial_reason_steps": ["Step 1: 3 * 5 = 15 pens.", "Step 2: 15 - 3 = 12."],
+        "chosen": "Step 3: The answer is 12.",
+        "rejected": "Step 3: The answer is 18.",
+    }
     assert detect_layout(row) == "step_dpo"
     [example], _ = load_preferences(str(write_jsonl(tmp_path / "d.jsonl", [row])))
     assert example.prompt == "Ana has 3 bags of 5 pens.\nStep 1: 3 * 5 = 15 pens.\nStep 2: 15 - 3 = 12.\n"
@@ -44,12 +48,17 @@ def test_the_example_file_trains_the_margin_up(tmp_path):
     import dpokit
 
     tok = _tokenizer()
-    model_dir = save_tiny(build_tiny_llama(tok, hidden_size=32, num_layers=2, num_heads=4, seed=0), tok, tmp_path / "model")
-    cfg = {"model": {"name_or_path": str(model_dir)},
-           "data": {"path": str(EXAMPLE), "max_length": 128},
-           "loss": {"beta": 0.5}, "optim": {"lr": 3e-3, "scheduler": "constant"},
-           "train": {"batch_size": 24, "max_steps": 8, "logging_steps": 1, "progress_bar": False},
-           "out_dir": str(tmp_path / "run")}
+    model_dir = save_tiny(
+        build_tiny_llama(tok, hidden_size=32, num_layers=2, num_heads=4, seed=0), tok, tmp_path / "model"
+    )
+    cfg = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": str(EXAMPLE), "max_length": 128},
+        "loss": {"beta": 0.5},
+        "optim": {"lr": 3e-3, "scheduler": "constant"},
+        "train": {"batch_size": 24, "max_steps": 8, "logging_steps": 1, "progress_bar": False},
+        "out_dir": str(tmp_path / "run"),
+    }
     result = dpokit.train(cfg)
     logs = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
     assert json.loads((result.run_dir / "data_summary.json").read_text())["train"]["layouts"] == {"step_dpo": 24}

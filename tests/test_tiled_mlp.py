@@ -24,8 +24,16 @@ ATOL = 1e-6
 
 def _qwen(seed=0):
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     return Qwen2ForCausalLM(config).train()
 
 
@@ -125,7 +133,9 @@ def test_the_fast_paired_step_with_tiled_mlps_matches_untiled():
     reference = make_reference(plain_policy, cfg, needs_reference=True)
     batch = make_collate(speed)(_pairs(), 0)
     want = _run(forward_pairs_fast, plain_policy, reference, batch, cfg)
-    tiled_cfg = _cfg(SpeedConfig(pack_length=64, logps_chunk_size=5, tiled_mlp=16), **{"train.gradient_checkpointing": True})
+    tiled_cfg = _cfg(
+        SpeedConfig(pack_length=64, logps_chunk_size=5, tiled_mlp=16), **{"train.gradient_checkpointing": True}
+    )
     policy = _moved(load_policy(tiled_cfg)).train()
     assert len(dense_mlps(policy)) == 2 and all(hasattr(type(m), "_dpokit_base") for m in dense_mlps(policy))
     seen = _mlp_input_tokens(policy)
@@ -141,4 +151,6 @@ def test_negative_tile_is_refused_and_zero_is_off():
     with pytest.raises(ConfigError, match="speed.tiled_mlp"):
         tile_mlps(model, -1)
     assert tile_mlps(model, 0) == 0 and not any(hasattr(type(m), "_dpokit_base") for m in model.modules())
-    assert load_config(None, {"model.name_or_path": str(tiny_model_dir()), "speed.tiled_mlp": 512}).speed.tiled_mlp == 512
+    assert (
+        load_config(None, {"model.name_or_path": str(tiny_model_dir()), "speed.tiled_mlp": 512}).speed.tiled_mlp == 512
+    )

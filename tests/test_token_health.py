@@ -36,8 +36,10 @@ from tiny_assets import synthetic_pairs, tiny_model_dir, word_tokenizer, write_j
 
 # Prompts of whole words: a word-level vocabulary has them, Qwen2Tokenizer's byte-level BPE
 # without merges finds only the single-letter entries ("a", "i") and drops the rest.
-ROWS = [{"prompt": f"hello how are you {w}", "chosen": " good thanks", "rejected": " bad"} for w in
-        "the film plot story sky time".split()]
+ROWS = [
+    {"prompt": f"hello how are you {w}", "chosen": " good thanks", "rejected": " bad"}
+    for w in "the film plot story sky time".split()
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,9 +48,17 @@ def qwen2_with_word_tokenizer() -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = word_tokenizer()
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     path = Path(tempfile.mkdtemp(prefix="dpokit-qwen2-word-")) / "model"
     Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -56,8 +66,12 @@ def qwen2_with_word_tokenizer() -> Path:
 
 
 def _config(tmp_path, model: Path, data: Path, **overrides) -> Path:
-    cfg = {"model": {"name_or_path": str(model)}, "out_dir": str(tmp_path / "run"),
-           "data": {"path": str(data), "max_length": 32}, "train": {"max_steps": 1, "batch_size": 2, "progress_bar": False}}
+    cfg = {
+        "model": {"name_or_path": str(model)},
+        "out_dir": str(tmp_path / "run"),
+        "data": {"path": str(data), "max_length": 32},
+        "train": {"max_steps": 1, "batch_size": 2, "progress_bar": False},
+    }
     for key, value in overrides.items():
         section, name = key.split("__")
         cfg.setdefault(section, {})[name] = value
@@ -70,7 +84,10 @@ def _config(tmp_path, model: Path, data: Path, **overrides) -> Path:
 
 
 def test_train_refuses_a_qwen2_config_with_a_word_level_tokenizer(tmp_path, capsys):
-    data, config = write_jsonl(tmp_path / "pairs.jsonl", ROWS), _config(tmp_path, qwen2_with_word_tokenizer(), data=tmp_path / "pairs.jsonl")
+    data, config = (
+        write_jsonl(tmp_path / "pairs.jsonl", ROWS),
+        _config(tmp_path, qwen2_with_word_tokenizer(), data=tmp_path / "pairs.jsonl"),
+    )
     capsys.readouterr()  # building the model folder prints progress bars
     assert cli_main(["train", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -78,7 +95,6 @@ def test_train_refuses_a_qwen2_config_with_a_word_level_tokenizer(tmp_path, caps
     assert str(data) in err[0] and "Qwen2Tokenizer" in err[0] and "model_type" in err[0]
     assert "decode(encode(text)) loses most of the text" in err[0]
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("*.safetensors"))
-
 
 
 @pytest.mark.parametrize("verb", ["precompute", "sft"])
@@ -91,6 +107,7 @@ def test_precompute_and_sft_refuse_it_before_any_compute_too(tmp_path, capsys, v
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(data) in err[0] and "Qwen2Tokenizer" in err[0], err
     assert not list(tmp_path.rglob("*.safetensors"))  # no cache, no model written
+
 
 def test_doctor_fails_the_same_model_folder(tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
@@ -127,16 +144,22 @@ def test_max_unknown_token_rate_is_the_one_limit_of_training_and_the_doctor(tmp_
     overrides = ["data.max_length=32", "data.max_unknown_token_rate=1.0", "doctor.unknown_token_warn_rate=1.0"]
     report = run_doctor(str(data), tokenizer=_latin_only_tokenizer(), sample_size=0, overrides=overrides)
     assert report.check("unknown_tokens").verdict == "ok", format_report(report)
-    prepared = prepare_data(load_config({"data": {"path": str(data), "max_length": 32, "max_unknown_token_rate": 1.0}}),
-                            _latin_only_tokenizer())
+    prepared = prepare_data(
+        load_config({"data": {"path": str(data), "max_length": 32, "max_unknown_token_rate": 1.0}}),
+        _latin_only_tokenizer(),
+    )
     assert prepared.summary["train"]["token_health"]["unknown_token_rate"] > 0.5
     with pytest.raises(ConfigError, match="data.max_unknown_token_rate"):
         load_config(None, ["data.max_unknown_token_rate=1.5"])
     with pytest.raises(ConfigError, match="doctor.unknown_token_warn_rate"):
         load_config(None, ["doctor.unknown_token_warn_rate=-0.1"])
     # A limit set below the doctor's warning level: the doctor fails what training refuses, it never says ok.
-    strict = run_doctor(str(data), tokenizer=_latin_only_tokenizer(), sample_size=0,
-                        overrides=["data.max_length=32", "data.max_unknown_token_rate=0.001", "doctor.unknown_token_warn_rate=1.0"])
+    strict = run_doctor(
+        str(data),
+        tokenizer=_latin_only_tokenizer(),
+        sample_size=0,
+        overrides=["data.max_length=32", "data.max_unknown_token_rate=0.001", "doctor.unknown_token_warn_rate=1.0"],
+    )
     assert strict.check("unknown_tokens").verdict == "fail"
 
 
@@ -144,7 +167,9 @@ def test_clean_data_passes_and_the_summary_names_the_tokenizer(tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(20, seed=1))
     report = run_doctor(str(data), tokenizer=word_tokenizer(), sample_size=0, overrides=["data.max_length=32"])
     assert report.check("token_health").verdict == "ok" and report.check("unknown_tokens").verdict == "ok"
-    prepared = prepare_data(load_config({"data": {"path": str(data), "max_length": 32, "eval_fraction": 0.2}}), word_tokenizer())
+    prepared = prepare_data(
+        load_config({"data": {"path": str(data), "max_length": 32, "eval_fraction": 0.2}}), word_tokenizer()
+    )
     text = format_summary(prepared.summary)
     assert f"tokenizer: {type(word_tokenizer()).__name__}" in text
     assert "(layouts: )" not in text  # the eval split held out from the training rows has no layouts of its own
@@ -158,9 +183,19 @@ def test_unpaired_and_sft_preparations_refuse_it_too(tmp_path, prepare):
     cfg = load_config({"data": {"path": str(data), "max_length": 32}, "loss": {"type": "kto"}})
     with pytest.raises(DataError, match=r"greek\.jsonl.*degenerate tokenization"):
         prepare(cfg, _latin_only_tokenizer())
-    clean = [{"prompt": "the film was", "completion": " good", "label": True}, {"prompt": "it is", "completion": " bad", "label": True}]
-    ok = prepare(load_config({"data": {"path": str(write_jsonl(tmp_path / "ok.jsonl", clean)), "max_length": 32},
-                              "loss": {"type": "kto"}}), word_tokenizer())
+    clean = [
+        {"prompt": "the film was", "completion": " good", "label": True},
+        {"prompt": "it is", "completion": " bad", "label": True},
+    ]
+    ok = prepare(
+        load_config(
+            {
+                "data": {"path": str(write_jsonl(tmp_path / "ok.jsonl", clean)), "max_length": 32},
+                "loss": {"type": "kto"},
+            }
+        ),
+        word_tokenizer(),
+    )
     assert ok.summary["train"]["token_health"]["rows"] == 2
 
 
@@ -174,14 +209,37 @@ def test_kept_share_counts_characters_back_ignoring_case_and_spaces():
 
 
 def test_each_finding_fires_past_its_threshold_only():
-    healthy = TokenHealth("T", rows=10, prompts_with_text=10, empty_prompts=5, completions_with_text=20,
-                          eos_only_completions=10, tokens=100, unknown_tokens=10, round_trip_texts=30, lossy_texts=15)
+    healthy = TokenHealth(
+        "T",
+        rows=10,
+        prompts_with_text=10,
+        empty_prompts=5,
+        completions_with_text=20,
+        eos_only_completions=10,
+        tokens=100,
+        unknown_tokens=10,
+        round_trip_texts=30,
+        lossy_texts=15,
+    )
     assert token_health_problems(healthy, 0.10) == []  # exactly at every threshold: not "most"
-    broken = TokenHealth("T", rows=10, prompts_with_text=10, empty_prompts=9, completions_with_text=20,
-                         eos_only_completions=20, tokens=100, unknown_tokens=11, round_trip_texts=30, lossy_texts=16)
+    broken = TokenHealth(
+        "T",
+        rows=10,
+        prompts_with_text=10,
+        empty_prompts=9,
+        completions_with_text=20,
+        eos_only_completions=20,
+        tokens=100,
+        unknown_tokens=11,
+        round_trip_texts=30,
+        lossy_texts=16,
+    )
     assert token_health_problems(broken, 0.10) == [
-        "90% of prompts tokenised to 0 tokens", "100% of completions tokenised to EOS/special tokens only",
-        "11.0% of tokens are the unknown token (data.max_unknown_token_rate=0.1; raise it only if those tokens are expected)", "decode(encode(text)) loses most of the text in 53% of texts"]
+        "90% of prompts tokenised to 0 tokens",
+        "100% of completions tokenised to EOS/special tokens only",
+        "11.0% of tokens are the unknown token (data.max_unknown_token_rate=0.1; raise it only if those tokens are expected)",
+        "decode(encode(text)) loses most of the text in 53% of texts",
+    ]
 
 
 def test_empty_prompts_count_only_when_the_raw_prompt_had_text():
@@ -192,12 +250,14 @@ def test_empty_prompts_count_only_when_the_raw_prompt_had_text():
     assert health.prompts_with_text == 0 and token_health_problems(health, 0.10) == []
     eos_only = [HealthRow("the film", [tokenizer.get_vocab()["the"]], [("good", [eos])]) for _ in range(4)]
     assert token_health_problems(measure_token_health(eos_only, tokenizer), 0.10) == [
-        "100% of completions tokenised to EOS/special tokens only"]
+        "100% of completions tokenised to EOS/special tokens only"
+    ]
 
 
 def test_context_length_problem_reads_the_model_config():
     assert context_length_problem(256, SimpleNamespace(max_position_embeddings=128)).startswith(
-        "data.max_length=256 exceeds the model's context length of 128 tokens (max_position_embeddings")
+        "data.max_length=256 exceeds the model's context length of 128 tokens (max_position_embeddings"
+    )
     assert context_length_problem(128, SimpleNamespace(max_position_embeddings=128)) is None
     assert "n_positions" in context_length_problem(2048, SimpleNamespace(n_positions=1024))
     assert context_length_problem(10**6, SimpleNamespace()) is None  # unknown: nothing to compare

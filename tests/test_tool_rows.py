@@ -20,21 +20,35 @@ from dpokit.logprobs import IGNORE_INDEX
 from dpokit.tiny import CHATML_TEMPLATE, TOOLS_CHATML_TEMPLATE, build_tokenizer
 from tiny_assets import write_jsonl
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
 
 
 def call(name: str, arguments) -> dict:
-    return {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}]}
+    return {
+        "role": "assistant",
+        "tool_calls": [{"type": "function", "function": {"name": name, "arguments": arguments}}],
+    }
 
 
 CHOSEN = [call("get_weather", {"city": "Paris"})]
 REJECTED = [call("get_time", "{}")]  # OpenAI's wire format: arguments as a JSON string
 
-TOOLS_BLOCK = ("<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions.\n<tools>\n"
-               + json.dumps(WEATHER) + "\n" + json.dumps(TIME) + "\n</tools><|im_end|>\n")
+TOOLS_BLOCK = (
+    "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions.\n<tools>\n"
+    + json.dumps(WEATHER)
+    + "\n"
+    + json.dumps(TIME)
+    + "\n</tools><|im_end|>\n"
+)
 PROMPT_TEXT = TOOLS_BLOCK + "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
 CHOSEN_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
 REJECTED_TEXT = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>\n'
@@ -78,25 +92,39 @@ def test_tools_as_json_text_read_like_a_list(tmp_path, tools):
 
 def test_tool_results_in_the_prompt_and_a_final_answer(tmp_path):
     prompt = PROMPT + CHOSEN + [{"role": "tool", "content": "sunny 21C", "tool_call_id": "call_1"}]
-    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Sunny in Paris."}],
-           "rejected": [{"role": "assistant", "content": "sunny"}], "tools": [WEATHER, TIME]}
+    row = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "Sunny in Paris."}],
+        "rejected": [{"role": "assistant", "content": "sunny"}],
+        "tools": [WEATHER, TIME],
+    }
     examples, _ = load_preferences(str(write_jsonl(tmp_path / "d.jsonl", [row])))
     [pair], _ = tokenize_pairs(examples, tool_tokenizer(), max_length=512, max_prompt_length=256)
-    expected_prompt = (PROMPT_TEXT + CHOSEN_TEXT + "<|im_start|>user\n<tool_response>\nsunny 21C\n</tool_response>"
-                       "<|im_end|>\n<|im_start|>assistant\n")
+    expected_prompt = (
+        PROMPT_TEXT + CHOSEN_TEXT + "<|im_start|>user\n<tool_response>\nsunny 21C\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert pair.prompt_ids == ids(expected_prompt)
     assert pair.chosen_ids == ids("Sunny in Paris.<|im_end|>\n")
 
 
 def test_openai_rows_carry_input_tools(tmp_path):
-    row = {"input": {"messages": PROMPT, "tools": [WEATHER, TIME]}, "preferred_output": CHOSEN, "non_preferred_output": REJECTED}
+    row = {
+        "input": {"messages": PROMPT, "tools": [WEATHER, TIME]},
+        "preferred_output": CHOSEN,
+        "non_preferred_output": REJECTED,
+    }
     examples, report = load_preferences(str(write_jsonl(tmp_path / "d.jsonl", [row])))
     assert report.layouts == {"openai": 1} and examples[0].tools == [WEATHER, TIME]
 
 
 def test_bad_tools_and_tool_calls_are_counted_skips_naming_the_field(tmp_path):
-    rows = [tool_row(), tool_row(tools="{not json"), {"prompt": "hi", "chosen": " a", "rejected": " b", "tools": [WEATHER]},
-            tool_row(chosen=[call("get_weather", "{city: Paris")])]
+    rows = [
+        tool_row(),
+        tool_row(tools="{not json"),
+        {"prompt": "hi", "chosen": " a", "rejected": " b", "tools": [WEATHER]},
+        tool_row(chosen=[call("get_weather", "{city: Paris")]),
+    ]
     _, report = load_preferences(str(write_jsonl(tmp_path / "d.jsonl", rows)))
     assert report.rows_used == 1 and report.rows_skipped == 3
     reasons = " | ".join(report.skipped)
@@ -118,8 +146,17 @@ def test_kto_and_sft_rows_take_the_tools_column(tmp_path):
 
 
 def test_doctor_warns_with_the_row_when_the_template_drops_the_tools(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [tool_row(), {"prompt": PROMPT, "chosen": [{"role": "assistant", "content": "Sunny."}],
-                                                          "rejected": [{"role": "assistant", "content": "sunny"}]}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            tool_row(),
+            {
+                "prompt": PROMPT,
+                "chosen": [{"role": "assistant", "content": "Sunny."}],
+                "rejected": [{"role": "assistant", "content": "sunny"}],
+            },
+        ],
+    )
     plain = run_doctor(str(path), tokenizer=tool_tokenizer(CHATML_TEMPLATE), sample_size=0).check("tools")
     assert plain.verdict == "warn" and plain.examples == [f"{path}:1"]
     assert plain.numbers == {"rows_with_tools": 1, "tools_dropped": 1} and "template" in plain.advice

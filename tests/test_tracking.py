@@ -59,12 +59,23 @@ def test_the_real_availability_check_refuses_a_missing_wandb(tmp_path):
 
 
 def test_flat_config_is_scalar_and_has_no_secrets():
-    nested = {"model": {"name_or_path": "m", "hf_token": "hf_abc", "revision": None},
-              "data": {"columns": {"prompt": "q"}, "max_new_tokens": 64},
-              "loss": {"type": ["sigmoid", "sft"], "beta": 0.1}, "api_key": "k", "out_dir": "runs/x"}
+    nested = {
+        "model": {"name_or_path": "m", "hf_token": "hf_abc", "revision": None},
+        "data": {"columns": {"prompt": "q"}, "max_new_tokens": 64},
+        "loss": {"type": ["sigmoid", "sft"], "beta": 0.1},
+        "api_key": "k",
+        "out_dir": "runs/x",
+    }
     flat = tracking.flat_config(SimpleNamespace(to_dict=lambda: nested))
-    assert flat == {"model.name_or_path": "m", "model.revision": "null", "data.columns.prompt": "q",
-                    "data.max_new_tokens": 64, "loss.type": '["sigmoid", "sft"]', "loss.beta": 0.1, "out_dir": "runs/x"}
+    assert flat == {
+        "model.name_or_path": "m",
+        "model.revision": "null",
+        "data.columns.prompt": "q",
+        "data.max_new_tokens": 64,
+        "loss.type": '["sigmoid", "sft"]',
+        "loss.beta": 0.1,
+        "out_dir": "runs/x",
+    }
     real = tracking.flat_config(load_config({}))
     assert real["loss.beta"] == 0.1 and all(isinstance(v, (int, float, str, bool)) for v in real.values())
 
@@ -111,7 +122,9 @@ def test_tensorboard_gets_every_record_and_the_diagnoses(tmp_path):
     assert accelerator.trackers == []
 
     scalars, texts = read_events(tmp_path / "run" / "tensorboard")
-    assert {"loss", "rewards/margins", "kl/chosen", "learning_rate", "eval_loss", "eval_rewards/accuracies"} <= set(scalars)
+    assert {"loss", "rewards/margins", "kl/chosen", "learning_rate", "eval_loss", "eval_rewards/accuracies"} <= set(
+        scalars
+    )
     assert "step" not in scalars
     assert [step for step, _ in scalars["loss"]] == list(range(2, 21, 2))
     assert [step for step, _ in scalars["eval_loss"]] == [10, 20]
@@ -140,7 +153,9 @@ def tiny():
 def test_eval_prompts_are_the_first_distinct_prompts_and_round_trip(tiny):
     _, tokenizer = tiny
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    pairs = [TokenizedPair(ids(p), ids("good"), ids("bad")) for p in ("the film", "the film", "it was", "a movie", "hi")]
+    pairs = [
+        TokenizedPair(ids(p), ids("good"), ids("bad")) for p in ("the film", "the film", "it was", "a movie", "hi")
+    ]
     prompts = eval_prompts(pairs, tokenizer, 3)
     assert prompts == ["the film", "it was", "a movie"]
     assert [ids(p) for p in prompts] == [pairs[0].prompt_ids, pairs[2].prompt_ids, pairs[3].prompt_ids]
@@ -187,14 +202,24 @@ def test_training_logs_to_tensorboard_and_samples_lengths(tmp_path):
     pytest.importorskip("tensorboard")
     train = write_jsonl(tmp_path / "train.jsonl", synthetic_pairs(64, seed=1))
     held_out = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(16, seed=2))
-    result = dpokit.train({
-        "model": {"name_or_path": str(tiny_model_dir())},
-        "data": {"path": str(train), "eval_path": str(held_out), "max_length": 32, "max_prompt_length": 16},
-        "loss": {"beta": 0.5}, "optim": {"lr": 3e-3, "scheduler": "constant"},
-        "train": {"batch_size": 8, "max_steps": 8, "logging_steps": 2, "eval_steps": 4, "progress_bar": False,
-                  "report_to": ["tensorboard"], "eval_generate": 6},
-        "out_dir": str(tmp_path / "run"),
-    })
+    result = dpokit.train(
+        {
+            "model": {"name_or_path": str(tiny_model_dir())},
+            "data": {"path": str(train), "eval_path": str(held_out), "max_length": 32, "max_prompt_length": 16},
+            "loss": {"beta": 0.5},
+            "optim": {"lr": 3e-3, "scheduler": "constant"},
+            "train": {
+                "batch_size": 8,
+                "max_steps": 8,
+                "logging_steps": 2,
+                "eval_steps": 4,
+                "progress_bar": False,
+                "report_to": ["tensorboard"],
+                "eval_generate": 6,
+            },
+            "out_dir": str(tmp_path / "run"),
+        }
+    )
     records = read_metrics(result.run_dir / "metrics.jsonl")
     lengths = [(r["step"], r["eval_mean_length"]) for r in records if "eval_mean_length" in r]
     assert [step for step, _ in lengths] == [0, 4, 8]  # the reference's baseline, then every evaluation

@@ -74,7 +74,9 @@ def test_lora_run_saves_an_adapter_and_a_merged_model(tmp_path):
 
     train, held_out = _files(tmp_path)
     for save in ("adapter", "merged"):
-        cfg = _config(tmp_path, train, held_out, **{"train.max_steps": 4, "lora.enabled": True, "lora.save": save, "lora.r": 4})
+        cfg = _config(
+            tmp_path, train, held_out, **{"train.max_steps": 4, "lora.enabled": True, "lora.save": save, "lora.r": 4}
+        )
         cfg["out_dir"] = str(tmp_path / f"run-{save}")
         result = dpokit.train(cfg)
         files = {p.name for p in result.model_dir.iterdir()}

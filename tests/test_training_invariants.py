@@ -38,7 +38,11 @@ def _sgd_steps(policy, reference, cfg, steps=3):
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr)
     pairs = _pairs(8)
     for _ in range(steps):
-        accumulate_gradients(StepJob(policy, reference, PairedStep(), StepContext(cfg, group=accelerator)), [collate_pairs(pairs, 0)], MetricSums())
+        accumulate_gradients(
+            StepJob(policy, reference, PairedStep(), StepContext(cfg, group=accelerator)),
+            [collate_pairs(pairs, 0)],
+            MetricSums(),
+        )
         optimizer.step()
         optimizer.zero_grad()
 
@@ -84,7 +88,9 @@ def _grads_and_loss(micro_batches, cfg):
     policy = load_policy(cfg)
     reference = make_reference(policy, cfg, needs_reference=True)
     sums = MetricSums()
-    accumulate_gradients(StepJob(policy, reference, PairedStep(), StepContext(cfg, group=Accelerator(cpu=True))), micro_batches, sums)
+    accumulate_gradients(
+        StepJob(policy, reference, PairedStep(), StepContext(cfg, group=Accelerator(cpu=True))), micro_batches, sums
+    )
     return {n: p.grad.clone() for n, p in policy.named_parameters()}, sums.reduce()
 
 

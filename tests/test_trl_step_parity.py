@@ -45,8 +45,18 @@ ROWS = [  # lengths differ, so padding and masking matter
     {"prompt": "the plot", "chosen": " is great", "rejected": " is awful but fine"},
 ]
 BETA, LR, MAX_GRAD_NORM = 0.5, 1e-3, 1.0  # the gradient norm is ~2-6: clipping is active in both
-METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-           "entropy", "mean_token_accuracy", "num_tokens"]  # token means (chosen only for accuracy); running input-token count
+METRICS = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "entropy",
+    "mean_token_accuracy",
+    "num_tokens",
+]  # token means (chosen only for accuracy); running input-token count
 
 
 def data_settings(path: Path) -> dict:
@@ -54,15 +64,24 @@ def data_settings(path: Path) -> dict:
 
 
 def run_dpokit(tmp_path: Path, loss_type: str, steps: int, weight_decay: float = 0.0):
-    result = dpokit.train({
-        "model": {"name_or_path": str(tiny_model_dir())},
-        "data": data_settings(tmp_path / "pairs.jsonl"),
-        "loss": {"type": loss_type, "beta": BETA},
-        "optim": {"lr": LR, "scheduler": "constant", "weight_decay": weight_decay, "max_grad_norm": MAX_GRAD_NORM,
-                  "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8},
-        "train": {"batch_size": len(ROWS), "max_steps": steps, "logging_steps": 1, "progress_bar": False},
-        "out_dir": str(tmp_path / "dpokit"),
-    })
+    result = dpokit.train(
+        {
+            "model": {"name_or_path": str(tiny_model_dir())},
+            "data": data_settings(tmp_path / "pairs.jsonl"),
+            "loss": {"type": loss_type, "beta": BETA},
+            "optim": {
+                "lr": LR,
+                "scheduler": "constant",
+                "weight_decay": weight_decay,
+                "max_grad_norm": MAX_GRAD_NORM,
+                "adam_beta1": 0.9,
+                "adam_beta2": 0.999,
+                "adam_eps": 1e-8,
+            },
+            "train": {"batch_size": len(ROWS), "max_steps": steps, "logging_steps": 1, "progress_bar": False},
+            "out_dir": str(tmp_path / "dpokit"),
+        }
+    )
     from transformers import AutoModelForCausalLM
 
     records = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "loss" in r]
@@ -76,15 +95,39 @@ def run_trl(tmp_path: Path, loss_type: str, steps: int, weight_decay: float = 0.
 
     model_dir = str(tiny_model_dir())
     args = DPOConfig(
-        output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, seed=42, save_strategy="no", disable_tqdm=True,
-        bf16=False, fp16=False, gradient_checkpointing=False, max_length=None, padding_free=False,
-        precompute_ref_log_probs=False, per_device_train_batch_size=len(ROWS), max_steps=steps, logging_steps=1,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=weight_decay,
-        max_grad_norm=MAX_GRAD_NORM, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        beta=BETA, loss_type=[loss_type], dataloader_num_workers=0,
+        output_dir=str(tmp_path / "trl"),
+        report_to=[],
+        use_cpu=True,
+        seed=42,
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        max_length=None,
+        padding_free=False,
+        precompute_ref_log_probs=False,
+        per_device_train_batch_size=len(ROWS),
+        max_steps=steps,
+        logging_steps=1,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=weight_decay,
+        max_grad_norm=MAX_GRAD_NORM,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        beta=BETA,
+        loss_type=[loss_type],
+        dataloader_num_workers=0,
     )
-    trainer = DPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_list(ROWS),
-                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    trainer = DPOTrainer(
+        model=model_dir,
+        args=args,
+        train_dataset=Dataset.from_list(ROWS),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    )
     ids = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
     trainer.train()
     records = [r for r in trainer.state.log_history if "loss" in r]
@@ -94,7 +137,9 @@ def run_trl(tmp_path: Path, loss_type: str, steps: int, weight_decay: float = 0.
 def dpokit_data(tmp_path: Path):
     from transformers import AutoTokenizer
 
-    cfg = load_config({"model": {"name_or_path": str(tiny_model_dir())}, "data": data_settings(tmp_path / "pairs.jsonl")})
+    cfg = load_config(
+        {"model": {"name_or_path": str(tiny_model_dir())}, "data": data_settings(tmp_path / "pairs.jsonl")}
+    )
     return prepare_data(cfg, AutoTokenizer.from_pretrained(tiny_model_dir())).train
 
 

@@ -89,8 +89,15 @@ def test_each_flag_sets_its_key_as_key_value_does(verb):
 
 def test_yaml_then_flags_then_key_value(tmp_path):
     config = tmp_path / "sample.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name_or_path": "m"}, "sampling": {"num_samples": 3, "seed": 9},
-                                      "io": {"prompts": "p.jsonl", "out": "o.jsonl"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": "m"},
+                "sampling": {"num_samples": 3, "seed": 9},
+                "io": {"prompts": "p.jsonl", "out": "o.jsonl"},
+            }
+        )
+    )
     assert _cfg(["sample", str(config)]).sampling.num_samples == 3
     cfg = _cfg(["sample", str(config), "-n", "5"])
     assert (cfg.sampling.num_samples, cfg.sampling.seed, cfg.io.prompts) == (5, 9, "p.jsonl")
@@ -154,17 +161,62 @@ def test_sample_score_pair_from_yaml_write_what_the_flags_write(tmp_path, capsys
     rewards.write_text("def length(completion):\n    return len(completion.split())\n")
     by_flags = tmp_path / "flags"
     by_flags.mkdir()
-    assert main(["sample", "--model", model, "--prompts", str(prompts), "--out", str(by_flags / "s.jsonl"), "-n", "3",
-                 "--max-new-tokens", "6", "--backend", "hf", "--seed", "4"]) == 0
-    assert main(["score", "--in", str(by_flags / "s.jsonl"), "--out", str(by_flags / "sc.jsonl"), "--scorer", f"{rewards}:length"]) == 0
-    assert main(["pair", "--in", str(by_flags / "sc.jsonl"), "--out", str(by_flags / "p.jsonl"), "--strategy", "all_pairs"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                model,
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(by_flags / "s.jsonl"),
+                "-n",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--backend",
+                "hf",
+                "--seed",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "score",
+                "--in",
+                str(by_flags / "s.jsonl"),
+                "--out",
+                str(by_flags / "sc.jsonl"),
+                "--scorer",
+                f"{rewards}:length",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["pair", "--in", str(by_flags / "sc.jsonl"), "--out", str(by_flags / "p.jsonl"), "--strategy", "all_pairs"]
+        )
+        == 0
+    )
     by_yaml = tmp_path / "yaml"
     by_yaml.mkdir()
     config = tmp_path / "online.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name_or_path": model},
-                                      "sampling": {"num_samples": 3, "max_new_tokens": 6, "backend": "hf", "seed": 4},
-                                      "scoring": {"scorer": f"{rewards}:length"}, "pairing": {"strategy": "all_pairs"},
-                                      "io": {"prompts": str(prompts)}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": model},
+                "sampling": {"num_samples": 3, "max_new_tokens": 6, "backend": "hf", "seed": 4},
+                "scoring": {"scorer": f"{rewards}:length"},
+                "pairing": {"strategy": "all_pairs"},
+                "io": {"prompts": str(prompts)},
+            }
+        )
+    )
     assert main(["sample", str(config), f"io.out={by_yaml / 's.jsonl'}"]) == 0
     assert main(["score", str(config), f"io.input={by_yaml / 's.jsonl'}", f"io.out={by_yaml / 'sc.jsonl'}"]) == 0
     assert main(["pair", str(config), f"io.input={by_yaml / 'sc.jsonl'}", f"io.out={by_yaml / 'p.jsonl'}"]) == 0

@@ -9,8 +9,13 @@ from vision_assets import colour_rows, image_prompt, tiny_llava_dir, write_image
 from dpokit.config import load_config
 from dpokit.data.collate import IGNORE_INDEX
 from dpokit.data.records import DataError, SkipReport
-from dpokit.data.vision import (IMAGE_TRUNCATION, collate_vision_pairs, load_vision_preferences, prepare_vision_data,
-                                tokenize_vision_pairs)
+from dpokit.data.vision import (
+    IMAGE_TRUNCATION,
+    collate_vision_pairs,
+    load_vision_preferences,
+    prepare_vision_data,
+    tokenize_vision_pairs,
+)
 from dpokit.model_source import ModelLoadError
 from dpokit.models import load_processor
 from dpokit.tiny_vision import IMAGE_TOKENS
@@ -29,7 +34,9 @@ def ids(processor, text: str) -> list[int]:
 
 
 def cfg_for(path, **data):
-    return load_config({"model": {"name_or_path": str(tiny_llava_dir())}, "data": {"path": str(path), "vision": True, **data}})
+    return load_config(
+        {"model": {"name_or_path": str(tiny_llava_dir())}, "data": {"path": str(path), "vision": True, **data}}
+    )
 
 
 def test_prompt_ids_expand_each_image_and_labels_cover_only_the_completion(tmp_path, processor):
@@ -38,8 +45,11 @@ def test_prompt_ids_expand_each_image_and_labels_cover_only_the_completion(tmp_p
     data = prepare_vision_data(cfg_for(path, max_length=64), processor)
     first, second = data.train
     image = ids(processor, "<image>")
-    expected_prompt = ids(processor, "<|im_start|> user") + image * N_IMAGE + ids(
-        processor, "what colour is the square <|im_end|> <|im_start|> assistant")
+    expected_prompt = (
+        ids(processor, "<|im_start|> user")
+        + image * N_IMAGE
+        + ids(processor, "what colour is the square <|im_end|> <|im_start|> assistant")
+    )
     assert first.prompt_ids == expected_prompt
     assert first.chosen_ids == ids(processor, "it is red <|im_end|>")
     assert first.rejected_ids == ids(processor, "it is blue <|im_end|>")
@@ -57,20 +67,32 @@ def test_prompt_ids_expand_each_image_and_labels_cover_only_the_completion(tmp_p
     expected_pixels = torch.cat([first.vision["pixel_values"], second.vision["pixel_values"]] * 2)
     torch.testing.assert_close(batch["pixel_values"], expected_pixels, rtol=0, atol=0)
     red, blue = batch["pixel_values"][0], batch["pixel_values"][1]
-    assert red[0].mean() > red[2].mean() and blue[2].mean() > blue[0].mean()  # the red and the blue image, in that order
+    assert (
+        red[0].mean() > red[2].mean() and blue[2].mean() > blue[0].mean()
+    )  # the red and the blue image, in that order
 
 
 def test_two_images_in_one_prompt_and_text_before_the_image(tmp_path, processor):
     write_images(tmp_path)
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " a"}, {"type": "image"},
-                                           {"type": "text", "text": " what colour"}]}]
+    prompt = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "text", "text": " a"},
+                {"type": "image"},
+                {"type": "text", "text": " what colour"},
+            ],
+        }
+    ]
     row = {"images": ["red.png", "green.png"], "prompt": prompt, "chosen": "it is red", "rejected": "it is green"}
     examples, _ = load_vision_preferences(str(write_rows(tmp_path / "two.jsonl", [row])))
     assert len(examples[0].images) == 2
     pairs, _ = tokenize_vision_pairs(examples, processor, 128, 100, _report(examples))
     image = ids(processor, "<image>")
-    assert pairs[0].prompt_ids == ids(processor, "<|im_start|> user") + image * N_IMAGE + ids(processor, "a") + image * N_IMAGE + ids(
-        processor, "what colour <|im_end|> <|im_start|> assistant")
+    assert pairs[0].prompt_ids == ids(processor, "<|im_start|> user") + image * N_IMAGE + ids(
+        processor, "a"
+    ) + image * N_IMAGE + ids(processor, "what colour <|im_end|> <|im_start|> assistant")
     assert pairs[0].vision["pixel_values"].shape == (2, 3, 16, 16)
     batch = collate_vision_pairs(pairs, processor.tokenizer.pad_token_id)
     assert batch["pixel_values"].shape == (4, 3, 16, 16)  # two images per row, two rows
@@ -101,7 +123,9 @@ def test_prompt_truncation_that_would_cut_image_tokens_is_a_counted_skip(tmp_pat
     data = prepare_vision_data(cfg_for(path, max_length=64, max_prompt_length=20), processor)
     summary = data.summary["train"]
     assert summary["skipped_by_reason"] == {IMAGE_TRUNCATION: 3} and summary["pairs"] == 1
-    assert summary["skipped_examples"][IMAGE_TRUNCATION][0].startswith(f"{path}:1 (prompt: 26 tokens, image tokens from 2)")
+    assert summary["skipped_examples"][IMAGE_TRUNCATION][0].startswith(
+        f"{path}:1 (prompt: 26 tokens, image tokens from 2)"
+    )
     assert summary["rows_read"] == 4 and summary["rows_used"] == 1
     with pytest.raises(DataError, match=f"{path}:1: {IMAGE_TRUNCATION}"):
         prepare_vision_data(cfg_for(path, max_length=64, max_prompt_length=20, strict=True), processor)
@@ -110,12 +134,14 @@ def test_prompt_truncation_that_would_cut_image_tokens_is_a_counted_skip(tmp_pat
 def test_bad_image_rows_are_skipped_with_their_reason(tmp_path):
     write_images(tmp_path)
     good = colour_rows(1)[0]
-    rows = [good,
-            dict(good, images=["red.png", "blue.png"]),  # two images, one image part
-            dict(good, images=["missing.png"]),
-            dict(good, chosen=[{"role": "assistant", "content": [{"type": "image"}]}]),
-            dict(good, prompt="what colour is the square"),
-            dict(good, images=[str(tmp_path / "green.png")])]  # an absolute path
+    rows = [
+        good,
+        dict(good, images=["red.png", "blue.png"]),  # two images, one image part
+        dict(good, images=["missing.png"]),
+        dict(good, chosen=[{"role": "assistant", "content": [{"type": "image"}]}]),
+        dict(good, prompt="what colour is the square"),
+        dict(good, images=[str(tmp_path / "green.png")]),
+    ]  # an absolute path
     examples, report = load_vision_preferences(str(write_rows(tmp_path / "bad.jsonl", rows)))
     assert len(examples) == 2 and examples[1].images == [(tmp_path / "green.png").read_bytes()]
     assert report.skipped == {
@@ -157,8 +183,12 @@ def test_the_context_check_reads_the_language_models_config():
 def test_sampling_and_unpaired_objectives_are_refused_with_images():
     from dpokit.config import ConfigError
 
-    for overrides in ({"loss": {"type": "kto"}}, {"train": {"task": "sft"}}, {"train": {"eval_generate": 2}},
-                      {"data": {"vision": True, "layout": "sharegpt"}}):
+    for overrides in (
+        {"loss": {"type": "kto"}},
+        {"train": {"task": "sft"}},
+        {"train": {"eval_generate": 2}},
+        {"data": {"vision": True, "layout": "sharegpt"}},
+    ):
         with pytest.raises(ConfigError, match="data.vision"):
             load_config({"data": {"vision": True}, **overrides})
 
@@ -176,10 +206,14 @@ def test_the_doctor_reads_image_rows_with_data_vision_and_counts_a_prompt_per_im
 
     write_images(tmp_path)
     data = write_rows(tmp_path / "pairs.jsonl", colour_rows(6))  # one prompt text, three images, each twice
-    report = run_doctor(str(data), model=str(tiny_llava_dir()), sample_size=0, overrides=["data.vision=true", "data.max_length=64"])
+    report = run_doctor(
+        str(data), model=str(tiny_llava_dir()), sample_size=0, overrides=["data.vision=true", "data.max_length=64"]
+    )
     assert report.check("dropped_rows").verdict == "ok", format_report(report)
     duplicates = report.check("duplicates").numbers
-    assert duplicates["distinct_prompts"] == 3 and duplicates["repeated_prompts"] == 3  # the text alone would say 1 and 5
+    assert (
+        duplicates["distinct_prompts"] == 3 and duplicates["repeated_prompts"] == 3
+    )  # the text alone would say 1 and 5
     assert report.check("token_health").verdict == "skip" and "data.vision" in report.check("token_health").summary
     assert report.check("context_length").verdict == "ok"
     assert report.verdict != "fail"

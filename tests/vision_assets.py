@@ -41,9 +41,14 @@ def colour_rows(n: int) -> list[dict]:
     rows = []
     for i in range(n):
         name, other = names[i % 3], names[(i + 1) % 3]
-        rows.append({"images": [f"{name}.png"], "prompt": image_prompt(),
-                     "chosen": [{"role": "assistant", "content": f"it is {name}"}],
-                     "rejected": [{"role": "assistant", "content": f"it is {other}"}]})
+        rows.append(
+            {
+                "images": [f"{name}.png"],
+                "prompt": image_prompt(),
+                "chosen": [{"role": "assistant", "content": f"it is {name}"}],
+                "rejected": [{"role": "assistant", "content": f"it is {other}"}],
+            }
+        )
     return rows
 
 

@@ -17,6 +17,7 @@ from dpokit.config.flags import Verb, add_config_arguments
 def _on_config(verb: Verb):
     """A verb with flags runs on the Config its command line makes (CONFIG, then the flags, then key=value), after the
     input gateway has checked every file that config names, however it was given."""
+
     def run(args) -> int:
         from dpokit.config.flags import config_from_args, resolved_args
         from dpokit.inputs.catalog import check_cli_inputs
@@ -24,6 +25,7 @@ def _on_config(verb: Verb):
         cfg = config_from_args(args, verb.flags)
         check_cli_inputs(verb.name, resolved_args(cfg, verb.flags))
         return verb.run(cfg)
+
     return run
 
 
@@ -35,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb in verbs():
-        p = subparsers.add_parser(verb.name, help=verb.help, description=verb.description,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = subparsers.add_parser(
+            verb.name,
+            help=verb.help,
+            description=verb.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if verb.flags:
             add_config_arguments(p, verb.flags)
         if verb.arguments:

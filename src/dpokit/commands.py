@@ -88,7 +88,6 @@ what is missing is listed in its notes. docs/report.md explains every chart.
 """
 
 
-
 def _finished(result, keys: list[str]) -> int:
     """Print a run's final metrics; exit status 1 when it stopped on non-finite values (no final model), else 0."""
     shown = "  ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if isinstance(result.metrics.get(k), float))
@@ -96,7 +95,10 @@ def _finished(result, keys: list[str]) -> int:
         print(f"[dpokit] final: {shown}")
         print(f"[dpokit] run directory: {result.run_dir}")
     if result.stop_reason == "non_finite":
-        print("dpokit: error: the run stopped on non-finite losses or gradients; no final model was saved (see above)", file=sys.stderr)
+        print(
+            "dpokit: error: the run stopped on non-finite losses or gradients; no final model was saved (see above)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -106,8 +108,18 @@ def _cmd_train(args) -> int:
 
     result = train(resolve_config_path(args.config), args.overrides)
     # train() has written report.html (dpokit.report.write_report)
-    return _finished(result, ["loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "eval_loss", "eval_rewards/accuracies",
-                              "eval_kl/chosen"])
+    return _finished(
+        result,
+        [
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "kl/chosen",
+            "eval_loss",
+            "eval_rewards/accuracies",
+            "eval_kl/chosen",
+        ],
+    )
 
 
 PRECOMPUTE_HELP = """\
@@ -189,7 +201,9 @@ def _cmd_config(args) -> int:
         from dpokit.config.translate import translate
 
         if args.config or args.overrides:
-            raise ConfigError("--from FILE takes no CONFIG or key=value: translate first, then `dpokit config OUT key=value`")
+            raise ConfigError(
+                "--from FILE takes no CONFIG or key=value: translate first, then `dpokit config OUT key=value`"
+            )
         translation = translate(read_config_mapping(args.from_file), args.from_file)
         print(translation.to_yaml(), end="")
         try:  # printed either way, so what does not load yet can be edited
@@ -206,7 +220,9 @@ def _cmd_doctor(args) -> int:
     from dpokit.doctor import format_report, run_doctor
 
     config = resolve_config_path(args.config) if args.config else None
-    report = run_doctor(args.data, model=args.model, config_path=config, overrides=args.overrides, sample_size=args.sample)
+    report = run_doctor(
+        args.data, model=args.model, config_path=config, overrides=args.overrides, sample_size=args.sample
+    )
     print(report.to_json() if args.json else format_report(report))
     return 1 if report.verdict == "fail" else 0
 
@@ -220,15 +236,19 @@ it does not fit.
 
 def _config_positionals(config_help: str, overrides_help: str = "config overrides"):
     """CONFIG key=value...: the arguments of the verbs that read a training config."""
+
     def add(p) -> None:
         p.add_argument("config", metavar="CONFIG", help=config_help)
         p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
     return add
 
 
 def _plan_arguments(p) -> None:
     _config_positionals("YAML file or shipped config name", "config overrides, as for train")(p)
-    p.add_argument("--gpus", type=int, default=1, metavar="N", help="GPUs; N > 1 assumes FSDP/ZeRO-3 sharding (default: 1)")
+    p.add_argument(
+        "--gpus", type=int, default=1, metavar="N", help="GPUs; N > 1 assumes FSDP/ZeRO-3 sharding (default: 1)"
+    )
     p.add_argument("--gpu-memory", metavar="SIZE", help="memory per GPU, e.g. 80GB or 24GiB")
 
 
@@ -240,15 +260,30 @@ def _demo_arguments(p) -> None:
 def _config_arguments(p) -> None:
     p.add_argument("config", nargs="?", metavar="CONFIG", help="YAML file or shipped config name")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--from", dest="from_file", metavar="FILE",
-                   help="translate an Axolotl DPO YAML or TRL DPOConfig arguments (YAML/JSON) into a dpokit YAML on stdout")
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="translate an Axolotl DPO YAML or TRL DPOConfig arguments (YAML/JSON) into a dpokit YAML on stdout",
+    )
 
 
 def _doctor_arguments(p) -> None:
-    p.add_argument("data", metavar="DATA", help="preference file, saved dataset folder or hub id (anything data.path accepts)")
-    p.add_argument("--model", help="model folder or hub id for the token and reference checks (default: the config's model.name_or_path)")
+    p.add_argument(
+        "data", metavar="DATA", help="preference file, saved dataset folder or hub id (anything data.path accepts)"
+    )
+    p.add_argument(
+        "--model",
+        help="model folder or hub id for the token and reference checks (default: the config's model.name_or_path)",
+    )
     p.add_argument("--config", help="YAML file or shipped config name whose data.* settings apply")
-    p.add_argument("--sample", type=int, default=256, metavar="N", help="pairs scored by the reference model (default: 256; 0: do not load it)")
+    p.add_argument(
+        "--sample",
+        type=int,
+        default=256,
+        metavar="N",
+        help="pairs scored by the reference model (default: 256; 0: do not load it)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.max_length=2048")
 
@@ -263,17 +298,53 @@ def verbs() -> tuple[Verb, ...]:
     from dpokit.online import evaluation, pairing, pipeline, sampling, scoring  # lazy: only when the parser is built
 
     return (
-        Verb("train", "train on preference pairs", TRAIN_HELP, _cmd_train,
-             _config_positionals("YAML file or shipped config name (demo)")),
-        Verb("sft", "supervised fine-tuning (completion-only loss)", SFT_HELP, _cmd_sft,
-             _config_positionals("YAML file or shipped config name")),
-        Verb("precompute", "cache the reference log-probs of a training config", PRECOMPUTE_HELP, _cmd_precompute,
-             _config_positionals("YAML file or shipped config name (the one you will train with)", "config overrides, as for train")),
-        Verb("plan", "predict peak GPU memory of a training config, part by part", PLAN_HELP, _cmd_plan, _plan_arguments),
-        sampling.VERB, scoring.VERB, pairing.VERB, pipeline.VERB, evaluation.VERB,
+        Verb(
+            "train",
+            "train on preference pairs",
+            TRAIN_HELP,
+            _cmd_train,
+            _config_positionals("YAML file or shipped config name (demo)"),
+        ),
+        Verb(
+            "sft",
+            "supervised fine-tuning (completion-only loss)",
+            SFT_HELP,
+            _cmd_sft,
+            _config_positionals("YAML file or shipped config name"),
+        ),
+        Verb(
+            "precompute",
+            "cache the reference log-probs of a training config",
+            PRECOMPUTE_HELP,
+            _cmd_precompute,
+            _config_positionals(
+                "YAML file or shipped config name (the one you will train with)", "config overrides, as for train"
+            ),
+        ),
+        Verb(
+            "plan", "predict peak GPU memory of a training config, part by part", PLAN_HELP, _cmd_plan, _plan_arguments
+        ),
+        sampling.VERB,
+        scoring.VERB,
+        pairing.VERB,
+        pipeline.VERB,
+        evaluation.VERB,
         Verb("demo", "offline end-to-end demo with a before/after table", DEMO_HELP, _cmd_demo, _demo_arguments),
-        Verb("config", "print the resolved config (every key with its value)",
-             "Print the resolved config: defaults, then CONFIG, then key=value overrides.", _cmd_config, _config_arguments),
-        Verb("doctor", "check preference data (and a model) before training", DOCTOR_HELP, _cmd_doctor, _doctor_arguments),
-        Verb("report", "write a run's HTML report (curves, diagnoses, data, config)", REPORT_HELP, _cmd_report, _report_arguments),
+        Verb(
+            "config",
+            "print the resolved config (every key with its value)",
+            "Print the resolved config: defaults, then CONFIG, then key=value overrides.",
+            _cmd_config,
+            _config_arguments,
+        ),
+        Verb(
+            "doctor", "check preference data (and a model) before training", DOCTOR_HELP, _cmd_doctor, _doctor_arguments
+        ),
+        Verb(
+            "report",
+            "write a run's HTML report (curves, diagnoses, data, config)",
+            REPORT_HELP,
+            _cmd_report,
+            _report_arguments,
+        ),
     )

@@ -83,7 +83,10 @@ class FailureDetectors:
         self.oscillation_window = max(4, c.oscillation_window)
         self.oscillation_sign_share, self.oscillation_amplitude = c.oscillation_sign_share, c.oscillation_amplitude
         self.eval_rise_count, self.early_stop_patience = max(1, c.eval_rise_count), c.early_stop_patience
-        self.forgetting_nll_delta, self.forgetting_nll_delta_fraction = c.forgetting_nll_delta, c.forgetting_nll_delta_fraction
+        self.forgetting_nll_delta, self.forgetting_nll_delta_fraction = (
+            c.forgetting_nll_delta,
+            c.forgetting_nll_delta_fraction,
+        )
         self.records_seen = 0
         self.fired: list[Diagnosis] = []  # every diagnosis returned so far, in order
         self._active: dict[str, int] = {}  # condition key -> level it last fired at
@@ -142,7 +145,11 @@ class FailureDetectors:
         if not bad:
             return {"non_finite": None}
         losses = self._series.get("loss", [])
-        last_good = f" (last finite loss {losses[-1]:.4f}, record {self.records_seen})" if losses else f" (record {self.records_seen})"
+        last_good = (
+            f" (last finite loss {losses[-1]:.4f}, record {self.records_seen})"
+            if losses
+            else f" (record {self.records_seen})"
+        )
         evidence = f"{', '.join(bad)}{last_good}: a non-finite loss or gradient norm; further steps only spread it through the weights"
         return {"non_finite": (1, Diagnosis("non_finite", step, evidence, MITIGATIONS["non_finite"], "stop"))}
 
@@ -162,7 +169,9 @@ class FailureDetectors:
             return {"likelihood_displacement": None}
         rejected = self._series.get("logps/rejected", [])
         rejected_text = (
-            f", logps/rejected from {_mean(rejected[:n]):.1f} to {_mean(rejected[-n:]):.1f}" if len(rejected) >= 2 * n else ""
+            f", logps/rejected from {_mean(rejected[:n]):.1f} to {_mean(rejected[-n:]):.1f}"
+            if len(rejected) >= 2 * n
+            else ""
         )
         evidence = (
             f"logps/chosen fell from {chosen_start:.1f} to {chosen_now:.1f} nats ({chosen_now - chosen_start:+.1f}; "
@@ -187,13 +196,31 @@ class FailureDetectors:
             grown, shrunk = ratio > self.length_growth, ratio < self.length_shrink
             evidence = f"{key} went from {first:.1f} to {length:.1f} ({ratio:.2f}x its first value)"
             findings[f"length_drift/{key}/grown"] = (
-                (1, Diagnosis("length_drift", step, evidence + ": responses are getting longer (length hacking)",
-                              MITIGATIONS["length_hacking"])) if grown else None
+                (
+                    1,
+                    Diagnosis(
+                        "length_drift",
+                        step,
+                        evidence + ": responses are getting longer (length hacking)",
+                        MITIGATIONS["length_hacking"],
+                    ),
+                )
+                if grown
+                else None
             )
             findings[f"length_drift/{key}/shrunk"] = (
-                (1, Diagnosis("length_drift", step, evidence + ": responses are getting shorter (truncated answers "
-                              "are a symptom of catastrophic forgetting)", MITIGATIONS["catastrophic_forgetting"]))
-                if shrunk else None
+                (
+                    1,
+                    Diagnosis(
+                        "length_drift",
+                        step,
+                        evidence + ": responses are getting shorter (truncated answers "
+                        "are a symptom of catastrophic forgetting)",
+                        MITIGATIONS["catastrophic_forgetting"],
+                    ),
+                )
+                if shrunk
+                else None
             )
         return findings
 
@@ -232,7 +259,9 @@ class FailureDetectors:
             f"no plateau) while eval_loss rose ({eval_losses[-2]:.4f} -> {eval_losses[-1]:.4f}): the implicit reward "
             "keeps increasing but held-out pairs get worse (reward over-optimisation)"
         )
-        return {"over_optimisation": (1, Diagnosis("over_optimisation", step, evidence, MITIGATIONS["over_optimisation"]))}
+        return {
+            "over_optimisation": (1, Diagnosis("over_optimisation", step, evidence, MITIGATIONS["over_optimisation"]))
+        }
 
     # --- (d) not learning: accuracy stuck near chance, or an oscillating loss --------------------
 
@@ -262,7 +291,9 @@ class FailureDetectors:
         flip_share = flips / (len(diffs) - 1)
         amplitude = _mean([abs(d) for d in diffs])
         third = len(losses) // 3
-        progress = _mean(losses[:third]) - _mean(losses[-third:])  # a falling loss may be noisy; only a stalled one counts
+        progress = _mean(losses[:third]) - _mean(
+            losses[-third:]
+        )  # a falling loss may be noisy; only a stalled one counts
         if flip_share < self.oscillation_sign_share or amplitude < self.oscillation_amplitude or progress > amplitude:
             return {"oscillating_loss": None}
         evidence = (
@@ -288,10 +319,17 @@ class FailureDetectors:
         patience = self.early_stop_patience
         if patience is not None and rises > patience:
             evidence = f"eval_loss rose at {rises} consecutive evaluations ({recent}), more than early_stop_patience={patience}: stop here"
-            return {"eval_loss_rising": (2, Diagnosis("eval_loss_rising", step, evidence, MITIGATIONS["over_optimisation"], "stop"))}
+            return {
+                "eval_loss_rising": (
+                    2,
+                    Diagnosis("eval_loss_rising", step, evidence, MITIGATIONS["over_optimisation"], "stop"),
+                )
+            }
         hint = f"; training stops after more than {patience}" if patience is not None else ""
         evidence = f"eval_loss rose at {rises} consecutive evaluations ({recent}){hint}"
-        return {"eval_loss_rising": (1, Diagnosis("eval_loss_rising", step, evidence, MITIGATIONS["over_optimisation"]))}
+        return {
+            "eval_loss_rising": (1, Diagnosis("eval_loss_rising", step, evidence, MITIGATIONS["over_optimisation"]))
+        }
 
     # --- (g) forgetting: the retention set's NLL rises above the reference's ------------------------
 

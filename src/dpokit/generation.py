@@ -51,7 +51,7 @@ def _decode_completion(tokenizer, prompt_ids: list[int], completion_ids: list[in
     full = tokenizer.decode(prompt_ids + completion_ids, skip_special_tokens=True)
     prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     if full.startswith(prompt):
-        return full[len(prompt):]
+        return full[len(prompt) :]
     return tokenizer.decode(completion_ids, skip_special_tokens=True)
 
 

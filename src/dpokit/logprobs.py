@@ -107,7 +107,9 @@ def token_kl(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torc
 
 
 @torch.no_grad()
-def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int, batch_size: int = 16) -> torch.Tensor:
+def completion_logps(
+    model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int, batch_size: int = 16
+) -> torch.Tensor:
     """Summed log-prob of each completion given its prompt, for evaluation (no gradients).
 
     prompt_ids, completion_ids: token id lists of equal count. returns (N,) float32 on CPU.
@@ -188,7 +190,11 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_stats, _grad_sq):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         dtype, chunk_size = ctx.dtype, ctx.chunk_size
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        need_h, need_w, need_b = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2],
+        )
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -210,12 +216,26 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
                     grad_w.addmm_(d.t(), h.to(acc))
                 if need_b:
                     grad_b += d.sum(0)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype),
-                None, None, None, None)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                        chunk_size: int = 0, want_stats: bool = False, want_sq: bool = False):
+def chunked_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_size: int = 0,
+    want_stats: bool = False,
+    want_sq: bool = False,
+):
     """Per-token log-probs of `targets` under the LM head (weight, bias) applied to `hidden`.
 
     hidden (M, H) are the final (normed) hidden states of the positions that predict each

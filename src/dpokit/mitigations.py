@@ -40,7 +40,8 @@ MITIGATIONS["likelihood_displacement"] = (
 )
 MITIGATIONS["stuck_accuracy"] = (
     "Check the data first: `dpokit doctor DATA --model M` flags identical and contradictory pairs and pairs the "
-    "reference already prefers the wrong way. If the labels are noisy: " + MITIGATIONS["label_noise"]
+    "reference already prefers the wrong way. If the labels are noisy: "
+    + MITIGATIONS["label_noise"]
     + " If the data is clean, the learning rate may be too low to move the policy (raise optim.lr)."
 )
 MITIGATIONS["forgetting"] = (

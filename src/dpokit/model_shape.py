@@ -43,16 +43,28 @@ class ModelShape:
         """
         h, q, kv, i, n = self.hidden, self.q_dim, self.kv_dim, self.intermediate, self.layers
         dense = n - self.moe_layers
-        out = [("q_proj", h, q, n, True), ("k_proj", h, kv, n, True), ("v_proj", h, kv, n, True), ("o_proj", q, h, n, True)]
-        mlp = [("gate_proj", h, i, dense, True), ("up_proj", h, i, dense, True), ("down_proj", i, h, dense, True)] if self.gated \
+        out = [
+            ("q_proj", h, q, n, True),
+            ("k_proj", h, kv, n, True),
+            ("v_proj", h, kv, n, True),
+            ("o_proj", q, h, n, True),
+        ]
+        mlp = (
+            [("gate_proj", h, i, dense, True), ("up_proj", h, i, dense, True), ("down_proj", i, h, dense, True)]
+            if self.gated
             else [("fc1", h, i, dense, True), ("fc2", i, h, dense, True)]
+        )
         out += [m for m in mlp if m[3]]
         if self.moe_layers:
             e, s, m = self.expert_intermediate, self.shared_intermediate, self.moe_layers
             out += [("gate_up_proj", h, 2 * e, m * self.experts, False), ("down_proj", e, h, m * self.experts, False)]
             if s:
-                out += [("gate_proj", h, s, m, True), ("up_proj", h, s, m, True), ("down_proj", s, h, m, True),
-                        ("shared_expert_gate", h, 1, m, True)]
+                out += [
+                    ("gate_proj", h, s, m, True),
+                    ("up_proj", h, s, m, True),
+                    ("down_proj", s, h, m, True),
+                    ("shared_expert_gate", h, 1, m, True),
+                ]
         return out
 
     @property
@@ -60,7 +72,9 @@ class ModelShape:
         """Parameters of the decoder layers' linear modules (what NF4 quantises)."""
         return sum(a * b * c for _, a, b, c, linear in self.matrices if linear)
 
-    layer_linear_params = property(lambda self: self.linear_params // self.layers)  # per layer (an MoE model's: the mean)
+    layer_linear_params = property(
+        lambda self: self.linear_params // self.layers
+    )  # per layer (an MoE model's: the mean)
 
     @property
     def embedding_params(self) -> int:
@@ -86,7 +100,11 @@ class ModelShape:
         dense = (4 if self.gated else 2) * self.intermediate
         if not self.moe_layers:
             return dense
-        moe = self.experts_per_token * (4 * self.expert_intermediate + self.hidden) + 4 * self.shared_intermediate + 2 * self.experts
+        moe = (
+            self.experts_per_token * (4 * self.expert_intermediate + self.hidden)
+            + 4 * self.shared_intermediate
+            + 2 * self.experts
+        )
         return (dense * (self.layers - self.moe_layers) + moe * self.moe_layers) / self.layers
 
 
@@ -106,9 +124,13 @@ def _moe_fields(config: dict, layers: int) -> dict:
         return {}
     step, dense_only = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
     moe_layers = sum(1 for i in range(layers) if i not in dense_only and (i + 1) % step == 0)
-    return {"experts": experts, "experts_per_token": _first(config, "num_experts_per_tok"), "moe_layers": moe_layers,
-            "expert_intermediate": _first(config, "moe_intermediate_size", "intermediate_size"),
-            "shared_intermediate": config.get("shared_expert_intermediate_size") or 0}
+    return {
+        "experts": experts,
+        "experts_per_token": _first(config, "num_experts_per_tok"),
+        "moe_layers": moe_layers,
+        "expert_intermediate": _first(config, "moe_intermediate_size", "intermediate_size"),
+        "shared_intermediate": config.get("shared_expert_intermediate_size") or 0,
+    }
 
 
 def model_shape(config: dict) -> ModelShape:
@@ -127,8 +149,15 @@ def model_shape(config: dict) -> ModelShape:
     if model_type in ("qwen3", "qwen3_moe"):  # RMSNorm of each query and key head
         extra += 2 * head_dim
     return ModelShape(
-        vocab=_first(config, "vocab_size"), hidden=hidden, layers=layers,
+        vocab=_first(config, "vocab_size"),
+        hidden=hidden,
+        layers=layers,
         intermediate=_first(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden) or 4 * hidden,
-        heads=heads, kv_heads=kv_heads, tied=bool(config.get("tie_word_embeddings", True)), gated=gated,
-        head_dim=head_dim, extra_per_layer=extra, **_moe_fields(config, layers),
+        heads=heads,
+        kv_heads=kv_heads,
+        tied=bool(config.get("tie_word_embeddings", True)),
+        gated=gated,
+        head_dim=head_dim,
+        extra_per_layer=extra,
+        **_moe_fields(config, layers),
     )

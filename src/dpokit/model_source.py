@@ -21,7 +21,13 @@ class ModelLoadError(RuntimeError):
     """The model or tokenizer could not be loaded; the message says which and why."""
 
 
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "tf_model.h5", "flax_model.msgpack")
+PICKLE_WEIGHTS = (
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model.ckpt",
+    "tf_model.h5",
+    "flax_model.msgpack",
+)
 CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
@@ -32,7 +38,14 @@ def model_settings(cfg: Config | ModelConfig) -> ModelConfig:
 
 # What a Hugging Face model folder (save_pretrained) holds; a PEFT adapter folder has adapter_config.json instead.
 MODEL_CONFIGS = ("config.json", "adapter_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -78,15 +91,19 @@ def check_model_source(cfg: Config | ModelConfig, needs: tuple[str, ...] = (), o
     if not os.path.isdir(path):
         if _looks_like_path(model.name_or_path):
             what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-            raise ModelLoadError(f"model.name_or_path={model.name_or_path!r} {what}: dpokit expected a Hugging Face "
-                                 "model folder (config.json, *.safetensors weights, tokenizer files, as save_pretrained "
-                                 "writes them) or a hub id such as Qwen/Qwen2.5-0.5B-Instruct")
+            raise ModelLoadError(
+                f"model.name_or_path={model.name_or_path!r} {what}: dpokit expected a Hugging Face "
+                "model folder (config.json, *.safetensors weights, tokenizer files, as save_pretrained "
+                "writes them) or a hub id such as Qwen/Qwen2.5-0.5B-Instruct"
+            )
         return  # a hub id: transformers itself refuses remote code, and use_safetensors refuses pickle
     missing = _missing_parts(path, needs)
     if missing:
-        raise ModelLoadError(f"model.name_or_path={model.name_or_path!r} is a folder without {', '.join(missing)}: dpokit "
-                             "expected a Hugging Face model folder as save_pretrained writes it (config.json, *.safetensors "
-                             "weights, tokenizer files)")
+        raise ModelLoadError(
+            f"model.name_or_path={model.name_or_path!r} is a folder without {', '.join(missing)}: dpokit "
+            "expected a Hugging Face model folder as save_pretrained writes it (config.json, *.safetensors "
+            "weights, tokenizer files)"
+        )
     if not model.trust_remote_code:
         for name in CODE_FILES:
             auto_map = _read_json(os.path.join(path, name)).get("auto_map")

@@ -44,7 +44,9 @@ def _load_error(what: str, cfg: Config | ModelConfig, error: Exception, opt_in: 
             f"({type(error).__name__}: {text}); if it only has pickle-based weights (pytorch_model.bin) and you trust "
             f"them, set {opt_in.allow_pickle}"
         )
-    return ModelLoadError(f"could not load {what} at model.name_or_path={model.name_or_path!r}: {type(error).__name__}: {text}")
+    return ModelLoadError(
+        f"could not load {what} at model.name_or_path={model.name_or_path!r}: {type(error).__name__}: {text}"
+    )
 
 
 def load_tokenizer(cfg: Config | ModelConfig, opt_in: OptIn = TRAIN_OPT_IN):
@@ -53,7 +55,9 @@ def load_tokenizer(cfg: Config | ModelConfig, opt_in: OptIn = TRAIN_OPT_IN):
     model = model_settings(cfg)
     check_model_source(model, needs=("tokenizer",), opt_in=opt_in)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
     except Exception as e:  # any failure to read a user's model folder is a user-facing error, not a traceback
         raise _load_error("the tokenizer", model, e, opt_in) from None
     if tokenizer.pad_token is None:
@@ -71,12 +75,16 @@ def load_processor(cfg: Config | ModelConfig, opt_in: OptIn = TRAIN_OPT_IN):
     model = model_settings(cfg)
     check_model_source(model, needs=("tokenizer",), opt_in=opt_in)
     try:
-        processor = AutoProcessor.from_pretrained(model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
     except Exception as e:  # a user-facing error, not a traceback
         raise _load_error("the processor", model, e, opt_in) from None
     if getattr(processor, "image_token", None) is None or not hasattr(processor, "image_processor"):
-        raise ModelLoadError(f"data.vision=true needs a vision-language processor (an image processor and an image token); "
-                             f"model.name_or_path={model.name_or_path!r} loads a {type(processor).__name__}")
+        raise ModelLoadError(
+            f"data.vision=true needs a vision-language processor (an image processor and an image token); "
+            f"model.name_or_path={model.name_or_path!r} loads a {type(processor).__name__}"
+        )
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return processor
@@ -141,10 +149,12 @@ def check_cpu_4bit_widths(model) -> None:
         if state is None or not hasattr(module, "in_features"):
             continue
         if module.in_features % state.blocksize or module.out_features % 32:
-            raise ModelLoadError(f"model.quantization=nf4 on this CPU (AVX-512 bf16): bitsandbytes' kernel needs 4-bit layer "
-                                 f"widths in multiples of {state.blocksize} (inputs) and 32 (outputs), and {name} has "
-                                 f"in_features={module.in_features}, out_features={module.out_features}; "
-                                 "use model.quantization=none, or a GPU")
+            raise ModelLoadError(
+                f"model.quantization=nf4 on this CPU (AVX-512 bf16): bitsandbytes' kernel needs 4-bit layer "
+                f"widths in multiples of {state.blocksize} (inputs) and 32 (outputs), and {name} has "
+                f"in_features={module.in_features}, out_features={module.out_features}; "
+                "use model.quantization=none, or a GPU"
+            )
 
 
 def quantization_config(cfg: Config | ModelConfig):
@@ -159,13 +169,16 @@ def quantization_config(cfg: Config | ModelConfig):
     try:
         import bitsandbytes  # noqa: F401 - only to know it is there
     except ImportError:
-        raise ModelLoadError("model.quantization=nf4 needs bitsandbytes: pip install 'dpokit[quantization]' "
-                             "(or set model.quantization=none)") from None
+        raise ModelLoadError(
+            "model.quantization=nf4 needs bitsandbytes: pip install 'dpokit[quantization]' "
+            "(or set model.quantization=none)"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     compute = DTYPES[model.dtype] if model.dtype != "auto" else torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
 
 
 def load_policy(cfg: Config):
@@ -231,8 +244,10 @@ def apply_lora(model, cfg: Config):
         targets = language_model_linears(model)
     targets, parameters = expert_parameter_targets(model, targets)
     if parameters and cfg.lora.dropout:
-        raise ConfigError(f"lora.target_modules names the experts' weights ({', '.join(parameters)}), which peft adapts only "
-                          f"without dropout: set lora.dropout=0 (got {cfg.lora.dropout})")
+        raise ConfigError(
+            f"lora.target_modules names the experts' weights ({', '.join(parameters)}), which peft adapts only "
+            f"without dropout: set lora.dropout=0 (got {cfg.lora.dropout})"
+        )
     peft_config = PeftLoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -270,9 +285,14 @@ def expert_parameter_targets(model, targets):
 def language_model_linears(model) -> list[str]:
     """The language model's linear layers of a vision-language model (lora.target_modules=all-linear with data.vision):
     the vision tower, the projector and the LM head keep their weights."""
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and ".language_model." in f".{name}."]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".language_model." in f".{name}."
+    ]
     if not names:
-        raise ModelLoadError("lora.target_modules=all-linear with data.vision=true adapts the language model's linear layers, "
-                             f"and {type(model).__name__} has no `language_model` module; name lora.target_modules explicitly")
+        raise ModelLoadError(
+            "lora.target_modules=all-linear with data.vision=true adapts the language model's linear layers, "
+            f"and {type(model).__name__} has no `language_model` module; name lora.target_modules explicitly"
+        )
     return names

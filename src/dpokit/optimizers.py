@@ -1,11 +1,11 @@
 """The optimizer named by optim.name, over the parameter groups training/ builds.
 
-    adamw       torch.optim.AdamW: two moments per trainable parameter in its dtype (8 bytes in float32),
-                with the fused kernel (optim.fused, the default; HF Trainer's adamw_torch_fused) or for-each
-    adamw_8bit  bitsandbytes' AdamW8bit (Dettmers et al. 2022, *8-bit Optimizers via Block-wise
-                Quantization*, arXiv 2110.02861): both moments block-wise quantized to 8 bits
-                (2 bytes per parameter plus one float32 scale per 256-value block); tensors under
-                4096 values keep float32 state, as bitsandbytes does by default
+adamw       torch.optim.AdamW: two moments per trainable parameter in its dtype (8 bytes in float32),
+            with the fused kernel (optim.fused, the default; HF Trainer's adamw_torch_fused) or for-each
+adamw_8bit  bitsandbytes' AdamW8bit (Dettmers et al. 2022, *8-bit Optimizers via Block-wise
+            Quantization*, arXiv 2110.02861): both moments block-wise quantized to 8 bits
+            (2 bytes per parameter plus one float32 scale per 256-value block); tensors under
+            4096 values keep float32 state, as bitsandbytes does by default
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def build_optimizer(cfg: Config, param_groups: list[dict], sharded: bool = False
     kwargs = {"lr": o.lr, "betas": (o.adam_beta1, o.adam_beta2), "eps": o.adam_eps, "weight_decay": o.weight_decay}
     if o.name == "adamw":
         params = [p for group in param_groups for p in group["params"]]
-        return torch.optim.AdamW(param_groups, **kwargs, fused=True if o.fused and not sharded and fusable(params) else None)
+        return torch.optim.AdamW(
+            param_groups, **kwargs, fused=True if o.fused and not sharded and fusable(params) else None
+        )
     if o.name == "adamw_8bit":
         return _bitsandbytes().optim.AdamW8bit(param_groups, **kwargs)
     raise ConfigError(f"config key 'optim.name' must be one of {', '.join(OPTIMIZERS)}; got {o.name!r}")
@@ -57,6 +59,7 @@ def _bitsandbytes():
     try:
         import bitsandbytes
     except ImportError:
-        raise ConfigError("optim.name=adamw_8bit needs bitsandbytes: pip install 'dpokit[quantization]' "
-                          "(or set optim.name=adamw)") from None
+        raise ConfigError(
+            "optim.name=adamw_8bit needs bitsandbytes: pip install 'dpokit[quantization]' (or set optim.name=adamw)"
+        ) from None
     return bitsandbytes

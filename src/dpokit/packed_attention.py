@@ -94,7 +94,9 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
-def segment_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, dpokit_units=None, **kwargs):
+def segment_sdpa_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, dpokit_units=None, **kwargs
+):
     """transformers attention function: SDPA per unit when `dpokit_units` is given, else plain sdpa.
 
     query (R, Hq, L, D); key, value (R, Hkv, L, D); dpokit_units: tuple of (row, start, prompt, first, second).
@@ -118,9 +120,11 @@ def _plain_sdpa(module, query, key, value, attention_mask, dropout, scaling, **k
     """transformers' sdpa_attention_forward, after refusing dpokit's placeholder mask that arrived without its units."""
     placeholder = attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-2:] == (1, 1)
     if placeholder and query.shape[2] > 1:
-        raise RuntimeError(f"{type(module).__name__} did not pass dpokit's packed-attention arguments to its attention "
-                           "function; run it on the plain step: speed.packing=false speed.prefix_sharing=false "
-                           "speed.chunked_logps=false speed.ref_cache=false")
+        raise RuntimeError(
+            f"{type(module).__name__} did not pass dpokit's packed-attention arguments to its attention "
+            "function; run it on the plain step: speed.packing=false speed.prefix_sharing=false "
+            "speed.chunked_logps=false speed.ref_cache=false"
+        )
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -163,8 +167,11 @@ def _row_attention(q, k, v, units, dropout, scaling) -> torch.Tensor:
             branch = (qs[i], ks[i], vs[i], ks[i - 1][:, :p], vs[i - 1][:, :p])
             pieces.append(rejected_branch_sdpa(*(t[None] for t in branch), dropout, scaling)[0])
         else:
-            pieces.append(F.scaled_dot_product_attention(qs[i][None], ks[i][None], vs[i][None], dropout_p=dropout,
-                                                         is_causal=True, scale=scaling)[0])
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    qs[i][None], ks[i][None], vs[i][None], dropout_p=dropout, is_causal=True, scale=scaling
+                )[0]
+            )
     return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
 
 
@@ -187,7 +194,9 @@ def flex_block_mask(segment_ids: torch.Tensor, branch: torch.Tensor):
     seg, br = segment_ids, branch.long()
 
     def mask_mod(b, h, q, k):
-        return ((seg[b, q] == seg[b, k]) & (seg[b, q] >= 0) & (k <= q) & ((br[b, k] == 0) | (br[b, k] == br[b, q]))) | (q == k)
+        return ((seg[b, q] == seg[b, k]) & (seg[b, q] >= 0) & (k <= q) & ((br[b, k] == 0) | (br[b, k] == br[b, q]))) | (
+            q == k
+        )
 
     n, width = seg.shape
     return create_block_mask(mask_mod, B=n, H=None, Q_LEN=width, KV_LEN=width, device=seg.device)
@@ -224,8 +233,9 @@ def fast_attention(attention: str, attn_implementation: str | None, dtype: torch
     cuda, flash_attn = torch.cuda.is_available(), flash_attn_importable()
     choice = auto_attention(cuda, flash_attn, dtype) if attention == "auto" else attention
     if choice == "flash" and not (cuda and flash_attn):
-        raise ValueError("speed.attention=flash needs a CUDA device and the flash-attn package; "
-                         "use speed.attention=sdpa (or auto)")
+        raise ValueError(
+            "speed.attention=flash needs a CUDA device and the flash-attn package; use speed.attention=sdpa (or auto)"
+        )
     return IMPLEMENTATIONS[choice]
 
 
@@ -236,8 +246,10 @@ def flex_on_cpu_problem(attention: str, attn_implementation: str | None, cuda: b
     if cuda or not asked:
         return None
     key = "model.attn_implementation=flex_attention" if attn_implementation else "speed.attention=flex"
-    return (f"{key}: FlexAttention has no backward on CPU (torch), so it cannot train here; use sdpa "
-            "(speed.attention=sdpa or auto, model.attn_implementation unset or sdpa), or a GPU")
+    return (
+        f"{key}: FlexAttention has no backward on CPU (torch), so it cannot train here; use sdpa "
+        "(speed.attention=sdpa or auto, model.attn_implementation unset or sdpa), or a GPU"
+    )
 
 
 def is_flash(attn_implementation: str | None) -> bool:
@@ -268,7 +280,11 @@ def attention_inputs(config, batch: dict, dtype: torch.dtype, implementation: st
         if bool((branch != 0).any()):
             raise ValueError(f"prefix sharing needs a mask that {impl} cannot take; set speed.prefix_sharing=false")
         # one row: flat positions (row * L + column) are unchanged, so the scored-token indices stay valid
-        return {"input_ids": input_ids.reshape(1, -1), "position_ids": position_ids.reshape(1, -1), "attention_mask": None}
+        return {
+            "input_ids": input_ids.reshape(1, -1),
+            "position_ids": position_ids.reshape(1, -1),
+            "attention_mask": None,
+        }
     if impl == "sdpa":
         register()
         config._attn_implementation = ATTENTION_NAME
@@ -278,9 +294,18 @@ def attention_inputs(config, batch: dict, dtype: torch.dtype, implementation: st
         # The units say everything; a 4D placeholder (transformers passes 4D masks through untouched) saves
         # building a dense (rows, width, width) mask that segment_sdpa_forward would never read.
         placeholder = torch.ones((input_ids.shape[0], 1, 1, 1), dtype=torch.bool, device=input_ids.device)
-        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": placeholder, "dpokit_units": units}
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": placeholder,
+            "dpokit_units": units,
+        }
     if impl == "flex_attention":
-        return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": flex_block_mask(segment_ids, branch)}
+        return {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "attention_mask": flex_block_mask(segment_ids, branch),
+        }
     mask = allowed(segment_ids, branch)
     additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": additive}

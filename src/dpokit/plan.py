@@ -62,7 +62,9 @@ def read_model_shape(name_or_path: str, revision: Optional[str] = None) -> Model
 
             file = Path(hf_hub_download(name_or_path, "config.json", revision=revision))
         except Exception as e:  # noqa: BLE001 - any failure to find the file is the user's to fix
-            raise ConfigError(f"model.name_or_path={name_or_path!r}: no config.json found ({type(e).__name__}: {e})") from None
+            raise ConfigError(
+                f"model.name_or_path={name_or_path!r}: no config.json found ({type(e).__name__}: {e})"
+            ) from None
     try:
         return model_shape(json.loads(file.read_text()))
     except (OSError, ValueError) as e:
@@ -146,10 +148,21 @@ def _reference_part(cfg: Config, shape: ModelShape, shard: int, moving: bool) ->
     live_reference = needs_reference(cfg.loss) and (moving or (not cfg.lora.enabled and not cfg.speed.ref_cache))
     ref_dtype = cfg.model.ref_dtype or cfg.model.dtype
     ref_bytes = shape.params * DTYPE_BYTES[ref_dtype] / shard if live_reference else 0.0
-    ref_note = ((f"moving reference (loss.ref_sync_steps): {'merged ' if cfg.lora.enabled else ''}live copy in {ref_dtype}"
-                 if moving else "live copy in " + ref_dtype) if live_reference else (
-        "none (reference-free loss)" if not needs_reference(cfg.loss) else
-        "adapters off: no copy" if cfg.lora.enabled else "reference cache on disk: no model"))
+    ref_note = (
+        (
+            f"moving reference (loss.ref_sync_steps): {'merged ' if cfg.lora.enabled else ''}live copy in {ref_dtype}"
+            if moving
+            else "live copy in " + ref_dtype
+        )
+        if live_reference
+        else (
+            "none (reference-free loss)"
+            if not needs_reference(cfg.loss)
+            else "adapters off: no copy"
+            if cfg.lora.enabled
+            else "reference cache on disk: no model"
+        )
+    )
     return Part("reference", ref_bytes, ref_note)
 
 
@@ -181,33 +194,50 @@ def _logits_part(cfg: Config, shape: ModelShape, tokens: int) -> Part:
     return Part("logits", logits, head + " (float32 logits, log-softmax, gradient)")
 
 
-def _step_part(cfg: Config, shape: ModelShape, trainable: int, grad_bytes: int, shard: int,
-               device: str) -> Optional[Part]:
+def _step_part(
+    cfg: Config, shape: ModelShape, trainable: int, grad_bytes: int, shard: int, device: str
+) -> Optional[Part]:
     """The optimizer step's temporaries; None for the fused AdamW and adamw_8bit, which update in place."""
     fused = cfg.optim.fused and shard == 1  # optimizers.build_optimizer: for-each under FSDP / ZeRO-3
     if cfg.optim.name != "adamw" or fused:
         return None  # the fused kernel (and AdamW8bit) update in place: no temporaries
     if device == "cpu":
-        largest = shape.vocab * shape.hidden if not cfg.lora.enabled else max(cfg.lora.r * (a + b) for _, a, b, _, _ in _lora_matrices(cfg, shape))
+        largest = (
+            shape.vocab * shape.hidden
+            if not cfg.lora.enabled
+            else max(cfg.lora.r * (a + b) for _, a, b, _, _ in _lora_matrices(cfg, shape))
+        )
         return Part("step", 2 * largest * 4, "optimizer temporaries of the largest tensor (per-tensor AdamW on CPU)")
     return Part("step", trainable * grad_bytes / shard, "foreach AdamW: a temporary of every trainable parameter")
 
 
-def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optional[float] = None,
-                runtime: float = RUNTIME_BYTES, device: str = "cuda") -> Plan:
+def plan_memory(
+    cfg: Config,
+    shape: ModelShape,
+    gpus: int = 1,
+    gpu_memory: Optional[float] = None,
+    runtime: float = RUNTIME_BYTES,
+    device: str = "cuda",
+) -> Plan:
     """Peak bytes per GPU, part by part (see the module docstring for what each part counts).
 
     device="cpu" predicts a CPU run's growth of resident memory (tests check it against measured peak RSS):
     no runtime allowance is implied by it, and the optimizer step works tensor by tensor.
     """
     trainable = _lora_params(cfg, shape) if cfg.lora.enabled else shape.params
-    grad_bytes = 4 if cfg.lora.enabled else DTYPE_BYTES[cfg.model.dtype]  # peft keeps adapters in float32 under a half-precision base
+    grad_bytes = (
+        4 if cfg.lora.enabled else DTYPE_BYTES[cfg.model.dtype]
+    )  # peft keeps adapters in float32 under a half-precision base
     moving = _moving_reference(cfg)
-    shard = gpus if gpus > 1 and not moving else 1  # FSDP full shard / ZeRO-3; a moving reference: DDP, every GPU holds all
+    shard = (
+        gpus if gpus > 1 and not moving else 1
+    )  # FSDP full shard / ZeRO-3; a moving reference: DDP, every GPU holds all
     parts = [
         _weights_part(cfg, shape, trainable, shard),
         Part("gradients", trainable * grad_bytes / shard, f"{trainable / 1e6:.1f}M trainable"),
-        Part("optimizer", trainable * optimizer_state_bytes_per_param(cfg.optim.name, grad_bytes) / shard, cfg.optim.name),
+        Part(
+            "optimizer", trainable * optimizer_state_bytes_per_param(cfg.optim.name, grad_bytes) / shard, cfg.optim.name
+        ),
         _reference_part(cfg, shape, shard, moving),
     ]
     tokens = cfg.train.batch_size * 2 * cfg.data.max_length  # (2B, T) worst case: both rows fill max_length
@@ -216,7 +246,13 @@ def plan_memory(cfg: Config, shape: ModelShape, gpus: int = 1, gpu_memory: Optio
     parts.append(Part("activations", tokens * (kept + recompute), f"{tokens} tokens, gradient checkpointing {ckpt}"))
     parts.append(_logits_part(cfg, shape, tokens))
     if not cfg.lora.enabled:
-        parts.append(Part("backward", 2 * shape.vocab * shape.hidden * grad_bytes / shard, "embedding and LM-head gradients before accumulation"))
+        parts.append(
+            Part(
+                "backward",
+                2 * shape.vocab * shape.hidden * grad_bytes / shard,
+                "embedding and LM-head gradients before accumulation",
+            )
+        )
     step = _step_part(cfg, shape, trainable, grad_bytes, shard, device)
     if step is not None:
         parts.append(step)
@@ -230,7 +266,9 @@ def suggestions(cfg: Config, shape: ModelShape, plan: Plan) -> list[tuple[str, f
     changes: dict[str, Config] = {}
 
     def change(text: str, **sections):
-        changes[text] = dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+        changes[text] = dataclasses.replace(
+            cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()}
+        )
 
     if not cfg.train.gradient_checkpointing:
         change("train.gradient_checkpointing=true", train={"gradient_checkpointing": True})
@@ -248,11 +286,15 @@ def suggestions(cfg: Config, shape: ModelShape, plan: Plan) -> list[tuple[str, f
     if not cfg.lora.enabled:
         change("lora.enabled=true", lora={"enabled": True})
     if cfg.model.quantization == "none" and not moving:
-        change("lora.enabled=true model.quantization=nf4 (QLoRA)", lora={"enabled": True}, model={"quantization": "nf4"})
+        change(
+            "lora.enabled=true model.quantization=nf4 (QLoRA)", lora={"enabled": True}, model={"quantization": "nf4"}
+        )
     if cfg.train.batch_size > 1:
         half = cfg.train.batch_size // 2
-        change(f"train.batch_size={half} train.grad_accum={cfg.train.grad_accum * cfg.train.batch_size // half}",
-               train={"batch_size": half, "grad_accum": cfg.train.grad_accum * cfg.train.batch_size // half})
+        change(
+            f"train.batch_size={half} train.grad_accum={cfg.train.grad_accum * cfg.train.batch_size // half}",
+            train={"batch_size": half, "grad_accum": cfg.train.grad_accum * cfg.train.batch_size // half},
+        )
     runtime = plan.part("runtime")
     out = []
     for text, changed in changes.items():
@@ -262,7 +304,13 @@ def suggestions(cfg: Config, shape: ModelShape, plan: Plan) -> list[tuple[str, f
     for gpus in (2, 4, 8) if not moving else ():  # a moving reference refuses FSDP/DeepSpeed (training.ref_sync)
         if gpus > plan.gpus:
             after = plan_memory(cfg, shape, gpus, plan.gpu_memory, runtime, plan.device)
-            out.append((f"--gpus {gpus} with FSDP/ZeRO-3 (shards weights, gradients, optimizer)", plan.total - after.total, bool(after.fits)))
+            out.append(
+                (
+                    f"--gpus {gpus} with FSDP/ZeRO-3 (shards weights, gradients, optimizer)",
+                    plan.total - after.total,
+                    bool(after.fits),
+                )
+            )
             break
     return sorted(out, key=lambda s: -s[1])
 
@@ -276,9 +324,15 @@ def parse_size(text: str) -> float:
 
 
 def format_plan(cfg: Config, plan: Plan, tips: list[tuple[str, float, bool]]) -> str:
-    how = "DDP: a moving reference (loss.ref_sync_steps) is not sharded" if _moving_reference(cfg) else "FSDP/ZeRO-3 sharding"
+    how = (
+        "DDP: a moving reference (loss.ref_sync_steps) is not sharded"
+        if _moving_reference(cfg)
+        else "FSDP/ZeRO-3 sharding"
+    )
     per = "per GPU" + (f" ({plan.gpus} GPUs, {how})" if plan.gpus > 1 else "")
-    lines = [f"dpokit plan: {cfg.model.name_or_path}, batch {cfg.train.batch_size} x {cfg.data.max_length} tokens, {per}"]
+    lines = [
+        f"dpokit plan: {cfg.model.name_or_path}, batch {cfg.train.batch_size} x {cfg.data.max_length} tokens, {per}"
+    ]
     for p in plan.parts:
         lines.append(f"  {p.name:<12} {p.bytes / GIB:8.2f} GiB  {p.note}")
     lines.append(f"  {'peak':<12} {plan.total / GIB:8.2f} GiB")
@@ -288,5 +342,7 @@ def format_plan(cfg: Config, plan: Plan, tips: list[tuple[str, float, bool]]) ->
     if tips and plan.fits is not True:
         lines.append("to lower the peak (one change each, biggest saving first):")
         for text, saved, fits in tips:
-            lines.append(f"  {text:<60} -{saved / GIB:.2f} GiB" + ("  (then fits)" if fits and plan.fits is False else ""))
+            lines.append(
+                f"  {text:<60} -{saved / GIB:.2f} GiB" + ("  (then fits)" if fits and plan.fits is False else "")
+            )
     return "\n".join(lines)

@@ -35,9 +35,15 @@ def make_reference(policy, cfg: Config, needs_reference: bool):
     if not needs_reference:
         return None
     if cfg.model.ref_name_or_path:
-        ref_model = dataclasses.replace(cfg.model, name_or_path=cfg.model.ref_name_or_path, dtype=cfg.model.ref_dtype or cfg.model.dtype)
-        ref_cfg = dataclasses.replace(cfg, model=ref_model, lora=dataclasses.replace(cfg.lora, enabled=False),
-                                      train=dataclasses.replace(cfg.train, gradient_checkpointing=False))
+        ref_model = dataclasses.replace(
+            cfg.model, name_or_path=cfg.model.ref_name_or_path, dtype=cfg.model.ref_dtype or cfg.model.dtype
+        )
+        ref_cfg = dataclasses.replace(
+            cfg,
+            model=ref_model,
+            lora=dataclasses.replace(cfg.lora, enabled=False),
+            train=dataclasses.replace(cfg.train, gradient_checkpointing=False),
+        )
         try:
             with loaded_whole():
                 reference = load_policy(ref_cfg)
@@ -135,7 +141,11 @@ def _deepspeed_reference(reference, accelerator):
     zero = config.setdefault("zero_optimization", {})
     hidden = getattr(reference.config, "hidden_size", None)
     if zero.get("stage") == 3 and hidden:
-        zero.update(reduce_bucket_size=hidden * hidden, stage3_param_persistence_threshold=10 * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden))
+        zero.update(
+            reduce_bucket_size=hidden * hidden,
+            stage3_param_persistence_threshold=10 * hidden,
+            stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+        )
     elif zero.get("stage") != 3:
         zero["stage"] = 0  # inference needs no optimizer-state partitioning
     config.pop("optimizer", None)

@@ -20,8 +20,16 @@ from typing import Callable
 from dpokit.inputs import InputError, read_text
 from dpokit.inputs.catalog import INPUTS, Input
 
-SUFFIX = {"config": ".yaml", "data": ".jsonl", "whole_data": ".json", "samples": ".jsonl", "suite": ".jsonl",
-          "module": ".py", "image": ".png", "run": ".jsonl"}
+SUFFIX = {
+    "config": ".yaml",
+    "data": ".jsonl",
+    "whole_data": ".json",
+    "samples": ".jsonl",
+    "suite": ".jsonl",
+    "module": ".py",
+    "image": ".png",
+    "run": ".jsonl",
+}
 
 
 def _make_cases(folder: Path, suffix: str) -> dict[str, Path]:
@@ -40,11 +48,24 @@ def _make_cases(folder: Path, suffix: str) -> dict[str, Path]:
     os.chmod(locked, 0)
     outside = folder / f"outside{suffix}"
     outside.write_text("{}\n")
-    return {"device": Path("/dev/zero"), "FIFO": fifo, "symlink to a device": link, "10 GB sparse file": sparse,
-            "unreadable file": locked, "path outside the data folder": Path("../") / outside.name}
+    return {
+        "device": Path("/dev/zero"),
+        "FIFO": fifo,
+        "symlink to a device": link,
+        "10 GB sparse file": sparse,
+        "unreadable file": locked,
+        "path outside the data folder": Path("../") / outside.name,
+    }
 
 
-CASES = ("device", "FIFO", "symlink to a device", "10 GB sparse file", "unreadable file", "path outside the data folder")
+CASES = (
+    "device",
+    "FIFO",
+    "symlink to a device",
+    "10 GB sparse file",
+    "unreadable file",
+    "path outside the data folder",
+)
 
 
 def _readers() -> dict[str, Callable[[Path, Path], str | None]]:
@@ -148,9 +169,14 @@ def table(folder: Path | None = None) -> list[tuple[Input, str, str, str]]:
     return rows
 
 
-_REASONS = (("not a regular file", "not a regular file"), ("longer than", "line over the line cap"),
-            ("permission denied", "permission denied"), ("outside the data folder", "outside the data folder"),
-            ("limit for", "over the size limit"), ("No module named", "not an importable module"))
+_REASONS = (
+    ("not a regular file", "not a regular file"),
+    ("longer than", "line over the line cap"),
+    ("permission denied", "permission denied"),
+    ("outside the data folder", "outside the data folder"),
+    ("limit for", "over the size limit"),
+    ("No module named", "not an importable module"),
+)
 
 
 def cell(verdict: str, message: str) -> str:
@@ -168,8 +194,11 @@ def markdown(rows: list[tuple[Input, str, str, str]]) -> str:
     for entry, case, verdict, message in rows:
         by_entry.setdefault(entry, {})[case] = cell(verdict, message)
     for entry, cells in by_entry.items():
-        lines.append(f"| {', '.join(entry.verbs)} | `{entry.name}` | {entry.kind} | "
-                     + " | ".join(cells[case] for case in CASES) + " |")
+        lines.append(
+            f"| {', '.join(entry.verbs)} | `{entry.name}` | {entry.kind} | "
+            + " | ".join(cells[case] for case in CASES)
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -40,14 +40,18 @@ def shard(model, cfg: Config, device: torch.device, trainable: bool = True):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():  # one process that no launcher started: a group of one, in memory
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
         _OWN_GROUP.append(True)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     param_dtype = _PARAM_DTYPES.get(cfg.train.mixed_precision)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     layers = decoder_layers(model)
     if not layers:
-        raise ValueError(f"train.fsdp=true: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard by")
+        raise ValueError(
+            f"train.fsdp=true: {type(model).__name__} names no decoder layer class (_no_split_modules) to shard by"
+        )
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

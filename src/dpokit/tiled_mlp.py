@@ -63,7 +63,9 @@ class TiledMLP(torch.autograd.Function):
                 if grad_x is not None:
                     grad_x[start : start + piece.shape[0]] = got[0]
                     got = got[1:]
-                grad_params = [g if acc is None else (acc if g is None else acc.add_(g)) for acc, g in zip(grad_params, got)]
+                grad_params = [
+                    g if acc is None else (acc if g is None else acc.add_(g)) for acc, g in zip(grad_params, got)
+                ]
                 start += piece.shape[0]
         by_param = iter(grad_params)
         param_grads = [next(by_param) if p.requires_grad else None for p in params]

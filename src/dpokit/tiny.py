@@ -87,9 +87,7 @@ def build_tokenizer(
         tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-        trainer = trainers.WordLevelTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
-        )
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'bpe' or 'word'")
     tok.train_from_iterator(list(corpus), trainer=trainer)

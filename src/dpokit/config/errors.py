@@ -31,4 +31,7 @@ def suggest(key: str, valid: list[str]) -> str:
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {excerpt(value)}" + suggest(value, list(choices)).replace("valid keys", "valid values"))
+        raise ConfigError(
+            f"config key {key!r} must be one of {', '.join(choices)}; got {excerpt(value)}"
+            + suggest(value, list(choices)).replace("valid keys", "valid values")
+        )

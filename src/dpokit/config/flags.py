@@ -102,8 +102,12 @@ def add_flags(parser: argparse.ArgumentParser, flags: tuple[Flag, ...]) -> None:
 
 def add_config_arguments(parser: argparse.ArgumentParser, flags: tuple[Flag, ...]) -> None:
     """[CONFIG] [key=value ...] and the flags: the arguments of a verb that reads the config."""
-    parser.add_argument("config", nargs="?", metavar="CONFIG",
-                        help="YAML file (or shipped config name) with this verb's sections; optional")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        metavar="CONFIG",
+        help="YAML file (or shipped config name) with this verb's sections; optional",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     add_flags(parser, flags)
 

@@ -52,7 +52,9 @@ SECTIONS = _sections(Config)
 PIPELINE_SECTIONS = _sections(PipelineConfig)
 
 
-def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: Union[list[str], dict, None] = None) -> Config:
+def load_config(
+    source: Union[str, Path, dict, Config, None] = None, overrides: Union[list[str], dict, None] = None
+) -> Config:
     """Build a Config from defaults, then a YAML file / dict / Config, then overrides.
 
     overrides: ["a.b=value", ...] (command line; a ("a.b", value) pair in the list is taken as typed) or
@@ -61,8 +63,9 @@ def load_config(source: Union[str, Path, dict, Config, None] = None, overrides: 
     return _load_train_config(source, overrides, prefix="")
 
 
-def load_pipeline_config(source: Union[str, Path, dict, PipelineConfig, None],
-                         overrides: Union[list[str], dict, None] = None) -> PipelineConfig:
+def load_pipeline_config(
+    source: Union[str, Path, dict, PipelineConfig, None], overrides: Union[list[str], dict, None] = None
+) -> PipelineConfig:
     """A PipelineConfig from defaults, a YAML file / dict, then overrides, by the same rules as load_config.
 
     `train.loss.beta=0.2` reaches into the `train:` section (a dpokit train config), which is then
@@ -118,8 +121,9 @@ def _defaults_and(schema, source, prefix: str = "") -> dict:
         # an Axolotl or TRL config given as a dpokit one: name the command that translates it, not its first key
         kind = foreign_kind(raw) if schema is Config and isinstance(source, (str, Path)) else None
         if kind:
-            raise ConfigError(f"{source} looks like {kind}; translate it with: "
-                              f"dpokit config --from {source} > dpokit.yaml") from None
+            raise ConfigError(
+                f"{source} looks like {kind}; translate it with: dpokit config --from {source} > dpokit.yaml"
+            ) from None
         raise
     return merged
 
@@ -171,8 +175,10 @@ def load_yaml_text(text: str, where: str):
     """yaml.safe_load(text), refused (ConfigError naming `where`) when its aliases expand past MAX_YAML_NODES."""
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if node is not None and _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
-        raise ConfigError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values once its aliases (*name) "
-                          "are expanded; a config needs far fewer: write the settings out without nested aliases")
+        raise ConfigError(
+            f"{where}: the YAML expands to more than {MAX_YAML_NODES} values once its aliases (*name) "
+            "are expanded; a config needs far fewer: write the settings out without nested aliases"
+        )
     return yaml.safe_load(text)
 
 
@@ -228,10 +234,14 @@ def _parse_overrides(overrides) -> list[tuple[str, Any]]:
 def _merge(base: dict, update: dict, prefix: str, sections: tuple[str, ...]) -> None:
     for key, value in update.items():
         if not isinstance(key, str):
-            raise ConfigError(f"config keys are names, got {excerpt(key)} ({type(key).__name__}) in {prefix.rstrip('.') or 'the top level'}")
+            raise ConfigError(
+                f"config keys are names, got {excerpt(key)} ({type(key).__name__}) in {prefix.rstrip('.') or 'the top level'}"
+            )
         full = f"{prefix}{key}"
         if key not in base:
-            raise ConfigError(f"unknown config key {excerpt(full)}" + suggest_key(full[:200], [f"{prefix}{k}" for k in base]))
+            raise ConfigError(
+                f"unknown config key {excerpt(full)}" + suggest_key(full[:200], [f"{prefix}{k}" for k in base])
+            )
         if key in sections and dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)  # a section given as its dataclass (Python callers)
         if key in sections and isinstance(value, dict):
@@ -243,7 +253,9 @@ def _merge(base: dict, update: dict, prefix: str, sections: tuple[str, ...]) -> 
 def _set_dotted(merged: dict, key: str, value: Any, sections: tuple[str, ...]) -> None:
     parts = key.split(".")
     if key in sections:
-        raise ConfigError(f"config key {key!r} is a section; set one of its keys, e.g. {_all_keys({key: merged[key]}, sections)[0]}=...")
+        raise ConfigError(
+            f"config key {key!r} is a section; set one of its keys, e.g. {_all_keys({key: merged[key]}, sections)[0]}=..."
+        )
     valid = _all_keys(merged, sections)
     if key not in valid:
         # A key below a mapping-valued setting sets one entry of it: data.columns.prompt=question, or in
@@ -295,15 +307,23 @@ def validate_pipeline(cfg: PipelineConfig) -> None:
     if cfg.scorer is None:
         raise ConfigError("config key 'scorer' is required (e.g. dpokit.demo.world:sentiment)")
     if cfg.prompts_per_round is not None and cfg.prompts_per_round < 1:
-        raise ConfigError(f"config key 'prompts_per_round' must be >= 1 or null (all prompts), got {cfg.prompts_per_round}")
+        raise ConfigError(
+            f"config key 'prompts_per_round' must be >= 1 or null (all prompts), got {cfg.prompts_per_round}"
+        )
     if cfg.eval.suites:  # the per-round eval does not run them: say so rather than ignore the key
-        raise ConfigError("config key 'eval.suites' is for `dpokit eval --suite ...` only; a pipeline's per-round eval does "
-                          "not run suites (run dpokit eval on the final policy)")
-    for key in ("baseline", "local_judge"):  # the per-round eval's baseline is the SFT model's samples, judged by the scorer
+        raise ConfigError(
+            "config key 'eval.suites' is for `dpokit eval --suite ...` only; a pipeline's per-round eval does "
+            "not run suites (run dpokit eval on the final policy)"
+        )
+    for key in (
+        "baseline",
+        "local_judge",
+    ):  # the per-round eval's baseline is the SFT model's samples, judged by the scorer
         if getattr(cfg.eval, key) is not None:
-            raise ConfigError(f"config key 'eval.{key}' is for `dpokit eval` only; a pipeline compares every round with "
-                              "its SFT model, by its scorer")
+            raise ConfigError(
+                f"config key 'eval.{key}' is for `dpokit eval` only; a pipeline compares every round with "
+                "its SFT model, by its scorer"
+            )
     # The train section is a whole dpokit train config: checked now, not at the end of round 1's sampling.
     source = cfg.train if isinstance(cfg.train, dict) else resolve_config_path(cfg.train)
     _load_train_config(source, None, prefix="train.")
-

@@ -1,4 +1,4 @@
-""""Did you mean" for the names users bring from TRL's DPOConfig and HF's TrainingArguments.
+""" "Did you mean" for the names users bring from TRL's DPOConfig and HF's TrainingArguments.
 
 difflib finds a typo ('loss.bta' -> 'loss.beta') but not a name from another library: it offers
 'optim.warmup_ratio' for 'optim.learning_rate'. An unknown key whose last part is a TRL/HF name, or a

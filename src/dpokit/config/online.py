@@ -65,7 +65,9 @@ class EvalConfig:
     seed: int = 0
     max_prompts: Optional[int] = None
     pairs: Optional[str] = None  # held-out preference pairs for the implicit-reward accuracy
-    max_pairs: Optional[int] = None  # only the first N of those pairs (each costs a policy and a reference forward of both sides)
+    max_pairs: Optional[int] = (
+        None  # only the first N of those pairs (each costs a policy and a reference forward of both sides)
+    )
     # `dpokit eval --suite` (online/suites/, docs/evaluation.md), each run on the policy and the baseline; a pipeline
     # refuses suites (its per-round eval does not run them):
     suites: list[str] = field(default_factory=list)  # names in online.suites.runner.SUITES (checked there)
@@ -145,7 +147,9 @@ class PipelineConfig:
     allow_pickle: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
-    train: Union[str, dict[str, Any]] = field(default_factory=dict)  # a dpokit train config: mapping, YAML path or shipped name
+    train: Union[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # a dpokit train config: mapping, YAML path or shipped name
     eval: EvalConfig = field(default_factory=EvalConfig)
     out_dir: str = "runs/pipeline"
     overwrite: bool = False  # write into an out_dir holding files dpokit did not write (refused otherwise)
@@ -153,16 +157,24 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         for key in DEPRECATED_TRUST_KEYS:
             if getattr(self, key):
-                warnings.warn(f"config key {key!r} of a pipeline is deprecated and goes in the next release; set "
-                              f"train.model.{key}: true instead, the one trust switch (it covers the policy, a reward "
-                              "model and training)", FutureWarning, stacklevel=3)
+                warnings.warn(
+                    f"config key {key!r} of a pipeline is deprecated and goes in the next release; set "
+                    f"train.model.{key}: true instead, the one trust switch (it covers the policy, a reward "
+                    "model and training)",
+                    FutureWarning,
+                    stacklevel=3,
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def check_sampling(s: SamplingConfig) -> None:
-    for key, value in (("num_samples", s.num_samples), ("max_new_tokens", s.max_new_tokens), ("batch_size", s.batch_size)):
+    for key, value in (
+        ("num_samples", s.num_samples),
+        ("max_new_tokens", s.max_new_tokens),
+        ("batch_size", s.batch_size),
+    ):
         if value < 1:
             raise ConfigError(f"config key 'sampling.{key}' must be >= 1, got {value}")
     if s.temperature < 0:

@@ -16,8 +16,17 @@ from pathlib import Path
 from dpokit.config.errors import ConfigError
 from dpokit.config.schema import Config
 
-PATH_KEYS = ("model.name_or_path", "model.ref_name_or_path", "data.path", "data.eval_path", "data.retention_path",
-             "data.sft_mix_path", "speed.ref_cache_dir", "train.resume", "out_dir")
+PATH_KEYS = (
+    "model.name_or_path",
+    "model.ref_name_or_path",
+    "data.path",
+    "data.eval_path",
+    "data.retention_path",
+    "data.sft_mix_path",
+    "speed.ref_cache_dir",
+    "train.resume",
+    "out_dir",
+)
 _MADE_BY_THE_RUN = ("out_dir", "speed.ref_cache_dir")  # folders the run creates: resolved even before they exist
 
 
@@ -46,9 +55,11 @@ def check_paths_from(yaml_path: Path, cfg: Config, prefix: str = "") -> None:
             continue
         beside = os.path.abspath(yaml_path.parent / value)
         if os.path.exists(beside):
-            raise ConfigError(f"{prefix}{key}={value!r} is not in the current directory ({os.getcwd()}), but {beside} exists: "
-                              "relative paths in a config are read from the current directory (docs/config.md); run from "
-                              f"{os.path.abspath(yaml_path.parent)} or give {prefix}{key}={beside}")
+            raise ConfigError(
+                f"{prefix}{key}={value!r} is not in the current directory ({os.getcwd()}), but {beside} exists: "
+                "relative paths in a config are read from the current directory (docs/config.md); run from "
+                f"{os.path.abspath(yaml_path.parent)} or give {prefix}{key}={beside}"
+            )
 
 
 def _is_relative_path(key: str, value) -> bool:

@@ -17,7 +17,9 @@ from dpokit.losses import LossConfig
 @dataclass
 class ModelConfig:
     name_or_path: str = ""  # local HF folder or hub id
-    ref_name_or_path: Optional[str] = None  # reference model; None: a frozen copy of the policy as loaded (LoRA: adapters off)
+    ref_name_or_path: Optional[str] = (
+        None  # reference model; None: a frozen copy of the policy as loaded (LoRA: adapters off)
+    )
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto (the checkpoint's own)
     trust_remote_code: bool = False  # custom modelling code runs only if you say so
     allow_pickle: bool = False  # load pickle-based weights (pytorch_model.bin) when no safetensors exist
@@ -72,7 +74,9 @@ class DataConfig:
     retention_path: Optional[str] = None
     # SFT rows whose completion NLL is added to the preference loss at loss.sft_mix_weight (logged as sft_mix/nll)
     sft_mix_path: Optional[str] = None
-    sft_mix_batch_size: int = 0  # SFT examples per micro-batch and process; 0 = ceil(train.batch_size / 10) (~10% of the pairs)
+    sft_mix_batch_size: int = (
+        0  # SFT examples per micro-batch and process; 0 = ceil(train.batch_size / 10) (~10% of the pairs)
+    )
 
 
 @dataclass
@@ -102,18 +106,24 @@ class TrainConfig:
     eval_steps: int = 0  # 0 = evaluate only at the end (when there is eval data)
     eval_batch_size: int = 0  # 0 = batch_size
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
-    gradient_checkpointing: bool = True  # as TRL: recompute activations in backward (~1/3 more compute, far less memory)
+    gradient_checkpointing: bool = (
+        True  # as TRL: recompute activations in backward (~1/3 more compute, far less memory)
+    )
     progress_bar: bool = True
     report_to: list[str] = field(default_factory=list)  # tensorboard | wandb | mlflow, through Accelerate's trackers
     eval_generate: int = 0  # completions sampled at each evaluation to log eval_mean_length; 0 = off
     save_steps: int = 500  # checkpoint every N optimizer steps, and at the end; 0 = no checkpoints
     save_total_limit: int = 2  # keep the last K checkpoints; 0 = keep all
     resume: str = "auto"  # auto (latest complete checkpoint in out_dir) | never | path of a checkpoint folder
-    overwrite: bool = False  # write into an out_dir holding files dpokit did not write (refused otherwise; docs/training.md)
+    overwrite: bool = (
+        False  # write into an out_dir holding files dpokit did not write (refused otherwise; docs/training.md)
+    )
     max_skipped_steps: int = 5  # optimizer steps skipped on a NaN/Inf loss or gradient before the run stops
     fsdp: bool = False  # FSDP2 full sharding of the policy (and a live reference) over the launched processes (docs/distributed.md)
     num_threads: int = 0  # torch CPU threads; 0 = auto: torch's default with OpenMP's passive wait (dpokit/openmp.py), else 1 under 50M parameters
-    push_to_hub: Optional[str] = None  # a Hub model repo id: final/ (model, tokenizer, README.md card) is uploaded there after saving
+    push_to_hub: Optional[str] = (
+        None  # a Hub model repo id: final/ (model, tokenizer, README.md card) is uploaded there after saving
+    )
     hub_private: bool = True  # a repo push_to_hub creates is private (an existing repo keeps its visibility)
 
 
@@ -129,7 +139,9 @@ class SpeedConfig:
     ref_cache: bool = True  # reference log-probs computed once, stored on disk, reused; no reference in memory
     ref_cache_dir: str = ""  # "" = $DPOKIT_CACHE/ref_logps, else ~/.cache/dpokit/ref_logps
     attention: str = "auto"  # fast-path attention when model.attn_implementation is unset: auto | sdpa | flex | flash
-    tiled_mlp: int = 0  # tokens per MLP tile: the decoder MLPs run over sequence chunks, recomputed in backward; 0 = off
+    tiled_mlp: int = (
+        0  # tokens per MLP tile: the decoder MLPs run over sequence chunks, recomputed in backward; 0 = off
+    )
 
     @property
     def any_fast_path(self) -> bool:
@@ -141,7 +153,9 @@ class DetectorsConfig:
     """Where the live failure detectors fire (detectors.py, docs/diagnosis.md); letters name the failure mode."""
 
     chosen_logp_drop: float = 10.0  # (a) logps/chosen falls by more than this many nats per sequence...
-    chosen_logp_drop_fraction: float = 0.1  # (a) ...and more than this share of its start (long completions are noisier)...
+    chosen_logp_drop_fraction: float = (
+        0.1  # (a) ...and more than this share of its start (long completions are noisier)...
+    )
     margin_rise: float = 0.1  # (a) ...while rewards/margins rise by more than this
     smoothing: int = 3  # (a) records averaged at the start and at the end, to ride out batch noise
     length_growth: float = 1.5  # (b) mean length above this multiple of its first value

@@ -46,7 +46,9 @@ def _coerce(value: Any, tp, key: str):
                 return _coerce(value, option, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"config key {key!r} must be {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {excerpt(value)}")
+        raise ConfigError(
+            f"config key {key!r} must be {' or '.join(_type_name(a) for a in typing.get_args(tp))}, got {excerpt(value)}"
+        )
     if tp is type(None):
         if value is None:
             return None

@@ -19,8 +19,17 @@ class BatchStream:
     recreates the stream at it and feeds the very micro-batches an uninterrupted run would.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, position: int = 0):
-        self.n, self.global_batch, self.seed, self.shuffle, self.rank, self.world = n, batch_size * world, seed, shuffle, rank, world
+    def __init__(
+        self, n: int, batch_size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, position: int = 0
+    ):
+        self.n, self.global_batch, self.seed, self.shuffle, self.rank, self.world = (
+            n,
+            batch_size * world,
+            seed,
+            shuffle,
+            rank,
+            world,
+        )
         self.per_epoch = math.ceil(n / self.global_batch)
         self.position = position
         self._order: tuple[int, list[int]] = (-1, [])
@@ -51,15 +60,23 @@ class MicroBatch(NamedTuple):
     tokens: int  # the global micro-batch's input tokens as `tokens(example)` counts them (0 without it)
 
 
-def micro_batch(examples: list, stream: BatchStream, collate, pad_id: int, weight: Optional[Callable] = None,
-                tokens: Optional[Callable] = None) -> MicroBatch:
+def micro_batch(
+    examples: list,
+    stream: BatchStream,
+    collate,
+    pad_id: int,
+    weight: Optional[Callable] = None,
+    tokens: Optional[Callable] = None,
+) -> MicroBatch:
     """The next micro-batch of `stream` for this process (see MicroBatch)."""
     local, n_global, chunk = stream.next()
     if weight is not None:  # e.g. SFT: completion tokens, so a step's loss is its token mean
         n_global = sum(weight(examples[i]) for i in chunk)
     n_tokens = sum(tokens(examples[i]) for i in chunk) if tokens is not None else 0
     dummy = not local
-    return MicroBatch(collate([examples[i] for i in (chunk[:1] if dummy else local)], pad_id), n_global, dummy, n_tokens)
+    return MicroBatch(
+        collate([examples[i] for i in (chunk[:1] if dummy else local)], pad_id), n_global, dummy, n_tokens
+    )
 
 
 def pad_id(model) -> int:

@@ -16,7 +16,9 @@ from dpokit.data.tokenization import TokenizedPair
 IGNORE_INDEX = -100  # the label of positions with no loss (prompt, padding): PyTorch's cross-entropy default
 
 
-def pad_completions(rows: list[tuple[list[int], list[int]]], pad_token_id: int, prefix: str = "") -> dict[str, torch.Tensor]:
+def pad_completions(
+    rows: list[tuple[list[int], list[int]]], pad_token_id: int, prefix: str = ""
+) -> dict[str, torch.Tensor]:
     """(prompt ids, completion ids) rows -> right-padded (N, T) long tensors, keys prefixed with `prefix`.
 
     input_ids: prompt + completion, then pad_token_id; attention_mask: 1 on those tokens; labels:

@@ -58,9 +58,13 @@ def check_completion(value: Field, field: str) -> None:
 
 def check_unicode(value: Field, field: str) -> None:
     """JSON can escape half of a surrogate pair ("\\ud800"): such text cannot be encoded or tokenised."""
-    texts = [value] if isinstance(value, str) else [t for m in value for t in (m["role"], m["content"])]  # tool-call names/arguments are JSON-checked
+    texts = (
+        [value] if isinstance(value, str) else [t for m in value for t in (m["role"], m["content"])]
+    )  # tool-call names/arguments are JSON-checked
     for text in texts:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise RowSkip(f"{field} holds text that is not valid Unicode (an unpaired surrogate such as \\ud800)", field) from None
+            raise RowSkip(
+                f"{field} holds text that is not valid Unicode (an unpaired surrogate such as \\ud800)", field
+            ) from None

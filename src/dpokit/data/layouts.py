@@ -14,15 +14,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpokit.data.fields import Field, check_completion, check_same_kind, check_unicode, required, required_text, text_or_messages
+from dpokit.data.fields import (
+    Field,
+    check_completion,
+    check_same_kind,
+    check_unicode,
+    required,
+    required_text,
+    text_or_messages,
+)
 from dpokit.data.messages import messages_of, parse_tools
 from dpokit.data.reasoning_steps import from_step_dpo
 from dpokit.data.records import Conversation, DataError, PreferenceExample, SkipReport
 from dpokit.data.rows import RowSkip, convert_rows, no_usable_rows_message
 from dpokit.data.turns import expand_turns, has_turn_preferences
 
-LAYOUTS = ("prompt_chosen_rejected", "implicit_prompt", "sharegpt", "openai", "alpaca", "stack_exchange", "every_turn",
-           "step_dpo")
+LAYOUTS = (
+    "prompt_chosen_rejected",
+    "implicit_prompt",
+    "sharegpt",
+    "openai",
+    "alpaca",
+    "stack_exchange",
+    "every_turn",
+    "step_dpo",
+)
 STANDARD_COLUMNS = ("prompt", "chosen", "rejected")
 EXPECTED_COLUMNS = (
     "prompt+chosen+rejected, chosen+rejected, conversations+chosen+rejected (sharegpt), "
@@ -87,7 +103,9 @@ def to_example(row: dict, layout: str, columns: dict[str, str] | None = None, wh
     prompt, chosen, rejected = converter(row)
     for field, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         check_unicode(value, field)
-    return PreferenceExample(prompt=prompt, chosen=chosen, rejected=rejected, source=where, tools=row_tools(row, chosen))
+    return PreferenceExample(
+        prompt=prompt, chosen=chosen, rejected=rejected, source=where, tools=row_tools(row, chosen)
+    )
 
 
 def to_examples(row: dict, layout: str, where: str = "") -> list[PreferenceExample]:
@@ -99,7 +117,10 @@ def to_examples(row: dict, layout: str, where: str = "") -> list[PreferenceExamp
     for prompt, chosen, rejected in pairs:
         for field, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             check_unicode(value, field)
-    return [PreferenceExample(prompt, chosen, rejected, where, tools, turn) for turn, (prompt, chosen, rejected) in enumerate(pairs, 1)]
+    return [
+        PreferenceExample(prompt, chosen, rejected, where, tools, turn)
+        for turn, (prompt, chosen, rejected) in enumerate(pairs, 1)
+    ]
 
 
 def row_tools(row: dict, completion: Field) -> list[dict] | None:
@@ -109,7 +130,9 @@ def row_tools(row: dict, completion: Field) -> list[dict] | None:
         value = row["input"].get("tools")
     tools = parse_tools(value)
     if tools is not None and isinstance(completion, str):
-        raise RowSkip("tools need conversational rows (message lists rendered by the chat template), not plain text", "tools")
+        raise RowSkip(
+            "tools need conversational rows (message lists rendered by the chat template), not plain text", "tools"
+        )
     return tools
 
 
@@ -301,9 +324,7 @@ def _check_options(columns: dict[str, str] | None, layout: str) -> None:
         return
     unknown = [name for name in columns if name not in STANDARD_COLUMNS]
     if unknown or not all(isinstance(column, str) for column in columns.values()):
-        raise DataError(
-            f"columns must map {', '.join(STANDARD_COLUMNS)} to column names; got {columns!r}"
-        )
+        raise DataError(f"columns must map {', '.join(STANDARD_COLUMNS)} to column names; got {columns!r}")
     if layout not in ("auto", "prompt_chosen_rejected", "implicit_prompt"):
         raise DataError(f"columns map prompt/chosen/rejected and cannot be combined with layout {layout!r}")
 

@@ -47,7 +47,10 @@ def message_of(item: Any, field: str, role_names: dict[str, str] | None = None) 
     if not isinstance(role, str) or not role:
         raise RowSkip(f"{field} has a message without a role", field)
     if isinstance(content, list) and any(isinstance(part, dict) and part.get("type") == "image" for part in content):
-        raise RowSkip(f"{field} has image content parts: set data.vision=true (and a vision-language model with a processor)", field)
+        raise RowSkip(
+            f"{field} has image content parts: set data.vision=true (and a vision-language model with a processor)",
+            field,
+        )
     if not isinstance(content, str):
         raise RowSkip(f"{field} has a message without text content", field)
     if role_names is not None:
@@ -96,7 +99,9 @@ def parse_tools(value: Any, field: str = "tools") -> list[dict] | None:
         except UnreadableJSON as error:  # '['*10000: a RecursionError traceback in train and doctor before
             raise RowSkip(f"{field} cannot be read: {error}", field) from None
         except json.JSONDecodeError:
-            raise RowSkip(f"{field} is a string that is not JSON (expected a list of function schemas)", field) from None
+            raise RowSkip(
+                f"{field} is a string that is not JSON (expected a list of function schemas)", field
+            ) from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(tool, dict) for tool in value):

@@ -66,11 +66,23 @@ def _units(pairs: list[TokenizedPair], prefix_sharing: bool) -> list[tuple]:
     n = len(pairs)
     if prefix_sharing:
         return [
-            (p.prompt_ids + p.chosen_ids + p.rejected_ids, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids), i, n + i)
+            (
+                p.prompt_ids + p.chosen_ids + p.rejected_ids,
+                len(p.prompt_ids),
+                len(p.chosen_ids),
+                len(p.rejected_ids),
+                i,
+                n + i,
+            )
             for i, p in enumerate(pairs)
         ]
-    chosen = [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids), len(p.chosen_ids), 0, i, -1) for i, p in enumerate(pairs)]
-    rejected = [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids), len(p.rejected_ids), 0, n + i, -1) for i, p in enumerate(pairs)]
+    chosen = [
+        (p.prompt_ids + p.chosen_ids, len(p.prompt_ids), len(p.chosen_ids), 0, i, -1) for i, p in enumerate(pairs)
+    ]
+    rejected = [
+        (p.prompt_ids + p.rejected_ids, len(p.prompt_ids), len(p.rejected_ids), 0, n + i, -1)
+        for i, p in enumerate(pairs)
+    ]
     return chosen + rejected
 
 
@@ -113,12 +125,17 @@ def collate_packed(pairs: list[TokenizedPair], pad_token_id: int, layout: Layout
     return batch
 
 
-def collate_packed_sequences(sequences: list[tuple[list[int], list[int]]], pad_token_id: int, layout: Layout = Layout()) -> dict[str, torch.Tensor]:
+def collate_packed_sequences(
+    sequences: list[tuple[list[int], list[int]]], pad_token_id: int, layout: Layout = Layout()
+) -> dict[str, torch.Tensor]:
     """(prompt ids, completion ids) sequences -> collate_packed's padding-free batch, one plain unit per sequence.
 
     Sequence i is `score_seq` i; its completion tokens are scored (SFT); `seq_lengths` is (N,).
     """
-    units = [(prompt + completion, len(prompt), len(completion), 0, i, -1) for i, (prompt, completion) in enumerate(sequences)]
+    units = [
+        (prompt + completion, len(prompt), len(completion), 0, i, -1)
+        for i, (prompt, completion) in enumerate(sequences)
+    ]
     return _pack(units, len(sequences), pad_token_id, layout)
 
 

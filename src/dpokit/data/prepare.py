@@ -35,7 +35,11 @@ def _load(path: str, split: str, cfg: Config):
     """The pairs of each row, one group per row: an every_turn conversation's pairs stay together through
     data.max_rows and the eval split (its later prompts hold its earlier turns)."""
     groups, report = load_preference_groups(
-        path, split=split, columns=cfg.data.columns or None, layout=cfg.data.layout, strict=cfg.data.strict,
+        path,
+        split=split,
+        columns=cfg.data.columns or None,
+        layout=cfg.data.layout,
+        strict=cfg.data.strict,
         max_rows=cfg.data.max_rows,
     )
     return cap_rows(groups, report, path, cfg.data.max_rows), report
@@ -46,7 +50,9 @@ def prompt_key(item) -> str:
     first = item[0] if isinstance(item, list) else item
     prompt = first.prompt
     key = " ".join(prompt.split()) if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-    images = getattr(first, "images", None)  # image rows (data/vision.py): the same question about another image is another prompt
+    images = getattr(
+        first, "images", None
+    )  # image rows (data/vision.py): the same question about another image is another prompt
     return key + "|" + hashlib.blake2b(b"".join(images), digest_size=16).hexdigest() if images else key
 
 
@@ -61,8 +67,10 @@ def split_by_prompt(items: list, fraction: float, seed: int) -> tuple[list, list
     for i, item in enumerate(items):
         rows_of.setdefault(prompt_key(item), []).append(i)
     if len(rows_of) < 2:
-        raise DataError(f"data.eval_fraction={fraction} holds out whole prompts, and all {len(items)} rows share "
-                        "one prompt; give a separate data.eval_path or set data.eval_fraction=0")
+        raise DataError(
+            f"data.eval_fraction={fraction} holds out whole prompts, and all {len(items)} rows share "
+            "one prompt; give a separate data.eval_path or set data.eval_fraction=0"
+        )
     prompts = list(rows_of)
     random.Random(seed).shuffle(prompts)
     target, held = max(1, int(len(items) * fraction)), set()
@@ -105,18 +113,25 @@ def prepare_data(cfg: Config, tokenizer) -> PreparedData:
     train, train_stats = tokenize_pairs(
         train_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, train_report
     )
-    health = check_token_health(paired_rows(train_examples, train), tokenizer, cfg.data.path, cfg.data.max_unknown_token_rate)
+    health = check_token_health(
+        paired_rows(train_examples, train), tokenizer, cfg.data.path, cfg.data.max_unknown_token_rate
+    )
     evals, eval_stats = tokenize_pairs(
         eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, eval_report
     )
     for examples, report in ((train_examples, train_report), (eval_examples, eval_report)):
         refuse_empty_renders(report, len(examples), cfg)
-    summary = {"train": split_summary(train_report, train_stats, len(train)), "eval": split_summary(eval_report, eval_stats, len(evals))}
+    summary = {
+        "train": split_summary(train_report, train_stats, len(train)),
+        "eval": split_summary(eval_report, eval_stats, len(evals)),
+    }
     summary["train"]["token_health"] = health
     return PreparedData(train, evals, summary)
 
 
-def refuse_empty_renders(report: SkipReport, examples: int, cfg: Config, path: str | None = None, unit: str = "pairs") -> None:
+def refuse_empty_renders(
+    report: SkipReport, examples: int, cfg: Config, path: str | None = None, unit: str = "pairs"
+) -> None:
     """DataError past data.max_empty_render_fraction of completions rendered as nothing (tokenization.py)."""
     problem = empty_render_problem(report, examples, cfg.data.max_empty_render_fraction, path or cfg.data.path, unit)
     if problem:
@@ -145,23 +160,30 @@ def format_summary(summary: dict) -> str:
         lines.append(
             f"[data] {split}: {s['rows_read']} rows read, {s['pairs']} {s.get('unit', 'pairs')} used"
             + (f" ({s['prompts']} prompts)" if s.get("prompts") else "")
-            + f", {s['rows_skipped']} dropped" + (f", {s['held_out']} held out for eval" if s.get("held_out") else "")
+            + f", {s['rows_skipped']} dropped"
+            + (f", {s['held_out']} held out for eval" if s.get("held_out") else "")
             + (f"  (layouts: {layouts})" if layouts else "")
         )
         turns = s.get("every_turn") or {}
         if turns.get("conversations"):
-            lines.append(f"[data]   every turn: {turns['conversations']} conversations -> {turns['pairs']} pairs "
-                         "(one per judged assistant turn)")
+            lines.append(
+                f"[data]   every turn: {turns['conversations']} conversations -> {turns['pairs']} pairs "
+                "(one per judged assistant turn)"
+            )
         if s.get("token_health"):
-            lines.append(f"[data]   tokenizer: {s['token_health']['tokenizer_class']} "
-                         f"({s['token_health']['unknown_token_rate']:.1%} unknown tokens in a sample of "
-                         f"{s['token_health']['rows']} rows)")
+            lines.append(
+                f"[data]   tokenizer: {s['token_health']['tokenizer_class']} "
+                f"({s['token_health']['unknown_token_rate']:.1%} unknown tokens in a sample of "
+                f"{s['token_health']['rows']} rows)"
+            )
         for reason, n in s["skipped_by_reason"].items():
             examples = "; ".join(s["skipped_examples"].get(reason, [])[:3])
             lines.append(f"[data]   dropped {n}: {reason}  e.g. {examples}")
         t = s["truncated"]
         if any(t.values()):
-            lines.append(f"[data]   truncated: {t['prompt']} prompts (left), {t['chosen']} chosen, {t['rejected']} rejected (right)")
+            lines.append(
+                f"[data]   truncated: {t['prompt']} prompts (left), {t['chosen']} chosen, {t['rejected']} rejected (right)"
+            )
         for name, p in s["token_lengths"].items():
             lines.append(
                 f"[data]   {name:8s} tokens: min {p['min']}  p50 {p['p50']}  p90 {p['p90']}  p99 {p['p99']}  max {p['max']}"

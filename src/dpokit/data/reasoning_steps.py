@@ -26,7 +26,9 @@ def from_step_dpo(row: dict) -> tuple[str, str, str]:
     if steps is None or isinstance(steps, str):
         steps = [steps] if steps and steps.strip() else []
     if not isinstance(steps, list) or not all(isinstance(step, str) for step in steps):
-        raise RowSkip("initial_reason_steps must be a text or a list of texts (the accepted steps)", "initial_reason_steps")
+        raise RowSkip(
+            "initial_reason_steps must be a text or a list of texts (the accepted steps)", "initial_reason_steps"
+        )
     prompt = "\n".join(piece.rstrip("\n") for piece in [question, *steps]) + "\n"
     return prompt, _text(row, "chosen"), _text(row, "rejected")
 

@@ -27,7 +27,10 @@ class RowSkip(Exception):
 
 
 def convert_rows(
-    path: str, split: str, convert: Callable[[dict, str], tuple[str, Example]], strict: bool = False,
+    path: str,
+    split: str,
+    convert: Callable[[dict, str], tuple[str, Example]],
+    strict: bool = False,
     max_rows: int | None = None,
 ) -> tuple[list[Example], SkipReport]:
     """Read every row of `path` (`split` for datasets) and convert it with `convert(row, where)`.
@@ -64,7 +67,7 @@ def convert_rows(
 
 
 def no_usable_rows_message(report: SkipReport) -> str:
-    """"no usable rows: all N rows were skipped. Reasons: ..." with each reason's count and two example rows."""
+    """ "no usable rows: all N rows were skipped. Reasons: ..." with each reason's count and two example rows."""
     reasons = "; ".join(
         f"{reason} ({count} rows, e.g. {', '.join(report.examples[reason][:2])})"
         for reason, count in report.skipped.most_common()

@@ -35,8 +35,12 @@ from dpokit.data.unpaired import (
 
 SFT_LAYOUTS = ("prompt_completion", "messages")
 # data.layout values that name the unpaired layouts (the KTO names are accepted too).
-_LAYOUT_ALIASES = {"prompt_completion": "prompt_completion", "prompt_completion_label": "prompt_completion",
-                   "messages": "messages", "messages_label": "messages"}
+_LAYOUT_ALIASES = {
+    "prompt_completion": "prompt_completion",
+    "prompt_completion_label": "prompt_completion",
+    "messages": "messages",
+    "messages_label": "messages",
+}
 _CONVERTERS = {"prompt_completion": from_prompt_completion, "messages": from_messages}
 SFT_COLUMNS = ("prompt", "completion", "messages", "label")  # those of unpaired data: `rename_columns` maps them
 
@@ -64,7 +68,11 @@ def load_sft(
 
 
 def load_sft_groups(
-    path: str, split: str = "train", columns: dict[str, str] | None = None, layout: str = "auto", strict: bool = False,
+    path: str,
+    split: str = "train",
+    columns: dict[str, str] | None = None,
+    layout: str = "auto",
+    strict: bool = False,
     max_rows: int | None = None,
 ) -> tuple[list[list[UnpairedExample]], SkipReport]:
     """`load_sft`'s examples, one group per row: an every_turn row gives one example per judged turn."""
@@ -72,7 +80,9 @@ def load_sft_groups(
     if _is_paired_file(path, split, columns, layout):
         rows, report = load_preference_groups(path, split, columns or None, layout, strict, max_rows)
         report.layouts = type(report.layouts)({f"{name} (chosen side)": n for name, n in report.layouts.items()})
-        return [[UnpairedExample(p.prompt, p.chosen, True, p.source, p.tools, p.turn) for p in row] for row in rows], report
+        return [
+            [UnpairedExample(p.prompt, p.chosen, True, p.source, p.tools, p.turn) for p in row] for row in rows
+        ], report
     unknown = set(columns) - set(SFT_COLUMNS)
     if unknown:
         raise DataError(f"columns for SFT data map {', '.join(SFT_COLUMNS)} to column names; got {columns!r}", path)
@@ -99,8 +109,9 @@ def load_sft_groups(
 
 
 def _load(path: str, split: str, cfg: Config):
-    groups, report = load_sft_groups(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict,
-                                     cfg.data.max_rows)
+    groups, report = load_sft_groups(
+        path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict, cfg.data.max_rows
+    )
     return cap_rows(groups, report, path, cfg.data.max_rows), report
 
 
@@ -120,8 +131,9 @@ def prepare_sft(cfg: Config, tokenizer):
         stats.lengths = {"prompt": stats.lengths["prompt"], "completion": stats.lengths["chosen"]}
         summary[name] = split_summary(report, stats, len(tokenized))  # "pairs" here counts examples
         splits.append(tokenized)
-    summary["train"]["token_health"] = check_completion_health(train_groups, splits[0], tokenizer, cfg.data.path,
-                                                                 cfg.data.max_unknown_token_rate)
+    summary["train"]["token_health"] = check_completion_health(
+        train_groups, splits[0], tokenizer, cfg.data.path, cfg.data.max_unknown_token_rate
+    )
     return PreparedData(splits[0], splits[1], summary)
 
 
@@ -137,9 +149,13 @@ def prepare_sft_file(path: str, key: str, cfg: Config, tokenizer) -> tuple[list,
         examples, report = load_sft(path, "train")
     except DataError as e:
         raise DataError(f"{key}: {e}") from None
-    tokenized, stats = tokenize_groups([[e] for e in examples], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
+    tokenized, stats = tokenize_groups(
+        [[e] for e in examples], tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report
+    )
     if not tokenized:
-        raise DataError(f"{key}: no example of {path} has a completion token left after tokenisation ({no_usable_rows_message(report)})")
+        raise DataError(
+            f"{key}: no example of {path} has a completion token left after tokenisation ({no_usable_rows_message(report)})"
+        )
     refuse_empty_renders(report, len(examples), cfg, f"{key}={path}", unit="examples")
     stats.lengths = {"prompt": stats.lengths["prompt"], "completion": stats.lengths["chosen"]}
     section = {"path": path, "setting": key, "unit": "examples", **split_summary(report, stats, len(tokenized))}

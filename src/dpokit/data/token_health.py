@@ -91,8 +91,13 @@ def paired_rows(examples: list[PreferenceExample], pairs: list) -> list[HealthRo
     for pair in pairs:
         ex = by_source.get((pair.source, pair.turn))
         if ex is not None:
-            rows.append(HealthRow(text_of(ex.prompt), pair.prompt_ids,
-                                  [(text_of(ex.chosen), pair.chosen_ids), (text_of(ex.rejected), pair.rejected_ids)]))
+            rows.append(
+                HealthRow(
+                    text_of(ex.prompt),
+                    pair.prompt_ids,
+                    [(text_of(ex.chosen), pair.chosen_ids), (text_of(ex.rejected), pair.rejected_ids)],
+                )
+            )
     return rows
 
 
@@ -174,17 +179,21 @@ def token_health_problems(health: TokenHealth, max_unknown_rate: float) -> list[
     if eos_only > MAX_EOS_ONLY_SHARE:
         problems.append(f"{eos_only:.0%} of completions tokenised to EOS/special tokens only")
     if health.unknown_token_rate > max_unknown_rate:
-        problems.append(f"{health.unknown_token_rate:.1%} of tokens are the unknown token (data.max_unknown_token_rate="
-                        f"{max_unknown_rate:g}; raise it only if those tokens are expected)")
+        problems.append(
+            f"{health.unknown_token_rate:.1%} of tokens are the unknown token (data.max_unknown_token_rate="
+            f"{max_unknown_rate:g}; raise it only if those tokens are expected)"
+        )
     lossy = health.share("lossy_texts", "round_trip_texts")
     if lossy > MAX_LOSSY_TEXT_SHARE:
         problems.append(f"decode(encode(text)) loses most of the text in {lossy:.0%} of texts")
     return problems
 
 
-ADVICE = ("check the tokenizer folder: tokenizer.json / tokenizer_config.json must be the tokenizer the model was "
-          "trained with, and config.json's model_type must match it (a mismatch makes transformers load another "
-          "tokenizer class that ignores the vocabulary)")
+ADVICE = (
+    "check the tokenizer folder: tokenizer.json / tokenizer_config.json must be the tokenizer the model was "
+    "trained with, and config.json's model_type must match it (a mismatch makes transformers load another "
+    "tokenizer class that ignores the vocabulary)"
+)
 
 
 def check_token_health(rows: list[HealthRow], tokenizer, data_path: str, max_unknown_rate: float) -> dict[str, Any]:
@@ -193,12 +202,17 @@ def check_token_health(rows: list[HealthRow], tokenizer, data_path: str, max_unk
     health = measure_token_health(rows, tokenizer)
     problems = token_health_problems(health, max_unknown_rate)
     if problems:
-        raise DataError(f"degenerate tokenization with the tokenizer loaded as {health.tokenizer_class}: "
-                        f"{'; '.join(problems)} (sample of {health.rows} rows); {ADVICE}", path=data_path)
+        raise DataError(
+            f"degenerate tokenization with the tokenizer loaded as {health.tokenizer_class}: "
+            f"{'; '.join(problems)} (sample of {health.rows} rows); {ADVICE}",
+            path=data_path,
+        )
     return health.to_dict()
 
 
-def check_completion_health(examples: list, tokenized: list, tokenizer, data_path: str, max_unknown_rate: float) -> dict[str, Any]:
+def check_completion_health(
+    examples: list, tokenized: list, tokenizer, data_path: str, max_unknown_rate: float
+) -> dict[str, Any]:
     """`check_token_health` for TokenizedCompletion rows (KTO, SFT)."""
     return check_token_health(completion_rows(examples, tokenized), tokenizer, data_path, max_unknown_rate)
 
@@ -220,7 +234,9 @@ def longest_sequence(examples) -> int:
     """Tokens of the longest row the model will see: prompt + the longer completion (pairs) or prompt + completion."""
     longest = 0
     for e in examples:
-        completions = [getattr(e, name) for name in ("chosen_ids", "rejected_ids", "completion_ids") if hasattr(e, name)]
+        completions = [
+            getattr(e, name) for name in ("chosen_ids", "rejected_ids", "completion_ids") if hasattr(e, name)
+        ]
         longest = max(longest, len(e.prompt_ids) + max((len(c) for c in completions), default=0))
     return longest
 
@@ -240,5 +256,7 @@ def context_length_problem(max_length: int, model_config, longest: int | None = 
         return None
     field = next(n for n in CONTEXT_FIELDS if getattr(model_config, n, None) == context)
     seen = f"the longest row is {longest} tokens and " if longest is not None else ""
-    return (f"data.max_length={max_length} exceeds the model's context length of {context} tokens ({field} in its "
-            f"config): {seen}positions past it were never trained; set data.max_length <= {context}")
+    return (
+        f"data.max_length={max_length} exceeds the model's context length of {context} tokens ({field} in its "
+        f"config): {seen}positions past it were never trained; set data.max_length <= {context}"
+    )

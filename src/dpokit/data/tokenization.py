@@ -110,9 +110,15 @@ def render_ids(example: PreferenceExample, tokenizer) -> tuple[list[int], list[i
             )
         extra = template_kwargs(example)
         try:
-            prompt = encoded_ids(tokenizer.apply_chat_template(example.prompt, tokenize=True, add_generation_prompt=True, **extra))
-            full_chosen = encoded_ids(tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=True, **extra))
-            full_rejected = encoded_ids(tokenizer.apply_chat_template(example.prompt + example.rejected, tokenize=True, **extra))
+            prompt = encoded_ids(
+                tokenizer.apply_chat_template(example.prompt, tokenize=True, add_generation_prompt=True, **extra)
+            )
+            full_chosen = encoded_ids(
+                tokenizer.apply_chat_template(example.prompt + example.chosen, tokenize=True, **extra)
+            )
+            full_rejected = encoded_ids(
+                tokenizer.apply_chat_template(example.prompt + example.rejected, tokenize=True, **extra)
+            )
         except Exception as error:  # e.g. a template's raise_exception("roles must alternate user/assistant")
             refused = TemplateRefused(
                 f"the tokenizer's chat template cannot render this conversation ({type(error).__name__}: {error})",
@@ -128,7 +134,10 @@ def render_ids(example: PreferenceExample, tokenizer) -> tuple[list[int], list[i
         full_chosen = tokenizer(example.prompt + chosen_text)["input_ids"]
         full_rejected = tokenizer(example.prompt + rejected_text)["input_ids"]
     n = min(_common_prefix_length(prompt, full_chosen), _common_prefix_length(prompt, full_rejected))
-    for side, completion, full in (("chosen", example.chosen, full_chosen), ("rejected", example.rejected, full_rejected)):
+    for side, completion, full in (
+        ("chosen", example.chosen, full_chosen),
+        ("rejected", example.rejected, full_rejected),
+    ):
         if side == "rejected" and example.rejected is example.chosen:  # one completion rendered twice (unpaired rows)
             break
         if example.conversational:
@@ -145,7 +154,9 @@ def _check_rendered(tokenizer, example, side: str, completion: list, full: list[
 
     def same_render(messages: list) -> bool:
         try:
-            rendered = tokenizer.apply_chat_template(example.prompt + messages, tokenize=True, **template_kwargs(example))
+            rendered = tokenizer.apply_chat_template(
+                example.prompt + messages, tokenize=True, **template_kwargs(example)
+            )
         except Exception:  # noqa: BLE001 (any template error: see the docstring)
             return False
         return encoded_ids(rendered) == list(full)
@@ -220,7 +231,9 @@ def empty_render_problem(report: SkipReport, examples: int, limit: float, path: 
     if not examples or skipped / examples <= limit:
         return None
     causes = "; ".join(f"{reason} ({n}, e.g. {', '.join(report.examples[reason][:2])})" for reason, n in counts.items())
-    return (f"{path}: {skipped} of {examples} {unit} ({skipped / examples:.0%}, above data.max_empty_render_fraction={limit:g}) "
-            f"have a completion the chat template renders as nothing: {causes}. Trained on, they teach that an empty reply "
-            "beats the answer. Use a chat template that renders tool calls (the model's own, if it was trained for tool "
-            "use), or remove these rows")
+    return (
+        f"{path}: {skipped} of {examples} {unit} ({skipped / examples:.0%}, above data.max_empty_render_fraction={limit:g}) "
+        f"have a completion the chat template renders as nothing: {causes}. Trained on, they teach that an empty reply "
+        "beats the answer. Use a chat template that renders tool calls (the model's own, if it was trained for tool "
+        "use), or remove these rows"
+    )

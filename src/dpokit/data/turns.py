@@ -52,9 +52,13 @@ def expand_turns(row: dict) -> list[tuple[Conversation, Conversation, Conversati
             continue
         where = f"messages[{number - 1}]"
         if item.get("role", "assistant") != "assistant":
-            raise RowSkip(f"{where} holds chosen/rejected but its role is {item.get('role')!r}, not assistant", "messages")
+            raise RowSkip(
+                f"{where} holds chosen/rejected but its role is {item.get('role')!r}, not assistant", "messages"
+            )
         if item.get("content") is not None:
-            raise RowSkip(f"{where} holds content as well as chosen/rejected: which one was said is ambiguous", "messages")
+            raise RowSkip(
+                f"{where} holds content as well as chosen/rejected: which one was said is ambiguous", "messages"
+            )
         if not history:
             raise RowSkip(f"{where} is a judged turn with no prompt before it", "messages")
         chosen, rejected = (_side(item, side, where) for side in SIDES)

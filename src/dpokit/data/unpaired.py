@@ -63,7 +63,9 @@ class TokenizedCompletion:
     # mismatched sequences obey data.max_length too.
     completion_budget: int
     source: str = ""
-    turn: int = field(default=0, repr=False, compare=False)  # that of its UnpairedExample; not in the resume fingerprint
+    turn: int = field(
+        default=0, repr=False, compare=False
+    )  # that of its UnpairedExample; not in the resume fingerprint
 
 
 # --- one row -------------------------------------------------------------------------------
@@ -82,7 +84,9 @@ def parse_label(value: Any) -> bool:
 
 
 def _is_full_conversation(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and value[0].get("role") != "assistant"
+    return (
+        isinstance(value, list) and bool(value) and isinstance(value[0], dict) and value[0].get("role") != "assistant"
+    )
 
 
 def detect_unpaired_layout(row: dict) -> str | None:
@@ -158,7 +162,11 @@ def _is_paired_source(path: str, split: str, columns: dict[str, str], layout: st
 
 
 def load_unpaired(
-    path: str, split: str = "train", columns: dict[str, str] | None = None, layout: str = "auto", strict: bool = False,
+    path: str,
+    split: str = "train",
+    columns: dict[str, str] | None = None,
+    layout: str = "auto",
+    strict: bool = False,
     max_rows: int | None = None,
 ) -> tuple[list[list[UnpairedExample]], SkipReport]:
     """Read every row of `path` as unpaired examples, grouped by source row (a paired row gives two).
@@ -172,14 +180,18 @@ def load_unpaired(
         return [[half for pair in row for half in _split_pair(pair)] for row in rows], report
     unknown = set(columns) - set(UNPAIRED_COLUMNS)
     if unknown:
-        raise DataError(f"columns for unpaired data map {', '.join(UNPAIRED_COLUMNS)} to column names; got {columns!r}", path)
+        raise DataError(
+            f"columns for unpaired data map {', '.join(UNPAIRED_COLUMNS)} to column names; got {columns!r}", path
+        )
 
     def convert(row: dict, where: str) -> tuple[str, list[UnpairedExample]]:
         row = rename_columns(row, columns)
         row_layout = layout if layout in UNPAIRED_LAYOUTS else detect_unpaired_layout(row)
         if row_layout is None:
             found = ", ".join(sorted(map(str, row))) or "none"
-            raise RowSkip(f"unrecognised unpaired layout (columns: {found}; expected prompt+completion+label or messages+label)")
+            raise RowSkip(
+                f"unrecognised unpaired layout (columns: {found}; expected prompt+completion+label or messages+label)"
+            )
         return row_layout, [to_unpaired(row, row_layout, where)]
 
     groups, report = convert_rows(path, split, convert, strict, max_rows)
@@ -189,8 +201,10 @@ def load_unpaired(
 
 
 def _split_pair(pair: PreferenceExample) -> list[UnpairedExample]:
-    return [UnpairedExample(pair.prompt, pair.chosen, True, pair.source, pair.tools, pair.turn),
-            UnpairedExample(pair.prompt, pair.rejected, False, pair.source, pair.tools, pair.turn)]
+    return [
+        UnpairedExample(pair.prompt, pair.chosen, True, pair.source, pair.tools, pair.turn),
+        UnpairedExample(pair.prompt, pair.rejected, False, pair.source, pair.tools, pair.turn),
+    ]
 
 
 # --- tokens --------------------------------------------------------------------------------
@@ -206,7 +220,11 @@ def tokenize_completion(example: UnpairedExample, tokenizer) -> tuple[list[int],
 
 
 def tokenize_groups(
-    groups: list[list[UnpairedExample]], tokenizer, max_length: int, max_prompt_length: int, report: SkipReport | None = None
+    groups: list[list[UnpairedExample]],
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    report: SkipReport | None = None,
 ) -> tuple[list[TokenizedCompletion], TokenizationStats]:
     """Tokenise and truncate like `tokenize_pairs`: prompt from the left, completion from the right.
 
@@ -251,8 +269,9 @@ def tokenize_groups(
 
 
 def _load(path: str, split: str, cfg):
-    groups, report = load_unpaired(path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict,
-                                   cfg.data.max_rows)
+    groups, report = load_unpaired(
+        path, split, cfg.data.columns or None, cfg.data.layout, cfg.data.strict, cfg.data.max_rows
+    )
     return cap_rows(groups, report, path, cfg.data.max_rows), report
 
 
@@ -270,8 +289,12 @@ def prepare_unpaired(cfg, tokenizer):
         examples, stats = tokenize_groups(groups, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length, report)
         refuse_empty_renders(report, sum(map(len, groups)), cfg, unit="completions")
         summary[name] = split_summary(report, stats, len(examples))  # "pairs" here counts examples
-        summary[name]["labels"] = {"desirable": sum(e.label for e in examples), "undesirable": sum(not e.label for e in examples)}
+        summary[name]["labels"] = {
+            "desirable": sum(e.label for e in examples),
+            "undesirable": sum(not e.label for e in examples),
+        }
         splits.append(examples)
-    summary["train"]["token_health"] = check_completion_health(train_groups, splits[0], tokenizer, cfg.data.path,
-                                                                 cfg.data.max_unknown_token_rate)
+    summary["train"]["token_health"] = check_completion_health(
+        train_groups, splits[0], tokenizer, cfg.data.path, cfg.data.max_unknown_token_rate
+    )
     return PreparedData(splits[0], splits[1], summary)

@@ -58,7 +58,10 @@ class VisionPair(TokenizedPair):
 
     def __repr__(self) -> str:
         # what identifies the training data (checkpoint fingerprints): the token ids and the images, not tensor reprs
-        return repr(TokenizedPair(self.prompt_ids, self.chosen_ids, self.rejected_ids, self.source))[:-1] + f", images={self.image_digest!r})"
+        return (
+            repr(TokenizedPair(self.prompt_ids, self.chosen_ids, self.rejected_ids, self.source))[:-1]
+            + f", images={self.image_digest!r})"
+        )
 
 
 # --- rows -------------------------------------------------------------------------------------
@@ -97,7 +100,9 @@ def _parts(content: Any, field_name: str) -> tuple[Any, int]:
             n_images += 1
         elif kind != "text" or not isinstance(part.get("text"), str):
             raise RowSkip(f"{field_name} has a content part that is neither {{'type': 'image'}} nor text", field_name)
-    return [{"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in content], n_images
+    return [
+        {"type": "image"} if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in content
+    ], n_images
 
 
 def _messages(value: Any, field_name: str) -> tuple[list[dict], int]:
@@ -117,8 +122,15 @@ def _messages(value: Any, field_name: str) -> tuple[list[dict], int]:
 
 def _text_only(messages: list[dict]) -> list[dict]:
     """fields.check_completion reads string contents; a text-part list is joined for the check."""
-    return [{**m, "content": m["content"] if isinstance(m["content"], str) else "".join(p.get("text", "") for p in m["content"])}
-            for m in messages]
+    return [
+        {
+            **m,
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else "".join(p.get("text", "") for p in m["content"]),
+        }
+        for m in messages
+    ]
 
 
 def vision_example(row: dict, where: str, folder: str | None, image_roots: tuple[str, ...] = ()) -> VisionExample:
@@ -127,13 +139,17 @@ def vision_example(row: dict, where: str, folder: str | None, image_roots: tuple
         if row.get(name) is None:
             raise RowSkip(f"{name} is missing", name)
     if isinstance(row["prompt"], str):
-        raise RowSkip("data.vision rows need a prompt of chat messages (with {'type': 'image'} parts for their images)", "prompt")
+        raise RowSkip(
+            "data.vision rows need a prompt of chat messages (with {'type': 'image'} parts for their images)", "prompt"
+        )
     prompt, n_parts = _messages(row["prompt"], "prompt")
     chosen, n_chosen = _messages(row["chosen"], "chosen")
     rejected, n_rejected = _messages(row["rejected"], "rejected")
     if n_chosen or n_rejected:
-        raise RowSkip("image parts in chosen/rejected are not supported (images belong to the prompt)",
-                      "chosen" if n_chosen else "rejected")
+        raise RowSkip(
+            "image parts in chosen/rejected are not supported (images belong to the prompt)",
+            "chosen" if n_chosen else "rejected",
+        )
     check_completion(_text_only(chosen), "chosen")
     check_completion(_text_only(rejected), "rejected")
     raw = row.get("images")
@@ -144,15 +160,21 @@ def vision_example(row: dict, where: str, folder: str | None, image_roots: tuple
     return VisionExample(prompt=prompt, chosen=chosen, rejected=rejected, source=where, images=images)
 
 
-def load_vision_preferences(path: str, split: str = "train", strict: bool = False, max_rows: int | None = None,
-                            image_roots: tuple[str, ...] = ()) -> tuple[list[VisionExample], SkipReport]:
+def load_vision_preferences(
+    path: str,
+    split: str = "train",
+    strict: bool = False,
+    max_rows: int | None = None,
+    image_roots: tuple[str, ...] = (),
+) -> tuple[list[VisionExample], SkipReport]:
     """Every row of `path` as a VisionExample; image paths are relative to the data file's folder."""
     # Relative image paths mean: beside the data file, inside a dataset folder; rows from the hub have no folder,
     # so only data.image_root is readable for them (never the current directory: the dataset is untrusted).
     local = os.path.abspath(os.path.expanduser(path))
     folder = local if os.path.isdir(local) else os.path.dirname(local) if os.path.lexists(local) else None
     examples, report = convert_rows(
-        path, split, lambda row, where: ("vision", vision_example(row, where, folder, image_roots)), strict, max_rows)
+        path, split, lambda row, where: ("vision", vision_example(row, where, folder, image_roots)), strict, max_rows
+    )
     if not examples:
         raise DataError(no_usable_rows_message(report), path)
     return examples, report
@@ -171,8 +193,10 @@ def _encode(processor, text: str, images) -> dict:
     encoded = processor(text=[text], images=images or None, return_tensors="pt")
     unknown = sorted(set(encoded) - set(VISION_KEYS) - set(TEXT_KEYS))
     if unknown:  # a per-token input we do not pass on would give the model other inputs than it expects
-        raise DataError(f"the processor returns {', '.join(unknown)}, which dpokit does not pass to the model; "
-                        f"supported inputs: {', '.join(TEXT_KEYS + VISION_KEYS)}")
+        raise DataError(
+            f"the processor returns {', '.join(unknown)}, which dpokit does not pass to the model; "
+            f"supported inputs: {', '.join(TEXT_KEYS + VISION_KEYS)}"
+        )
     return encoded
 
 
@@ -223,8 +247,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def tokenize_vision_pairs(examples: list[VisionExample], processor, max_length: int, max_prompt_length: int,
-                          report: SkipReport, strict: bool = False) -> tuple[list[VisionPair], TokenizationStats]:
+def tokenize_vision_pairs(
+    examples: list[VisionExample],
+    processor,
+    max_length: int,
+    max_prompt_length: int,
+    report: SkipReport,
+    strict: bool = False,
+) -> tuple[list[VisionPair], TokenizationStats]:
     """tokenize_pairs for image rows: the same truncation rules, except that image tokens are never cut."""
     stats, out = TokenizationStats(), []
     for ex in examples:
@@ -234,8 +264,11 @@ def tokenize_vision_pairs(examples: list[VisionExample], processor, max_length: 
             start = image_token_start(prompt, processor)
             if start is not None and cut > start:
                 if strict:
-                    raise DataError(f"{IMAGE_TRUNCATION}: the prompt is {len(prompt)} tokens, its image tokens start at "
-                                    f"{start}, data.max_prompt_length={max_prompt_length}", path=ex.source)
+                    raise DataError(
+                        f"{IMAGE_TRUNCATION}: the prompt is {len(prompt)} tokens, its image tokens start at "
+                        f"{start}, data.max_prompt_length={max_prompt_length}",
+                        path=ex.source,
+                    )
                 report.skip(IMAGE_TRUNCATION, f"{ex.source} (prompt: {len(prompt)} tokens, image tokens from {start})")
                 report.rows_used -= 1
                 continue
@@ -253,7 +286,9 @@ def tokenize_vision_pairs(examples: list[VisionExample], processor, max_length: 
             continue
         for name, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             stats.lengths[name].append(len(ids))
-        out.append(VisionPair(prompt, chosen, rejected, ex.source, vision=vision, image_digest=_digest(ex.images, vision)))
+        out.append(
+            VisionPair(prompt, chosen, rejected, ex.source, vision=vision, image_digest=_digest(ex.images, vision))
+        )
     return out, stats
 
 
@@ -293,20 +328,30 @@ def images_digest(pairs: list) -> Optional[str]:
 
 def prepare_vision_data(cfg, processor):
     """prepare_data for image rows: load, hold out eval prompts, tokenise with the processor, summarise."""
+
     def load(path: str, split: str, cfg):
-        examples, report = load_vision_preferences(path, split, cfg.data.strict, cfg.data.max_rows,
-                                                   tuple(cfg.data.image_root))
+        examples, report = load_vision_preferences(
+            path, split, cfg.data.strict, cfg.data.max_rows, tuple(cfg.data.image_root)
+        )
         return cap_rows(examples, report, path, cfg.data.max_rows), report
 
     train_examples, train_report, eval_examples, eval_report = load_train_and_eval(cfg, load)
     d = cfg.data
-    train, train_stats = tokenize_vision_pairs(train_examples, processor, d.max_length, d.max_prompt_length, train_report, d.strict)
-    evals, eval_stats = tokenize_vision_pairs(eval_examples, processor, d.max_length, d.max_prompt_length, eval_report, d.strict)
-    summary = {"train": split_summary(train_report, train_stats, len(train)), "eval": split_summary(eval_report, eval_stats, len(evals))}
+    train, train_stats = tokenize_vision_pairs(
+        train_examples, processor, d.max_length, d.max_prompt_length, train_report, d.strict
+    )
+    evals, eval_stats = tokenize_vision_pairs(
+        eval_examples, processor, d.max_length, d.max_prompt_length, eval_report, d.strict
+    )
+    summary = {
+        "train": split_summary(train_report, train_stats, len(train)),
+        "eval": split_summary(eval_report, eval_stats, len(evals)),
+    }
     # the token-health sample reads text: the prompts' text parts (image tokens are the processor's, never unknown)
     texts = [dataclasses.replace(ex, prompt=_text_only(ex.prompt)) for ex in train_examples]
-    summary["train"]["token_health"] = check_token_health(paired_rows(texts, train), processor.tokenizer, d.path,
-                                                            d.max_unknown_token_rate)
+    summary["train"]["token_health"] = check_token_health(
+        paired_rows(texts, train), processor.tokenizer, d.path, d.max_unknown_token_rate
+    )
     for split, pairs in (("train", train), ("eval", evals)):
         summary[split]["images"] = sum(_images_in(p) for p in pairs)
     return PreparedData(train, evals, summary)

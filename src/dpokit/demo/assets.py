@@ -23,7 +23,13 @@ from dpokit.demo import world
 
 ASSET_KEYS = ("model.name_or_path", "data.path", "data.eval_path", "data.retention_path", "data.sft_mix_path")
 PREFIX = "demo:"
-ASSETS = ("sentiment-sft", "sentiment-pairs", "sentiment-eval", "sentiment-sft-text", "sentiment-sft-mix")  # built files
+ASSETS = (
+    "sentiment-sft",
+    "sentiment-pairs",
+    "sentiment-eval",
+    "sentiment-sft-text",
+    "sentiment-sft-mix",
+)  # built files
 PROMPT_SETS = {"openings-train": "train", "openings-eval": "eval", "openings-all": "all"}  # name -> world split
 N_TRAIN_PAIRS = 2000
 N_EVAL_PAIRS = 200
@@ -38,7 +44,9 @@ def demo_paths(seed: int = 0) -> dict[str, str]:
     return dict(zip(ASSETS, (str(path) for path in (model, train, held_out, retention, mix))))
 
 
-def resolve_demo_names(specs: dict[str, Any], error: type[Exception] = ValueError, prompt_sets: bool = False) -> dict[str, Any]:
+def resolve_demo_names(
+    specs: dict[str, Any], error: type[Exception] = ValueError, prompt_sets: bool = False
+) -> dict[str, Any]:
     """The one resolver of `demo:` names: {where: spec} with each demo: spec replaced by its built asset's path, or,
     where the places take a list of prompts (prompt_sets), by a prompt set's prompts (world.all_openings, in order).
 
@@ -46,11 +54,15 @@ def resolve_demo_names(specs: dict[str, Any], error: type[Exception] = ValueErro
     `where` is named in the error for an unknown name (a config key, or "" for a bare name).
     """
     known = ASSETS + (tuple(PROMPT_SETS) if prompt_sets else ())
-    wanted = {where: spec[len(PREFIX) :] for where, spec in specs.items() if isinstance(spec, str) and spec.startswith(PREFIX)}
+    wanted = {
+        where: spec[len(PREFIX) :] for where, spec in specs.items() if isinstance(spec, str) and spec.startswith(PREFIX)
+    }
     for where, name in wanted.items():
         if name not in known:
-            raise error(f"unknown demo asset {specs[where]!r}{f' in {where}' if where else ''}; "
-                        f"known: {', '.join(PREFIX + k for k in known)}")
+            raise error(
+                f"unknown demo asset {specs[where]!r}{f' in {where}' if where else ''}; "
+                f"known: {', '.join(PREFIX + k for k in known)}"
+            )
     paths = demo_paths() if any(name in ASSETS for name in wanted.values()) else {}
     resolved = dict(specs)
     for where, name in wanted.items():

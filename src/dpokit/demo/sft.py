@@ -124,8 +124,12 @@ def train_sft(config: SFTConfig = SFTConfig(), seed: int = 0, log: Callable[[str
     """
     tokenizer = build_tokenizer([" ".join(world.vocabulary())], kind="word")
     model = build_tiny_llama(
-        tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
-        num_heads=config.num_heads, max_position_embeddings=64, seed=seed,
+        tokenizer,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        max_position_embeddings=64,
+        seed=seed,
     )
     set_cpu_threads(model, DEMO_THREADS)
     corpus = world.sft_corpus(config.n_sequences, seed=seed, positive_share=config.positive_share)
@@ -192,8 +196,13 @@ def build_sft_model(
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        info = {"config": asdict(config), "seed": seed, "world": world.fingerprint(),
-                "final_loss": loss, "build_seconds": round(time.perf_counter() - start, 1)}
+        info = {
+            "config": asdict(config),
+            "seed": seed,
+            "world": world.fingerprint(),
+            "final_loss": loss,
+            "build_seconds": round(time.perf_counter() - start, 1),
+        }
         (tmp / "sft_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
     return _cached_build(final, build, force)
@@ -229,8 +238,9 @@ def build_preference_data(
 RETENTION_POSITIVE_SHARE = 1.0
 
 
-def build_sft_text(cache_dir: Path | None = None, n_retention: int = 200, n_mix: int = 2000, seed: int = 0,
-                   force: bool = False) -> tuple[Path, Path]:
+def build_sft_text(
+    cache_dir: Path | None = None, n_retention: int = 200, n_mix: int = 2000, seed: int = 0, force: bool = False
+) -> tuple[Path, Path]:
     """(sft-retention.jsonl, sft-mix.jsonl) of prompt/completion rows the SFT model was trained to write, cached like the pairs.
 
     The retention set (data.retention_path) holds only positive reviews: the text the aligned model
@@ -241,8 +251,14 @@ def build_sft_text(cache_dir: Path | None = None, n_retention: int = 200, n_mix:
     the corpus' distribution (train openings, 40% positive). Other seeds than the SFT corpus', so
     neither repeats its rows.
     """
-    version = _version(kind="sft-text", n_retention=n_retention, n_mix=n_mix, seed=seed,
-                       positive_share=SFTConfig.positive_share, retention_positive_share=RETENTION_POSITIVE_SHARE)
+    version = _version(
+        kind="sft-text",
+        n_retention=n_retention,
+        n_mix=n_mix,
+        seed=seed,
+        positive_share=SFTConfig.positive_share,
+        retention_positive_share=RETENTION_POSITIVE_SHARE,
+    )
     final = Path(cache_dir or cache_home()) / f"sentiment-sft-text-{version}"
 
     def rows(n: int, row_seed: int, positive_share: float) -> list[dict]:

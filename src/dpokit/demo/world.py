@@ -45,7 +45,20 @@ NEGATIVE_WORDS = frozenset(NEGATIVE_ADJ + NEGATIVE_VERB)
 SLOTS: dict[str, list[str]] = {
     "det": ["the", "this", "that"],
     "work": ["film", "movie", "show", "sequel", "documentary", "musical", "series", "remake", "cartoon", "thriller"],
-    "aspect": ["plot", "acting", "story", "ending", "soundtrack", "script", "cast", "dialogue", "music", "pacing", "humor", "villain"],
+    "aspect": [
+        "plot",
+        "acting",
+        "story",
+        "ending",
+        "soundtrack",
+        "script",
+        "cast",
+        "dialogue",
+        "music",
+        "pacing",
+        "humor",
+        "villain",
+    ],
     "person": ["friend", "brother", "sister", "mother", "father", "neighbor", "teacher", "cousin", "roommate", "uncle"],
     "link": ["was", "seemed", "felt"],
     "time": ["yesterday", "tonight", "last night", "on sunday", "this weekend", "after dinner"],
@@ -111,7 +124,7 @@ def _render(template: str, rng: random.Random, polarity: str = "neutral") -> str
 
 
 def opening_split(opening: str) -> str:
-    """"eval" for the fixed fifth of openings held out from training, else "train".
+    """ "eval" for the fixed fifth of openings held out from training, else "train".
 
     A hash of the text (not the rng) decides, so the split is the same for every
     seed and every caller: SFT and preference training never see an eval opening.
@@ -213,9 +226,21 @@ def vocabulary() -> list[str]:
 
 def fingerprint() -> str:
     """A short hash of the whole language definition, so cached artefacts rebuild when it changes."""
-    parts = [POSITIVE_ADJ, NEGATIVE_ADJ, POSITIVE_VERB, NEGATIVE_VERB, sorted(SLOTS.items()),
-             OPENING_TEMPLATES, FIRST_TEMPLATES, POLAR_TEMPLATES, NEUTRAL_TEMPLATES, CONNECTORS,
-             MIN_WORDS, MAX_WORDS, HELD_OUT_MODULUS]
+    parts = [
+        POSITIVE_ADJ,
+        NEGATIVE_ADJ,
+        POSITIVE_VERB,
+        NEGATIVE_VERB,
+        sorted(SLOTS.items()),
+        OPENING_TEMPLATES,
+        FIRST_TEMPLATES,
+        POLAR_TEMPLATES,
+        NEUTRAL_TEMPLATES,
+        CONNECTORS,
+        MIN_WORDS,
+        MAX_WORDS,
+        HELD_OUT_MODULUS,
+    ]
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:10]
 
 
@@ -255,7 +280,7 @@ def _expand(template: str) -> list[str]:
     m = _SLOT.search(template)
     if m is None:
         return [template]
-    return [t for v in SLOTS[m.group(1)] for t in _expand(template[: m.start()] + v + template[m.end():])]
+    return [t for v in SLOTS[m.group(1)] for t in _expand(template[: m.start()] + v + template[m.end() :])]
 
 
 def all_openings(split: str = "all") -> list[str]:

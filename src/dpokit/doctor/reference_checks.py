@@ -53,15 +53,20 @@ def reference_logps_check(scores: ReferenceScores, thresholds: DoctorConfig) -> 
     floor = thresholds.min_token_logp
     unlikely = sum(min(c, r) < floor for c, r in zip(scores.chosen, scores.rejected)) / n
     numbers = {"pairs": n, "mean_chosen": mean_chosen, "mean_rejected": mean_rejected, "share_below_floor": unlikely}
-    summary = (f"reference log-prob per token over {n} pairs: chosen {mean_chosen:.2f}, rejected {mean_rejected:.2f} "
-               f"nats; {unlikely:.0%} of pairs have a completion below {floor:g}")
+    summary = (
+        f"reference log-prob per token over {n} pairs: chosen {mean_chosen:.2f}, rejected {mean_rejected:.2f} "
+        f"nats; {unlikely:.0%} of pairs have a completion below {floor:g}"
+    )
     if min(mean_chosen, mean_rejected) >= floor:
         return CheckResult("reference_logps", "ok", summary, numbers=numbers)
     return CheckResult(
-        "reference_logps", "warn", summary,
+        "reference_logps",
+        "warn",
+        summary,
         f"Below {floor:g} nats per token the reference would rarely write these completions (each token has under "
         "~2% probability): the data was likely produced by a different model, and the implicit reward derived from "
-        "the reference's log-probabilities becomes miscalibrated (distribution shift). " + MITIGATIONS["distribution_shift"],
+        "the reference's log-probabilities becomes miscalibrated (distribution shift). "
+        + MITIGATIONS["distribution_shift"],
         numbers,
     )
 
@@ -74,18 +79,28 @@ def reference_preference_check(scores: ReferenceScores, thresholds: DoctorConfig
     wrong = sorted(((gap, source) for gap, source in zip(gaps, scores.sources) if gap > margin), reverse=True)
     share = len(wrong) / n
     agrees = sum(gap < 0 for gap in gaps) / n
-    numbers = {"pairs": n, "share_wrong_way": share, "share_prefers_chosen": agrees, "margin": margin,
-               "mean_gap": sum(gaps) / n}
-    summary = (f"the reference prefers rejected by > {margin:g} nats/token in {share:.0%} of {n} pairs "
-               f"(prefers chosen at all in {agrees:.0%})")
+    numbers = {
+        "pairs": n,
+        "share_wrong_way": share,
+        "share_prefers_chosen": agrees,
+        "margin": margin,
+        "mean_gap": sum(gaps) / n,
+    }
+    summary = (
+        f"the reference prefers rejected by > {margin:g} nats/token in {share:.0%} of {n} pairs "
+        f"(prefers chosen at all in {agrees:.0%})"
+    )
     if share <= thresholds.wrong_way_share:
         return CheckResult("reference_preference", "ok", summary, numbers=numbers)
     return CheckResult(
-        "reference_preference", "warn", summary,
+        "reference_preference",
+        "warn",
+        summary,
         "DPO is meant to move the reference, so some wrong-way pairs are expected, and the reference's taste is not "
         "ground truth (it also disfavours text it would not write, e.g. padded or off-style answers). This many hints at "
         "label noise (the guide: more than ~15% mislabelled pairs lead to degenerate learning). Read the example rows, "
         "the most wrong-way first: if their 'rejected' answer is the better one, the labels are flipped. "
         + MITIGATIONS["label_noise"],
-        numbers, [source for _, source in wrong[:5]],
+        numbers,
+        [source for _, source in wrong[:5]],
     )

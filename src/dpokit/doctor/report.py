@@ -55,8 +55,13 @@ class DoctorReport:
         return "ok" if worst == "skip" else worst
 
     def to_dict(self) -> dict[str, Any]:
-        return {"data_path": self.data_path, "model": self.model, "verdict": self.verdict,
-                "checks": [asdict(c) for c in self.checks], "notes": list(self.notes)}
+        return {
+            "data_path": self.data_path,
+            "model": self.model,
+            "verdict": self.verdict,
+            "checks": [asdict(c) for c in self.checks],
+            "notes": list(self.notes),
+        }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -71,8 +76,12 @@ def format_report(report: DoctorReport, width: int = 100) -> str:
     """A table of check | verdict | numbers, then the advice for every check that is not ok."""
     name_width = max([len("check")] + [len(c.name) for c in report.checks])
     header = f"{'check':<{name_width}}  verdict  result"
-    lines = [f"dpokit doctor: {report.data_path}" + (f" with model {report.model}" if report.model else ""), "", header,
-             "-" * min(width, max(len(header), 60))]
+    lines = [
+        f"dpokit doctor: {report.data_path}" + (f" with model {report.model}" if report.model else ""),
+        "",
+        header,
+        "-" * min(width, max(len(header), 60)),
+    ]
     summary_indent = " " * (name_width + 11)
     for check in report.checks:
         wrapped = _wrap(check.summary, max(40, width - len(summary_indent))) or [""]
@@ -82,8 +91,14 @@ def format_report(report: DoctorReport, width: int = 100) -> str:
     if advice:
         lines += ["", "What to do:"]
         for check in advice:
-            lines.extend(_wrap(f"{check.name} ({check.verdict}): {check.advice}", width,
-                                       initial_indent="  ", subsequent_indent="    "))
+            lines.extend(
+                _wrap(
+                    f"{check.name} ({check.verdict}): {check.advice}",
+                    width,
+                    initial_indent="  ",
+                    subsequent_indent="    ",
+                )
+            )
             if check.examples:
                 lines.append(f"    e.g. {'; '.join(check.examples[:3])}")
     for note in report.notes:

@@ -43,8 +43,16 @@ from dpokit.doctor.tool_checks import completion_render_check, tools_check
 from dpokit.model_source import ModelLoadError
 from dpokit.models import load_model_config, load_policy, load_tokenizer
 
-TOKEN_CHECKS = ("token_health", "unknown_tokens", "truncation", "template_prefix", "special_tokens", "completion_end",
-                "completion_render", "tools")
+TOKEN_CHECKS = (
+    "token_health",
+    "unknown_tokens",
+    "truncation",
+    "template_prefix",
+    "special_tokens",
+    "completion_end",
+    "completion_render",
+    "tools",
+)
 REFERENCE_CHECKS = ("reference_logps", "reference_preference")
 DEFAULT_SAMPLE_SIZE = 256
 
@@ -89,12 +97,16 @@ def run_doctor(
     report.add(identical_pairs_check(examples))
     report.add(duplicates_check(examples))
     if scan is not None:
-        _token_checks(report, scan, examples, tokenizer, cfg, thresholds, _model_context(cfg, reference_model, model_name))
+        _token_checks(
+            report, scan, examples, tokenizer, cfg, thresholds, _model_context(cfg, reference_model, model_name)
+        )
     else:
         report.add(length_bias_check(*word_lengths(examples), "words", thresholds))
         _skip(report, TOKEN_CHECKS, "needs a tokenizer")
     _context_check(report, cfg, reference_model, model_name)
-    _reference_checks(report, scan, tokenizer, reference_model, model_name, cfg, sample_size, seed, thresholds, batch_size)
+    _reference_checks(
+        report, scan, tokenizer, reference_model, model_name, cfg, sample_size, seed, thresholds, batch_size
+    )
     return report
 
 
@@ -103,15 +115,31 @@ def _load_rows(report: DoctorReport, data_path: str, cfg: Config) -> tuple[list[
     try:
         if cfg.data.vision:  # image rows: read as dpokit train reads them (prompt/images/chosen/rejected)
             return load_vision_preferences(data_path, cfg.data.split, image_roots=tuple(cfg.data.image_root))
-        return load_preferences(data_path, split=cfg.data.split, columns=cfg.data.columns or None, layout=cfg.data.layout)
+        return load_preferences(
+            data_path, split=cfg.data.split, columns=cfg.data.columns or None, layout=cfg.data.layout
+        )
     except DataError as error:
-        report.add(CheckResult("load", "fail", str(error), "Nothing in this file can be trained on; fix the problem "
-                               "named above (see the expected columns) or map renamed columns with data.columns."))
+        report.add(
+            CheckResult(
+                "load",
+                "fail",
+                str(error),
+                "Nothing in this file can be trained on; fix the problem "
+                "named above (see the expected columns) or map renamed columns with data.columns.",
+            )
+        )
         return None
 
 
-def _token_checks(report: DoctorReport, scan: TokenScan, examples: list[PreferenceExample], tokenizer, cfg: Config,
-                  thresholds: DoctorConfig, context: int | None) -> None:
+def _token_checks(
+    report: DoctorReport,
+    scan: TokenScan,
+    examples: list[PreferenceExample],
+    tokenizer,
+    cfg: Config,
+    thresholds: DoctorConfig,
+    context: int | None,
+) -> None:
     """The tokenizer's checks (TOKEN_CHECKS, and length_bias counted in tokens), in report order."""
     health = measure_token_health(paired_rows(examples, scan.pairs), tokenizer)
     report.add(token_health_check(health))
@@ -139,8 +167,10 @@ def _with_model(cfg: Config, model_name: str, **extra: Any) -> Config:
 
 def _scan(examples: list[PreferenceExample], tokenizer, cfg: Config, report: DoctorReport) -> TokenScan | None:
     if tokenizer is None:
-        report.notes.append("no model given (--model or model.name_or_path): token and reference checks skipped; "
-                            "lengths are counted in words")
+        report.notes.append(
+            "no model given (--model or model.name_or_path): token and reference checks skipped; "
+            "lengths are counted in words"
+        )
         return None
     try:
         return scan_tokens(examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
@@ -178,19 +208,34 @@ def _context_check(report: DoctorReport, cfg: Config, reference_model, model_nam
     report.add(context_length_check(cfg.data.max_length, model_config))
 
 
-def _image_rows_report(report: DoctorReport, examples, load_skips, cfg: Config, thresholds: DoctorConfig, reference_model,
-                       model_name: str | None) -> DoctorReport:
+def _image_rows_report(
+    report: DoctorReport,
+    examples,
+    load_skips,
+    cfg: Config,
+    thresholds: DoctorConfig,
+    reference_model,
+    model_name: str | None,
+) -> DoctorReport:
     """data.vision=true: the row checks on the text (images count in the duplicate check), lengths in words, the
     context length. The token and reference checks need the model's processor and a vision forward pass, which
     dpokit train runs itself (its token health check and context check read the processor's tokens)."""
-    report.add(dropped_rows_check(load_skips, None, thresholds, untokenised="image rows are tokenised by the model's processor"))
+    report.add(
+        dropped_rows_check(
+            load_skips, None, thresholds, untokenised="image rows are tokenised by the model's processor"
+        )
+    )
     report.add(identical_pairs_check(examples))
     report.add(duplicates_check(examples))
     report.add(length_bias_check(*word_lengths(examples), "words", thresholds))
     why = "image rows (data.vision): tokenised by the model's processor; dpokit train checks their tokens before any compute"
     _skip(report, TOKEN_CHECKS, why)
     _context_check(report, cfg, reference_model, model_name)
-    _skip(report, REFERENCE_CHECKS, "image rows (data.vision): the reference checks need a vision forward pass, not run by the doctor")
+    _skip(
+        report,
+        REFERENCE_CHECKS,
+        "image rows (data.vision): the reference checks need a vision forward pass, not run by the doctor",
+    )
     return report
 
 
@@ -199,8 +244,18 @@ def _skip(report: DoctorReport, names: tuple[str, ...], why: str) -> None:
         report.add(CheckResult(name, "skip", why))
 
 
-def _reference_checks(report: DoctorReport, scan: TokenScan | None, tokenizer, reference_model, model_name: str | None,
-                      cfg: Config, sample_size: int, seed: int, thresholds: DoctorConfig, batch_size: int) -> None:
+def _reference_checks(
+    report: DoctorReport,
+    scan: TokenScan | None,
+    tokenizer,
+    reference_model,
+    model_name: str | None,
+    cfg: Config,
+    sample_size: int,
+    seed: int,
+    thresholds: DoctorConfig,
+    batch_size: int,
+) -> None:
     """Score a seeded sample of the tokenised pairs with the reference (the model before training)."""
     if scan is None or not scan.pairs:
         _skip(report, REFERENCE_CHECKS, "needs tokenised pairs")

@@ -46,19 +46,27 @@ def layouts_check(skips: SkipReport, examples: list[PreferenceExample]) -> Check
     """Rows per detected layout; mixing text and conversational rows means two prompt formats in one run."""
     per_layout = ", ".join(f"{name}: {count}" for name, count in skips.layouts.most_common())
     conversational = sum(ex.conversational for ex in examples)
-    numbers = {"layouts": dict(skips.layouts), "conversational_rows": conversational,
-               "text_rows": len(examples) - conversational}
+    numbers = {
+        "layouts": dict(skips.layouts),
+        "conversational_rows": conversational,
+        "text_rows": len(examples) - conversational,
+    }
     summary = f"{skips.rows_read} rows read, {skips.rows_used} usable; {per_layout}"
     if 0 < conversational < len(examples):
-        return CheckResult("layouts", "warn", summary + f" ({conversational} conversational, "
-                           f"{len(examples) - conversational} plain text)",
-                           "Plain-text rows are not rendered with the chat template, conversational rows are: the model "
-                           "is trained on two prompt formats. Convert the rows to one kind.", numbers)
+        return CheckResult(
+            "layouts",
+            "warn",
+            summary + f" ({conversational} conversational, {len(examples) - conversational} plain text)",
+            "Plain-text rows are not rendered with the chat template, conversational rows are: the model "
+            "is trained on two prompt formats. Convert the rows to one kind.",
+            numbers,
+        )
     return CheckResult("layouts", "ok", summary, numbers=numbers)
 
 
-def dropped_rows_check(load_skips: SkipReport, token_skips: SkipReport | None, thresholds: DoctorConfig,
-                       untokenised: str = "no tokenizer") -> CheckResult:
+def dropped_rows_check(
+    load_skips: SkipReport, token_skips: SkipReport | None, thresholds: DoctorConfig, untokenised: str = "no tokenizer"
+) -> CheckResult:
     """Rows lost at loading (bad or missing fields) and at tokenisation (empty after truncation), by reason.
     untokenised: why tokenisation was not checked, when token_skips is None."""
     reasons = Counter(load_skips.skipped)
@@ -72,14 +80,19 @@ def dropped_rows_check(load_skips: SkipReport, token_skips: SkipReport | None, t
     numbers = {"rows_read": load_skips.rows_read, "dropped": dropped, "share": share, "by_reason": dict(reasons)}
     scope = "" if token_skips is not None else f" (tokenisation not checked: {untokenised})"
     if not dropped:
-        return CheckResult("dropped_rows", "ok", f"0 of {load_skips.rows_read} rows would be dropped{scope}", numbers=numbers)
+        return CheckResult(
+            "dropped_rows", "ok", f"0 of {load_skips.rows_read} rows would be dropped{scope}", numbers=numbers
+        )
     by_reason = "; ".join(f"{count}: {reason}" for reason, count in reasons.most_common())
     verdict = "fail" if share > thresholds.dropped_fail_share else "warn"
     return CheckResult(
-        "dropped_rows", verdict, f"{dropped} of {load_skips.rows_read} rows ({share:.1%}) would be dropped{scope}: {by_reason}",
+        "dropped_rows",
+        verdict,
+        f"{dropped} of {load_skips.rows_read} rows ({share:.1%}) would be dropped{scope}: {by_reason}",
         "Training skips these rows. Fix the fields named in the reasons (see the example rows), or map renamed "
         "columns with data.columns; rows empty after truncation need a larger data.max_length.",
-        numbers, [w for reason, _ in reasons.most_common() for w in examples.get(reason, [])[:2]],
+        numbers,
+        [w for reason, _ in reasons.most_common() for w in examples.get(reason, [])[:2]],
     )
 
 
@@ -88,13 +101,18 @@ def identical_pairs_check(examples: list[PreferenceExample]) -> CheckResult:
     identical = [ex.source for ex in examples if _field_key(ex.chosen) == _field_key(ex.rejected)]
     numbers = {"identical": len(identical), "pairs": len(examples)}
     if not identical:
-        return CheckResult("identical_pairs", "ok", f"0 of {len(examples)} pairs have chosen == rejected", numbers=numbers)
+        return CheckResult(
+            "identical_pairs", "ok", f"0 of {len(examples)} pairs have chosen == rejected", numbers=numbers
+        )
     return CheckResult(
-        "identical_pairs", "warn",
+        "identical_pairs",
+        "warn",
         f"{len(identical)} of {len(examples)} pairs ({len(identical) / len(examples):.1%}) have chosen == rejected "
         "(ignoring whitespace)",
         "These pairs carry no preference: their DPO gradient is zero and they count as wrong in rewards/accuracies. "
-        "Remove them.", numbers, identical[:5],
+        "Remove them.",
+        numbers,
+        identical[:5],
     )
 
 
@@ -109,14 +127,22 @@ def duplicates_check(examples: list[PreferenceExample]) -> CheckResult:
     repeated_prompts = sum(count - 1 for count in prompts.values() if count > 1)
     duplicate_pairs = sum(count - 1 for count in pair_counts.values() if count > 1)
     contradictory = [ex.source for ex, (p, c, r) in zip(examples, keys) if c != r and (p, r, c) in pair_counts]
-    numbers = {"distinct_prompts": len(prompts), "repeated_prompts": repeated_prompts,
-               "duplicate_pairs": duplicate_pairs, "contradictory_pairs": len(contradictory)}
-    summary = (f"{len(prompts)} distinct prompts in {len(examples)} pairs ({repeated_prompts} repeats); exact duplicate "
-               f"pairs: {duplicate_pairs}; pairs ranked both ways: {len(contradictory)}")
+    numbers = {
+        "distinct_prompts": len(prompts),
+        "repeated_prompts": repeated_prompts,
+        "duplicate_pairs": duplicate_pairs,
+        "contradictory_pairs": len(contradictory),
+    }
+    summary = (
+        f"{len(prompts)} distinct prompts in {len(examples)} pairs ({repeated_prompts} repeats); exact duplicate "
+        f"pairs: {duplicate_pairs}; pairs ranked both ways: {len(contradictory)}"
+    )
     problems = []
     if contradictory:
-        problems.append("Pairs ranked both ways are label noise by construction: keep one ranking or drop both. "
-                        + MITIGATIONS["label_noise"])
+        problems.append(
+            "Pairs ranked both ways are label noise by construction: keep one ranking or drop both. "
+            + MITIGATIONS["label_noise"]
+        )
     if duplicate_pairs:
         problems.append("Exact duplicate pairs weigh those pairs more than the rest: deduplicate.")
     if not problems:
@@ -141,8 +167,9 @@ def sign_test_p(successes: int, trials: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def length_bias_check(chosen_lengths: list[int], rejected_lengths: list[int], unit: str,
-                      thresholds: DoctorConfig) -> CheckResult:
+def length_bias_check(
+    chosen_lengths: list[int], rejected_lengths: list[int], unit: str, thresholds: DoctorConfig
+) -> CheckResult:
     """Whether chosen is systematically longer (or shorter) than rejected: a length gap is a shortcut DPO can learn.
 
     Robust statistics only: the median chosen/rejected ratio, the share of pairs where chosen is
@@ -158,23 +185,36 @@ def length_bias_check(chosen_lengths: list[int], rejected_lengths: list[int], un
     share_longer, share_shorter = n_longer / len(pairs), n_shorter / len(pairs)
     median_ratio = statistics.median(ratios)
     p_value = sign_test_p(n_longer, n_longer + n_shorter)  # ties carry no direction
-    numbers = {"unit": unit, "median_ratio": median_ratio, "mean_ratio": sum(ratios) / len(ratios),
-               "share_chosen_longer": share_longer, "share_chosen_shorter": share_shorter, "sign_test_p": p_value,
-               "median_chosen": statistics.median(c for c, _ in pairs),
-               "median_rejected": statistics.median(r for _, r in pairs)}
-    summary = (f"chosen/rejected length ({unit}): median ratio {median_ratio:.2f}; chosen longer in {share_longer:.0%} "
-               f"of {len(pairs)} pairs, shorter in {share_shorter:.0%} (sign test p={p_value:.2g}; medians "
-               f"{numbers['median_chosen']:g} vs {numbers['median_rejected']:g})")
+    numbers = {
+        "unit": unit,
+        "median_ratio": median_ratio,
+        "mean_ratio": sum(ratios) / len(ratios),
+        "share_chosen_longer": share_longer,
+        "share_chosen_shorter": share_shorter,
+        "sign_test_p": p_value,
+        "median_chosen": statistics.median(c for c, _ in pairs),
+        "median_rejected": statistics.median(r for _, r in pairs),
+    }
+    summary = (
+        f"chosen/rejected length ({unit}): median ratio {median_ratio:.2f}; chosen longer in {share_longer:.0%} "
+        f"of {len(pairs)} pairs, shorter in {share_shorter:.0%} (sign test p={p_value:.2g}; medians "
+        f"{numbers['median_chosen']:g} vs {numbers['median_rejected']:g})"
+    )
     big_ratio = thresholds.length_median_ratio
     longer_bias = n_longer > n_shorter and (share_longer > thresholds.length_share_longer or median_ratio > big_ratio)
-    shorter_bias = n_shorter > n_longer and (share_shorter > thresholds.length_share_longer or median_ratio < 1 / big_ratio)
+    shorter_bias = n_shorter > n_longer and (
+        share_shorter > thresholds.length_share_longer or median_ratio < 1 / big_ratio
+    )
     if not (longer_bias or shorter_bias) or p_value >= thresholds.length_sign_test_p:
         return CheckResult("length_bias", "ok", summary, numbers=numbers)
     direction = "longer" if longer_bias else "shorter"
     return CheckResult(
-        "length_bias", "warn", summary,
+        "length_bias",
+        "warn",
+        summary,
         f"Chosen responses are systematically {direction}: DPO's sequence-level log-probabilities let the model learn "
-        f"length itself as the preferred feature (length hacking). " + MITIGATIONS["length_hacking"], numbers,
+        f"length itself as the preferred feature (length hacking). " + MITIGATIONS["length_hacking"],
+        numbers,
     )
 
 

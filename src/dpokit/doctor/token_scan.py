@@ -14,11 +14,27 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from dpokit.data.records import PreferenceExample, SkipReport
-from dpokit.data.tokenization import EmptyRender, TokenizationStats, TokenizedPair, render_ids, template_kwargs, tokenize_pairs
+from dpokit.data.tokenization import (
+    EmptyRender,
+    TokenizationStats,
+    TokenizedPair,
+    render_ids,
+    template_kwargs,
+    tokenize_pairs,
+)
 from dpokit.data.tokenization import encoded_ids  # one place knows transformers 4 vs 5 return types
 
 # End-of-turn tokens of common chat templates; those in a tokenizer's vocabulary count as "the completion ended".
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|end_of_text|>")
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<end_of_turn>",
+    "<|end|>",
+    "<|endoftext|>",
+    "</s>",
+    "<|end_of_text|>",
+)
 
 
 class RecentRenders:
@@ -51,7 +67,11 @@ class RecentRenders:
         return self._remember(key, lambda: self._tokenizer(text, **kwargs))
 
     def apply_chat_template(self, messages, **kwargs):
-        key = ("chat", json.dumps(messages, sort_keys=True, default=str), json.dumps(kwargs, sort_keys=True, default=str))
+        key = (
+            "chat",
+            json.dumps(messages, sort_keys=True, default=str),
+            json.dumps(kwargs, sort_keys=True, default=str),
+        )
         return self._remember(key, lambda: self._tokenizer.apply_chat_template(messages, **kwargs))
 
 
@@ -112,7 +132,9 @@ def scan_tokens(examples: list[PreferenceExample], tokenizer, max_length: int, m
         scan.rows += 1
         try:
             prompt, chosen, rejected = render_ids(ex, cached)
-        except EmptyRender:  # counted in scan.skips below, as training counts it; the completion_render check reports it
+        except (
+            EmptyRender
+        ):  # counted in scan.skips below, as training counts it; the completion_render check reports it
             tokenize_pairs([ex], cached, max_length, max_prompt_length, scan.skips)
             continue
         scan.prompt_lengths.append(len(prompt))
@@ -146,9 +168,11 @@ def _check_prefix(ex: PreferenceExample, tokenizer, inspector: _TokenInspector, 
         scan.not_prefix.append(ex.source)
         if not scan.divergence:
             at = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
-            scan.divergence = (f"at token {at} of {ex.source}: the prompt render has "
-                               f"'{inspector.describe(prompt[at:at + 4])}', the full conversation "
-                               f"'{inspector.describe(full[at:at + 4])}'")
+            scan.divergence = (
+                f"at token {at} of {ex.source}: the prompt render has "
+                f"'{inspector.describe(prompt[at : at + 4])}', the full conversation "
+                f"'{inspector.describe(full[at : at + 4])}'"
+            )
         return
 
 

@@ -41,7 +41,9 @@ def tools_check(examples: list[PreferenceExample], tokenizer) -> CheckResult:
 
 def _ignores_tools(tokenizer, ex: PreferenceExample) -> bool:
     try:
-        with_tools = tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True, tools=ex.tools)
+        with_tools = tokenizer.apply_chat_template(
+            ex.prompt, tokenize=False, add_generation_prompt=True, tools=ex.tools
+        )
         without = tokenizer.apply_chat_template(ex.prompt, tokenize=False, add_generation_prompt=True)
     except Exception:  # a template that refuses the row: counted by the dropped-rows check, not this one
         return False
@@ -61,8 +63,10 @@ def completion_render_check(skips: SkipReport, pairs: int) -> CheckResult:
     """fail with the rows whose chosen or rejected completion the chat template renders as nothing."""
     ignored, empty = skips.skipped[TOOL_CALLS_IGNORED], skips.skipped[END_MARKER_ONLY]
     numbers = {"pairs": pairs, "tool_calls_ignored": ignored, "end_marker_only": empty}
-    summary = (f"{ignored + empty} of {pairs} pairs have a completion rendered as nothing: {ignored} whose tool_calls the "
-               f"chat template ignores, {empty} with no token but the end-of-turn marker")
+    summary = (
+        f"{ignored + empty} of {pairs} pairs have a completion rendered as nothing: {ignored} whose tool_calls the "
+        f"chat template ignores, {empty} with no token but the end-of-turn marker"
+    )
     if not ignored + empty:
         return CheckResult("completion_render", "ok", summary, numbers=numbers)
     examples = skips.examples.get(TOOL_CALLS_IGNORED, []) + skips.examples.get(END_MARKER_ONLY, [])

@@ -31,8 +31,14 @@ class Input:
 _TRAINING = ("train", "sft", "precompute", "plan", "config", "doctor")
 
 INPUTS: tuple[Input, ...] = (
-    Input(_TRAINING[:5] + ("sample", "score", "pair", "eval"), "CONFIG", "config", "config", dest="config",
-          also="a shipped config name (demo)"),
+    Input(
+        _TRAINING[:5] + ("sample", "score", "pair", "eval"),
+        "CONFIG",
+        "config",
+        "config",
+        dest="config",
+        also="a shipped config name (demo)",
+    ),
     Input(("doctor",), "--config", "config", "config", dest="config", also="a shipped config name"),
     Input(("pipeline",), "CONFIG", "config", "pipeline_config", dest="config", also="a shipped pipeline name"),
     Input(("config",), "--from", "config", "config_from", dest="from_file", also="an Axolotl or TRL config"),
@@ -46,8 +52,9 @@ INPUTS: tuple[Input, ...] = (
     Input(("sample",), "--out (resumed)", "samples", "samples", dest="out", also="a new file"),
     Input(("score",), "--in", "samples", "samples", dest="in_path"),
     Input(("score",), "--out (resumed)", "samples", "samples", dest="out", also="a new file"),
-    Input(("score", "eval"), "--scorer FILE.py:fn", "module", "scorer", dest="scorer",
-          also="module:function, rm:MODEL"),
+    Input(
+        ("score", "eval"), "--scorer FILE.py:fn", "module", "scorer", dest="scorer", also="module:function, rm:MODEL"
+    ),
     Input(("pair",), "--in", "samples", "samples", dest="in_path"),
     Input(("eval",), "--prompts", "data", "rows", dest="prompts", also="a datasets folder or a hub id"),
     Input(("eval",), "--pairs", "data", "rows", dest="pairs", also="a datasets folder or a hub id"),

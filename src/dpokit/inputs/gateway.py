@@ -55,17 +55,20 @@ class InputKind:
 
 
 # The limits are far above any real file of the kind, and far below what takes a machine down.
-KINDS: dict[str, InputKind] = {k.name: k for k in (
-    InputKind("data", 200 * GiB, "training, eval, SFT-mix, retention and prompt data (streamed)"),
-    InputKind("whole_data", 8 * GiB, "data read whole before parsing (.json, .csv)"),
-    InputKind("samples", 200 * GiB, "samples, scored samples and pairs JSONL of the online verbs (streamed)"),
-    InputKind("suite", 256 * MiB, "eval suite files (IFEval prompts, multi-turn questions)"),
-    InputKind("config", 1_000_000, "YAML config files"),
-    InputKind("module", 16 * MiB, "Python scorer files (path/to/file.py:function)"),
-    InputKind("image", 64 * MiB, "image files named in data rows"),
-    InputKind("run", 4 * GiB, "a run directory's own files read back (metrics.jsonl, config.yaml, summaries)"),
-    InputKind("docs", 16 * MiB, "a docs page rewritten between its markers (python -m dpokit.robustness --write)"),
-)}
+KINDS: dict[str, InputKind] = {
+    k.name: k
+    for k in (
+        InputKind("data", 200 * GiB, "training, eval, SFT-mix, retention and prompt data (streamed)"),
+        InputKind("whole_data", 8 * GiB, "data read whole before parsing (.json, .csv)"),
+        InputKind("samples", 200 * GiB, "samples, scored samples and pairs JSONL of the online verbs (streamed)"),
+        InputKind("suite", 256 * MiB, "eval suite files (IFEval prompts, multi-turn questions)"),
+        InputKind("config", 1_000_000, "YAML config files"),
+        InputKind("module", 16 * MiB, "Python scorer files (path/to/file.py:function)"),
+        InputKind("image", 64 * MiB, "image files named in data rows"),
+        InputKind("run", 4 * GiB, "a run directory's own files read back (metrics.jsonl, config.yaml, summaries)"),
+        InputKind("docs", 16 * MiB, "a docs page rewritten between its markers (python -m dpokit.robustness --write)"),
+    )
+}
 
 MAX_LINE_BYTES = 64 * MiB  # one JSON line; a row over this is a file of zeros, not a preference pair (nor an image row)
 MAX_IMAGE_PIXELS = 64_000_000  # 8000 x 8000; checked from the header, before the pixels are decoded
@@ -106,11 +109,13 @@ def open_checked(path: str | os.PathLike, kind: str, label: str = "") -> BinaryI
         if stat.S_ISDIR(info.st_mode):
             raise InputError("is a folder, not a file", shown)
         if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"not a regular file but {_file_type(info.st_mode)}; reading it may never end: "
-                             "give a file", shown)
+            raise InputError(
+                f"not a regular file but {_file_type(info.st_mode)}; reading it may never end: give a file", shown
+            )
         if info.st_size > spec.limit:
-            raise InputError(f"is {_size_text(info.st_size)}, over the {_size_text(spec.limit)} limit for "
-                             f"{spec.what}", shown)
+            raise InputError(
+                f"is {_size_text(info.st_size)}, over the {_size_text(spec.limit)} limit for {spec.what}", shown
+            )
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         raw = os.fdopen(fd, "rb")
     except BaseException:
@@ -149,8 +154,9 @@ class _Capped(io.RawIOBase):
         if n:
             self._left -= n
             if self._left < 0:
-                raise InputError(f"read past the {_size_text(self._spec.limit)} limit for {self._spec.what}",
-                                 self._shown)
+                raise InputError(
+                    f"read past the {_size_text(self._spec.limit)} limit for {self._spec.what}", self._shown
+                )
         return n
 
     def close(self) -> None:
@@ -174,8 +180,11 @@ def read_text(path: str | os.PathLike, kind: str, label: str = "") -> str:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
-        raise InputError(f"not valid UTF-8: byte 0x{data[error.start]:02x} on line {line} (byte offset "
-                         f"{error.start}); re-save the file as UTF-8", f"{label} {path}" if label else str(path)) from None
+        raise InputError(
+            f"not valid UTF-8: byte 0x{data[error.start]:02x} on line {line} (byte offset "
+            f"{error.start}); re-save the file as UTF-8",
+            f"{label} {path}" if label else str(path),
+        ) from None
 
 
 def _stream(path: str | os.PathLike, kind: str, label: str = "") -> BinaryIO:
@@ -209,8 +218,12 @@ def iter_lines(path: str | os.PathLike, kind: str, label: str = "") -> Iterator[
         with _stream(path, kind, label) as stream:
             for number, line in enumerate(iter(lambda: stream.readline(MAX_LINE_BYTES + 1), b""), 1):
                 if len(line) > MAX_LINE_BYTES:
-                    raise InputError(f"line {number} is longer than {_size_text(MAX_LINE_BYTES)} (no line break); "
-                                     "this is not a JSON lines file", shown, row=number)
+                    raise InputError(
+                        f"line {number} is longer than {_size_text(MAX_LINE_BYTES)} (no line break); "
+                        "this is not a JSON lines file",
+                        shown,
+                        row=number,
+                    )
                 yield number, line
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"cannot read file: {error}", shown) from None

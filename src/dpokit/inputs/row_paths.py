@@ -35,13 +35,15 @@ def resolve_row_path(value: str, base_dir: str | None, allowed_roots: Iterable[s
     base = os.path.realpath(base_dir) if base_dir is not None else None
     roots = ([base] if base else []) + [os.path.realpath(os.path.expanduser(r)) for r in allowed_roots]
     if base is None and not os.path.isabs(value):
-        raise RowPathError("a relative image path in a dataset that is not a local file has no folder to be "
-                           "relative to (give absolute paths under data.image_root, or image bytes)", value)
+        raise RowPathError(
+            "a relative image path in a dataset that is not a local file has no folder to be "
+            "relative to (give absolute paths under data.image_root, or image bytes)",
+            value,
+        )
     joined = value if os.path.isabs(value) else os.path.join(base, value)  # base is set here (checked above)
     real = os.path.realpath(joined)
     if not any(_inside(real, root) for root in roots):
-        raise RowPathError("image path is outside the data folder (set data.image_root to allow another folder)",
-                           value)
+        raise RowPathError("image path is outside the data folder (set data.image_root to allow another folder)", value)
     return real
 
 
@@ -65,18 +67,24 @@ def check_image_bytes(raw: bytes, where: str = "") -> None:
     try:
         from PIL import Image
     except ImportError:
-        raise InputError("data.vision needs pillow to read images: pip install 'dpokit[vision]' "
-                         "(or pip install pillow)") from None
+        raise InputError(
+            "data.vision needs pillow to read images: pip install 'dpokit[vision]' (or pip install pillow)"
+        ) from None
     try:
         with Image.open(io.BytesIO(raw)) as image:
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise RowPathError(f"image is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel limit "
-                                   "(a decompression bomb, or a scan far larger than a model's input)", where)
+                raise RowPathError(
+                    f"image is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel limit "
+                    "(a decompression bomb, or a scan far larger than a model's input)",
+                    where,
+                )
             image.verify()
     except RowPathError:
         raise
     except Image.DecompressionBombError:
-        raise RowPathError(f"image is over the {MAX_IMAGE_PIXELS:,} pixel limit (a decompression bomb)", where) from None
+        raise RowPathError(
+            f"image is over the {MAX_IMAGE_PIXELS:,} pixel limit (a decompression bomb)", where
+        ) from None
     except Exception as error:  # PIL raises many types for a non-image or a damaged one
         raise RowPathError(f"not a readable image ({type(error).__name__})", where) from None

@@ -20,12 +20,18 @@ class LossConfig:
     type: Union[str, list[str]] = "sigmoid"  # a name from LOSSES, or a list of names whose losses are summed
     weights: Optional[list[float]] = None  # one weight per name in `type`; None = all 1.0
     beta: float = 0.1  # KL coefficient (IPO: tau; ORPO: lambda; SimPO: ~2.0): higher stays closer to the reference
-    label_smoothing: float = 0.0  # probability a label is flipped: cDPO (sigmoid, aot*, simpo, cpo), robust; EXO's epsilon
-    ipo_normalize: bool = True  # ipo: divide each log-ratio by its completion length (TRL); False = summed (Azar et al.)
+    label_smoothing: float = (
+        0.0  # probability a label is flipped: cDPO (sigmoid, aot*, simpo, cpo), robust; EXO's epsilon
+    )
+    ipo_normalize: bool = (
+        True  # ipo: divide each log-ratio by its completion length (TRL); False = summed (Azar et al.)
+    )
     f_divergence_type: str = "reverse_kl"  # reverse_kl | forward_kl | js | alpha_divergence (f-DPO)
     f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
     ld_alpha: Optional[float] = None  # LD-DPO: weight in [0, 1] of tokens past the shorter completion; None = off
-    use_weighting: bool = False  # WPO: weight each pair by the policy's length-normalised probability of both completions
+    use_weighting: bool = (
+        False  # WPO: weight each pair by the policy's length-normalised probability of both completions
+    )
     discopop_tau: float = 0.05  # discopop: temperature of the logistic/exponential blend
     simpo_gamma: float = 0.5  # simpo: target reward margin gamma
     cpo_alpha: float = 1.0  # cpo: weight of the NLL term on the chosen completion

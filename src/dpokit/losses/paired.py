@@ -12,7 +12,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpokit.losses.base import LossConfig, LossOutput, PairLogps, dpo_output, lengths, log_ratios, policy_logps, ref_logps, sigmoid_smoothed
+from dpokit.losses.base import (
+    LossConfig,
+    LossOutput,
+    PairLogps,
+    dpo_output,
+    lengths,
+    log_ratios,
+    policy_logps,
+    ref_logps,
+    sigmoid_smoothed,
+)
 from dpokit.losses.fdiv import scores
 
 

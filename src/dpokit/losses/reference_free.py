@@ -10,7 +10,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpokit.losses.base import LossConfig, LossOutput, PairLogps, chosen_nll, dpo_output, lengths, policy_logps, sigmoid_smoothed
+from dpokit.losses.base import (
+    LossConfig,
+    LossOutput,
+    PairLogps,
+    chosen_nll,
+    dpo_output,
+    lengths,
+    policy_logps,
+    sigmoid_smoothed,
+)
 
 
 def _average_logps(x: PairLogps, cfg: LossConfig, why: str) -> tuple[torch.Tensor, torch.Tensor]:

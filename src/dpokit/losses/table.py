@@ -40,7 +40,9 @@ UNPAIRED_LOSSES: frozenset[str] = frozenset({"kto"})
 REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "cpo", "orpo", "sft"})
 
 # Losses built on the chosen-minus-rejected score, where f-DPO's log Z(x) cancels (sft ignores it).
-F_DIVERGENCE_LOSSES: frozenset[str] = frozenset({"sigmoid", "robust", "ipo", "hinge", "exo_pair", "discopop", "sigmoid_norm", "sft"})
+F_DIVERGENCE_LOSSES: frozenset[str] = frozenset(
+    {"sigmoid", "robust", "ipo", "hinge", "exo_pair", "discopop", "sigmoid_norm", "sft"}
+)
 
 # Their i-th loss belongs to a batch order statistic, not to pair i, so per-pair WPO weights would be misaligned.
 BATCH_SORTED: frozenset[str] = frozenset({"aot", "aot_unpaired"})
@@ -83,16 +85,35 @@ def validate_loss_config(cfg: LossConfig) -> tuple[list[str], list[float]]:
         raise ValueError(f"loss.weights has {len(weights)} entries but loss.type has {len(names)} ({names})")
     checks = [
         (cfg.beta > 0, f"loss.beta must be > 0, got {cfg.beta}"),
-        (cfg.f_divergence_type in F_DIVERGENCES, f"loss.f_divergence_type {cfg.f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}"),
-        (cfg.f_divergence_type == "reverse_kl" or set(names) <= F_DIVERGENCE_LOSSES,
-         f"loss.f_divergence_type={cfg.f_divergence_type} works only with {sorted(F_DIVERGENCE_LOSSES)}, not {names}"),
-        (cfg.nll_normalize in NLL_NORMALIZE, f"loss.nll_normalize {cfg.nll_normalize!r}; valid: {', '.join(NLL_NORMALIZE)}"),
-        (cfg.ld_alpha is None or 0.0 <= cfg.ld_alpha <= 1.0, f"loss.ld_alpha must be in [0, 1] or null, got {cfg.ld_alpha}"),
-        (0.0 <= cfg.label_smoothing < 0.5 or not {"robust", "sigmoid", "aot", "aot_unpaired", "simpo", "cpo"} & set(names),
-         f"loss.label_smoothing is a flip probability and must be in [0, 0.5), got {cfg.label_smoothing}"),
-        ("exo_pair" not in names or 0.0 < cfg.label_smoothing < 1.0,
-         f"exo_pair needs 0 < loss.label_smoothing < 1 (the paper uses 1e-3), got {cfg.label_smoothing}"),
-        (not (cfg.use_weighting and BATCH_SORTED & set(names)), f"loss.use_weighting (WPO) cannot weight {sorted(BATCH_SORTED)}: they sort the batch"),
+        (
+            cfg.f_divergence_type in F_DIVERGENCES,
+            f"loss.f_divergence_type {cfg.f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}",
+        ),
+        (
+            cfg.f_divergence_type == "reverse_kl" or set(names) <= F_DIVERGENCE_LOSSES,
+            f"loss.f_divergence_type={cfg.f_divergence_type} works only with {sorted(F_DIVERGENCE_LOSSES)}, not {names}",
+        ),
+        (
+            cfg.nll_normalize in NLL_NORMALIZE,
+            f"loss.nll_normalize {cfg.nll_normalize!r}; valid: {', '.join(NLL_NORMALIZE)}",
+        ),
+        (
+            cfg.ld_alpha is None or 0.0 <= cfg.ld_alpha <= 1.0,
+            f"loss.ld_alpha must be in [0, 1] or null, got {cfg.ld_alpha}",
+        ),
+        (
+            0.0 <= cfg.label_smoothing < 0.5
+            or not {"robust", "sigmoid", "aot", "aot_unpaired", "simpo", "cpo"} & set(names),
+            f"loss.label_smoothing is a flip probability and must be in [0, 0.5), got {cfg.label_smoothing}",
+        ),
+        (
+            "exo_pair" not in names or 0.0 < cfg.label_smoothing < 1.0,
+            f"exo_pair needs 0 < loss.label_smoothing < 1 (the paper uses 1e-3), got {cfg.label_smoothing}",
+        ),
+        (
+            not (cfg.use_weighting and BATCH_SORTED & set(names)),
+            f"loss.use_weighting (WPO) cannot weight {sorted(BATCH_SORTED)}: they sort the batch",
+        ),
         (cfg.discopop_tau > 0, f"loss.discopop_tau must be > 0, got {cfg.discopop_tau}"),
     ]
     if UNPAIRED_LOSSES & set(names):
@@ -107,7 +128,10 @@ def _unpaired_checks(names: list[str], cfg: LossConfig) -> list[tuple[bool, str]
     # KTO's batch is single completions with a KL baseline: no pair to add a paired loss to, no shared
     # prefix for LD-DPO, no pair weight for WPO.
     return [
-        (len(names) == 1, f"loss.type kto trains on unpaired examples and cannot be combined with other losses, got {names}"),
+        (
+            len(names) == 1,
+            f"loss.type kto trains on unpaired examples and cannot be combined with other losses, got {names}",
+        ),
         (cfg.desirable_weight > 0, f"loss.desirable_weight must be > 0, got {cfg.desirable_weight}"),
         (cfg.undesirable_weight > 0, f"loss.undesirable_weight must be > 0, got {cfg.undesirable_weight}"),
         (cfg.ld_alpha is None, "loss.ld_alpha (LD-DPO) needs paired completions; it does not apply to kto"),
@@ -119,8 +143,12 @@ def compute_loss(x: PairLogps, cfg: LossConfig) -> LossOutput:
     """Per-example loss sum_k weight_k * loss_k (each WPO-weighted if `use_weighting`); rewards of the first loss."""
     names, weights = validate_loss_config(cfg)
     if UNPAIRED_LOSSES & set(names):
-        raise ValueError("loss.type kto is unpaired: compute_loss takes pairs; the trainer runs kto through dpokit.steps.unpaired")
+        raise ValueError(
+            "loss.type kto is unpaired: compute_loss takes pairs; the trainer runs kto through dpokit.steps.unpaired"
+        )
     pair_weight = wpo_weights(x) if cfg.use_weighting else None  # (B,)
     outputs = [LOSSES[name](x, cfg) for name in names]
-    losses = sum(w * (out.losses if pair_weight is None else out.losses * pair_weight) for w, out in zip(weights, outputs))
+    losses = sum(
+        w * (out.losses if pair_weight is None else out.losses * pair_weight) for w, out in zip(weights, outputs)
+    )
     return LossOutput(losses, outputs[0].chosen_rewards, outputs[0].rejected_rewards)

@@ -27,9 +27,17 @@ class HFBackend:
 
     def generate(self, texts: list[str], cfg: SamplingConfig, seed: int) -> list:
         """-> num_samples `generation.Sample`s per text, prompt-major."""
-        return sample(self.model, self.tokenizer, texts, num_samples=cfg.num_samples, temperature=cfg.temperature,
-                      top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
-                      batch_size=max(1, len(texts) * cfg.num_samples))
+        return sample(
+            self.model,
+            self.tokenizer,
+            texts,
+            num_samples=cfg.num_samples,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=seed,
+            batch_size=max(1, len(texts) * cfg.num_samples),
+        )
 
 
 class VLLMBackend:  # pragma: no cover - needs vllm and a GPU
@@ -47,8 +55,9 @@ class VLLMBackend:  # pragma: no cover - needs vllm and a GPU
         from vllm import SamplingParams  # optional, as above
 
         eos = self.tokenizer.eos_token_id
-        params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_tokens=cfg.max_new_tokens, seed=seed)
+        params = SamplingParams(
+            n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=seed
+        )
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         samples = []
@@ -74,7 +83,9 @@ def make_backend(cfg: SamplingConfig, model_spec: str, model=None, tokenizer=Non
             raise RuntimeError("backend 'vllm' needs the vllm package and a CUDA GPU; use backend 'hf'")
         # vLLM reads the weights itself: the tokenizer load runs dpokit's checks on the folder first
         tokenizer = tokenizer or load_tokenizer(model_spec, trust)
-        return VLLMBackend(resolve_model_path(model_spec), tokenizer, seed=cfg.seed, trust_remote_code=trust.trust_remote_code)
+        return VLLMBackend(
+            resolve_model_path(model_spec), tokenizer, seed=cfg.seed, trust_remote_code=trust.trust_remote_code
+        )
     if model is None:
         model, tokenizer = load_model(model_spec, trust)
     return HFBackend(model, tokenizer)

@@ -48,8 +48,12 @@ def run_demo(out_dir: str = "runs/demo", overrides: list[str] | None = None) -> 
     eval_pairs = _read_pairs(paths["sentiment-eval"])
     # The same prompts, independent seeds: one seed would make both models draw from the same random
     # numbers, and every sample DPO barely changed would be printed twice, word for word.
-    before = evaluate_policy(reference, reference, tokenizer, prompts, eval_pairs, SAMPLES_PER_PROMPT, seed=0, progress="SFT")
-    after = evaluate_policy(policy, reference, tokenizer, prompts, eval_pairs, SAMPLES_PER_PROMPT, seed=1, progress="DPO")
+    before = evaluate_policy(
+        reference, reference, tokenizer, prompts, eval_pairs, SAMPLES_PER_PROMPT, seed=0, progress="SFT"
+    )
+    after = evaluate_policy(
+        policy, reference, tokenizer, prompts, eval_pairs, SAMPLES_PER_PROMPT, seed=1, progress="DPO"
+    )
     wall = time.time() - started
     print()
     print(format_table(before, after))

@@ -57,8 +57,17 @@ def evaluate_policy(
     pairs = _load_pairs(eval_pairs)
     shown = progress is not None
     with progress_bar(len(prompts) * num_samples, f"[demo] {progress}: sampling", "sample", shown) as bar:
-        samples = sample(policy, tokenizer, list(prompts), num_samples=num_samples, temperature=1.0,
-                         top_p=1.0, max_new_tokens=max_new_tokens, seed=seed, on_batch=bar.update)
+        samples = sample(
+            policy,
+            tokenizer,
+            list(prompts),
+            num_samples=num_samples,
+            temperature=1.0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            on_batch=bar.update,
+        )
     with progress_bar(len(samples), f"[demo] {progress}: KL", "sample", shown) as bar:
         kl = kl_to_reference(policy, reference, samples, tokenizer.pad_token_id, progress=bar)
     with progress_bar(2 * len(pairs), f"[demo] {progress}: held-out pairs", "seq", shown) as bar:
@@ -90,16 +99,21 @@ _ROWS = [
 
 def kl_note(num_samples: int) -> str:
     """What the table's KL is, so it is not mistaken for the training metric kl/chosen of the run's report."""
-    return (f"[1] estimated from the {num_samples} policy samples: E[log pi - log ref] by the k3 estimator, mean of (r - 1) - log r,\n"
-            "    r = ref/pi per completion (unbiased, never negative). Not the report's kl/chosen, which is the exact\n"
-            "    next-token KL summed along the training pairs' chosen completions.")
+    return (
+        f"[1] estimated from the {num_samples} policy samples: E[log pi - log ref] by the k3 estimator, mean of (r - 1) - log r,\n"
+        "    r = ref/pi per completion (unbiased, never negative). Not the report's kl/chosen, which is the exact\n"
+        "    next-token KL summed along the training pairs' chosen completions."
+    )
 
 
 def format_table(before: dict, after: dict) -> str:
     """A plain-text before/after table (rows: metrics; columns: SFT, DPO), then samples of the same prompts."""
     headers = ("metric", "SFT (before)", "DPO (after)")
-    rows = [(label, fmt.format(before[key]), fmt.format(after[key]))
-            for key, label, fmt in _ROWS if key in before and key in after]
+    rows = [
+        (label, fmt.format(before[key]), fmt.format(after[key]))
+        for key, label, fmt in _ROWS
+        if key in before and key in after
+    ]
     widths = [max(len(r[i]) for r in rows + [headers]) for i in range(3)]
 
     def line(cells) -> str:

@@ -30,13 +30,22 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm
     return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
-def against_reference(policy, reference, tokenizer, samples: list[Sample], cfg: EvalConfig, pairs, bar, progress: bool) -> dict:
+def against_reference(
+    policy, reference, tokenizer, samples: list[Sample], cfg: EvalConfig, pairs, bar, progress: bool
+) -> dict:
     """The KL estimates from the policy's samples and, with held-out pairs, the implicit reward's preference accuracy."""
     out: dict[str, Any] = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with progress_bar(len(samples), bar("KL to the reference") or "", "sample", progress) as kl_bar:
-        ratios, tokenwise = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples],
-                                       pad, tokenwise=True, progress=kl_bar)
+        ratios, tokenwise = log_ratios(
+            policy,
+            reference,
+            [s.prompt_ids for s in samples],
+            [s.completion_ids for s in samples],
+            pad,
+            tokenwise=True,
+            progress=kl_bar,
+        )
     out["kl_to_reference"], out["kl_to_reference_sem"] = mean_sem(k3_kl(ratios).tolist())
     out["kl_estimator"] = KL_ESTIMATOR
     out["kl_tokenwise"], out["kl_tokenwise_sem"] = mean_sem(tokenwise.tolist())
@@ -62,16 +71,26 @@ def against_baseline(samples, base_samples, sample_prompts, scores, scorer, judg
     elif scorer is not None:
         base_scores = scorer.score(sample_prompts, [s.completion for s in base_samples])
         out["baseline_mean_score"], out["baseline_mean_score_sem"] = mean_sem(base_scores)
-        wins = [None if a is None or b is None or not (math.isfinite(a) and math.isfinite(b))
-                else 1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(scores, base_scores)]
+        wins = [
+            None
+            if a is None or b is None or not (math.isfinite(a) and math.isfinite(b))
+            else 1.0
+            if a > b
+            else 0.0
+            if a < b
+            else 0.5
+            for a, b in zip(scores, base_scores)
+        ]
         out["win_rate_by"] = getattr(scorer, "name", "scorer")
     else:
         return out
     out["win_rate"], out["win_rate_sem"] = mean_sem(wins)
     out["win_rate_unjudged"] = sum(w is None or not math.isfinite(w) for w in wins)  # left out of the win rate
     if judgments is not None:
-        judgments.extend({"prompt_index": i // num_samples, "win": w, "length_diff": completion_length(a) - completion_length(b)}
-                         for i, (w, a, b) in enumerate(zip(wins, samples, base_samples)))
+        judgments.extend(
+            {"prompt_index": i // num_samples, "win": w, "length_diff": completion_length(a) - completion_length(b)}
+            for i, (w, a, b) in enumerate(zip(wins, samples, base_samples))
+        )
     return out
 
 
@@ -81,7 +100,11 @@ _ROWS = [
     ("win_rate", "win rate vs baseline", "{:.1%}"),
     ("win_rate_unjudged", "unjudged (left out of the win rate)", "{:d}"),
     ("kl_to_reference", "KL(policy || reference), nats/completion, k3 from the policy's samples", "{:.2f}"),
-    ("kl_tokenwise", "KL(policy || reference), nats/completion, exact next-token KL summed along the samples", "{:.2f}"),
+    (
+        "kl_tokenwise",
+        "KL(policy || reference), nats/completion, exact next-token KL summed along the samples",
+        "{:.2f}",
+    ),
     ("preference_accuracy", "held-out preference accuracy", "{:.1%}"),
     ("mean_length", "mean length (tokens)", "{:.1f}"),
     ("baseline_mean_length", "baseline mean length", "{:.1f}"),

@@ -34,11 +34,23 @@ from typing import Any
 from dpokit.config import Config, EvalConfig, SamplingConfig
 from dpokit.config.flags import Flag, Verb, require, resolved_args
 from dpokit.generation import Sample, sample
-from dpokit.online.eval_metrics import against_baseline, against_reference, completion_length, format_report, progress_bar
+from dpokit.online.eval_metrics import (
+    against_baseline,
+    against_reference,
+    completion_length,
+    format_report,
+    progress_bar,
+)
 from dpokit.online.judges import PairwiseJudge, judge_flags, judge_options
 from dpokit.online.loading import TRUST_FLAGS, ModelTrust, load_model
 from dpokit.online.log_ratios import (  # noqa: F401  (kept importable from here)
-    KL_ESTIMATOR, examples_of, k3_kl, kl_to_reference, log_ratios, preference_accuracy)
+    KL_ESTIMATOR,
+    examples_of,
+    k3_kl,
+    kl_to_reference,
+    log_ratios,
+    preference_accuracy,
+)
 from dpokit.online.prompts import Prompt, describe_counts, load_prompts, render_prompt
 from dpokit.online.scoring import build_scorer
 from dpokit.online.suites.local_judge import LocalPairwiseJudge
@@ -52,21 +64,54 @@ from dpokit.training.run_dir import holding
 # --- the evaluation ------------------------------------------------------------------------------
 
 
-def draw(model, tokenizer, prompts: Sequence[Prompt], num_samples: int = 4, temperature: float = 1.0, top_p: float = 1.0,
-         max_new_tokens: int = 128, seed: int = 0, batch_size: int = 64, progress: str | None = None) -> list[Sample]:
+def draw(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    num_samples: int = 4,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: str | None = None,
+) -> list[Sample]:
     """num_samples samples per prompt (prompt-major); conversational prompts through the chat template.
 
     progress: the description of a progress bar over the samples (None: no bar).
     """
     texts = [render_prompt(p, tokenizer) for p in prompts]
     with progress_bar(len(texts) * num_samples, progress or "", "sample", progress is not None) as bar:
-        return sample(model, tokenizer, texts, num_samples=num_samples, temperature=temperature, top_p=top_p,
-                      max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, on_batch=bar.update)
+        return sample(
+            model,
+            tokenizer,
+            texts,
+            num_samples=num_samples,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            batch_size=batch_size,
+            on_batch=bar.update,
+        )
 
 
-def evaluate(policy, tokenizer, prompts: Sequence[Prompt], cfg: EvalConfig | None = None, *, reference=None,
-             baseline: Any = "reference", scorer=None, judge=None, pairs=None, batch_size: int = 64,
-             samples_out: str | Path | None = None, progress: bool = False, judgments: list | None = None) -> dict:
+def evaluate(
+    policy,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    cfg: EvalConfig | None = None,
+    *,
+    reference=None,
+    baseline: Any = "reference",
+    scorer=None,
+    judge=None,
+    pairs=None,
+    batch_size: int = 64,
+    samples_out: str | Path | None = None,
+    progress: bool = False,
+    judgments: list | None = None,
+) -> dict:
     """Sample the policy on `prompts` and measure it (see the module docstring for each metric).
 
     cfg: the evaluation's settings (EvalConfig; default EvalConfig()): num_samples, temperature, top_p,
@@ -101,7 +146,9 @@ def evaluate(policy, tokenizer, prompts: Sequence[Prompt], cfg: EvalConfig | Non
         else:
             shown = bar("sampling the baseline")
             base_samples = _draw_as(cfg, baseline, tokenizer, prompts, cfg.seed + 1, batch_size, shown)
-        out.update(against_baseline(samples, base_samples, sample_prompts, scores, scorer, judge, cfg.num_samples, judgments))
+        out.update(
+            against_baseline(samples, base_samples, sample_prompts, scores, scorer, judge, cfg.num_samples, judgments)
+        )
         out["length_change"] = out["mean_length"] - out["baseline_mean_length"]
     out["examples"] = [s.prompt + s.completion for s in samples[:: max(1, cfg.num_samples)][:2]]
     if samples_out is not None:
@@ -116,19 +163,36 @@ def _with_max_new_tokens(cfg: EvalConfig) -> EvalConfig:
     return cfg
 
 
-def _draw_as(cfg: EvalConfig, model, tokenizer, prompts: list[Prompt], seed: int, batch_size: int,
-             progress: str | None) -> list[Sample]:
+def _draw_as(
+    cfg: EvalConfig, model, tokenizer, prompts: list[Prompt], seed: int, batch_size: int, progress: str | None
+) -> list[Sample]:
     """`draw` with the evaluation's sampling settings (num_samples, temperature, top_p, max_new_tokens)."""
-    return draw(model, tokenizer, prompts, cfg.num_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed,
-                batch_size, progress=progress)
+    return draw(
+        model,
+        tokenizer,
+        prompts,
+        cfg.num_samples,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.max_new_tokens,
+        seed,
+        batch_size,
+        progress=progress,
+    )
 
 
-def _own_metrics(prompts: list[Prompt], samples: list[Sample], sample_prompts: list[Prompt], cfg: EvalConfig,
-                 scorer) -> tuple[dict[str, Any], list | None]:
+def _own_metrics(
+    prompts: list[Prompt], samples: list[Sample], sample_prompts: list[Prompt], cfg: EvalConfig, scorer
+) -> tuple[dict[str, Any], list | None]:
     """What was sampled, the samples' mean length and finished share, and with a scorer their scores (returned too)
     and mean score."""
-    out: dict[str, Any] = {"num_prompts": len(prompts), "num_samples": len(samples), "temperature": cfg.temperature,
-                           "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}
+    out: dict[str, Any] = {
+        "num_prompts": len(prompts),
+        "num_samples": len(samples),
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
     out["mean_length"], out["mean_length_sem"] = mean_sem([completion_length(s) for s in samples])
     out["finished_share"] = sum(s.finished for s in samples) / max(1, len(samples))
     scores = None
@@ -142,8 +206,14 @@ def _write_samples(path: Path, samples: list[Sample], sample_prompts: list, scor
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for i, s in enumerate(samples):
-            row = {"prompt": sample_prompts[i], "sample_index": i % num_samples, "completion": s.completion,
-                   "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(s.completion_ids), "finished": s.finished}
+            row = {
+                "prompt": sample_prompts[i],
+                "sample_index": i % num_samples,
+                "completion": s.completion,
+                "prompt_tokens": len(s.prompt_ids),
+                "completion_tokens": len(s.completion_ids),
+                "finished": s.finished,
+            }
             if scores is not None:
                 row["score"] = scores[i]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -179,24 +249,40 @@ judge.*), so the settings can come from a YAML file and key=value overrides too,
 
 EVAL_FLAGS = (
     Flag(("--policy",), "model.name_or_path", "model folder, hub id or demo:sentiment-sft (required)", dest="policy"),
-    Flag(("--reference",), "model.ref_name_or_path", "reference model for KL and implicit rewards (usually the SFT model)",
-         dest="reference"),
+    Flag(
+        ("--reference",),
+        "model.ref_name_or_path",
+        "reference model for KL and implicit rewards (usually the SFT model)",
+        dest="reference",
+    ),
     Flag(("--baseline",), "eval.baseline", "model to compare with (none: the reference)"),
-    Flag(("--prompts",), "io.prompts", "held-out prompts (a data file) for the sampled evaluation; needed unless only suites run"),
+    Flag(
+        ("--prompts",),
+        "io.prompts",
+        "held-out prompts (a data file) for the sampled evaluation; needed unless only suites run",
+    ),
     Flag(("--prompt-column",), "io.prompt_column"),
     Flag(("--max-prompts",), "eval.max_prompts"),
     Flag(("--scorer",), "scoring.scorer", "module:function or rm:MODEL"),
     *judge_flags("OpenAI-compatible base URL for a pairwise judge (and multiturn's rating judge)"),
     Flag(("--pairs",), "eval.pairs", "held-out preference pairs for preference accuracy"),
-    Flag(("--max-pairs",), "eval.max_pairs",
-         "use only the first N pairs of --pairs (each costs a policy and a reference forward of both sides)", metavar="N"),
+    Flag(
+        ("--max-pairs",),
+        "eval.max_pairs",
+        "use only the first N pairs of --pairs (each costs a policy and a reference forward of both sides)",
+        metavar="N",
+    ),
     Flag(("-n", "--num-samples"), "eval.num_samples"),
     Flag(("--temperature",), "eval.temperature"),
     Flag(("--top-p",), "eval.top_p"),
     Flag(("--max-new-tokens",), "eval.max_new_tokens", "none: sampling.max_new_tokens"),
     Flag(("--seed",), "eval.seed"),
-    Flag(("--out",), "io.out",
-         "write the metrics as JSON here, the table as markdown beside it (.md), and the samples (.samples.jsonl)", dest="out"),
+    Flag(
+        ("--out",),
+        "io.out",
+        "write the metrics as JSON here, the table as markdown beside it (.md), and the samples (.samples.jsonl)",
+        dest="out",
+    ),
     *SUITE_FLAGS,
     *TRUST_FLAGS,  # for every model it loads: policy, reference, baseline, reward model, local judge
 )
@@ -204,8 +290,11 @@ EVAL_FLAGS = (
 
 def eval_settings(cfg: Config) -> EvalConfig:
     """The EvalConfig `dpokit eval` runs with: cfg.eval, each suite once, max_new_tokens none -> sampling.max_new_tokens."""
-    return dataclasses.replace(cfg.eval, suites=list(dict.fromkeys(cfg.eval.suites)),
-                               max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens)
+    return dataclasses.replace(
+        cfg.eval,
+        suites=list(dict.fromkeys(cfg.eval.suites)),
+        max_new_tokens=cfg.eval.max_new_tokens or cfg.sampling.max_new_tokens,
+    )
 
 
 def run_cli(cfg: Config) -> int:
@@ -242,13 +331,32 @@ def _evaluate(cfg: Config, e: EvalConfig) -> int:
         prompts, counts = load_prompts(cfg.io.prompts, column=cfg.io.prompt_column, max_prompts=e.max_prompts)
         print(f"[eval] {cfg.io.prompts}: {describe_counts(counts)}", flush=True)
         samples_out = Path(out).with_suffix(".samples.jsonl") if out else None
-        metrics = evaluate(policy, tokenizer, prompts, e, reference=reference, baseline=baseline, scorer=scorer, judge=judge,
-                           samples_out=samples_out, progress=True, judgments=judgments)
+        metrics = evaluate(
+            policy,
+            tokenizer,
+            prompts,
+            e,
+            reference=reference,
+            baseline=baseline,
+            scorer=scorer,
+            judge=judge,
+            samples_out=samples_out,
+            progress=True,
+            judgments=judgments,
+        )
         print(format_report(metrics))
     if e.suites:
         suite_baseline = reference if isinstance(baseline, str) else baseline  # "reference": the default
-        metrics["suites"] = run_suites(e.suites, policy, tokenizer, suite_baseline, cfg=e, judgments=judgments,
-                                       rating_judge=rating_judge, pairwise_judge=rating_judge or judge)
+        metrics["suites"] = run_suites(
+            e.suites,
+            policy,
+            tokenizer,
+            suite_baseline,
+            cfg=e,
+            judgments=judgments,
+            rating_judge=rating_judge,
+            pairwise_judge=rating_judge or judge,
+        )
         metrics["suite_rows"] = suite_rows(e.suites)  # how eval.md and `dpokit report` show each suite's results
         metrics["baseline"] = e.baseline or cfg.model.ref_name_or_path
         print(markdown(metrics))
@@ -258,5 +366,10 @@ def _evaluate(cfg: Config, e: EvalConfig) -> int:
     return 0
 
 
-VERB = Verb("eval", "evaluate a policy against a baseline (score, win rate, KL, length, suites)", EVAL_HELP, run_cli,
-            flags=EVAL_FLAGS)
+VERB = Verb(
+    "eval",
+    "evaluate a policy against a baseline (score, win rate, KL, length, suites)",
+    EVAL_HELP,
+    run_cli,
+    flags=EVAL_FLAGS,
+)

@@ -141,9 +141,19 @@ class ChatClient:
 
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
-    def __init__(self, base_url: str, model: str, api_key_env: str = _D.api_key_env, timeout: float = _D.timeout,
-                 max_retries: int = _D.max_retries, backoff: float = _D.backoff, max_backoff: float = _D.max_backoff,
-                 temperature: float = _D.temperature, max_tokens: int = _D.max_tokens, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str = _D.api_key_env,
+        timeout: float = _D.timeout,
+        max_retries: int = _D.max_retries,
+        backoff: float = _D.backoff,
+        max_backoff: float = _D.max_backoff,
+        temperature: float = _D.temperature,
+        max_tokens: int = _D.max_tokens,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         base = base_url.rstrip("/")
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.api_key_env, self.timeout = model, api_key_env, timeout
@@ -157,8 +167,9 @@ class ChatClient:
         return f"ChatClient(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
     def _request(self, messages: list[dict]) -> urllib.request.Request:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens}).encode()
+        body = json.dumps(
+            {"model": self.model, "messages": messages, "temperature": self.temperature, "max_tokens": self.max_tokens}
+        ).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
@@ -194,7 +205,9 @@ class ChatClient:
                     # a reply that is not text (null, a number, a list) reads as no reply: unscored and counted
                     return content if isinstance(content, str) else ""
                 except (ValueError, KeyError, IndexError, TypeError):  # ValueError: JSONDecodeError, too deep
-                    raise ScoringError(f"the judge at {self.url} answered with something that is not a chat completion: {payload[:200]!r}") from None
+                    raise ScoringError(
+                        f"the judge at {self.url} answered with something that is not a chat completion: {payload[:200]!r}"
+                    ) from None
             except urllib.error.HTTPError as e:
                 try:
                     detail = e.read(300).decode("utf-8", "replace")
@@ -202,7 +215,9 @@ class ChatClient:
                     detail = ""
                 if e.code not in self.RETRY_STATUS:
                     hint = f" (check the API key in ${self.api_key_env})" if e.code in (401, 403) else ""
-                    raise ScoringError(f"the judge at {self.url} refused the request: HTTP {e.code}{hint}: {detail}") from None
+                    raise ScoringError(
+                        f"the judge at {self.url} refused the request: HTTP {e.code}{hint}: {detail}"
+                    ) from None
                 last, retry_after = f"HTTP {e.code}: {detail}", e.headers.get("Retry-After") if e.headers else None
             except urllib.error.URLError as e:
                 last = f"{type(e.reason).__name__}: {e.reason}"
@@ -233,8 +248,10 @@ def judge_options(judge: JudgeConfig) -> dict:
     if judge.base_url and not judge.model:
         raise ScoringError("--judge-url needs --judge-model (judge.base_url needs judge.model)")
     if not judge.timeout > 0 or judge.max_retries < 0:
-        raise ScoringError(f"--timeout must be > 0 and --max-retries >= 0 (judge.timeout, judge.max_retries), "
-                           f"got {judge.timeout:g} and {judge.max_retries}")
+        raise ScoringError(
+            f"--timeout must be > 0 and --max-retries >= 0 (judge.timeout, judge.max_retries), "
+            f"got {judge.timeout:g} and {judge.max_retries}"
+        )
     return {"api_key_env": judge.api_key_env, "timeout": judge.timeout, "max_retries": judge.max_retries}
 
 
@@ -243,8 +260,8 @@ POINTWISE_TEMPLATE = (
     "Answer with the rating only, as 'Rating: N'.\n\n[Prompt]\n{prompt}\n\n[Response]\n{completion}"
 )
 PAIRWISE_TEMPLATE = (
-    "Which response is the better reply to the prompt? Answer with the verdict only: \"[[A]]\" if response A is "
-    "better, \"[[B]]\" if response B is better, \"[[C]]\" for a tie.\n\n"
+    'Which response is the better reply to the prompt? Answer with the verdict only: "[[A]]" if response A is '
+    'better, "[[B]]" if response B is better, "[[C]]" for a tie.\n\n'
     "[Prompt]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}"
 )
 SYSTEM_PROMPT = "You are an impartial, careful judge of responses."
@@ -273,8 +290,15 @@ def _map(fn: Callable, items: list, workers: int) -> list:
 class JudgeScorer:
     """Pointwise LLM judge: each completion rated 1-10."""
 
-    def __init__(self, base_url: str, model: str, template: str = POINTWISE_TEMPLATE, system: str = SYSTEM_PROMPT,
-                 max_concurrency: int = _D.max_concurrency, **client_options):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        template: str = POINTWISE_TEMPLATE,
+        system: str = SYSTEM_PROMPT,
+        max_concurrency: int = _D.max_concurrency,
+        **client_options,
+    ):
         self.client = ChatClient(base_url, model, **client_options)
         self.template, self.system, self.max_concurrency = template, system, max_concurrency
         self.unparsed = 0  # replies with no readable rating (scored NaN)
@@ -282,8 +306,12 @@ class JudgeScorer:
 
     def _one(self, item) -> float:
         prompt, completion = item
-        reply = self.client.chat([{"role": "system", "content": self.system},
-                                  {"role": "user", "content": self.template.format(prompt=_prompt_text(prompt), completion=completion)}])
+        reply = self.client.chat(
+            [
+                {"role": "system", "content": self.system},
+                {"role": "user", "content": self.template.format(prompt=_prompt_text(prompt), completion=completion)},
+            ]
+        )
         value = parse_rating(reply)
         if math.isnan(value):
             self.unparsed += 1
@@ -297,16 +325,28 @@ class JudgeScorer:
 class PairwiseJudge:
     """Pairwise LLM judge: which of two completions is better."""
 
-    def __init__(self, base_url: str, model: str, template: str = PAIRWISE_TEMPLATE, system: str = SYSTEM_PROMPT,
-                 swap: bool = _D.swap, max_concurrency: int = _D.max_concurrency, **client_options):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        template: str = PAIRWISE_TEMPLATE,
+        system: str = SYSTEM_PROMPT,
+        swap: bool = _D.swap,
+        max_concurrency: int = _D.max_concurrency,
+        **client_options,
+    ):
         self.client = ChatClient(base_url, model, **client_options)
         self.template, self.system, self.swap, self.max_concurrency = template, system, swap, max_concurrency
         self.unparsed = 0  # replies with no readable choice (that order counts as unjudged)
         self.name = f"pairwise judge {model} at {self.client.url}"
 
     def _ask(self, prompt, a, b) -> float:
-        reply = self.client.chat([{"role": "system", "content": self.system},
-                                  {"role": "user", "content": self.template.format(prompt=_prompt_text(prompt), a=a, b=b)}])
+        reply = self.client.chat(
+            [
+                {"role": "system", "content": self.system},
+                {"role": "user", "content": self.template.format(prompt=_prompt_text(prompt), a=a, b=b)},
+            ]
+        )
         value = parse_verdict(reply)
         if math.isnan(value):
             self.unparsed += 1

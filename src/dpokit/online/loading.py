@@ -33,17 +33,27 @@ class ModelTrust:
 
 # The refusals of dpokit.models name the setting of the verb that loaded the model.
 OPT_IN = {
-    "cli": OptIn(trust_remote_code="model.trust_remote_code=true (--trust-remote-code)",
-                 allow_pickle="model.allow_pickle=true (--allow-pickle)"),
-    "pipeline": OptIn(trust_remote_code="train.model.trust_remote_code=true", allow_pickle="train.model.allow_pickle=true"),
+    "cli": OptIn(
+        trust_remote_code="model.trust_remote_code=true (--trust-remote-code)",
+        allow_pickle="model.allow_pickle=true (--allow-pickle)",
+    ),
+    "pipeline": OptIn(
+        trust_remote_code="train.model.trust_remote_code=true", allow_pickle="train.model.allow_pickle=true"
+    ),
 }
 
 # The online verbs' trust flags: aliases of the model.* keys `dpokit train` reads.
 TRUST_FLAGS = (
-    Flag(("--trust-remote-code",), "model.trust_remote_code",
-         "run the Python code a model folder ships (auto_map); only for code you have read and trust"),
-    Flag(("--allow-pickle",), "model.allow_pickle",
-         "load pickle-based weights (pytorch_model.bin) when there are no safetensors; only from a trusted source"),
+    Flag(
+        ("--trust-remote-code",),
+        "model.trust_remote_code",
+        "run the Python code a model folder ships (auto_map); only for code you have read and trust",
+    ),
+    Flag(
+        ("--allow-pickle",),
+        "model.allow_pickle",
+        "load pickle-based weights (pytorch_model.bin) when there are no safetensors; only from a trusted source",
+    ),
 )
 
 
@@ -54,11 +64,17 @@ def resolve_model_path(spec: str) -> str:
 
 def inference_settings(spec: str, trust: ModelTrust = ModelTrust(), dtype: str = "auto") -> ModelConfig:
     """The ModelConfig of a model loaded for inference: its own dtype, the user's opt-ins."""
-    return ModelConfig(name_or_path=resolve_model_path(spec), dtype=dtype, trust_remote_code=trust.trust_remote_code,
-                       allow_pickle=trust.allow_pickle)
+    return ModelConfig(
+        name_or_path=resolve_model_path(spec),
+        dtype=dtype,
+        trust_remote_code=trust.trust_remote_code,
+        allow_pickle=trust.allow_pickle,
+    )
 
 
-def load_model(spec: str, trust: ModelTrust = ModelTrust(), auto_class=None, device: str | None = None, dtype: str = "auto"):
+def load_model(
+    spec: str, trust: ModelTrust = ModelTrust(), auto_class=None, device: str | None = None, dtype: str = "auto"
+):
     """(model in eval mode, tokenizer) from a folder, hub id or demo: name; on the GPU when there is one."""
     return load_checked_model(inference_settings(spec, trust, dtype), auto_class, device, OPT_IN[trust.where])
 

@@ -24,8 +24,16 @@ from dpokit.losses import preference_correct
 
 
 @torch.no_grad()
-def log_ratios(policy, reference, prompt_ids, completion_ids, pad_token_id: int, batch_size: int = 32,
-               tokenwise: bool = False, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def log_ratios(
+    policy,
+    reference,
+    prompt_ids,
+    completion_ids,
+    pad_token_id: int,
+    batch_size: int = 32,
+    tokenwise: bool = False,
+    progress=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y|x) - log ref(y|x) per sequence (N,), and optionally the tokenwise KL along each y (N,).
 
     progress: a tqdm bar (or anything with update(n)), advanced by the rows of each batch.
@@ -62,7 +70,9 @@ def k3_kl(log_ratio: torch.Tensor) -> torch.Tensor:
     return (torch.expm1(-log_ratio) + log_ratio).clamp_min(0.0)
 
 
-KL_ESTIMATOR = "k3: mean over the policy's samples of (r - 1) - log r, r = ref(y|x) / pi(y|x) (Schulman 2020; unbiased, >= 0)"
+KL_ESTIMATOR = (
+    "k3: mean over the policy's samples of (r - 1) - log r, r = ref(y|x) / pi(y|x) (Schulman 2020; unbiased, >= 0)"
+)
 
 
 def kl_to_reference(policy, reference, samples: Sequence[Sample], pad_token_id: int, progress=None) -> float:
@@ -74,8 +84,14 @@ def kl_to_reference(policy, reference, samples: Sequence[Sample], pad_token_id: 
     """
     if not samples:
         return float("nan")
-    ratios, _ = log_ratios(policy, reference, [s.prompt_ids for s in samples], [s.completion_ids for s in samples], pad_token_id,
-                           progress=progress)
+    ratios, _ = log_ratios(
+        policy,
+        reference,
+        [s.prompt_ids for s in samples],
+        [s.completion_ids for s in samples],
+        pad_token_id,
+        progress=progress,
+    )
     return k3_kl(ratios).mean().item()
 
 

@@ -57,9 +57,16 @@ def _completion(prompt, text: str):
 
 def _pair_row(prompt, chosen: dict, rejected: dict) -> dict:
     sc, sr = _score(chosen), _score(rejected)
-    return {"prompt": prompt, "chosen": _completion(prompt, chosen["completion"]), "rejected": _completion(prompt, rejected["completion"]),
-            "score_chosen": sc, "score_rejected": sr, "margin": sc - sr,
-            "chosen_tokens": _length(chosen), "rejected_tokens": _length(rejected)}
+    return {
+        "prompt": prompt,
+        "chosen": _completion(prompt, chosen["completion"]),
+        "rejected": _completion(prompt, rejected["completion"]),
+        "score_chosen": sc,
+        "score_rejected": sr,
+        "margin": sc - sr,
+        "chosen_tokens": _length(chosen),
+        "rejected_tokens": _length(rejected),
+    }
 
 
 def _usable(rows: list[dict], cfg: PairingConfig, counts: Counter) -> list[dict]:
@@ -156,10 +163,29 @@ def build_pairs(groups: list[list[dict]], cfg: PairingConfig = PairingConfig()) 
         new = pairs_for_prompt(rows, cfg, counts)
         counts["prompts_paired"] += bool(new)
         pairs += new
-    summary = {"config": dataclasses.asdict(cfg), "pairs": len(pairs), **{k: counts[k] for k in (
-        "prompts", "prompts_paired", "prompts_all_tied", "prompts_below_margin", "prompts_length_ratio",
-        "prompts_identical", "prompts_fewer_than_two", "tied_pairs", "pairs_below_margin", "pairs_length_ratio",
-        "identical_pairs", "pairs_over_cap", "completions_unscored", "completions_unfinished")}}
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "pairs": len(pairs),
+        **{
+            k: counts[k]
+            for k in (
+                "prompts",
+                "prompts_paired",
+                "prompts_all_tied",
+                "prompts_below_margin",
+                "prompts_length_ratio",
+                "prompts_identical",
+                "prompts_fewer_than_two",
+                "tied_pairs",
+                "pairs_below_margin",
+                "pairs_length_ratio",
+                "identical_pairs",
+                "pairs_over_cap",
+                "completions_unscored",
+                "completions_unfinished",
+            )
+        },
+    }
     if pairs:
         summary["mean_margin"] = sum(p["margin"] for p in pairs) / len(pairs)
         summary["mean_score_chosen"] = sum(p["score_chosen"] for p in pairs) / len(pairs)
@@ -170,18 +196,27 @@ def build_pairs(groups: list[list[dict]], cfg: PairingConfig = PairingConfig()) 
 
 
 def format_summary(summary: dict) -> str:
-    dropped = ", ".join(f"{summary[k]} {label}" for k, label in (
-        ("prompts_all_tied", "all tied"), ("prompts_below_margin", "below the margin"),
-        ("prompts_length_ratio", "over the length ratio"), ("prompts_identical", "identical completions"),
-        ("prompts_fewer_than_two", "fewer than 2 scored completions")) if summary.get(k))
+    dropped = ", ".join(
+        f"{summary[k]} {label}"
+        for k, label in (
+            ("prompts_all_tied", "all tied"),
+            ("prompts_below_margin", "below the margin"),
+            ("prompts_length_ratio", "over the length ratio"),
+            ("prompts_identical", "identical completions"),
+            ("prompts_fewer_than_two", "fewer than 2 scored completions"),
+        )
+        if summary.get(k)
+    )
     line = f"[pair] {summary['pairs']} pairs from {summary['prompts_paired']}/{summary['prompts']} prompts"
     if dropped:
         line += f"; prompts without a pair: {dropped}"
     if summary.get("tied_pairs") and summary["config"]["strategy"] == "all_pairs":
         line += f"; {summary['tied_pairs']} tied pairs dropped"
     if summary.get("pairs"):
-        line += (f"; mean score chosen {summary['mean_score_chosen']:.3f} vs rejected {summary['mean_score_rejected']:.3f}, "
-                 f"tokens {summary['mean_tokens_chosen']:.1f} vs {summary['mean_tokens_rejected']:.1f}")
+        line += (
+            f"; mean score chosen {summary['mean_score_chosen']:.3f} vs rejected {summary['mean_score_rejected']:.3f}, "
+            f"tokens {summary['mean_tokens_chosen']:.1f} vs {summary['mean_tokens_rejected']:.1f}"
+        )
     return line
 
 

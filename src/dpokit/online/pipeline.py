@@ -54,6 +54,7 @@ from dpokit.online.scoring import build_scorer, score_file
 from dpokit.training.loop import train
 from dpokit.training.run_dir import LOCK, MARKER, claim
 
+
 def resolve_prompts(source: Union[str, list], column: str = "prompt", key: str = "prompts") -> list:
     """A list of prompts from a list, a data file, or a demo: name (demo:openings-train|eval|all: the review world's
     openings), resolved by the one resolver of demo: names; `key` is the config key named in its errors."""
@@ -91,7 +92,9 @@ def model_trust(cfg: PipelineConfig) -> ModelTrust:
     it covers every model the pipeline loads (the policies it samples and evaluates, a reward model) and training's.
     The deprecated top-level keys it replaces (PipelineConfig warns) still switch it on, for one release."""
     model = load_config(train_source(cfg)).model
-    return ModelTrust(model.trust_remote_code or cfg.trust_remote_code, model.allow_pickle or cfg.allow_pickle, where="pipeline")
+    return ModelTrust(
+        model.trust_remote_code or cfg.trust_remote_code, model.allow_pickle or cfg.allow_pickle, where="pipeline"
+    )
 
 
 class Pipeline:
@@ -104,7 +107,9 @@ class Pipeline:
         self.sft_path = resolve_model_path(cfg.policy)
         self.scorer = build_scorer(cfg.scorer, self.trust)
         self.prompts = resolve_prompts(cfg.prompts, cfg.prompt_column)
-        self.eval_prompts = None if cfg.eval_prompts is None else resolve_prompts(cfg.eval_prompts, cfg.prompt_column, "eval_prompts")
+        self.eval_prompts = (
+            None if cfg.eval_prompts is None else resolve_prompts(cfg.eval_prompts, cfg.prompt_column, "eval_prompts")
+        )
         if self.eval_prompts is not None and cfg.eval.max_prompts is not None:
             self.eval_prompts = self.eval_prompts[: cfg.eval.max_prompts]
         self.eval_pairs = cfg.eval.pairs and resolve_model_path(cfg.eval.pairs)  # demo:sentiment-eval: the built pairs
@@ -135,14 +140,34 @@ class Pipeline:
         return random.Random(self.cfg.seed * 1_000_003 + k).sample(self.prompts, n)
 
     def _eval(self, k: int, policy, tokenizer) -> dict:
-        e = dataclasses.replace(self.cfg.eval, max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.sampling.max_new_tokens)
+        e = dataclasses.replace(
+            self.cfg.eval, max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.sampling.max_new_tokens
+        )
         reference, _ = self.sft()
         if self._baseline_samples is None:  # the SFT model's samples: the baseline of every round, drawn once
-            self._baseline_samples = draw(reference, tokenizer, self.eval_prompts, e.num_samples, e.temperature, e.top_p,
-                                          e.max_new_tokens, e.seed + 1, self.cfg.sampling.batch_size)
-        return evaluate(policy, tokenizer, self.eval_prompts, e, reference=reference, baseline=self._baseline_samples,
-                        scorer=self.scorer, pairs=self.eval_pairs, batch_size=self.cfg.sampling.batch_size,
-                        samples_out=self.round_dir(k) / "eval_samples.jsonl")
+            self._baseline_samples = draw(
+                reference,
+                tokenizer,
+                self.eval_prompts,
+                e.num_samples,
+                e.temperature,
+                e.top_p,
+                e.max_new_tokens,
+                e.seed + 1,
+                self.cfg.sampling.batch_size,
+            )
+        return evaluate(
+            policy,
+            tokenizer,
+            self.eval_prompts,
+            e,
+            reference=reference,
+            baseline=self._baseline_samples,
+            scorer=self.scorer,
+            pairs=self.eval_pairs,
+            batch_size=self.cfg.sampling.batch_size,
+            samples_out=self.round_dir(k) / "eval_samples.jsonl",
+        )
 
     # -- rounds ----------------------------------------------------------------------------------
 
@@ -200,7 +225,12 @@ class Pipeline:
             backend = make_backend(sampling, model_dir, model=model, tokenizer=tokenizer)
         out = self.round_dir(k) / "samples.jsonl"
         report = sample_to_file(self.round_prompts(k), out, sampling, backend, model_id=model_dir)
-        return {"prompts": report.prompts, "generated": report.generated, "already_done": report.already_done, "rows": report.rows}
+        return {
+            "prompts": report.prompts,
+            "generated": report.generated,
+            "already_done": report.already_done,
+            "rows": report.rows,
+        }
 
     def pair_round(self, k: int) -> dict:
         """scored.jsonl -> pairs.jsonl; a round without a single pair stops the pipeline."""
@@ -208,7 +238,9 @@ class Pipeline:
         summary = pair_file(rdir / "scored.jsonl", rdir / "pairs.jsonl", self.cfg.pairing)
         self.log(f"[pipeline] round {k}: {format_summary(summary)}")
         if summary["pairs"] == 0:
-            raise ConfigError(f"round {k}: no preference pairs (every prompt tied or below the margin); see {rdir / 'pairs.jsonl.summary.json'}")
+            raise ConfigError(
+                f"round {k}: no preference pairs (every prompt tied or below the margin); see {rdir / 'pairs.jsonl.summary.json'}"
+            )
         return summary
 
     def dpo_round(self, k: int) -> dict:
@@ -217,7 +249,11 @@ class Pipeline:
         metrics_path = rdir / "dpo" / "train_result.json"
         if (Path(self.policy_path(k)) / "config.json").exists() and metrics_path.exists():
             return json.loads(metrics_path.read_text())
-        overrides = {"model.name_or_path": self.policy_path(k - 1), "data.path": str(rdir / "pairs.jsonl"), "out_dir": str(rdir / "dpo")}
+        overrides = {
+            "model.name_or_path": self.policy_path(k - 1),
+            "data.path": str(rdir / "pairs.jsonl"),
+            "out_dir": str(rdir / "dpo"),
+        }
         if self.cfg.reference == "fixed" and k > 1:
             overrides["model.ref_name_or_path"] = self.sft_path
         for key in ("trust_remote_code", "allow_pickle"):  # the switch as resolved (a deprecated top-level key too)
@@ -260,15 +296,22 @@ def claim_pipeline_dir(cfg: PipelineConfig):
     """The pipeline's out_dir, owned as a run directory is (training/run_dir.py): a folder of files dpokit did not
     write is refused in one line (overwrite=true goes on), and one pipeline at a time writes into it. A folder from
     before dpokit marked folders (only the pipeline's names, with its pipeline.yaml or a finished round) resumes."""
-    return claim(cfg.out_dir, cfg.overwrite, names=PIPELINE_NAMES, prefixes=("round_",),
-                 was_ours=lambda path: (path / "pipeline.yaml").is_file() or any(path.glob("round_*/round.json")))
+    return claim(
+        cfg.out_dir,
+        cfg.overwrite,
+        names=PIPELINE_NAMES,
+        prefixes=("round_",),
+        was_ours=lambda path: (path / "pipeline.yaml").is_file() or any(path.glob("round_*/round.json")),
+    )
 
 
 def _eval_line(m: dict) -> str:
-    parts = [f"mean score {m['mean_score']:.3f}" if "mean_score" in m else None,
-             f"win rate {m['win_rate']:.1%}" if "win_rate" in m else None,
-             f"KL {m['kl_to_reference']:.2f} nats" if "kl_to_reference" in m else None,
-             f"length {m['mean_length']:.1f}"]
+    parts = [
+        f"mean score {m['mean_score']:.3f}" if "mean_score" in m else None,
+        f"win rate {m['win_rate']:.1%}" if "win_rate" in m else None,
+        f"KL {m['kl_to_reference']:.2f} nats" if "kl_to_reference" in m else None,
+        f"length {m['mean_length']:.1f}",
+    ]
     return ", ".join(p for p in parts if p)
 
 
@@ -276,24 +319,37 @@ def summary_row(record: dict) -> dict:
     e = record.get("eval", {})
     t = record.get("train", {})
     p = record.get("pairs", {})
-    return {"round": record["round"], "pairs": p.get("pairs"), "train_loss": t.get("loss"),
-            "train_accuracy": t.get("rewards/accuracies"), "mean_score": e.get("mean_score"),
-            "mean_score_sem": e.get("mean_score_sem"), "win_rate_vs_sft": e.get("win_rate"),
-            "kl_to_sft": e.get("kl_to_reference"), "mean_length": e.get("mean_length"),
-            "preference_accuracy": e.get("preference_accuracy")}
+    return {
+        "round": record["round"],
+        "pairs": p.get("pairs"),
+        "train_loss": t.get("loss"),
+        "train_accuracy": t.get("rewards/accuracies"),
+        "mean_score": e.get("mean_score"),
+        "mean_score_sem": e.get("mean_score_sem"),
+        "win_rate_vs_sft": e.get("win_rate"),
+        "kl_to_sft": e.get("kl_to_reference"),
+        "mean_length": e.get("mean_length"),
+        "preference_accuracy": e.get("preference_accuracy"),
+    }
 
 
 def format_summary_table(rows: list[dict]) -> str:
     def f(value, fmt):
         return "" if value is None else fmt.format(value)
 
-    lines = ["| round | pairs | DPO loss | mean score | win rate vs SFT | KL to SFT (nats) | mean length | held-out pref. acc. |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| round | pairs | DPO loss | mean score | win rate vs SFT | KL to SFT (nats) | mean length | held-out pref. acc. |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        score = f(r["mean_score"], "{:.3f}") + (f" ± {r['mean_score_sem']:.3f}" if r.get("mean_score_sem") is not None else "")
-        lines.append(f"| {r['round']} | {f(r['pairs'], '{:d}')} | {f(r['train_loss'], '{:.3f}')} | {score} | "
-                     f"{f(r['win_rate_vs_sft'], '{:.1%}')} | {f(r['kl_to_sft'], '{:.2f}')} | {f(r['mean_length'], '{:.1f}')} | "
-                     f"{f(r['preference_accuracy'], '{:.1%}')} |")
+        score = f(r["mean_score"], "{:.3f}") + (
+            f" ± {r['mean_score_sem']:.3f}" if r.get("mean_score_sem") is not None else ""
+        )
+        lines.append(
+            f"| {r['round']} | {f(r['pairs'], '{:d}')} | {f(r['train_loss'], '{:.3f}')} | {score} | "
+            f"{f(r['win_rate_vs_sft'], '{:.1%}')} | {f(r['kl_to_sft'], '{:.2f}')} | {f(r['mean_length'], '{:.1f}')} | "
+            f"{f(r['preference_accuracy'], '{:.1%}')} |"
+        )
     return "\n".join(lines)
 
 
@@ -325,4 +381,6 @@ def run_cli(args) -> int:
     return 0
 
 
-VERB = Verb("pipeline", "online DPO: K rounds of sample, score, pair, train, evaluate", PIPELINE_HELP, run_cli, _arguments)
+VERB = Verb(
+    "pipeline", "online DPO: K rounds of sample, score, pair, train, evaluate", PIPELINE_HELP, run_cli, _arguments
+)

@@ -70,7 +70,9 @@ def _offers_tools(row: dict) -> bool:
     return False
 
 
-def load_prompts(path: str, split: str = "train", column: str = "prompt", max_prompts: int | None = None) -> tuple[list[Prompt], dict]:
+def load_prompts(
+    path: str, split: str = "train", column: str = "prompt", max_prompts: int | None = None
+) -> tuple[list[Prompt], dict]:
     """Distinct prompts of a data file, in order: a `column` (text or messages), `messages` minus the
     last assistant turn, or the prompt of any preference layout. -> (prompts, counts)."""
     prompts: list[Prompt] = []
@@ -96,8 +98,11 @@ def load_prompts(path: str, split: str = "train", column: str = "prompt", max_pr
     counts["prompts"] = len(prompts)
     if not prompts:
         if counts["rows_with_tools"]:
-            raise DataError(f"no prompts without tools: all {counts['rows_with_tools']} rows with a prompt have a `tools` column, "
-                            "and the online verbs (sample, eval, pipeline) do not pass tools to the chat template yet", path)
+            raise DataError(
+                f"no prompts without tools: all {counts['rows_with_tools']} rows with a prompt have a `tools` column, "
+                "and the online verbs (sample, eval, pipeline) do not pass tools to the chat template yet",
+                path,
+            )
         raise DataError(f"no prompts found (looked for a {column!r} column, `messages`, or a preference layout)", path)
     return prompts, counts
 

@@ -70,8 +70,9 @@ def _settings(cfg: SamplingConfig, model_id: str) -> dict:
     return settings
 
 
-def read_samples(path: str | Path, label: str = "", must_exist: bool = False,
-                 needs: tuple[str, ...] = ("prompt", "completion")) -> list[dict]:
+def read_samples(
+    path: str | Path, label: str = "", must_exist: bool = False, needs: tuple[str, ...] = ("prompt", "completion")
+) -> list[dict]:
     """Every row of a samples (or scored) JSONL file, read through the input gateway.
 
     A torn last line (an interrupted append: no final line break) is ignored; any other line that is not
@@ -95,8 +96,9 @@ def read_samples(path: str | Path, label: str = "", must_exist: bool = False,
             raise DataError(f"line {number} is not a JSON object", shown, row=number)
         missing = [name for name in needs if name not in row]
         if missing:
-            raise DataError(f"line {number} has no {missing[0]!r} (not a dpokit samples file?)", shown,
-                            row=number, field=missing[0])
+            raise DataError(
+                f"line {number} has no {missing[0]!r} (not a dpokit samples file?)", shown, row=number, field=missing[0]
+            )
         rows.append(row)
     return rows
 
@@ -131,7 +133,9 @@ def _check_settings(out: Path, settings: dict) -> None:
         changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if changed:
             what = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise DataError(f"exists with other sampling settings ({what}); use another output path or delete it", str(out))
+            raise DataError(
+                f"exists with other sampling settings ({what}); use another output path or delete it", str(out)
+            )
     side.write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -169,9 +173,17 @@ def _rows(todo: list[tuple[int, Prompt]], samples: list, num_samples: int) -> li
     for n, (index, prompt) in enumerate(todo):
         for j in range(num_samples):
             s = samples[n * num_samples + j]
-            rows.append({"prompt": prompt, "prompt_index": index, "sample_index": j, "completion": s.completion,
-                         "prompt_tokens": len(s.prompt_ids), "completion_tokens": len(s.completion_ids),
-                         "finished": bool(s.finished)})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "prompt_index": index,
+                    "sample_index": j,
+                    "completion": s.completion,
+                    "prompt_tokens": len(s.prompt_ids),
+                    "completion_tokens": len(s.completion_ids),
+                    "finished": bool(s.finished),
+                }
+            )
     return rows
 
 
@@ -216,8 +228,9 @@ def sample_to_file(
     return SamplingReport(out, len(unique), already, generated, calls, total_rows, round(time.time() - started, 2))
 
 
-def samples_by_prompt(path: str | Path, prompts: list[Prompt] | None = None, num_samples: int | None = None,
-                      label: str = "") -> list[list[dict]]:
+def samples_by_prompt(
+    path: str | Path, prompts: list[Prompt] | None = None, num_samples: int | None = None, label: str = ""
+) -> list[list[dict]]:
     """Rows of a samples/scored file grouped per prompt (in file order, or in the order of `prompts`)."""
     rows = read_samples(path, label=label, must_exist=True)
     groups: dict[str, list[dict]] = {}
@@ -285,8 +298,10 @@ def run_cli(cfg: Config) -> int:
         print(f"[sample] {done}/{total} prompts", flush=True)
 
     report = sample_to_file(prompts, out, cfg.sampling, backend, model_id=model, progress=progress)
-    print(f"[sample] {report.generated} prompts generated, {report.already_done} already done; "
-          f"{report.rows} rows in {report.path} ({report.seconds:.1f}s, backend {backend.name})")
+    print(
+        f"[sample] {report.generated} prompts generated, {report.already_done} already done; "
+        f"{report.rows} rows in {report.path} ({report.seconds:.1f}s, backend {backend.name})"
+    )
     return 0
 
 

@@ -81,7 +81,11 @@ class FunctionScorer:
         self.fn = load_function(fn) if isinstance(fn, str) else fn
         params = inspect.signature(self.fn).parameters
         self.batched = "completions" in params
-        positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+        positional = [
+            p
+            for p in params.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
         self.takes_prompt = len(positional) >= 2
 
     def score(self, prompts, completions) -> list[float]:
@@ -112,14 +116,23 @@ def _conversation_text(tokenizer, prompt: Prompt, completion: str) -> str:
 class RewardModelScorer:
     """An HF sequence-classification reward model scoring prompt + completion."""
 
-    def __init__(self, name_or_path: str, batch_size: int = 16, device: str | None = None, label: Union[int, str, None] = None,
-                 max_length: int | None = None, dtype: str = "auto", trust: ModelTrust = ModelTrust()):
+    def __init__(
+        self,
+        name_or_path: str,
+        batch_size: int = 16,
+        device: str | None = None,
+        label: Union[int, str, None] = None,
+        max_length: int | None = None,
+        dtype: str = "auto",
+        trust: ModelTrust = ModelTrust(),
+    ):
         # lazy: transformers takes seconds to import, and `dpokit --help` imports this module
         from transformers import AutoModelForSequenceClassification
 
         try:
-            self.model, self.tokenizer = load_model(name_or_path, trust, auto_class=AutoModelForSequenceClassification,
-                                                    device=device, dtype=dtype)
+            self.model, self.tokenizer = load_model(
+                name_or_path, trust, auto_class=AutoModelForSequenceClassification, device=device, dtype=dtype
+            )
         except ModelLoadError as e:
             raise ScoringError(f"could not load the reward model {name_or_path!r}: {e}") from None
         self.name = name_or_path
@@ -151,8 +164,14 @@ class RewardModelScorer:
         out: list[float] = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=self.max_length is not None,
-                                     max_length=self.max_length, return_tensors="pt", add_special_tokens=True).to(self.device)
+                enc = self.tokenizer(
+                    texts[start : start + self.batch_size],
+                    padding=True,
+                    truncation=self.max_length is not None,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                    add_special_tokens=True,
+                ).to(self.device)
                 logits = self.model(**enc).logits.float()
                 if self.label_index is None:
                     values = logits[:, 0]
@@ -165,7 +184,10 @@ class RewardModelScorer:
 # --- from a spec --------------------------------------------------------------------------------
 
 # A judge spec's keys: JudgeConfig's (mode and swap are read apart), and the prompt texts.
-JUDGE_KEYS = tuple(f.name for f in dataclasses.fields(JudgeConfig) if f.name not in ("mode", "swap")) + ("template", "system")
+JUDGE_KEYS = tuple(f.name for f in dataclasses.fields(JudgeConfig) if f.name not in ("mode", "swap")) + (
+    "template",
+    "system",
+)
 
 
 def build_scorer(spec: Any, trust: ModelTrust = ModelTrust()) -> Any:
@@ -205,7 +227,9 @@ def build_scorer(spec: Any, trust: ModelTrust = ModelTrust()) -> Any:
             mode = options.pop("mode", "pointwise")
             unknown = set(options) - set(JUDGE_KEYS) - {"swap"}
             if unknown or "base_url" not in options or "model" not in options:
-                raise ScoringError(f"a judge scorer needs base_url and model (and takes {', '.join(JUDGE_KEYS)}, swap); got {sorted(spec)}")
+                raise ScoringError(
+                    f"a judge scorer needs base_url and model (and takes {', '.join(JUDGE_KEYS)}, swap); got {sorted(spec)}"
+                )
             if mode == "pairwise":
                 return PairwiseJudge(**options)
             if mode != "pointwise":
@@ -222,8 +246,13 @@ def build_scorer(spec: Any, trust: ModelTrust = ModelTrust()) -> Any:
 SCORE_CHUNK_SIZE = 256  # rows per scorer call; each chunk is appended (and resumable) once scored
 
 
-def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: int = SCORE_CHUNK_SIZE,
-               progress: Callable[[int, int], None] | None = None) -> dict:
+def score_file(
+    in_path: str | Path,
+    out_path: str | Path,
+    scorer,
+    chunk_size: int = SCORE_CHUNK_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """Add a `score` to every row of a samples file, into out_path; resumable (rows already scored are kept).
 
     Rows are matched by (prompt, sample_index). Returns counts: rows, already_scored, scored, unscored (NaN).
@@ -239,7 +268,10 @@ def score_file(in_path: str | Path, out_path: str | Path, scorer, chunk_size: in
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
         scores = scorer.score([r["prompt"] for r in chunk], [r["completion"] for r in chunk])
-        append_rows(out, [{**r, "score": (None if s is None or not math.isfinite(s) else float(s))} for r, s in zip(chunk, scores)])
+        append_rows(
+            out,
+            [{**r, "score": (None if s is None or not math.isfinite(s) else float(s))} for r, s in zip(chunk, scores)],
+        )
         if progress is not None:
             progress(len(done) + start + len(chunk), len(rows))
     unscored = sum(r.get("score") is None for r in read_samples(out))
@@ -314,14 +346,19 @@ def run_cli(cfg: Config) -> int:
     if bool(cfg.scoring.scorer) == bool(cfg.judge.base_url):
         raise ScoringError("give exactly one of --scorer and --judge-url (scoring.scorer, judge.base_url)")
     if cfg.judge.base_url:
-        scorer = JudgeScorer(cfg.judge.base_url, cfg.judge.model, max_concurrency=cfg.judge.max_concurrency,
-                             **judge_options(cfg.judge))
+        scorer = JudgeScorer(
+            cfg.judge.base_url, cfg.judge.model, max_concurrency=cfg.judge.max_concurrency, **judge_options(cfg.judge)
+        )
     else:
         scorer = build_scorer(cfg.scoring.scorer, ModelTrust.of(cfg.model))
     report = score_file(in_path, out, scorer, chunk_size=SCORE_CHUNK_SIZE, progress=ProgressLine("score"))
-    print(f"[score] {report['scored']} rows scored, {report['already_scored']} already scored, "
-          f"{report['unscored']} without a score; written to {out}")
+    print(
+        f"[score] {report['scored']} rows scored, {report['already_scored']} already scored, "
+        f"{report['unscored']} without a score; written to {out}"
+    )
     return 0
 
 
-VERB = Verb("score", "score sampled completions (rule, reward model or LLM judge)", SCORE_HELP, run_cli, flags=SCORE_FLAGS)
+VERB = Verb(
+    "score", "score sampled completions (rule, reward model or LLM judge)", SCORE_HELP, run_cli, flags=SCORE_FLAGS
+)

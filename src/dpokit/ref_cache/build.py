@@ -48,15 +48,28 @@ from dpokit.steps.paired import make_collate
 from dpokit.steps.token_scores import reference_sequence_logps
 from dpokit.steps.vision import vision_reference_logps
 
+
 def length_order(pairs: list[TokenizedPair]) -> list[int]:
     """Longest first, so batches group similar lengths and the first batch shows the peak memory."""
-    return sorted(range(len(pairs)), key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)))
+    return sorted(
+        range(len(pairs)),
+        key=lambda i: -(len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)),
+    )
 
 
 @torch.no_grad()
-def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfig, pad_token_id: int,
-                            batch_size: int = 16, device=None, mixed_precision: str = "no", rank: int = 0, world: int = 1,
-                            progress: Optional[str] = None) -> torch.Tensor:
+def compute_reference_logps(
+    model,
+    pairs: list[TokenizedPair],
+    speed: SpeedConfig,
+    pad_token_id: int,
+    batch_size: int = 16,
+    device=None,
+    mixed_precision: str = "no",
+    rank: int = 0,
+    world: int = 1,
+    progress: Optional[str] = None,
+) -> torch.Tensor:
     """(N, 4) reference log-probs (chosen, rejected, chosen_shared, rejected_shared) of every pair, no gradient.
 
     `model` is the reference: a plain model, or a PEFT policy whose adapters are disabled here.
@@ -70,14 +83,24 @@ def compute_reference_logps(model, pairs: list[TokenizedPair], speed: SpeedConfi
     device = torch.device(device or next(model.parameters()).device)
     with _as_reference(model, device, mixed_precision) as ref:
         if any(getattr(p, "image_digest", "") for p in pairs):  # image rows: the plain forward with pixel values
-            return vision_reference_logps(ref, pairs, pad_token_id, length_order(pairs), batch_size, device, rank, world)
+            return vision_reference_logps(
+                ref, pairs, pad_token_id, length_order(pairs), batch_size, device, rank, world
+            )
         out = torch.zeros(len(pairs), 4, dtype=torch.float32)
         attn = getattr(getattr(ref, "config", None), "_attn_implementation", None)
         collate = make_collate(speed, attn)
         order = length_order(pairs)
-        mine = sum(len(order[s : s + batch_size]) for b, s in enumerate(range(0, len(order), batch_size)) if b % world == rank)
-        with tqdm(total=mine, desc=progress, unit="pair", disable=progress is None or rank != 0, dynamic_ncols=True,
-                  file=sys.stderr) as bar:
+        mine = sum(
+            len(order[s : s + batch_size]) for b, s in enumerate(range(0, len(order), batch_size)) if b % world == rank
+        )
+        with tqdm(
+            total=mine,
+            desc=progress,
+            unit="pair",
+            disable=progress is None or rank != 0,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        ) as bar:
             for b in _my_batches(len(order), batch_size, rank, world, lockstep=is_fsdp(model)):
                 idx = order[max(b, 0) * batch_size : (max(b, 0) + 1) * batch_size]
                 batch = {k: v.to(device) for k, v in collate([pairs[i] for i in idx], pad_token_id).items()}
@@ -126,8 +149,9 @@ class ReferenceCache:
     seconds: float = 0.0
 
 
-def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_token_id: Optional[int] = None,
-                           accelerator=None) -> tuple[ReferenceCache, object]:
+def ensure_reference_cache(
+    cfg, tokenizer, data, model=None, device=None, pad_token_id: Optional[int] = None, accelerator=None
+) -> tuple[ReferenceCache, object]:
     """Read the cache for (cfg, tokenizer, data), or compute and write it; returns (cache, data with CachedPairs).
 
     model: the reference, or a policy that has not been trained yet (it is the reference: a
@@ -138,7 +162,11 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
     the main process gathers them, writes the files, and then every process reads them.
     A damaged cache (unreadable file, values that fail their checksum) is moved aside with a warning and rebuilt.
     """
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None and accelerator.num_processes > 1 else (0, 1)
+    rank, world = (
+        (accelerator.process_index, accelerator.num_processes)
+        if accelerator is not None and accelerator.num_processes > 1
+        else (0, 1)
+    )
     if getattr(cfg.model, "ref_name_or_path", None):
         model = None  # the policy is not the reference
     digest, parts, loaded = _cache_key(cfg, tokenizer, model, data, device)
@@ -150,8 +178,18 @@ def ensure_reference_cache(cfg, tokenizer, data, model=None, device=None, pad_to
     started = time.time()
     if missing:
         pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-        _build_splits(cfg, model or loaded, folder, (digest, parts), {s: splits[s] for s in missing}, pad, device,
-                      accelerator, rank, world)
+        _build_splits(
+            cfg,
+            model or loaded,
+            folder,
+            (digest, parts),
+            {s: splits[s] for s in missing},
+            pad,
+            device,
+            accelerator,
+            rank,
+            world,
+        )
     if world > 1:
         accelerator.wait_for_everyone()
     tables = {s: read_split(folder, s, digest) if splits[s] else None for s in SPLITS}
@@ -177,8 +215,18 @@ def _cache_key(cfg, tokenizer, model, data, device) -> tuple[str, dict, object]:
     return digest, parts, loaded
 
 
-def _build_splits(cfg, reference, folder: Path, key: tuple[str, dict], splits: dict, pad_token_id: int, device,
-                  accelerator, rank: int, world: int) -> None:
+def _build_splits(
+    cfg,
+    reference,
+    folder: Path,
+    key: tuple[str, dict],
+    splits: dict,
+    pad_token_id: int,
+    device,
+    accelerator,
+    rank: int,
+    world: int,
+) -> None:
     """Score the pairs of `splits` with the reference (loaded here if None, freed on return); the main process
     writes their tables and meta.json."""
     digest, parts = key
@@ -186,8 +234,18 @@ def _build_splits(cfg, reference, folder: Path, key: tuple[str, dict], splits: d
     batch_size = max(cfg.train.eval_batch_size, cfg.train.batch_size)
     for s, pairs in splits.items():
         shown = f"[dpokit] reference log-probs ({s})" if cfg.train.progress_bar else None
-        logps = compute_reference_logps(reference, pairs, cfg.speed, pad_token_id, batch_size, device, cfg.train.mixed_precision,
-                                        rank, world, progress=shown)
+        logps = compute_reference_logps(
+            reference,
+            pairs,
+            cfg.speed,
+            pad_token_id,
+            batch_size,
+            device,
+            cfg.train.mixed_precision,
+            rank,
+            world,
+            progress=shown,
+        )
         if world > 1:
             logps = _gather_shards(accelerator, logps, rank, world, batch_size, pairs)
         if rank == 0:
@@ -203,7 +261,9 @@ def _missing_splits(folder, digest: str, splits: dict) -> list[str]:
     except CacheCorrupt as e:
         aside = folder.with_name(f"{folder.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         folder.rename(aside)
-        warnings.warn(f"dpokit: reference cache damaged ({e}); moved to {aside.name} and rebuilding", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"dpokit: reference cache damaged ({e}); moved to {aside.name} and rebuilding", RuntimeWarning, stacklevel=3
+        )
         return [s for s in SPLITS if splits[s]]
 
 
@@ -260,20 +320,25 @@ def precompute_reference(cfg, overrides=None) -> Path:
 
     transformers.utils.logging.disable_progress_bar()  # as in training: our own one-line summary
     if is_unpaired(cfg.loss) or not needs_reference(cfg.loss):
-        raise ConfigError(f"loss.type={cfg.loss.type!r}: only paired losses that use a reference have reference "
-                          "log-probs to precompute (KTO's KL baseline depends on the batch; reference-free losses need none)")
+        raise ConfigError(
+            f"loss.type={cfg.loss.type!r}: only paired losses that use a reference have reference "
+            "log-probs to precompute (KTO's KL baseline depends on the batch; reference-free losses need none)"
+        )
     tokenizer = load_tokenizer(cfg)
     data = step_for(cfg).prepare(cfg, tokenizer)  # the step's own preparation: image rows (data.vision) have theirs
     accelerator = _launched()
     try:
-        cache, _ = ensure_reference_cache(cfg, tokenizer, data, device=accelerator.device if accelerator else None,
-                                          accelerator=accelerator)
+        cache, _ = ensure_reference_cache(
+            cfg, tokenizer, data, device=accelerator.device if accelerator else None, accelerator=accelerator
+        )
     finally:
         release_process_group()  # train.fsdp in a lone process: the group of one its shard made
     n_train, n_eval = len(data.train), len(data.eval)
     verb = f"built in {cache.seconds:.1f}s" if cache.built else "already up to date"
     if accelerator is None or accelerator.is_main_process:
-            print(f"[dpokit] reference log-probs of {n_train} train / {n_eval} eval pairs {verb}: {cache.folder}", flush=True)
+        print(
+            f"[dpokit] reference log-probs of {n_train} train / {n_eval} eval pairs {verb}: {cache.folder}", flush=True
+        )
     return cache.folder
 
 

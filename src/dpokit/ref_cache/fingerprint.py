@@ -34,7 +34,6 @@ from dpokit.steps.token_scores import causal_lm
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-
 def _memo_path() -> Path:
     return cache_home() / "file_hashes.json"
 
@@ -106,9 +105,15 @@ def state_dict_digest(model) -> str:
 
 def weights_fingerprint(cfg, model=None) -> Optional[dict]:
     """The reference weights' part of the fingerprint; None if it needs the loaded model and none was given."""
-    settings = {"dtype": cfg.model.dtype, "revision": cfg.model.revision, "attn_implementation": cfg.model.attn_implementation,
-                "mixed_precision": cfg.train.mixed_precision}
-    if cfg.model.quantization != "none":  # a 4-bit base has other log-probs (keys of unquantized caches stay as they were)
+    settings = {
+        "dtype": cfg.model.dtype,
+        "revision": cfg.model.revision,
+        "attn_implementation": cfg.model.attn_implementation,
+        "mixed_precision": cfg.train.mixed_precision,
+    }
+    if (
+        cfg.model.quantization != "none"
+    ):  # a 4-bit base has other log-probs (keys of unquantized caches stay as they were)
         settings["quantization"] = cfg.model.quantization
     if cfg.train.fsdp and cfg.train.mixed_precision != "no":  # FSDP2 casts the weights themselves (sharding.py), where
         settings["fsdp_param_dtype"] = cfg.train.mixed_precision  # autocast keeps float32 norms: other log-probs
@@ -125,14 +130,22 @@ def weights_fingerprint(cfg, model=None) -> Optional[dict]:
 def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.blake2b(digest_size=20)
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps({
-        "class": type(tokenizer).__name__,
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "added": sorted((str(k), v) for k, v in tokenizer.get_added_vocab().items()),
-        "len": len(tokenizer),
-    }, sort_keys=True, default=str).encode())
+    h.update(
+        backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    )
+    h.update(
+        json.dumps(
+            {
+                "class": type(tokenizer).__name__,
+                "chat_template": getattr(tokenizer, "chat_template", None),
+                "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+                "added": sorted((str(k), v) for k, v in tokenizer.get_added_vocab().items()),
+                "len": len(tokenizer),
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -148,11 +161,18 @@ def _data_source(path: Optional[str]) -> Optional[dict]:
 def data_fingerprint(cfg) -> dict:
     d = cfg.data
     return {
-        "train": _data_source(d.path), "eval": _data_source(d.eval_path),
-        "split": d.split, "eval_split": d.eval_split, "layout": d.layout, "columns": dict(sorted(d.columns.items())),
-        "max_rows": d.max_rows, "strict": d.strict, "eval_fraction": d.eval_fraction,
+        "train": _data_source(d.path),
+        "eval": _data_source(d.eval_path),
+        "split": d.split,
+        "eval_split": d.eval_split,
+        "layout": d.layout,
+        "columns": dict(sorted(d.columns.items())),
+        "max_rows": d.max_rows,
+        "strict": d.strict,
+        "eval_fraction": d.eval_fraction,
         "seed": cfg.train.seed if d.eval_fraction > 0 and not d.eval_path else None,
-        "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
+        "max_length": d.max_length,
+        "max_prompt_length": d.max_prompt_length,
     }
 
 
@@ -166,7 +186,12 @@ def fingerprint(cfg, tokenizer, model=None, images: Optional[str] = None) -> Opt
     weights = weights_fingerprint(reference_model_config(cfg), model)
     if weights is None:
         return None
-    parts = {"format": FORMAT_VERSION, "weights": weights, "tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(cfg)}
+    parts = {
+        "format": FORMAT_VERSION,
+        "weights": weights,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": data_fingerprint(cfg),
+    }
     if images is not None:  # only image data has the key: text caches keep their fingerprint
         parts["images"] = images
     digest = hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=20).hexdigest()
@@ -179,5 +204,9 @@ def reference_model_config(cfg):
     model = cfg.model
     if getattr(model, "ref_name_or_path", None):
         model = dataclasses.replace(model, name_or_path=model.ref_name_or_path)
-    return dataclasses.replace(cfg, model=model, lora=dataclasses.replace(cfg.lora, enabled=False),
-                               train=dataclasses.replace(cfg.train, gradient_checkpointing=False))
+    return dataclasses.replace(
+        cfg,
+        model=model,
+        lora=dataclasses.replace(cfg.lora, enabled=False),
+        train=dataclasses.replace(cfg.train, gradient_checkpointing=False),
+    )

@@ -48,8 +48,14 @@ def examples_digest(examples: list) -> str:
 
 
 def _key(weights: dict, tokenizer, examples: list) -> tuple[str, dict]:
-    parts = {"format": FORMAT_VERSION, "kind": "retention_nll", "weights": weights, "tokenizer": tokenizer_fingerprint(tokenizer),
-             "examples": examples_digest(examples), "count": len(examples)}
+    parts = {
+        "format": FORMAT_VERSION,
+        "kind": "retention_nll",
+        "weights": weights,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "examples": examples_digest(examples),
+        "count": len(examples),
+    }
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=20).hexdigest(), parts
 
 
@@ -63,7 +69,9 @@ def _read(path: Path, key: str, count: int) -> Optional[tuple[float, int]]:
     return None
 
 
-def cached_reference_nll(cfg, tokenizer, examples: list, score: Scorer, model=None, write: bool = True, device=None) -> CachedNLL:
+def cached_reference_nll(
+    cfg, tokenizer, examples: list, score: Scorer, model=None, write: bool = True, device=None
+) -> CachedNLL:
     """The reference's (NLL sum, tokens) on `examples`: read from the cache, or scored now and written.
 
     model: the untrained policy, which is the reference (a LoRA policy: `score` turns its adapters off);
@@ -88,8 +96,13 @@ def cached_reference_nll(cfg, tokenizer, examples: list, score: Scorer, model=No
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "nll_sum": nll_sum, "tokens": tokens, "examples": len(examples), "parts": parts},
-                                  indent=1, default=str))
+        tmp.write_text(
+            json.dumps(
+                {"key": key, "nll_sum": nll_sum, "tokens": tokens, "examples": len(examples), "parts": parts},
+                indent=1,
+                default=str,
+            )
+        )
         tmp.replace(path)  # atomic: a reader sees no file or the whole one
     return CachedNLL(nll_sum, tokens, path, built=True)
 

@@ -78,9 +78,17 @@ def write_split(folder: Path, split: str, digest: str, pairs: list, logps: torch
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     hashes = torch.tensor([pair_hash(p) for p in pairs], dtype=torch.long)
     logps = logps.float().contiguous()
-    save_file({"pair_hash": hashes, "logps": logps}, str(tmp),
-              metadata={"fingerprint": digest, "split": split, "count": str(len(pairs)), "format": FORMAT_VERSION,
-                        "checksum": values_checksum(hashes, logps)})
+    save_file(
+        {"pair_hash": hashes, "logps": logps},
+        str(tmp),
+        metadata={
+            "fingerprint": digest,
+            "split": split,
+            "count": str(len(pairs)),
+            "format": FORMAT_VERSION,
+            "checksum": values_checksum(hashes, logps),
+        },
+    )
     tmp.replace(path)  # atomic: a reader sees the old file or the whole new one
     return path
 
@@ -111,12 +119,16 @@ def read_split(folder: Path, split: str, digest: str) -> Optional[dict]:
 def attach(pairs: list[TokenizedPair], table: dict, split: str = "train") -> list[CachedPair]:
     """Pairs with their cached reference log-probs, looked up by index and checked by token hash."""
     if table["pair_hash"].shape[0] != len(pairs):
-        raise CacheMismatch(f"reference cache ({split}) holds {table['pair_hash'].shape[0]} pairs, the data has {len(pairs)}")
+        raise CacheMismatch(
+            f"reference cache ({split}) holds {table['pair_hash'].shape[0]} pairs, the data has {len(pairs)}"
+        )
     hashes, logps = table["pair_hash"].tolist(), table["logps"].tolist()
     out = []
     for i, p in enumerate(pairs):
         if pair_hash(p) != hashes[i]:
-            raise CacheMismatch(f"reference cache ({split}): pair {i} ({p.source}) has other token ids than when cached")
+            raise CacheMismatch(
+                f"reference cache ({split}): pair {i} ({p.source}) has other token ids than when cached"
+            )
         if hasattr(p, "with_reference"):  # a pair with more than token ids (data/vision.VisionPair keeps its images)
             out.append(p.with_reference(tuple(logps[i])))
         else:

@@ -45,8 +45,11 @@ def write_report(run_dir: Union[str, Path]) -> Optional[Path]:
     try:
         path = build_report(run_dir)
     except Exception as e:  # noqa: BLE001
-        print(f"[dpokit] warning: could not write the report ({type(e).__name__}: {e}); try `dpokit report {run_dir}`",
-              file=sys.stderr, flush=True)
+        print(
+            f"[dpokit] warning: could not write the report ({type(e).__name__}: {e}); try `dpokit report {run_dir}`",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     print(f"[dpokit] report: {path}", flush=True)
     return path

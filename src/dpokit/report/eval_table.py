@@ -25,7 +25,13 @@ BASE_ROWS = [
     ("samples", "unjudged (left out of the win rate)", "win_rate_unjudged", None, "{:d}"),
     # Both KLs are per completion over the policy's samples with the same expectation; the exact next-token sum
     # (Rao-Blackwellised) has far less variance than k3 of the sequence log-ratio, so it leads.
-    ("samples", "KL(policy || reference), nats, exact next-token KL summed over the samples", "kl_tokenwise", None, "{:.2f}"),
+    (
+        "samples",
+        "KL(policy || reference), nats, exact next-token KL summed over the samples",
+        "kl_tokenwise",
+        None,
+        "{:.2f}",
+    ),
     ("samples", "KL(policy || reference), nats, k3 of the sampled log-ratio", "kl_to_reference", None, "{:.2f}"),
     ("samples", "held-out preference accuracy", "preference_accuracy", None, "{:.1%}"),
     ("samples", "mean length (tokens)", "mean_length", "baseline_mean_length", "{:.1f}"),
@@ -33,14 +39,27 @@ BASE_ROWS = [
 # The shipped suites' rows (online/suites/runner.py's table names them); eval.json carries every suite's rows as
 # "suite_rows", so a suite added since shows too. These serve the eval.json files written before it did.
 SUITE_ROWS = {
-    "ifeval": [("prompt-level strict", "prompt_level_strict_acc", "{:.1%}"), ("instruction-level strict", "inst_level_strict_acc", "{:.1%}"),
-               ("prompt-level loose", "prompt_level_loose_acc", "{:.1%}"), ("instruction-level loose", "inst_level_loose_acc", "{:.1%}")],
-    "lc_winrate": [("length-controlled win rate", "lc_win_rate", "{:.1%}"), ("raw win rate", "raw_win_rate", "{:.1%}"),
-                   ("mean length difference (tokens)", "mean_length_diff", "{:+.1f}")],
-    "multiturn": [("turn 1 score (1-10)", "turn1_score", "{:.2f}"), ("turn 2 score (1-10)", "turn2_score", "{:.2f}"),
-                  ("score (1-10)", "score", "{:.2f}"), ("judge parse failures", "parse_failures", "{:d}"),
-                  ("turn 1 win rate", "turn1_win_rate", "{:.1%}"), ("turn 2 win rate", "turn2_win_rate", "{:.1%}"),
-                  ("win rate", "win_rate", "{:.1%}"), ("unjudged verdicts", "unjudged", "{:d}")],
+    "ifeval": [
+        ("prompt-level strict", "prompt_level_strict_acc", "{:.1%}"),
+        ("instruction-level strict", "inst_level_strict_acc", "{:.1%}"),
+        ("prompt-level loose", "prompt_level_loose_acc", "{:.1%}"),
+        ("instruction-level loose", "inst_level_loose_acc", "{:.1%}"),
+    ],
+    "lc_winrate": [
+        ("length-controlled win rate", "lc_win_rate", "{:.1%}"),
+        ("raw win rate", "raw_win_rate", "{:.1%}"),
+        ("mean length difference (tokens)", "mean_length_diff", "{:+.1f}"),
+    ],
+    "multiturn": [
+        ("turn 1 score (1-10)", "turn1_score", "{:.2f}"),
+        ("turn 2 score (1-10)", "turn2_score", "{:.2f}"),
+        ("score (1-10)", "score", "{:.2f}"),
+        ("judge parse failures", "parse_failures", "{:d}"),
+        ("turn 1 win rate", "turn1_win_rate", "{:.1%}"),
+        ("turn 2 win rate", "turn2_win_rate", "{:.1%}"),
+        ("win rate", "win_rate", "{:.1%}"),
+        ("unjudged verdicts", "unjudged", "{:d}"),
+    ],
 }
 
 
@@ -83,13 +102,17 @@ def rows(metrics: dict) -> list[tuple[str, str, str, str]]:
 
 def markdown(metrics: dict) -> str:
     lines = ["| suite | metric | policy | baseline |", "|---|---|---|---|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in rows(metrics)]  # "||" of KL is no column
+    lines += [
+        "| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in rows(metrics)
+    ]  # "||" of KL is no column
     lines.append("")
     lines.append("Values ± standard error. A win rate compares the policy with the baseline (the baseline's is 50%).")
     if metrics.get("kl_tokenwise") is not None and metrics.get("kl_to_reference") is not None:
-        lines.append("The two KL rows estimate the same KL from the same samples (same expectation): the exact next-token "
-                     "sum has the smaller standard error; k3 of the whole completion's log-ratio is noisier, and a gap "
-                     "between them within a few of its standard errors is that noise.")
+        lines.append(
+            "The two KL rows estimate the same KL from the same samples (same expectation): the exact next-token "
+            "sum has the smaller standard error; k3 of the whole completion's log-ratio is noisier, and a gap "
+            "between them within a few of its standard errors is that noise."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -105,6 +128,8 @@ def eval_section(run_dir: Path) -> str:
     except (ValueError, AttributeError, TypeError, RecursionError) as e:
         return f'<section id="evaluation"><h2>Evaluation</h2><p class="note">{escape(EVAL_FILE)} could not be read: {escape(str(e))}</p></section>'
     body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in table)
-    return ('<section id="evaluation"><h2>Evaluation</h2><p class="source">From eval.json (`dpokit eval --out`): '
-            'values ± standard error; a win rate compares the policy with the baseline.</p>'
-            f'<table><tr><th>suite</th><th>metric</th><th>policy</th><th>baseline</th></tr>{body}</table></section>')
+    return (
+        '<section id="evaluation"><h2>Evaluation</h2><p class="source">From eval.json (`dpokit eval --out`): '
+        "values ± standard error; a win rate compares the policy with the baseline.</p>"
+        f"<table><tr><th>suite</th><th>metric</th><th>policy</th><th>baseline</th></tr>{body}</table></section>"
+    )

@@ -51,21 +51,37 @@ def _setting_text(run: RunData, section: str, key: str) -> Optional[str]:
 
 def _header(run: RunData) -> str:
     verdict = run.verdict
-    meta = [(label, _setting_text(run, section, key)) for label, section, key in (
-        ("model", "model", "name_or_path"), ("loss", "loss", "type"), ("beta", "loss", "beta"), ("lr", "optim", "lr"))]
+    meta = [
+        (label, _setting_text(run, section, key))
+        for label, section, key in (
+            ("model", "model", "name_or_path"),
+            ("loss", "loss", "type"),
+            ("beta", "loss", "beta"),
+            ("lr", "optim", "lr"),
+        )
+    ]
     meta_html = " &middot; ".join(f"{label} <b>{escape(text)}</b>" for label, text in meta if text)
     last, planned = run.last_step, run.planned_steps
     steps = "-" if last is None else f"{last}" + (f" / {planned}" if planned else "")
     tiles = [("steps", steps, "")]
-    tiles += [(label, form[0].format(value) if form else fmt(value), key) for label, key, *form in TILES
-              if (value := _last(run.eval if key.startswith("eval_") else run.train, key)) is not None]
-    tiles_html = "".join(clock(f'<div class="tile"><div class="label">{escape(label)}</div><div class="value">{escape(v)}</div></div>',
-                               key in CLOCK_KEYS) for label, v, key in tiles)
+    tiles += [
+        (label, form[0].format(value) if form else fmt(value), key)
+        for label, key, *form in TILES
+        if (value := _last(run.eval if key.startswith("eval_") else run.train, key)) is not None
+    ]
+    tiles_html = "".join(
+        clock(
+            f'<div class="tile"><div class="label">{escape(label)}</div><div class="value">{escape(v)}</div></div>',
+            key in CLOCK_KEYS,
+        )
+        for label, v, key in tiles
+    )
     stops = [d for d in run.diagnoses if d.get("severity") == "stop"]
     detail = VERDICT_TEXT[verdict]
     if stops:
         detail = f"Stopped at step {stops[0].get('step')}: {stops[0].get('mode')}." + (
-            f" {len(run.diagnoses) - 1} other diagnosis(es)." if len(run.diagnoses) > 1 else "")
+            f" {len(run.diagnoses) - 1} other diagnosis(es)." if len(run.diagnoses) > 1 else ""
+        )
     elif run.diagnoses:
         modes = ", ".join(f"{d.get('mode')} (step {d.get('step')})" for d in run.diagnoses[:4])
         detail = f"{len(run.diagnoses)} warning(s): {modes}" + (" ..." if len(run.diagnoses) > 4 else "")
@@ -96,13 +112,20 @@ def _diagnostics(run: RunData) -> str:
     if run.diagnoses_source == "recorded":
         source = "Raised by the failure detectors during training and recorded in metrics.jsonl."
     else:
-        source = ("metrics.jsonl holds no diagnosis records, so dpokit's failure detectors (default thresholds) "
-                  "were replayed over the logged metrics.")
+        source = (
+            "metrics.jsonl holds no diagnosis records, so dpokit's failure detectors (default thresholds) "
+            "were replayed over the logged metrics."
+        )
     parts = [f'<section id="diagnostics"><h2>Diagnostics</h2><p class="source">{escape(source)}</p>']
     if not run.diagnoses:
-        checked = "No metrics were logged, so nothing could be checked." if run.verdict == "no metrics" else (
-            "The failure detectors found nothing: no likelihood displacement, length drift, KL drift, over-optimisation, "
-            "stuck accuracy, oscillating loss, rising eval loss or NaN/Inf.")
+        checked = (
+            "No metrics were logged, so nothing could be checked."
+            if run.verdict == "no metrics"
+            else (
+                "The failure detectors found nothing: no likelihood displacement, length drift, KL drift, over-optimisation, "
+                "stuck accuracy, oscillating loss, rising eval loss or NaN/Inf."
+            )
+        )
         parts.append(f'<div class="card all-clear">{escape(checked)}</div>')
     advised: dict[str, str] = {}  # mitigation text -> the first mode that showed it in full
     for d in run.diagnoses:
@@ -115,7 +138,7 @@ def _diagnostics(run: RunData) -> str:
         parts.append(
             f'<article class="card diag {severity}"><h3><span class="sev">{severity}</span>{escape(mode)}'
             f' <span class="meta">at step {escape(str(d.get("step", "?")))}</span></h3>'
-            f'<p>{escape(str(d.get("evidence", "")))}</p>'
+            f"<p>{escape(str(d.get('evidence', '')))}</p>"
             f'<p class="todo"><b>What to do:</b> {escape(todo)}</p></article>'
         )
     parts.append(_skipped(run))
@@ -127,14 +150,18 @@ def _skipped(run: RunData) -> str:
     if not run.skipped:
         return ""
     cell = lambda v: escape(fmt(v)) if number(v) is not None else escape(str(v))  # noqa: E731
-    rows = "".join(f"<tr><td class='num'>{escape(str(d.get('step', '?')))}</td><td>{escape(str(d.get('reason', '')))}</td>"
-                   f"<td class='num'>{cell(d.get('loss'))}</td><td class='num'>{cell(d.get('grad_norm'))}</td></tr>"
-                   for d in run.skipped)
-    return ('<article class="card diag warn" id="skipped"><h3><span class="sev">skip</span>skipped updates</h3>'
-            f"<p>{len(run.skipped)} optimizer step(s) had a non-finite loss or gradient; their update was not applied "
-            "(train.max_skipped_steps sets how many a run tolerates before it stops).</p>"
-            "<table><tr><th class='num'>step</th><th>reason</th><th class='num'>loss</th><th class='num'>grad norm</th></tr>"
-            f"{rows}</table></article>")
+    rows = "".join(
+        f"<tr><td class='num'>{escape(str(d.get('step', '?')))}</td><td>{escape(str(d.get('reason', '')))}</td>"
+        f"<td class='num'>{cell(d.get('loss'))}</td><td class='num'>{cell(d.get('grad_norm'))}</td></tr>"
+        for d in run.skipped
+    )
+    return (
+        '<article class="card diag warn" id="skipped"><h3><span class="sev">skip</span>skipped updates</h3>'
+        f"<p>{len(run.skipped)} optimizer step(s) had a non-finite loss or gradient; their update was not applied "
+        "(train.max_skipped_steps sets how many a run tolerates before it stops).</p>"
+        "<table><tr><th class='num'>step</th><th>reason</th><th class='num'>loss</th><th class='num'>grad norm</th></tr>"
+        f"{rows}</table></article>"
+    )
 
 
 def _legend(chart) -> str:
@@ -170,9 +197,11 @@ def _curves(run: RunData) -> str:
         return '<section id="curves"><h2>Curves</h2><div class="card">No metrics logged.</div></section>'
     keys = run.keys()
     cards = "".join(_plot(plot, run, keys) for plot in PLOTS)
-    return ('<section id="curves"><h2>Curves</h2><p class="source">Solid: training records; dashed with dots: '
-            'eval records. Vertical dashed lines mark the steps at which a diagnosis fired.</p>'
-            f'<div class="grid">{cards}</div></section>')
+    return (
+        '<section id="curves"><h2>Curves</h2><p class="source">Solid: training records; dashed with dots: '
+        "eval records. Vertical dashed lines mark the steps at which a diagnosis fired.</p>"
+        f'<div class="grid">{cards}</div></section>'
+    )
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -186,8 +215,11 @@ def _split(name: str, s: dict) -> str:
     if not s.get("rows_read") and not s.get("pairs"):
         return f'<div><h3>{escape(name)}</h3><p class="source">no {escape(name)} rows</p></div>'
     unit = "examples" if "labels" in s else "pairs"
-    rows = [("rows read", s.get("rows_read", "-")), (f"{unit} used", s.get("pairs", "-")),
-            ("rows dropped", s.get("rows_skipped", "-"))]
+    rows = [
+        ("rows read", s.get("rows_read", "-")),
+        (f"{unit} used", s.get("pairs", "-")),
+        ("rows dropped", s.get("rows_skipped", "-")),
+    ]
     if s.get("held_out"):
         rows.append(("held out for eval", s["held_out"]))
     if isinstance(s.get("layouts"), dict) and s["layouts"]:
@@ -201,17 +233,23 @@ def _split(name: str, s: dict) -> str:
     reasons = s.get("skipped_by_reason") or {}
     if isinstance(reasons, dict) and reasons:
         examples = s.get("skipped_examples") or {}
-        body = "".join(f"<tr><td>{escape(str(reason))}</td><td class='num'>{escape(str(n))}</td>"
-                       f"<td>{escape('; '.join(map(str, examples.get(reason, [])[:3])))}</td></tr>"
-                       for reason, n in reasons.items())
+        body = "".join(
+            f"<tr><td>{escape(str(reason))}</td><td class='num'>{escape(str(n))}</td>"
+            f"<td>{escape('; '.join(map(str, examples.get(reason, [])[:3])))}</td></tr>"
+            for reason, n in reasons.items()
+        )
         html.append(f"<table><tr><th>dropped because</th><th class='num'>rows</th><th>e.g.</th></tr>{body}</table>")
     lengths = s.get("token_lengths") or {}
     if isinstance(lengths, dict) and lengths:
         cols = ("min", "p50", "p90", "p99", "max")
         head = "".join(f"<th class='num'>{c}</th>" for c in cols)
-        body = "".join(f"<tr><td>{escape(str(part))}</td>" + "".join(
-            f"<td class='num'>{escape(str(p.get(c, '-')))}</td>" for c in cols) + "</tr>"
-            for part, p in lengths.items() if isinstance(p, dict))
+        body = "".join(
+            f"<tr><td>{escape(str(part))}</td>"
+            + "".join(f"<td class='num'>{escape(str(p.get(c, '-')))}</td>" for c in cols)
+            + "</tr>"
+            for part, p in lengths.items()
+            if isinstance(p, dict)
+        )
         html.append(f"<table><tr><th>tokens</th>{head}</tr>{body}</table>")
     html.append("</div>")
     return "".join(html)
@@ -248,7 +286,13 @@ def render(run: RunData) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body><main>"
-        + _header(run) + _notes(run) + _diagnostics(run) + _curves(run) + eval_section(run.run_dir) + _data(run) + _config(run)
+        + _header(run)
+        + _notes(run)
+        + _diagnostics(run)
+        + _curves(run)
+        + eval_section(run.run_dir)
+        + _data(run)
+        + _config(run)
         + f"<footer>dpokit {escape(__version__)} &middot; one self-contained file: no scripts, "
         "nothing loaded from the network</footer></main></body></html>\n"
     )

@@ -29,7 +29,9 @@ class RunData:
     train: list[dict] = field(default_factory=list)  # training records, in file order
     eval: list[dict] = field(default_factory=list)  # records with eval_* keys
     diagnoses: list[dict] = field(default_factory=list)  # Diagnosis fields: mode, step, evidence, mitigation, severity
-    skipped: list[dict] = field(default_factory=list)  # optimizer updates skipped on a NaN/Inf: step, reason, loss, grad_norm
+    skipped: list[dict] = field(
+        default_factory=list
+    )  # optimizer updates skipped on a NaN/Inf: step, reason, loss, grad_norm
     diagnoses_source: str = "recorded"  # "recorded" in metrics.jsonl, or "replayed" from the metrics
     config: dict = field(default_factory=dict)
     config_text: Optional[str] = None
@@ -99,8 +101,10 @@ def read_records(path: Path, notes: list[str]) -> list[dict]:
             bad.append(n)
     if bad:
         where = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
-        notes.append(f"metrics.jsonl: skipped {len(bad)} line(s) that are not JSON objects (line {where}); "
-                     "a run interrupted while writing leaves a cut last line")
+        notes.append(
+            f"metrics.jsonl: skipped {len(bad)} line(s) that are not JSON objects (line {where}); "
+            "a run interrupted while writing leaves a cut last line"
+        )
     return records
 
 
@@ -135,8 +139,10 @@ def _split(records: list[dict], notes: list[str]) -> tuple[list[dict], list[dict
             last = _step(train[-1]) if train else None
             # Strictly backwards: two records may share a step (the record that stops a run on a NaN).
             if step is not None and last is not None and step < last:
-                notes.append(f"the run was resumed at step {step:g}: records from step {step:g} on that were "
-                             "logged before the resume are left out")
+                notes.append(
+                    f"the run was resumed at step {step:g}: records from step {step:g} on that were "
+                    "logged before the resume are left out"
+                )
                 train, evals, diagnoses, skipped = (_before(x, step) for x in (train, evals, diagnoses, skipped))
             train.append(record)
     return train, evals, diagnoses, skipped
@@ -197,12 +203,16 @@ def load_run(run_dir: str | Path) -> RunData:
 
 def _note_gaps(run: RunData) -> None:
     if (run.train or run.eval) and not run.eval:
-        run.notes.append("no eval records: the run had no eval data (data.eval_path or data.eval_fraction)"
-                         " or ended before its first evaluation; only training curves are shown")
+        run.notes.append(
+            "no eval records: the run had no eval data (data.eval_path or data.eval_fraction)"
+            " or ended before its first evaluation; only training curves are shown"
+        )
     last, planned = run.last_step, run.planned_steps
     stopped = run.verdict == "stopped"
     if last is not None and planned is not None and last < planned and not stopped:
-        run.notes.append(f"the last record is at step {last} of {planned} planned (train.max_steps): "
-                         "the run was interrupted or is still running")
+        run.notes.append(
+            f"the last record is at step {last} of {planned} planned (train.max_steps): "
+            "the run was interrupted or is still running"
+        )
     if (run.train or run.eval) and not (run.run_dir / "final").exists() and not stopped:
         run.notes.append("no final/ model in the run directory: the run was interrupted, is still running, or failed")

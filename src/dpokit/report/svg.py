@@ -161,7 +161,9 @@ def line_chart(chart: Chart) -> str:
                 f'<line class="rule" x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="{rule.color}">'
                 f"<title>{escape(rule.label)}</title></line>"
             )
-            out.append(f'<text class="rule-label" x="{WIDTH - RIGHT - 4}" y="{y - 4:.1f}" text-anchor="end" fill="{rule.color}">{escape(rule.label)}</text>')
+            out.append(
+                f'<text class="rule-label" x="{WIDTH - RIGHT - 4}" y="{y - 4:.1f}" text-anchor="end" fill="{rule.color}">{escape(rule.label)}</text>'
+            )
         elif rule.axis == "x":
             x = sx(rule.at)
             out.append(

@@ -1,11 +1,11 @@
 """The objectives: one step per kind of data, each a batch -> (loss, metrics) behind one interface (steps/base.py).
 
-    train.task=sft                 -> sft.FastSFTStep (sft.SFTStep with speed.packing and speed.chunked_logps off)
-    loss.type=kto                  -> unpaired.UnpairedStep
-    a paired loss, any speed.* on  -> paired.FastPairedStep: padding-free rows, shared prompts, chunked LM head,
-                                      reference log-probs from the on-disk cache
-    data.vision                    -> vision.VisionPairedStep: the plain step with pixel values (+ the reference cache)
-    every speed.* off              -> paired.PairedStep: the plain [chosen; rejected] step with a live reference
+train.task=sft                 -> sft.FastSFTStep (sft.SFTStep with speed.packing and speed.chunked_logps off)
+loss.type=kto                  -> unpaired.UnpairedStep
+a paired loss, any speed.* on  -> paired.FastPairedStep: padding-free rows, shared prompts, chunked LM head,
+                                  reference log-probs from the on-disk cache
+data.vision                    -> vision.VisionPairedStep: the plain step with pixel values (+ the reference cache)
+every speed.* off              -> paired.PairedStep: the plain [chosen; rejected] step with a live reference
 """
 
 from __future__ import annotations
@@ -19,7 +19,17 @@ from dpokit.steps.token_scores import fast_attention_for
 from dpokit.steps.unpaired import UnpairedStep
 from dpokit.steps.vision import VisionPairedStep
 
-__all__ = ["FastPairedStep", "FastSFTStep", "PairedStep", "SFTStep", "Step", "StepContext", "UnpairedStep", "VisionPairedStep", "step_for"]
+__all__ = [
+    "FastPairedStep",
+    "FastSFTStep",
+    "PairedStep",
+    "SFTStep",
+    "Step",
+    "StepContext",
+    "UnpairedStep",
+    "VisionPairedStep",
+    "step_for",
+]
 
 
 def step_for(cfg: Config) -> Step:
@@ -31,6 +41,8 @@ def step_for(cfg: Config) -> Step:
         return UnpairedStep()
     if cfg.data.vision:  # image rows: the plain step with pixel values (the fast paths do not carry images)
         return VisionPairedStep()
-    if speed.any_fast_path:  # padding-free rows, shared prompts, chunked LM head, cached reference (docs/performance.md)
+    if (
+        speed.any_fast_path
+    ):  # padding-free rows, shared prompts, chunked LM head, cached reference (docs/performance.md)
         return FastPairedStep(speed, fast_attention_for(cfg))
     return PairedStep()

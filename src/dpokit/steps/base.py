@@ -46,10 +46,14 @@ class StepContext:
     with_reference: bool = True  # a reference scores the batch (a model, or its cached log-probs)
     dummy: bool = False  # a process with no example left: forward and backward at weight 0, every collective joined
     scale: float = 1.0  # the micro-batch's loss weight: 1 / the step's count, times processes and accumulation
-    beta: Any = None  # steps.beta.MovingThreshold (loss.beta_schedule=adaptive): the optimizer step's M_0; None: loss.beta
+    beta: Any = (
+        None  # steps.beta.MovingThreshold (loss.beta_schedule=adaptive): the optimizer step's M_0; None: loss.beta
+    )
     mixed: Any = None  # steps.sft_mix.MixedBatches: the optimizer step's SFT batches, this micro-batch's at `index`
     index: int = 0  # the micro-batch's position in its optimizer step
-    group: Any = None  # accelerator-like (num_processes, reduce, device, gradient_accumulation_steps); None: one process
+    group: Any = (
+        None  # accelerator-like (num_processes, reduce, device, gradient_accumulation_steps); None: one process
+    )
 
     @property
     def processes(self) -> int:

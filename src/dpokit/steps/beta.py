@@ -34,7 +34,9 @@ class MovingThreshold:
         """margins M_i (B,) of this micro-batch -> its beta; M_0 moves by the global micro-batch's mean margin."""
         loss = ctx.cfg.loss
         margins = margins.detach().double()
-        packed = torch.stack([margins.sum(), torch.tensor(float(margins.numel()), dtype=torch.float64, device=margins.device)])
+        packed = torch.stack(
+            [margins.sum(), torch.tensor(float(margins.numel()), dtype=torch.float64, device=margins.device)]
+        )
         if ctx.dummy:
             packed = torch.zeros_like(packed)
         if ctx.processes > 1:

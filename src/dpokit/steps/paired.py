@@ -27,7 +27,14 @@ from dpokit.losses.base import log_ratios
 from dpokit.reference import reference_mode
 from dpokit.steps.base import Step, StepContext
 from dpokit.steps.router_aux import add_router_aux, packed_token_weights, recording, router_for
-from dpokit.steps.token_scores import TokenScores, fast_attention_for, layout_for, per_sequence, score_tokens, shared_mask
+from dpokit.steps.token_scores import (
+    TokenScores,
+    fast_attention_for,
+    layout_for,
+    per_sequence,
+    score_tokens,
+    shared_mask,
+)
 
 
 def _halves(x: torch.Tensor | None, n: int) -> tuple:
@@ -56,7 +63,10 @@ def _score_pairs(logps, lengths, ref_logps, shared, ref_shared, wpo, mean_logits
         beta = adaptive.batch_beta((cfg.loss.beta * (chosen_ratio - rejected_ratio)).detach(), ctx)
     out = compute_loss(pair, cfg.loss if adaptive is None else dataclasses.replace(cfg.loss, beta=beta))
     if adaptive is not None:
-        out.chosen_rewards, out.rejected_rewards = (cfg.loss.beta * chosen_ratio).detach(), (cfg.loss.beta * rejected_ratio).detach()
+        out.chosen_rewards, out.rejected_rewards = (
+            (cfg.loss.beta * chosen_ratio).detach(),
+            (cfg.loss.beta * rejected_ratio).detach(),
+        )
     with torch.no_grad():
         metrics = {
             "loss": out.losses.detach(),
@@ -82,7 +92,11 @@ def forward_pairs(policy, reference, batch: dict, ctx: StepContext) -> tuple:
     cfg, with_reference = ctx.cfg, ctx.with_reference
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]  # (2B, T)
     n_pairs = input_ids.shape[0] // 2
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **vision_inputs(batch)}  # + pixel_values of image rows
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        **vision_inputs(batch),
+    }  # + pixel_values of image rows
     router = router_for(policy, cfg.loss)  # None for a dense model
     with recording(policy, router) as router_logits:
         logits = policy(**inputs, use_cache=False).logits  # (2B, T, V)
@@ -160,7 +174,9 @@ def forward_pairs_fast(policy, reference, batch: dict, ctx: StepContext) -> tupl
     n_pairs = n_seq // 2
     router = router_for(policy, cfg.loss)  # None for a dense model
     with recording(policy, router) as router_logits:
-        scores = score_tokens(policy, batch, speed, want_stats=True, want_sq=cfg.loss.use_weighting, attention=attention)
+        scores = score_tokens(
+            policy, batch, speed, want_stats=True, want_sq=cfg.loss.use_weighting, attention=attention
+        )
     logps = per_sequence(scores.logp, seq, n_seq)
     ref_logps = ref_shared = ref_scores = None
     if with_reference:
@@ -180,9 +196,12 @@ def forward_pairs_fast(policy, reference, batch: dict, ctx: StepContext) -> tupl
         mean_logits = per_sequence(scores.stats[:, 0], seq, n_seq) / lengths
         order = batch["score_order"]  # forward_pairs' token order
         entropy, top1 = scores.stats[order, 1], scores.stats[order, 2]
-    out, metrics = _score_pairs(logps, lengths, ref_logps, shared, ref_shared if cfg.loss.ld_alpha is not None else None, wpo,
-                                mean_logits, ctx)
-    add_router_aux(router, router_logits, packed_token_weights(batch), out, metrics)  # a shared prompt weighs 2, padding 0
+    out, metrics = _score_pairs(
+        logps, lengths, ref_logps, shared, ref_shared if cfg.loss.ld_alpha is not None else None, wpo, mean_logits, ctx
+    )
+    add_router_aux(
+        router, router_logits, packed_token_weights(batch), out, metrics
+    )  # a shared prompt weighs 2, padding 0
     metrics.update(entropy=entropy, mean_token_accuracy=top1[: int(lengths[:n_pairs].sum())])
     if ref_scores is not None and scores.logits_of is not None and ref_scores.logits_of is not None:
         chosen_idx = torch.nonzero(seq < n_pairs).squeeze(-1)

@@ -72,8 +72,10 @@ def router_for(model, loss) -> Router | None:
     top_k = getattr(config, "num_experts_per_tok", None)
     if recorder is None or not top_k:
         if coef:
-            raise ConfigError(f"loss.router_aux_coef={coef}: {type(lm).__name__} is not a mixture-of-experts model whose "
-                              "router logits dpokit can read, so there is no load-balancing loss to weight; unset the key")
+            raise ConfigError(
+                f"loss.router_aux_coef={coef}: {type(lm).__name__} is not a mixture-of-experts model whose "
+                "router logits dpokit can read, so there is no load-balancing loss to weight; unset the key"
+            )
         return None
     if coef is None:
         coef = getattr(config, "router_aux_loss_coef", None) or 0.0
@@ -86,6 +88,7 @@ def recording(model, router: Router | None):
     logits: list[torch.Tensor] = []
     handles = []
     if router is not None:
+
         def hook(module, args, output):
             logits.append(output[router.index] if isinstance(output, (tuple, list)) else output)
 
@@ -126,8 +129,14 @@ def packed_token_weights(batch: dict) -> torch.Tensor:
     return real.float() + shared_prompt.float()
 
 
-def add_router_aux(router: Router | None, router_logits: list, weights: torch.Tensor, out, metrics: dict,
-                   shares: torch.Tensor | float = 1.0) -> None:
+def add_router_aux(
+    router: Router | None,
+    router_logits: list,
+    weights: torch.Tensor,
+    out,
+    metrics: dict,
+    shares: torch.Tensor | float = 1.0,
+) -> None:
     """Adds coef * aux_loss to each example's loss (times its `shares` of the step's count) and to the `loss` metric;
     logs `aux_loss`, one value per entry of the `loss` metric so it is averaged as the loss is. No router: nothing."""
     if router is None or not router_logits:

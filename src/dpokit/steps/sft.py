@@ -97,7 +97,9 @@ def forward_sft_fast(policy, reference, batch: dict, cfg: Config, with_reference
     with recording(policy, router) as router_logits:
         scores = score_tokens(policy, batch, cfg.speed, want_stats=True, attention=fast_attention_for(cfg))
     nll = -scores.logp
-    out = LossOutput(per_sequence(nll, batch["score_seq"], batch["seq_lengths"].shape[0]), torch.zeros(0), torch.zeros(0))
+    out = LossOutput(
+        per_sequence(nll, batch["score_seq"], batch["seq_lengths"].shape[0]), torch.zeros(0), torch.zeros(0)
+    )
     order = batch["score_order"]  # forward_sft's (example, token) order
     metrics = {"loss": nll.detach()[order], "mean_token_accuracy": scores.stats[order, 2]}
     add_router_aux(router, router_logits, packed_token_weights(batch), out, metrics, shares=batch["seq_lengths"])

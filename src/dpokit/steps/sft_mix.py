@@ -66,7 +66,9 @@ class SFTMix:
         self.seed, self.rank, self.world = cfg.train.seed + MIX_SEED_OFFSET, rank, world
 
     @classmethod
-    def from_config(cls, cfg: Config, tokenizer, rank: int = 0, world: int = 1, examples: list | None = None) -> "SFTMix | None":
+    def from_config(
+        cls, cfg: Config, tokenizer, rank: int = 0, world: int = 1, examples: list | None = None
+    ) -> "SFTMix | None":
         """None when data.sft_mix_path is unset. examples: the file's, already prepared (training.setup.training_data
         reports their skips); else it is prepared here."""
         if not cfg.data.sft_mix_path:
@@ -77,18 +79,28 @@ class SFTMix:
 
     def draw(self, step: int, pad_token_id: int) -> MixedBatches:
         """The SFT batches of optimizer step `step` (1-based) for this process."""
-        stream = BatchStream(len(self.examples), self.batch_size, self.seed, rank=self.rank, world=self.world,
-                             position=(step - 1) * self.grad_accum)
+        stream = BatchStream(
+            len(self.examples),
+            self.batch_size,
+            self.seed,
+            rank=self.rank,
+            world=self.world,
+            position=(step - 1) * self.grad_accum,
+        )
         batches, dummies, tokens = [], [], 0
         for _ in range(self.grad_accum):
             local, _, chunk = stream.next()
             batches.append(collate_sft([self.examples[i] for i in (local or chunk[:1])], pad_token_id))
             dummies.append(not local)
-            tokens += sum(example_tokens(self.examples[i]) for i in chunk)  # the global micro-batch: every process agrees
+            tokens += sum(
+                example_tokens(self.examples[i]) for i in chunk
+            )  # the global micro-batch: every process agrees
         return MixedBatches(batches, dummies, self.weight / max(tokens, 1))
 
     @staticmethod
     def loss(policy, batch: dict, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed completion NLL of the batch, with gradient; per-token NLL values for sft_mix/nll)."""
-        out, metrics = forward_sft(policy, None, batch, cfg, False, router_aux=False)  # the pairs' batch carries aux_loss
+        out, metrics = forward_sft(
+            policy, None, batch, cfg, False, router_aux=False
+        )  # the pairs' batch carries aux_loss
         return out.losses.sum(), metrics["loss"]

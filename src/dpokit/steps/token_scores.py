@@ -66,8 +66,12 @@ def layout_for(speed: SpeedConfig, attn_implementation: str | None = None) -> La
     if is_flash(attn_implementation):
         return Layout(packing=True, prefix_sharing=False, single_row=True)
     segment_attention = attn_implementation in (None, "sdpa", ATTENTION_NAME)
-    return Layout(packing=speed.packing, prefix_sharing=speed.prefix_sharing and supports_prefix_sharing(attn_implementation),
-                  pack_length=speed.pack_length, single_row=speed.packing and speed.pack_length == 0 and segment_attention)
+    return Layout(
+        packing=speed.packing,
+        prefix_sharing=speed.prefix_sharing and supports_prefix_sharing(attn_implementation),
+        pack_length=speed.pack_length,
+        single_row=speed.packing and speed.pack_length == 0 and segment_attention,
+    )
 
 
 def causal_lm(model):
@@ -80,7 +84,13 @@ def causal_lm(model):
     return m
 
 
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 def _plain_linear_head(lm):
@@ -111,7 +121,14 @@ def _scoring_forward(lm, score):
     backbone = getattr(lm, lm.base_model_prefix)
 
     def forward(*args, **kwargs):
-        for name in ("labels", "output_attentions", "output_hidden_states", "return_dict", "logits_to_keep", "task_ids"):
+        for name in (
+            "labels",
+            "output_attentions",
+            "output_hidden_states",
+            "return_dict",
+            "logits_to_keep",
+            "task_ids",
+        ):
             kwargs.pop(name, None)
         return score(backbone(*args, **kwargs).last_hidden_state)
 
@@ -138,8 +155,14 @@ class TokenScores:
     vocab_size: int
 
 
-def score_tokens(model, batch: dict, speed: SpeedConfig, want_stats: bool = False, want_sq: bool = False,
-                 attention: str | None = None) -> TokenScores:
+def score_tokens(
+    model,
+    batch: dict,
+    speed: SpeedConfig,
+    want_stats: bool = False,
+    want_sq: bool = False,
+    attention: str | None = None,
+) -> TokenScores:
     """Run `model` on a collate_packed batch -> log-probs of every scored completion token.
 
     attention: the implementation the batch was laid out for (`fast_attention_for`); None = the model's own.

@@ -67,7 +67,9 @@ def collate_unpaired(examples: list[TokenizedCompletion], pad_token_id: int) -> 
     n = len(examples)
     if n > 1:
         k = mismatch_shift([e.source for e in examples])
-        mismatched = [(e.prompt_ids, examples[(i + k) % n].completion_ids[: e.completion_budget]) for i, e in enumerate(examples)]
+        mismatched = [
+            (e.prompt_ids, examples[(i + k) % n].completion_ids[: e.completion_budget]) for i, e in enumerate(examples)
+        ]
         batch.update(pad_completions(mismatched, pad_token_id, prefix="kl_"))
     batch["label"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
     return batch
@@ -75,7 +77,9 @@ def collate_unpaired(examples: list[TokenizedCompletion], pad_token_id: int) -> 
 
 def _sequence_logps(model, batch: dict, prefix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion log-probs (N,), logits (N, T, V)) of one padded batch."""
-    logits = model(input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"], use_cache=False).logits
+    logits = model(
+        input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"], use_cache=False
+    ).logits
     tok_logps, _ = token_logps(logits, batch[f"{prefix}labels"])
     return tok_logps.sum(-1), logits
 
@@ -103,7 +107,9 @@ def forward_unpaired(policy, reference, batch: dict, cfg: Config, with_reference
         if has_kl:
             kl_ref_logps, _ = _sequence_logps(ref_model, batch, prefix="kl_")
     loss = cfg.loss
-    losses, rewards, kl = kto_loss(logps, ref_logps, labels, kl_logps, kl_ref_logps, loss.beta, loss.desirable_weight, loss.undesirable_weight)
+    losses, rewards, kl = kto_loss(
+        logps, ref_logps, labels, kl_logps, kl_ref_logps, loss.beta, loss.desirable_weight, loss.undesirable_weight
+    )
     losses = weights[0] * losses
     out = LossOutput(losses, rewards[labels], rewards[~labels])
     with torch.no_grad():

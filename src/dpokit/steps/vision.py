@@ -31,9 +31,12 @@ class VisionPairedStep(PairedStep):
         speed = cfg.speed
         fast = [name for name in ("packing", "prefix_sharing", "chunked_logps") if getattr(speed, name)]
         if fast:
-            print(f"[dpokit] data.vision: speed.{', speed.'.join(fast)} do not support image rows: the plain paired step "
-                  "runs (padded rows, each row's pixel values)" + ("; speed.ref_cache still applies" if speed.ref_cache else ""),
-                  flush=True)
+            print(
+                f"[dpokit] data.vision: speed.{', speed.'.join(fast)} do not support image rows: the plain paired step "
+                "runs (padded rows, each row's pixel values)"
+                + ("; speed.ref_cache still applies" if speed.ref_cache else ""),
+                flush=True,
+            )
         return prepare_vision_data(cfg, load_processor(cfg))
 
     def collate(self, pairs: list, pad_token_id: int) -> dict:
@@ -41,8 +44,9 @@ class VisionPairedStep(PairedStep):
 
 
 @torch.no_grad()
-def vision_reference_logps(model, pairs: list, pad_token_id: int, order: list[int], batch_size: int, device,
-                           rank: int = 0, world: int = 1) -> torch.Tensor:
+def vision_reference_logps(
+    model, pairs: list, pad_token_id: int, order: list[int], batch_size: int, device, rank: int = 0, world: int = 1
+) -> torch.Tensor:
     """(N, 4) reference log-probs (chosen, rejected, chosen_shared, rejected_shared) of image pairs, plain forward.
 
     `model` is already the reference (adapters off); batches are `order[s : s + batch_size]`, as the cache build
@@ -54,8 +58,12 @@ def vision_reference_logps(model, pairs: list, pad_token_id: int, order: list[in
             continue
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate_vision_pairs([pairs[i] for i in idx], pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **vision_inputs(batch),
-                       use_cache=False).logits
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            **vision_inputs(batch),
+            use_cache=False,
+        ).logits
         tok_logps, mask = token_logps(logits, batch["labels"])
         logps, shared = tok_logps.sum(-1), shared_prefix_logps(tok_logps, mask)
         n = len(idx)

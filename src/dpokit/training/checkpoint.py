@@ -117,8 +117,17 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def save_checkpoint(accelerator, run_dir: Path, state: RunState, policy, optimizer, scheduler, window: MetricSums, keep: int,
-                    reference=None) -> Path:
+def save_checkpoint(
+    accelerator,
+    run_dir: Path,
+    state: RunState,
+    policy,
+    optimizer,
+    scheduler,
+    window: MetricSums,
+    keep: int,
+    reference=None,
+) -> Path:
     """Write checkpoint-<state.step> atomically; call on every process. Returns its path. `reference`: a moved one (TR-DPO).
 
     Too little free space for it, up front or while writing (ENOSPC), raises CheckpointError on
@@ -164,7 +173,9 @@ def _ensure_space(accelerator, run_dir: Path, final: Path, policy, optimizer, re
     needed, free = checkpoint_bytes(accelerator, run_dir, policy, optimizer), shutil.disk_usage(run_dir).free
     needed += _tensor_bytes(list(reference.state_dict().values())) if reference is not None else 0
     # The rotation deletes old checkpoints only after the new one is complete, so it needs its whole size free.
-    problem = _from_main(accelerator, _no_space(run_dir, final, needed, free, "nothing was written") if free < needed else None)
+    problem = _from_main(
+        accelerator, _no_space(run_dir, final, needed, free, "nothing was written") if free < needed else None
+    )
     if problem:
         raise CheckpointError(problem)
     return needed, free
@@ -246,7 +257,14 @@ def _disk_full(error: Exception, run_dir: Path, final: Path, needed: int, free: 
 def _no_space(run_dir: Path, final: Path, needed: int, free: int, what_happened: str) -> str:
     previous = list_checkpoints(run_dir)
     kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "there is no earlier checkpoint"
-    return no_space(final, needed, free, what_happened, kept, "Free some space (or lower train.save_total_limit), then resume with train.resume=auto")
+    return no_space(
+        final,
+        needed,
+        free,
+        what_happened,
+        kept,
+        "Free some space (or lower train.save_total_limit), then resume with train.resume=auto",
+    )
 
 
 def _from_main(accelerator, value):

@@ -27,8 +27,10 @@ def filled_up(code: int) -> str:
 
 def no_space(target: Path, needed: int, free: int, what_happened: str, kept: str, advice: str) -> str:
     """The one line: what did not fit where, the sizes, what happened, the copy that is intact, what to do."""
-    return (f"not enough disk space for {target.name} in {target.parent}: it needs about {needed:,} bytes ({size_text(needed)}), "
-            f"{free:,} bytes ({size_text(free)}) were free; {what_happened} and {kept}. {advice}")
+    return (
+        f"not enough disk space for {target.name} in {target.parent}: it needs about {needed:,} bytes ({size_text(needed)}), "
+        f"{free:,} bytes ({size_text(free)}) were free; {what_happened} and {kept}. {advice}"
+    )
 
 
 def size_text(n: int) -> str:

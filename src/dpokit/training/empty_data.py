@@ -59,8 +59,10 @@ class EmptyDataGuard:
         else:
             seen = "0 completion tokens or grad_norm 0.0"
         meaning = "the data tokenised to nothing" if no_tokens else "nothing in the data moves the model"
-        return (f"{self.first_steps} steps with {seen}: {meaning}; check the tokenizer ({self.tokenizer_class}) matches the model "
-                "(and that data.max_prompt_length leaves room for the completions)")
+        return (
+            f"{self.first_steps} steps with {seen}: {meaning}; check the tokenizer ({self.tokenizer_class}) matches the model "
+            "(and that data.max_prompt_length leaves room for the completions)"
+        )
 
 
 def step_completion_tokens(accelerator, batches: list[dict]) -> int:

@@ -56,8 +56,9 @@ def generation_metrics(
     if n <= 0 or not prompts:
         return {}
     chosen = [prompts[i % len(prompts)] for i in range(n)]
-    samples = sample(policy, tokenizer, chosen, num_samples=1, temperature=temperature,
-                     max_new_tokens=max_new_tokens, seed=seed)
+    samples = sample(
+        policy, tokenizer, chosen, num_samples=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed
+    )
     lengths = [len(s.completion_ids) - int(s.finished) for s in samples]
     return {
         "eval_mean_length": sum(lengths) / len(samples),

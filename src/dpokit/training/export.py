@@ -25,7 +25,9 @@ from dpokit.training.model_card import RunFacts, write_card
 _UPLOAD_ERRORS = (OSError, ValueError, getattr(hub_errors, "HTTPError", OSError))
 
 
-def save_final(model, tokenizer, cfg: Config, model_dir: Path, state_dict: Optional[dict] = None, facts: Optional[RunFacts] = None) -> None:
+def save_final(
+    model, tokenizer, cfg: Config, model_dir: Path, state_dict: Optional[dict] = None, facts: Optional[RunFacts] = None
+) -> None:
     """HF format that `from_pretrained` loads (full weights, a PEFT adapter, or LoRA merged), and README.md, written atomically.
 
     `state_dict`: the full (gathered) weights under FSDP/DeepSpeed, where `model`'s own are shards.
@@ -47,9 +49,13 @@ def save_final(model, tokenizer, cfg: Config, model_dir: Path, state_dict: Optio
     if free < needed:
         raise CheckpointError(_no_space_for(model_dir, needed, free, "nothing was written"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(
+            tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {})
+        )
         tokenizer.save_pretrained(tmp)
-        if cfg.data.vision:  # the image processor and the processor's settings, so the final folder loads with AutoProcessor
+        if (
+            cfg.data.vision
+        ):  # the image processor and the processor's settings, so the final folder loads with AutoProcessor
             load_processor(cfg).save_pretrained(tmp)
         write_card(cfg, facts or RunFacts(), tmp, model_dir)  # after save_pretrained: replaces PEFT's template README
         fsync_tree(tmp)
@@ -74,12 +80,16 @@ def push_to_hub(model_dir: Path, repo_id: str, private: bool) -> str:
     """
     try:
         huggingface_hub.create_repo(repo_id, private=private, exist_ok=True)
-        huggingface_hub.upload_folder(repo_id=repo_id, folder_path=str(model_dir), commit_message="dpokit: final model and card")
+        huggingface_hub.upload_folder(
+            repo_id=repo_id, folder_path=str(model_dir), commit_message="dpokit: final model and card"
+        )
     except _UPLOAD_ERRORS as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         private_flag = " --private" if private else ""
-        return (f"[dpokit] train.push_to_hub: uploading to {repo_id} failed ({type(e).__name__}: {reason}); the model is saved "
-                f"locally at {model_dir}; upload it later with: hf upload {repo_id} {shlex.quote(str(model_dir))}{private_flag}")
+        return (
+            f"[dpokit] train.push_to_hub: uploading to {repo_id} failed ({type(e).__name__}: {reason}); the model is saved "
+            f"locally at {model_dir}; upload it later with: hf upload {repo_id} {shlex.quote(str(model_dir))}{private_flag}"
+        )
     return f"[dpokit] pushed {model_dir} to https://huggingface.co/{repo_id}"
 
 
@@ -105,10 +115,22 @@ def final_bytes(model, state_dict: Optional[dict] = None) -> int:
 def _no_space_for(model_dir: Path, needed: int, free: int, what_happened: str) -> str:
     checkpoints = list_checkpoints(model_dir.parent)
     if not checkpoints:
-        return no_space(model_dir, needed, free, what_happened, "there is no checkpoint (train.save_steps=0)",
-                        "Free some space, then run again")
-    return no_space(model_dir, needed, free, what_happened, f"the last checkpoint {checkpoints[-1].name} is intact",
-                    "Free some space, then rerun the same command: it writes final/ from that checkpoint")
+        return no_space(
+            model_dir,
+            needed,
+            free,
+            what_happened,
+            "there is no checkpoint (train.save_steps=0)",
+            "Free some space, then run again",
+        )
+    return no_space(
+        model_dir,
+        needed,
+        free,
+        what_happened,
+        f"the last checkpoint {checkpoints[-1].name} is intact",
+        "Free some space, then rerun the same command: it writes final/ from that checkpoint",
+    )
 
 
 def _rebuilt(cfg: Config, state_dict: dict):

@@ -1,9 +1,9 @@
 """How a run stops and how it ends (the loop's `run_steps` asks after every step, `train` ends with `finish`).
 
-    stop_reason       after an optimizer step: why the run stops (too many non-finite steps, a detector, a signal)
-                      or None; it evaluates at train.eval_steps on the way
-    finish            the final evaluation and model (export.py); or, for a run that stopped early, why, and how to
-                      resume it
+stop_reason       after an optimizer step: why the run stops (too many non-finite steps, a detector, a signal)
+                  or None; it evaluates at train.eval_steps on the way
+finish            the final evaluation and model (export.py); or, for a run that stopped early, why, and how to
+                  resume it
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ def stop_reason(run: Run, step: int, outcome: StepOutcome) -> Optional[str]:
     progress = run.progress
     if outcome.bad and not outcome.overflow and too_many_skipped(run):
         # The detectors' non_finite stop, with the offending values; our own message follows the loop.
-        run.log_and_diagnose({"step": step, "loss": outcome.loss, "grad_norm": outcome.grad_norm, "skipped_steps": progress.state.skipped_steps})
+        run.log_and_diagnose(
+            {
+                "step": step,
+                "loss": outcome.loss,
+                "grad_norm": outcome.grad_norm,
+                "skipped_steps": progress.state.skipped_steps,
+            }
+        )
         return "non_finite"
     cfg, total_steps = run.setup.cfg, run.setup.total_steps
     if run.evaluates and cfg.train.eval_steps > 0 and step % cfg.train.eval_steps == 0 and step != total_steps:
@@ -74,8 +81,10 @@ def _interrupted(run: Run) -> TrainingInterrupted:
     """A run stopped by SIGTERM/SIGINT: where its checkpoint is and the command that resumes it, said by the main process."""
     fixed, progress = run.setup, run.progress
     command = resume_command(fixed.cfg, fixed.run_dir, fixed.accelerator.num_processes)
-    message = (f"[dpokit] stopped at step {progress.step} of {fixed.total_steps}; checkpoint saved to {progress.saved_at}. "
-               f"Resume with:\n  {command}")
+    message = (
+        f"[dpokit] stopped at step {progress.step} of {fixed.total_steps}; checkpoint saved to {progress.saved_at}. "
+        f"Resume with:\n  {command}"
+    )
     if run.is_main:
         print(message, flush=True)
     return TrainingInterrupted(message, progress.saved_at, command, progress.signals.signum)
@@ -87,9 +96,11 @@ def _too_many_skipped_message(run: Run) -> str:
     cfg, state = fixed.cfg, progress.state
     cause = likely_cause(cfg, progress.bad_loss, progress.step - state.skipped_steps)
     command = resume_command(cfg, fixed.run_dir, fixed.accelerator.num_processes)
-    return (f"[dpokit] stopped at step {progress.step}: {state.skipped_steps} steps had a non-finite loss or gradient "
-            f"(more than train.max_skipped_steps={cfg.train.max_skipped_steps}). Likely cause: {cause}. The last finite "
-            f"weights are in {progress.saved_at}; after changing the settings, resume with:\n  {command}")
+    return (
+        f"[dpokit] stopped at step {progress.step}: {state.skipped_steps} steps had a non-finite loss or gradient "
+        f"(more than train.max_skipped_steps={cfg.train.max_skipped_steps}). Likely cause: {cause}. The last finite "
+        f"weights are in {progress.saved_at}; after changing the settings, resume with:\n  {command}"
+    )
 
 
 def _save_final_model(run: Run, final: dict, model_dir: Path) -> None:
@@ -99,7 +110,9 @@ def _save_final_model(run: Run, final: dict, model_dir: Path) -> None:
     full_state = gathered_state(accelerator, fixed.policy)  # FSDP/DeepSpeed: a collective, every process
     if run.is_main:
         fired = list(progress.detectors.fired)
-        facts = RunFacts(fixed.data.summary, final, fired, accelerator.num_processes, progress.step)  # for the model card
+        facts = RunFacts(
+            fixed.data.summary, final, fired, accelerator.num_processes, progress.step
+        )  # for the model card
         save_final(accelerator.unwrap_model(fixed.policy), fixed.tokenizer, fixed.cfg, model_dir, full_state, facts)
         print(f"[dpokit] done in {final['train_runtime']:.1f}s; model saved to {model_dir}", flush=True)
     accelerator.wait_for_everyone()

@@ -29,26 +29,36 @@ DCP_FOLDER = "dcp"  # checkpoint-<step>/dcp/: .metadata and one __<rank>_0.distc
 def fsdp_problem(cfg: Config, distributed_type: str) -> str | None:
     """Why train.fsdp cannot run with these settings, or Accelerate's FSDP plugin asks for sharding (None: it can run)."""
     if distributed_type == "FSDP":
-        return ("Accelerate's FSDP plugin is not how dpokit shards: launch with a plain multi-process config (torchrun, or "
-                "accelerate launch --multi_gpu) and set train.fsdp=true, which shards with torch's FSDP2 (docs/distributed.md)")
+        return (
+            "Accelerate's FSDP plugin is not how dpokit shards: launch with a plain multi-process config (torchrun, or "
+            "accelerate launch --multi_gpu) and set train.fsdp=true, which shards with torch's FSDP2 (docs/distributed.md)"
+        )
     if distributed_type == "DEEPSPEED" and cfg.speed.tiled_mlp > 0:  # ZeRO-3 gathers per submodule call: per tile
-        return ("speed.tiled_mlp under DeepSpeed ZeRO-3: the number of tiles differs between processes, and so would the "
-                "number of parameter gathers (a collective); set speed.tiled_mlp=0, or shard with train.fsdp=true")
+        return (
+            "speed.tiled_mlp under DeepSpeed ZeRO-3: the number of tiles differs between processes, and so would the "
+            "number of parameter gathers (a collective); set speed.tiled_mlp=0, or shard with train.fsdp=true"
+        )
     if not cfg.train.fsdp:
         return None
     if distributed_type == "DEEPSPEED":
-        return ("train.fsdp=true shards with torch's FSDP2 itself; launch with a plain multi-process config (torchrun, or "
-                "accelerate launch without an FSDP/DeepSpeed config)")
+        return (
+            "train.fsdp=true shards with torch's FSDP2 itself; launch with a plain multi-process config (torchrun, or "
+            "accelerate launch without an FSDP/DeepSpeed config)"
+        )
     if cfg.train.mixed_precision == "fp16":
         return "train.fsdp=true with train.mixed_precision=fp16: the fp16 loss scaler does not handle sharded gradients; use bf16"
     if cfg.train.eval_generate > 0:
-        return ("train.fsdp=true with train.eval_generate: sampling from a sharded model needs every process in every decoding "
-                "step; set train.eval_generate=0 and sample the final model with `dpokit sample`")
+        return (
+            "train.fsdp=true with train.eval_generate: sampling from a sharded model needs every process in every decoding "
+            "step; set train.eval_generate=0 and sample the final model with `dpokit sample`"
+        )
     if cfg.data.retention_path:
         return "train.fsdp=true with data.retention_path is not supported yet: drop data.retention_path or use DDP"
     if cfg.loss.ref_sync_steps > 0:  # before anything loads (ref_sync.check_sync would say it after sharding)
-        return ("train.fsdp=true with loss.ref_sync_steps (TR-DPO): the policy and the reference are sharded and cannot be "
-                "mixed weight by weight; set loss.ref_sync_steps=0 or use DDP")
+        return (
+            "train.fsdp=true with loss.ref_sync_steps (TR-DPO): the policy and the reference are sharded and cannot be "
+            "mixed weight by weight; set loss.ref_sync_steps=0 or use DDP"
+        )
     if cfg.model.quantization != "none":
         return f"train.fsdp=true with model.quantization={cfg.model.quantization}: FSDP2 does not shard bitsandbytes' 4-bit weights"
     if cfg.optim.name != "adamw":
@@ -88,8 +98,10 @@ def save_sharded(folder: Path, model, optimizer) -> None:
     model_state, optim_state = get_state_dict(resharded(model), _inner(optimizer))
     keep = _trainable_names(model)
     try:
-        dcp.save({"model": {k: v for k, v in model_state.items() if k in keep}, "optim": optim_state},
-                 checkpoint_id=str(Path(folder) / DCP_FOLDER))
+        dcp.save(
+            {"model": {k: v for k, v in model_state.items() if k in keep}, "optim": optim_state},
+            checkpoint_id=str(Path(folder) / DCP_FOLDER),
+        )
     except dcp.api.CheckpointException as e:  # a process's write failed: its OSError (a full disk) is the checkpoint's
         cause = next((f[0] for f in e._failures.values() if isinstance(f[0], OSError)), None)
         if cause is None:
@@ -106,8 +118,13 @@ def load_sharded(folder: Path, model, optimizer) -> None:
     keep = _trainable_names(model)
     state = {"model": {k: v for k, v in model_state.items() if k in keep}, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(Path(folder) / DCP_FOLDER))
-    set_state_dict(model, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=False))
+    set_state_dict(
+        model,
+        _inner(optimizer),
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=StateDictOptions(strict=False),
+    )
 
 
 def full_state_dict(model) -> dict:

@@ -58,14 +58,31 @@ from dpokit.training.ref_sync import check_sync, is_sync_step, sync_reference
 from dpokit.training.retention import prepare_retention
 from dpokit.training.run import Progress, Run, RunSetup, StepOutcome, TrainResult
 from dpokit.training.run_dir import RunDir
-from dpokit.training.setup import (accelerator_for, fit_reference_sync, fit_speed, make_run_dir, prepare, reference_for, refuse_before_compute,
-                                   training_data)
+from dpokit.training.setup import (
+    accelerator_for,
+    fit_reference_sync,
+    fit_speed,
+    make_run_dir,
+    prepare,
+    reference_for,
+    refuse_before_compute,
+    training_data,
+)
 from dpokit.training.signals import TrainingInterrupted
 from dpokit.training.step_log import count_step, log_window
 from dpokit.training.step_runner import accumulate_gradients, agree, evaluate
 from dpokit.training.tracking import accelerator_kwargs, init_trackers
 
-__all__ = ["Step", "TrainResult", "TrainingInterrupted", "accumulate_gradients", "evaluate", "likely_cause", "save_final", "train"]
+__all__ = [
+    "Step",
+    "TrainResult",
+    "TrainingInterrupted",
+    "accumulate_gradients",
+    "evaluate",
+    "likely_cause",
+    "save_final",
+    "train",
+]
 
 
 def train(config, overrides=None, data: PreparedData | None = None) -> TrainResult:
@@ -116,22 +133,46 @@ def _set_up_in(owner: RunDir, cfg: Config, data: PreparedData | None, accelerato
     if cfg.loss.ref_sync_steps > 0:
         check_sync(cfg, reference, policy, is_sharded(accelerator) or cfg.train.fsdp)
     policy.train()
-    optimizer, scheduler, total_steps, micro_per_epoch = _optimizer_and_schedule(cfg, policy, len(data.train), accelerator)
+    optimizer, scheduler, total_steps, micro_per_epoch = _optimizer_and_schedule(
+        cfg, policy, len(data.train), accelerator
+    )
     policy, optimizer, scheduler, reference = prepare(accelerator, cfg, policy, optimizer, scheduler, reference)
     cached = with_reference and cfg.speed.ref_cache and objective.reads_reference_cache
     # Before a checkpoint's weights are loaded: the reference's NLL.
     retention = prepare_retention(cfg, tokenizer, policy, reference, cached, accelerator, data.side.get("retention"))
     # Under FSDP, Accelerate clips through the wrapper, which it recognises by its whole parameter list.
-    params = list(policy.parameters()) if is_sharded(accelerator) else [p for p in policy.parameters() if p.requires_grad]
-    progress = _progress_at_start(accelerator, cfg, owner.path, data.train, total_steps, policy, optimizer, scheduler, reference,
-                                  tokenizer)
+    params = (
+        list(policy.parameters()) if is_sharded(accelerator) else [p for p in policy.parameters() if p.requires_grad]
+    )
+    progress = _progress_at_start(
+        accelerator, cfg, owner.path, data.train, total_steps, policy, optimizer, scheduler, reference, tokenizer
+    )
     gen_prompts = _generation_prompts(cfg, data, tokenizer, accelerator)
-    fixed = RunSetup(cfg=cfg, accelerator=accelerator, run_dir=owner.path, tokenizer=tokenizer, objective=objective, data=data, policy=policy,
-                     reference=reference, with_reference=with_reference, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
-                     micro_per_epoch=micro_per_epoch, params=params, gen_prompts=gen_prompts, retention=retention,
-                     mix=SFTMix.from_config(cfg, tokenizer, accelerator.process_index, accelerator.num_processes, data.side.get("sft_mix")),
-                     beta_schedule=AdaptiveBeta(cfg.loss, accelerator, progress.state) if cfg.loss.beta_schedule == "adaptive" else None,
-                     owner=owner)
+    fixed = RunSetup(
+        cfg=cfg,
+        accelerator=accelerator,
+        run_dir=owner.path,
+        tokenizer=tokenizer,
+        objective=objective,
+        data=data,
+        policy=policy,
+        reference=reference,
+        with_reference=with_reference,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        total_steps=total_steps,
+        micro_per_epoch=micro_per_epoch,
+        params=params,
+        gen_prompts=gen_prompts,
+        retention=retention,
+        mix=SFTMix.from_config(
+            cfg, tokenizer, accelerator.process_index, accelerator.num_processes, data.side.get("sft_mix")
+        ),
+        beta_schedule=AdaptiveBeta(cfg.loss, accelerator, progress.state)
+        if cfg.loss.beta_schedule == "adaptive"
+        else None,
+        owner=owner,
+    )
     return Run(fixed, progress)
 
 
@@ -147,11 +188,15 @@ def _load_policy_for(cfg: Config, data: PreparedData):
     return policy
 
 
-def _fit_to_policy(owner: RunDir, cfg: Config, objective: Step, policy, accelerator: Accelerator) -> tuple[Config, Step]:
+def _fit_to_policy(
+    owner: RunDir, cfg: Config, objective: Step, policy, accelerator: Accelerator
+) -> tuple[Config, Step]:
     """The config and step fitted to the loaded policy and the setup (a moving reference, the fast step, a sharded LM
     head); the main process says each adjustment and saves the config that runs."""
     cfg, sync_notes = fit_reference_sync(cfg, objective)
-    cfg, objective, notes = fit_speed(cfg, objective, policy, is_sharded(accelerator))  # FSDP2 gathers the head in its forward
+    cfg, objective, notes = fit_speed(
+        cfg, objective, policy, is_sharded(accelerator)
+    )  # FSDP2 gathers the head in its forward
     for note in sync_notes + notes + cpu_threads_note(policy) if accelerator.is_main_process else []:
         print(f"[dpokit] {note}", flush=True)
     if accelerator.is_main_process:  # the config that runs, after every adjustment, each recorded
@@ -168,16 +213,43 @@ def _optimizer_and_schedule(cfg: Config, policy, n_train: int, accelerator: Acce
     return optimizer, make_schedule(cfg, optimizer, total_steps), total_steps, micro_per_epoch
 
 
-def _progress_at_start(accelerator: Accelerator, cfg: Config, run_dir, train_examples: list, total_steps: int, policy, optimizer,
-                       scheduler, reference, tokenizer) -> Progress:
+def _progress_at_start(
+    accelerator: Accelerator,
+    cfg: Config,
+    run_dir,
+    train_examples: list,
+    total_steps: int,
+    policy,
+    optimizer,
+    scheduler,
+    reference,
+    tokenizer,
+) -> Progress:
     """Where the run starts: the state resumed from (resume.start_or_resume) or fresh, the detectors replaying the kept
     metrics records, the last logged training record, and the empty-data guard."""
     detectors = FailureDetectors(cfg.detectors)
-    state, window, log = start_or_resume(accelerator, cfg, run_dir, train_examples, total_steps, policy, optimizer, scheduler, detectors,
-                                         accelerator.unwrap_model(reference) if reference is not None else None)
+    state, window, log = start_or_resume(
+        accelerator,
+        cfg,
+        run_dir,
+        train_examples,
+        total_steps,
+        policy,
+        optimizer,
+        scheduler,
+        detectors,
+        accelerator.unwrap_model(reference) if reference is not None else None,
+    )
     last_logged = next((r for r in reversed(getattr(log, "kept", [])) if "loss" in r), {})
-    return Progress(state=state, window=window, log=log, last_logged=last_logged, detectors=detectors,
-                    empty_data=EmptyDataGuard(type(tokenizer).__name__), step=state.step)
+    return Progress(
+        state=state,
+        window=window,
+        log=log,
+        last_logged=last_logged,
+        detectors=detectors,
+        empty_data=EmptyDataGuard(type(tokenizer).__name__),
+        step=state.step,
+    )
 
 
 def _generation_prompts(cfg: Config, data: PreparedData, tokenizer, accelerator: Accelerator) -> list:
@@ -198,10 +270,21 @@ def run_steps(run: Run) -> None:
     if (fixed.gen_prompts or fixed.retention) and state.step == 0:
         # the baselines length_drift and the retention curve start from
         run.log_and_diagnose({"step": 0, **run.generate_on_eval(), **run.retention_metrics()})
-    progress.stream = BatchStream(len(fixed.data.train), cfg.train.batch_size, cfg.train.seed, rank=fixed.accelerator.process_index,
-                                  world=fixed.accelerator.num_processes, position=state.micro_seen)
-    progress.bar = tqdm(total=fixed.total_steps, initial=state.step, disable=not (run.is_main and cfg.train.progress_bar),
-                        desc=fixed.objective.name, dynamic_ncols=True)
+    progress.stream = BatchStream(
+        len(fixed.data.train),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        rank=fixed.accelerator.process_index,
+        world=fixed.accelerator.num_processes,
+        position=state.micro_seen,
+    )
+    progress.bar = tqdm(
+        total=fixed.total_steps,
+        initial=state.step,
+        disable=not (run.is_main and cfg.train.progress_bar),
+        desc=fixed.objective.name,
+        dynamic_ncols=True,
+    )
     progress.started = time.time()
     with progress.signals:
         for step in range(state.step + 1, fixed.total_steps + 1):
@@ -230,21 +313,42 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
     """The step's micro-batches forward and backward, clip, AdamW and schedule; a non-finite loss or gradient skips the update."""
     fixed, progress = run.setup, run.progress
     cfg, accelerator, objective = fixed.cfg, fixed.accelerator, fixed.objective
-    micro = [micro_batch(fixed.data.train, progress.stream, objective.collate, fixed.tokenizer.pad_token_id, objective.weight, objective.tokens)
-             for _ in range(cfg.train.grad_accum)]
-    tokens = step_completion_tokens(accelerator, [m.batch for m in micro if not m.dummy]) if progress.empty_data.watching(step) else None
+    micro = [
+        micro_batch(
+            fixed.data.train,
+            progress.stream,
+            objective.collate,
+            fixed.tokenizer.pad_token_id,
+            objective.weight,
+            objective.tokens,
+        )
+        for _ in range(cfg.train.grad_accum)
+    ]
+    tokens = (
+        step_completion_tokens(accelerator, [m.batch for m in micro if not m.dummy])
+        if progress.empty_data.watching(step)
+        else None
+    )
     step_sums = MetricSums()
     job = run.step_job(step)  # the models, the step, and its context: mixed SFT batches, beta-DPO's M_0, throughput
-    accumulate_gradients(job, [m.batch for m in micro], step_sums, sum(m.examples for m in micro), [m.dummy for m in micro])
+    accumulate_gradients(
+        job, [m.batch for m in micro], step_sums, sum(m.examples for m in micro), [m.dummy for m in micro]
+    )
     run.end_step(job)
-    grad_norm = clip_grad_norm(accelerator, fixed.policy, fixed.params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf)
+    grad_norm = clip_grad_norm(
+        accelerator, fixed.policy, fixed.params, cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+    )
     grad_norm = math.nan if grad_norm is None else float(grad_norm)
     local_loss = step_sums.sums.get("loss", 0.0) / max(step_sums.counts.get("loss", 0.0), 1.0)
-    progress.bad_loss, stop_requested = agree(accelerator, not math.isfinite(local_loss), progress.signals.signum is not None)
+    progress.bad_loss, stop_requested = agree(
+        accelerator, not math.isfinite(local_loss), progress.signals.signum is not None
+    )
     learning_rate = fixed.scheduler.get_last_lr()[0]
     bad = progress.bad_loss or not math.isfinite(grad_norm)
     _update(run, step, bad)
-    overflow = bad and accelerator.scaler is not None and not progress.bad_loss  # the loss scaler's business, not a fault
+    overflow = (
+        bad and accelerator.scaler is not None and not progress.bad_loss
+    )  # the loss scaler's business, not a fault
     outcome = StepOutcome(local_loss, grad_norm, learning_rate, bad, overflow, stop_requested, tokens)
     count_step(run, step, step_sums, outcome, tokens_seen=sum(m.tokens for m in micro))
     return outcome
@@ -258,5 +362,7 @@ def _update(run: Run, step: int, bad: bool) -> None:
     fixed.optimizer.zero_grad(set_to_none=True)
     fixed.scheduler.step()  # a skipped update still uses its step of the schedule (and its data)
     if is_sync_step(cfg, step):  # TR-DPO, after the update as TRL: ref <- alpha * policy + (1 - alpha) * ref
-        sync_reference(accelerator.unwrap_model(fixed.reference), accelerator.unwrap_model(fixed.policy), cfg.loss.ref_sync_alpha)
+        sync_reference(
+            accelerator.unwrap_model(fixed.reference), accelerator.unwrap_model(fixed.policy), cfg.loss.ref_sync_alpha
+        )
         run.progress.state.ref_syncs += 1

@@ -30,15 +30,22 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DATA_FILE = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".txt", ".arrow")
 # TRL's headline metrics first; the rest follow in name order.
 _FIRST = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
-_NOT_A_RESULT = {"train_runtime", *VOLATILE}  # wall time and the machine: two identical runs would write different cards
+_NOT_A_RESULT = {
+    "train_runtime",
+    *VOLATILE,
+}  # wall time and the machine: two identical runs would write different cards
 
 
 @dataclass
 class RunFacts:
     """What the card reports that the config does not hold."""
 
-    summary: dict = field(default_factory=dict)  # data_summary.json: per split rows_read / rows_used / rows_skipped / held_out / pairs
-    metrics: dict = field(default_factory=dict)  # TrainResult.metrics: the last training record plus eval_* of the final evaluation
+    summary: dict = field(
+        default_factory=dict
+    )  # data_summary.json: per split rows_read / rows_used / rows_skipped / held_out / pairs
+    metrics: dict = field(
+        default_factory=dict
+    )  # TrainResult.metrics: the last training record plus eval_* of the final evaluation
     diagnoses: list = field(default_factory=list)  # the detectors' Diagnosis objects that fired
     processes: int = 1
     steps: int = 0  # optimizer steps taken
@@ -52,7 +59,7 @@ def hub_id(name: Optional[str]) -> Optional[str]:
     if local.exists():
         # huggingface_hub's cache layout: .../models--owner--name/snapshots/<commit>
         if local.parent.name == "snapshots" and local.parent.parent.name.startswith("models--"):
-            return local.parent.parent.name[len("models--"):].replace("--", "/")
+            return local.parent.parent.name[len("models--") :].replace("--", "/")
         return None
     return name if _HUB_ID.match(name) and not name.lower().endswith(_DATA_FILE) else None
 
@@ -99,7 +106,9 @@ def _base_license(cfg: Config) -> Optional[str]:
     local = Path(os.path.expanduser(cfg.model.name_or_path)) / "README.md"
     card = local if local.is_file() else None
     if card is None and hub_id(cfg.model.name_or_path):
-        cached = huggingface_hub.try_to_load_from_cache(cfg.model.name_or_path, "README.md", revision=cfg.model.revision)
+        cached = huggingface_hub.try_to_load_from_cache(
+            cfg.model.name_or_path, "README.md", revision=cfg.model.revision
+        )
         card = Path(cached) if isinstance(cached, str) else None
     if card is None:
         return None
@@ -125,15 +134,21 @@ def _load_snippet(cfg: Config, adapter: bool, model_dir: Path) -> str:
     path = os.path.abspath(model_dir)
     remote = ", trust_remote_code=True" if cfg.model.trust_remote_code else ""
     if adapter:
-        code = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-                f"model = AutoPeftModelForCausalLM.from_pretrained({path!r}{remote})  # base + adapter\n"
-                f"tokenizer = AutoTokenizer.from_pretrained({path!r})")
-        note = (f"\n\nThe base is read from `adapter_config.json` (`{cfg.model.name_or_path}`). With the base already loaded: "
-                f"`PeftModel.from_pretrained(base_model, {path!r})`; `model.merge_and_unload()` gives a plain transformers model.")
+        code = (
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            f"model = AutoPeftModelForCausalLM.from_pretrained({path!r}{remote})  # base + adapter\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({path!r})"
+        )
+        note = (
+            f"\n\nThe base is read from `adapter_config.json` (`{cfg.model.name_or_path}`). With the base already loaded: "
+            f"`PeftModel.from_pretrained(base_model, {path!r})`; `model.merge_and_unload()` gives a plain transformers model."
+        )
     else:
-        code = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                f"model = AutoModelForCausalLM.from_pretrained({path!r}{remote})\n"
-                f"tokenizer = AutoTokenizer.from_pretrained({path!r})")
+        code = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained({path!r}{remote})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({path!r})"
+        )
         note = ""
     if cfg.train.push_to_hub:
         note += f"\n\nFrom the Hub: the same calls with `{cfg.train.push_to_hub!r}` in place of the folder."
@@ -151,8 +166,10 @@ def _data_section(cfg: Config, summary: dict) -> str:
     unit = "examples" if "labels" in summary.get("train", {}) else "pairs"  # KTO's summary counts labelled completions
     lines += ["", f"| split | rows read | rows used | rows skipped | held out | {unit} |", "|---|---|---|---|---|---|"]
     for split, s in summary.items():
-        lines.append(f"| {split} | {s.get('rows_read', 0)} | {s.get('rows_used', 0)} | {s.get('rows_skipped', 0)} | "
-                     f"{s.get('held_out', 0)} | {s.get('pairs', 0)} |")
+        lines.append(
+            f"| {split} | {s.get('rows_read', 0)} | {s.get('rows_used', 0)} | {s.get('rows_skipped', 0)} | "
+            f"{s.get('held_out', 0)} | {s.get('pairs', 0)} |"
+        )
     for split, s in summary.items():
         for reason, n in s.get("skipped_by_reason", {}).items():
             lines.append(f"\n{split}: {n} rows skipped: {reason}")
@@ -166,7 +183,9 @@ def _source(path: str, split: str) -> str:
 
 def _training_section(cfg: Config, facts: RunFacts) -> str:
     t, lora = cfg.train, cfg.lora
-    steps = f"{facts.steps}" + (f" (train.max_steps={t.max_steps})" if t.max_steps > 0 else f" (train.epochs={t.epochs:g})")
+    steps = f"{facts.steps}" + (
+        f" (train.max_steps={t.max_steps})" if t.max_steps > 0 else f" (train.epochs={t.epochs:g})"
+    )
     if lora.enabled:
         targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
         method = f"LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout:g}, target modules {targets}, saved as {lora.save}"
@@ -181,8 +200,11 @@ def _training_section(cfg: Config, facts: RunFacts) -> str:
         *_loss_settings_on(cfg.loss),
         ("method", method),
         ("learning rate", f"{cfg.optim.lr:g} ({cfg.optim.scheduler}, optimizer {cfg.optim.name})"),
-        ("batch", f"{t.batch_size} x {t.grad_accum} accumulation x {facts.processes} processes = "
-                  f"{t.batch_size * t.grad_accum * facts.processes} per step"),
+        (
+            "batch",
+            f"{t.batch_size} x {t.grad_accum} accumulation x {facts.processes} processes = "
+            f"{t.batch_size * t.grad_accum * facts.processes} per step",
+        ),
         ("optimizer steps", steps),
         ("epochs", f"{facts.metrics['epoch']:g}" if "epoch" in facts.metrics else "-"),
         ("max length", f"{cfg.data.max_length} tokens (prompt {cfg.data.max_prompt_length})"),
@@ -195,19 +217,29 @@ def _training_section(cfg: Config, facts: RunFacts) -> str:
 def _loss_settings_on(loss: LossConfig) -> list[tuple[str, str]]:
     """The loss.* settings changed from their defaults (type and beta are shown anyway)."""
     default = LossConfig()
-    changed = [f for f in fields(LossConfig) if f.name not in ("type", "beta") and getattr(loss, f.name) != getattr(default, f.name)]
+    changed = [
+        f
+        for f in fields(LossConfig)
+        if f.name not in ("type", "beta") and getattr(loss, f.name) != getattr(default, f.name)
+    ]
     return [(f"loss.{f.name}", str(getattr(loss, f.name))) for f in changed]
 
 
 def _results_section(metrics: dict) -> str:
-    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _NOT_A_RESULT}
+    numbers = {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _NOT_A_RESULT
+    }
     train = {k: v for k, v in numbers.items() if not k.startswith("eval_")}
     evals = {k: v for k, v in numbers.items() if k.startswith("eval_")}
     parts = []
     for title, table, prefix in (("Final training metrics", train, ""), ("Eval results", evals, "eval_")):
         if table:
-            parts.append(f"{title} (TRL names; the last records of `metrics.jsonl`):\n\n| metric | value |\n|---|---|\n"
-                         + "\n".join(f"| {k} | {_number(table[k])} |" for k in _ordered(table, prefix)))
+            parts.append(
+                f"{title} (TRL names; the last records of `metrics.jsonl`):\n\n| metric | value |\n|---|---|\n"
+                + "\n".join(f"| {k} | {_number(table[k])} |" for k in _ordered(table, prefix))
+            )
     return "\n\n".join(parts) if parts else "No metrics were logged."
 
 
@@ -223,4 +255,6 @@ def _number(value: float) -> str:
 def _diagnoses_section(diagnoses: list) -> str:
     if not diagnoses:
         return "None of dpokit's failure detectors fired."
-    return "\n".join(f"- {d.severity}: **{d.mode}** at step {d.step}: {d.evidence}. What to do: {d.mitigation}" for d in diagnoses)
+    return "\n".join(
+        f"- {d.severity}: **{d.mode}** at step {d.step}: {d.evidence}. What to do: {d.mitigation}" for d in diagnoses
+    )

@@ -22,7 +22,9 @@ def make_optimizer(cfg: Config, policy, sharded: bool = False) -> torch.optim.Op
     # Only groups with parameters: LoRA has no trainable bias or norm, and ZeRO-3 drops an empty group, leaving the
     # schedule one learning rate too many (ValueError in its first step).
     groups = [g for g in groups if g["params"]]
-    return build_optimizer(cfg, groups, sharded)  # optim.name: AdamW (fused unless sharded), or bitsandbytes' 8-bit AdamW
+    return build_optimizer(
+        cfg, groups, sharded
+    )  # optim.name: AdamW (fused unless sharded), or bitsandbytes' 8-bit AdamW
 
 
 def total_steps_for(cfg: Config, micro_per_epoch: int) -> int:

@@ -46,14 +46,22 @@ def policy_weights(policy) -> dict[str, torch.Tensor]:
 def check_sync(cfg: Config, reference, policy, sharded: bool) -> None:
     """Refuse a setup the sync cannot serve, naming the keys: sharded models, or a reference whose weights do not match the policy's."""
     if sharded:
-        raise ConfigError("loss.ref_sync_steps works with one process or DDP; under FSDP/DeepSpeed the policy and the reference "
-                          "are sharded and cannot be mixed weight by weight: set loss.ref_sync_steps=0 or use DDP")
+        raise ConfigError(
+            "loss.ref_sync_steps works with one process or DDP; under FSDP/DeepSpeed the policy and the reference "
+            "are sharded and cannot be mixed weight by weight: set loss.ref_sync_steps=0 or use DDP"
+        )
     ours, theirs = dict(reference.named_parameters()), policy_weights(policy)
-    bad = [n for n in ours if n not in theirs or theirs[n].shape != ours[n].shape] + [n for n in theirs if n not in ours]
+    bad = [n for n in ours if n not in theirs or theirs[n].shape != ours[n].shape] + [
+        n for n in theirs if n not in ours
+    ]
     if bad:
-        source = f"model.ref_name_or_path={cfg.model.ref_name_or_path!r}" if cfg.model.ref_name_or_path else "the reference"
-        raise ConfigError(f"loss.ref_sync_steps={cfg.loss.ref_sync_steps}: {source} does not have the policy's weights "
-                          f"(first differing: {bad[:3]}); TR-DPO mixes them weight by weight, so it needs the same architecture")
+        source = (
+            f"model.ref_name_or_path={cfg.model.ref_name_or_path!r}" if cfg.model.ref_name_or_path else "the reference"
+        )
+        raise ConfigError(
+            f"loss.ref_sync_steps={cfg.loss.ref_sync_steps}: {source} does not have the policy's weights "
+            f"(first differing: {bad[:3]}); TR-DPO mixes them weight by weight, so it needs the same architecture"
+        )
 
 
 @torch.no_grad()

@@ -24,8 +24,10 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, refer
     state = read_state(path)
     if state.ref_syncs > 0:  # the reference had moved: continuing with the original one would be another run
         if reference is None:
-            raise CheckpointError(f"{path}: its reference moved during training (loss.ref_sync_steps, {state.ref_syncs} syncs), "
-                                  "and this run has no separate reference to restore it into: resume with loss.ref_sync_steps > 0")
+            raise CheckpointError(
+                f"{path}: its reference moved during training (loss.ref_sync_steps, {state.ref_syncs} syncs), "
+                "and this run has no separate reference to restore it into: resume with loss.ref_sync_steps > 0"
+            )
         load_reference(reference, path)
     try:
         if is_sharded(accelerator):
@@ -44,8 +46,11 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, refer
     except Exception as e:  # a damaged or foreign folder: say which, never a traceback
         raise CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
     if len(rng) != accelerator.num_processes and accelerator.is_main_process:
-        print(f"[dpokit] the checkpoint was written by {len(rng)} process(es), this run has {accelerator.num_processes}: "
-              "random states (LoRA dropout) will not replay exactly", flush=True)
+        print(
+            f"[dpokit] the checkpoint was written by {len(rng)} process(es), this run has {accelerator.num_processes}: "
+            "random states (LoRA dropout) will not replay exactly",
+            flush=True,
+        )
     set_rng_state(rng[min(accelerator.process_index, len(rng) - 1)])
     return state
 
@@ -53,12 +58,16 @@ def load_checkpoint(accelerator, path: Path, policy, optimizer, scheduler, refer
 def _check_format(path: Path, fsdp: bool) -> None:
     """A sharded (dcp/) checkpoint resumes under train.fsdp only, and a one-file one without it: one line otherwise."""
     if fsdp and (path / "accelerate").is_dir():
-        raise CheckpointError(f"{path} was written under DeepSpeed (accelerate/): resume it with the same accelerate launch "
-                              "--config_file and train.fsdp=false")
+        raise CheckpointError(
+            f"{path} was written under DeepSpeed (accelerate/): resume it with the same accelerate launch "
+            "--config_file and train.fsdp=false"
+        )
     if fsdp != (path / DCP_FOLDER).is_dir():
         written, now = ("with", "without") if not fsdp else ("without", "with")
-        raise CheckpointError(f"{path} was written {written} train.fsdp and this run is {now} it: resume with "
-                              f"train.fsdp={'true' if not fsdp else 'false'} (any number of processes)")
+        raise CheckpointError(
+            f"{path} was written {written} train.fsdp and this run is {now} it: resume with "
+            f"train.fsdp={'true' if not fsdp else 'false'} (any number of processes)"
+        )
 
 
 def _load_weights(model, folder: Path) -> None:
@@ -80,7 +89,9 @@ def _load_weights(model, folder: Path) -> None:
     loaded = {own[k].data_ptr() for k in weights if k in own}
     untied = [k for k in missing if own[k].data_ptr() not in loaded]  # tied weights are saved once
     if unexpected or untied:
-        raise CheckpointError(f"{folder}: weights do not fit this model (missing {untied[:5]}, unexpected {unexpected[:5]})")
+        raise CheckpointError(
+            f"{folder}: weights do not fit this model (missing {untied[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def _groups_of(saved: dict, optimizer) -> dict:
@@ -104,7 +115,9 @@ def load_reference(reference, folder: Path) -> None:
     """The moved reference of a checkpoint into `reference` (the unwrapped model); CheckpointError when missing or not fitting."""
     path = Path(folder) / REFERENCE_FILE
     if not path.is_file():
-        raise CheckpointError(f"{folder}: the reference had moved (loss.ref_sync_steps) but {REFERENCE_FILE} is missing")
+        raise CheckpointError(
+            f"{folder}: the reference had moved (loss.ref_sync_steps) but {REFERENCE_FILE} is missing"
+        )
     try:
         load_model(reference, str(path), device=str(next(reference.parameters()).device))
     except (RuntimeError, OSError, SafetensorError) as e:

@@ -1,11 +1,11 @@
 """Resuming: which checkpoint `train.resume` means, whether it belongs to this run, and restoring it.
 
-    structure_of / data_fingerprint  what must not change for a resume to continue the same run
-    choose_resume                    train.resume (auto, never, a path) -> a checkpoint folder or a fresh start
-    latest_intact                    the newest checkpoint that passes its manifest; the damaged ones said and moved aside
-    clear_checkpoints                remove a crash's temporary folders, and a previous run's checkpoints on a fresh start
-    ContinuedMetricsLog              metrics.jsonl cut back to the checkpoint's step
-    start_or_resume                  all of it, on every process: (run state, unlogged metric sums, metrics log)
+structure_of / data_fingerprint  what must not change for a resume to continue the same run
+choose_resume                    train.resume (auto, never, a path) -> a checkpoint folder or a fresh start
+latest_intact                    the newest checkpoint that passes its manifest; the damaged ones said and moved aside
+clear_checkpoints                remove a crash's temporary folders, and a previous run's checkpoints on a fresh start
+ContinuedMetricsLog              metrics.jsonl cut back to the checkpoint's step
+start_or_resume                  all of it, on every process: (run state, unlogged metric sums, metrics log)
 """
 
 from __future__ import annotations
@@ -40,8 +40,13 @@ STRUCTURAL_KEYS = (
 def structure_of(cfg: Config, n_train: int, fingerprint: str, world_size: int) -> dict:
     flat = _flat(cfg.to_dict())
     out = {key: flat[key] for key in STRUCTURAL_KEYS}
-    out.update({"training examples": n_train, "training data fingerprint": fingerprint,
-                "global batch size (train.batch_size x processes)": cfg.train.batch_size * world_size})
+    out.update(
+        {
+            "training examples": n_train,
+            "training data fingerprint": fingerprint,
+            "global batch size (train.batch_size x processes)": cfg.train.batch_size * world_size,
+        }
+    )
     return out
 
 
@@ -89,16 +94,24 @@ def _auto_resume(cfg: Config, run_dir: Path, structure: dict, total_steps: int) 
     if not (state.finished and (changed or total_steps <= state.step)):
         return _same_run(cfg, path, state, changed)
     if final_intact(run_dir):
-        print(f"[dpokit] {run_dir} holds a finished run ({path.name}); starting a new run "
-              f"(train.resume={path} would continue that one)", flush=True)
+        print(
+            f"[dpokit] {run_dir} holds a finished run ({path.name}); starting a new run "
+            f"(train.resume={path} would continue that one)",
+            flush=True,
+        )
         return None
     # final/ failed to be written (a full disk): this checkpoint is the only copy of the trained weights
     if changed:
-        raise CheckpointError(f"{run_dir}: its run finished training but final/ is missing or damaged, and {path.name} is "
-                              "the only copy of its trained weights: rerun it with its own settings to write final/, or "
-                              "use another out_dir (train.resume=never would delete it)")
-    print(f"[dpokit] {run_dir}: its run finished training but final/ is missing or damaged: resuming from {path.name} "
-          "to write it (no step is trained again)", flush=True)
+        raise CheckpointError(
+            f"{run_dir}: its run finished training but final/ is missing or damaged, and {path.name} is "
+            "the only copy of its trained weights: rerun it with its own settings to write final/, or "
+            "use another out_dir (train.resume=never would delete it)"
+        )
+    print(
+        f"[dpokit] {run_dir}: its run finished training but final/ is missing or damaged: resuming from {path.name} "
+        "to write it (no step is trained again)",
+        flush=True,
+    )
     return path
 
 
@@ -110,8 +123,10 @@ def _named_checkpoint(mode: str, run_dir: Path) -> Path:
     elif (path / STATE_FILE).is_file():
         problem = damage(path)
         if problem:
-            raise CheckpointError(f"train.resume={mode!r}: the checkpoint is damaged ({problem}); resume from an "
-                                  "earlier checkpoint of that run, or start over with train.resume=never")
+            raise CheckpointError(
+                f"train.resume={mode!r}: the checkpoint is damaged ({problem}); resume from an "
+                "earlier checkpoint of that run, or start over with train.resume=never"
+            )
         _say_if_unverified(path)
     if not path.is_dir():
         raise CheckpointError(f"train.resume={mode!r}: no such checkpoint folder")
@@ -128,8 +143,11 @@ def _same_run(cfg: Config, path: Path, state: RunState, changed: list[tuple]) ->
             "the same settings, start over with train.resume=never (this deletes its checkpoints), or use another out_dir"
         )
     now = _flat(cfg.to_dict())
-    notes = [f"{k}: {a!r} -> {now.get(k)!r}" for k, a in _flat(state.config).items()
-             if a != now.get(k) and k not in STRUCTURAL_KEYS and k not in ("train.resume", "train.max_steps", "train.epochs")]
+    notes = [
+        f"{k}: {a!r} -> {now.get(k)!r}"
+        for k, a in _flat(state.config).items()
+        if a != now.get(k) and k not in STRUCTURAL_KEYS and k not in ("train.resume", "train.max_steps", "train.epochs")
+    ]
     if notes:
         print(f"[dpokit] resuming with changed settings: {'; '.join(notes)}", flush=True)
     return path
@@ -150,8 +168,10 @@ def latest_intact(run_dir: Path, found: list[Path], own: bool) -> Path:
         damaged.append((path, problem))
     else:
         listing = "; ".join(f"{p.name}: {why}" for p, why in damaged)
-        raise CheckpointError(f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS} ({listing}); restore one from a copy, "
-                              "or start over with train.resume=never (this deletes them)")
+        raise CheckpointError(
+            f"no intact checkpoint in {Path(run_dir) / CHECKPOINTS} ({listing}); restore one from a copy, "
+            "or start over with train.resume=never (this deletes them)"
+        )
     for bad, problem in damaged:
         kept = ""
         if own:
@@ -165,8 +185,11 @@ def latest_intact(run_dir: Path, found: list[Path], own: bool) -> Path:
 
 def _say_if_unverified(path: Path) -> None:
     if not has_manifest(path):
-        print(f"[dpokit] {path} has no {MANIFEST} (written before dpokit checksummed checkpoints): not verified, "
-              "only its file sizes and JSON were checked", flush=True)
+        print(
+            f"[dpokit] {path} has no {MANIFEST} (written before dpokit checksummed checkpoints): not verified, "
+            "only its file sizes and JSON were checked",
+            flush=True,
+        )
 
 
 def _structural_changes(state: RunState, structure: dict) -> list[tuple]:
@@ -198,6 +221,7 @@ def clear_checkpoints(run_dir: Path, keep_checkpoints: bool) -> None:
         if path.name.startswith((".tmp-", ".deleting-")) or path in old:
             remove_atomically(path)
 
+
 class ContinuedMetricsLog(MetricsLog):
     """metrics.jsonl of a resumed run: the records up to the checkpoint's step are kept (atomically), later ones dropped."""
 
@@ -217,8 +241,18 @@ class ContinuedMetricsLog(MetricsLog):
             os.replace(tmp, path)
 
 
-def start_or_resume(accelerator, cfg: Config, run_dir: Path, train_examples: list, total_steps: int, policy, optimizer,
-                    scheduler, detectors, reference=None) -> tuple[RunState, MetricSums, MetricsLog]:
+def start_or_resume(
+    accelerator,
+    cfg: Config,
+    run_dir: Path,
+    train_examples: list,
+    total_steps: int,
+    policy,
+    optimizer,
+    scheduler,
+    detectors,
+    reference=None,
+) -> tuple[RunState, MetricSums, MetricsLog]:
     """Resume as train.resume says, or start fresh: (run state, unlogged metric sums, metrics log).
 
     The main process picks the checkpoint (and tidies out_dir/checkpoints); every process restores
@@ -241,11 +275,15 @@ def start_or_resume(accelerator, cfg: Config, run_dir: Path, train_examples: lis
     if resume_from is None:
         return state, window, MetricsLog(Path(run_dir) / "metrics.jsonl", enabled=is_main)
     saved = load_checkpoint(accelerator, resume_from, policy, optimizer, scheduler, reference)
-    state = replace(saved, total_steps=total_steps, structure=structure, config=cfg.to_dict(), finished=False, stop_reason=None)
+    state = replace(
+        saved, total_steps=total_steps, structure=structure, config=cfg.to_dict(), finished=False, stop_reason=None
+    )
     for name in saved.window["sums"]:  # the unlogged sums go to the main process; the others hold the names
         window.sums[name] = saved.window["sums"][name] if is_main else 0.0
         window.counts[name] = saved.window["counts"][name] if is_main else 0.0
-    log = ContinuedMetricsLog(Path(run_dir) / "metrics.jsonl", Path(resume_from).parent.parent / "metrics.jsonl", saved.step, enabled=is_main)
+    log = ContinuedMetricsLog(
+        Path(run_dir) / "metrics.jsonl", Path(resume_from).parent.parent / "metrics.jsonl", saved.step, enabled=is_main
+    )
     for record in log.kept:
         if not any(k in record and record[k] is None for k in ("loss", "grad_norm", "eval_loss")):
             detectors.update(record)

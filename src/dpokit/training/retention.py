@@ -41,8 +41,14 @@ class RetentionSet:
         was_training = policy.training
         policy.eval()
         sums = MetricSums()
-        stream = BatchStream(len(self.examples), self.batch_size, 0, shuffle=False, rank=accelerator.process_index,
-                             world=accelerator.num_processes)
+        stream = BatchStream(
+            len(self.examples),
+            self.batch_size,
+            0,
+            shuffle=False,
+            rank=accelerator.process_index,
+            world=accelerator.num_processes,
+        )
         with torch.no_grad():
             for _ in range(stream.per_epoch):  # every process runs every batch (a dummy when its slice is empty)
                 micro = micro_batch(self.examples, stream, collate_sft, pad_id(policy))
@@ -79,8 +85,9 @@ def _scorer(examples: list, batch_size: int, accelerator):
     return score
 
 
-def prepare_retention(cfg: Config, tokenizer, policy, reference, reads_cache: bool, accelerator,
-                      examples: list | None = None) -> RetentionSet | None:
+def prepare_retention(
+    cfg: Config, tokenizer, policy, reference, reads_cache: bool, accelerator, examples: list | None = None
+) -> RetentionSet | None:
     """The retention set with its reference NLL, or None when data.retention_path is unset.
 
     Call before any update and before a checkpoint's weights are loaded: the policy is then the
@@ -97,19 +104,28 @@ def prepare_retention(cfg: Config, tokenizer, policy, reference, reads_cache: bo
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
     score = _scorer(examples, batch_size, accelerator)
     if reads_cache:
-        cached = cached_reference_nll(cfg, tokenizer, examples, score, model=policy, write=accelerator.is_main_process,
-                                      device=accelerator.device)
+        cached = cached_reference_nll(
+            cfg, tokenizer, examples, score, model=policy, write=accelerator.is_main_process, device=accelerator.device
+        )
         nll_sum, tokens = cached.nll_sum, cached.tokens
         how = f"{'computed and cached in' if cached.built else 'read from'} {cached.path}"
     else:
         model = reference if reference is not None else policy
         nll_sum, tokens = score(model)
-        how = ("the reference model" if reference is not None else "the policy with its adapters off" if _is_peft(policy)
-               else "the starting policy (no reference model in this run)")
+        how = (
+            "the reference model"
+            if reference is not None
+            else "the policy with its adapters off"
+            if _is_peft(policy)
+            else "the starting policy (no reference model in this run)"
+        )
     nll_ref = nll_sum / max(tokens, 1)
     if accelerator.is_main_process:
         reasons = ", ".join(f"{r} ({n})" for r, n in summary["skipped_by_reason"].items()) if summary else ""
         skipped = f"; {summary['rows_skipped']} rows skipped: {reasons}" if summary and summary["rows_skipped"] else ""
-        print(f"[dpokit] retention set {cfg.data.retention_path}: {len(examples)} examples, {tokens} completion tokens{skipped}; "
-              f"reference NLL {nll_ref:.4f} nats/token ({how})", flush=True)
+        print(
+            f"[dpokit] retention set {cfg.data.retention_path}: {len(examples)} examples, {tokens} completion tokens{skipped}; "
+            f"reference NLL {nll_ref:.4f} nats/token ({how})",
+            flush=True,
+        )
     return RetentionSet(examples, nll_ref, batch_size)

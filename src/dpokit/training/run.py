@@ -118,8 +118,14 @@ class Run:
             return {}
         # Every rank samples (cheap, and sharded models need all ranks in generate); same seed, same numbers.
         with s.accelerator.autocast():
-            return generation_metrics(s.accelerator.unwrap_model(s.policy), s.tokenizer, s.gen_prompts, s.cfg.train.eval_generate,
-                                      s.cfg.train.seed, max_new_tokens=s.cfg.data.max_length - s.cfg.data.max_prompt_length)
+            return generation_metrics(
+                s.accelerator.unwrap_model(s.policy),
+                s.tokenizer,
+                s.gen_prompts,
+                s.cfg.train.eval_generate,
+                s.cfg.train.seed,
+                max_new_tokens=s.cfg.data.max_length - s.cfg.data.max_prompt_length,
+            )
 
     @property
     def evaluates(self) -> bool:
@@ -152,8 +158,17 @@ class Run:
     def checkpoint(self) -> Path:
         s, state = self.setup, self.progress.state
         moved = s.accelerator.unwrap_model(s.reference) if state.ref_syncs > 0 else None  # TR-DPO
-        return save_checkpoint(s.accelerator, s.run_dir, state, s.policy, s.optimizer, s.scheduler, self.progress.window,
-                               s.cfg.train.save_total_limit, reference=moved)
+        return save_checkpoint(
+            s.accelerator,
+            s.run_dir,
+            state,
+            s.policy,
+            s.optimizer,
+            s.scheduler,
+            self.progress.window,
+            s.cfg.train.save_total_limit,
+            reference=moved,
+        )
 
     def result(self, metrics: dict, stop_reason: Optional[str]) -> TrainResult:
         run_dir = self.setup.run_dir

@@ -38,8 +38,24 @@ LOCK = ".dpokit.lock"
 EVAL_FILES = ("eval.json", "eval.md", "eval.samples.jsonl")  # what `dpokit eval --out RUN/eval.json` writes
 # Every top-level name dpokit writes into a run directory (the loop, resume, export, report, trackers, eval --out).
 # In a marked folder these are dpokit's; anything else there, or anything at all in an unmarked folder, is not.
-RUN_NAMES = frozenset({"config.yaml", "data_summary.json", "metrics.jsonl", ".metrics.jsonl.tmp", "report.html", "checkpoints",
-                       "final", ".tmp-final", "tensorboard", "wandb", ".config.yaml.tmp", MARKER, LOCK, *EVAL_FILES})
+RUN_NAMES = frozenset(
+    {
+        "config.yaml",
+        "data_summary.json",
+        "metrics.jsonl",
+        ".metrics.jsonl.tmp",
+        "report.html",
+        "checkpoints",
+        "final",
+        ".tmp-final",
+        "tensorboard",
+        "wandb",
+        ".config.yaml.tmp",
+        MARKER,
+        LOCK,
+        *EVAL_FILES,
+    }
+)
 RUN_PREFIXES = (".deleting-final-", "earlier-eval-")
 _SHOWN = 4  # foreign entries named in the refusal
 
@@ -80,11 +96,19 @@ class RunDir:
         if adjustments:
             header = "# dpokit changed these settings before training; the values below are the ones that ran\n"
             header += "".join(f"# adjusted: {note}\n" for note in adjustments)
-        _write_atomically(self.path / "config.yaml", header + yaml.safe_dump(resolve_paths(cfg).to_dict(), sort_keys=False))
+        _write_atomically(
+            self.path / "config.yaml", header + yaml.safe_dump(resolve_paths(cfg).to_dict(), sort_keys=False)
+        )
 
 
-def claim(path, overwrite: bool, key: str = "out_dir", names: frozenset = RUN_NAMES, prefixes: tuple = RUN_PREFIXES,
-          was_ours: Callable[[Path], bool] = lambda p: bool(list_checkpoints(p))) -> RunDir:
+def claim(
+    path,
+    overwrite: bool,
+    key: str = "out_dir",
+    names: frozenset = RUN_NAMES,
+    prefixes: tuple = RUN_PREFIXES,
+    was_ours: Callable[[Path], bool] = lambda p: bool(list_checkpoints(p)),
+) -> RunDir:
     """Make or take `path` for one run: marker, ownership check, lock. ConfigError (one line) when it is not ours to write.
 
     `names`, `prefixes`: the top-level entries dpokit writes in this kind of folder (a run directory, a pipeline
@@ -97,21 +121,32 @@ def claim(path, overwrite: bool, key: str = "out_dir", names: frozenset = RUN_NA
     foreign = [] if created else foreign_entries(path, names, prefixes, was_ours)
     if foreign and not overwrite:
         shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
-        raise ConfigError(f"{key}={str(path)!r} holds files dpokit did not write ({shown}); nothing was written: use another "
-                          f"{key}, or train.overwrite=true to write into it anyway (dpokit's files there are replaced)")
+        raise ConfigError(
+            f"{key}={str(path)!r} holds files dpokit did not write ({shown}); nothing was written: use another "
+            f"{key}, or train.overwrite=true to write into it anyway (dpokit's files there are replaced)"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         lock_fd = _take_lock(path, key)
         if not (path / MARKER).is_file():
-            _write_atomically(path / MARKER, json.dumps({"format": 1, "made_by": f"dpokit {__version__}",
-                                                         "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+            _write_atomically(
+                path / MARKER,
+                json.dumps(
+                    {"format": 1, "made_by": f"dpokit {__version__}", "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+                )
+                + "\n",
+            )
     except OSError as e:
         raise ConfigError(f"{key}={str(path)!r}: cannot write the run directory: {e}") from None
     return RunDir(path, created, lock_fd=lock_fd)
 
 
-def foreign_entries(path: Path, names: frozenset = RUN_NAMES, prefixes: tuple = RUN_PREFIXES,
-                    was_ours: Callable[[Path], bool] = lambda p: bool(list_checkpoints(p))) -> list[str]:
+def foreign_entries(
+    path: Path,
+    names: frozenset = RUN_NAMES,
+    prefixes: tuple = RUN_PREFIXES,
+    was_ours: Callable[[Path], bool] = lambda p: bool(list_checkpoints(p)),
+) -> list[str]:
     """Top-level entries of `path` that dpokit did not write ("final/" for a folder), sorted.
 
     A folder without the marker is dpokit's only when it holds a checkpoint and nothing but dpokit's names:
@@ -169,8 +204,10 @@ def _take_lock(path: Path, key: str) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(f"{key}={str(path)!r} {_held_by(path, _read_lock(lock) or {})}: wait for it to end, "
-                              f"or use another {key}") from None
+            raise ConfigError(
+                f"{key}={str(path)!r} {_held_by(path, _read_lock(lock) or {})}: wait for it to end, "
+                f"or use another {key}"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -180,11 +217,19 @@ def _take_lock(path: Path, key: str) -> int:
             continue
         holder = _read_lock(lock)
         if holder and holder.get("pid") != os.getpid():
-            print(f"[dpokit] {path}: the run that held it (PID {holder.get('pid')}) is no longer running; its lock is "
-                  "taken over", flush=True)
+            print(
+                f"[dpokit] {path}: the run that held it (PID {holder.get('pid')}) is no longer running; its lock is "
+                "taken over",
+                flush=True,
+            )
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            ).encode(),
+            0,
+        )
         return fd
     raise ConfigError(f"{key}={str(path)!r}: other runs keep taking its lock; use another {key}")
 

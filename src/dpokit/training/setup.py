@@ -1,11 +1,11 @@
 """Setting up a run: its directory and data, fitting its step to the loaded model and setup, and choosing where its reference log-probs come from.
 
-    make_run_dir   out_dir claimed for the run (run_dir.py); training_data: the prepared data and its summary
-    fit_speed      the fast step falls back to its plain step for a model outside transformers'
-                   attention interface, and drops the chunked LM head when the head is sharded
-    fit_reference_sync  a moving reference (loss.ref_sync_steps) turns the reference cache off
-    reference_for  reference log-probs from the on-disk cache when the step reads them (built on a
-                   miss with the untrained policy, which is the reference), else a live reference
+make_run_dir   out_dir claimed for the run (run_dir.py); training_data: the prepared data and its summary
+fit_speed      the fast step falls back to its plain step for a model outside transformers'
+               attention interface, and drops the chunked LM head when the head is sharded
+fit_reference_sync  a moving reference (loss.ref_sync_steps) turns the reference cache off
+reference_for  reference log-probs from the on-disk cache when the step reads them (built on a
+               miss with the untrained policy, which is the reference), else a live reference
 """
 
 from __future__ import annotations
@@ -55,10 +55,18 @@ def fit_speed(cfg: Config, step: Step, policy, sharded: bool) -> tuple[Config, S
     if blocker:
         plain = SpeedConfig(packing=False, prefix_sharing=False, chunked_logps=False, ref_cache=False)
         plain_step = step.plain()
-        return dataclasses.replace(cfg, speed=plain), plain_step, [f"{blocker}: the plain {plain_step.name} step runs (speed.* off)"]
+        return (
+            dataclasses.replace(cfg, speed=plain),
+            plain_step,
+            [f"{blocker}: the plain {plain_step.name} step runs (speed.* off)"],
+        )
     if sharded and cfg.speed.chunked_logps:  # a sharded LM head is gathered only when called as a module
         speed = dataclasses.replace(cfg.speed, chunked_logps=False)
-        return dataclasses.replace(cfg, speed=speed), step, ["FSDP/DeepSpeed: speed.chunked_logps is off (the LM head is sharded)"]
+        return (
+            dataclasses.replace(cfg, speed=speed),
+            step,
+            ["FSDP/DeepSpeed: speed.chunked_logps is off (the LM head is sharded)"],
+        )
     return cfg, step, []
 
 
@@ -66,8 +74,10 @@ def fit_reference_sync(cfg: Config, step: Step) -> tuple[Config, list[str]]:
     """A moving reference (loss.ref_sync_steps, TR-DPO) has no fixed log-probs to cache: speed.ref_cache off, said once."""
     if cfg.loss.ref_sync_steps > 0 and cfg.speed.ref_cache and step.reads_reference_cache:
         speed = dataclasses.replace(cfg.speed, ref_cache=False)
-        note = (f"loss.ref_sync_steps={cfg.loss.ref_sync_steps}: the reference moves during training, so its log-probs cannot "
-                "be cached; speed.ref_cache is off and a live reference runs")
+        note = (
+            f"loss.ref_sync_steps={cfg.loss.ref_sync_steps}: the reference moves during training, so its log-probs cannot "
+            "be cached; speed.ref_cache is off and a live reference runs"
+        )
         return dataclasses.replace(cfg, speed=speed), [note]
     return cfg, []
 
@@ -85,13 +95,17 @@ def reference_for(cfg: Config, step: Step, policy, tokenizer, data: PreparedData
         return policy, reference, data
     policy = shard(policy, cfg, accelerator.device) if cfg.train.fsdp else policy
     # A missing cache is built by every process, each scoring its shard; rank 0 gathers and writes it (ref_cache.build).
-    cache, data = ensure_reference_cache(cfg, tokenizer, data, model=policy.to(accelerator.device), device=accelerator.device,
-                                         accelerator=accelerator)
+    cache, data = ensure_reference_cache(
+        cfg, tokenizer, data, model=policy.to(accelerator.device), device=accelerator.device, accelerator=accelerator
+    )
     policy = resharded(policy) if cfg.train.fsdp else policy  # before the optimizer takes its parameters
     if accelerator.is_main_process:
         how = f"computed in {cache.seconds:.1f}s and cached in" if cache.built else "read from the cache"
-        kl = ("kl/chosen is logged at evaluation only (eval_kl/chosen, adapters off)" if cfg.lora.enabled
-              else "kl/chosen is not logged (speed.ref_cache=false logs it)")
+        kl = (
+            "kl/chosen is logged at evaluation only (eval_kl/chosen, adapters off)"
+            if cfg.lora.enabled
+            else "kl/chosen is not logged (speed.ref_cache=false logs it)"
+        )
         print(f"[dpokit] reference log-probs {how} {cache.folder}: no reference model in memory; {kl}", flush=True)
     return policy, None, data
 
@@ -129,12 +143,16 @@ def _unseen_marker(out_dir: str) -> str | None:
     """None when this process sees the main process's run-directory marker, else why that matters (one line)."""
     if (Path(out_dir) / MARKER).is_file():
         return None
-    return (f"out_dir={out_dir} is not on a filesystem every process sees: process {os.environ.get('RANK', '?')} on "
-            f"{socket.gethostname()} cannot read {MARKER} that process 0 wrote there. Put out_dir on a shared filesystem "
-            "(NFS, Lustre, a mounted bucket): each process writes its checkpoint shards there and reads them back on resume")
+    return (
+        f"out_dir={out_dir} is not on a filesystem every process sees: process {os.environ.get('RANK', '?')} on "
+        f"{socket.gethostname()} cannot read {MARKER} that process 0 wrote there. Put out_dir on a shared filesystem "
+        "(NFS, Lustre, a mounted bucket): each process writes its checkpoint shards there and reads them back on resume"
+    )
 
 
-def training_data(cfg: Config, objective: Step, tokenizer, data: PreparedData | None, run_dir: Path, is_main: bool) -> PreparedData:
+def training_data(
+    cfg: Config, objective: Step, tokenizer, data: PreparedData | None, run_dir: Path, is_main: bool
+) -> PreparedData:
     """The run's prepared data (given, or prepared by the step) with the SFT files beside it (data.sft_mix_path,
     data.retention_path); the main process prints and saves the summary, one section per input file."""
     data = data or objective.prepare(cfg, tokenizer)
@@ -158,14 +176,22 @@ def accelerator_for(cfg: Config, **kwargs) -> Accelerator:
     Under DeepSpeed (accelerate launch with a DeepSpeed config) without CUDA, DeepSpeed's CPU accelerator runs it over
     gloo; on any device its "auto" micro-batch becomes train.batch_size."""
     state = AcceleratorState._shared_state
-    if state and int(os.environ.get("WORLD_SIZE", "1")) == 1 and state.get("_mixed_precision") != cfg.train.mixed_precision:
+    if (
+        state
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        and state.get("_mixed_precision") != cfg.train.mixed_precision
+    ):
         AcceleratorState._reset_state(reset_partial_state=True)
     on_cpu = not torch.cuda.is_available()
     deepspeed_on_cpu = on_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed_on_cpu:  # with cpu=True Accelerate would silently run DDP; without gloo every process is rank 0 of 1
         kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=on_cpu and not deepspeed_on_cpu,
-                              step_scheduler_with_optimizer=False, **kwargs)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=on_cpu and not deepspeed_on_cpu,
+        step_scheduler_with_optimizer=False,
+        **kwargs,
+    )
     _fill_micro_batch(accelerator.state.deepspeed_plugin, cfg.train.batch_size)
     return accelerator
 

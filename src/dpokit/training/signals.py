@@ -38,8 +38,11 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
         signal.signal(signum, self._previous[signum])  # a second signal aborts at once
-        print(f"\n[dpokit] {signal.Signals(signum).name} received: saving a checkpoint at the end of this step "
-              "(send it again to abort without saving)", flush=True)
+        print(
+            f"\n[dpokit] {signal.Signals(signum).name} received: saving a checkpoint at the end of this step "
+            "(send it again to abort without saving)",
+            flush=True,
+        )
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -55,6 +58,8 @@ def resume_command(cfg: Config, run_dir: Path, num_processes: int) -> str:
         return f"dpokit train {quoted}"
     # The same launcher as this run (its other options, e.g. for several machines, as they were).
     per_node = os.environ.get("LOCAL_WORLD_SIZE", str(num_processes))
-    if "ACCELERATE_MIXED_PRECISION" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by accelerate launch
+    if (
+        "ACCELERATE_MIXED_PRECISION" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    ):  # set by accelerate launch
         return f"accelerate launch --num_processes {num_processes} -m dpokit.cli train {quoted}  (plus your other launcher options)"
     return f"torchrun --nproc_per_node {per_node} -m dpokit.cli train {quoted}  (plus your other launcher options)"

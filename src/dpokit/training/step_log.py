@@ -1,9 +1,9 @@
 """What each optimizer step leaves in the run's books (the loop calls both).
 
-    count_step   the step's metric sums into the logging window (a skipped update adds none) and the run state's
-                 counters (step, data position, tokens, overflows, skipped updates; a skipped one is logged and said)
-    log_window   every train.logging_steps: one metrics record, the window averaged over its micro-batches and ranks,
-                 then the counters
+count_step   the step's metric sums into the logging window (a skipped update adds none) and the run state's
+             counters (step, data position, tokens, overflows, skipped updates; a skipped one is logged and said)
+log_window   every train.logging_steps: one metrics record, the window averaged over its micro-batches and ranks,
+             then the counters
 """
 
 from __future__ import annotations
@@ -30,23 +30,38 @@ def count_step(run: Run, step: int, step_sums: MetricSums, outcome: StepOutcome,
     if bad and not outcome.overflow:
         state.skipped_steps += 1
         reason = "non-finite loss" if progress.bad_loss else "non-finite gradient"
-        progress.log.write({"step": step, "skipped_step": {"reason": reason, "loss": outcome.loss, "grad_norm": grad_norm},
-                            "skipped_steps": state.skipped_steps})
+        progress.log.write(
+            {
+                "step": step,
+                "skipped_step": {"reason": reason, "loss": outcome.loss, "grad_norm": grad_norm},
+                "skipped_steps": state.skipped_steps,
+            }
+        )
         if run.is_main:
-            tqdm.write(f"[dpokit] step {step}: {reason} (loss={outcome.loss:.4g}, grad_norm={grad_norm:.4g}); update skipped "
-                       f"({state.skipped_steps} of at most train.max_skipped_steps={cfg.train.max_skipped_steps})")
+            tqdm.write(
+                f"[dpokit] step {step}: {reason} (loss={outcome.loss:.4g}, grad_norm={grad_norm:.4g}); update skipped "
+                f"({state.skipped_steps} of at most train.max_skipped_steps={cfg.train.max_skipped_steps})"
+            )
 
 
 def log_window(run: Run, step: int, learning_rate: float) -> None:
     """One metrics record: the window's sums averaged over its micro-batches and ranks, then the counters."""
     fixed, progress = run.setup, run.progress
     state = progress.state
-    record = {k: v for k, v in progress.window.reduce(fixed.accelerator).items() if math.isfinite(v)}  # no applied step: no value
+    record = {
+        k: v for k, v in progress.window.reduce(fixed.accelerator).items() if math.isfinite(v)
+    }  # no applied step: no value
     progress.window.clear()
-    record.update(step=step, epoch=round(progress.stream.position / fixed.micro_per_epoch, 4), learning_rate=learning_rate,
-                  skipped_steps=state.skipped_steps)
+    record.update(
+        step=step,
+        epoch=round(progress.stream.position / fixed.micro_per_epoch, 4),
+        learning_rate=learning_rate,
+        skipped_steps=state.skipped_steps,
+    )
     record["num_tokens"] = state.tokens_seen  # TRL's running count of the input tokens trained on
-    record.update(progress.throughput.record(fixed.accelerator, fixed.policy))  # tokens_per_second, padding_fraction, mfu
+    record.update(
+        progress.throughput.record(fixed.accelerator, fixed.policy)
+    )  # tokens_per_second, padding_fraction, mfu
     if state.overflow_steps:
         record["overflow_steps"] = state.overflow_steps
     run.log_and_diagnose(record)

@@ -36,8 +36,13 @@ class StepJob:
         return self.ctx.group
 
 
-def accumulate_gradients(job: StepJob, micro_batches: list[dict], sums: MetricSums, examples_in_step: Optional[int] = None,
-                         dummies: Optional[list[bool]] = None) -> None:
+def accumulate_gradients(
+    job: StepJob,
+    micro_batches: list[dict],
+    sums: MetricSums,
+    examples_in_step: Optional[int] = None,
+    dummies: Optional[list[bool]] = None,
+) -> None:
     """Backward over one optimizer step's micro-batches; per-example metrics are added to `sums`.
 
     The loss of each micro-batch is its per-example loss sum divided by the examples in the
@@ -84,7 +89,9 @@ def evaluate(job: StepJob, pairs) -> dict:
     policy.eval()
     sums = MetricSums()
     batch_size = cfg.train.eval_batch_size or cfg.train.batch_size
-    stream = BatchStream(len(pairs), batch_size, 0, shuffle=False, rank=accelerator.process_index, world=accelerator.num_processes)
+    stream = BatchStream(
+        len(pairs), batch_size, 0, shuffle=False, rank=accelerator.process_index, world=accelerator.num_processes
+    )
     for _ in range(stream.per_epoch):
         micro = micro_batch(pairs, stream, job.objective.collate, pad_id(policy))
         with accelerator.autocast():

@@ -64,7 +64,9 @@ class ModelShape:
 
     def flops(self, work: Work) -> float:
         """Model FLOPs: 3 forwards' worth (forward and backward) of the trained sequences, 1 of the forward-only ones."""
-        return 3.0 * self.forward_flops(work.tokens, work.squares) + self.forward_flops(work.forward_tokens, work.forward_squares)
+        return 3.0 * self.forward_flops(work.tokens, work.squares) + self.forward_flops(
+            work.forward_tokens, work.forward_squares
+        )
 
 
 def sequence_lengths(batch: dict, prefix: str = "") -> list[int]:
@@ -162,11 +164,15 @@ def device_peak(device: torch.device) -> tuple[float, str]:
         dtype, n = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32), 4096
     else:
         dtype, n = torch.float32, 1024
-    return measure_peak(device, dtype, n), f"measured: {n}x{n} {str(dtype).removeprefix('torch.')} matmul on {device.type}"
+    return measure_peak(
+        device, dtype, n
+    ), f"measured: {n}x{n} {str(dtype).removeprefix('torch.')} matmul on {device.type}"
 
 
 def _numel(p) -> int:
-    shape = getattr(getattr(p, "quant_state", None), "shape", None)  # bitsandbytes 4-bit: the packed tensor is half the size
+    shape = getattr(
+        getattr(p, "quant_state", None), "shape", None
+    )  # bitsandbytes 4-bit: the packed tensor is half the size
     if shape is not None:
         return int(torch.Size(shape).numel())
     return int(getattr(p, "ds_numel", 0) or p.numel())  # DeepSpeed ZeRO-3 keeps the full size in ds_numel
@@ -200,8 +206,12 @@ class Throughput:
     A dummy micro-batch (a process with no example left at the end of an epoch) trains nothing and is not counted.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter, shape: Optional[ModelShape] = None,
-                 peak: Optional[tuple[float, str]] = None) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.perf_counter,
+        shape: Optional[ModelShape] = None,
+        peak: Optional[tuple[float, str]] = None,
+    ) -> None:
         self.clock = clock
         self.work = Work()
         self.started: Optional[float] = None
@@ -233,16 +243,21 @@ class Throughput:
         if self.peak is None:
             self.peak = device_peak(torch.device(accelerator.device))
         work = self.work
-        packed = torch.tensor([work.tokens, work.positions, work.padding, self.shape.flops(work), seconds, self.peak[0]],
-                              dtype=torch.float64)
+        packed = torch.tensor(
+            [work.tokens, work.positions, work.padding, self.shape.flops(work), seconds, self.peak[0]],
+            dtype=torch.float64,
+        )
         world = accelerator.num_processes
         if world > 1:
             packed = accelerator.reduce(packed.to(accelerator.device), reduction="sum").cpu()
         tokens, positions, padding, flops, seconds, peaks = packed.tolist()
         seconds /= world  # the processes' mean wall time of the window (they wait for each other every step)
         self.work, self.started = Work(), None
-        out = {"tokens_per_second": tokens_per_second(tokens, seconds), "padding_fraction": padding_fraction(padding, positions),
-               "mfu": mfu(flops, seconds, peaks)}
+        out = {
+            "tokens_per_second": tokens_per_second(tokens, seconds),
+            "padding_fraction": padding_fraction(padding, positions),
+            "mfu": mfu(flops, seconds, peaks),
+        }
         if self.records == 0:
             out.update(mfu_peak=peaks / world, mfu_peak_source=self.peak[1])
         self.records += 1

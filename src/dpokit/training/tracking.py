@@ -53,13 +53,17 @@ def requested_trackers(cfg) -> list[str]:
     names = list(getattr(cfg.train, "report_to", None) or [])
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
-        raise ConfigError(f"config key 'train.report_to': unknown tracker(s) {', '.join(map(repr, unknown))}; "
-                          f"choose from {', '.join(TRACKERS)}")
+        raise ConfigError(
+            f"config key 'train.report_to': unknown tracker(s) {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(TRACKERS)}"
+        )
     missing = [n for n in names if not _available(n)]
     if missing:
         how = "; ".join(INSTALL[n] for n in missing)
-        raise ConfigError(f"train.report_to asks for {', '.join(missing)} but it is not installed ({how}), "
-                          "or remove it from train.report_to")
+        raise ConfigError(
+            f"train.report_to asks for {', '.join(missing)} but it is not installed ({how}), "
+            "or remove it from train.report_to"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -150,4 +154,3 @@ def end_trackers(accelerator) -> None:
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.trackers.clear()
-

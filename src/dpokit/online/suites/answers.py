@@ -19,9 +19,25 @@ def render_chat(messages: Sequence[dict], tokenizer) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-def answer(model, tokenizer, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 256, temperature: float = 0.0,
-           seed: int = 0, batch_size: int = 16) -> list[Sample]:
+def answer(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[Sample]:
     """One answer per conversation (greedy by default, as IFEval and MT-Bench generate), in order."""
     texts = [render_chat(c, tokenizer) for c in conversations]
-    return sample(model, tokenizer, texts, num_samples=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                  batch_size=batch_size)
+    return sample(
+        model,
+        tokenizer,
+        texts,
+        num_samples=1,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+    )

@@ -46,7 +46,9 @@ def load_ifeval(path: str | Path | None = None, max_prompts: int | None = None) 
         clean = []
         for i, (instruction, args) in enumerate(zip(ids, kwargs)):
             if instruction not in CHECKERS:
-                raise IFEvalDataError(f"{where}: field 'instruction_id_list'[{i}]: unknown instruction id {instruction!r}")
+                raise IFEvalDataError(
+                    f"{where}: field 'instruction_id_list'[{i}]: unknown instruction id {instruction!r}"
+                )
             args = {k: v for k, v in (args or {}).items() if v is not None}
             try:
                 CHECKERS[instruction]("", **args)
@@ -55,7 +57,9 @@ def load_ifeval(path: str | Path | None = None, max_prompts: int | None = None) 
             except ValueError as e:
                 raise IFEvalDataError(f"{where}: field 'kwargs'[{i}]: {e}") from None
             clean.append(args)
-        rows.append({"key": row.get("key", number), "prompt": row["prompt"], "instruction_id_list": list(ids), "kwargs": clean})
+        rows.append(
+            {"key": row.get("key", number), "prompt": row["prompt"], "instruction_id_list": list(ids), "kwargs": clean}
+        )
     return rows if max_prompts is None else rows[:max_prompts]
 
 
@@ -82,7 +86,10 @@ def score_ifeval(rows: Sequence[dict], responses: Sequence[str]) -> dict:
     for mode in ("strict", "loose"):
         prompt_level, inst_level = [], []
         for i, (row, response) in enumerate(zip(rows, responses)):
-            results = [followed(inst, args, response, mode == "loose") for inst, args in zip(row["instruction_id_list"], row["kwargs"])]
+            results = [
+                followed(inst, args, response, mode == "loose")
+                for inst, args in zip(row["instruction_id_list"], row["kwargs"])
+            ]
             prompt_level.append(float(all(results)))
             inst_level.extend(float(r) for r in results)
             if mode == "strict":
@@ -95,8 +102,16 @@ def score_ifeval(rows: Sequence[dict], responses: Sequence[str]) -> dict:
     return out
 
 
-def run_ifeval(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 256, seed: int = 0, batch_size: int = 16) -> dict:
+def run_ifeval(
+    model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int = 256, seed: int = 0, batch_size: int = 16
+) -> dict:
     """Greedy answers to each prompt (as one user turn), scored by `score_ifeval`."""
-    samples = answer(model, tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in rows], max_new_tokens=max_new_tokens,
-                     seed=seed, batch_size=batch_size)
+    samples = answer(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": r["prompt"]}] for r in rows],
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+    )
     return score_ifeval(rows, [s.completion for s in samples])

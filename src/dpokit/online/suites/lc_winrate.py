@@ -43,8 +43,15 @@ class LCFit:
     raw_win_rate: float
 
 
-def fit_lc(wins: Sequence[float], length_diff: Sequence[float], groups: Sequence | None = None, *,
-           l2_fixed: float = 0.01, l2_instance: float = 1.0, iters: int = 100) -> LCFit:
+def fit_lc(
+    wins: Sequence[float],
+    length_diff: Sequence[float],
+    groups: Sequence | None = None,
+    *,
+    l2_fixed: float = 0.01,
+    l2_instance: float = 1.0,
+    iters: int = 100,
+) -> LCFit:
     """Fit the GLM above to judgments `wins` (1 policy better, 0 baseline better, 0.5 tie) with their length differences.
 
     groups: the prompt of each judgment (any hashable ids); None: no instance terms.
@@ -80,8 +87,14 @@ def fit_lc(wins: Sequence[float], length_diff: Sequence[float], groups: Sequence
     return LCFit(theta=float(beta[0]), phi=float(beta[1]), gamma=gamma, lc_win_rate=lc, raw_win_rate=float(y.mean()))
 
 
-def lc_win_rate(wins: Sequence[float], length_diff: Sequence[float], groups: Sequence[int] | None = None, *,
-                bootstrap: int = 200, seed: int = 0) -> dict:
+def lc_win_rate(
+    wins: Sequence[float],
+    length_diff: Sequence[float],
+    groups: Sequence[int] | None = None,
+    *,
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> dict:
     """The LC and raw win rates with bootstrap standard errors (resampling prompts), and the fitted terms."""
     fit = fit_lc(wins, length_diff, groups)
     y, delta = np.asarray(wins, dtype=float), np.asarray(length_diff, dtype=float)
@@ -99,8 +112,18 @@ def lc_win_rate(wins: Sequence[float], length_diff: Sequence[float], groups: Seq
         resampled = fit_lc(y[rows], delta[rows], draw_groups)
         lc_draws.append(resampled.lc_win_rate)
         raw_draws.append(resampled.raw_win_rate)
+
     def sem(draws):
-        return (float(np.std(draws, ddof=1)) if len(draws) > 1 else math.nan)
-    return {"lc_win_rate": fit.lc_win_rate, "lc_win_rate_sem": sem(lc_draws), "raw_win_rate": fit.raw_win_rate,
-            "raw_win_rate_sem": sem(raw_draws), "lc_theta": fit.theta, "lc_length_coef": fit.phi, "num_judgments": len(y),
-            "num_prompts": len(members), "mean_length_diff": float(delta.mean())}
+        return float(np.std(draws, ddof=1)) if len(draws) > 1 else math.nan
+
+    return {
+        "lc_win_rate": fit.lc_win_rate,
+        "lc_win_rate_sem": sem(lc_draws),
+        "raw_win_rate": fit.raw_win_rate,
+        "raw_win_rate_sem": sem(raw_draws),
+        "lc_theta": fit.theta,
+        "lc_length_coef": fit.phi,
+        "num_judgments": len(y),
+        "num_prompts": len(members),
+        "mean_length_diff": float(delta.mean()),
+    }

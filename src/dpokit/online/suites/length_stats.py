@@ -30,20 +30,39 @@ from dpokit.online.suites.ifeval import load_ifeval
 from dpokit.online.suites.stats import mean_sem
 from dpokit.online.suites.suite import Suite, SuiteRun
 
-ROWS = [("mean length (tokens)", "mean_length", "{:.1f}"), ("median length (tokens)", "median_length", "{:.1f}"),
-        ("90th percentile length (tokens)", "p90_length", "{:.1f}"), ("finished (EOS) share", "finished_share", "{:.1%}")]
+ROWS = [
+    ("mean length (tokens)", "mean_length", "{:.1f}"),
+    ("median length (tokens)", "median_length", "{:.1f}"),
+    ("90th percentile length (tokens)", "p90_length", "{:.1f}"),
+    ("finished (EOS) share", "finished_share", "{:.1%}"),
+]
 
 
 def length_stats(lengths: Sequence[int], finished: Sequence[bool]) -> dict:
     """The statistics above of answer lengths (tokens, EOS excluded) and whether each answer ended with EOS."""
     if not lengths:
-        return {"num_answers": 0, "mean_length": math.nan, "mean_length_sem": math.nan, "median_length": math.nan,
-                "p90_length": math.nan, "max_length": None, "finished_share": math.nan, "lengths": []}
+        return {
+            "num_answers": 0,
+            "mean_length": math.nan,
+            "mean_length_sem": math.nan,
+            "median_length": math.nan,
+            "p90_length": math.nan,
+            "max_length": None,
+            "finished_share": math.nan,
+            "lengths": [],
+        }
     values = np.asarray(lengths, dtype=float)
     mean, sem = mean_sem(values.tolist())
-    return {"num_answers": len(lengths), "mean_length": mean, "mean_length_sem": sem, "median_length": float(np.median(values)),
-            "p90_length": float(np.percentile(values, 90)), "max_length": int(values.max()),
-            "finished_share": sum(bool(f) for f in finished) / len(lengths), "lengths": [int(n) for n in lengths]}
+    return {
+        "num_answers": len(lengths),
+        "mean_length": mean,
+        "mean_length_sem": sem,
+        "median_length": float(np.median(values)),
+        "p90_length": float(np.percentile(values, 90)),
+        "max_length": int(values.max()),
+        "finished_share": sum(bool(f) for f in finished) / len(lengths),
+        "lengths": [int(n) for n in lengths],
+    }
 
 
 def of_samples(samples: Sequence[Sample]) -> dict:
@@ -52,9 +71,14 @@ def of_samples(samples: Sequence[Sample]) -> dict:
 
 def run(r: SuiteRun) -> dict:
     """Each model's greedy answers to the IFEval-style prompts, measured."""
-    conversations = [[{"role": "user", "content": row["prompt"]}] for row in load_ifeval(r.cfg.ifeval_prompts, r.cfg.max_prompts)]
-    return r.per_model(lambda m: of_samples(answer(m, r.tokenizer, conversations, max_new_tokens=r.cfg.suite_max_new_tokens,
-                                                   seed=r.cfg.seed)))
+    conversations = [
+        [{"role": "user", "content": row["prompt"]}] for row in load_ifeval(r.cfg.ifeval_prompts, r.cfg.max_prompts)
+    ]
+    return r.per_model(
+        lambda m: of_samples(
+            answer(m, r.tokenizer, conversations, max_new_tokens=r.cfg.suite_max_new_tokens, seed=r.cfg.seed)
+        )
+    )
 
 
 SUITE = Suite("response length per model: mean, median, 90th percentile, in tokens", run, ROWS)

@@ -50,24 +50,43 @@ def letter_ids(tokenizer, plain: bool) -> tuple[int, int]:
             raise LocalJudgeError(f"the judge's tokenizer turns {letter!r} into no tokens")
         ids.append(tokens[0])
     if ids[0] == ids[1] or tokenizer.unk_token_id in ids:
-        raise LocalJudgeError(f"the judge's tokenizer does not have distinct tokens for 'A' and 'B' (got ids {ids}); "
-                              "use a judge model with an ordinary vocabulary")
+        raise LocalJudgeError(
+            f"the judge's tokenizer does not have distinct tokens for 'A' and 'B' (got ids {ids}); "
+            "use a judge model with an ordinary vocabulary"
+        )
     return ids[0], ids[1]
 
 
 class LocalPairwiseJudge:
     """compare(prompts, a, b) -> per item the probability-weighted preference for a in [0, 1], both orders averaged."""
 
-    def __init__(self, model, tokenizer, template: str = LETTER_TEMPLATE, system: str = SYSTEM_PROMPT, batch_size: int = 8,
-                 name: str = "local judge"):
-        self.model, self.tokenizer, self.template, self.system, self.batch_size = model, tokenizer, template, system, batch_size
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        template: str = LETTER_TEMPLATE,
+        system: str = SYSTEM_PROMPT,
+        batch_size: int = 8,
+        name: str = "local judge",
+    ):
+        self.model, self.tokenizer, self.template, self.system, self.batch_size = (
+            model,
+            tokenizer,
+            template,
+            system,
+            batch_size,
+        )
         self.plain = not getattr(tokenizer, "chat_template", None)
         self.a_id, self.b_id = letter_ids(tokenizer, self.plain)
         self.name = name
 
     def _texts(self, prompts, first, second) -> list[str]:
-        messages = lambda p, a, b: [{"role": "system", "content": self.system},  # noqa: E731
-                                    {"role": "user", "content": self.template.format(prompt=_prompt_text(p), a=a, b=b)}]
+        def messages(p, a, b):
+            return [
+                {"role": "system", "content": self.system},
+                {"role": "user", "content": self.template.format(prompt=_prompt_text(p), a=a, b=b)},
+            ]
+
         return [render_chat(messages(p, a, b), self.tokenizer) for p, a, b in zip(prompts, first, second)]
 
     @torch.no_grad()
@@ -84,8 +103,9 @@ class LocalPairwiseJudge:
         try:
             out = []
             for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[start : start + self.batch_size], add_special_tokens=False, padding=True,
-                                     return_tensors="pt").to(device)
+                enc = self.tokenizer(
+                    texts[start : start + self.batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
+                ).to(device)
                 # Positions count real tokens only, so a left-padded row reads as it would alone.
                 positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
                 logits = self.model(**enc, position_ids=positions).logits[:, -1, :].float()  # (B, V) at the answer

@@ -41,20 +41,29 @@ def load_questions(path: str | Path | None = None, max_questions: int | None = N
         turns = row.get("turns")
         if not (isinstance(turns, list) and len(turns) == 2 and all(isinstance(t, str) and t.strip() for t in turns)):
             raise QuestionsError(f"{path}, row {number}: field 'turns' must be a list of two non-empty strings")
-        rows.append({"question_id": row.get("question_id", number), "category": row.get("category", ""), "turns": turns})
+        rows.append(
+            {"question_id": row.get("question_id", number), "category": row.get("category", ""), "turns": turns}
+        )
     return rows if max_questions is None else rows[:max_questions]
 
 
-def converse(model, tokenizer, questions: Sequence[dict], *, max_new_tokens: int = 256, seed: int = 0,
-             batch_size: int = 16) -> list[list[str]]:
+def converse(
+    model, tokenizer, questions: Sequence[dict], *, max_new_tokens: int = 256, seed: int = 0, batch_size: int = 16
+) -> list[list[str]]:
     """[turn-1 answer, turn-2 answer] per question; turn 2 is asked with the model's own turn-1 answer before it."""
     first = [[{"role": "user", "content": q["turns"][0]}] for q in questions]
-    answers1 = [s.completion.strip() for s in answer(model, tokenizer, first, max_new_tokens=max_new_tokens, seed=seed,
-                                                      batch_size=batch_size)]
-    second = [[*c, {"role": "assistant", "content": a}, {"role": "user", "content": q["turns"][1]}]
-              for c, a, q in zip(first, answers1, questions)]
-    answers2 = [s.completion.strip() for s in answer(model, tokenizer, second, max_new_tokens=max_new_tokens, seed=seed + 1,
-                                                      batch_size=batch_size)]
+    answers1 = [
+        s.completion.strip()
+        for s in answer(model, tokenizer, first, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    ]
+    second = [
+        [*c, {"role": "assistant", "content": a}, {"role": "user", "content": q["turns"][1]}]
+        for c, a, q in zip(first, answers1, questions)
+    ]
+    answers2 = [
+        s.completion.strip()
+        for s in answer(model, tokenizer, second, max_new_tokens=max_new_tokens, seed=seed + 1, batch_size=batch_size)
+    ]
     return [[a1, a2] for a1, a2 in zip(answers1, answers2)]
 
 
@@ -62,15 +71,15 @@ SYSTEM = "You are a helpful and impartial judge of AI assistants' answers."
 SINGLE_TEMPLATE = (
     "Judge the quality of the assistant's answer to the {which} user question in the conversation below. Consider "
     "helpfulness, relevance, accuracy, depth and level of detail{context}. First explain your judgment briefly and "
-    "objectively. Then rate the answer on a scale of 1 to 10, in exactly this format: \"Rating: [[5]]\".\n\n"
+    'objectively. Then rate the answer on a scale of 1 to 10, in exactly this format: "Rating: [[5]]".\n\n'
     "{conversation}"
 )
 PAIRWISE_TEMPLATE = (
     "Two AI assistants answered the user below. Judge which assistant answered the user's last question better, by "
     "helpfulness, relevance, accuracy, depth and level of detail. The order in which the answers are shown, "
     "their length and the assistants' names must not influence you. Explain your judgment briefly, then give your "
-    "verdict in exactly this format: \"[[A]]\" if assistant A is better, \"[[B]]\" if assistant B is better, "
-    "\"[[C]]\" for a tie.\n\n{prompt}\n\n[Assistant A]\n{a}\n\n[Assistant B]\n{b}"
+    'verdict in exactly this format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, '
+    '"[[C]]" for a tie.\n\n{prompt}\n\n[Assistant A]\n{a}\n\n[Assistant B]\n{b}'
 )
 
 
@@ -105,7 +114,9 @@ class MTBenchJudge:
 
     def rate(self, question: dict, answers: Sequence[str], turn: int) -> tuple[float, str]:
         which, context = _which(turn)
-        reply = self._ask(SINGLE_TEMPLATE.format(which=which, context=context, conversation=_transcript(question, answers, turn)))
+        reply = self._ask(
+            SINGLE_TEMPLATE.format(which=which, context=context, conversation=_transcript(question, answers, turn))
+        )
         rating = parse_rating(reply)
         self.unparsed += math.isnan(rating)
         return rating, reply
@@ -127,8 +138,14 @@ def score_single(judge: MTBenchJudge, questions: Sequence[dict], conversations: 
     records = []
     for question, answers in zip(questions, conversations):
         rated = [judge.rate(question, answers, turn) for turn in (1, 2)]
-        records.append({"question_id": question["question_id"], "answers": list(answers),
-                        "ratings": [r for r, _ in rated], "rationales": [why for _, why in rated]})
+        records.append(
+            {
+                "question_id": question["question_id"],
+                "answers": list(answers),
+                "ratings": [r for r, _ in rated],
+                "rationales": [why for _, why in rated],
+            }
+        )
     out: dict = {"num_questions": len(records), "parse_failures": judge.unparsed - before}
     for turn in (1, 2):
         out[f"turn{turn}_score"], out[f"turn{turn}_score_sem"] = mean_sem([r["ratings"][turn - 1] for r in records])
@@ -146,11 +163,15 @@ def _pair_texts(question: dict, answers: Sequence[str], turn: int) -> str:
 def _pair_prompt(question: dict, turn: int) -> str:
     if turn == 1:
         return f"[User question]\n{question['turns'][0]}"
-    return (f"[User, turn 1]\n{question['turns'][0]}\n\n[User, turn 2]\n{question['turns'][1]}\n\n"
-            "(Each assistant's turn-1 answer is shown with its turn-2 answer; judge the turn-2 answers.)")
+    return (
+        f"[User, turn 1]\n{question['turns'][0]}\n\n[User, turn 2]\n{question['turns'][1]}\n\n"
+        "(Each assistant's turn-1 answer is shown with its turn-2 answer; judge the turn-2 answers.)"
+    )
 
 
-def score_pairwise(judge, questions: Sequence[dict], policy: Sequence[Sequence[str]], baseline: Sequence[Sequence[str]]) -> dict:
+def score_pairwise(
+    judge, questions: Sequence[dict], policy: Sequence[Sequence[str]], baseline: Sequence[Sequence[str]]
+) -> dict:
     """Win rate of the policy over the baseline per turn and overall (ties 1/2, both orders), with SEMs.
 
     judge: an MTBenchJudge, or any pairwise judge with compare(prompts, a, b) -> [1 A, 0 B, 0.5 tie] (the local
@@ -163,10 +184,15 @@ def score_pairwise(judge, questions: Sequence[dict], policy: Sequence[Sequence[s
         a = [_pair_texts(q, answers, turn) for q, answers in zip(questions, policy)]
         b = [_pair_texts(q, answers, turn) for q, answers in zip(questions, baseline)]
         per_turn[turn] = judge.compare(prompts, a, b)
-    out: dict = {"num_questions": len(questions), "parse_failures": getattr(judge, "unparsed", 0) - before,
-                 "unjudged": sum(math.isnan(v) for turn in (1, 2) for v in per_turn[turn])}
+    out: dict = {
+        "num_questions": len(questions),
+        "parse_failures": getattr(judge, "unparsed", 0) - before,
+        "unjudged": sum(math.isnan(v) for turn in (1, 2) for v in per_turn[turn]),
+    }
     for turn in (1, 2):
         out[f"turn{turn}_win_rate"], out[f"turn{turn}_win_rate_sem"] = mean_sem(per_turn[turn])
     out["win_rate"], out["win_rate_sem"] = mean_sem(per_turn[1] + per_turn[2])
-    out["per_question"] = [{"question_id": q["question_id"], "wins": [per_turn[1][i], per_turn[2][i]]} for i, q in enumerate(questions)]
+    out["per_question"] = [
+        {"question_id": q["question_id"], "wins": [per_turn[1][i], per_turn[2][i]]} for i, q in enumerate(questions)
+    ]
     return out

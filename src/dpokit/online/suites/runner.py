@@ -28,11 +28,23 @@ from dpokit.online.suites.multiturn import converse, load_questions, score_pairw
 from dpokit.online.suites.suite import Suite, SuiteError, SuiteRun
 from dpokit.report.eval_table import SUITE_ROWS
 
-__all__ = ["SUITES", "Suite", "SuiteError", "SuiteRun", "SUITE_FLAGS", "check_suite_args", "check_suite_names",
-           "lc_from_judgments", "run_suites", "suite_rows"]
+__all__ = [
+    "SUITES",
+    "Suite",
+    "SuiteError",
+    "SuiteRun",
+    "SUITE_FLAGS",
+    "check_suite_args",
+    "check_suite_names",
+    "lc_from_judgments",
+    "run_suites",
+    "suite_rows",
+]
 
-_SINGLE_NEEDS_API = ("multiturn single mode needs a judge behind an API: --judge-url and --judge-model "
-                     "(or --multiturn-mode pairwise with --local-judge)")
+_SINGLE_NEEDS_API = (
+    "multiturn single mode needs a judge behind an API: --judge-url and --judge-model "
+    "(or --multiturn-mode pairwise with --local-judge)"
+)
 
 
 # --- ifeval ---------------------------------------------------------------------------------------
@@ -40,7 +52,9 @@ _SINGLE_NEEDS_API = ("multiturn single mode needs a judge behind an API: --judge
 
 def _ifeval(run: SuiteRun) -> dict:
     rows = load_ifeval(run.cfg.ifeval_prompts, run.cfg.max_prompts)
-    return run.per_model(lambda m: run_ifeval(m, run.tokenizer, rows, max_new_tokens=run.cfg.suite_max_new_tokens, seed=run.cfg.seed))
+    return run.per_model(
+        lambda m: run_ifeval(m, run.tokenizer, rows, max_new_tokens=run.cfg.suite_max_new_tokens, seed=run.cfg.seed)
+    )
 
 
 # --- lc_winrate -----------------------------------------------------------------------------------
@@ -59,11 +73,20 @@ def _lc_winrate_lacks(args) -> Optional[str]:
 def lc_from_judgments(judgments: Sequence[dict], bootstrap: int, seed: int) -> dict:
     usable = [j for j in judgments if j["win"] is not None and math.isfinite(j["win"])]  # NaN: no readable verdict
     if not usable:  # check_suite_args has refused the options that give no judgments at all
-        raise SuiteError(f"lc_winrate: none of the {len(judgments)} win-rate judgments is usable (each lacks a score or "
-                         "a readable verdict); see the samples and the judge's replies")
-    out = lc_win_rate([j["win"] for j in usable], [j["length_diff"] for j in usable], [j["prompt_index"] for j in usable],
-                      bootstrap=bootstrap, seed=seed)
-    out["skipped_judgments"] = len(judgments) - len(usable)  # a missing score or an unreadable verdict: counted, not hidden
+        raise SuiteError(
+            f"lc_winrate: none of the {len(judgments)} win-rate judgments is usable (each lacks a score or "
+            "a readable verdict); see the samples and the judge's replies"
+        )
+    out = lc_win_rate(
+        [j["win"] for j in usable],
+        [j["length_diff"] for j in usable],
+        [j["prompt_index"] for j in usable],
+        bootstrap=bootstrap,
+        seed=seed,
+    )
+    out["skipped_judgments"] = len(judgments) - len(
+        usable
+    )  # a missing score or an unreadable verdict: counted, not hidden
     return out
 
 
@@ -86,14 +109,18 @@ def _multiturn_lacks(args) -> Optional[str]:
 
 def _multiturn(run: SuiteRun) -> dict:
     questions = load_questions(run.cfg.multiturn_questions, run.cfg.max_prompts)
-    talks = run.per_model(lambda m: converse(m, run.tokenizer, questions, max_new_tokens=run.cfg.suite_max_new_tokens, seed=run.cfg.seed))
+    talks = run.per_model(
+        lambda m: converse(m, run.tokenizer, questions, max_new_tokens=run.cfg.suite_max_new_tokens, seed=run.cfg.seed)
+    )
     if run.cfg.multiturn_mode == "single":
         if run.rating_judge is None:
             raise SuiteError(_SINGLE_NEEDS_API)
         return {who: score_single(run.rating_judge, questions, talk) for who, talk in talks.items()}
     if run.pairwise_judge is None or run.baseline is None:
-        raise SuiteError("multiturn pairwise mode needs a baseline (--baseline or --reference) and a judge "
-                         "(--judge-url with --judge-model, or --local-judge)")
+        raise SuiteError(
+            "multiturn pairwise mode needs a baseline (--baseline or --reference) and a judge "
+            "(--judge-url with --judge-model, or --local-judge)"
+        )
     result = score_pairwise(run.pairwise_judge, questions, talks["policy"], talks["baseline"])
     result["conversations"] = talks
     return result
@@ -103,8 +130,12 @@ def _multiturn(run: SuiteRun) -> dict:
 
 SUITES: dict[str, Suite] = {
     "ifeval": Suite("verifiable instructions", _ifeval, SUITE_ROWS["ifeval"]),
-    "lc_winrate": Suite("length-controlled win rate, from the win-rate judgments of --prompts", _lc_winrate,
-                        SUITE_ROWS["lc_winrate"], _lc_winrate_lacks),
+    "lc_winrate": Suite(
+        "length-controlled win rate, from the win-rate judgments of --prompts",
+        _lc_winrate,
+        SUITE_ROWS["lc_winrate"],
+        _lc_winrate_lacks,
+    ),
     "multiturn": Suite("two-turn conversations, judged", _multiturn, SUITE_ROWS["multiturn"], _multiturn_lacks),
     "length_stats": length_stats.SUITE,
 }
@@ -130,8 +161,17 @@ def check_suite_args(args) -> None:
         raise SuiteError("--pairs needs --reference: held-out preference accuracy is the implicit reward log pi/ref")
 
 
-def run_suites(names: Sequence[str], policy, tokenizer, baseline=None, *, cfg: EvalConfig | None = None,
-               judgments: Sequence[dict] | None = None, rating_judge=None, pairwise_judge=None) -> dict[str, Any]:
+def run_suites(
+    names: Sequence[str],
+    policy,
+    tokenizer,
+    baseline=None,
+    *,
+    cfg: EvalConfig | None = None,
+    judgments: Sequence[dict] | None = None,
+    rating_judge=None,
+    pairwise_judge=None,
+) -> dict[str, Any]:
     """{suite: results}, each by its SUITES entry; per-model suites give {"policy": ..., "baseline": ...} (baseline None:
     policy only).
 
@@ -151,21 +191,50 @@ def suite_rows(names: Sequence[str]) -> dict[str, list]:
 
 # `dpokit eval`'s suite flags: aliases of eval.* keys (config/flags.py)
 SUITE_FLAGS = (
-    Flag(("--suite",), "eval.suites", lambda: "also run a suite (repeatable): " + ", ".join(f"{name} ({s.help})" for name, s in SUITES.items()),
-         dest="suite", metavar="NAME", choices=lambda: tuple(SUITES), repeat=True),
-    Flag(("--ifeval-prompts",), "eval.ifeval_prompts",
-         "IFEval-format JSONL (key, prompt, instruction_id_list, kwargs); none: the shipped 48 prompts", metavar="FILE"),
-    Flag(("--multiturn-questions",), "eval.multiturn_questions",
-         "two-turn questions, JSONL rows with \"turns\": [q1, q2]; none: the shipped 10", metavar="FILE"),
-    Flag(("--multiturn-mode",), "eval.multiturn_mode",
-         "single: the judge rates each turn 1-10 (needs --judge-url); pairwise: policy vs baseline per turn",
-         choices=MULTITURN_MODES),
-    Flag(("--suite-max-new-tokens",), "eval.suite_max_new_tokens",
-         "tokens per answer in the suites that answer prompts (greedy decoding)", metavar="N"),
-    Flag(("--lc-bootstrap",), "eval.lc_bootstrap", "bootstrap resamples for the LC win rate's standard error (0: none)",
-         metavar="N"),
-    Flag(("--local-judge",), "eval.local_judge",
-         "a local HF model as the pairwise judge (log-probability of 'A' vs 'B', both orders) when no "
-         "--judge-url is given: for the win rate, lc_winrate and multiturn pairwise", metavar="MODEL"),
+    Flag(
+        ("--suite",),
+        "eval.suites",
+        lambda: "also run a suite (repeatable): " + ", ".join(f"{name} ({s.help})" for name, s in SUITES.items()),
+        dest="suite",
+        metavar="NAME",
+        choices=lambda: tuple(SUITES),
+        repeat=True,
+    ),
+    Flag(
+        ("--ifeval-prompts",),
+        "eval.ifeval_prompts",
+        "IFEval-format JSONL (key, prompt, instruction_id_list, kwargs); none: the shipped 48 prompts",
+        metavar="FILE",
+    ),
+    Flag(
+        ("--multiturn-questions",),
+        "eval.multiturn_questions",
+        'two-turn questions, JSONL rows with "turns": [q1, q2]; none: the shipped 10',
+        metavar="FILE",
+    ),
+    Flag(
+        ("--multiturn-mode",),
+        "eval.multiturn_mode",
+        "single: the judge rates each turn 1-10 (needs --judge-url); pairwise: policy vs baseline per turn",
+        choices=MULTITURN_MODES,
+    ),
+    Flag(
+        ("--suite-max-new-tokens",),
+        "eval.suite_max_new_tokens",
+        "tokens per answer in the suites that answer prompts (greedy decoding)",
+        metavar="N",
+    ),
+    Flag(
+        ("--lc-bootstrap",),
+        "eval.lc_bootstrap",
+        "bootstrap resamples for the LC win rate's standard error (0: none)",
+        metavar="N",
+    ),
+    Flag(
+        ("--local-judge",),
+        "eval.local_judge",
+        "a local HF model as the pairwise judge (log-probability of 'A' vs 'B', both orders) when no "
+        "--judge-url is given: for the win rate, lc_winrate and multiturn pairwise",
+        metavar="MODEL",
+    ),
 )
-
