@@ -105,8 +105,13 @@ def build_assets(name: str, cache: Path, n_pairs: int, seed: int = 0, layers: in
     for _ in range(n_pairs):
         p = rng.randint(*w["prompt"])
         # EOS is appended by both trainers: completion tokens = words + 1
-        rows.append({"prompt": text(p), "chosen": " " + text(rng.randint(*w["completion"]) - 1),
-                     "rejected": " " + text(rng.randint(*w["completion"]) - 1)})
+        rows.append(
+            {
+                "prompt": text(p),
+                "chosen": " " + text(rng.randint(*w["completion"]) - 1),
+                "rejected": " " + text(rng.randint(*w["completion"]) - 1),
+            }
+        )
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return model_dir, data
 
@@ -179,8 +184,17 @@ def _report(result: dict) -> None:
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
-def _summarise(times: list[float], losses: list[float], lengths: list[tuple], warmup: int, batch: int, flops_per_step: list[float],
-               peak: float, executed_per_step: list[float], cpu_times: list[float]) -> dict:
+def _summarise(
+    times: list[float],
+    losses: list[float],
+    lengths: list[tuple],
+    warmup: int,
+    batch: int,
+    flops_per_step: list[float],
+    peak: float,
+    executed_per_step: list[float],
+    cpu_times: list[float],
+) -> dict:
     """cpu_times: the process's CPU seconds per step (all threads, time.process_time), which other jobs on the machine do not inflate as they do wall time."""
     measured = times[warmup:]
     elapsed = sum(measured)
@@ -258,15 +272,37 @@ def child_trl(args) -> None:
             last[0], last_cpu[0] = now, now_cpu
 
     config = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), report_to=[], use_cpu=not args.gpu, seed=42, save_strategy="no",
-        disable_tqdm=True, bf16=args.gpu, fp16=False, gradient_checkpointing=args.variant == "trl", max_length=None,
-        per_device_train_batch_size=args.batch_size, max_steps=total, logging_steps=1, learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=BETA,
-        loss_type=["sigmoid"], dataloader_num_workers=0, train_sampling_strategy="sequential",
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        report_to=[],
+        use_cpu=not args.gpu,
+        seed=42,
+        save_strategy="no",
+        disable_tqdm=True,
+        bf16=args.gpu,
+        fp16=False,
+        gradient_checkpointing=args.variant == "trl",
+        max_length=None,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=total,
+        logging_steps=1,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=BETA,
+        loss_type=["sigmoid"],
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
     )
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    trainer = DPOTrainer(model=args.model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[Timer()])
+    trainer = DPOTrainer(
+        model=args.model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
     trace.mark("policy + reference loaded, data tokenised")
     trace.wrap_backward(trainer.accelerator, step)
     lengths = [(len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset]
@@ -277,7 +313,12 @@ def child_trl(args) -> None:
     batches = [lengths[i * args.batch_size : (i + 1) * args.batch_size] for i in range(total)]
     flops = [model_flops(b, cfg) for b in batches]
     executed = [executed_flops(b, cfg, shared=False, reference=True, head_everywhere=True) for b in batches]
-    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed, cpu_times), "memtrace": trace.rows})
+    _report(
+        {
+            **_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed, cpu_times),
+            "memtrace": trace.rows,
+        }
+    )
 
 
 def _dpokit_config(args, gc: bool, speed: dict):
@@ -288,8 +329,13 @@ def _dpokit_config(args, gc: bool, speed: dict):
         "data": {"path": args.data, "max_length": 1024, "max_prompt_length": 640},
         "loss": {"type": "sigmoid", "beta": BETA},
         "optim": {"lr": LR, "scheduler": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0},
-        "train": {"batch_size": args.batch_size, "gradient_checkpointing": gc, "progress_bar": False,
-                  "mixed_precision": "bf16" if args.gpu else "no", "max_steps": args.warmup + args.steps},
+        "train": {
+            "batch_size": args.batch_size,
+            "gradient_checkpointing": gc,
+            "progress_bar": False,
+            "mixed_precision": "bf16" if args.gpu else "no",
+            "max_steps": args.warmup + args.steps,
+        },
         "out_dir": tempfile.mkdtemp(prefix="dpokit-bench-"),
     }
     cfg = load_config({**raw, "speed": speed})
@@ -377,7 +423,9 @@ def child_dpokit(args) -> None:
         batch_pairs = pairs[step * args.batch_size : (step + 1) * args.batch_size]
         micro = [task.collate(batch_pairs, tokenizer.pad_token_id)]
         sums = MetricSums()
-        trainer.accumulate_gradients(StepJob(policy, reference, task, StepContext(cfg, with_reference, group=accelerator)), micro, sums)
+        trainer.accumulate_gradients(
+            StepJob(policy, reference, task, StepContext(cfg, with_reference, group=accelerator)), micro, sums
+        )
         accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
         trace.mark(f"step {step + 1}: backward + clip")
         optimizer.step()
@@ -394,17 +442,44 @@ def child_dpokit(args) -> None:
     config = accelerator.unwrap_model(policy).config
     batches = [lengths[i * args.batch_size : (i + 1) * args.batch_size] for i in range(total)]
     flops = [model_flops(b, config) for b in batches]
-    executed = [executed_flops(b, config, shared=speed.prefix_sharing, reference=reference is not None or not speed.ref_cache,
-                               head_everywhere=not speed.any_fast_path) for b in batches]
-    _report({**_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed, cpu_times), "memtrace": trace.rows})
+    executed = [
+        executed_flops(
+            b,
+            config,
+            shared=speed.prefix_sharing,
+            reference=reference is not None or not speed.ref_cache,
+            head_everywhere=not speed.any_fast_path,
+        )
+        for b in batches
+    ]
+    _report(
+        {
+            **_summarise(times, losses, lengths, args.warmup, args.batch_size, flops, peak, executed, cpu_times),
+            "memtrace": trace.rows,
+        }
+    )
 
 
 # --------------------------------------------------------------------------- orchestration
 
 
 def run_child(variant: str, workload: str, model: Path, data: Path, args, env: dict, batch: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--model", str(model), "--data", str(data), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--batch-size", str(batch)] + (["--gpu"] if args.gpu else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        variant,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--batch-size",
+        str(batch),
+    ] + (["--gpu"] if args.gpu else [])
     started = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH_RESULT ")]
@@ -430,29 +505,42 @@ def machine() -> dict:
     import transformers
     import trl
 
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
 
 
 def format_table(results: list[dict]) -> str:
-    lines = ["| workload | run | pairs/s | tokens/s | vs TRL | CPU s/step | vs TRL (CPU) | peak RSS MiB | vs TRL | step-1 loss | step-2 loss"
-             " | DPO-step FLOPs / matmul peak | executed FLOPs / matmul peak | load avg |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| workload | run | pairs/s | tokens/s | vs TRL | CPU s/step | vs TRL (CPU) | peak RSS MiB | vs TRL | step-1 loss | step-2 loss"
+        " | DPO-step FLOPs / matmul peak | executed FLOPs / matmul peak | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         base = next((b for b in results if b["workload"] == r["workload"] and b["variant"] == "trl"), None)
         if r["variant"] == "precompute":
             mem = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else ""
-            lines.append(f"| {r['workload']} | precompute (own process, once) | {r['pairs_per_s']:.2f} | | | | | {r['peak_rss_mib']:.0f} |"
-                         f" {mem} | | | | | {r['load_before']:.2f} |")
+            lines.append(
+                f"| {r['workload']} | precompute (own process, once) | {r['pairs_per_s']:.2f} | | | | | {r['peak_rss_mib']:.0f} |"
+                f" {mem} | | | | | {r['load_before']:.2f} |"
+            )
             continue
         speed = f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x" if base else ""
         mem = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else ""
         cpu = f"{base['cpu_step_s'] / r['cpu_step_s']:.2f}x" if base else ""  # pairs per CPU-second, relative
         step2 = "" if r.get("loss_step2") is None else f"{r['loss_step2']:.6f}"
-        lines.append(f"| {r['workload']} | {r['variant']} | {r['pairs_per_s']:.2f} | {r['tokens_per_s']:.0f} | {speed} |"
-                     f" {r['cpu_step_s']:.1f} | {cpu} | {r['peak_rss_mib']:.0f} | {mem} | {r['loss_step1']:.6f} | {step2} |"
-                     f" {100 * r['flops_per_s'] / r['matmul_peak']:.0f}% | {100 * r['executed_flops_per_s'] / r['matmul_peak']:.0f}% |"
-                     f" {r['load_before']:.2f} |")
+        lines.append(
+            f"| {r['workload']} | {r['variant']} | {r['pairs_per_s']:.2f} | {r['tokens_per_s']:.0f} | {speed} |"
+            f" {r['cpu_step_s']:.1f} | {cpu} | {r['peak_rss_mib']:.0f} | {mem} | {r['loss_step1']:.6f} | {step2} |"
+            f" {100 * r['flops_per_s'] / r['matmul_peak']:.0f}% | {100 * r['executed_flops_per_s'] / r['matmul_peak']:.0f}% |"
+            f" {r['load_before']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -498,8 +586,14 @@ def main(argv=None) -> int:
         batch = args.batch_size or WORKLOADS[workload].get("batch", 8)
         model, data = build_assets(workload, cache, (args.warmup + args.steps) * batch, layers=args.layers)
         print(format_floor(workload, model), flush=True)
-        env = dict(os.environ, DPOKIT_CACHE=str(cache / f"dpokit-{workload}"), TOKENIZERS_PARALLELISM="false",
-                   TRANSFORMERS_VERBOSITY="error", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+        env = dict(
+            os.environ,
+            DPOKIT_CACHE=str(cache / f"dpokit-{workload}"),
+            TOKENIZERS_PARALLELISM="false",
+            TRANSFORMERS_VERBOSITY="error",
+            HF_DATASETS_OFFLINE="1",
+            HF_HUB_OFFLINE="1",
+        )
         shutil.rmtree(cache / f"dpokit-{workload}", ignore_errors=True)  # precompute is measured from scratch
         for variant in args.variants.split(","):
             r = run_child(variant, workload, model, data, args, env, batch)
@@ -507,11 +601,13 @@ def main(argv=None) -> int:
             print(format_trace(r), flush=True)
             results.append(r)
     info = machine()
-    header = (f"Run {datetime.date.today().isoformat()} on {info['cpu']} ({info['cores']} cores, torch threads "
-              f"{info['torch_threads']}{', GPU ' + info['gpu'] if info['gpu'] else ''}); torch {info['torch']}, "
-              f"transformers {info['transformers']}, TRL {info['trl']}.\n"
-              f"Command: `python bench/dpo_vs_trl.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-              f"load average (1 min) before each run in the last column.\n")
+    header = (
+        f"Run {datetime.date.today().isoformat()} on {info['cpu']} ({info['cores']} cores, torch threads "
+        f"{info['torch_threads']}{', GPU ' + info['gpu'] if info['gpu'] else ''}); torch {info['torch']}, "
+        f"transformers {info['transformers']}, TRL {info['trl']}.\n"
+        f"Command: `python bench/dpo_vs_trl.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+        f"load average (1 min) before each run in the last column.\n"
+    )
     table = format_table(results)
     print(header)
     print(table)
