@@ -10,11 +10,11 @@ local folder is refused with what it lacks. models.py runs these checks before e
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from dpokit.config import Config, ModelConfig
+from dpokit.inputs import InputError, read_json
 
 
 class ModelLoadError(RuntimeError):
@@ -126,12 +126,16 @@ def check_model_source(cfg: Config | ModelConfig, needs: tuple[str, ...] = (), o
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
+    """A model folder's JSON file through the input gateway, {} when absent. A FIFO or a device in its place is
+    refused, not read; a link is followed wherever it points (a hub cache's snapshot links to its blobs), so the
+    remote-code check sees what transformers would load."""
+    if not os.path.lexists(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
+        value = read_json(path, "model_json")
+    except InputError as e:
+        raise ModelLoadError(str(e)) from None
+    except ValueError as e:  # malformed or too deep
         raise ModelLoadError(f"{path}: not a readable JSON file: {type(e).__name__}: {e}") from None
     return value if isinstance(value, dict) else {}
 

@@ -28,6 +28,8 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
+from dpokit.inputs.json_text import loads_bounded
+
 GiB = 1024**3
 MiB = 1024**2
 
@@ -66,6 +68,9 @@ KINDS: dict[str, InputKind] = {
         InputKind("module", 16 * MiB, "Python scorer files (path/to/file.py:function)"),
         InputKind("image", 64 * MiB, "image files named in data rows"),
         InputKind("run", 4 * GiB, "a run directory's own files read back (metrics.jsonl, config.yaml, summaries)"),
+        InputKind(
+            "model_json", 64 * MiB, "a model folder's config.json and tokenizer_config.json, checked before loading"
+        ),
         InputKind("docs", 16 * MiB, "a docs page rewritten between its markers (python -m dpokit.robustness --write)"),
     )
 }
@@ -132,6 +137,23 @@ def _file_type(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "not a file"
+
+
+def is_inside(path: str, root: str) -> bool:
+    """Whether the real path `path` lies in the real folder `root` (both already resolved)."""
+    return os.path.commonpath([path, root]) == root
+
+
+def read_json(path: str | os.PathLike, kind: str, label: str = "", within: str | os.PathLike | None = None):
+    """A whole JSON file, parsed with a bounded depth (JSONTooDeep), after the gateway's checks (InputError).
+
+    `within`: a folder the file must lie in once links are resolved, for a file dpokit names inside a folder of
+    its own (a pipeline's round files): a link out of it is refused like a row's path out of its data folder.
+    """
+    shown = f"{label} {path}" if label else str(path)
+    if within is not None and not is_inside(os.path.realpath(path), os.path.realpath(within)):
+        raise InputError(f"leads outside {within} (a link?); dpokit reads only its own files there", shown)
+    return loads_bounded(read_text(path, kind, label))  # malformed JSON: json's own ValueError, as json.loads
 
 
 def check_file(path: str | os.PathLike, kind: str, label: str = "") -> str:

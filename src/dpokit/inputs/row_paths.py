@@ -15,15 +15,11 @@ import io
 import os
 from typing import Iterable
 
-from dpokit.inputs.gateway import MAX_IMAGE_PIXELS, InputError, read_bytes
+from dpokit.inputs.gateway import MAX_IMAGE_PIXELS, InputError, is_inside, read_bytes
 
 
 class RowPathError(InputError):
     """A path or file named in a row cannot be used; `reason` is the short skip reason."""
-
-
-def _inside(path: str, root: str) -> bool:
-    return os.path.commonpath([path, root]) == root
 
 
 def resolve_row_path(value: str, base_dir: str | None, allowed_roots: Iterable[str] = ()) -> str:
@@ -42,7 +38,7 @@ def resolve_row_path(value: str, base_dir: str | None, allowed_roots: Iterable[s
         )
     joined = value if os.path.isabs(value) else os.path.join(base, value)  # base is set here (checked above)
     real = os.path.realpath(joined)
-    if not any(_inside(real, root) for root in roots):
+    if not any(is_inside(real, root) for root in roots):
         raise RowPathError("image path is outside the data folder (set data.image_root to allow another folder)", value)
     return real
 

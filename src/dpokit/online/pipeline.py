@@ -44,6 +44,7 @@ import yaml
 from dpokit.config import ConfigError, PipelineConfig, load_config, load_pipeline_config, resolve_config_path
 from dpokit.config.flags import Verb
 from dpokit.demo.assets import resolve_demo_names
+from dpokit.inputs import read_json
 from dpokit.online.backends import make_backend, vllm_available
 from dpokit.online.evaluation import draw, evaluate
 from dpokit.online.loading import ModelTrust, load_model, resolve_model_path
@@ -118,6 +119,11 @@ class Pipeline:
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    def _written(self, path: Path):
+        """A stage's result the pipeline wrote earlier (a resumed run), read through the input gateway: a regular
+        file inside out_dir, within the run-file limit; a FIFO, a device or a link out of out_dir is refused."""
+        return read_json(path, "run", "pipeline file", within=self.out)
+
     def _load(self, path: str):
         return load_model(path, self.trust)
 
@@ -175,7 +181,7 @@ class Pipeline:
         rdir = self.round_dir(0)
         done = rdir / "round.json"
         if done.exists():
-            return json.loads(done.read_text())
+            return self._written(done)
         rdir.mkdir(parents=True, exist_ok=True)
         record: dict = {"round": 0, "policy": self.sft_path}
         if self.eval_prompts is not None:
@@ -192,7 +198,7 @@ class Pipeline:
         done = rdir / "round.json"
         if done.exists():
             self.log(f"[pipeline] round {k}: finished earlier, skipped")
-            return json.loads(done.read_text())
+            return self._written(done)
         rdir.mkdir(parents=True, exist_ok=True)
         started = time.time()
         record: dict = {"round": k, "policy_in": self.policy_path(k - 1)}
@@ -248,7 +254,7 @@ class Pipeline:
         rdir = self.round_dir(k)
         metrics_path = rdir / "dpo" / "train_result.json"
         if (Path(self.policy_path(k)) / "config.json").exists() and metrics_path.exists():
-            return json.loads(metrics_path.read_text())
+            return self._written(metrics_path)
         overrides = {
             "model.name_or_path": self.policy_path(k - 1),
             "data.path": str(rdir / "pairs.jsonl"),
@@ -267,7 +273,7 @@ class Pipeline:
         """policy_k on the held-out prompts against the SFT model, into eval.json (a written one is kept)."""
         eval_path = self.round_dir(k) / "eval.json"
         if eval_path.exists():
-            return json.loads(eval_path.read_text())
+            return self._written(eval_path)
         policy, tokenizer = self._load(self.policy_path(k))
         metrics = self._eval(k, policy, tokenizer)
         _write_json(eval_path, metrics)

@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file, save_model
 
 from dpokit.config import ConfigError
-from dpokit.inputs import read_text
+from dpokit.inputs import read_json as read_input_json
 from dpokit.training.disk_space import DISK_FULL, disk_full_code, filled_up, no_space
 from dpokit.training.fsdp import is_fsdp, save_sharded
 from dpokit.training.manifest import MANIFEST, write_manifest
@@ -100,7 +100,7 @@ def read_state(path: Path) -> RunState:
 def read_json(path: Path):
     """A checkpoint's JSON file, through the input gateway (a regular file within the run-file limit: a FIFO or a
     device put in its place is refused at once, never read until memory runs out)."""
-    return json.loads(read_text(path, "run", "checkpoint file"))
+    return read_input_json(path, "run", "checkpoint file")
 
 
 def remove_atomically(path: Path) -> None:
