@@ -11,9 +11,7 @@ under DDP. Launched with `python -m torch.distributed.run --nproc_per_node 2` (t
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,7 @@ import dpokit
 from dpokit.training.checkpoint import list_checkpoints
 from dpokit.training.metrics import read_metrics
 from dpokit.training.loop import BatchStream
-from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, write_jsonl
+from tiny_assets import synthetic_pairs, tiny_model_dir, torchrun, write_jsonl
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 6
@@ -74,21 +72,7 @@ def _config(tmp_path: Path, name: str, batch_size: int, **extra) -> dict:
 def _torchrun(tmp_path: Path, cfg: dict, crash_at: int = 0) -> subprocess.CompletedProcess:
     script = tmp_path / "ddp_run.py"
     script.write_text(_RUN.format(tests=str(TESTS)))
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        str(script),
-        json.dumps(cfg),
-        str(crash_at),
-    ]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return torchrun(str(script), json.dumps(cfg), str(crash_at))
 
 
 def _final_weights(run_dir: Path) -> dict:

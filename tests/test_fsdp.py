@@ -28,7 +28,7 @@ import dpokit
 import dpokit.training.loop
 from dpokit.training.checkpoint import list_checkpoints
 from dpokit.training.metrics import read_metrics
-from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, write_jsonl
+from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, torchrun, write_jsonl
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 4
@@ -90,17 +90,7 @@ def _launch(tmp_path: Path, cfg: dict, procs: int = 2, kill_at: int = 0, nodes: 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     args = [str(script), json.dumps(cfg), str(kill_at)]
     if nodes == 1:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(procs),
-            "--master_port",
-            port,
-            *args,
-        ]
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        return torchrun(*args, procs=procs)
     launchers = [
         subprocess.Popen(
             [
@@ -304,25 +294,7 @@ def test_an_out_dir_that_another_machine_cannot_see_is_refused_in_one_line(tmp_p
         )
     )
     cfg = _config(tmp_path, "two", batch_size=4, **{"train.fsdp": True})
-    port = free_port()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            port,
-            str(script),
-            json.dumps(cfg),
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = torchrun(str(script), json.dumps(cfg), "0")
     assert proc.returncode != 0
     assert "is not on a filesystem every process sees" in proc.stderr and "process 1" in proc.stderr
     assert not (tmp_path / "two").exists()  # the main process's claim is taken back
@@ -337,26 +309,7 @@ def test_precompute_under_two_sharded_processes_writes_the_one_process_cache(tmp
     )  # 33 pairs / 3: 11 batches, an odd split over 2
     cfg = tmp_path / "precompute.yaml"
     cfg.write_text(json.dumps(_config(tmp_path, "two", batch_size=3, **{"train.fsdp": True})))  # JSON is YAML
-    port = free_port()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            port,
-            "-m",
-            "dpokit.cli",
-            "precompute",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = torchrun("-m", "dpokit.cli", "precompute", str(cfg))
     _ok(proc)
     assert proc.stdout.count("reference log-probs of 33 train") == 1  # the main process reports, once
     built = {p.name: load_file(str(p)) for p in (tmp_path / "cache-two").rglob("*.safetensors")}

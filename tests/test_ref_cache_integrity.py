@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +22,7 @@ from dpokit.models import load_tokenizer
 from dpokit.ref_cache.build import ensure_reference_cache
 from dpokit.ref_cache.store import CacheCorrupt, read_split
 from dpokit.training.metrics import read_metrics
-from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, write_jsonl
+from tiny_assets import synthetic_pairs, tiny_model_dir, torchrun, write_jsonl
 
 TESTS = Path(__file__).resolve().parent
 
@@ -131,26 +128,7 @@ def test_two_processes_share_the_build_and_write_the_bytes_one_process_writes(tm
     cfg1, one = _build(tmp_path, **{"train.batch_size": 1})  # batch 1: 9 train batches, so both ranks score some
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED.format(tests=str(TESTS)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    port = free_port()
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            port,
-            str(script),
-            json.dumps(_cfg(tmp_path, cache="cache2", **{"train.batch_size": 1})),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    run = torchrun(str(script), json.dumps(_cfg(tmp_path, cache="cache2", **{"train.batch_size": 1})), str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
     lines = sorted((tmp_path / f"rank{i}.txt").read_text() for i in range(2) if (tmp_path / f"rank{i}.txt").exists())
     assert [line.split()[1:3] for line in lines] == [["0", "True"], ["1", "True"]]

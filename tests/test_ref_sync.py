@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +23,7 @@ from dpokit.tiny import build_tiny_llama
 from dpokit.training.checkpoint import CheckpointError, list_checkpoints
 from dpokit.training.metrics import read_metrics
 from dpokit.training.ref_sync import policy_weights, sync_reference
-from tiny_assets import free_port, synthetic_pairs, tiny_model_dir, word_tokenizer, write_jsonl
+from tiny_assets import synthetic_pairs, tiny_model_dir, torchrun, word_tokenizer, write_jsonl
 
 STEPS = 5
 
@@ -222,20 +219,7 @@ def test_two_processes_sync_like_one_process(tmp_path):
     one = dpokit.train(_config(tmp_path, "one", **{**extra, "train.batch_size": 8})).run_dir
     script = tmp_path / "ddp_run.py"
     script.write_text(_DDP_RUN.format(tests=str(Path(__file__).resolve().parent)))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        free_port(),
-        str(script),
-        json.dumps(_config(tmp_path, "two", **{**extra, "train.batch_size": 4})),
-    ]
-    proc = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
-    )
+    proc = torchrun(str(script), json.dumps(_config(tmp_path, "two", **{**extra, "train.batch_size": 4})))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two"
     curves = [[r for r in read_metrics(Path(d) / "metrics.jsonl") if "loss" in r] for d in (two, one)]

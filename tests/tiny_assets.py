@@ -9,9 +9,12 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -57,6 +60,22 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def torchrun(*args: str, procs: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`args` (a script and its arguments, or -m and a module) under torchrun with `procs` processes on one node, a
+    free port, one thread each; output captured as text."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(procs),
+        "--master_port",
+        free_port(),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 PROMPT_WORDS = "the film was a movie it is and plot acting".split()
